@@ -1,0 +1,235 @@
+"""Pricing: hand-computed vectors, name matching, and table validation."""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterproxy.pricing import DEFAULT_PRICING_DIR, PriceBook, PricingError
+from meterproxy.usage import Usage
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS: list[dict[str, Any]] = tomllib.loads(
+    (Path(__file__).parent / "pricing_vectors.toml").read_text(), parse_float=Decimal
+)["vector"]
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_vector(vector: dict[str, Any], tmp_path: Path) -> None:
+    overrides = [ROOT / p for p in vector.get("overrides", [])]
+    if "override_toml" in vector:
+        extra = tmp_path / "override.toml"
+        extra.write_text(vector["override_toml"])
+        overrides.append(extra)
+    book = PriceBook.load(overrides=overrides) if overrides else PriceBook.default()
+    assert book.check() == []
+    result = book.price(
+        model=vector["model"],
+        usage=Usage(**vector["usage"]),
+        at=vector["at"],
+        provider=vector.get("provider"),
+        service_tier=vector.get("tier"),
+    )
+    if vector["expected"] == "none":
+        assert result is None
+        return
+    assert result is not None
+    assert isinstance(result.cost_usd, Decimal)
+    assert result.cost_usd == Decimal(vector["expected"])
+    assert result.model == vector.get("expected_model", vector["model"])
+    assert result.tier == vector.get("expected_tier")
+
+
+def test_default_dir_is_repo_pricing() -> None:
+    assert DEFAULT_PRICING_DIR == ROOT / "pricing"
+
+
+def test_shipped_tables_pass_check() -> None:
+    book = PriceBook.load()
+    assert book.check() == []
+    assert len(book.models()) > 50
+
+
+def test_default_is_cached() -> None:
+    assert PriceBook.default() is PriceBook.default()
+
+
+@pytest.mark.parametrize(
+    ("name", "provider", "expected"),
+    [
+        ("gpt-4o", None, "gpt-4o"),
+        ("GPT-4o", None, "gpt-4o"),
+        (" gpt-4o ", None, "gpt-4o"),
+        ("gpt-4o-2024-08-06", None, "gpt-4o"),
+        ("gpt-4o-2024-05-13", None, "gpt-4o-2024-05-13"),
+        ("gpt-4o-mini-2024-07-18", None, "gpt-4o-mini"),
+        ("openai/gpt-4o", None, "gpt-4o"),
+        ("openai/gpt-4o", "openai", "gpt-4o"),
+        ("gpt-4o", "openai", "gpt-4o"),
+        ("o3-2025-04-16", None, "o3"),
+        ("gpt-5-2025-08-07", "openai", "gpt-5"),
+        ("claude-sonnet-4-5-20250929", None, "claude-sonnet-4-5"),
+        ("claude-sonnet-4-5@20250929", None, "claude-sonnet-4-5"),
+        ("anthropic/claude-sonnet-4.5", None, "claude-sonnet-4-5"),
+        ("anthropic/claude-sonnet-4.5", "openrouter", "claude-sonnet-4-5"),
+        ("claude-opus-4-20250514", "anthropic", "claude-opus-4"),
+        ("claude-3-5-haiku-latest", "anthropic", "claude-3-5-haiku"),
+        ("google/gemini-2.5-flash", None, "gemini-2.5-flash"),
+        ("models/gemini-2.5-flash", "google", "gemini-2.5-flash"),
+        ("models/gemini-1.5-flash-002", "gemini", "gemini-1.5-flash"),
+        ("gemini-1.5-flash-8b-001", None, "gemini-1.5-flash-8b"),
+        ("x-ai/grok-4", "openrouter", "grok-4"),
+        ("grok-4-0709", "xai", "grok-4"),
+        ("mistralai/mistral-large", "openrouter", "mistral-large-2411"),
+        ("openai/gpt-oss-120b", "groq", "openai/gpt-oss-120b"),
+        ("anthropic/claude-3.7-sonnet:thinking", "openrouter", "claude-3-7-sonnet"),
+        ("deepseek-chat", "deepseek", "deepseek-chat"),
+    ],
+)
+def test_resolve(name: str, provider: str | None, expected: str) -> None:
+    assert PriceBook.default().resolve(name, provider) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "provider"),
+    [
+        (None, None),
+        ("", None),
+        ("gpt-3.5-turbo-1106", None),  # differently priced snapshot, not guessed
+        ("gemini-2.5-flash-preview-05-20", None),  # preview had its own prices
+        ("gpt-4o", "groq"),  # Groq does not serve gpt-4o
+        ("openai/gpt-4o", "anthropic"),  # vendor prefix of another provider
+        ("openai/gpt-oss-120b", "openrouter"),  # not Groq's price on OpenRouter
+        ("mistral-large-latest", None),  # moving alias
+    ],
+)
+def test_resolve_unknown(name: str | None, provider: str | None) -> None:
+    assert PriceBook.default().resolve(name, provider) is None
+
+
+def test_history_lists_dated_entries() -> None:
+    history = PriceBook.default().history("o3-2025-04-16")
+    assert [e.effective_from for e in history] == [
+        datetime(2025, 4, 16, tzinfo=UTC),
+        datetime(2025, 6, 10, tzinfo=UTC),
+    ]
+    assert [e.rates.input for e in history] == [Decimal(10), Decimal(2)]
+    assert PriceBook.default().history("nope") == []
+
+
+def test_naive_time_is_utc() -> None:
+    book = PriceBook.default()
+    usage = Usage(input_tokens=1000)
+    naive = book.price(model="o3", usage=usage, at=datetime(2025, 6, 10))
+    aware = book.price(model="o3", usage=usage, at=datetime(2025, 6, 10, tzinfo=UTC))
+    assert naive == aware
+
+
+def test_no_float_anywhere() -> None:
+    book = PriceBook.default()
+    for model in book.models():
+        for entry in book.history(model):
+            assert all(isinstance(v, Decimal | None) for v in entry.rates._values())
+
+
+BAD_FILE = """
+provider = "badco"
+[[models]]
+id = "dup-dates"
+colour = "blue"
+[[models.prices]]
+effective_from = 2025-01-01T00:00:00Z
+input = 1
+output = 2
+[[models.prices]]
+effective_from = 2025-01-01T00:00:00Z
+input = 1
+output = -2
+surprise = 3
+[models.prices.long_context]
+threshold = 1000
+input = 2
+output = 4
+shade = 1
+
+[[models]]
+id = "collider"
+aliases = ["gpt-4o"]
+[[models.prices]]
+effective_from = 2025-01-01
+input = 1
+output = 1
+tiers.batch = { multiplier = -0.5 }
+
+[[models]]
+id = "dangling"
+same_as = "no-such-model"
+"""
+
+
+def test_check_finds_planted_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BAD_FILE)
+    problems = PriceBook.load(overrides=[bad]).check()
+    text = "\n".join(problems)
+    assert all(str(bad) in p or "badco" in p for p in problems), text
+    assert "duplicate effective_from" in text
+    assert "output is negative (-2)" in text
+    assert "unknown key 'colour'" in text
+    assert "unknown key 'surprise'" in text
+    assert "unknown key long_context.'shade'" in text
+    assert "'gpt-4o' collides with model 'gpt-4o'" in text
+    assert "tiers.batch.multiplier must be positive" in text
+    assert "same_as 'no-such-model'" in text
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("provider = 1", "'provider' must be a non-empty string"),
+        ('provider = "x"\n[[models]]\nid = "m"\n[[models.prices]]\ninput = 1\noutput = 1', "effective_from"),
+        (
+            'provider = "x"\n[[models]]\nid = "m"\n[[models.prices]]\n'
+            "effective_from = 2025-01-01T00:00:00\ninput = 1\noutput = 1",
+            "UTC offset",
+        ),
+        (
+            'provider = "x"\n[[models]]\nid = "m"\n[[models.prices]]\n'
+            'effective_from = 2025-01-01\ninput = "1"\noutput = 1',
+            "'input' must be a number",
+        ),
+        (
+            'provider = "x"\n[[models]]\nid = "m"\n[[models.prices]]\neffective_from = 2025-01-01\ninput = 1',
+            "'output'",
+        ),
+        ("provider = [", "cannot read"),
+    ],
+)
+def test_bad_file_raises_naming_file_and_model(tmp_path: Path, body: str, message: str) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text(body)
+    with pytest.raises(PricingError, match=message) as info:
+        PriceBook.load(dirs=[tmp_path])
+    assert str(bad) in str(info.value)
+    if "[[models]]" in body:
+        assert "model 'm'" in str(info.value)
+
+
+def test_override_adds_dated_entry_without_repricing_history(tmp_path: Path) -> None:
+    override = tmp_path / "mine.toml"
+    override.write_text(
+        'provider = "openai"\n[[models]]\nid = "gpt-4o"\n[[models.prices]]\n'
+        "effective_from = 2026-01-01T00:00:00Z\ninput = 1\noutput = 4\n"
+    )
+    book = PriceBook.load(overrides=[override])
+    assert book.check() == []
+    usage = Usage(input_tokens=1_000_000)
+    before = book.price(model="gpt-4o", usage=usage, at=datetime(2025, 12, 31, tzinfo=UTC))
+    after = book.price(model="gpt-4o", usage=usage, at=datetime(2026, 1, 2, tzinfo=UTC))
+    assert before is not None and before.cost_usd == Decimal("2.5")
+    assert after is not None and after.cost_usd == Decimal(1)
