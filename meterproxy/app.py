@@ -1,0 +1,152 @@
+"""The application: resources with lifecycles, routes, and the catch-all proxy route.
+
+`create_app` wires everything from one `Settings`. Each long-lived resource is a
+``cleanup_ctx`` (opened at startup, closed at shutdown, in reverse order), held
+under a typed `web.AppKey`, never a module global, so tests can run several
+apps in one process:
+
+- the store writer (opened first, closed last, so a shutdown flushes every
+  record the proxy finished);
+- the price book and the meter with its sinks;
+- the upstream HTTP client session (connection pool, keep-alive).
+
+Feature modules (API, metrics, budgets, dashboard) add their routes and sinks
+through ``setup(app)`` functions listed in `FEATURES`, before the catch-all
+proxy route, which must be registered last so it never shadows them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import import_module
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from meterproxy import __version__
+from meterproxy.keys import METER, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.meter import Meter, price_record_with
+from meterproxy.pricing import PriceBook
+from meterproxy.proxy import Proxy, json_error
+from meterproxy.settings import Settings
+from meterproxy.store.writer import StoreWriter
+
+__all__ = ["FEATURES", "METER", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+#: Modules whose ``setup(app)`` adds routes, sinks and lifecycles, in order.
+FEATURES = ["meterproxy.api.requests"]
+
+# Paths behind the admin token (when one is set). The proxied paths are not:
+# they carry the provider's own credentials.
+_ADMIN_PREFIXES = ("/api/", "/dashboard")
+
+
+def _is_admin_path(path: str) -> bool:
+    return path == "/" or path.startswith(_ADMIN_PREFIXES)
+
+
+@web.middleware
+async def admin_auth(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    token = request.app[SETTINGS].admin_token
+    if token and _is_admin_path(request.path):
+        sent = request.headers.get("authorization", "")
+        scheme, _, value = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return json_error(
+                401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'"
+            )
+    return await handler(request)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    writer = StoreWriter(settings.db, queue_max=settings.writer_queue_max)
+    writer.start()
+    app[WRITER] = writer
+    yield
+    if not writer.close(timeout=max(settings.shutdown_timeout, 5.0)):
+        log.error("writer did not finish flushing in time")
+
+
+async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    book = PriceBook.load(overrides=[Path(p) for p in settings.pricing])
+    app[PRICEBOOK] = book
+    meter = app[METER]
+    meter.set_pricer(price_record_with(book))
+    meter.add_sink("store", app[WRITER].submit)
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True
+    )
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
+    app[PROXY] = Proxy(
+        upstreams=settings.upstream_map(),
+        meter=meter,
+        session=session,
+        fingerprint_salt=_read_salt(app[WRITER].path),
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        inject_stream_usage=settings.inject_stream_usage,
+        drain_timeout=settings.disconnect_drain_timeout,
+        max_draining=settings.max_draining,
+    )
+    yield
+    await session.close()
+
+
+def _read_salt(db_path: str) -> bytes:
+    from meterproxy.store.schema import connect
+
+    conn = connect(db_path, readonly=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint_salt'").fetchone()
+    finally:
+        conn.close()
+    return bytes.fromhex(row[0])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    health = app[WRITER].health()
+    proxy = app[PROXY]
+    return web.json_response(
+        {
+            "status": "ok" if health.ok else "degraded",
+            "version": __version__,
+            "store": {
+                "ok": health.ok,
+                "queue_depth": health.queue_depth,
+                "written": health.written,
+                "dropped": health.dropped,
+                "error": health.last_error,
+            },
+            "in_flight": proxy.in_flight,
+        }
+    )
+
+
+async def _proxy_handler(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].handle(request)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[admin_auth])
+    app[SETTINGS] = settings
+    app[METER] = Meter()
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_proxy_ctx)
+    app.router.add_get("/healthz", healthz)
+    for name in FEATURES:
+        import_module(name).setup(app)
+    app.router.add_route("*", "/{tail:.*}", _proxy_handler)
+    return app

@@ -1,0 +1,1 @@
+"""Subcommands of the ``meterproxy`` CLI, one module each (see `meterproxy.cli`)."""

@@ -1,0 +1,109 @@
+"""``meterproxy serve``: run the proxy.
+
+The flags here are a stable contract (``--host --port --db --upstream --config``);
+everything else is in `meterproxy.settings` and may also come from the config
+file or ``METERPROXY_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+
+import click
+from aiohttp import web
+
+from meterproxy.logs import configure_logging
+from meterproxy.routing import parse_upstream
+from meterproxy.settings import SettingsError, load_settings
+
+__all__ = ["command"]
+
+log = logging.getLogger("meterproxy")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command("serve")
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port to listen on [default: 8787].")
+@click.option("--db", default=None, envvar="METERPROXY_DB", help="SQLite file [default: XDG data dir].")
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Add or replace an upstream: /NAME/... is forwarded to URL/... (repeatable).",
+)
+@click.option(
+    "--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML config file."
+)
+@click.option("--pricing", "pricing", multiple=True, help="Extra pricing TOML file (repeatable).")
+@click.option(
+    "--allow-public-without-token",
+    is_flag=True,
+    help="Allow binding a non-loopback address without METERPROXY_ADMIN_TOKEN.",
+)
+def command(
+    host: str | None,
+    port: int | None,
+    db: str | None,
+    upstreams: tuple[str, ...],
+    config_file: str | None,
+    pricing: tuple[str, ...],
+    allow_public_without_token: bool,
+) -> None:
+    """Run the metering proxy."""
+    try:
+        parsed = dict((u.name, str(u.base_url)) for u in map(parse_upstream, upstreams))
+        settings = load_settings(
+            config_file,
+            cli={"host": host, "port": port, "db": db, "upstreams": parsed, "pricing": list(pricing) or None},
+        )
+    except (SettingsError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    configure_logging(settings.log_level)
+    if not _is_loopback(settings.host) and not settings.admin_token:
+        message = (
+            f"refusing to listen on {settings.host} without an admin token: /api and the dashboard "
+            "would be open to the network. Set METERPROXY_ADMIN_TOKEN, or pass "
+            "--allow-public-without-token (e.g. inside a private Docker network)."
+        )
+        if not allow_public_without_token:
+            raise click.UsageError(message)
+        log.warning("!!! %s", message.replace("refusing to listen", "listening"))
+
+    from meterproxy.app import create_app
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    app = create_app(settings)
+    log.info(
+        "meterproxy listening on http://%s:%d (db %s; upstreams: %s)",
+        settings.host,
+        settings.port,
+        settings.db,
+        ", ".join(f"{k}={v}" for k, v in settings.upstreams.items()),
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )
+    sys.exit(0)

@@ -1,0 +1,27 @@
+"""Typed keys for the resources an application holds (`web.AppKey`).
+
+Kept apart from `meterproxy.app` so that feature modules (API, metrics,
+budgets) can reach a resource without importing the module that wires them
+all together.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from meterproxy.meter import Meter
+    from meterproxy.pricing import PriceBook
+    from meterproxy.proxy import Proxy
+    from meterproxy.settings import Settings
+    from meterproxy.store.writer import StoreWriter
+
+__all__ = ["METER", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+WRITER: web.AppKey[StoreWriter] = web.AppKey("writer")
+METER: web.AppKey[Meter] = web.AppKey("meter")
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
+PRICEBOOK: web.AppKey[PriceBook] = web.AppKey("pricebook")

@@ -1,0 +1,111 @@
+"""The meter: prices a finished request and fans the record out to the sinks.
+
+This is the one moment every finished request passes through
+(`Meter.request_finished`): by then the client already has its answer, so
+nothing here may fail or delay it. Pricing is a pure function of the record;
+then each sink (the store writer, the Prometheus metrics, budgets) gets the
+record in registration order. A sink that raises is logged and skipped, never
+allowed to lose the record for the others.
+
+Hooks that must run *before* a request goes upstream (budget blocking) are
+not here: see `Meter.request_gates`, consulted by the proxy before forwarding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from meterproxy.pricing import PriceBook
+from meterproxy.usage import RequestRecord
+
+__all__ = ["Gate", "Meter", "PriceFunction", "Sink", "price_record_with"]
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    def __call__(self, record: RequestRecord) -> object: ...
+
+
+#: Called before forwarding with the record as far as it is known (model, user, tags);
+#: returns a response to send instead of forwarding (e.g. a budget's 429), or None.
+Gate = Callable[[RequestRecord], Awaitable[web.StreamResponse | None]]
+
+
+class PriceFunction(Protocol):
+    def __call__(self, record: RequestRecord) -> None:
+        """Set ``record.cost_usd`` and ``record.priced_model`` (None when unknown)."""
+
+
+def _unpriced(record: RequestRecord) -> None:
+    record.cost_usd = None
+
+
+def price_record_with(book: PriceBook) -> PriceFunction:
+    """Price records from ``book``: the answered model first, then the requested one.
+
+    Only trusted usage is priced. A request without usage, or with a model the
+    book does not know, keeps ``cost_usd=None``: never an invented zero.
+    """
+
+    def price(record: RequestRecord) -> None:
+        record.cost_usd = None
+        record.priced_model = None
+        if record.usage is None or record.usage_source != "reported":
+            return
+        for model in dict.fromkeys(m for m in (record.model, record.requested_model) if m):
+            result = book.price(
+                model=model,
+                usage=record.usage,
+                at=record.ts,
+                provider=record.provider or None,
+                service_tier=record.service_tier,
+            )
+            if result is not None:
+                record.cost_usd = result.cost_usd
+                record.priced_model = result.model
+                return
+
+    return price
+
+
+class Meter:
+    def __init__(self, price: PriceFunction = _unpriced) -> None:
+        self._price = price
+        self._sinks: list[tuple[str, Sink]] = []
+        self.request_gates: list[Gate] = []
+        self.finished = 0
+
+    def set_pricer(self, price: PriceFunction) -> None:
+        self._price = price
+
+    def add_sink(self, name: str, sink: Sink) -> None:
+        self._sinks.append((name, sink))
+
+    def request_finished(self, record: RequestRecord) -> None:
+        try:
+            self._price(record)
+        except Exception:
+            log.exception("pricing failed for %s", record.id)
+            record.cost_usd = None
+        self.finished += 1
+        for name, sink in self._sinks:
+            try:
+                sink(record)
+            except Exception:
+                log.exception("sink %s failed for request %s", name, record.id)
+
+    async def check_gates(self, record: RequestRecord) -> web.StreamResponse | None:
+        for gate in self.request_gates:
+            try:
+                response = await gate(record)
+            except Exception:
+                log.exception("request gate failed; forwarding anyway")
+                continue
+            if response is not None:
+                return response
+        return None

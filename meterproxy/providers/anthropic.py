@@ -1,0 +1,150 @@
+"""Anthropic Messages API (``/v1/messages``), streaming and not.
+
+Usage in a stream is spread over two events: ``message_start`` carries the
+input side (``input_tokens``, ``cache_read_input_tokens``,
+``cache_creation_input_tokens`` and its ``cache_creation`` 5m/1h split) and a
+first ``output_tokens``; each ``message_delta`` carries **cumulative** counts.
+So a delta replaces the fields it names and leaves the others as
+``message_start`` set them (newer API versions repeat the input fields on the
+delta, older ones do not): never add.
+
+Anthropic reports ``input_tokens`` *without* cached tokens; our `Usage` counts
+every prompt token, so input = input + cache read + cache creation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meterproxy.providers.base import BadUsage, ParseResult, RequestInfo, count, find_json_value, loads
+from meterproxy.sse import SSEEvent
+from meterproxy.usage import Usage
+
+__all__ = ["AnthropicParser", "AnthropicProvider", "normalize_anthropic_usage"]
+
+_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
+
+
+def normalize_anthropic_usage(raw: dict[str, Any]) -> Usage:
+    uncached = count(raw, "input_tokens")
+    cache_read = count(raw, "cache_read_input_tokens")
+    cache_write = count(raw, "cache_creation_input_tokens")
+    split = raw.get("cache_creation")
+    write_1h = count(split, "ephemeral_1h_input_tokens") if isinstance(split, dict) else 0
+    if write_1h > cache_write:
+        raise BadUsage("ephemeral_1h_input_tokens exceeds cache_creation_input_tokens")
+    tool_use = raw.get("server_tool_use")
+    return Usage(
+        input_tokens=uncached + cache_read + cache_write,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        cache_write_1h_tokens=write_1h,
+        output_tokens=count(raw, "output_tokens"),
+        web_search_requests=count(tool_use, "web_search_requests") if isinstance(tool_use, dict) else 0,
+    )
+
+
+class AnthropicParser:
+    __slots__ = ("_raw", "_result")
+
+    def __init__(self) -> None:
+        self._result = ParseResult()
+        # The provider's own usage fields, merged event by event (cumulative semantics).
+        self._raw: dict[str, Any] = {}
+
+    def _merge(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            self._flag("usage is not an object")
+            return
+        for key, value in usage.items():
+            if value is not None:
+                self._raw[key] = value
+        try:
+            self._result.usage = normalize_anthropic_usage(self._raw)
+            self._result.usage_source = "reported"
+        except BadUsage as exc:
+            self._flag(str(exc))
+
+    def _flag(self, why: str) -> None:
+        self._result.usage = None
+        self._result.usage_source = "invalid"
+        self._result.notes.append(why)
+
+    def on_event(self, event: SSEEvent) -> bytes | None:
+        name = event.event
+        if name in ("message_start", "message_delta", "error") or (name is None and b'"usage"' in event.data):
+            payload = loads(event.data)
+            if not isinstance(payload, dict):
+                self._result.notes.append("malformed stream event")
+                return event.raw
+            kind = payload.get("type", name)
+            if kind == "message_start":
+                message = payload.get("message")
+                if isinstance(message, dict):
+                    if isinstance(message.get("model"), str):
+                        self._result.model = message["model"]
+                    if message.get("usage") is not None:
+                        self._merge(message["usage"])
+            elif kind == "message_delta":
+                if payload.get("usage") is not None:
+                    self._merge(payload["usage"])
+            elif kind == "error":
+                self._result.error = _error_text(payload.get("error"))
+        return event.raw
+
+    def on_body(self, body: bytes, truncated: bool) -> None:
+        obj = loads(body) if not truncated else None
+        if isinstance(obj, dict):
+            if isinstance(obj.get("model"), str):
+                self._result.model = obj["model"]
+            if obj.get("type") == "error" or "error" in obj:
+                self._result.error = _error_text(obj.get("error"))
+            if obj.get("usage") is not None:
+                self._merge(obj["usage"])
+        elif truncated:
+            model = find_json_value(body, "model")
+            self._result.model = model if isinstance(model, str) else None
+            usage = find_json_value(body, "usage")
+            if usage is not None:
+                self._merge(usage)
+        elif body.strip():
+            self._result.notes.append("answer is not valid JSON")
+
+    def result(self) -> ParseResult:
+        return self._result
+
+
+def _error_text(err: Any) -> str:
+    if isinstance(err, dict):
+        parts = [str(err.get(k)) for k in ("type", "message") if err.get(k)]
+        return ": ".join(parts)[:500] or "error"
+    return str(err)[:500] if err else "error"
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def matches(self, path: str) -> bool:
+        return path.endswith("/messages") or path.endswith("/messages/count_tokens")
+
+    def endpoint(self, path: str) -> str:
+        return "count_tokens" if path.endswith("/count_tokens") else "messages"
+
+    def inspect_request(self, path: str, body: bytes) -> RequestInfo:
+        obj = loads(body) if body else None
+        info = RequestInfo(body=obj)
+        if isinstance(obj, dict):
+            info.model = obj.get("model") if isinstance(obj.get("model"), str) else None
+            info.stream = obj.get("stream") is True
+            meta = obj.get("metadata")
+            if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
+                info.user = meta["user_id"]
+            if isinstance(obj.get("service_tier"), str):
+                info.service_tier = obj["service_tier"]
+        return info
+
+    def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
+        return body, False  # Anthropic always reports usage
+
+    def new_parser(self, path: str, info: RequestInfo, injected: bool) -> AnthropicParser:
+        return AnthropicParser()

@@ -1,0 +1,261 @@
+"""OpenAI wire format, and every server that copies it (Azure, Groq, DeepSeek,
+OpenRouter, vLLM, Ollama, Mistral, xAI).
+
+Chat Completions, Completions, Responses and Embeddings. Usage arrives:
+
+- in a JSON body's ``usage`` object;
+- in a chat stream, on a chunk with ``usage`` set, normally a final chunk with
+  ``"choices": []`` that the server only sends when the request carried
+  ``stream_options.include_usage``. Some servers put usage on a chunk that still
+  has choices (DeepSeek, OpenRouter), on every chunk cumulatively (vLLM), or in
+  ``x_groq.usage`` (Groq, which may also repeat it top-level): every one of these
+  is a running total, so the last one seen wins and nothing is added twice;
+- in a Responses stream, only on ``response.completed`` / ``response.incomplete``
+  / ``response.failed``.
+
+Azure's first chunk (``prompt_filter_results`` with empty choices and no usage)
+is not a usage chunk and passes untouched.
+
+When the client did not ask for usage, `prepare_request` adds
+``stream_options.include_usage`` with a textual edit (the rest of the body stays
+byte for byte), and the parser then drops the usage-only chunk and the
+``"usage":null`` the option adds to every other chunk, so the client's stream is
+what it would have been.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from meterproxy.providers.base import (
+    BadUsage,
+    ParseResult,
+    RequestInfo,
+    count,
+    find_json_value,
+    loads,
+    to_decimal,
+)
+from meterproxy.sse import SSEEvent
+from meterproxy.usage import Usage
+
+__all__ = ["OpenAIParser", "OpenAIProvider", "normalize_openai_usage"]
+
+_SUFFIXES = {
+    "/chat/completions": "chat",
+    "/completions": "completions",
+    "/responses": "responses",
+    "/embeddings": "embeddings",
+}
+_USAGE_NULL = b',"usage":null'
+
+
+def normalize_openai_usage(usage: Any) -> Usage:
+    """Chat/Completions/Embeddings (``prompt_tokens``) or Responses (``input_tokens``) usage."""
+    if not isinstance(usage, dict):
+        raise BadUsage("usage is not an object")
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        input_tokens = count(usage, "prompt_tokens")
+        output_tokens = count(usage, "completion_tokens")
+        in_details = usage.get("prompt_tokens_details")
+        out_details = usage.get("completion_tokens_details")
+    elif "input_tokens" in usage or "output_tokens" in usage:
+        input_tokens = count(usage, "input_tokens")
+        output_tokens = count(usage, "output_tokens")
+        in_details = usage.get("input_tokens_details")
+        out_details = usage.get("output_tokens_details")
+    else:
+        raise BadUsage("usage has no token counts")
+    cache_read = count(in_details, "cached_tokens")
+    if "prompt_cache_hit_tokens" in usage:  # DeepSeek
+        cache_read = max(cache_read, count(usage, "prompt_cache_hit_tokens"))
+    reasoning = count(out_details, "reasoning_tokens")
+    if cache_read > input_tokens or reasoning > output_tokens:
+        raise BadUsage("cached or reasoning tokens exceed their total")
+    return Usage(
+        input_tokens=input_tokens,
+        cache_read_tokens=cache_read,
+        output_tokens=output_tokens,
+        reasoning_tokens=reasoning,
+    )
+
+
+class OpenAIParser:
+    __slots__ = ("_injected", "_responses", "_result", "_seen_model")
+
+    def __init__(self, injected: bool, responses: bool) -> None:
+        self._result = ParseResult()
+        self._injected = injected
+        self._seen_model = False
+        self._responses = responses
+
+    def _take_usage(self, usage: Any, container: Any) -> None:
+        try:
+            self._result.usage = normalize_openai_usage(usage)
+            self._result.usage_source = "reported"
+        except BadUsage as exc:
+            self._result.usage = None
+            self._result.usage_source = "invalid"
+            self._result.notes.append(str(exc))
+            return
+        if isinstance(usage, dict):
+            cost = to_decimal(usage.get("cost"))  # OpenRouter
+            if cost is not None:
+                self._result.provider_cost_usd = cost
+        if isinstance(container, dict) and isinstance(container.get("service_tier"), str):
+            self._result.service_tier = container["service_tier"]
+
+    def _take_model(self, obj: Any) -> None:
+        model = obj.get("model") if isinstance(obj, dict) else None
+        # Azure's content-filter chunk answers with model "": not an answer yet.
+        if isinstance(model, str) and model:
+            self._result.model = model
+            self._seen_model = True
+
+    def on_event(self, event: SSEEvent) -> bytes | None:
+        data = event.data
+        if self._responses:
+            self._on_responses_event(event)
+            return event.raw
+        if data == b"[DONE]":
+            return event.raw
+        # Content text cannot contain an unescaped '"usage"', so these byte checks are
+        # exact, and most chunks (content deltas) skip JSON parsing entirely.
+        interesting = (
+            not self._seen_model
+            or (b'"usage"' in data and b'"usage":null' not in data)
+            or b'"error"' in data
+            or b'"x_groq"' in data
+        )
+        if not interesting:
+            return event.raw.replace(_USAGE_NULL, b"", 1) if self._injected else event.raw
+        chunk = loads(data)
+        if not isinstance(chunk, dict):
+            self._result.notes.append("malformed stream chunk")
+            return event.raw
+        if not self._seen_model:
+            self._take_model(chunk)
+        if "error" in chunk and chunk.get("error"):
+            self._result.error = _error_text(chunk["error"])
+        usage = chunk.get("usage")
+        groq = chunk.get("x_groq")
+        if usage is None and isinstance(groq, dict) and groq.get("usage") is not None:
+            usage = groq["usage"]
+        if usage is not None:
+            self._take_usage(usage, chunk)
+            if self._injected and chunk.get("choices") == []:
+                return None  # the usage-only chunk the client did not ask for
+        if self._injected:
+            return event.raw.replace(_USAGE_NULL, b"", 1)
+        return event.raw
+
+    def _on_responses_event(self, event: SSEEvent) -> None:
+        name = event.event
+        if name is None:
+            # Some servers omit `event:`; the type is in the payload.
+            if b'"type"' not in event.data:
+                return
+        elif name not in (
+            "response.created",
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+            "error",
+        ):
+            return
+        payload = loads(event.data)
+        if not isinstance(payload, dict):
+            self._result.notes.append("malformed stream event")
+            return
+        kind = payload.get("type", name)
+        if kind == "error":
+            self._result.error = _error_text(payload.get("error") or payload)
+            return
+        response = payload.get("response")
+        if not isinstance(response, dict):
+            return
+        self._take_model(response)
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            if response.get("usage") is not None:
+                self._take_usage(response["usage"], response)
+            if kind == "response.failed" and response.get("error"):
+                self._result.error = _error_text(response["error"])
+
+    def on_body(self, body: bytes, truncated: bool) -> None:
+        obj = loads(body) if not truncated else None
+        if isinstance(obj, dict):
+            self._take_model(obj)
+            if obj.get("error"):
+                self._result.error = _error_text(obj["error"])
+            if obj.get("usage") is not None:
+                self._take_usage(obj["usage"], obj)
+            return
+        if truncated:
+            self._result.model = self._result.model or _str(find_json_value(body, "model"))
+            usage = find_json_value(body, "usage")
+            if usage is not None:
+                self._take_usage(usage, None)
+                self._result.notes.append("usage read from the tail of a large body")
+            return
+        if body.strip():
+            self._result.notes.append("answer is not valid JSON")
+
+    def result(self) -> ParseResult:
+        return self._result
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _error_text(err: Any) -> str:
+    if isinstance(err, dict):
+        parts = [str(err.get(k)) for k in ("type", "code", "message") if err.get(k)]
+        return ": ".join(parts)[:500] or "error"
+    return str(err)[:500]
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def matches(self, path: str) -> bool:
+        return any(path.endswith(suffix) for suffix in _SUFFIXES)
+
+    def endpoint(self, path: str) -> str:
+        for suffix, name in _SUFFIXES.items():
+            if path.endswith(suffix):
+                return name
+        return "other"
+
+    def inspect_request(self, path: str, body: bytes) -> RequestInfo:
+        obj = loads(body) if body else None
+        info = RequestInfo(body=obj)
+        if isinstance(obj, dict):
+            info.model = _str(obj.get("model"))
+            info.stream = obj.get("stream") is True
+            info.user = _str(obj.get("user")) or _str(obj.get("safety_identifier"))
+            info.service_tier = _str(obj.get("service_tier"))
+        return info
+
+    def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
+        if not info.stream or self.endpoint(path) not in ("chat", "completions"):
+            return body, False
+        obj = info.body
+        if not isinstance(obj, dict):
+            return body, False
+        options = obj.get("stream_options")
+        if options is None and "stream_options" not in obj:
+            # A textual insert keeps every other byte of the client's body as sent.
+            end = body.rstrip()
+            if end.endswith(b"}"):
+                return end[:-1].rstrip() + b',"stream_options":{"include_usage":true}}', True
+            return body, False
+        if isinstance(options, dict) and options.get("include_usage") is not True:
+            options = {**options, "include_usage": True}
+            return orjson.dumps({**obj, "stream_options": options}), True
+        return body, False
+
+    def new_parser(self, path: str, info: RequestInfo, injected: bool) -> OpenAIParser:
+        return OpenAIParser(injected, responses=self.endpoint(path) == "responses")

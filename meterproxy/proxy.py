@@ -1,0 +1,323 @@
+"""Forwarding: one aiohttp handler that relays a request and taps its answer.
+
+The stages of one request, in the order they fire:
+
+1. **routed** (`routing.route`): the raw path picks a configured upstream, or the
+   client gets a 404 and nothing is sent anywhere.
+2. **request read**: the body is read whole (bounded by ``max_body_bytes``, 413
+   beyond) because the model, stream flag and user live in it; LLM request
+   bodies are small next to their answers.
+3. **gated** (`Meter.check_gates`): budgets may answer instead of the upstream.
+   After this point the request is on its way and will be recorded whatever
+   happens.
+4. **forwarded**: headers pass through except hop-by-hop ones, ``Host`` and our
+   own ``X-Meter-*``; the body is byte for byte, unless usage reporting is
+   injected into an OpenAI-style stream (`Provider.prepare_request`).
+5. **streamed back**: status and headers as the upstream sent them, then each
+   chunk as it arrives (`iter_any`, no added buffering) through the
+   `ResponseTap`, which reads usage from a copy.
+6. **finished** (`Meter.request_finished`): the record is priced and handed to
+   the sinks. Too late to change anything the client saw.
+
+Faults: no answer from the upstream gives a JSON 502 (refused, reset) or 504
+(timeout). An upstream that dies mid-answer makes us cut the client's
+connection the same way, never end it cleanly, so the client can tell the
+answer is incomplete. A client that hangs up mid-stream makes us keep reading
+the upstream (bounded in time and in how many at once) so the record has the
+usage the provider will bill.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, MultiMapping
+
+from meterproxy import providers
+from meterproxy.attribution import ATTRIBUTION_HEADERS, api_key, fingerprint, parse_tags
+from meterproxy.meter import Meter
+from meterproxy.providers.base import RequestInfo
+from meterproxy.routing import RouteError, Upstream, route
+from meterproxy.tap import ResponseTap, decodable_encodings
+from meterproxy.usage import RequestRecord
+
+__all__ = ["HOP_BY_HOP", "Proxy", "json_error"]
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", *ATTRIBUTION_HEADERS}
+# aiohttp would otherwise add these when the client did not send them.
+_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    """meterproxy's own errors: one JSON shape, readable by every provider's SDK."""
+    return web.json_response(
+        {"error": {"type": "meterproxy_error", "code": code, "message": message}}, status=status
+    )
+
+
+def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
+    """Header names listed in ``Connection``: hop-by-hop for this hop only (RFC 9110 7.6.1)."""
+    return {t.strip().lower() for value in headers.getall("connection", ()) for t in value.split(",")}
+
+
+def _filter_accept_encoding(value: str) -> str:
+    """Keep only codings the tap can decompress, so compressed answers are still metered."""
+    readable = decodable_encodings()
+    kept = [part for part in value.split(",") if part.split(";")[0].strip().lower() in readable]
+    return ", ".join(p.strip() for p in kept) or "identity"
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        upstreams: dict[str, Upstream],
+        meter: Meter,
+        session: aiohttp.ClientSession,
+        fingerprint_salt: bytes,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 600.0,
+        inject_stream_usage: bool = True,
+        drain_timeout: float = 60.0,
+        max_draining: int = 64,
+    ) -> None:
+        self.upstreams = upstreams
+        self.meter = meter
+        self.session = session
+        self._salt = fingerprint_salt
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._inject = inject_stream_usage
+        self._drain_timeout = drain_timeout
+        self._max_draining = max_draining
+        self.draining = 0
+        self.in_flight = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            target = route(request.raw_path.split("?", 1)[0], request.query_string, self.upstreams)
+        except RouteError as exc:
+            return json_error(404, "no_route", str(exc))
+
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app._client_max_size  # noqa: SLF001 - the app's configured limit
+            return json_error(413, "body_too_large", f"request body is larger than the {limit}-byte limit")
+
+        provider = providers.detect(target.path)
+        info = provider.inspect_request(target.path, body) if provider else RequestInfo()
+        headers = request.headers
+        record = RequestRecord(
+            upstream=target.upstream.name,
+            provider=provider.name if provider else "",
+            endpoint=provider.endpoint(target.path) if provider else "other",
+            method=request.method,
+            requested_model=info.model,
+            streamed=info.stream,
+            user=headers.get("x-meter-user") or info.user,
+            session=headers.get("x-meter-session"),
+            tags=parse_tags(headers.get("x-meter-tags")),
+            key_fingerprint=fingerprint(api_key(headers, request.query_string), self._salt),
+            service_tier=info.service_tier,
+            usage_source="missing" if provider else "none",
+        )
+        blocked = await self.meter.check_gates(record)
+        if blocked is not None:
+            return blocked
+
+        injected = False
+        if provider and self._inject:
+            body, injected = provider.prepare_request(target.path, body, info)
+        record.usage_injected = injected
+        out_headers = self._request_headers(request, metered=provider is not None, injected=injected)
+
+        self.in_flight += 1
+        try:
+            return await self._forward(
+                request, target.url, body, out_headers, provider, info, record, started
+            )
+        finally:
+            self.in_flight -= 1
+            record.duration_ms = (time.perf_counter() - started) * 1000
+            self.meter.request_finished(record)
+
+    def _request_headers(self, request: web.Request, *, metered: bool, injected: bool) -> CIMultiDict[str]:
+        connection = _connection_tokens(request.headers)
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in _DROP_REQUEST or lower in connection:
+                continue
+            if lower == "accept-encoding" and metered:
+                value = "identity" if injected else _filter_accept_encoding(value)
+            out.add(name, value)
+        return out
+
+    async def _forward(
+        self,
+        request: web.Request,
+        url: object,
+        body: bytes,
+        headers: CIMultiDict[str],
+        provider: providers.Provider | None,
+        info: RequestInfo,
+        record: RequestRecord,
+        started: float,
+    ) -> web.StreamResponse:
+        sent_at = time.perf_counter()
+        try:
+            upstream_cm = self.session.request(
+                request.method,
+                url,  # type: ignore[arg-type]
+                headers=headers,
+                data=body if body or request.method not in ("GET", "HEAD") else None,
+                allow_redirects=False,
+                timeout=self._timeout,
+                skip_auto_headers=_SKIP_AUTO,
+            )
+            upstream = await upstream_cm.__aenter__()
+        except TimeoutError:
+            record.status, record.error = 504, "upstream timed out before answering"
+            return json_error(504, "upstream_timeout", record.error)
+        except aiohttp.ClientError as exc:
+            record.status, record.error = 502, f"upstream unreachable: {exc}"
+            return json_error(502, "upstream_unreachable", record.error)
+
+        try:
+            return await self._relay(request, upstream, provider, info, record, started, sent_at)
+        finally:
+            record.upstream_ms = (time.perf_counter() - sent_at) * 1000
+            await upstream_cm.__aexit__(None, None, None)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        provider: providers.Provider | None,
+        info: RequestInfo,
+        record: RequestRecord,
+        started: float,
+        sent_at: float,
+    ) -> web.StreamResponse:
+        record.status = upstream.status
+        content_type = upstream.headers.get("content-type", "")
+        tap: ResponseTap | None = None
+        if provider is not None:
+            parser = provider.new_parser(upstream.url.path or "", info, record.usage_injected)
+            tap = ResponseTap(
+                parser,
+                sse="text/event-stream" in content_type.lower(),
+                rewrite=record.usage_injected,
+                content_encoding=upstream.headers.get("content-encoding"),
+            )
+            record.streamed = record.streamed or "text/event-stream" in content_type.lower()
+
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        connection = _connection_tokens(upstream.headers)
+        for name, value in upstream.headers.items():
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection:
+                continue
+            if lower == "content-length" and tap is not None and tap.rewriting:
+                continue
+            response.headers.add(name, value)
+
+        client_gone = False
+        drain_deadline: float | None = None
+        drain_slot = False
+        try:
+            try:
+                await response.prepare(request)
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                client_gone = True
+            record.ttfb_ms = (time.perf_counter() - started) * 1000
+            first_byte = True
+            async for chunk in upstream.content.iter_any():
+                out = tap.feed(chunk) if tap is not None else chunk
+                if client_gone:
+                    if drain_deadline is None or time.monotonic() > drain_deadline:
+                        break
+                    continue
+                if out:
+                    if first_byte:
+                        record.ttfb_ms = (time.perf_counter() - started) * 1000
+                        first_byte = False
+                    try:
+                        await response.write(out)
+                    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                        client_gone = True
+                        record.client_disconnected = True
+                        drain_slot = self._start_drain()
+                        if not drain_slot or tap is None or not record.streamed:
+                            break
+                        drain_deadline = time.monotonic() + self._drain_timeout
+            tail = tap.finish() if tap is not None else b""
+            if tail and not client_gone:
+                await response.write(tail)
+            if not client_gone:
+                await response.write_eof()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            record.error = f"upstream broke off mid-answer: {exc or type(exc).__name__}"
+            self._abort(request)
+        except TimeoutError:
+            record.error = "upstream went silent mid-answer (read timeout)"
+            self._abort(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            record.client_disconnected = True
+        finally:
+            if drain_slot:
+                self.draining -= 1
+            if client_gone:
+                record.client_disconnected = True
+            if tap is not None:
+                self._take_result(tap, record)
+        return response
+
+    def _start_drain(self) -> bool:
+        """Take one of the bounded drain slots (False: too many streams draining already)."""
+        if self.draining >= self._max_draining:
+            return False
+        self.draining += 1
+        return True
+
+    @staticmethod
+    def _abort(request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    @staticmethod
+    def _take_result(tap: ResponseTap, record: RequestRecord) -> None:
+        result = tap.result()
+        record.usage = result.usage
+        record.usage_source = result.usage_source
+        record.model = result.model or record.requested_model
+        record.provider_cost_usd = result.provider_cost_usd
+        if result.service_tier:
+            record.service_tier = result.service_tier
+        if result.error and not record.error:
+            record.error = result.error
+        if result.notes:
+            record.extra["notes"] = result.notes[:10]

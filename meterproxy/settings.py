@@ -1,0 +1,178 @@
+"""Every setting in one declarative table, with its default, environment variable and help.
+
+`Settings` is that table (a pydantic model: each field's ``description`` is its
+help text, and the README's settings section is checked against it by
+``tests/test_docs.py``). Values come from, lowest precedence first: the
+defaults here, a TOML config file (``--config``), ``METERPROXY_*`` environment
+variables, then command-line flags.
+
+Config file example::
+
+    host = "0.0.0.0"
+    db = "/data/meterproxy.db"
+    [upstreams]
+    groq = "https://api.groq.com"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from meterproxy.routing import Upstream, make_upstream
+
+__all__ = ["DEFAULT_UPSTREAMS", "Settings", "SettingsError", "default_db_path", "load_settings"]
+
+DEFAULT_UPSTREAMS: dict[str, str] = {
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
+
+
+class SettingsError(ValueError):
+    """Configuration that cannot be used; the message says which setting and why."""
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/meterproxy/meterproxy.db`` (``~/.local/share/...`` by default)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "meterproxy" / "meterproxy.db"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8787, ge=0, le=65535, description="Port to listen on.")
+    db: str = Field(
+        default_factory=lambda: str(default_db_path()),
+        description="SQLite database file (created with owner-only permissions).",
+    )
+    upstreams: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_UPSTREAMS),
+        description="Route prefix -> upstream base URL; /NAME/... goes to URL/... "
+        "(env: METERPROXY_UPSTREAMS='groq=https://api.groq.com,local=http://127.0.0.1:8000').",
+    )
+    admin_token: str | None = Field(
+        None, description="When set, /api/* and the dashboard require 'Authorization: Bearer <token>'."
+    )
+    pricing: list[str] = Field(
+        default_factory=list, description="Extra pricing TOML files (private models, negotiated rates)."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get a 413."
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for an upstream connection.")
+    read_timeout: float = Field(
+        600.0, gt=0, description="Seconds an upstream may go silent (between bytes) before a 504."
+    )
+    inject_stream_usage: bool = Field(
+        True,
+        description="Add stream_options.include_usage to OpenAI-style streams that lack it "
+        "(and strip the extra chunk before the client sees it).",
+    )
+    disconnect_drain_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="After a client hangs up mid-stream, keep reading upstream this long for the usage.",
+    )
+    max_draining: int = Field(
+        64, ge=0, description="At most this many abandoned streams are drained for usage at once."
+    )
+    flush_interval: float = Field(
+        0.2, gt=0, le=10, description="Seconds the writer may hold records before committing them."
+    )
+    writer_queue_max: int = Field(
+        100_000, gt=0, description="Records buffered in memory while the database is slow or failing."
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish."
+    )
+    store_content: bool = Field(
+        False, description="Store prompt and completion text (off: only counts and metadata are stored)."
+    )
+    log_level: str = Field("info", description="debug, info, warning or error.")
+
+    @field_validator("upstreams")
+    @classmethod
+    def _check_upstreams(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            make_upstream(name, url)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("use debug, info, warning or error")
+        return value.lower()
+
+    def upstream_map(self) -> dict[str, Upstream]:
+        return {name: make_upstream(name, url) for name, url in self.upstreams.items()}
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, _field in Settings.model_fields.items():
+        raw = env.get(f"METERPROXY_{name.upper()}")
+        if raw is None:
+            continue
+        if name == "upstreams":
+            values[name] = dict(_split_pair(item) for item in raw.split(",") if item.strip())
+        elif name == "pricing":
+            values[name] = [p for p in raw.split(os.pathsep) if p]
+        else:
+            values[name] = raw
+    return values
+
+
+def _split_pair(item: str) -> tuple[str, str]:
+    name, sep, url = item.partition("=")
+    if not sep:
+        raise SettingsError(f"upstream {item!r}: expected NAME=URL")
+    return name.strip(), url.strip()
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults < config file < environment < CLI, and validate."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    config_file = config_file or env.get("METERPROXY_CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                merged.update(tomllib.load(fh))
+        except OSError as exc:
+            raise SettingsError(f"config file {config_file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_file}: {exc}") from exc
+    upstreams = {**DEFAULT_UPSTREAMS, **merged.pop("upstreams", {})}
+    env_values = _env_values(env)
+    upstreams.update(env_values.pop("upstreams", {}))
+    merged.update(env_values)
+    # METERPROXY_DB is the documented short form for the database path.
+    for key, value in (cli or {}).items():
+        if value is None:
+            continue
+        if key == "upstreams":
+            upstreams.update(value)
+        else:
+            merged[key] = value
+    merged["upstreams"] = upstreams
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

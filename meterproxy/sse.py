@@ -1,0 +1,157 @@
+"""A push decoder for Server-Sent Events that never trusts chunk boundaries.
+
+The proxy hands every chunk it forwards to `SSEDecoder.feed`, which returns only
+the events that are complete by then and keeps the partial tail. `finish()`
+flushes an event the stream ended without terminating. An event or a UTF-8
+character may be split anywhere, including between the CR and LF of a CRLF
+line ending; lines may end in CRLF, LF or CR (all three are legal SSE).
+
+Each `SSEEvent` keeps the exact bytes it was parsed from (``raw``: its lines and
+the blank line that ended it, plus any comment or blank lines before it), so a
+caller that rewrites a stream (dropping the usage chunk that the proxy asked
+for) can re-emit every other event byte for byte.
+
+Decoding is lazy where it is cheap to be: ``data`` stays bytes; parsers look for
+a marker (``b"usage"``) before they pay for JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MAX_EVENT_BYTES", "SSEDecoder", "SSEEvent"]
+
+#: An event larger than this is dropped from parsing (its bytes still pass through).
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str | None
+    data: bytes
+    raw: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+class SSEDecoder:
+    """Incremental SSE parser: ``feed(bytes) -> list[SSEEvent]``, ``finish()``."""
+
+    __slots__ = (
+        "_buf",
+        "_consumed",
+        "_data",
+        "_event",
+        "_has_data",
+        "_raw_start",
+        "dropped_raw",
+        "oversized",
+    )
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._event: str | None = None
+        self._data: list[bytes] = []
+        self._has_data = False
+        # Offset in _buf where the raw bytes of the pending event start.
+        self._raw_start = 0
+        # Offset in _buf where line scanning resumes.
+        self._consumed = 0
+        #: Bytes of an oversized event that the last feed() dropped from parsing; a caller
+        #: that re-emits events must forward these itself.
+        self.dropped_raw = b""
+        #: Count of events dropped for exceeding MAX_EVENT_BYTES.
+        self.oversized = 0
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._buf
+        buf += chunk
+        events: list[SSEEvent] = []
+        self.dropped_raw = b""
+        pos = self._consumed
+        n = len(buf)
+        while pos < n:
+            lf = buf.find(b"\n", pos)
+            cr = buf.find(b"\r", pos, lf if lf != -1 else n)
+            if cr != -1:
+                # CR ends the line; a CR at the very end may be the first half of CRLF.
+                if cr == n - 1:
+                    break
+                end = cr
+                nxt = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+            elif lf != -1:
+                end = lf
+                nxt = lf + 1
+            else:
+                break
+            self._line(bytes(buf[pos:end]), nxt, events)
+            pos = nxt
+        # Drop what is fully consumed: everything before the pending event's raw start.
+        if self._raw_start:
+            del buf[: self._raw_start]
+            pos -= self._raw_start
+            self._raw_start = 0
+        self._consumed = pos
+        if len(buf) > MAX_EVENT_BYTES:
+            # A runaway event: stop accumulating it, keep the stream flowing.
+            self.oversized += 1
+            self._reset_event()
+            self.dropped_raw = bytes(buf)
+            self._buf = bytearray()
+            self._consumed = 0
+        return events
+
+    def _line(self, line: bytes, nxt: int, events: list[SSEEvent]) -> None:
+        if not line:
+            if self._has_data:
+                events.append(
+                    SSEEvent(self._event, b"\n".join(self._data), bytes(self._buf[self._raw_start : nxt]))
+                )
+                self._reset_event()
+                self._raw_start = nxt
+            else:
+                # A blank line with no data dispatches nothing (spec); an event name alone is discarded.
+                self._event = None
+            return
+        if line[0] == 0x3A:  # ":" comment / keep-alive
+            return
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+            self._has_data = True
+        elif name == b"event":
+            self._event = value.decode("utf-8", errors="replace")
+        # "id", "retry" and unknown fields do not matter for metering.
+
+    def _reset_event(self) -> None:
+        self._event = None
+        self._data = []
+        self._has_data = False
+
+    def finish(self) -> tuple[list[SSEEvent], bytes]:
+        """Flush at end of stream.
+
+        Returns the events still pending (a final event without its blank line
+        still counts) and any raw bytes that belong to no event (trailing blank
+        or comment lines), so a caller re-emitting events loses nothing.
+        """
+        buf = self._buf
+        events: list[SSEEvent] = []
+        if self._consumed < len(buf):
+            # The last line had no terminator (or ended with a lone CR).
+            line = bytes(buf[self._consumed :]).rstrip(b"\r")
+            self._line(line, len(buf), events)
+        if self._has_data:
+            events.append(SSEEvent(self._event, b"\n".join(self._data), bytes(buf[self._raw_start :])))
+            tail = b""
+        else:
+            tail = bytes(buf[self._raw_start :])
+        self._reset_event()
+        self._buf = bytearray()
+        self._consumed = 0
+        self._raw_start = 0
+        return events, tail

@@ -1,0 +1,173 @@
+"""Read side: queries over stored requests, on read-only connections.
+
+Every function here is synchronous and cheap to call from a thread
+(``asyncio.to_thread``); the API layer does exactly that, so reads never block
+the event loop and never wait behind the writer (WAL lets readers run while it
+commits).
+
+Pagination is by keyset on ``(ts, id)``, newest first: a cursor is the last
+row's ``ts|id``, so pages stay stable while new rows arrive.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from meterproxy.store.schema import connect
+
+__all__ = [
+    "RequestFilter",
+    "decode_cursor",
+    "encode_cursor",
+    "iter_rows",
+    "list_requests",
+    "read_connection",
+    "row_to_api",
+]
+
+# Columns the API shows, in order (internal ones such as cost_pico stay inside).
+API_FIELDS = [
+    "id",
+    "ts",
+    "source",
+    "upstream",
+    "provider",
+    "endpoint",
+    "method",
+    "requested_model",
+    "model",
+    "priced_model",
+    "status",
+    "streamed",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+    "cost_usd",
+    "provider_cost_usd",
+    "usage_source",
+    "service_tier",
+    "duration_ms",
+    "ttfb_ms",
+    "upstream_ms",
+    "user",
+    "session",
+    "tags",
+    "key_fingerprint",
+    "error",
+    "client_disconnected",
+]
+_BOOLS = {"streamed", "client_disconnected"}
+
+
+@dataclass(slots=True)
+class RequestFilter:
+    since: str | None = None
+    until: str | None = None
+    session: str | None = None
+    user: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    upstream: str | None = None
+    key: str | None = None
+    source: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.since:
+            clauses.append("ts >= ?")
+            params.append(self.since)
+        if self.until:
+            clauses.append("ts < ?")
+            params.append(self.until)
+        for column, value in (
+            ("session", self.session),
+            ("user", self.user),
+            ("model", self.model),
+            ("provider", self.provider),
+            ("upstream", self.upstream),
+            ("key_fingerprint", self.key),
+            ("source", self.source),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        for tag, value in self.tags.items():
+            clauses.append("json_extract(tags, ?) = ?")
+            params.extend([f'$."{tag}"', value])
+        return (" AND ".join(clauses) or "1"), params
+
+
+def read_connection(path: str | Path) -> sqlite3.Connection:
+    conn = connect(path, readonly=True)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def row_to_api(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+    get = row.__getitem__
+    out: dict[str, Any] = {}
+    for name in API_FIELDS:
+        value = get(name)
+        if name in _BOOLS:
+            value = bool(value)
+        elif name == "tags":
+            value = json.loads(value) if value else {}
+        elif name in ("cost_usd", "provider_cost_usd") and value is not None:
+            value = Decimal(value)
+        out[name] = value
+    return out
+
+
+def encode_cursor(ts: str, rid: str) -> str:
+    return base64.urlsafe_b64encode(f"{ts}|{rid}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, rid = raw.split("|", 1)
+    except Exception as exc:
+        raise ValueError("cursor is not one this API returned") from exc
+    return ts, rid
+
+
+def list_requests(
+    conn: sqlite3.Connection, flt: RequestFilter, limit: int = 100, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    where, params = flt.where()
+    if cursor:
+        ts, rid = decode_cursor(cursor)
+        where += " AND (ts < ? OR (ts = ? AND id < ?))"
+        params += [ts, ts, rid]
+    sql = f"SELECT * FROM requests WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
+    rows = conn.execute(sql, [*params, limit + 1]).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1]["ts"], rows[-1]["id"]) if more and rows else None
+    return [row_to_api(r) for r in rows], next_cursor
+
+
+def iter_rows(
+    conn: sqlite3.Connection, flt: RequestFilter, columns: Sequence[str] = API_FIELDS, batch: int = 5000
+) -> Iterator[sqlite3.Row]:
+    """Stream rows oldest first without loading them all (for exports)."""
+    where, params = flt.where()
+    cur = conn.execute(f"SELECT {', '.join(columns)} FROM requests WHERE {where} ORDER BY ts, id", params)
+    while True:
+        chunk = cur.fetchmany(batch)
+        if not chunk:
+            return
+        yield from chunk

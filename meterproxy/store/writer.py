@@ -1,0 +1,216 @@
+"""The single writer: one thread owns the SQLite write connection.
+
+The event loop never touches the database. It hands records to `submit`, which
+only puts them on a bounded queue (non-blocking, O(1)). The writer thread takes
+whatever is queued, up to `batch_max` at a time, and commits it in one
+transaction as soon as it has it, so rows appear within milliseconds at low
+load and batch themselves under high load. Other features run their own writes
+on the same thread with `call` (budgets' outbox, imports), so SQLite never sees
+two writers from one process.
+
+When the database fails (locked, disk full, read-only file) the batch is kept
+and retried with backoff; records keep queueing up to ``queue_max`` and past that
+are counted as dropped rather than growing memory without bound. `health`
+reports the fault until a commit succeeds again.
+
+`close` puts a sentinel on the queue and waits: everything submitted before it
+is committed (that is what a clean SIGTERM relies on).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from meterproxy.store.schema import COLUMNS, apply_migrations, connect, record_to_row
+from meterproxy.usage import RequestRecord
+
+__all__ = ["StoreWriter", "WriterHealth"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STOP = object()
+_INSERT = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: Future[Any]
+
+
+@dataclass(slots=True)
+class WriterHealth:
+    ok: bool
+    queue_depth: int
+    written: int
+    dropped: int
+    last_error: str | None
+    last_commit_age_s: float | None
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        queue_max: int = 100_000,
+        batch_max: int = 5_000,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self.path = str(path)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_max)
+        self._batch_max = batch_max
+        self._retry_max_s = retry_max_s
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.written = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._last_commit: float | None = None
+        self._listeners: list[Callable[[list[RequestRecord]], None]] = []
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        """Open the database and apply migrations (raising on a broken file), then start."""
+        conn = connect(self.path)
+        apply_migrations(conn)
+        self._conn = conn
+        self._thread = threading.Thread(target=self._run, name="meterproxy-writer", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Commit everything submitted so far, then stop. False if it timed out."""
+        if self._thread is None:
+            return True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        alive = self._thread.is_alive()
+        if not alive:
+            self._thread = None
+        return not alive
+
+    def on_commit(self, listener: Callable[[list[RequestRecord]], None]) -> None:
+        """Call ``listener`` (on the writer thread) with each batch once it is durable."""
+        self._listeners.append(listener)
+
+    # -- producers (event loop) -------------------------------------------
+    def submit(self, record: RequestRecord) -> bool:
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.error("writer queue full: record %s dropped", record.id)
+            return False
+
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run ``fn(conn)`` on the writer thread, in its own transaction."""
+        future: Future[T] = Future()
+        self._queue.put(_Call(fn, future))
+        return future
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def health(self) -> WriterHealth:
+        age = None if self._last_commit is None else time.monotonic() - self._last_commit
+        return WriterHealth(
+            ok=self.last_error is None,
+            queue_depth=self.depth,
+            written=self.written,
+            dropped=self.dropped,
+            last_error=self.last_error,
+            last_commit_age_s=age,
+        )
+
+    # -- the thread --------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            records: list[RequestRecord] = []
+            calls: list[_Call] = []
+            while True:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, _Call):
+                    calls.append(item)
+                else:
+                    records.append(item)
+                if stopping or len(records) >= self._batch_max:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if records:
+                self._write_records(records, give_up=stopping)
+            for call in calls:
+                self._run_call(call)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _write_records(self, records: list[RequestRecord], give_up: bool) -> None:
+        rows = [record_to_row(r) for r in records]
+        delay = 0.05
+        assert self._conn is not None
+        while True:
+            try:
+                with _transaction(self._conn):
+                    self._conn.executemany(_INSERT, rows)
+                break
+            except sqlite3.Error as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("database write failed (%d rows kept, retrying): %s", len(rows), exc)
+                if give_up and delay > self._retry_max_s:
+                    self.dropped += len(rows)
+                    log.error("shutting down with %d unwritten rows", len(rows))
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s * 1.01)
+        self.written += len(rows)
+        self.last_error = None
+        self._last_commit = time.monotonic()
+        for listener in self._listeners:
+            try:
+                listener(records)
+            except Exception:
+                log.exception("commit listener failed")
+
+    def _run_call(self, call: _Call) -> None:
+        assert self._conn is not None
+        try:
+            with _transaction(self._conn):
+                result = call.fn(self._conn)
+            call.future.set_result(result)
+        except BaseException as exc:
+            call.future.set_exception(exc)
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")

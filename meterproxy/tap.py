@@ -1,0 +1,203 @@
+"""The tap: reads usage out of a response while its bytes pass through the proxy.
+
+`ResponseTap.feed(chunk)` is called with every chunk the upstream sends and
+returns the bytes to forward. In pass-through mode that is the chunk itself,
+untouched: the tap only looks (decompressing a copy when the body is
+compressed). In rewrite mode (the proxy added ``include_usage`` to an OpenAI
+stream) the tap forwards whole SSE events as they complete, minus the usage
+chunk the client never asked for; a partial event is held only until its
+blank line arrives, which the client could not have used anyway.
+
+Nothing a parser does can break forwarding: any exception inside the tap is
+caught, recorded as a note, and metering of that response stops while its
+bytes keep flowing.
+
+JSON answers are kept whole up to `MAX_JSON_BYTES` and parsed at the end;
+beyond that only the head and a rolling tail are kept (usage and model sit at
+the ends of every provider's body), so memory stays bounded for any answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+from meterproxy.providers.base import ParseResult, UsageParser
+from meterproxy.sse import SSEDecoder
+
+__all__ = ["MAX_JSON_BYTES", "ResponseTap", "decodable_encodings"]
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 8 * 1024 * 1024
+_HEAD_BYTES = 64 * 1024
+_TAIL_BYTES = 1024 * 1024
+
+
+def _brotli() -> Any:
+    try:
+        import brotli  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        return brotli
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+
+
+def decodable_encodings() -> set[str]:
+    """Content-codings the tap can read; the proxy asks upstreams for no others."""
+    codings = {"gzip", "x-gzip", "deflate", "identity"}
+    if _brotli() is not None:
+        codings.add("br")
+    return codings
+
+
+class _Decompressor:
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._obj: Any
+        if coding in ("gzip", "x-gzip"):
+            self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._obj = None  # zlib-wrapped or raw: decided on the first bytes
+        elif coding == "br":
+            brotli = _brotli()
+            if brotli is None:
+                raise ValueError("content-encoding br cannot be read (brotli not installed)")
+            self._obj = brotli.Decompressor()
+        else:
+            raise ValueError(f"content-encoding {coding!r} cannot be read")
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._coding == "deflate" and self._obj is None:
+            wrapped = len(chunk) >= 2 and (chunk[0] & 0x0F) == 8 and ((chunk[0] << 8) | chunk[1]) % 31 == 0
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        if self._coding == "br":
+            return bytes(self._obj.process(chunk))
+        return bytes(self._obj.decompress(chunk))
+
+
+class ResponseTap:
+    __slots__ = (
+        "_body",
+        "_broken",
+        "_decoder",
+        "_decomp",
+        "_head",
+        "_notes",
+        "_parser",
+        "_rewrite",
+        "_size",
+        "_sse",
+    )
+
+    def __init__(
+        self,
+        parser: UsageParser,
+        *,
+        sse: bool,
+        rewrite: bool = False,
+        content_encoding: str | None = None,
+    ) -> None:
+        self._parser = parser
+        self._sse = sse
+        self._notes: list[str] = []
+        coding = (content_encoding or "identity").strip().lower()
+        self._decomp: _Decompressor | None = None
+        self._broken = False
+        if coding != "identity":
+            try:
+                self._decomp = _Decompressor(coding)
+            except ValueError as exc:
+                self._fail(str(exc))
+        # Rewriting needs plain text; the proxy never injects into a compressed stream.
+        self._rewrite = rewrite and sse and self._decomp is None and not self._broken
+        self._decoder = SSEDecoder() if sse else None
+        self._body = bytearray()
+        self._head = b""
+        self._size = 0
+
+    @property
+    def rewriting(self) -> bool:
+        return self._rewrite
+
+    def _fail(self, why: str) -> None:
+        self._broken = True
+        self._notes.append(why)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._rewrite:
+            return self._feed_rewrite(chunk)
+        if not self._broken:
+            try:
+                self._observe(self._decomp.feed(chunk) if self._decomp else chunk)
+            except Exception as exc:
+                log.warning("usage tap stopped: %s", exc)
+                self._fail(f"tap error: {exc}")
+        return chunk
+
+    def _observe(self, data: bytes) -> None:
+        if self._decoder is not None:
+            for event in self._decoder.feed(data):
+                self._parser.on_event(event)
+        else:
+            self._collect(data)
+
+    def _collect(self, data: bytes) -> None:
+        self._size += len(data)
+        self._body += data
+        if self._size > MAX_JSON_BYTES:
+            if not self._head:
+                self._head = bytes(self._body[:_HEAD_BYTES])
+            if len(self._body) > 2 * _TAIL_BYTES:
+                del self._body[: len(self._body) - _TAIL_BYTES]
+
+    def _feed_rewrite(self, chunk: bytes) -> bytes:
+        assert self._decoder is not None
+        out: list[bytes] = []
+        try:
+            for event in self._decoder.feed(chunk):
+                kept = self._parser.on_event(event)
+                if kept is not None:
+                    out.append(kept)
+            if self._decoder.dropped_raw:
+                out.append(self._decoder.dropped_raw)
+        except Exception as exc:
+            # Stop rewriting; hand over what the decoder holds so no byte is lost.
+            log.warning("usage tap stopped while rewriting: %s", exc)
+            self._fail(f"tap error: {exc}")
+            self._rewrite = False
+            events, tail = self._decoder.finish()
+            out.extend(e.raw for e in events)
+            out.append(tail)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """End of the upstream body: flush the decoders; return bytes still owed to the client."""
+        out = b""
+        if self._decoder is not None:
+            events, tail = self._decoder.finish()
+            if self._rewrite:
+                kept = [self._parser.on_event(e) for e in events]
+                out = b"".join(k for k in kept if k is not None) + tail
+            elif not self._broken:
+                try:
+                    for event in events:
+                        self._parser.on_event(event)
+                except Exception as exc:
+                    self._fail(f"tap error: {exc}")
+            if self._decoder.oversized:
+                self._notes.append(f"{self._decoder.oversized} oversized SSE event(s) skipped")
+        elif not self._broken:
+            try:
+                truncated = self._size > MAX_JSON_BYTES
+                body = self._head + b"\n" + bytes(self._body) if truncated else bytes(self._body)
+                self._parser.on_body(body, truncated)
+            except Exception as exc:
+                self._fail(f"tap error: {exc}")
+        return out
+
+    def result(self) -> ParseResult:
+        result = self._parser.result()
+        result.notes.extend(self._notes)
+        return result

@@ -1,0 +1,210 @@
+"""Test doubles that ship with the package: a fake upstream and record factories.
+
+`FakeUpstream` is a real aiohttp server on 127.0.0.1 that replays recorded
+provider bytes (``tests/fixtures/wire/*.body``), in chunks of any size with
+optional delays, and remembers every request it received (method, path,
+headers, body) so tests can assert what reached the "provider". It can also
+misbehave on purpose (cut the connection mid-body, stall), which is how the
+fault tests drive the proxy.
+
+`make_record` builds a `RequestRecord` with sensible defaults for store,
+metrics and budget tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from meterproxy.usage import RequestRecord, Usage
+
+__all__ = ["FIXTURES_DIR", "FakeUpstream", "Fixture", "Received", "Reply", "load_fixture", "make_record"]
+
+FIXTURES_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "wire"
+
+
+@dataclass
+class Fixture:
+    name: str
+    meta: dict[str, Any]
+    body: bytes
+
+    @property
+    def expect(self) -> dict[str, Any]:
+        return dict(self.meta.get("expect", {}))
+
+    @property
+    def content_type(self) -> str:
+        return str(self.meta.get("content_type", "application/json"))
+
+
+def load_fixture(name: str, directory: Path = FIXTURES_DIR) -> Fixture:
+    with open(directory / f"{name}.toml", "rb") as fh:
+        meta = tomllib.load(fh)
+    return Fixture(name, meta, (directory / f"{name}.body").read_bytes())
+
+
+@dataclass
+class Reply:
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Split the body into chunks of this size (None: SSE events, or the whole JSON body).
+    chunk_size: int | None = None
+    delay: float = 0.0
+    #: Close the connection after this many body bytes (an upstream dying mid-answer).
+    cut_after: int | None = None
+    #: Sleep this long before sending the headers (an upstream that stalls).
+    stall: float = 0.0
+
+
+@dataclass
+class Received:
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    raw_headers: list[tuple[str, str]]
+    body: bytes
+
+
+def _chunks(reply: Reply) -> list[bytes]:
+    body = reply.body
+    if reply.chunk_size:
+        return [body[i : i + reply.chunk_size] for i in range(0, len(body), reply.chunk_size)] or [b""]
+    if "event-stream" in reply.content_type:
+        parts, start = [], 0
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            if sep in body:
+                while (end := body.find(sep, start)) != -1:
+                    parts.append(body[start : end + len(sep)])
+                    start = end + len(sep)
+                break
+        if start < len(body):
+            parts.append(body[start:])
+        return parts
+    return [body]
+
+
+class FakeUpstream:
+    """A provider stand-in on 127.0.0.1. Use as ``async with FakeUpstream() as up:``."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, Reply | Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
+        self.default: Reply | None = None
+        self.received: list[Received] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reply(self, path: str, reply: Reply) -> None:
+        """Answer requests whose path (without query) is ``path``."""
+        self.replies[path] = reply
+
+    def replay(self, fixture: Fixture, path: str | None = None, **kwargs: Any) -> Reply:
+        reply = Reply(
+            body=fixture.body,
+            status=int(fixture.meta.get("status", 200)),
+            content_type=fixture.content_type,
+            **kwargs,
+        )
+        self.reply(path or str(fixture.meta["path"]).split("?")[0], reply)
+        return reply
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(
+            Received(
+                request.method,
+                request.raw_path,
+                CIMultiDict(request.headers),
+                [(k, v) for k, v in request.headers.items()],
+                body,
+            )
+        )
+        handler = self.replies.get(request.path, self.default)
+        if handler is None:
+            return web.json_response({"error": {"message": f"no reply for {request.path}"}}, status=404)
+        if callable(handler) and not isinstance(handler, Reply):
+            return await handler(request)
+        reply = handler
+        if reply.stall:
+            await asyncio.sleep(reply.stall)
+        response = web.StreamResponse(status=reply.status)
+        response.headers["Content-Type"] = reply.content_type
+        for name, value in reply.headers.items():
+            response.headers[name] = value
+        await response.prepare(request)
+        sent = 0
+        for chunk in _chunks(reply):
+            if reply.cut_after is not None and sent + len(chunk) > reply.cut_after:
+                await response.write(chunk[: reply.cut_after - sent])
+                await asyncio.sleep(0.01)
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if chunk:
+                await response.write(chunk)
+            sent += len(chunk)
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+        await response.write_eof()
+        return response
+
+    async def start(self) -> FakeUpstream:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> FakeUpstream:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def make_record(
+    *,
+    model: str = "gpt-4o-mini",
+    provider: str = "openai",
+    upstream: str = "openai",
+    ts: datetime | None = None,
+    usage: Usage | None = None,
+    **fields: Any,
+) -> RequestRecord:
+    record = RequestRecord(
+        upstream=upstream,
+        provider=provider,
+        endpoint="chat",
+        requested_model=model,
+        model=model,
+        status=200,
+        usage=usage if usage is not None else Usage(input_tokens=100, output_tokens=20),
+        usage_source="reported",
+        **fields,
+    )
+    if ts is not None:
+        record.ts = ts
+    return record

@@ -1,0 +1,117 @@
+"""What one proxied request cost: the normalized `Usage` and the `RequestRecord`.
+
+Every provider reports usage in its own shape; the provider parsers in
+`meterproxy.providers` turn each shape into one `Usage` with fixed meanings so
+that pricing, storage, metrics and budgets never look at a provider's wire
+format again:
+
+- ``input_tokens``: every prompt token the provider processed, cached ones
+  included.
+- ``cache_read_tokens`` and ``cache_write_tokens``: subsets of ``input_tokens``.
+  ``cache_write_1h_tokens`` is the part of ``cache_write_tokens`` written with
+  Anthropic's one-hour TTL (the rest is the 5-minute default).
+- ``output_tokens``: every generated token, reasoning included.
+- ``reasoning_tokens``: a subset of ``output_tokens``.
+
+A `RequestRecord` is built by the proxy while a request is in flight and is
+frozen in spirit once the meter receives it: sinks (store, metrics, budgets)
+read it and never change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["RequestRecord", "Usage", "new_request_id", "utcnow"]
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one answer, normalized across providers (see module docstring)."""
+
+    input_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    # Per-request fees some providers report next to tokens (e.g. web search calls).
+    web_search_requests: int = 0
+
+    @property
+    def uncached_input_tokens(self) -> int:
+        """Input tokens billed at the plain input rate."""
+        return max(self.input_tokens - self.cache_read_tokens - self.cache_write_tokens, 0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_request_id() -> str:
+    """A time-ordered id (UUIDv7 layout), so ids sort roughly by arrival."""
+    ms = int(utcnow().timestamp() * 1000)
+    rand = uuid.uuid4().int & ((1 << 74) - 1)
+    value = (
+        (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    )
+    return str(uuid.UUID(int=value))
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One proxied (or imported) request, as stored. Field names are the API's names."""
+
+    id: str = field(default_factory=new_request_id)
+    ts: datetime = field(default_factory=utcnow)
+    source: str = "proxy"
+    upstream: str = ""
+    provider: str = ""
+    endpoint: str = ""
+    method: str = "POST"
+    requested_model: str | None = None
+    model: str | None = None
+    status: int | None = None
+    streamed: bool = False
+    usage: Usage | None = None
+    # "reported": the provider sent usage; "missing": it did not; "invalid": it sent
+    # something we could not trust (flagged, tokens not counted).
+    usage_source: str = "missing"
+    cost_usd: Decimal | None = None
+    # The model id the price came from (after alias/snapshot matching), None if unpriced.
+    priced_model: str | None = None
+    # Cost as the provider itself reported it (OpenRouter `usage.cost`), for comparison.
+    provider_cost_usd: Decimal | None = None
+    service_tier: str | None = None
+    duration_ms: float | None = None
+    ttfb_ms: float | None = None
+    upstream_ms: float | None = None
+    user: str | None = None
+    session: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    key_fingerprint: str | None = None
+    error: str | None = None
+    client_disconnected: bool = False
+    usage_injected: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Convenience accessors so sinks need not care whether usage is None.
+    @property
+    def tokens(self) -> Usage:
+        return self.usage if self.usage is not None else Usage()
+
+    @property
+    def priced(self) -> bool:
+        return self.cost_usd is not None
