@@ -101,6 +101,8 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         max_draining=settings.max_draining,
     )
     yield
+    # Streams whose clients left may still be draining for usage: let them finish (bounded).
+    await app[PROXY].drain(timeout=settings.shutdown_timeout)
     await session.close()
 
 

@@ -29,12 +29,14 @@ usage the provider will bill.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
+from yarl import URL
 
 from meterproxy import providers
 from meterproxy.attribution import ATTRIBUTION_HEADERS, api_key, fingerprint, parse_tags
@@ -112,18 +114,21 @@ class Proxy:
         self._max_draining = max_draining
         self.draining = 0
         self.in_flight = 0
+        self._tasks: set[asyncio.Future[web.StreamResponse]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            target = route(request.raw_path.split("?", 1)[0], request.query_string, self.upstreams)
+            # Raw (still percent-encoded) path and query: the upstream gets them as sent.
+            raw_path, _, raw_query = request.raw_path.partition("?")
+            target = route(raw_path, raw_query, self.upstreams)
         except RouteError as exc:
             return json_error(404, "no_route", str(exc))
 
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            limit = request.app._client_max_size  # noqa: SLF001 - the app's configured limit
+            limit = request.app._client_max_size
             return json_error(413, "body_too_large", f"request body is larger than the {limit}-byte limit")
 
         provider = providers.detect(target.path)
@@ -153,15 +158,39 @@ class Proxy:
         record.usage_injected = injected
         out_headers = self._request_headers(request, metered=provider is not None, injected=injected)
 
+        # The forwarding runs in its own task, shielded: if the server cancels this
+        # handler because the client hung up, the task keeps reading the upstream
+        # (bounded drain) and still records the request.
+        task = asyncio.ensure_future(
+            self._forward_and_record(request, target.url, body, out_headers, provider, info, record, started)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _forward_and_record(
+        self,
+        request: web.Request,
+        url: URL,
+        body: bytes,
+        headers: CIMultiDict[str],
+        provider: providers.Provider | None,
+        info: RequestInfo,
+        record: RequestRecord,
+        started: float,
+    ) -> web.StreamResponse:
         self.in_flight += 1
         try:
-            return await self._forward(
-                request, target.url, body, out_headers, provider, info, record, started
-            )
+            return await self._forward(request, url, body, headers, provider, info, record, started)
         finally:
             self.in_flight -= 1
             record.duration_ms = (time.perf_counter() - started) * 1000
             self.meter.request_finished(record)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for every forwarding task, e.g. abandoned streams still draining."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
     def _request_headers(self, request: web.Request, *, metered: bool, injected: bool) -> CIMultiDict[str]:
         connection = _connection_tokens(request.headers)
@@ -178,7 +207,7 @@ class Proxy:
     async def _forward(
         self,
         request: web.Request,
-        url: object,
+        url: URL,
         body: bytes,
         headers: CIMultiDict[str],
         provider: providers.Provider | None,
@@ -190,7 +219,7 @@ class Proxy:
         try:
             upstream_cm = self.session.request(
                 request.method,
-                url,  # type: ignore[arg-type]
+                url,
                 headers=headers,
                 data=body if body or request.method not in ("GET", "HEAD") else None,
                 allow_redirects=False,

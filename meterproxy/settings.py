@@ -85,9 +85,6 @@ class Settings(BaseModel):
     max_draining: int = Field(
         64, ge=0, description="At most this many abandoned streams are drained for usage at once."
     )
-    flush_interval: float = Field(
-        0.2, gt=0, le=10, description="Seconds the writer may hold records before committing them."
-    )
     writer_queue_max: int = Field(
         100_000, gt=0, description="Records buffered in memory while the database is slow or failing."
     )
