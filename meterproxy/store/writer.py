@@ -68,7 +68,10 @@ class StoreWriter:
         retry_max_s: float = 5.0,
     ) -> None:
         self.path = str(path)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_max)
+        # Unbounded as a queue so that `call` never blocks the event loop; records
+        # are bounded by `submit` itself (``queue_max``).
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue_max = queue_max
         self._batch_max = batch_max
         self._retry_max_s = retry_max_s
         self._thread: threading.Thread | None = None
@@ -105,13 +108,12 @@ class StoreWriter:
 
     # -- producers (event loop) -------------------------------------------
     def submit(self, record: RequestRecord) -> bool:
-        try:
-            self._queue.put_nowait(record)
-            return True
-        except queue.Full:
+        if self._queue.qsize() >= self._queue_max:
             self.dropped += 1
-            log.error("writer queue full: record %s dropped", record.id)
+            log.error("writer queue full (%d): record %s dropped", self._queue_max, record.id)
             return False
+        self._queue.put_nowait(record)
+        return True
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         """Run ``fn(conn)`` on the writer thread, in its own transaction."""
