@@ -1,0 +1,229 @@
+"""``meterproxy prices list|show MODEL|check``: read and validate the price tables.
+
+The same `PriceBook` the proxy prices with, loaded the same way: the shipped
+tables plus any ``--pricing FILE`` overrides (repeatable; a directory means
+every ``*.toml`` in it), so what this prints is what ``serve --pricing FILE``
+would charge.
+
+- ``list``: one aligned line per table id with the prices in force now (USD
+  per 1M tokens), ``--provider`` to narrow, ``--json`` for scripts (prices as
+  JSON numbers written from the Decimal, never computed in float).
+- ``show MODEL``: resolves MODEL the way a request's model is resolved
+  (aliases, dated snapshots, ``vendor/`` prefixes) and prints its dated history
+  with tiers, long-context rates and negotiated multipliers.
+- ``check``: every problem `PriceBook.check` finds (unknown keys, negative
+  prices, duplicate dates, colliding names, ...), one per line; exit status 1
+  if there is any, or if a file cannot be read at all. CI runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates
+
+__all__ = ["command", "format_price", "load_book"]
+
+_PRICING = click.option(
+    "--pricing",
+    "pricing",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Extra pricing TOML file or directory, as for 'serve --pricing' (repeatable).",
+)
+
+
+def load_book(pricing: Sequence[Path]) -> PriceBook:
+    """The shipped tables plus `pricing`; a file that cannot be used exits with its message."""
+    try:
+        return PriceBook.load(overrides=list(pricing)) if pricing else PriceBook.default()
+    except PricingError as exc:
+        raise click.ClickException(f"invalid pricing file: {exc}") from exc
+
+
+def format_price(value: Decimal | None) -> str:
+    """A rate as plain decimal text (``0.075``, ``10``), ``-`` when not listed."""
+    if value is None:
+        return "-"
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _in_force(entries: Sequence[PriceEntry], now: datetime) -> PriceEntry | None:
+    current = None
+    for e in entries:
+        if e.effective_from <= now:
+            current = e
+    return current or (entries[0] if entries else None)
+
+
+def _target(book: PriceBook, info: ModelInfo) -> ModelInfo:
+    """Follow ``same_as`` to the row that holds the prices (bounded: no loops)."""
+    seen = {info.id}
+    while info.same_as is not None and info.same_as not in seen:
+        nxt = book.info(info.same_as)
+        if nxt is None:
+            break
+        seen.add(nxt.id)
+        info = nxt
+    return info
+
+
+def _rates_dict(rates: Rates) -> dict[str, Decimal | None]:
+    return {
+        "input": rates.input,
+        "output": rates.output,
+        "cache_read": rates.cache_read,
+        "cache_write": rates.cache_write,
+        "cache_write_1h": rates.cache_write_1h,
+        "reasoning": rates.reasoning,
+    }
+
+
+def _list_rows(book: PriceBook, provider: str | None, now: datetime) -> list[dict[str, Any]]:
+    rows = []
+    for model_id in book.models():
+        info = book.info(model_id)
+        assert info is not None
+        if provider and info.provider != provider.lower():
+            continue
+        priced = _target(book, info)
+        entry = _in_force(priced.entries, now)
+        row: dict[str, Any] = {
+            "provider": info.provider,
+            "model": info.id,
+            "aliases": list(info.aliases),
+            "same_as": info.same_as,
+            "effective_from": entry.effective_from.isoformat() if entry else None,
+        }
+        row.update(_rates_dict(entry.rates) if entry else dict.fromkeys(("input", "output")))
+        rows.append(row)
+    return rows
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+@click.group("prices")
+def command() -> None:
+    """Show and validate the price tables (USD per 1M tokens)."""
+
+
+@command.command("list")
+@click.option("--provider", default=None, help="Only this provider's table (openai, anthropic, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_PRICING
+def list_command(provider: str | None, as_json: bool, pricing: tuple[Path, ...]) -> None:
+    """Every model with the prices in force now."""
+    book = load_book(pricing)
+    rows = _list_rows(book, provider, datetime.now(UTC))
+    if as_json:
+        from meterproxy.api import dumps
+
+        click.echo(dumps(rows))
+        return
+    if not rows:
+        raise click.ClickException(f"no models for provider {provider!r}")
+    header = ("PROVIDER", "MODEL", "INPUT", "OUTPUT", "CACHE_READ", "CACHE_WRITE", "SINCE", "ALIASES")
+    body = []
+    for r in rows:
+        aliases = ", ".join(r["aliases"])
+        if r["same_as"]:
+            aliases = f"= {r['same_as']}" + (f"; {aliases}" if aliases else "")
+        since = (r["effective_from"] or "-")[:10]
+        prices = [format_price(r[k]) for k in ("input", "output", "cache_read", "cache_write")]
+        body.append((r["provider"], r["model"], *prices, since, aliases))
+    click.echo(_table(header, body))
+    click.echo(f"\n{len(rows)} models; prices in USD per 1M tokens, in force now (UTC).")
+
+
+def _rates_text(rates: Rates) -> str:
+    return ", ".join(f"{k} {format_price(v)}" for k, v in _rates_dict(rates).items() if v is not None)
+
+
+def _entry_lines(entry: PriceEntry) -> list[str]:
+    lines = [f"{entry.effective_from.isoformat()}  {_rates_text(entry.rates)}"]
+    if entry.web_search is not None:
+        lines.append(f"    web_search {format_price(entry.web_search)} per 1000 requests")
+    if entry.long_context is not None:
+        lc = entry.long_context
+        lc_rates = ", ".join(
+            f"{k} {format_price(v)}" for k, v in _rates_dict(lc.rates).items() if v is not None
+        )
+        lines.append(f"    above {lc.threshold} input tokens: {lc_rates}")
+    for name, tier in sorted(entry.tiers.items()):
+        if tier.multiplier is not None:
+            lines.append(f"    tier {name}: x{format_price(tier.multiplier)}")
+        elif tier.rates is not None:
+            lines.append(f"    tier {name}: {_rates_text(tier.rates)}")
+    for label, text in (("correction", entry.correction), ("note", entry.note), ("source", entry.source)):
+        if text:
+            lines.append(f"    {label}: {text}")
+    return lines
+
+
+@command.command("show")
+@click.argument("model")
+@click.option("--provider", default=None, help="Resolve as this provider would (e.g. openrouter).")
+@_PRICING
+def show_command(model: str, provider: str | None, pricing: tuple[Path, ...]) -> None:
+    """One model's dated price history (MODEL may be an alias, snapshot or vendor/name)."""
+    book = load_book(pricing)
+    model_id = book.resolve(model, provider)
+    if model_id is None:
+        click.echo(
+            f"{model!r} is not in the price tables: requests with it are recorded with cost null.\n"
+            "Add it with a pricing file (see pricing/README.md) or check the spelling "
+            "with 'meterproxy prices list'.",
+            err=True,
+        )
+        sys.exit(1)
+    info = book.info(model_id)
+    assert info is not None
+    priced = _target(book, info)
+    title = model_id if model_id == model else f"{model} -> {model_id}"
+    click.echo(f"{title}  (provider {info.provider}; USD per 1M tokens)")
+    if info.aliases:
+        click.echo(f"aliases: {', '.join(info.aliases)}")
+    if priced is not info:
+        click.echo(f"priced as: {priced.id}")
+    click.echo(f"defined in: {info.origin.split(': model')[0]}")
+    for entry in priced.entries:
+        click.echo("\n".join(_entry_lines(entry)))
+    mults = [(m, "model") for m in priced.multipliers]
+    mults += [(m, f"provider {priced.provider}") for m in book.provider_multipliers(priced.provider)]
+    for m, scope in sorted(mults, key=lambda pair: pair[0].effective_from):
+        note = f" ({m.note})" if m.note else ""
+        click.echo(
+            f"multiplier x{format_price(m.multiplier)} on {scope} from {m.effective_from.isoformat()}{note}"
+        )
+
+
+@command.command("check")
+@_PRICING
+def check_command(pricing: tuple[Path, ...]) -> None:
+    """Validate the shipped tables and any --pricing files; exit 1 on any problem."""
+    try:
+        book = PriceBook.load(overrides=list(pricing))
+    except PricingError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    problems = book.check()
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in the price tables:", err=True)
+        for p in problems:
+            click.echo(f"  - {p}", err=True)
+        sys.exit(1)
+    extra = f" + {len(pricing)} override(s)" if pricing else ""
+    click.echo(f"ok: {len(book.models())} models{extra}, no problems")
