@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 #: Modules whose ``setup(app)`` adds routes, sinks and lifecycles, in order.
-FEATURES = ["meterproxy.api.requests"]
+FEATURES = ["meterproxy.api.requests", "meterproxy.metrics"]
 
 # Paths behind the admin token (when one is set). The proxied paths are not:
 # they carry the provider's own credentials.

@@ -13,15 +13,17 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from meterproxy.meter import Meter
+    from meterproxy.metrics import Metrics
     from meterproxy.pricing import PriceBook
     from meterproxy.proxy import Proxy
     from meterproxy.settings import Settings
     from meterproxy.store.writer import StoreWriter
 
-__all__ = ["METER", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
+__all__ = ["METER", "METRICS", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 WRITER: web.AppKey[StoreWriter] = web.AppKey("writer")
 METER: web.AppKey[Meter] = web.AppKey("meter")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 PRICEBOOK: web.AppKey[PriceBook] = web.AppKey("pricebook")

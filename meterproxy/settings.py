@@ -95,6 +95,28 @@ class Settings(BaseModel):
         False, description="Store prompt and completion text (off: only counts and metadata are stored)."
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
+    metrics_require_token: bool = Field(
+        False, description="Put GET /metrics behind the admin token too (off: scrapers need no token)."
+    )
+    metrics_max_unknown_models: int = Field(
+        20,
+        ge=0,
+        description="Models outside the price table kept as their own metrics label; later ones "
+        "are labelled 'other'.",
+    )
+    metrics_tag_labels: list[str] = Field(
+        default_factory=list,
+        description="Tag keys (X-Meter-Tags) to add as tag_<key> labels on request, token and cost "
+        "metrics (env: comma-separated).",
+    )
+    metrics_max_tag_values: int = Field(
+        20, ge=0, description="Distinct values per tag label before later ones are labelled 'other'."
+    )
+    metrics_multiproc_dir: str | None = Field(
+        None,
+        description="Directory for per-process metric files when running several worker processes "
+        "(same as PROMETHEUS_MULTIPROC_DIR; empty it when the server starts).",
+    )
 
     @field_validator("upstreams")
     @classmethod
@@ -109,6 +131,13 @@ class Settings(BaseModel):
         if value.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("use debug, info, warning or error")
         return value.lower()
+
+    @field_validator("metrics_tag_labels", mode="before")
+    @classmethod
+    def _split_tag_labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     def upstream_map(self) -> dict[str, Upstream]:
         return {name: make_upstream(name, url) for name, url in self.upstreams.items()}

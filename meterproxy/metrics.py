@@ -1,0 +1,469 @@
+"""Prometheus metrics: what every finished request adds to ``GET /metrics``.
+
+The metric names are a contract (dashboards and alerts depend on them); the
+table is in the README's "Metrics and Grafana" section and in `METRIC_NAMES`.
+
+When it fires: `Metrics.request_finished` is a meter sink, so it runs once per
+request on the event loop, right after pricing and before (or beside) the
+store writer. By then the client has its answer; a failure here is logged by
+the meter and never reaches the request. It only increments in-memory
+counters, so it is cheap.
+
+Design:
+
+- **An injected registry.** Each app gets its own `CollectorRegistry` (held
+  under `METRICS`), never prometheus_client's global one, so several apps can
+  live in one test process and tests read values with
+  ``registry.get_sample_value``.
+- **Base units and exact sources.** Durations are seconds, costs USD. The cost
+  counter adds the request's exact Decimal converted to float once; Prometheus
+  stores floats, so sums over many requests may differ from the database in
+  the last float digits (far below a cent). The database (``cost_pico``) is the
+  exact record; these metrics are for rates, graphs and alerts.
+- **Same meanings as the stored row.** Token counters add exactly the counts
+  the row stores (`RequestRecord.tokens`), so ``sum(meterproxy_tokens_total)``
+  equals ``SUM(...)`` over the requests table.
+- **Bounded labels.** user, session, key and tags are never labels by default.
+  A model known to the price table is its own label value; unknown models keep
+  their name for the first ``metrics_max_unknown_models`` distinct ones, then
+  collapse into ``other``. ``metrics_tag_labels`` opts chosen tag keys in as
+  ``tag_<key>`` labels, each with at most ``metrics_max_tag_values`` values.
+- **Process state read at scrape time.** Writer queue depth, written/dropped
+  records, store health and in-flight requests live in this process; `refresh`
+  copies them into gauges and counters just before each scrape (and every
+  second in multi-process mode, where another worker may be the one scraped).
+- **Several worker processes.** With ``metrics_multiproc_dir`` (or
+  ``PROMETHEUS_MULTIPROC_DIR`` in the environment) metric values live in
+  prometheus_client's per-process mmap files in that directory and
+  ``/metrics`` merges every worker's files, so any worker answers with the
+  totals of all. The directory must be emptied when the whole server starts
+  (not when one worker restarts): the files of exited workers keep their
+  counts, so totals never go backwards while the server runs. Gauges of a
+  worker that exits cleanly are removed (`mark_process_dead`).
+
+Budgets publish ``meterproxy_budget_spend_usd{budget}`` and
+``meterproxy_budget_limit_usd{budget}`` with `Metrics.set_budget` (see
+`publish_budget`); other features may add their own collector with
+`Metrics.register`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from meterproxy.keys import METER, METRICS, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.pricing import PriceBook
+from meterproxy.proxy import json_error
+from meterproxy.settings import Settings
+from meterproxy.usage import RequestRecord
+
+__all__ = [
+    "METRICS",
+    "METRIC_NAMES",
+    "TOKEN_TYPES",
+    "BoundedLabel",
+    "Metrics",
+    "publish_budget",
+    "setup",
+    "status_class",
+    "unmetered_reason",
+]
+
+log = logging.getLogger(__name__)
+
+TOKEN_TYPES = ("input", "cache_read", "cache_write", "output", "reasoning")
+
+#: Every metric family the proxy exports (the contract; see the README table).
+METRIC_NAMES = (
+    "meterproxy_requests_total",
+    "meterproxy_tokens_total",
+    "meterproxy_cost_usd_total",
+    "meterproxy_unpriced_requests_total",
+    "meterproxy_unpriced_tokens_total",
+    "meterproxy_unmetered_requests_total",
+    "meterproxy_request_duration_seconds",
+    "meterproxy_time_to_first_byte_seconds",
+    "meterproxy_upstream_duration_seconds",
+    "meterproxy_proxy_overhead_seconds",
+    "meterproxy_in_flight_requests",
+    "meterproxy_writer_queue_depth",
+    "meterproxy_writer_written_records_total",
+    "meterproxy_writer_dropped_records_total",
+    "meterproxy_store_up",
+    "meterproxy_budget_spend_usd",
+    "meterproxy_budget_limit_usd",
+)
+
+OTHER = "other"
+
+# LLM calls take from milliseconds (embeddings) to many minutes (long reasoning streams).
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class BoundedLabel:
+    """The first ``limit`` distinct values pass as themselves; later new ones become ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return OTHER
+
+
+def status_class(status: int | None) -> str:
+    """``2xx``..``5xx``; ``none`` when no HTTP status came back (upstream unreachable)."""
+    return f"{status // 100}xx" if status is not None and 100 <= status < 600 else "none"
+
+
+def unmetered_reason(record: RequestRecord) -> str | None:
+    """Why a request has no trusted usage, or None when it was metered. A bounded set."""
+    if record.usage_source == "reported":
+        return None
+    if record.usage_source == "none":
+        return "not_applicable"  # not an LLM endpoint we parse (e.g. GET /v1/models)
+    if record.usage_source == "invalid":
+        return "invalid"
+    if record.client_disconnected:
+        return "client_disconnected"
+    if record.status is None or record.error:
+        return "upstream_error"
+    if record.status >= 400:
+        return "error_status"
+    return "missing"
+
+
+class _ModelLabel:
+    """Model names in the price table pass; unknown ones are bounded by a `BoundedLabel`."""
+
+    # Known names are cached; past this many the cache stops growing (resolve is cheap enough).
+    _CACHE_MAX = 10_000
+
+    def __init__(self, book: PriceBook | None, max_unknown: int) -> None:
+        self.book = book
+        self.unknown = BoundedLabel(max_unknown)
+        self._known: set[tuple[str, str]] = set()
+
+    def __call__(self, model: str, provider: str) -> str:
+        if not model:
+            return "none"
+        key = (model, provider)
+        if key in self._known or model in self.unknown.seen:
+            return model
+        if self.book is not None and self.book.resolve(model, provider or None) is not None:
+            if len(self._known) < self._CACHE_MAX:
+                self._known.add(key)
+            return model
+        return self.unknown(model)
+
+
+class Metrics:
+    """The proxy's metric families on one registry, and the sink that updates them."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        book: PriceBook | None = None,
+        max_unknown_models: int = 20,
+        tag_labels: Iterable[str] = (),
+        max_tag_values: int = 20,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess = values.ValueClass is not values.MutexValue
+        self.model_label = _ModelLabel(book, max_unknown_models)
+        self.tag_keys = list(dict.fromkeys(tag_labels))
+        self._tag_values = {key: BoundedLabel(max_tag_values) for key in self.tag_keys}
+        tag_names = [_tag_label_name(key) for key in self.tag_keys]
+        r = self.registry
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        self.requests = counter(
+            "meterproxy_requests_total",
+            "Finished proxied requests.",
+            ["upstream", "provider", "model", "status_class", *tag_names],
+        )
+        self.tokens = counter(
+            "meterproxy_tokens_total",
+            "Tokens by type, as stored (cache_read/cache_write are part of input, reasoning of output).",
+            ["upstream", "provider", "model", "type", *tag_names],
+        )
+        self.cost = counter(
+            "meterproxy_cost_usd_total",
+            "Cost in USD of priced requests (float; the database holds the exact figure).",
+            ["upstream", "provider", "model", *tag_names],
+        )
+        self.unpriced = counter(
+            "meterproxy_unpriced_requests_total",
+            "Requests with reported usage but a model the price table does not know.",
+            ["model"],
+        )
+        self.unpriced_tokens = counter(
+            "meterproxy_unpriced_tokens_total", "Tokens of unpriced requests, by type.", ["model", "type"]
+        )
+        self.unmetered = counter(
+            "meterproxy_unmetered_requests_total",
+            "Requests without trusted usage, by reason "
+            "(missing, invalid, not_applicable, client_disconnected, upstream_error, error_status).",
+            ["upstream", "reason"],
+        )
+        self.duration = Histogram(
+            "meterproxy_request_duration_seconds",
+            "Whole request as the proxy saw it, from arrival to the last byte.",
+            ["upstream"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "meterproxy_time_to_first_byte_seconds",
+            "From arrival to the first answer byte sent to the client.",
+            ["upstream"],
+            buckets=_TTFB_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "meterproxy_upstream_duration_seconds",
+            "Upstream time alone: from sending the request to the end of its answer.",
+            ["upstream"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "meterproxy_proxy_overhead_seconds",
+            "Request duration minus upstream duration: the time the proxy itself added.",
+            ["upstream"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "meterproxy_in_flight_requests",
+            "Requests being forwarded right now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.writer_depth = Gauge(
+            "meterproxy_writer_queue_depth",
+            "Records waiting for the database writer.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.writer_written = counter(
+            "meterproxy_writer_written_records_total", "Records committed to the database.", []
+        )
+        self.writer_dropped = counter(
+            "meterproxy_writer_dropped_records_total",
+            "Records lost because the writer queue was full or the database kept failing.",
+            [],
+        )
+        self.store_up = Gauge(
+            "meterproxy_store_up",
+            "1 while the last database write succeeded, 0 while writes are failing.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.budget_spend = Gauge(
+            "meterproxy_budget_spend_usd",
+            "Spend in USD counted against each budget in its current period.",
+            ["budget"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.budget_limit = Gauge(
+            "meterproxy_budget_limit_usd",
+            "Each budget's limit in USD for its current period.",
+            ["budget"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self._written_seen = 0
+        self._dropped_seen = 0
+
+    # -- the sink ----------------------------------------------------------
+    def request_finished(self, record: RequestRecord) -> None:
+        """Meter sink: count one finished (and priced) request."""
+        upstream, provider = record.upstream, record.provider
+        model = self.model_label(record.model or record.requested_model or "", provider)
+        tags = [self._tag_values[k](record.tags.get(k, "")) for k in self.tag_keys]
+        self.requests.labels(upstream, provider, model, status_class(record.status), *tags).inc()
+        u = record.tokens
+        counts = (
+            u.input_tokens,
+            u.cache_read_tokens,
+            u.cache_write_tokens,
+            u.output_tokens,
+            u.reasoning_tokens,
+        )
+        for kind, count in zip(TOKEN_TYPES, counts, strict=True):
+            if count > 0:
+                self.tokens.labels(upstream, provider, model, kind, *tags).inc(count)
+        if record.cost_usd is not None:
+            self.cost.labels(upstream, provider, model, *tags).inc(float(record.cost_usd))
+        elif record.usage_source == "reported":
+            self.unpriced.labels(model).inc()
+            for kind, count in zip(TOKEN_TYPES, counts, strict=True):
+                if count > 0:
+                    self.unpriced_tokens.labels(model, kind).inc(count)
+        reason = unmetered_reason(record)
+        if reason is not None:
+            self.unmetered.labels(upstream, reason).inc()
+        self._observe_timings(record)
+
+    def _observe_timings(self, record: RequestRecord) -> None:
+        upstream = record.upstream
+        if record.duration_ms is not None:
+            self.duration.labels(upstream).observe(record.duration_ms / 1000)
+        if record.ttfb_ms is not None:
+            self.ttfb.labels(upstream).observe(record.ttfb_ms / 1000)
+        if record.upstream_ms is not None:
+            self.upstream_duration.labels(upstream).observe(record.upstream_ms / 1000)
+            if record.duration_ms is not None:
+                overhead = max(record.duration_ms - record.upstream_ms, 0.0) / 1000
+                self.overhead.labels(upstream).observe(overhead)
+
+    # -- process state -----------------------------------------------------
+    def refresh(self, app: web.Application) -> None:
+        """Copy this process's writer and proxy state into the gauges and counters."""
+        writer = app.get(WRITER)
+        if writer is not None:
+            health = writer.health()
+            self.writer_depth.set(health.queue_depth)
+            self.store_up.set(1 if health.ok else 0)
+            # The writer's totals only grow; add what is new so the counters never go back.
+            if health.written > self._written_seen:
+                self.writer_written.inc(health.written - self._written_seen)
+                self._written_seen = health.written
+            if health.dropped > self._dropped_seen:
+                self.writer_dropped.inc(health.dropped - self._dropped_seen)
+                self._dropped_seen = health.dropped
+        proxy = app.get(PROXY)
+        if proxy is not None:
+            self.in_flight.set(proxy.in_flight)
+
+    # -- hooks for other features -----------------------------------------
+    def set_budget(self, budget: str, spend_usd: Decimal | float, limit_usd: Decimal | float | None) -> None:
+        """Publish one budget's spend and limit (USD, current period)."""
+        self.budget_spend.labels(budget).set(float(spend_usd))
+        if limit_usd is not None:
+            self.budget_limit.labels(budget).set(float(limit_usd))
+
+    def remove_budget(self, budget: str) -> None:
+        for gauge in (self.budget_spend, self.budget_limit):
+            with contextlib.suppress(KeyError):
+                gauge.remove(budget)
+
+    def register(self, collector: Collector) -> None:
+        """Add a custom collector (collected at scrape time; single-process mode only)."""
+        self.registry.register(collector)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition body and its content type for a scrape."""
+        registry: Any = self.registry
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, os.environ[_MULTIPROC_ENV])  # type: ignore[no-untyped-call]
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
+
+
+def publish_budget(
+    app: web.Application, budget: str, spend_usd: Decimal | float, limit_usd: Decimal | float | None
+) -> None:
+    """Set a budget's gauges if metrics are enabled on ``app`` (a no-op otherwise)."""
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.set_budget(budget, spend_usd, limit_usd)
+
+
+def _tag_label_name(key: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in key.lower())
+    return f"tag_{cleaned}"
+
+
+def _enable_multiprocess(directory: str) -> None:
+    """Switch prometheus_client to per-process files in ``directory`` (must run before any metric)."""
+    os.makedirs(directory, exist_ok=True)
+    os.environ[_MULTIPROC_ENV] = directory
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    if settings.metrics_require_token and settings.admin_token:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        token = settings.admin_token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+            return json_error(401, "unauthorized", "/metrics needs 'Authorization: Bearer <admin token>'")
+    metrics = app[METRICS]
+    metrics.refresh(app)
+    body, content_type = metrics.render(request.headers.get("accept", ""))
+    # content_type carries parameters (version, charset): set the raw header.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After the price book is loaded (by the proxy lifecycle): label models, start counting."""
+    metrics = app[METRICS]
+    metrics.model_label.book = app.get(PRICEBOOK)
+    app[METER].add_sink("metrics", metrics.request_finished)
+    task = asyncio.create_task(_refresh_forever(app, metrics)) if metrics.multiprocess else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        metrics.refresh(app)
+        mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+async def _refresh_forever(app: web.Application, metrics: Metrics) -> None:
+    while True:
+        try:
+            metrics.refresh(app)
+        except Exception:
+            log.exception("metrics refresh failed")
+        await asyncio.sleep(1.0)
+
+
+def create_metrics(settings: Settings) -> Metrics:
+    directory = settings.metrics_multiproc_dir or os.environ.get(_MULTIPROC_ENV)
+    if directory and values.ValueClass is values.MutexValue:
+        _enable_multiprocess(directory)
+    metrics = Metrics(
+        max_unknown_models=settings.metrics_max_unknown_models,
+        tag_labels=settings.metrics_tag_labels,
+        max_tag_values=settings.metrics_max_tag_values,
+    )
+    if not metrics.multiprocess:
+        ProcessCollector(registry=metrics.registry)
+    return metrics
+
+
+def setup(app: web.Application) -> None:
+    app[METRICS] = create_metrics(app[SETTINGS])
+    app.cleanup_ctx.append(_metrics_ctx)
+    app.router.add_get("/metrics", metrics_handler)
