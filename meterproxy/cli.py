@@ -14,7 +14,7 @@ from meterproxy import __version__
 
 __all__ = ["COMMAND_MODULES", "main"]
 
-COMMAND_MODULES = ["meterproxy.commands.serve", "meterproxy.commands.prices"]
+COMMAND_MODULES = ["meterproxy.commands.serve", "meterproxy.commands.prices", "meterproxy.commands.imports"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
