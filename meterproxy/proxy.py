@@ -88,6 +88,51 @@ def _filter_accept_encoding(value: str) -> str:
     return ", ".join(p.strip() for p in kept) or "identity"
 
 
+class _CloseWatch:
+    """Watch the upstream connection for closing before its body ended.
+
+    Two aiohttp client gaps make a broken answer look fine or hang: a framing
+    error mid-body (bad chunk size) closes the connection without failing the
+    body stream, which then waits for ``read_timeout``; and a body delimited by
+    connection close "ends" on a reset just as on a clean close. So when the
+    connection goes away with the body unfinished, the body stream is failed
+    here, and `reset` tells a close-delimited body's reset from its clean end.
+    `stop` must be called when the body is done: pooled connections outlive it.
+    """
+
+    __slots__ = ("_closed", "_content", "_delimited")
+
+    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+        connection = upstream.connection
+        closed = getattr(connection.protocol if connection is not None else None, "closed", None)
+        self._closed = closed if isinstance(closed, asyncio.Future) else None
+        self._content = upstream.content
+        headers = upstream.headers
+        self._delimited = (
+            "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+        if self._closed is not None:
+            self._closed.add_done_callback(self._on_close)
+
+    def _on_close(self, fut: asyncio.Future[None]) -> None:
+        # Always retrieve the outcome so a late reset is not logged as unhandled.
+        exc = None if fut.cancelled() else fut.exception()
+        content = self._content
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(aiohttp.ClientPayloadError(f"upstream connection closed mid-body ({exc})"))
+
+    def reset(self) -> BaseException | None:
+        """The reset that ended a close-delimited body, if that is how it ended."""
+        fut = self._closed
+        if not self._delimited or fut is None or not fut.done() or fut.cancelled():
+            return None
+        return fut.exception()
+
+    def stop(self) -> None:
+        if self._closed is not None:
+            self._closed.remove_done_callback(self._on_close)
+
+
 class Proxy:
     def __init__(
         self,
@@ -276,6 +321,7 @@ class Proxy:
         client_gone = False
         drain_deadline: float | None = None
         drain_slot = False
+        watch = _CloseWatch(upstream)
         try:
             try:
                 await response.prepare(request)
@@ -302,6 +348,9 @@ class Proxy:
                         if not drain_slot or tap is None or not record.streamed:
                             break
                         drain_deadline = time.monotonic() + self._drain_timeout
+            reset = watch.reset()
+            if reset is not None:
+                raise aiohttp.ClientOSError(f"connection reset ({reset})")
             tail = tap.finish() if tap is not None else b""
             if tail and not client_gone:
                 await response.write(tail)
@@ -316,6 +365,7 @@ class Proxy:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             record.client_disconnected = True
         finally:
+            watch.stop()
             if drain_slot:
                 self.draining -= 1
             if client_gone:
