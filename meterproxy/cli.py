@@ -14,7 +14,12 @@ from meterproxy import __version__
 
 __all__ = ["COMMAND_MODULES", "main"]
 
-COMMAND_MODULES = ["meterproxy.commands.serve", "meterproxy.commands.prices", "meterproxy.commands.imports"]
+COMMAND_MODULES = [
+    "meterproxy.commands.serve",
+    "meterproxy.commands.prices",
+    "meterproxy.commands.imports",
+    "meterproxy.commands.reprice",
+]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -50,6 +50,11 @@ def price_record_with(book: PriceBook) -> PriceFunction:
 
     Only trusted usage is priced. A request without usage, or with a model the
     book does not know, keeps ``cost_usd=None``: never an invented zero.
+
+    The price table is chosen by the upstream's name (``groq``, ``openrouter``,
+    ``deepseek`` say who bills), not by the wire protocol (``openai`` for every
+    compatible API); an upstream the tables do not name (``azure``, ``vllm``
+    without an override, a custom one) searches every table.
     """
 
     def price(record: RequestRecord) -> None:
@@ -62,7 +67,7 @@ def price_record_with(book: PriceBook) -> PriceFunction:
                 model=model,
                 usage=record.usage,
                 at=record.ts,
-                provider=record.provider or None,
+                provider=record.upstream or record.provider or None,
                 service_tier=record.service_tier,
             )
             if result is not None:

@@ -1,0 +1,101 @@
+"""``meterproxy reprice --since DATE``: recompute stored costs with the current tables.
+
+Thin wrapper around `meterproxy.reprice.reprice`: resolves the database and
+the pricing overrides the way ``serve`` does (``--db``/``METERPROXY_DB``,
+``--config``, ``--pricing``), then prints what changed: rows scanned and
+changed, old and new totals, the difference, and a line per model. With
+``--dry-run`` nothing is written. Safe to run while the proxy is serving the
+same database.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import click
+
+from meterproxy.api import ParamError, parse_time
+from meterproxy.pricing import PriceBook, PricingError
+from meterproxy.reprice import RepriceReport, reprice
+from meterproxy.settings import SettingsError, load_settings
+
+__all__ = ["command", "format_report"]
+
+
+def _usd(value: Decimal, sign: bool = False) -> str:
+    """Exact, without the trailing zeros of picodollar precision (``0.0075`` not ``0.007500000000``)."""
+    text = f"{value:f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    if text in ("0", "-0"):
+        return "0"
+    return f"+{text}" if sign and not text.startswith("-") else text
+
+
+def format_report(report: RepriceReport) -> str:
+    lines = [
+        f"scanned {report.scanned} rows with reported usage",
+        f"changed {report.changed} rows ({report.newly_priced} newly priced, "
+        f"{report.now_unpriced} now unpriced)",
+        f"old total  {_usd(report.old_total)} USD",
+        f"new total  {_usd(report.new_total)} USD",
+        f"difference {_usd(report.difference, sign=True)} USD",
+    ]
+    if report.by_model:
+        rows = [
+            (model, str(c.rows), _usd(c.old_usd), _usd(c.new_usd), _usd(c.difference, sign=True))
+            for model, c in sorted(report.by_model.items(), key=lambda kv: -abs(kv[1].difference))
+        ]
+        header = ("MODEL", "ROWS", "OLD_USD", "NEW_USD", "DIFFERENCE")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines.append("")
+        for r in (header, *rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if report.dry_run:
+        lines.append("\ndry run: nothing was written")
+    return "\n".join(lines)
+
+
+@click.command("reprice")
+@click.option("--since", required=True, help="First request time to reprice (ISO date or datetime, UTC).")
+@click.option("--until", default=None, help="Stop before this time (exclusive) [default: now and later].")
+@click.option("--db", default=None, envvar="METERPROXY_DB", help="SQLite file [default: XDG data dir].")
+@click.option(
+    "--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML config file."
+)
+@click.option("--pricing", "pricing", multiple=True, help="Extra pricing TOML file (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
+def command(
+    since: str,
+    until: str | None,
+    db: str | None,
+    config_file: str | None,
+    pricing: tuple[str, ...],
+    dry_run: bool,
+    batch_size: int,
+) -> None:
+    """Recompute stored costs (after a price fix) and report what changed."""
+    try:
+        settings = load_settings(config_file, cli={"db": db, "pricing": list(pricing) or None})
+        since_ts = parse_time("--since", since)
+        until_ts = parse_time("--until", until)
+    except (SettingsError, ParamError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    assert since_ts is not None
+    if not Path(settings.db).exists():
+        raise click.ClickException(f"database {settings.db} does not exist")
+    try:
+        book = PriceBook.load(overrides=[Path(p) for p in settings.pricing])
+    except PricingError as exc:
+        raise click.ClickException(f"invalid pricing file: {exc}") from exc
+    for problem in book.check():
+        click.echo(f"warning: {problem}", err=True)
+    try:
+        report = reprice(
+            settings.db, book, since=since_ts, until=until_ts, dry_run=dry_run, batch_size=batch_size
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(format_report(report))

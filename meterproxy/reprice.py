@@ -1,0 +1,191 @@
+"""Recompute stored costs after a price fix, and say exactly what changed.
+
+A row's cost is computed once, when the request finishes, with the tables of
+that moment. When a table is corrected later (a wrong entry fixed with
+``correction = ...``, a model added that was unpriced), `reprice` runs the
+same pricing function the meter uses (`meterproxy.meter.price_record_with`)
+over the stored rows of a time range and writes ``cost_usd`` (exact text),
+``cost_pico`` (integer picodollars, via `meterproxy.store.schema.to_pico`) and
+``priced_model`` together, so the two cost columns can never disagree.
+
+Only rows with ``usage_source = 'reported'`` are touched: rows without trusted
+usage have no cost to recompute. Dated entries mean a correct table never
+changes history: repricing with unchanged tables changes nothing.
+
+It is safe beside a running proxy on the same database: rows are read and
+written in keyset batches (``ts, id``) of `batch_size`, each batch's updates in
+one short ``BEGIN IMMEDIATE`` transaction, on a WAL connection with a busy
+timeout, retrying a bounded number of times if the proxy's writer holds the
+lock. The proxy only ever inserts, so there is nothing to merge.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from meterproxy.meter import price_record_with
+from meterproxy.pricing import PriceBook
+from meterproxy.store.schema import connect, from_pico, to_pico
+from meterproxy.usage import RequestRecord, Usage
+
+__all__ = ["ModelChange", "RepriceReport", "reprice"]
+
+_TOKEN_COLUMNS = (
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+)
+_SELECT = (
+    "SELECT id, ts, provider, upstream, model, requested_model, service_tier, cost_pico, priced_model, "
+    f"{', '.join(_TOKEN_COLUMNS)} FROM requests "
+    "WHERE usage_source = 'reported' AND ts >= ? AND ts < ? AND (ts > ? OR (ts = ? AND id > ?)) "
+    "ORDER BY ts, id LIMIT ?"
+)
+_UPDATE = "UPDATE requests SET cost_usd = ?, cost_pico = ?, priced_model = ? WHERE id = ?"
+_END_OF_TIME = "9999-12-31T23:59:59.999999Z"
+_LOCK_RETRIES = 8
+
+
+@dataclass(slots=True)
+class ModelChange:
+    """Changed rows of one model (the model the provider answered with).
+
+    A row counts as changed when its cost or its ``priced_model`` changes.
+    """
+
+    rows: int = 0
+    old_usd: Decimal = Decimal(0)
+    new_usd: Decimal = Decimal(0)
+
+    @property
+    def difference(self) -> Decimal:
+        return self.new_usd - self.old_usd
+
+
+@dataclass(slots=True)
+class RepriceReport:
+    """What `reprice` found; totals are over every scanned row (null costs count as 0)."""
+
+    scanned: int = 0
+    changed: int = 0
+    newly_priced: int = 0
+    now_unpriced: int = 0
+    old_total: Decimal = Decimal(0)
+    new_total: Decimal = Decimal(0)
+    by_model: dict[str, ModelChange] = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def difference(self) -> Decimal:
+        return self.new_total - self.old_total
+
+
+def reprice(
+    db: str | Path,
+    book: PriceBook,
+    *,
+    since: str,
+    until: str | None = None,
+    dry_run: bool = False,
+    batch_size: int = 500,
+) -> RepriceReport:
+    """Reprice reported rows with ``since <= ts < until`` (stored ``ts`` text form)."""
+    price = price_record_with(book)
+    report = RepriceReport(dry_run=dry_run)
+    conn = connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
+            raise ValueError(f"{db}: no requests table (is this a meterproxy database?)")
+        for batch in _batches(conn, since, until or _END_OF_TIME, batch_size):
+            updates = []
+            for row in batch:
+                record = _record(row)
+                price(record)
+                new_pico = to_pico(record.cost_usd) if record.cost_usd is not None else None
+                old_pico = row["cost_pico"]
+                differs = new_pico != old_pico or record.priced_model != row["priced_model"]
+                _count(report, row, old_pico, new_pico, differs)
+                if differs:
+                    new_text = str(from_pico(new_pico)) if new_pico is not None else None
+                    updates.append((new_text, new_pico, record.priced_model, row["id"]))
+            if updates and not dry_run:
+                _write(conn, updates)
+    finally:
+        conn.close()
+    return report
+
+
+def _batches(conn: sqlite3.Connection, since: str, until: str, size: int) -> Iterator[list[sqlite3.Row]]:
+    last_ts, last_id = "", ""
+    while True:
+        rows = conn.execute(_SELECT, (since, until, last_ts, last_ts, last_id, size)).fetchall()
+        if not rows:
+            return
+        yield rows
+        last_ts, last_id = rows[-1]["ts"], rows[-1]["id"]
+
+
+def _record(row: sqlite3.Row) -> RequestRecord:
+    usage = Usage(**{c: row[c] or 0 for c in _TOKEN_COLUMNS})
+    return RequestRecord(
+        id=row["id"],
+        ts=datetime.fromisoformat(row["ts"].replace("Z", "+00:00")),
+        provider=row["provider"] or "",
+        upstream=row["upstream"] or "",
+        model=row["model"],
+        requested_model=row["requested_model"],
+        service_tier=row["service_tier"],
+        usage=usage,
+        usage_source="reported",
+    )
+
+
+def _count(report: RepriceReport, row: sqlite3.Row, old: int | None, new: int | None, differs: bool) -> None:
+    old_usd = from_pico(old) or Decimal(0)
+    new_usd = from_pico(new) or Decimal(0)
+    report.scanned += 1
+    report.old_total += old_usd
+    report.new_total += new_usd
+    if not differs:
+        return
+    report.changed += 1
+    report.newly_priced += old is None
+    report.now_unpriced += new is None
+    key = row["model"] or row["requested_model"] or "(no model)"
+    change = report.by_model.setdefault(key, ModelChange())
+    change.rows += 1
+    change.old_usd += old_usd
+    change.new_usd += new_usd
+
+
+def _write(conn: sqlite3.Connection, updates: list[tuple[Any, ...]]) -> None:
+    """One short transaction; if the proxy's writer holds the lock past busy_timeout, retry."""
+    delay = 0.05
+    for attempt in range(_LOCK_RETRIES):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            if attempt == _LOCK_RETRIES - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        try:
+            conn.executemany(_UPDATE, updates)
+            conn.execute("COMMIT")
+            return
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
