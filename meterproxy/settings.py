@@ -95,6 +95,13 @@ class Settings(BaseModel):
         False, description="Store prompt and completion text (off: only counts and metadata are stored)."
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Worker processes sharing the port (SO_REUSEPORT); each has its own event loop "
+        "and store writer. Use about one per core.",
+    )
     metrics_require_token: bool = Field(
         False, description="Put GET /metrics behind the admin token too (off: scrapers need no token)."
     )

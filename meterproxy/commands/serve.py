@@ -10,11 +10,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 import click
 from aiohttp import web
 
 from meterproxy.logs import configure_logging
+from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.routing import parse_upstream
 from meterproxy.settings import SettingsError, load_settings
 
@@ -47,6 +49,7 @@ def _is_loopback(host: str) -> bool:
     "--config", "config_file", default=None, type=click.Path(dir_okay=False), help="TOML config file."
 )
 @click.option("--pricing", "pricing", multiple=True, help="Extra pricing TOML file (repeatable).")
+@click.option("--workers", type=int, default=None, help="Worker processes sharing the port [default: 1].")
 @click.option(
     "--allow-public-without-token",
     is_flag=True,
@@ -59,6 +62,7 @@ def command(
     upstreams: tuple[str, ...],
     config_file: str | None,
     pricing: tuple[str, ...],
+    workers: int | None,
     allow_public_without_token: bool,
 ) -> None:
     """Run the metering proxy."""
@@ -66,11 +70,24 @@ def command(
         parsed = dict((u.name, str(u.base_url)) for u in map(parse_upstream, upstreams))
         settings = load_settings(
             config_file,
-            cli={"host": host, "port": port, "db": db, "upstreams": parsed, "pricing": list(pricing) or None},
+            cli={
+                "host": host,
+                "port": port,
+                "db": db,
+                "upstreams": parsed,
+                "pricing": list(pricing) or None,
+                "workers": workers,
+            },
         )
     except (SettingsError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     configure_logging(settings.log_level)
+    if settings.pricing:
+        # A pricing file that cannot be used stops here with its name, not a traceback at startup.
+        try:
+            PriceBook.load(overrides=[Path(p) for p in settings.pricing])
+        except PricingError as exc:
+            raise click.ClickException(f"invalid pricing file: {exc}") from exc
     if not _is_loopback(settings.host) and not settings.admin_token:
         message = (
             f"refusing to listen on {settings.host} without an admin token: /api and the dashboard "
@@ -80,6 +97,13 @@ def command(
         if not allow_public_without_token:
             raise click.UsageError(message)
         log.warning("!!! %s", message.replace("refusing to listen", "listening"))
+
+    if settings.workers > 1:
+        if settings.port == 0:
+            raise click.UsageError("--workers needs a fixed --port (each worker binds it)")
+        from meterproxy.workers import run_workers
+
+        sys.exit(run_workers(settings, settings.workers))
 
     from meterproxy.app import create_app
 

@@ -1,0 +1,266 @@
+"""A bounded closed-loop HTTP/1.1 load generator that checks every answer.
+
+``C`` keep-alive connections each send a request, wait for the whole answer,
+and send the next, until the time budget (or request budget) runs out; answers
+that finish during the warm-up are not counted. Raw asyncio protocols on
+uvloop, so the client costs far less per request than the proxies it measures.
+
+Every answer is checked: status 200, a complete body (Content-Length or a
+chunked body with its terminating chunk), and for streams the decoded SSE
+carries every content chunk and ends with ``[DONE]``; for JSON, usage is
+present. Anything else counts as an error, never as a latency sample.
+
+Prints one JSON object: requests, errors, req/s, latency and time-to-first-byte
+percentiles in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+__all__ = ["main", "run_load"]
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.done: asyncio.Future[bytes] | None = None
+        self.head_end = -1
+        self.length: int | None = None
+        self.chunked = False
+        self.first_byte: float | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+    def send(self, request: bytes) -> asyncio.Future[bytes]:
+        assert self.transport is not None
+        self.buf.clear()
+        self.head_end = -1
+        self.length = None
+        self.chunked = False
+        self.first_byte = None
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.done
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.head_end < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.head_end = end + 4
+            head = bytes(buf[:end]).lower()
+            i = head.find(b"\ncontent-length:")
+            if i >= 0:
+                j = head.find(b"\r", i)
+                self.length = int(head[i + 16 : j if j > 0 else len(head)])
+            self.chunked = b"\ntransfer-encoding: chunked" in head
+        if self.first_byte is None and len(buf) > self.head_end:
+            self.first_byte = time.perf_counter()
+        if self.done is None or self.done.done():
+            return
+        if self.length is not None:
+            if len(buf) - self.head_end >= self.length:
+                self.done.set_result(bytes(buf))
+        elif (self.chunked and buf.endswith(b"0\r\n\r\n")) or (
+            self.length is None and not self.chunked and buf.startswith(b"HTTP/1.1 204")
+        ):
+            self.done.set_result(bytes(buf))
+
+
+def _dechunk(body: bytes) -> bytes | None:
+    out = []
+    pos = 0
+    while True:
+        eol = body.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(body[pos:eol].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        start = eol + 2
+        out.append(body[start : start + size])
+        pos = start + size + 2
+
+
+def check(raw: bytes, head_end: int, chunked: bool, stream: bool, chunks: int) -> str | None:
+    """None if the answer is complete and right, else why not."""
+    if not raw.startswith(b"HTTP/1.1 200"):
+        return "status " + raw[9:12].decode(errors="replace")
+    body = raw[head_end:]
+    if chunked:
+        decoded = _dechunk(body)
+        if decoded is None:
+            return "bad chunked body"
+        body = decoded
+    if stream:
+        if not body.rstrip().endswith(b"data: [DONE]"):
+            return "stream did not end with [DONE]"
+        got = body.count(b" tok")
+        if got != chunks:
+            return f"stream had {got} of {chunks} content chunks"
+        return None
+    if b'"total_tokens"' not in body or not body.rstrip().endswith(b"}"):
+        return "JSON answer without usage"
+    return None
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))], 3)
+
+    return {
+        "p50": at(0.50),
+        "p90": at(0.90),
+        "p99": at(0.99),
+        "mean": round(sum(v) / len(v), 3),
+        "max": at(1),
+    }
+
+
+async def run_load(
+    host: str,
+    port: int,
+    path: str,
+    *,
+    stream: bool,
+    chunks: int,
+    delay_ms: int,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    max_requests: int,
+    auth: str = "sk-bench-not-a-key",
+) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    model = f"bench-s{chunks}-d{delay_ms}"
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello in a few words."}],
+            "stream": stream,
+            "user": "bench",
+        },
+        separators=(",", ":"),
+    ).encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {auth}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    latencies: list[float] = []
+    ttfbs: list[float] = []
+    errors: dict[str, int] = {}
+    counted = 0
+    completed = 0
+    t0 = time.perf_counter()
+    measure_from = t0 + warmup
+    deadline = measure_from + duration
+
+    def error(why: str) -> None:
+        if time.perf_counter() >= measure_from:
+            errors[why] = errors.get(why, 0) + 1
+
+    async def worker() -> None:
+        nonlocal counted, completed
+        conn: _Conn | None = None
+        while time.perf_counter() < deadline and counted < max_requests:
+            if conn is None or conn.closed:
+                try:
+                    _, conn = await loop.create_connection(_Conn, host, port)
+                except OSError as exc:
+                    error(f"connect: {exc.strerror}")
+                    await asyncio.sleep(0.05)
+                    continue
+            start = time.perf_counter()
+            try:
+                raw = await asyncio.wait_for(conn.send(request), timeout=60)
+            except (ConnectionError, TimeoutError) as exc:
+                error(type(exc).__name__)
+                if conn.transport is not None:
+                    conn.transport.close()
+                conn = None
+                continue
+            end = time.perf_counter()
+            completed += 1
+            if start < measure_from:
+                continue
+            why = check(raw, conn.head_end, conn.chunked, stream, chunks)
+            if why is not None:
+                error(why)
+                continue
+            counted += 1
+            latencies.append((end - start) * 1000)
+            ttfbs.append(((conn.first_byte or end) - start) * 1000)
+            if b"\r\nconnection: close" in raw[: conn.head_end].lower():
+                conn.transport.close()  # type: ignore[union-attr]
+                conn = None
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = min(time.perf_counter(), deadline) - measure_from
+    return {
+        "requests": counted,
+        "completed_total": completed,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "seconds": round(elapsed, 3),
+        "rps": round(counted / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_ms": _percentiles(latencies),
+        "ttfb_ms": _percentiles(ttfbs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--path", default="/v1/chat/completions")
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--delay-ms", type=int, default=0)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--max-requests", type=int, default=10**9)
+    ap.add_argument("--auth", default="sk-bench-not-a-key", help="Bearer token to send.")
+    args = ap.parse_args()
+    import uvloop
+
+    result = uvloop.run(
+        run_load(
+            args.host,
+            args.port,
+            args.path,
+            stream=args.stream,
+            chunks=args.chunks,
+            delay_ms=args.delay_ms,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            warmup=args.warmup,
+            max_requests=args.max_requests,
+            auth=args.auth,
+        )
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""``meterproxy serve --workers 2``: a real supervisor, two real workers, one database.
+
+Every request answered by either worker must be recorded exactly once, and a
+SIGTERM to the supervisor must flush both workers' writers before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from meterproxy.testing import FakeUpstream, load_fixture
+from tests.test_serve_cli import free_port, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            # multiprocessing's spawned workers (not its resource tracker).
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+async def test_two_workers_record_every_request(upstream: FakeUpstream, tmp_path: Path) -> None:
+    fixture = load_fixture("openai_chat_json")
+    upstream.replay(fixture)
+    db = tmp_path / "meter.db"
+    port = free_port()
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "METERPROXY_LOG_LEVEL": "warning"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    args = ["serve", "--workers", "2", "--port", str(port), "--db", str(db)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meterproxy", *args, "--upstream", f"openai={upstream.url}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    n = 200
+    try:
+        await wait_healthy(url, proc)
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+        # Fresh connections (no keep-alive) so the kernel spreads them over both workers.
+        connector = aiohttp.TCPConnector(force_close=True, limit=16)
+        async with aiohttp.ClientSession(connector=connector) as client:
+
+            async def one() -> None:
+                async with client.post(f"{url}/openai/v1/chat/completions", json=body) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+
+            await asyncio.gather(*(one() for _ in range(n)))
+            async with client.get(f"{url}/metrics") as resp:
+                text = await resp.text()
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert len(workers) == 2
+    assert proc.returncode == 0, stderr.decode()
+    conn = sqlite3.connect(db)
+    count, distinct, tokens = conn.execute(
+        "SELECT count(*), count(DISTINCT id), sum(input_tokens) FROM requests"
+    ).fetchone()
+    assert (count, distinct) == (n, n)
+    assert tokens == n * fixture.expect["input_tokens"]
+    # Metrics merged over both workers count every request once.
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("meterproxy_requests_total{")
+    )
+    assert total == n
