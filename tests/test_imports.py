@@ -243,3 +243,32 @@ def test_follow_imports_lines_as_the_file_grows(tmp_path: Path) -> None:
             stop.set()
             worker.join(10)
     assert seen[-1] == 5 and len(rows(db)) == 5
+
+
+def test_replacing_a_rolled_up_snapshot_keeps_rollups_exact(claude_dir: Path, tmp_path: Path) -> None:
+    """A bigger snapshot replacing a row already folded into the rollups must not count twice."""
+    rollups = pytest.importorskip("meterproxy.store.rollups")
+    db = tmp_path / "m.db"
+    log = claude_dir / "-home-alice-code-webapp" / f"{WEBAPP}.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:3]))
+    with ImportStore(db) as store:
+        from meterproxy.store.schema import apply_migrations
+
+        apply_migrations(store.conn)  # the rollup tables, as a proxy would have created them
+        store.conn.execute("BEGIN IMMEDIATE")
+        rollups.roll_up(store.conn)
+        store.conn.execute("COMMIT")
+    log.write_bytes(b"".join(lines))
+    run("import", "claude-code", str(claude_dir), "--db", str(db))
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        rollups.roll_up(conn)
+    raw = conn.execute("SELECT sum(output_tokens), count(*), sum(cost_pico) FROM requests").fetchone()
+    for table in ("rollup_hour", "rollup_day"):
+        rolled = conn.execute(
+            f"SELECT sum(output_tokens), sum(requests), sum(cost_pico) FROM {table}"
+        ).fetchone()
+        assert rolled == raw
+    conn.close()

@@ -185,6 +185,7 @@ class ImportStore:
                     self.conn.execute(_INSERT, row)
                     stats.inserted += 1
                 elif keep == "largest" and _size(record) > existing[record.id]:
+                    _unroll(self.conn, record.id)
                     self.conn.execute(_REPLACE, row)
                     stats.replaced += 1
                 else:
@@ -224,6 +225,34 @@ class ImportStore:
         except sqlite3.Error:
             self.conn.execute("ROLLBACK")
             raise
+
+
+def _unroll(conn: sqlite3.Connection, rid: str) -> None:
+    """Take an already rolled-up row out of the rollups before it is replaced.
+
+    Rollups fold rows in once, by rowid (``meterproxy.store.rollups``); a row
+    replaced after that would count twice (old values in the rollups, new row
+    above the watermark). Only runs when the rollup tables exist, which means
+    that module is installed.
+    """
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollup_state'").fetchone():
+        return
+    from meterproxy.store.rollups import DIMENSIONS, MEASURES, TABLES, rollup_state
+
+    rowid = conn.execute("SELECT rowid FROM requests WHERE id = ?", [rid]).fetchone()[0]
+    if rowid > rollup_state(conn).watermark:
+        return
+    dims = [f"ifnull({column}, '')" for column in DIMENSIONS.values()]
+    for table, width in TABLES.items():
+        values = conn.execute(
+            f"SELECT substr(ts, 1, {width}), {', '.join(dims)}, {', '.join(MEASURES.values())} "
+            "FROM requests WHERE rowid = ?",
+            [rowid],
+        ).fetchone()
+        bucket_and_dims, measures = values[: len(dims) + 1], values[len(dims) + 1 :]
+        where = " AND ".join(f"{d} = ?" for d in ("bucket", *DIMENSIONS))
+        sets = ", ".join(f"{m} = {m} - ?" for m in MEASURES)
+        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*measures, *bucket_and_dims])
 
 
 def _size(record: RequestRecord) -> tuple[int, int]:
