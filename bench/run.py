@@ -411,6 +411,7 @@ def main() -> None:
     upstream = Direct(up_port)
     upstream._spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], args.load_cores)
     cells: list[dict[str, Any]] = []
+    running: list[Target] = []
     try:
         for name in targets:
             target: Target
@@ -428,34 +429,37 @@ def main() -> None:
             try:
                 if target is not upstream:
                     target.start()
+                running.append(target)
             except RuntimeError as exc:
                 tail = Path(target.log.name).read_text()[-2000:]
                 notes.append(f"{name} did not start: {exc}: {tail}")
-                continue
-            try:
-                for scenario in scenarios:
-                    for conc in concs:
-                        cell = run_cell(target, scenario, conc, duration, args.load_cores)
-                        if target is upstream:
-                            cell.pop("proxy_cpu_s_per_1k", None)
-                            cell.pop("proxy_rss_mb", None)
-                        cells.append(cell)
-                        print(
-                            f"{name:10} {scenario:12} c={conc:<4} {cell['rps']:>9} req/s  "
-                            f"p50 {cell['latency_ms']['p50']} p99 {cell['latency_ms']['p99']} "
-                            f"ttfb50 {cell['ttfb_ms']['p50']} err {cell['errors']} "
-                            f"cpu/1k {cell.get('proxy_cpu_s_per_1k')} rss {cell.get('proxy_rss_mb')}",
-                            flush=True,
-                        )
-                if isinstance(target, MeterProxy):
-                    time.sleep(1.0)
-                    notes.append(
-                        f"meterproxy recorded {target.rows()} rows in its SQLite file during the run"
+        # Cell-major: the targets take turns on each cell, so a burst of other load on
+        # the machine hits all of them alike instead of skewing one target's ratios.
+        for scenario in scenarios:
+            for conc in concs:
+                for target in running:
+                    cell = run_cell(target, scenario, conc, duration, args.load_cores)
+                    cell["loadavg_1m"] = os.getloadavg()[0]
+                    if target is upstream:
+                        cell.pop("proxy_cpu_s_per_1k", None)
+                        cell.pop("proxy_rss_mb", None)
+                    cells.append(cell)
+                    print(
+                        f"{target.name:10} {scenario:12} c={conc:<4} {cell['rps']:>9} req/s  "
+                        f"p50 {cell['latency_ms']['p50']} p99 {cell['latency_ms']['p99']} "
+                        f"ttfb50 {cell['ttfb_ms']['p50']} err {cell['errors']} "
+                        f"cpu/1k {cell.get('proxy_cpu_s_per_1k')} rss {cell.get('proxy_rss_mb')}",
+                        flush=True,
                     )
-            finally:
-                if target is not upstream:
-                    target.stop()
+        for target in running:
+            if isinstance(target, MeterProxy):
+                time.sleep(1.0)
+                sent = sum(c["completed_total"] for c in cells if c["target"] == "meterproxy")
+                notes.append(f"meterproxy answered {sent} requests and recorded {target.rows()} rows")
     finally:
+        for target in running:
+            if target is not upstream:
+                target.stop()
         upstream.stop()
 
     result = {
@@ -465,6 +469,7 @@ def main() -> None:
         "command": "python bench/run.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "pinning": {"proxy": args.proxy_cores, "upstream+load": args.load_cores},
+        "loadavg_end": os.getloadavg(),
         "cells": cells,
         "summary": summarize(cells),
         "notes": notes,
