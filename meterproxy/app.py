@@ -79,6 +79,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     book = PriceBook.load(overrides=[Path(p) for p in settings.pricing])
+    for problem in book.check():
+        log.warning("pricing table problem: %s", problem)
     app[PRICEBOOK] = book
     meter = app[METER]
     meter.set_pricer(price_record_with(book))

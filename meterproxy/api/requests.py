@@ -5,6 +5,10 @@ Query: ``limit`` (1..1000, default 100), ``cursor`` (from the previous page's
 ``upstream``, ``key`` (fingerprint), ``source``, ``tag=k:v`` (repeatable), and
 ``since``/``until`` (ISO 8601, UTC when no offset is given; ``until`` is
 exclusive).
+
+Each row carries ``cost_difference_usd``: ``provider_cost_usd - cost_usd`` when the
+provider reported its own cost (OpenRouter's ``usage.cost``) and we priced the
+request, else null; a non-zero value means our table and their bill disagree.
 """
 
 from __future__ import annotations

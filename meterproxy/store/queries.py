@@ -128,6 +128,9 @@ def row_to_api(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
         elif name in ("cost_usd", "provider_cost_usd") and value is not None:
             value = Decimal(value)
         out[name] = value
+    # The provider's own figure (OpenRouter usage.cost) minus ours; positive: they billed more.
+    theirs, ours = out["provider_cost_usd"], out["cost_usd"]
+    out["cost_difference_usd"] = theirs - ours if theirs is not None and ours is not None else None
     return out
 
 
