@@ -17,6 +17,7 @@ proxy route, which must be registered last so it never shadows them.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,11 +102,25 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         inject_stream_usage=settings.inject_stream_usage,
         drain_timeout=settings.disconnect_drain_timeout,
         max_draining=settings.max_draining,
+        body_timeout=settings.request_body_timeout,
+        durable=_commit_barrier(app[WRITER]) if settings.durability == "strict" else None,
     )
     yield
     # Streams whose clients left may still be draining for usage: let them finish (bounded).
     await app[PROXY].drain(timeout=settings.shutdown_timeout)
     await session.close()
+
+
+def _commit_barrier(writer: StoreWriter) -> Callable[[], Awaitable[object]]:
+    """durability="strict": resolves once every record submitted before the call is committed.
+
+    The writer runs calls after the records queued before them, in queue order.
+    """
+
+    def barrier() -> Awaitable[object]:
+        return asyncio.wrap_future(writer.call(lambda conn: None))
+
+    return barrier
 
 
 def _read_salt(db_path: str) -> bytes:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -40,15 +41,19 @@ from yarl import URL
 
 from meterproxy import providers
 from meterproxy.attribution import ATTRIBUTION_HEADERS, api_key, fingerprint, parse_tags
+from meterproxy.logs import redact
 from meterproxy.meter import Meter
 from meterproxy.providers.base import RequestInfo
-from meterproxy.routing import RouteError, Upstream, route
+from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
 from meterproxy.usage import RequestRecord
 
-__all__ = ["HOP_BY_HOP", "Proxy", "json_error"]
+__all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "Proxy", "json_error"]
 
 log = logging.getLogger(__name__)
+
+#: durability="strict": longest wait for a record's commit before the answer is finished anyway.
+STRICT_COMMIT_WAIT = 30.0
 
 HOP_BY_HOP = frozenset(
     {
@@ -146,6 +151,8 @@ class Proxy:
         inject_stream_usage: bool = True,
         drain_timeout: float = 60.0,
         max_draining: int = 64,
+        body_timeout: float = 60.0,
+        durable: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.meter = meter
@@ -157,6 +164,11 @@ class Proxy:
         self._inject = inject_stream_usage
         self._drain_timeout = drain_timeout
         self._max_draining = max_draining
+        self._body_timeout = body_timeout
+        # durability="strict": awaited (bounded) before an answer's last byte goes out; it
+        # returns once every record submitted so far is committed.
+        self._durable = durable
+        self._recorded_early: set[str] = set()
         self.draining = 0
         self.in_flight = 0
         self._tasks: set[asyncio.Future[web.StreamResponse]] = set()
@@ -170,29 +182,27 @@ class Proxy:
         except RouteError as exc:
             return json_error(404, "no_route", str(exc))
 
+        provider = providers.detect(target.path)
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._body_timeout):  # no extra task: a buffered body reads at once
+                body = await request.read()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            message = "client hung up before sending its whole body"
+            return self._refuse(request, target, provider, 400, "client_gone", message, gone=True)
+        except asyncio.CancelledError:
+            # A server that cancels handlers when the client leaves (handler_cancellation).
+            self._refuse(request, target, provider, 400, "client_gone", "client hung up mid-body", gone=True)
+            raise
         except web.HTTPRequestEntityTooLarge:
             limit = request.app._client_max_size
-            return json_error(413, "body_too_large", f"request body is larger than the {limit}-byte limit")
+            message = f"request body is larger than the {limit}-byte limit"
+            return self._refuse(request, target, provider, 413, "body_too_large", message)
+        except TimeoutError:
+            message = f"request body not received within {self._body_timeout:g} s"
+            return self._refuse(request, target, provider, 408, "body_timeout", message)
 
-        provider = providers.detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
-        headers = request.headers
-        record = RequestRecord(
-            upstream=target.upstream.name,
-            provider=provider.name if provider else "",
-            endpoint=provider.endpoint(target.path) if provider else "other",
-            method=request.method,
-            requested_model=info.model,
-            streamed=info.stream,
-            user=headers.get("x-meter-user") or info.user,
-            session=headers.get("x-meter-session"),
-            tags=parse_tags(headers.get("x-meter-tags")),
-            key_fingerprint=fingerprint(api_key(headers, request.query_string), self._salt),
-            service_tier=info.service_tier,
-            usage_source="missing" if provider else "none",
-        )
+        record = self._new_record(request, target, provider, info)
         blocked = await self.meter.check_gates(record)
         if blocked is not None:
             return blocked
@@ -213,6 +223,42 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
+    def _new_record(
+        self, request: web.Request, target: Target, provider: providers.Provider | None, info: RequestInfo
+    ) -> RequestRecord:
+        headers = request.headers
+        return RequestRecord(
+            upstream=target.upstream.name,
+            provider=provider.name if provider else "",
+            endpoint=provider.endpoint(target.path) if provider else "other",
+            method=request.method,
+            requested_model=info.model,
+            streamed=info.stream,
+            user=headers.get("x-meter-user") or info.user,
+            session=headers.get("x-meter-session"),
+            tags=parse_tags(headers.get("x-meter-tags")),
+            key_fingerprint=fingerprint(api_key(headers, request.query_string), self._salt),
+            service_tier=info.service_tier,
+            usage_source="missing" if provider else "none",
+        )
+
+    def _refuse(
+        self,
+        request: web.Request,
+        target: Target,
+        provider: providers.Provider | None,
+        status: int,
+        code: str,
+        message: str,
+        gone: bool = False,
+    ) -> web.Response:
+        """A request we answer ourselves before forwarding (413, 408): recorded, never sent on."""
+        record = self._new_record(request, target, provider, RequestInfo())
+        record.status, record.error, record.usage_source = (None if gone else status), message, "none"
+        record.client_disconnected = gone
+        self.meter.request_finished(record)
+        return json_error(status, code, message)
+
     async def _forward_and_record(
         self,
         request: web.Request,
@@ -229,8 +275,11 @@ class Proxy:
             return await self._forward(request, url, body, headers, provider, info, record, started)
         finally:
             self.in_flight -= 1
-            record.duration_ms = (time.perf_counter() - started) * 1000
-            self.meter.request_finished(record)
+            if record.id in self._recorded_early:
+                self._recorded_early.discard(record.id)
+            else:
+                record.duration_ms = (time.perf_counter() - started) * 1000
+                self._finish(record)
 
     async def drain(self, timeout: float) -> None:
         """Wait (bounded) for every forwarding task, e.g. abandoned streams still draining."""
@@ -282,7 +331,8 @@ class Proxy:
         try:
             return await self._relay(request, upstream, provider, info, record, started, sent_at)
         finally:
-            record.upstream_ms = (time.perf_counter() - sent_at) * 1000
+            if record.id not in self._recorded_early:
+                record.upstream_ms = (time.perf_counter() - sent_at) * 1000
             await upstream_cm.__aexit__(None, None, None)
 
     async def _relay(
@@ -322,6 +372,11 @@ class Proxy:
         drain_deadline: float | None = None
         drain_slot = False
         watch = _CloseWatch(upstream)
+        # Strict durability: the client must not see the end of the answer before the
+        # record is committed. A chunked answer ends with write_eof; one with a
+        # Content-Length ends with its last byte, so that byte is held back.
+        hold = self._durable is not None and "content-length" in response.headers
+        held = b""
         try:
             try:
                 await response.prepare(request)
@@ -335,6 +390,9 @@ class Proxy:
                     if drain_deadline is None or time.monotonic() > drain_deadline:
                         break
                     continue
+                if hold and out:
+                    out = held + out
+                    held, out = out[-1:], out[:-1]
                 if out:
                     if first_byte:
                         record.ttfb_ms = (time.perf_counter() - started) * 1000
@@ -352,6 +410,12 @@ class Proxy:
             if reset is not None:
                 raise aiohttp.ClientOSError(f"connection reset ({reset})")
             tail = tap.finish() if tap is not None else b""
+            if not client_gone and self._durable is not None:
+                if tap is not None:
+                    self._take_result(tap, record)
+                    tap = None
+                await self._record_durably(record, started, sent_at)
+            tail = held + tail
             if tail and not client_gone:
                 await response.write(tail)
             if not client_gone:
@@ -373,6 +437,26 @@ class Proxy:
             if tap is not None:
                 self._take_result(tap, record)
         return response
+
+    def _finish(self, record: RequestRecord) -> None:
+        # Error texts come from the upstream or the network and may echo a credential.
+        if record.error:
+            record.error = redact(record.error)
+        self.meter.request_finished(record)
+
+    async def _record_durably(self, record: RequestRecord, started: float, sent_at: float) -> None:
+        """Finish the record now and wait (bounded) until the store has committed it."""
+        assert self._durable is not None
+        now = time.perf_counter()
+        record.upstream_ms = (now - sent_at) * 1000
+        record.duration_ms = (now - started) * 1000
+        self._recorded_early.add(record.id)
+        self._finish(record)
+        try:
+            await asyncio.wait_for(self._durable(), STRICT_COMMIT_WAIT)
+        except Exception as exc:
+            # Availability wins past the bound: the answer goes out, the record stays queued.
+            log.error("record %s not committed within %g s: %r", record.id, STRICT_COMMIT_WAIT, exc)
 
     def _start_drain(self) -> bool:
         """Take one of the bounded drain slots (False: too many streams draining already)."""

@@ -20,7 +20,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -68,6 +68,9 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get a 413."
     )
+    request_body_timeout: float = Field(
+        60.0, gt=0, description="Seconds a client may take to send its whole request body; slower gets a 408."
+    )
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for an upstream connection.")
     read_timeout: float = Field(
         600.0, gt=0, description="Seconds an upstream may go silent (between bytes) before a 504."
@@ -87,6 +90,11 @@ class Settings(BaseModel):
     )
     writer_queue_max: int = Field(
         100_000, gt=0, description="Records buffered in memory while the database is slow or failing."
+    )
+    durability: Literal["batch", "strict"] = Field(
+        "batch",
+        description="batch: records are committed within milliseconds of the answer (a crash can lose "
+        "the last moment's); strict: an answer's last byte waits for its record's commit.",
     )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish."
