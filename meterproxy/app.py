@@ -33,6 +33,7 @@ from meterproxy.meter import Meter, price_record_with
 from meterproxy.pricing import PriceBook
 from meterproxy.proxy import Proxy, json_error
 from meterproxy.settings import Settings
+from meterproxy.store import backend as store_backend
 from meterproxy.store.writer import StoreWriter
 
 __all__ = ["FEATURES", "METER", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER", "create_app"]
@@ -75,6 +76,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if not writer.close(timeout=max(settings.shutdown_timeout, 5.0)):
         log.error("writer did not finish flushing in time")
+    store_backend.close(settings.db)  # PostgreSQL: this process's read pool
 
 
 async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -124,9 +126,7 @@ def _commit_barrier(writer: StoreWriter) -> Callable[[], Awaitable[object]]:
 
 
 def _read_salt(db_path: str) -> bytes:
-    from meterproxy.store.schema import connect
-
-    conn = connect(db_path, readonly=True)
+    conn = store_backend.read_connection(db_path)
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint_salt'").fetchone()
     finally:

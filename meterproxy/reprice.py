@@ -130,7 +130,9 @@ def reprice(
 def _batches(conn: sqlite3.Connection, since: str, until: str, size: int) -> Iterator[list[sqlite3.Row]]:
     last_ts, last_id = "", ""
     while True:
-        rows = conn.execute(_SELECT, (since, until, last_ts, last_ts, last_id, size)).fetchall()
+        # The lower bound moves with the cursor so each batch is an index range, not a rescan.
+        low = max(since, last_ts)
+        rows = conn.execute(_SELECT, (low, until, last_ts, last_ts, last_id, size)).fetchall()
         if not rows:
             return
         yield rows

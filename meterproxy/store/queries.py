@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meterproxy.store.schema import connect
+from meterproxy.store import backend
 
 __all__ = [
     "RequestFilter",
@@ -111,9 +111,8 @@ class RequestFilter:
 
 
 def read_connection(path: str | Path) -> sqlite3.Connection:
-    conn = connect(path, readonly=True)
-    conn.row_factory = sqlite3.Row
-    return conn
+    """A read-only connection with rows by name, on the store's backend (`meterproxy.store.backend`)."""
+    return backend.read_connection(path)
 
 
 def row_to_api(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:

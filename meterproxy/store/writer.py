@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meterproxy.store.schema import COLUMNS, apply_migrations, connect, record_to_row
+from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.schema import COLUMNS, record_to_row
 from meterproxy.usage import RequestRecord
 
 __all__ = ["StoreWriter", "WriterHealth"]
@@ -182,6 +183,7 @@ class StoreWriter:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, self._retry_max_s * 1.01)
+                self._reopen_if_broken()
         self.written += len(rows)
         self.last_error = None
         self._last_commit = time.monotonic()
@@ -193,12 +195,44 @@ class StoreWriter:
 
     def _run_call(self, call: _Call) -> None:
         assert self._conn is not None
-        try:
-            with _transaction(self._conn):
-                result = call.fn(self._conn)
-            call.future.set_result(result)
-        except BaseException as exc:
-            call.future.set_exception(exc)
+        for attempt in range(_CALL_RETRIES + 1):
+            try:
+                with _transaction(self._conn):
+                    result = call.fn(self._conn)
+                call.future.set_result(result)
+                return
+            except BaseException as exc:
+                # PostgreSQL: a concurrent replica's transaction won; the rolled-back work is rerun
+                # (SQLite never gets here: BEGIN IMMEDIATE already serialized the writers).
+                if attempt < _CALL_RETRIES and _is_serialization_failure(exc):
+                    time.sleep(0.005 * (attempt + 1))
+                    continue
+                self._reopen_if_broken()
+                call.future.set_exception(exc)
+                return
+
+    def _reopen_if_broken(self) -> None:
+        """PostgreSQL: a connection the server dropped is replaced (SQLite connections don't break)."""
+        if self._conn is not None and getattr(self._conn, "broken", False):
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            try:
+                self._conn = connect(self.path)
+            except sqlite3.Error as exc:
+                log.error("database reconnect failed: %s", exc)
+
+
+_CALL_RETRIES = 20
+
+
+def _is_serialization_failure(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    from meterproxy.store.pg import is_serialization_failure
+
+    return is_serialization_failure(exc)
 
 
 class _transaction:
