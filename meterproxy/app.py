@@ -42,7 +42,16 @@ log = logging.getLogger(__name__)
 
 
 #: Modules whose ``setup(app)`` adds routes, sinks and lifecycles, in order.
-FEATURES = ["meterproxy.api.requests", "meterproxy.metrics"]
+FEATURES = [
+    "meterproxy.api.requests",
+    "meterproxy.metrics",
+    "meterproxy.store.maintenance",
+    "meterproxy.api.summary",
+    "meterproxy.api.timeseries",
+    "meterproxy.api.sessions",
+    "meterproxy.api.export",
+    "meterproxy.api.openapi",
+]
 
 # Paths behind the admin token (when one is set). The proxied paths are not:
 # they carry the provider's own credentials.

@@ -110,6 +110,15 @@ class Settings(BaseModel):
         description="Worker processes sharing the port (SO_REUSEPORT); each has its own event loop "
         "and store writer. Use about one per core.",
     )
+    retention_days: int = Field(
+        180,
+        ge=0,
+        description="Raw request rows older than this many days are deleted once rolled up into "
+        "the hourly/daily rollups (totals never change); 0 keeps them forever.",
+    )
+    rollup_interval: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between background rollup and retention passes."
+    )
     metrics_require_token: bool = Field(
         False, description="Put GET /metrics behind the admin token too (off: scrapers need no token)."
     )

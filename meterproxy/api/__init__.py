@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,41 +41,31 @@ def api_error(status: int, code: str, message: str, param: str | None = None) ->
     return web.json_response({"error": error}, status=status)
 
 
-class _Encoder(json.JSONEncoder):
-    def encode(self, o: Any) -> str:
-        return super().encode(o)
-
-    def iterencode(self, o: Any, _one_shot: bool = False) -> Any:
-        return super().iterencode(_mark_decimals(o), _one_shot)
-
-
-class _RawNumber(float):
-    """A float subclass whose repr is the exact decimal text (json writes repr for floats)."""
-
-    def __new__(cls, value: Decimal) -> _RawNumber:
-        obj = super().__new__(cls, value)
-        obj._text = format(value, "f")  # type: ignore[attr-defined]
-        return obj
-
-    def __repr__(self) -> str:
-        return self._text  # type: ignore[attr-defined,no-any-return]
-
-
-def _mark_decimals(o: Any) -> Any:
+def _mark_decimals(o: Any, token: str) -> Any:
     if isinstance(o, Decimal):
-        return _RawNumber(o)
+        return f"{token}{format(o, 'f')}"
     if isinstance(o, dict):
-        return {k: _mark_decimals(v) for k, v in o.items()}
+        return {k: _mark_decimals(v, token) for k, v in o.items()}
     if isinstance(o, list | tuple):
-        return [_mark_decimals(v) for v in o]
+        return [_mark_decimals(v, token) for v in o]
     if isinstance(o, datetime):
         return o.isoformat()
     return o
 
 
 def dumps(obj: Any) -> str:
-    """JSON with Decimals as exact numbers: ``Decimal('0.000123')`` -> ``0.000123``."""
-    return json.dumps(_mark_decimals(obj), separators=(",", ":"), default=str)
+    """JSON with Decimals as exact numbers: ``Decimal('0.000123')`` -> ``0.000123``.
+
+    json's encoders print floats with ``float.__repr__`` whatever the subclass, so
+    a Decimal cannot pass through as a float without rounding to 17 digits.
+    Instead each Decimal goes out as a string carrying a random per-call marker
+    (which no other string can contain), and the quoted marker is then replaced
+    by the bare digits.
+    """
+    token = f"\x00{secrets.token_hex(8)}:"
+    text = json.dumps(_mark_decimals(obj, token), separators=(",", ":"), default=str)
+    escaped = re.escape(json.dumps(token)[1:-1])
+    return re.sub(f'"{escaped}(-?[0-9.]+)"', r"\1", text)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:

@@ -195,6 +195,8 @@ class StoreWriter:
 
     def _run_call(self, call: _Call) -> None:
         assert self._conn is not None
+        if not call.future.set_running_or_notify_cancel():
+            return  # the caller gave up (e.g. a task cancelled at shutdown): nothing to run or report
         for attempt in range(_CALL_RETRIES + 1):
             try:
                 with _transaction(self._conn):

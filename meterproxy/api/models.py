@@ -1,0 +1,206 @@
+"""Response shapes of the JSON API, as pydantic models (the OpenAPI schemas come from these).
+
+Handlers build plain dicts for speed and serialize them with
+`meterproxy.api.dumps` (exact decimals); the tests validate real responses
+against these models, so a shape cannot drift from its documentation.
+Costs are `Cost`: a decimal serialized as an exact JSON number (never a
+float's rounding, never a string).
+
+`measures_to_api` turns the store's integer sums (``cost_pico`` included) into
+the API's fields; every endpoint that reports totals uses it, so the same
+names mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from meterproxy.store.schema import from_pico
+
+__all__ = [
+    "Cost",
+    "ErrorResponse",
+    "Group",
+    "RequestRow",
+    "RequestsResponse",
+    "SessionDetail",
+    "SessionSummary",
+    "SessionsResponse",
+    "SummaryResponse",
+    "TimeseriesResponse",
+    "Totals",
+    "UnpricedModel",
+    "UnpricedModelsResponse",
+    "measures_to_api",
+]
+
+Cost = Annotated[
+    Decimal,
+    WithJsonSchema({"type": "number", "description": "USD, exact decimal digits (summed as integers)"}),
+]
+
+
+def pico_to_usd(pico: int) -> Decimal:
+    value = from_pico(pico)
+    assert value is not None
+    value = value.normalize()
+    return value.quantize(Decimal(1)) if value == value.to_integral() else value
+
+
+def measures_to_api(measures: dict[str, int]) -> dict[str, Any]:
+    """Store sums -> API totals fields (``cost_pico`` becomes ``cost_usd``)."""
+    out: dict[str, Any] = {}
+    for name, value in measures.items():
+        if name == "cost_pico":
+            out["cost_usd"] = pico_to_usd(value)
+        else:
+            out[name] = value
+    return out
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Totals(_Model):
+    requests: int
+    input_tokens: int = Field(description="Every prompt token, cached ones included.")
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cache_write_1h_tokens: int
+    output_tokens: int = Field(description="Every generated token, reasoning included.")
+    reasoning_tokens: int
+    web_search_requests: int
+    cost_usd: Cost = Field(description="Sum of priced requests' costs.")
+    unpriced_requests: int = Field(description="Usage reported, but the model is not in the price tables.")
+    unmetered_requests: int = Field(description="No trusted usage (missing, invalid or none).")
+    errors: int = Field(description="Status >= 400 or an error recorded.")
+
+
+class Group(Totals):
+    key: dict[str, str | None] = Field(description="group_by dimension -> value (null: not set).")
+
+
+class UnpricedModel(_Model):
+    model: str | None
+    provider: str | None
+    unpriced_requests: int
+
+
+class SummaryResponse(_Model):
+    since: str | None
+    until: str | None
+    tz: str
+    group_by: list[str]
+    totals: Totals
+    groups: list[Group]
+    truncated: bool = Field(description="True when more groups exist than `limit`.")
+    unpriced_models: list[UnpricedModel]
+    notes: list[str] = Field(description="Caveats, e.g. retention-deleted raw rows.")
+
+
+class UnpricedModelsResponse(_Model):
+    since: str | None
+    until: str | None
+    models: list[UnpricedModel]
+
+
+class TimeseriesPoint(Totals):
+    t: str = Field(description="Bucket start, ISO 8601 with the zone's offset.")
+
+
+class Series(_Model):
+    key: dict[str, str | None]
+    totals: Totals
+    points: list[TimeseriesPoint]
+
+
+class TimeseriesResponse(_Model):
+    bucket: str
+    tz: str
+    since: str
+    until: str
+    split: str | None
+    series: list[Series]
+    truncated: bool
+    notes: list[str]
+
+
+class SessionSummary(Totals):
+    session: str
+    first_ts: str
+    last_ts: str
+    users: list[str]
+    models: list[str]
+
+
+class SessionsResponse(_Model):
+    sessions: list[SessionSummary]
+    total: int = Field(description="Sessions matching the filters (all pages).")
+    next_offset: int | None
+
+
+class RequestRow(_Model):
+    id: str
+    ts: str
+    source: str
+    upstream: str | None
+    provider: str | None
+    endpoint: str | None
+    method: str | None
+    requested_model: str | None
+    model: str | None
+    priced_model: str | None
+    status: int | None
+    streamed: bool
+    input_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cache_write_1h_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    web_search_requests: int
+    cost_usd: Cost | None
+    provider_cost_usd: Cost | None
+    cost_difference_usd: Cost | None = Field(
+        None, description="provider_cost_usd - cost_usd when both are known (price-table check)."
+    )
+    usage_source: str
+    service_tier: str | None
+    duration_ms: float | None
+    ttfb_ms: float | None
+    upstream_ms: float | None
+    user: str | None
+    session: str | None
+    tags: dict[str, str]
+    key_fingerprint: str | None
+    error: str | None
+    client_disconnected: bool
+
+
+class RequestsResponse(_Model):
+    requests: list[RequestRow]
+    next_cursor: str | None
+
+
+class SessionDetail(_Model):
+    session: str
+    totals: Totals
+    first_ts: str
+    last_ts: str
+    requests: list[RequestRow] = Field(description="Newest first, one page.")
+    next_cursor: str | None
+
+
+class ErrorBody(_Model):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody

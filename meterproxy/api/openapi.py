@@ -1,0 +1,219 @@
+"""``GET /api/openapi.json``: the OpenAPI 3.1 document of the JSON API.
+
+Schemas come from the pydantic response models (``api/models.py``); the paths
+are a hand-written table, `PATHS`, naming for each route its parameters (from
+the shared `PARAMETERS` table) and its response model. A test checks that
+every ``/api`` route the application registers appears here, so a new
+endpoint is not finished until it is documented: features outside this
+package add their entries with `document`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from meterproxy import __version__
+from meterproxy.api import json_response
+from meterproxy.api.models import (
+    ErrorResponse,
+    RequestsResponse,
+    SessionDetail,
+    SessionsResponse,
+    SummaryResponse,
+    TimeseriesResponse,
+    UnpricedModelsResponse,
+)
+
+__all__ = ["PARAMETERS", "PATHS", "build_spec", "document", "setup"]
+
+
+def _q(description: str, schema: dict[str, Any] | None = None, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "schema": schema or {"type": "string"}, "required": required}
+
+
+_INT = {"type": "integer"}
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "since": _q("Start (inclusive), ISO 8601; UTC unless an offset is given."),
+    "until": _q("End (exclusive), ISO 8601; UTC unless an offset is given."),
+    "session": _q("Only this session (X-Meter-Session)."),
+    "user": _q("Only this user."),
+    "model": _q("Only this model (as answered)."),
+    "provider": _q("Only this provider (openai, anthropic, gemini, ...)."),
+    "upstream": _q("Only this upstream (route prefix)."),
+    "key": _q("Only this API key fingerprint."),
+    "source": _q("Only this source (proxy, or an importer)."),
+    "tag": _q("KEY:VALUE; repeatable; all must match.", {"type": "array", "items": {"type": "string"}}),
+    "group_by": _q(
+        "One or two of model, provider, upstream, user, session, key, source, tag:<name>, "
+        "hour, day, week, month (comma-separated)."
+    ),
+    "tz": _q("IANA time zone for calendar buckets (default UTC)."),
+    "limit": _q("Most items returned.", _INT),
+    "cursor": _q("next_cursor of the previous page."),
+    "offset": _q("Items to skip (next_offset of the previous page).", _INT),
+    "bucket": _q("hour, day, week or month.", {"enum": ["hour", "day", "week", "month"]}, required=True),
+    "split": _q("One non-time dimension: one series per value."),
+    "sort": _q(
+        "last_seen, first_seen, cost, requests or tokens.",
+        {"enum": ["last_seen", "first_seen", "cost", "requests", "tokens"]},
+    ),
+    "order": _q("asc or desc.", {"enum": ["asc", "desc"]}),
+    "format": _q("csv or jsonl.", {"enum": ["csv", "jsonl"]}),
+}
+
+_FILTERS = ["since", "until", "session", "user", "model", "provider", "upstream", "key", "source", "tag"]
+
+#: path -> method -> {"summary", "parameters", "response" (model or media types)}
+PATHS: dict[str, dict[str, dict[str, Any]]] = {
+    "/api/requests": {
+        "get": {
+            "summary": "Stored requests, newest first, keyset-paginated.",
+            "parameters": ["limit", "cursor", *_FILTERS],
+            "response": RequestsResponse,
+        }
+    },
+    "/api/summary": {
+        "get": {
+            "summary": "Totals and groups over a time range (rollups + raw rows, exact costs).",
+            "parameters": ["group_by", "tz", "limit", *_FILTERS],
+            "response": SummaryResponse,
+        }
+    },
+    "/api/models/unpriced": {
+        "get": {
+            "summary": "Models whose requests could not be priced (not in the price tables).",
+            "parameters": _FILTERS,
+            "response": UnpricedModelsResponse,
+        }
+    },
+    "/api/timeseries": {
+        "get": {
+            "summary": "Totals per hour/day/week/month bucket, every bucket present, optionally split.",
+            "parameters": ["bucket", "split", "tz", "limit", *_FILTERS],
+            "response": TimeseriesResponse,
+        }
+    },
+    "/api/sessions": {
+        "get": {
+            "summary": "Sessions with their totals, sortable, offset-paginated.",
+            "parameters": ["sort", "order", "limit", "offset", *_FILTERS],
+            "response": SessionsResponse,
+        }
+    },
+    "/api/sessions/{id}": {
+        "get": {
+            "summary": "One session's totals and its requests (newest first, paginated).",
+            "parameters": ["since", "until", "limit", "cursor"],
+            "path_parameters": ["id"],
+            "response": SessionDetail,
+        }
+    },
+    "/api/export": {
+        "get": {
+            "summary": "Every matching request row, streamed, oldest first (CSV with header, or JSONL).",
+            "parameters": ["format", *_FILTERS],
+            "response": {
+                "text/csv": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        }
+    },
+    "/api/openapi.json": {
+        "get": {
+            "summary": "This document.",
+            "parameters": [],
+            "response": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+}
+
+
+_ANY_JSON = {"application/json": {"schema": {"type": "object"}}}
+_NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+# Endpoints of other features (budgets, webhooks), documented briefly here until
+# their modules call `document` with full shapes (which replaces these entries).
+_ELSEWHERE: list[tuple[str, str, str, list[Any]]] = [
+    ("/api/budgets", "get", "Every budget with spend, limit, period, projection and state.", []),
+    ("/api/budgets", "post", "Create a budget (JSON definition); 201, or 409 if the name is taken.", []),
+    ("/api/budgets/{name}", "get", "One budget.", _NAME),
+    ("/api/budgets/{name}", "put", "Replace a budget's definition (API budgets only).", _NAME),
+    ("/api/budgets/{name}", "patch", "Merge top-level fields into a budget's definition.", _NAME),
+    ("/api/budgets/{name}", "delete", "Delete a budget (API budgets only).", _NAME),
+    ("/api/budgets/{name}/events", "get", "Events the budget raised, newest first.", [*_NAME, "limit"]),
+    ("/api/webhooks/deliveries", "get", "Webhook outbox rows with their attempts, newest first.", ["limit"]),
+]
+for _path, _method, _summary, _params in _ELSEWHERE:
+    PATHS.setdefault(_path, {})[_method] = {"summary": _summary, "parameters": _params, "response": _ANY_JSON}
+
+
+def document(path: str, method: str, operation: dict[str, Any]) -> None:
+    """Add an endpoint (``operation`` as in `PATHS`; parameters may be dicts) to the document."""
+    PATHS.setdefault(path, {})[method.lower()] = operation
+
+
+def _parameter(name: str | dict[str, Any], where: str = "query") -> dict[str, Any]:
+    if isinstance(name, dict):
+        return name
+    if where == "path":
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    spec = PARAMETERS.get(name, _q(name))
+    out = {"name": name, "in": "query", **spec}
+    if spec["schema"].get("type") == "array":
+        out.update(style="form", explode=True)
+    return out
+
+
+def build_spec() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [ErrorResponse]
+    for ops in PATHS.values():
+        models += [op["response"] for op in ops.values() if isinstance(op["response"], type)]
+    _, defs = models_json_schema(
+        [(m, "serialization") for m in dict.fromkeys(models)], ref_template="#/components/schemas/{model}"
+    )
+    error = {
+        "description": "Bad parameter (400) or not found (404); `param` names the parameter.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    paths: dict[str, Any] = {}
+    for path, ops in PATHS.items():
+        for method, op in ops.items():
+            response = op["response"]
+            content = (
+                {"application/json": {"schema": {"$ref": f"#/components/schemas/{response.__name__}"}}}
+                if isinstance(response, type)
+                else response
+            )
+            params = [_parameter(p, "path") for p in op.get("path_parameters", [])]
+            params += [_parameter(p) for p in op["parameters"]]
+            paths.setdefault(path, {})[method] = {
+                "summary": op["summary"],
+                "parameters": params,
+                "responses": {"200": {"description": "OK", "content": content}, "400": error, "404": error},
+            }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "meterproxy API",
+            "version": __version__,
+            "description": "Read-only JSON API over the requests meterproxy recorded. Errors share one "
+            "shape; costs are exact decimal numbers.",
+        },
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"adminToken": []}],
+        "paths": paths,
+    }
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return json_response(build_spec())
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/openapi.json", openapi_handler)

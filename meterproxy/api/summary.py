@@ -1,0 +1,145 @@
+"""``GET /api/summary`` and ``GET /api/models/unpriced``: totals and groups over a time range.
+
+Query: ``since``/``until`` (ISO 8601, UTC unless an offset is given; ``until``
+exclusive), ``group_by`` (one or two of ``model, provider, upstream, user,
+session, key, source, tag:<name>, day, week, month, hour``; comma-separated or
+repeated), ``tz`` (IANA zone for calendar buckets, default UTC), ``limit``
+(groups returned, default 1000) and the filters of ``/api/requests``
+(``session, user, model, provider, upstream, key, source, tag=k:v``).
+
+The numbers come from `meterproxy.store.summary.summarize` (rollups plus raw
+rows, one snapshot, integer picodollars). Every parameter is checked before
+anything is read: an unknown parameter, a bad ``group_by``, a malformed date or
+an unknown zone is a 400 naming the parameter. Parsing helpers here are
+shared with the timeseries, sessions and export endpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.api.models import measures_to_api
+from meterproxy.api.requests import filter_from_query
+from meterproxy.keys import WRITER
+from meterproxy.store.queries import RequestFilter
+from meterproxy.store.summary import (
+    GROUPABLE,
+    TIME_DIMENSIONS,
+    Summary,
+    SummaryQuery,
+    is_groupable,
+    summarize,
+)
+
+__all__ = [
+    "FILTER_PARAMS",
+    "check_known",
+    "parse_filter",
+    "parse_group_by",
+    "parse_tz",
+    "setup",
+    "unpriced_models",
+]
+
+FILTER_PARAMS = ("since", "until", "session", "user", "model", "provider", "upstream", "key", "source", "tag")
+
+
+def check_known(query: MultiMapping[str], allowed: Iterable[str]) -> None:
+    allowed = set(allowed)
+    for name in query:
+        if name not in allowed:
+            raise ParamError(name, f"unknown parameter (accepted: {', '.join(sorted(allowed))})")
+
+
+def parse_filter(query: MultiMapping[str]) -> RequestFilter:
+    flt = filter_from_query(query)
+    if flt.since and flt.until and flt.since >= flt.until:
+        raise ParamError("until", "must be later than since")
+    return flt
+
+
+def parse_tz(value: str | None) -> ZoneInfo:
+    name = value or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ParamError("tz", f"{name!r} is not an IANA time zone name (e.g. Europe/Paris)") from exc
+
+
+def parse_group_by(query: MultiMapping[str], param: str = "group_by", most: int = 2) -> list[str]:
+    names = [n.strip() for raw in query.getall(param, []) for n in raw.split(",") if n.strip()]
+    for name in names:
+        if not is_groupable(name):
+            raise ParamError(param, f"{name!r} is not a dimension (use {', '.join(GROUPABLE)} or tag:<name>)")
+    if len(set(names)) != len(names):
+        raise ParamError(param, "a dimension is repeated")
+    if len(names) > most:
+        raise ParamError(param, f"at most {most} dimension{'s' if most > 1 else ''}")
+    if sum(n in TIME_DIMENSIONS for n in names) > 1:
+        raise ParamError(param, "at most one of hour, day, week, month")
+    return names
+
+
+def unpriced_models(summary: Summary) -> list[dict[str, Any]]:
+    """Models with unpriced requests, from a summary grouped by model and provider."""
+    return [
+        {"model": key["model"], "provider": key["provider"], "unpriced_requests": m["unpriced_requests"]}
+        for key, m in sorted(summary.groups, key=lambda g: -g[1]["unpriced_requests"])
+        if m["unpriced_requests"]
+    ]
+
+
+def _by_model(q: SummaryQuery) -> SummaryQuery:
+    return SummaryQuery(q.filter, ["model", "provider"], q.tz)
+
+
+async def summary_handler(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        check_known(query, (*FILTER_PARAMS, "group_by", "tz", "limit"))
+        q = SummaryQuery(parse_filter(query), parse_group_by(query), parse_tz(query.get("tz")))
+        limit = parse_int("limit", query.get("limit"), 1000, 1, 100_000)
+    except ParamError as exc:
+        return api_error(400, "bad_parameter", str(exc), exc.param)
+
+    def read(conn: Any) -> tuple[Summary, Summary]:
+        return summarize(conn, q), summarize(conn, _by_model(q))
+
+    summary, models = await run_read(request.app[WRITER].path, read)
+    return json_response(
+        {
+            "since": q.filter.since,
+            "until": q.filter.until,
+            "tz": str(q.tz),
+            "group_by": q.group_by,
+            "totals": measures_to_api(summary.totals),
+            "groups": [{"key": key, **measures_to_api(m)} for key, m in summary.groups[:limit]],
+            "truncated": len(summary.groups) > limit,
+            "unpriced_models": unpriced_models(models),
+            "notes": summary.notes,
+        }
+    )
+
+
+async def unpriced_handler(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        check_known(query, FILTER_PARAMS)
+        q = SummaryQuery(parse_filter(query), ["model", "provider"])
+    except ParamError as exc:
+        return api_error(400, "bad_parameter", str(exc), exc.param)
+    summary = await run_read(request.app[WRITER].path, lambda conn: summarize(conn, q))
+    return json_response(
+        {"since": q.filter.since, "until": q.filter.until, "models": unpriced_models(summary)}
+    )
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/summary", summary_handler)
+    app.router.add_get("/api/models/unpriced", unpriced_handler)

@@ -1,0 +1,170 @@
+"""Hourly and daily rollups of the requests table, and retention that deletes only rolled-up rows.
+
+Two tables with the same shape, ``rollup_hour`` (bucket ``YYYY-MM-DDTHH``) and
+``rollup_day`` (bucket ``YYYY-MM-DD``), both in UTC, keyed by the bucket and the
+dimensions a long-range summary can still group or filter by:
+
+    model, provider, upstream, user, key_fingerprint, source
+
+Session and tags are not rolled up (a session id per row would make the rollup
+as large as the raw table, and tags are open-ended): summaries that group or
+filter by them read raw rows only, so over ranges older than the retention
+window they see only what is left. A missing dimension is stored as ``''``
+(NULL cannot take part in a primary key); the read side turns ``''`` back into
+``null`` for raw and rolled-up rows alike.
+
+Measures are sums: requests, the token counts, ``cost_pico`` (exact integer
+picodollars), ``unpriced_requests`` (usage reported, model not in the price
+tables), ``unmetered_requests`` (no trusted usage) and ``errors``.
+
+Incremental by rowid, not by time: `roll_up` folds the rows with
+``rowid > watermark`` into both tables (additive upserts) and moves the
+watermark, in one transaction on the writer thread. A row therefore counts in
+the rollups exactly once, whatever its ``ts`` (late imports included), and a
+reader that takes rollups for ``rowid <= watermark`` plus raw rows above it in
+one snapshot sees every row exactly once. `compact` deletes raw rows older
+than the retention cutoff, only below the watermark, in small batches, and
+never the row with the highest rowid (so SQLite never reuses rowids below the
+watermark). Both run as ``StoreWriter.call`` work, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from meterproxy.store import register_migrations
+
+__all__ = [
+    "DIMENSIONS",
+    "MEASURES",
+    "RollupState",
+    "compact",
+    "roll_up",
+    "rollup_migrations",
+    "rollup_state",
+]
+
+#: Rolled-up dimension -> column in ``requests``.
+DIMENSIONS: dict[str, str] = {
+    "model": "model",
+    "provider": "provider",
+    "upstream": "upstream",
+    "user": "user",
+    "key": "key_fingerprint",
+    "source": "source",
+}
+
+#: Measure -> SQL aggregate over ``requests`` rows.
+MEASURES: dict[str, str] = {
+    "requests": "count(*)",
+    "input_tokens": "sum(input_tokens)",
+    "cache_read_tokens": "sum(cache_read_tokens)",
+    "cache_write_tokens": "sum(cache_write_tokens)",
+    "cache_write_1h_tokens": "sum(cache_write_1h_tokens)",
+    "output_tokens": "sum(output_tokens)",
+    "reasoning_tokens": "sum(reasoning_tokens)",
+    "web_search_requests": "sum(web_search_requests)",
+    "cost_pico": "ifnull(sum(cost_pico), 0)",
+    "unpriced_requests": "sum(cost_pico IS NULL AND usage_source = 'reported')",
+    "unmetered_requests": "sum(usage_source != 'reported')",
+    "errors": "sum(ifnull(status, 0) >= 400 OR error IS NOT NULL)",
+}
+
+#: Rollup table -> width of the ``ts`` prefix that is its bucket.
+TABLES = {"rollup_hour": 13, "rollup_day": 10}
+
+rollup_migrations = register_migrations(Migrations("meterproxy.rollups"))
+
+
+@rollup_migrations()
+def m001_rollups(db: sqlite_utils.Database) -> None:
+    dims = ", ".join(f"{d} TEXT NOT NULL" for d in DIMENSIONS)
+    measures = ", ".join(f"{m} INTEGER NOT NULL DEFAULT 0" for m in MEASURES)
+    for table in TABLES:
+        db.execute(
+            f"CREATE TABLE {table} (bucket TEXT NOT NULL, {dims}, {measures}, "
+            f"PRIMARY KEY (bucket, {', '.join(DIMENSIONS)})) WITHOUT ROWID"
+        )
+    db.execute(
+        "CREATE TABLE rollup_state (id INTEGER PRIMARY KEY CHECK (id = 1), "
+        "watermark INTEGER NOT NULL, compacted_before TEXT)"
+    )
+    # Rows already present when the feature is installed are folded in by the first pass.
+    db.execute("INSERT INTO rollup_state VALUES (1, 0, NULL)")
+
+
+@dataclass(slots=True, frozen=True)
+class RollupState:
+    #: Every ``requests`` row with ``rowid <= watermark`` is in both rollup tables.
+    watermark: int
+    #: Raw rows older than this ``ts`` may have been deleted (None: nothing deleted yet).
+    compacted_before: str | None
+
+
+def rollup_state(conn: sqlite3.Connection) -> RollupState:
+    row = conn.execute("SELECT watermark, compacted_before FROM rollup_state WHERE id = 1").fetchone()
+    return RollupState(int(row[0]), row[1])
+
+
+def _upsert_sql(table: str, width: int) -> str:
+    dims = list(DIMENSIONS)
+    cols = ["bucket", *dims, *MEASURES]
+    select = [
+        f"substr(ts, 1, {width})",
+        *(f"ifnull({DIMENSIONS[d]}, '')" for d in dims),
+        *MEASURES.values(),
+    ]
+    updates = ", ".join(f"{m} = {m} + excluded.{m}" for m in MEASURES)
+    return (
+        f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(select)} FROM requests "
+        f"WHERE rowid > ? AND rowid <= ? GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))} "
+        f"ON CONFLICT (bucket, {', '.join(dims)}) DO UPDATE SET {updates}"
+    )
+
+
+_UPSERTS = [_upsert_sql(table, width) for table, width in TABLES.items()]
+
+
+def roll_up(conn: sqlite3.Connection, batch: int = 50_000) -> int:
+    """Fold up to ``batch`` rows above the watermark into the rollups; returns how many.
+
+    Call inside a write transaction (``StoreWriter.call`` provides one).
+    """
+    low = rollup_state(conn).watermark
+    row = conn.execute(
+        "SELECT count(*), max(rowid) FROM "
+        "(SELECT rowid FROM requests WHERE rowid > ? ORDER BY rowid LIMIT ?)",
+        [low, batch],
+    ).fetchone()
+    count, high = int(row[0]), row[1]
+    if not count:
+        return 0
+    for sql in _UPSERTS:
+        conn.execute(sql, [low, high])
+    conn.execute("UPDATE rollup_state SET watermark = ? WHERE id = 1", [high])
+    return count
+
+
+def compact(conn: sqlite3.Connection, cutoff: str, batch: int = 5_000) -> int:
+    """Delete up to ``batch`` raw rows with ``ts < cutoff`` that are already rolled up.
+
+    Call inside a write transaction; repeat until it returns 0. Records the
+    cutoff so readers know raw rows before it may be gone.
+    """
+    state = rollup_state(conn)
+    top = conn.execute("SELECT max(rowid) FROM requests").fetchone()[0]
+    if top is None:
+        return 0
+    limit = min(state.watermark, int(top) - 1)
+    deleted = conn.execute(
+        "DELETE FROM requests WHERE rowid IN "
+        "(SELECT rowid FROM requests WHERE ts < ? AND rowid <= ? ORDER BY ts LIMIT ?)",
+        [cutoff, limit, batch],
+    ).rowcount
+    if deleted and (state.compacted_before is None or cutoff > state.compacted_before):
+        conn.execute("UPDATE rollup_state SET compacted_before = ? WHERE id = 1", [cutoff])
+    return int(deleted)

@@ -1,0 +1,370 @@
+"""Summaries: totals and groups over a time range, from rollups where they can answer, raw rows elsewhere.
+
+`summarize` answers one `SummaryQuery` (a `RequestFilter`, up to two group-by
+dimensions, a time zone for calendar buckets) inside ONE read transaction, so
+the rollup watermark, the rollup tables and the raw rows are one snapshot and
+every stored request counts exactly once:
+
+- raw rows above the watermark (not rolled up yet: the last few seconds) are
+  read directly, by rowid;
+- below the watermark the range ``[since, until)`` is cut into pieces: the
+  partial hours at either end come from raw rows, whole UTC days from
+  ``rollup_day`` (when no hour bucket or non-UTC calendar is asked for), and
+  the whole hours around them from ``rollup_hour``.
+
+A query that groups or filters by ``session`` or a tag cannot use rollups
+(they do not keep those dimensions) and reads raw rows only; over ranges
+older than the retention cutoff it therefore sees only the rows still kept,
+and says so in `Summary.notes`. Likewise a partial hour whose raw rows were
+deleted is answered from its whole hour, with a note.
+
+Calendar buckets (``hour, day, week, month``) are computed in Python from UTC
+hour prefixes, in the query's time zone (weeks start on Monday). A zone whose
+offset is not a whole number of hours (Asia/Kolkata) cuts UTC hours in two, so
+such queries bucket raw rows by minute and do not use rollups (slower, exact;
+over deleted raw data they see only what is kept, with a note).
+
+Costs are summed as integer picodollars (``cost_pico``); nothing here is a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
+
+from meterproxy.store.queries import RequestFilter
+from meterproxy.store.rollups import DIMENSIONS, MEASURES, RollupState, rollup_state
+
+__all__ = [
+    "GROUPABLE",
+    "MEASURE_NAMES",
+    "TIME_DIMENSIONS",
+    "Summary",
+    "SummaryQuery",
+    "bucket_label",
+    "bucket_start",
+    "is_groupable",
+    "summarize",
+    "with_filter",
+]
+
+TIME_DIMENSIONS = ("hour", "day", "week", "month")
+#: Dimensions ``group_by`` accepts (plus ``tag:<name>``).
+GROUPABLE = (*DIMENSIONS, "session", *TIME_DIMENSIONS)
+MEASURE_NAMES = list(MEASURES)
+_RAW_ONLY_COLUMNS = {"session": "session"}
+
+
+def is_groupable(name: str) -> bool:
+    return name in GROUPABLE or (name.startswith("tag:") and len(name) > 4)
+
+
+@dataclass(slots=True)
+class SummaryQuery:
+    filter: RequestFilter = field(default_factory=RequestFilter)
+    group_by: list[str] = field(default_factory=list)
+    tz: tzinfo = UTC
+
+
+@dataclass(slots=True)
+class Summary:
+    #: Measure name -> integer sum (``cost_pico`` included).
+    totals: dict[str, int]
+    #: ``(key, measures)`` pairs; ``key`` maps each group_by dimension to its value.
+    groups: list[tuple[dict[str, str | None], dict[str, int]]]
+    notes: list[str] = field(default_factory=list)
+
+
+# -- time helpers ------------------------------------------------------------
+
+
+def _parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def _fmt(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _floor(ts: str | None, unit: str) -> str | None:
+    if ts is None:
+        return None
+    dt = _parse(ts).replace(minute=0, second=0, microsecond=0)
+    if unit == "day":
+        dt = dt.replace(hour=0)
+    return _fmt(dt)
+
+
+def _ceil(ts: str | None, unit: str) -> str | None:
+    if ts is None:
+        return None
+    floor = _floor(ts, unit)
+    assert floor is not None
+    if floor == ts:
+        return ts
+    return _fmt(_parse(floor) + (timedelta(days=1) if unit == "day" else timedelta(hours=1)))
+
+
+def _whole_hour_zone(tz: tzinfo, flt: RequestFilter) -> bool:
+    moments = [datetime.now(UTC)] + [_parse(t) for t in (flt.since, flt.until) if t]
+    return all(
+        int((m.astimezone(tz).utcoffset() or timedelta()).total_seconds()) % 3600 == 0 for m in moments
+    )
+
+
+def _is_utc(tz: tzinfo) -> bool:
+    return tz is UTC or str(tz) in ("UTC", "Etc/UTC", "Etc/GMT", "GMT", "Etc/Zulu", "Zulu", "UCT")
+
+
+# -- plan ----------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class _Raw:
+    since: str | None
+    until: str | None
+    rowid_op: str | None  # ">" or "<=" against the watermark, None for all rows
+
+
+@dataclass(slots=True, frozen=True)
+class _Rollup:
+    table: str
+    since: str | None  # on the table's bucket boundary
+    until: str | None
+
+
+def _plan(q: SummaryQuery, state: RollupState, notes: list[str], minute: bool) -> list[_Raw | _Rollup]:
+    flt = q.filter
+    s, u = flt.since, flt.until
+    horizon = state.compacted_before
+    # Rollups keep neither sessions nor tags, and their hours straddle the calendar
+    # buckets of zones offset by a fraction of an hour: those queries read raw rows.
+    raw_only = (
+        minute
+        or bool(flt.session is not None or flt.tags)
+        or any(g == "session" or g.startswith("tag:") for g in q.group_by)
+    )
+    if raw_only:
+        if horizon is not None and (s is None or s < horizon):
+            notes.append(
+                f"raw rows before {horizon} were deleted by retention; figures grouped or filtered "
+                "by session or tag, or bucketed in a zone with a fractional-hour offset, cover only "
+                "the rows still kept"
+            )
+        return [_Raw(s, u, None)]
+    time_dims = [g for g in q.group_by if g in TIME_DIMENSIONS]
+    use_day = not time_dims or (time_dims[0] != "hour" and _is_utc(q.tz))
+    segs: list[_Raw | _Rollup] = [_Raw(s, u, ">")]
+
+    def edge(a: str | None, b: str | None) -> None:
+        if horizon is not None and (a is None or a < horizon):
+            whole = (_floor(a, "hour"), _ceil(b, "hour"))
+            notes.append(
+                f"raw rows before {horizon} were deleted by retention; the partial hour "
+                f"{a}..{b} is answered for the whole hour from rollups"
+            )
+            segs.append(_Rollup("rollup_hour", *whole))
+        else:
+            segs.append(_Raw(a, b, "<="))
+
+    sh, uh = _ceil(s, "hour"), _floor(u, "hour")
+    if sh is not None and uh is not None and sh >= uh:
+        edge(s, u)
+        return segs
+    if s != sh:
+        edge(s, sh)
+    if u != uh:
+        edge(uh, u)
+    if use_day:
+        sd, ud = _ceil(sh, "day"), _floor(uh, "day")
+        if sd is None or ud is None or sd < ud:
+            if sh != sd:
+                segs.append(_Rollup("rollup_hour", sh, sd))
+            segs.append(_Rollup("rollup_day", sd, ud))
+            if ud != uh:
+                segs.append(_Rollup("rollup_hour", ud, uh))
+            return segs
+    segs.append(_Rollup("rollup_hour", sh, uh))
+    return segs
+
+
+# -- SQL -------------------------------------------------------------------------
+
+
+def _dim_filters(flt: RequestFilter, raw: bool) -> tuple[list[str], list[Any]]:
+    clauses, params = [], []
+    for dim, column in DIMENSIONS.items():
+        value = getattr(flt, dim)
+        if value is not None:
+            clauses.append(f"{column if raw else dim} = ?")
+            params.append(value)
+    if raw:
+        if flt.session is not None:
+            clauses.append("session = ?")
+            params.append(flt.session)
+        for tag, value in flt.tags.items():
+            clauses.append("json_extract(tags, ?) = ?")
+            params.extend([f'$."{tag}"', value])
+    return clauses, params
+
+
+def _raw_sql(q: SummaryQuery, seg: _Raw, watermark: int, minute: bool) -> tuple[str, list[Any]]:
+    select: list[str] = []
+    sel_params: list[Any] = []
+    for g in q.group_by:
+        if g in TIME_DIMENSIONS:
+            select.append(f"substr(ts, 1, {16 if minute else 13})")
+        elif g.startswith("tag:"):
+            select.append("ifnull(json_extract(tags, ?), '')")
+            sel_params.append(f'$."{g[4:]}"')
+        else:
+            select.append(f"ifnull({_RAW_ONLY_COLUMNS.get(g) or DIMENSIONS[g]}, '')")
+    clauses, params = _dim_filters(q.filter, raw=True)
+    # Above the watermark the rowid range is the small, selective one: keep the ts index out of it.
+    ts = "+ts" if seg.rowid_op == ">" else "ts"
+    if seg.since is not None:
+        clauses.append(f"{ts} >= ?")
+        params.append(seg.since)
+    if seg.until is not None:
+        clauses.append(f"{ts} < ?")
+        params.append(seg.until)
+    if seg.rowid_op is not None:
+        clauses.append(f"rowid {seg.rowid_op} ?")
+        params.append(watermark)
+    where = " AND ".join(clauses) or "1"
+    sql = f"SELECT {', '.join([*select, *MEASURES.values()])} FROM requests WHERE {where}"
+    if select:
+        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(select)))
+    return sql, sel_params + params
+
+
+def _rollup_sql(q: SummaryQuery, seg: _Rollup) -> tuple[str, list[Any]]:
+    width = 13 if seg.table == "rollup_hour" else 10
+    select = ["bucket" if g in TIME_DIMENSIONS else g for g in q.group_by]
+    clauses, params = _dim_filters(q.filter, raw=False)
+    if seg.since is not None:
+        clauses.append("bucket >= ?")
+        params.append(seg.since[:width])
+    if seg.until is not None:
+        clauses.append("bucket < ?")
+        params.append(seg.until[:width])
+    sums = [f"sum({m})" for m in MEASURES]
+    sql = f"SELECT {', '.join([*select, *sums])} FROM {seg.table} WHERE {' AND '.join(clauses) or '1'}"
+    if select:
+        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(select)))
+    return sql, params
+
+
+# -- buckets -----------------------------------------------------------------------
+
+
+def bucket_label(prefix: str, kind: str, tz: tzinfo) -> str:
+    """A UTC ts prefix (day, hour or minute) -> the calendar bucket it falls in, in ``tz``."""
+    if len(prefix) == 10:
+        start = datetime.fromisoformat(prefix).replace(tzinfo=UTC)
+    elif len(prefix) == 13:
+        start = datetime.fromisoformat(prefix + ":00").replace(tzinfo=UTC)
+    else:
+        start = datetime.fromisoformat(prefix).replace(tzinfo=UTC)
+    local = start.astimezone(tz)
+    if kind == "hour":
+        return local.replace(minute=0, second=0, microsecond=0).isoformat()
+    if kind == "day":
+        return local.date().isoformat()
+    if kind == "week":
+        return (local.date() - timedelta(days=local.weekday())).isoformat()
+    return local.strftime("%Y-%m")
+
+
+def bucket_start(label: str, kind: str, tz: tzinfo) -> datetime:
+    """The instant a bucket label (as `summarize` returns it) starts."""
+    if kind == "hour":
+        return datetime.fromisoformat(label)
+    if kind == "month":
+        label += "-01"
+    return datetime.fromisoformat(label).replace(tzinfo=tz)
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+def _accumulate(
+    acc: dict[tuple[Any, ...], list[int]],
+    rows: Iterable[tuple[Any, ...]],
+    q: SummaryQuery,
+    labels: dict[str, str],
+) -> None:
+    n = len(q.group_by)
+    for row in rows:
+        measures = row[n:]
+        if not measures[0]:
+            continue
+        key_parts: list[Any] = []
+        for g, value in zip(q.group_by, row[:n], strict=True):
+            if g in TIME_DIMENSIONS:
+                label = labels.get(value)
+                if label is None:
+                    label = labels[value] = bucket_label(value, g, q.tz)
+                key_parts.append(label)
+            else:
+                key_parts.append(value if value != "" else None)
+        key = tuple(key_parts)
+        current = acc.get(key)
+        if current is None:
+            acc[key] = [int(v or 0) for v in measures]
+        else:
+            for i, v in enumerate(measures):
+                current[i] += int(v or 0)
+
+
+def _sort_key(q: SummaryQuery) -> Any:
+    cost = MEASURE_NAMES.index("cost_pico")
+    time_index = next((i for i, g in enumerate(q.group_by) if g in TIME_DIMENSIONS), None)
+
+    def key(item: tuple[tuple[Any, ...], list[int]]) -> Any:
+        k, m = item
+        first = k[time_index] if time_index is not None else ""
+        return (first, -m[cost], -m[0], [("" if v is None else v) for v in k])
+
+    return key
+
+
+def summarize(conn: sqlite3.Connection, q: SummaryQuery) -> Summary:
+    """Totals and groups for ``q`` (see module docstring). ``conn`` is a read connection."""
+    notes: list[str] = []
+    acc: dict[tuple[Any, ...], list[int]] = {}
+    labels: dict[str, str] = {}
+    minute = any(g in TIME_DIMENSIONS for g in q.group_by) and not _whole_hour_zone(q.tz, q.filter)
+    conn.execute("BEGIN")
+    try:
+        state = rollup_state(conn)
+        for seg in _plan(q, state, notes, minute):
+            if isinstance(seg, _Raw):
+                sql, params = _raw_sql(q, seg, state.watermark, minute)
+            else:
+                sql, params = _rollup_sql(q, seg)
+            _accumulate(acc, conn.execute(sql, params), q, labels)
+    finally:
+        conn.execute("COMMIT")
+    totals = [0] * len(MEASURE_NAMES)
+    for measures in acc.values():
+        for i, v in enumerate(measures):
+            totals[i] += v
+    groups = (
+        [
+            (dict(zip(q.group_by, k, strict=True)), dict(zip(MEASURE_NAMES, m, strict=True)))
+            for k, m in sorted(acc.items(), key=_sort_key(q))
+        ]
+        if q.group_by
+        else []
+    )
+    return Summary(dict(zip(MEASURE_NAMES, totals, strict=True)), groups, notes)
+
+
+def with_filter(q: SummaryQuery, **changes: Any) -> SummaryQuery:
+    """A copy of ``q`` with filter fields changed (e.g. a narrower time range)."""
+    return dataclasses.replace(q, filter=dataclasses.replace(q.filter, **changes))
