@@ -1,0 +1,339 @@
+"""SQLite-dialect SQL -> PostgreSQL SQL: the one translation every statement goes through.
+
+The store's SQL is written once, in the SQLite dialect with ``?`` placeholders,
+by whoever owns the feature (queries, rollups, budgets, imports). On
+PostgreSQL each statement passes through `translate` once (the result is
+cached by text) before psycopg sees it. The translation works on tokens, never
+on raw text, so nothing inside a string literal or a quoted name is touched:
+
+- ``?`` -> ``%s`` (and ``:name`` -> ``%(name)s``); a literal ``%`` -> ``%%``;
+- ``user`` -> ``"user"`` (a reserved word in PostgreSQL, where bare ``user``
+  silently means CURRENT_USER), and ``offset``/``limit`` where they name a column;
+- ``instr(`` -> ``strpos(``, ``json_object(`` -> ``json_build_object(``;
+- ``WHERE 1`` -> ``WHERE TRUE``, and an integer flag used as a condition
+  (``CASE WHEN streamed THEN``) -> ``streamed <> 0``;
+- a unary ``+`` before a column (SQLite's "don't use an index here") is dropped;
+- ``INSERT OR IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``;
+  ``INSERT OR REPLACE`` -> ``INSERT ... ON CONFLICT (<primary key>) DO UPDATE``
+  (the connection fills in the key, see `Translated.replace_table`);
+- ``BEGIN [IMMEDIATE|EXCLUSIVE|DEFERRED]`` -> ``BEGIN ISOLATION LEVEL SERIALIZABLE``:
+  SQLite serializes writers with its file lock; SERIALIZABLE gives the same
+  guarantee across replicas (the writer retries serialization failures);
+- ``PRAGMA ...`` -> nothing (`Translated.noop`);
+- DDL: ``INTEGER`` -> ``BIGINT`` (costs in picodollars overflow int4),
+  ``INTEGER PRIMARY KEY`` -> an identity column, ``REAL`` -> ``DOUBLE PRECISION``,
+  ``BLOB`` -> ``BYTEA``, ``WITHOUT ROWID``/``AUTOINCREMENT`` dropped; and a table
+  that SQLite would give an implicit ``rowid`` gets a real ``rowid`` identity
+  column, so ``rowid`` queries (rollup watermarks) read the same on both;
+  ``TEXT`` columns get ``COLLATE "C"`` so text compares and sorts byte-wise
+  as in SQLite (ISO timestamps, keyset cursors), whatever the server's locale.
+
+What cannot be expressed as a token rewrite is provided as SQL functions in
+PostgreSQL instead (``ifnull``, ``json_extract``, ``strftime``, ``sum(boolean)``, a
+``sqlite_master`` view): see `meterproxy.store.pg_compat`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["Translated", "translate"]
+
+_TOKEN = re.compile(
+    r"""
+    (?P<str>'(?:[^']|'')*')
+  | (?P<qid>"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\])
+  | (?P<comment>--[^\n]*|/\*.*?\*/)
+  | (?P<qmark>\?\d*)
+  | (?P<named>(?<!:):[A-Za-z_]\w*)
+  | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
+  | (?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)
+  | (?P<ws>\s+)
+  | (?P<pct>%)
+  | (?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+_RENAMED_FUNCTIONS = {"instr": "strpos", "json_object": "json_build_object"}
+_QUOTED_WORDS = {"user"}
+_DDL_TYPES = {"integer": "BIGINT", "int": "BIGINT", "real": "DOUBLE PRECISION", "blob": "BYTEA"}
+_VALUE_END = {"word", "qid", "num", "str", "qmark", "named", "raw"}
+
+
+@dataclass(frozen=True, slots=True)
+class Translated:
+    sql: str
+    #: The statement does nothing on PostgreSQL (PRAGMA).
+    noop: bool = False
+    #: For ``INSERT OR REPLACE``: the table whose primary key becomes the conflict target,
+    #: and the inserted columns; ``sql`` then holds a ``{conflict}`` slot.
+    replace_table: str | None = None
+    replace_columns: tuple[str, ...] = ()
+
+
+def _tokens(sql: str) -> list[tuple[str, str]]:
+    return [(m.lastgroup or "other", m.group()) for m in _TOKEN.finditer(sql)]
+
+
+def _significant(tokens: list[tuple[str, str]]) -> list[int]:
+    return [i for i, (kind, _) in enumerate(tokens) if kind not in ("ws", "comment")]
+
+
+@lru_cache(maxsize=2048)
+def translate(sql: str) -> Translated:
+    """The PostgreSQL form of one SQLite-dialect statement (cached)."""
+    tokens = _tokens(sql)
+    sig = _significant(tokens)
+    words = [tokens[i][1].lower() if tokens[i][0] == "word" else "" for i in sig]
+    if not sig:
+        return Translated(sql)
+    head = words[0]
+    if head == "pragma":
+        return Translated("", noop=True)
+    if head == "begin":
+        return Translated("BEGIN ISOLATION LEVEL SERIALIZABLE")
+    if head in ("commit", "end"):
+        return Translated("COMMIT")
+    ddl = head in ("create", "alter") and len(words) > 1 and words[1] in ("table", "temp", "temporary")
+
+    out: list[str] = []
+    suffix = ""
+    replace_table: str | None = None
+    replace_columns: tuple[str, ...] = ()
+    skip: set[int] = set()
+    if head == "insert" and len(words) > 2 and words[1] == "or" and words[2] in ("ignore", "replace"):
+        skip.update(range(sig[1], sig[3]))  # "OR IGNORE " and its spaces
+        if words[2] == "ignore":
+            suffix = " ON CONFLICT DO NOTHING"
+        else:
+            replace_table, replace_columns = _insert_target(tokens, sig)
+            suffix = " {conflict}"
+    if ddl and head == "create":
+        _rewrite_create_table(tokens, sig, words)
+    _alias_subqueries(tokens, sig)
+    if head == "insert":
+        _qualify_upsert_columns(tokens, sig, words)
+
+    prev_kind = ""
+    prev_text = ""
+    for pos, (kind, text) in enumerate(tokens):
+        if pos in skip:
+            continue
+        if kind == "qmark":
+            text = "%s"
+        elif kind == "named":
+            text = f"%({text[1:]})s"
+        elif kind == "pct":
+            text = "%%"
+        elif kind == "str" or kind == "comment":
+            text = text.replace("%", "%%")
+        elif kind == "qid" and text[0] in "`[":
+            text = '"' + text[1:-1] + '"'
+        elif (
+            kind in ("word", "qid")
+            and _is_bare_condition(tokens, pos, prev_text)
+            and (text.lower() not in _CONDITION_WORDS)
+        ):
+            # SQLite's integer flags as conditions ("WHEN streamed THEN"): PostgreSQL wants a boolean
+            text = ('"user"' if text.lower() == "user" else text) + " <> 0"
+        elif kind == "word":
+            low = text.lower()
+            if low in _QUOTED_WORDS or (low in _CONTEXT_RESERVED and _is_identifier(tokens, pos, prev_text)):
+                text = f'"{low}"'
+            elif low in _RENAMED_FUNCTIONS and _next_is(tokens, pos, "("):
+                text = _RENAMED_FUNCTIONS[low]
+            elif low in _DDL_TYPES and ((ddl and prev_kind in ("word", "qid")) or prev_text.lower() == "as"):
+                text = _DDL_TYPES[low]
+            elif low == "text" and ddl and prev_kind in ("word", "qid") and prev_text.lower() != "as":
+                text = 'TEXT COLLATE "C"'  # compare bytes, as SQLite does, whatever the locale
+            elif ddl and low in ("autoincrement",):
+                text = ""
+        elif kind == "num" and text in ("0", "1") and _is_bare_condition(tokens, pos, prev_text):
+            text = "TRUE" if text == "1" else "FALSE"  # "WHERE 1": PostgreSQL wants a boolean
+        elif kind == "other" and text == "+" and _is_unary(prev_kind, prev_text):
+            text = ""  # SQLite's "+column" (keep the index out); means nothing in PostgreSQL
+        if kind not in ("ws", "comment"):
+            prev_kind, prev_text = kind, text
+        out.append(text)
+    translated = "".join(out).rstrip().rstrip(";")
+    if ddl:
+        translated = re.sub(r"\)\s*WITHOUT\s+ROWID\s*$", ")", translated, flags=re.IGNORECASE)
+    if suffix:
+        translated = _add_suffix(translated, suffix)
+    return Translated(translated, replace_table=replace_table, replace_columns=replace_columns)
+
+
+# After these keywords a "+" is unary (so "SELECT +ts", "WHERE +ts >= ?", "AND +x").
+_KEYWORDS_BEFORE_VALUE = {
+    "select",
+    "where",
+    "and",
+    "or",
+    "not",
+    "on",
+    "by",
+    "when",
+    "then",
+    "else",
+    "having",
+    "set",
+    "return",
+    "in",
+    "between",
+    "like",
+    "is",
+}
+
+
+# A word after a subquery's ")" that is a clause, not its alias.
+_NOT_ALIAS = {
+    "where", "group", "order", "limit", "offset", "join", "left", "right", "inner", "outer", "cross",
+    "full", "natural", "on", "using", "union", "intersect", "except", "having", "window", "returning",
+}  # fmt: skip
+
+
+def _alias_subqueries(tokens: list[tuple[str, str]], sig: list[int]) -> None:
+    """``FROM (SELECT ...)`` needs an alias in PostgreSQL (before 16); SQLite does not."""
+    count = 0
+    for n, i in enumerate(sig[:-2]):
+        if tokens[i][1].lower() not in ("from", "join") or tokens[sig[n + 1]][1] != "(":
+            continue
+        if tokens[sig[n + 2]][1].lower() not in ("select", "with", "values"):
+            continue
+        depth = 0
+        for m in range(n + 1, len(sig)):
+            text = tokens[sig[m]][1]
+            depth += text == "("
+            depth -= text == ")"
+            if depth == 0:
+                following = tokens[sig[m + 1]] if m + 1 < len(sig) else ("", "")
+                if following[0] not in ("word", "qid") or following[1].lower() in _NOT_ALIAS:
+                    count += 1
+                    tokens[sig[m]] = ("raw", f") AS _subquery{count}")
+                break
+
+
+_EXPR_WORDS = {
+    "and", "or", "not", "null", "case", "when", "then", "else", "end", "is", "true", "false", "in",
+    "between", "like", "distinct", "from", "as", "cast", "excluded", "where", "returning", "set",
+}  # fmt: skip
+
+
+def _qualify_upsert_columns(tokens: list[tuple[str, str]], sig: list[int], words: list[str]) -> None:
+    """``DO UPDATE SET n = n + excluded.n``: PostgreSQL wants the left ``n`` as ``table.n``."""
+    try:
+        into = words.index("into")
+        start = next(n for n in range(len(words) - 2) if words[n : n + 3] == ["do", "update", "set"])
+    except (ValueError, StopIteration):
+        return
+    table = tokens[sig[into + 1]][1]
+    in_value = False
+    for n in range(start + 3, len(sig)):
+        kind, text = tokens[sig[n]]
+        low = text.lower()
+        if low in ("where", "returning"):
+            return
+        if text == "=":
+            in_value = True
+        elif text == ",":
+            in_value = False
+        elif in_value and kind == "word" and low not in _EXPR_WORDS:
+            before = tokens[sig[n - 1]][1]
+            after = tokens[sig[n + 1]][1] if n + 1 < len(sig) else ""
+            if before != "." and after not in ("(", "."):
+                tokens[sig[n]] = ("raw", f"{table}.{text}")
+
+
+def _is_unary(prev_kind: str, prev_text: str) -> bool:
+    if prev_kind == "word":
+        return prev_text.lower() in _KEYWORDS_BEFORE_VALUE
+    return prev_kind not in _VALUE_END and prev_text != ")"
+
+
+# PostgreSQL keywords that SQLite lets tables use as column names ("offset" in import_files):
+# quoted where they stand as a column, left alone in "LIMIT ? OFFSET ?".
+_CONTEXT_RESERVED = {"offset", "limit"}
+_IDENT_BEFORE = {"(", ",", ".", "select", "set", "by", "where", "and", "or", "on", "distinct"}
+_IDENT_AFTER = {",", ")", "=", "<", ">", "<=", ">=", "!=", "<>", "+", "-", "text", "integer", "real"}
+
+
+def _is_identifier(tokens: list[tuple[str, str]], pos: int, prev_text: str) -> bool:
+    following = ""
+    for kind, value in tokens[pos + 1 :]:
+        if kind not in ("ws", "comment"):
+            following = value.lower()
+            break
+    return prev_text.lower() in _IDENT_BEFORE or following in _IDENT_AFTER
+
+
+_CONDITION_BEFORE = {"where", "and", "or", "not", "having", "when", "on"}
+_CONDITION_WORDS = {"true", "false", "null", "exists", "not", "select"}
+_CONDITION_AFTER = {"", ")", "and", "or", "order", "group", "limit", "having", "union", "then", "returning"}
+
+
+def _is_bare_condition(tokens: list[tuple[str, str]], pos: int, prev_text: str) -> bool:
+    if prev_text.lower() not in _CONDITION_BEFORE:
+        return False
+    following = ""
+    for kind, value in tokens[pos + 1 :]:
+        if kind not in ("ws", "comment"):
+            following = value.lower()
+            break
+    return following in _CONDITION_AFTER
+
+
+def _next_is(tokens: list[tuple[str, str]], pos: int, text: str) -> bool:
+    for kind, value in tokens[pos + 1 :]:
+        if kind in ("ws", "comment"):
+            continue
+        return value == text
+    return False
+
+
+def _insert_target(tokens: list[tuple[str, str]], sig: list[int]) -> tuple[str, tuple[str, ...]]:
+    """Table and column list of ``INSERT OR REPLACE INTO t (a, b) ...``."""
+    values = [tokens[i] for i in sig]
+    # INSERT OR REPLACE INTO <table> ( cols )
+    table = values[4][1].strip('"')
+    columns: list[str] = []
+    if len(values) > 5 and values[5][1] == "(":
+        for kind, text in values[6:]:
+            if text == ")":
+                break
+            if kind in ("word", "qid"):
+                columns.append(text.strip('"'))
+    return table, tuple(columns)
+
+
+def _add_suffix(sql: str, suffix: str) -> str:
+    match = re.search(r"\sRETURNING\s", sql, flags=re.IGNORECASE)
+    if match:
+        return sql[: match.start()] + suffix + sql[match.start() :]
+    return sql + suffix
+
+
+def _rewrite_create_table(tokens: list[tuple[str, str]], sig: list[int], words: list[str]) -> None:
+    """``INTEGER PRIMARY KEY`` -> identity; an implicit-rowid table gets a ``rowid`` column."""
+    has_int_pk = False
+    for n in range(len(sig) - 2):
+        if words[n] in ("integer", "int") and words[n + 1] == "primary" and words[n + 2] == "key":
+            tokens[sig[n]] = ("raw", "BIGINT GENERATED BY DEFAULT AS IDENTITY")
+            has_int_pk = True
+    text = " ".join(w for w in words if w)
+    without_rowid = "without rowid" in text
+    if has_int_pk or without_rowid or "as" in words[:6]:
+        return
+    # Last, so positional "INSERT INTO t VALUES (...)" still lines up with the declared columns.
+    depth = 0
+    for i in sig:
+        text = tokens[i][1]
+        if text == "(":
+            depth += 1
+        elif text == ")":
+            depth -= 1
+            if depth == 0:
+                tokens[i] = ("raw", ", rowid BIGINT GENERATED BY DEFAULT AS IDENTITY UNIQUE)")
+                return
