@@ -70,24 +70,14 @@ class SSEDecoder:
         buf += chunk
         events: list[SSEEvent] = []
         self.dropped_raw = b""
-        pos = self._consumed
         n = len(buf)
-        while pos < n:
-            lf = buf.find(b"\n", pos)
-            cr = buf.find(b"\r", pos, lf if lf != -1 else n)
-            if cr != -1:
-                # CR ends the line; a CR at the very end may be the first half of CRLF.
-                if cr == n - 1:
-                    break
-                end = cr
-                nxt = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
-            elif lf != -1:
-                end = lf
-                nxt = lf + 1
-            else:
-                break
-            self._line(bytes(buf[pos:end]), nxt, events)
-            pos = nxt
+        pos = self._consumed
+        if self._has_data or self._event is not None or pos != self._raw_start:
+            # Mid-event: lines until the pending event is dispatched, one at a time.
+            pos = self._scan(pos, n, events, until_event=True)
+        if pos == self._raw_start and not self._has_data and self._event is None:
+            pos = self._blocks(pos, events)
+        pos = self._scan(pos, n, events)
         # Drop what is fully consumed: everything before the pending event's raw start.
         if self._raw_start:
             del buf[: self._raw_start]
@@ -102,6 +92,55 @@ class SSEDecoder:
             self._buf = bytearray()
             self._consumed = 0
         return events
+
+    def _blocks(self, pos: int, events: list[SSEEvent]) -> int:
+        """The fast path, from an event boundary: whole events split on blank lines at once.
+
+        Only for LF line endings (every provider's); a CR anywhere ahead leaves the
+        bytes to `_scan`. An event that is one ``data:`` line (nearly all of them)
+        costs one slice; any other block (comments, ``event:``, several data lines,
+        extra blank lines) goes through `_scan` over exactly its own lines, so both
+        paths give the same events and raw bytes.
+        """
+        buf = self._buf
+        last = buf.rfind(b"\n\n", pos)
+        if last < 0 or buf.find(b"\r", pos, last) >= 0:
+            return pos
+        start = pos
+        for block in bytes(buf[pos:last]).split(b"\n\n"):
+            end = start + len(block) + 2
+            if b"\n" not in block and block[:5] == b"data:":
+                data = block[6:] if block[5:6] == b" " else block[5:]
+                events.append(SSEEvent(None, data, bytes(buf[self._raw_start : end])))
+                self._raw_start = end
+            else:
+                self._scan(start, end, events)
+            start = end
+        return last + 2
+
+    def _scan(self, pos: int, n: int, events: list[SSEEvent], until_event: bool = False) -> int:
+        """Line by line (any line ending) from ``pos`` up to ``n``; returns where it stopped."""
+        buf = self._buf
+        count = len(events)
+        while pos < n:
+            lf = buf.find(b"\n", pos, n)
+            cr = buf.find(b"\r", pos, lf if lf != -1 else n)
+            if cr != -1:
+                # CR ends the line; a CR at the very end may be the first half of CRLF.
+                if cr == len(buf) - 1:
+                    break
+                end = cr
+                nxt = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+            elif lf != -1:
+                end = lf
+                nxt = lf + 1
+            else:
+                break
+            self._line(bytes(buf[pos:end]), nxt, events)
+            pos = nxt
+            if until_event and len(events) > count:
+                break
+        return pos
 
     def _line(self, line: bytes, nxt: int, events: list[SSEEvent]) -> None:
         if not line:

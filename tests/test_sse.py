@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterproxy.sse import SSEDecoder, SSEEvent
 from meterproxy.testing import FIXTURES_DIR, load_fixture
@@ -78,3 +82,46 @@ def test_oversized_event_is_dropped_but_reported() -> None:
     assert decoder.dropped_raw == big
     events = decoder.feed(b"\n\ndata: ok\n\n")
     assert [e.data for e in events] == [b"ok"]
+
+
+_LINES = [
+    b"data: x",
+    b"data:y",
+    b'data: {"usage":null}',
+    b"event: e",
+    b": keep-alive",
+    b"",
+    b"id: 1",
+    b"data",
+]
+
+
+@given(
+    lines=st.lists(st.sampled_from(_LINES), max_size=30),
+    endings=st.lists(st.sampled_from([b"\n", b"\n", b"\n", b"\r\n", b"\r"]), min_size=30, max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+    lf_only=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_fast_path_matches_the_line_scanner(
+    lines: list[bytes], endings: list[bytes], cuts: list[int], lf_only: bool
+) -> None:
+    """Whole-event splitting (the fast path) gives exactly what line-by-line scanning gives."""
+    if lf_only:  # the fast path's case; mixed endings check that it stands aside
+        endings = [b"\n"] * len(endings)
+    stream = b"".join(line + endings[i] for i, line in enumerate(lines))
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+
+    class LineOnly(SSEDecoder):
+        __slots__ = ()
+
+        def _blocks(self, pos: int, events: list[SSEEvent]) -> int:
+            return pos
+
+    def run(decoder: SSEDecoder) -> tuple[list[tuple[str | None, bytes, bytes]], bytes]:
+        events = [e for c in chunks for e in decoder.feed(c)]
+        more, tail = decoder.finish()
+        return [(e.event, e.data, e.raw) for e in events + more], tail
+
+    assert run(SSEDecoder()) == run(LineOnly())
