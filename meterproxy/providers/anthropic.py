@@ -45,12 +45,15 @@ def normalize_anthropic_usage(raw: dict[str, Any]) -> Usage:
 
 
 class AnthropicParser:
-    __slots__ = ("_raw", "_result")
+    __slots__ = ("_raw", "_result", "_tainted")
 
     def __init__(self) -> None:
         self._result = ParseResult()
         # The provider's own usage fields, merged event by event (cumulative semantics).
         self._raw: dict[str, Any] = {}
+        # A usage frame was unreadable: later deltas cannot make the sum whole again
+        # (input tokens come only in message_start), so the usage stays invalid.
+        self._tainted = False
 
     def _merge(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -59,6 +62,8 @@ class AnthropicParser:
         for key, value in usage.items():
             if value is not None:
                 self._raw[key] = value
+        if self._tainted:
+            return
         try:
             self._result.usage = normalize_anthropic_usage(self._raw)
             self._result.usage_source = "reported"
@@ -66,6 +71,7 @@ class AnthropicParser:
             self._flag(str(exc))
 
     def _flag(self, why: str) -> None:
+        self._tainted = True
         self._result.usage = None
         self._result.usage_source = "invalid"
         self._result.notes.append(why)
@@ -75,7 +81,10 @@ class AnthropicParser:
         if name in ("message_start", "message_delta", "error") or (name is None and b'"usage"' in event.data):
             payload = loads(event.data)
             if not isinstance(payload, dict):
-                self._result.notes.append("malformed stream event")
+                if name in ("message_start", "message_delta") or b'"usage"' in event.data:
+                    self._flag("malformed usage event")
+                else:
+                    self._result.notes.append("malformed stream event")
                 return event.raw
             kind = payload.get("type", name)
             if kind == "message_start":

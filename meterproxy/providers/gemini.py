@@ -81,7 +81,11 @@ class GeminiParser:
     def on_event(self, event: SSEEvent) -> bytes | None:
         data = event.data
         if b'"usageMetadata"' in data or b'"error"' in data or self._result.model is None:
-            self._take(loads(data))
+            chunk = loads(data)
+            if chunk is None and b'"usageMetadata"' in data:
+                # An unreadable usage frame: flagged, unless a later chunk's running total replaces it.
+                self._result.usage, self._result.usage_source = None, "invalid"
+            self._take(chunk)
         return event.raw
 
     def on_body(self, body: bytes, truncated: bool) -> None:

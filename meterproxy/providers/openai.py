@@ -134,6 +134,9 @@ class OpenAIParser:
         chunk = loads(data)
         if not isinstance(chunk, dict):
             self._result.notes.append("malformed stream chunk")
+            if b'"usage"' in data and b'"usage":null' not in data:
+                # An unreadable usage frame: flagged, unless a later frame's total replaces it.
+                self._result.usage, self._result.usage_source = None, "invalid"
             return event.raw
         if not self._seen_model:
             self._take_model(chunk)
@@ -168,6 +171,8 @@ class OpenAIParser:
         payload = loads(event.data)
         if not isinstance(payload, dict):
             self._result.notes.append("malformed stream event")
+            if b'"usage"' in event.data:
+                self._result.usage, self._result.usage_source = None, "invalid"
             return
         kind = payload.get("type", name)
         if kind == "error":
