@@ -183,7 +183,8 @@ class MeterProxy(Target):
         cmd = [
             sys.executable,
             "-c",
-            "from meterproxy.cli import main; main()",
+            # BENCH_PRELUDE: Python run first, for trying a lever without editing the code.
+            os.environ.get("BENCH_PRELUDE", "") + "\nfrom meterproxy.cli import main; main()",
             "serve",
             "--port",
             str(self.port),

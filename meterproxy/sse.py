@@ -66,34 +66,47 @@ class SSEDecoder:
         self.oversized = 0
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._buf
-        buf += chunk
         events: list[SSEEvent] = []
         self.dropped_raw = b""
-        n = len(buf)
-        pos = self._consumed
-        if self._has_data or self._event is not None or pos != self._raw_start:
-            # Mid-event: lines until the pending event is dispatched, one at a time.
-            pos = self._scan(pos, n, events, until_event=True)
-        if pos == self._raw_start and not self._has_data and self._event is None:
-            pos = self._blocks(pos, events)
-        pos = self._scan(pos, n, events)
-        # Drop what is fully consumed: everything before the pending event's raw start.
-        if self._raw_start:
-            del buf[: self._raw_start]
-            pos -= self._raw_start
-            self._raw_start = 0
-        self._consumed = pos
-        if len(buf) > MAX_EVENT_BYTES:
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        if not self._buf and self._at_boundary():
+            # Nothing pending (reads usually end on an event boundary): decode straight
+            # from the chunk and keep only its unfinished tail, no copy of the rest.
+            pos = self._blocks(chunk, 0, events)
+            pos = self._scan(chunk, pos, events)
+            start = self._raw_start
+            self._buf = bytearray(chunk[start:]) if start < len(chunk) else bytearray()
+        else:
+            buf = self._buf
+            buf += chunk
+            pos = self._consumed
+            if not self._at_boundary():
+                # Mid-event: lines until the pending event is dispatched, one at a time.
+                pos = self._scan(buf, pos, events, until_event=True)
+            if self._at_boundary() and buf.find(b"\n\n", pos) >= 0:
+                pos = self._blocks(bytes(buf), pos, events)
+            pos = self._scan(buf, pos, events)
+            start = self._raw_start
+            # Drop what is fully consumed: everything before the pending event's raw start.
+            if start:
+                del buf[:start]
+        self._consumed = pos - start
+        self._raw_start = 0
+        if len(self._buf) > MAX_EVENT_BYTES:
             # A runaway event: stop accumulating it, keep the stream flowing.
             self.oversized += 1
             self._reset_event()
-            self.dropped_raw = bytes(buf)
+            self.dropped_raw = bytes(self._buf)
             self._buf = bytearray()
             self._consumed = 0
         return events
 
-    def _blocks(self, pos: int, events: list[SSEEvent]) -> int:
+    def _at_boundary(self) -> bool:
+        """Nothing of the pending event has been scanned yet."""
+        return not self._has_data and self._event is None and self._consumed == self._raw_start
+
+    def _blocks(self, buf: bytes, pos: int, events: list[SSEEvent]) -> int:
         """The fast path, from an event boundary: whole events split on blank lines at once.
 
         Only for LF line endings (every provider's); a CR anywhere ahead leaves the
@@ -102,25 +115,31 @@ class SSEDecoder:
         extra blank lines) goes through `_scan` over exactly its own lines, so both
         paths give the same events and raw bytes.
         """
-        buf = self._buf
         last = buf.rfind(b"\n\n", pos)
         if last < 0 or buf.find(b"\r", pos, last) >= 0:
             return pos
         start = pos
-        for block in bytes(buf[pos:last]).split(b"\n\n"):
+        for block in buf[pos:last].split(b"\n\n"):
             end = start + len(block) + 2
             if b"\n" not in block and block[:5] == b"data:":
                 data = block[6:] if block[5:6] == b" " else block[5:]
-                events.append(SSEEvent(None, data, bytes(buf[self._raw_start : end])))
+                events.append(SSEEvent(None, data, buf[self._raw_start : end]))
                 self._raw_start = end
             else:
-                self._scan(start, end, events)
+                self._scan(buf, start, events, limit=end)
             start = end
         return last + 2
 
-    def _scan(self, pos: int, n: int, events: list[SSEEvent], until_event: bool = False) -> int:
-        """Line by line (any line ending) from ``pos`` up to ``n``; returns where it stopped."""
-        buf = self._buf
+    def _scan(
+        self,
+        buf: bytes | bytearray,
+        pos: int,
+        events: list[SSEEvent],
+        until_event: bool = False,
+        limit: int | None = None,
+    ) -> int:
+        """Line by line (any line ending) from ``pos``; returns where it stopped."""
+        n = len(buf) if limit is None else limit
         count = len(events)
         while pos < n:
             lf = buf.find(b"\n", pos, n)
@@ -136,17 +155,17 @@ class SSEDecoder:
                 nxt = lf + 1
             else:
                 break
-            self._line(bytes(buf[pos:end]), nxt, events)
+            self._line(buf, bytes(buf[pos:end]), nxt, events)
             pos = nxt
             if until_event and len(events) > count:
                 break
         return pos
 
-    def _line(self, line: bytes, nxt: int, events: list[SSEEvent]) -> None:
+    def _line(self, buf: bytes | bytearray, line: bytes, nxt: int, events: list[SSEEvent]) -> None:
         if not line:
             if self._has_data:
                 events.append(
-                    SSEEvent(self._event, b"\n".join(self._data), bytes(self._buf[self._raw_start : nxt]))
+                    SSEEvent(self._event, b"\n".join(self._data), bytes(buf[self._raw_start : nxt]))
                 )
                 self._reset_event()
                 self._raw_start = nxt
@@ -183,7 +202,7 @@ class SSEDecoder:
         if self._consumed < len(buf):
             # The last line had no terminator (or ended with a lone CR).
             line = bytes(buf[self._consumed :]).rstrip(b"\r")
-            self._line(line, len(buf), events)
+            self._line(buf, line, len(buf), events)
         if self._has_data:
             events.append(SSEEvent(self._event, b"\n".join(self._data), bytes(buf[self._raw_start :])))
             tail = b""

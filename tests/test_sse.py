@@ -116,7 +116,7 @@ def test_fast_path_matches_the_line_scanner(
     class LineOnly(SSEDecoder):
         __slots__ = ()
 
-        def _blocks(self, pos: int, events: list[SSEEvent]) -> int:
+        def _blocks(self, buf: bytes, pos: int, events: list[SSEEvent]) -> int:
             return pos
 
     def run(decoder: SSEDecoder) -> tuple[list[tuple[str | None, bytes, bytes]], bytes]:
