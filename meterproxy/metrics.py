@@ -7,7 +7,9 @@ When it fires: `Metrics.request_finished` is a meter sink, so it runs once per
 request on the event loop, right after pricing and before (or beside) the
 store writer. By then the client has its answer; a failure here is logged by
 the meter and never reaches the request. It only increments in-memory
-counters, so it is cheap.
+counters through cached label children, so it is cheap (``bench/metrics_bench.py``).
+A scrape renders in a worker thread, so a large exposition never stalls the
+streams on the event loop.
 
 Design:
 
@@ -158,25 +160,25 @@ def unmetered_reason(record: RequestRecord) -> str | None:
 class _ModelLabel:
     """Model names in the price table pass; unknown ones are bounded by a `BoundedLabel`."""
 
-    # Known names are cached; past this many the cache stops growing (resolve is cheap enough).
+    # Answers are cached; past this many names the cache stops growing (resolve is cheap enough).
     _CACHE_MAX = 10_000
 
     def __init__(self, book: PriceBook | None, max_unknown: int) -> None:
         self.book = book
         self.unknown = BoundedLabel(max_unknown)
-        self._known: set[tuple[str, str]] = set()
+        self._cache: dict[tuple[str, str], str] = {}
 
     def __call__(self, model: str, provider: str) -> str:
         if not model:
             return "none"
         key = (model, provider)
-        if key in self._known or model in self.unknown.seen:
-            return model
-        if self.book is not None and self.book.resolve(model, provider or None) is not None:
-            if len(self._known) < self._CACHE_MAX:
-                self._known.add(key)
-            return model
-        return self.unknown(model)
+        label = self._cache.get(key)
+        if label is None:
+            known = self.book is not None and self.book.resolve(model, provider or None) is not None
+            label = model if known else self.unknown(model)
+            if len(self._cache) < self._CACHE_MAX:
+                self._cache[key] = label
+        return label
 
 
 class Metrics:
@@ -301,14 +303,24 @@ class Metrics:
         )
         self._written_seen = 0
         self._dropped_seen = 0
+        self._children: dict[tuple[object, ...], Any] = {}
 
     # -- the sink ----------------------------------------------------------
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: label values are bounded, so is this dict."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request_finished(self, record: RequestRecord) -> None:
         """Meter sink: count one finished (and priced) request."""
         upstream, provider = record.upstream, record.provider
         model = self.model_label(record.model or record.requested_model or "", provider)
         tags = [self._tag_values[k](record.tags.get(k, "")) for k in self.tag_keys]
-        self.requests.labels(upstream, provider, model, status_class(record.status), *tags).inc()
+        child = self._child
+        child(self.requests, upstream, provider, model, status_class(record.status), *tags).inc()
         u = record.tokens
         counts = (
             u.input_tokens,
@@ -319,30 +331,30 @@ class Metrics:
         )
         for kind, count in zip(TOKEN_TYPES, counts, strict=True):
             if count > 0:
-                self.tokens.labels(upstream, provider, model, kind, *tags).inc(count)
+                child(self.tokens, upstream, provider, model, kind, *tags).inc(count)
         if record.cost_usd is not None:
-            self.cost.labels(upstream, provider, model, *tags).inc(float(record.cost_usd))
+            child(self.cost, upstream, provider, model, *tags).inc(float(record.cost_usd))
         elif record.usage_source == "reported":
-            self.unpriced.labels(model).inc()
+            child(self.unpriced, model).inc()
             for kind, count in zip(TOKEN_TYPES, counts, strict=True):
                 if count > 0:
-                    self.unpriced_tokens.labels(model, kind).inc(count)
+                    child(self.unpriced_tokens, model, kind).inc(count)
         reason = unmetered_reason(record)
         if reason is not None:
-            self.unmetered.labels(upstream, reason).inc()
+            child(self.unmetered, upstream, reason).inc()
         self._observe_timings(record)
 
     def _observe_timings(self, record: RequestRecord) -> None:
-        upstream = record.upstream
+        upstream, child = record.upstream, self._child
         if record.duration_ms is not None:
-            self.duration.labels(upstream).observe(record.duration_ms / 1000)
+            child(self.duration, upstream).observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
-            self.ttfb.labels(upstream).observe(record.ttfb_ms / 1000)
+            child(self.ttfb, upstream).observe(record.ttfb_ms / 1000)
         if record.upstream_ms is not None:
-            self.upstream_duration.labels(upstream).observe(record.upstream_ms / 1000)
+            child(self.upstream_duration, upstream).observe(record.upstream_ms / 1000)
             if record.duration_ms is not None:
                 overhead = max(record.duration_ms - record.upstream_ms, 0.0) / 1000
-                self.overhead.labels(upstream).observe(overhead)
+                child(self.overhead, upstream).observe(overhead)
 
     # -- process state -----------------------------------------------------
     def refresh(self, app: web.Application) -> None:
@@ -420,7 +432,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
             return json_error(401, "unauthorized", "/metrics needs 'Authorization: Bearer <admin token>'")
     metrics = app[METRICS]
     metrics.refresh(app)
-    body, content_type = metrics.render(request.headers.get("accept", ""))
+    # Rendering thousands of series takes milliseconds: off the loop, so streams keep flowing.
+    body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("accept", ""))
     # content_type carries parameters (version, charset): set the raw header.
     return web.Response(body=body, headers={"Content-Type": content_type})
 
