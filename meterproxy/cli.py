@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "meterproxy.commands.prices",
     "meterproxy.commands.imports",
     "meterproxy.commands.reprice",
+    "meterproxy.commands.migrate",
 ]
 
 

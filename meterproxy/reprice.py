@@ -32,7 +32,8 @@ from typing import Any
 
 from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
-from meterproxy.store.schema import connect, from_pico, to_pico
+from meterproxy.store.backend import connect
+from meterproxy.store.schema import from_pico, to_pico
 from meterproxy.usage import RequestRecord, Usage
 
 __all__ = ["ModelChange", "RepriceReport", "reprice"]

@@ -43,7 +43,7 @@ log = logging.getLogger("meterproxy")
 
 def prepare_database(path: str) -> None:
     """Create the database and apply all migrations, once, before any worker starts."""
-    from meterproxy.store.schema import apply_migrations, connect
+    from meterproxy.store.backend import apply_migrations, connect
 
     conn = connect(path)
     try:

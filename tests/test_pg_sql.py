@@ -29,6 +29,7 @@ from meterproxy.store.pg_sql import translate
             "INSERT INTO t (a) VALUES (%s) ON CONFLICT DO NOTHING RETURNING id",
         ),
         ("BEGIN IMMEDIATE", "BEGIN ISOLATION LEVEL SERIALIZABLE"),
+        ("BEGIN", "BEGIN ISOLATION LEVEL REPEATABLE READ"),
         ("SELECT * FROM requests WHERE 1", "SELECT * FROM requests WHERE TRUE"),
         ("SELECT * FROM r WHERE +ts >= ? AND a + 1 > b", "SELECT * FROM r WHERE ts >= %s AND a + 1 > b"),
         ("SELECT CASE WHEN streamed THEN 1 END FROM r", "SELECT CASE WHEN streamed <> 0 THEN 1 END FROM r"),
@@ -96,3 +97,24 @@ def test_parse_db_rejects_other_schemes_and_masks_passwords() -> None:
     with pytest.raises(ValueError, match="postgresql://"):
         parse_db("mysql://u@h/db")
     assert describe("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+
+
+def test_printf_becomes_a_concatenation() -> None:
+    sql = translate("""SELECT printf('%s,"%w"', ifnull(a, ''), b) FROM t""").sql
+    assert sql == (
+        "SELECT (coalesce(CAST(( ifnull(a, '')) AS TEXT), '') || ',\"' || "
+        "replace(coalesce(CAST(( b) AS TEXT), ''), '\"', '\"\"') || '\"') FROM t"
+    )
+
+
+def test_trigger_becomes_a_function_and_a_row_trigger() -> None:
+    t = translate(
+        "CREATE TRIGGER h_ai AFTER INSERT ON h BEGIN "
+        "INSERT INTO d (k, n) VALUES (NEW.k, NEW.n) ON CONFLICT (k) DO UPDATE SET n = n + excluded.n; END"
+    )
+    assert t.sql == (
+        "CREATE OR REPLACE FUNCTION h_ai_fn() RETURNS trigger LANGUAGE plpgsql AS $trigger$ BEGIN "
+        "INSERT INTO d (k, n) VALUES (NEW.k, NEW.n) ON CONFLICT (k) DO UPDATE SET n = d.n + excluded.n; "
+        "RETURN NULL; END $trigger$"
+    )
+    assert t.then == ("CREATE TRIGGER h_ai AFTER INSERT ON h FOR EACH ROW EXECUTE FUNCTION h_ai_fn()",)

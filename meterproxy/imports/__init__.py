@@ -42,7 +42,8 @@ from sqlite_utils import Migrations
 
 from meterproxy.pricing import PriceBook
 from meterproxy.store import register_migrations
-from meterproxy.store.schema import COLUMNS, apply_migrations, connect, record_to_row
+from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.schema import COLUMNS, record_to_row
 from meterproxy.usage import RequestRecord
 
 __all__ = [

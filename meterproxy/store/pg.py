@@ -186,6 +186,8 @@ class PgConnection:
         cur = self.raw.cursor(row_factory=_row_factory)
         try:
             cur.execute(text, params if isinstance(params, Mapping) else tuple(params))
+            for extra in statement.then:
+                cur.execute(extra, ())
         except psycopg.Error as exc:
             raise _as_sqlite_error(exc) from exc
         return PgCursor(cur)

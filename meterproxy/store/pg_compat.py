@@ -16,12 +16,13 @@ migration that re-runs it.
 - ``json(text)`` (text -> json, kept verbatim) and ``json_group_array(x)``
   (a JSON array as text); ``json_object`` is renamed to ``json_build_object``
   by the translation, and JSON values are read back as text, as from SQLite;
+- ``iif(cond, a, b)`` (cond boolean, or an integer flag);
 - ``sqlite_master``: a view listing tables, for "does this table exist yet" checks.
 """
 
 from __future__ import annotations
 
-__all__ = ["COMPAT_SQL"]
+__all__ = ["COMPAT_SQL", "COMPAT_SQL_2"]
 
 COMPAT_SQL: list[str] = [
     # ifnull: SQLite is dynamically typed (ifnull(status, '') is fine there); the text overloads
@@ -123,5 +124,17 @@ COMPAT_SQL: list[str] = [
       SELECT CASE WHEN table_type = 'VIEW' THEN 'view' ELSE 'table' END::text AS type,
              table_name::text AS name, table_name::text AS tbl_name, NULL::text AS sql
       FROM information_schema.tables WHERE table_schema = current_schema()
+    """,
+]
+
+#: Added after the first set (applied by migration ``m002`` of ``meterproxy.pg``).
+COMPAT_SQL_2: list[str] = [
+    r"""
+    CREATE OR REPLACE FUNCTION iif(cond boolean, a anycompatible, b anycompatible) RETURNS anycompatible
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT CASE WHEN cond THEN a ELSE b END $fn$
+    """,
+    r"""
+    CREATE OR REPLACE FUNCTION iif(cond bigint, a anycompatible, b anycompatible) RETURNS anycompatible
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT CASE WHEN cond <> 0 THEN a ELSE b END $fn$
     """,
 ]

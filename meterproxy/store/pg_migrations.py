@@ -35,7 +35,7 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from meterproxy.store.pg_compat import COMPAT_SQL
+from meterproxy.store.pg_compat import COMPAT_SQL, COMPAT_SQL_2
 
 __all__ = ["PgMigrationDb", "apply_pg_migrations", "pg_migration_sets"]
 
@@ -75,6 +75,12 @@ def _raw(db: Any, sql: str) -> None:
 @pg_prelude()
 def m001_sqlite_functions(db: sqlite_utils.Database) -> None:
     for sql in COMPAT_SQL:
+        _raw(db, sql)
+
+
+@pg_prelude()
+def m002_sqlite_functions(db: sqlite_utils.Database) -> None:
+    for sql in COMPAT_SQL_2:
         _raw(db, sql)
 
 

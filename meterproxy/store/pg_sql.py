@@ -10,16 +10,21 @@ on raw text, so nothing inside a string literal or a quoted name is touched:
 - ``user`` -> ``"user"`` (a reserved word in PostgreSQL, where bare ``user``
   silently means CURRENT_USER), and ``offset``/``limit`` where they name a column;
 - ``instr(`` -> ``strpos(``, ``json_object(`` -> ``json_build_object(``;
+- ``printf('<literal format>', ...)`` -> a ``||`` concatenation;
 - ``WHERE 1`` -> ``WHERE TRUE``, and an integer flag used as a condition
   (``CASE WHEN streamed THEN``) -> ``streamed <> 0``;
 - a unary ``+`` before a column (SQLite's "don't use an index here") is dropped;
 - ``INSERT OR IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``;
   ``INSERT OR REPLACE`` -> ``INSERT ... ON CONFLICT (<primary key>) DO UPDATE``
   (the connection fills in the key, see `Translated.replace_table`);
-- ``BEGIN [IMMEDIATE|EXCLUSIVE|DEFERRED]`` -> ``BEGIN ISOLATION LEVEL SERIALIZABLE``:
+- ``BEGIN IMMEDIATE|EXCLUSIVE`` -> ``BEGIN ISOLATION LEVEL SERIALIZABLE``:
   SQLite serializes writers with its file lock; SERIALIZABLE gives the same
-  guarantee across replicas (the writer retries serialization failures);
+  guarantee across replicas (the writer retries serialization failures).
+  A plain ``BEGIN`` (a reader's snapshot) -> ``REPEATABLE READ``, which never
+  fails a read-only transaction;
 - ``PRAGMA ...`` -> nothing (`Translated.noop`);
+- ``CREATE TRIGGER ... BEGIN <statements>; END`` -> a plpgsql trigger function
+  (the statements translated one by one) and a ``FOR EACH ROW`` trigger;
 - DDL: ``INTEGER`` -> ``BIGINT`` (costs in picodollars overflow int4),
   ``INTEGER PRIMARY KEY`` -> an identity column, ``REAL`` -> ``DOUBLE PRECISION``,
   ``BLOB`` -> ``BYTEA``, ``WITHOUT ROWID``/``AUTOINCREMENT`` dropped; and a table
@@ -72,6 +77,8 @@ class Translated:
     #: and the inserted columns; ``sql`` then holds a ``{conflict}`` slot.
     replace_table: str | None = None
     replace_columns: tuple[str, ...] = ()
+    #: Statements to run after ``sql`` (a SQLite trigger becomes a function plus a trigger).
+    then: tuple[str, ...] = ()
 
 
 def _tokens(sql: str) -> list[tuple[str, str]]:
@@ -85,6 +92,8 @@ def _significant(tokens: list[tuple[str, str]]) -> list[int]:
 @lru_cache(maxsize=2048)
 def translate(sql: str) -> Translated:
     """The PostgreSQL form of one SQLite-dialect statement (cached)."""
+    if "printf" in sql.lower():
+        sql = _expand_printf(sql)
     tokens = _tokens(sql)
     sig = _significant(tokens)
     words = [tokens[i][1].lower() if tokens[i][0] == "word" else "" for i in sig]
@@ -94,9 +103,13 @@ def translate(sql: str) -> Translated:
     if head == "pragma":
         return Translated("", noop=True)
     if head == "begin":
-        return Translated("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        if len(words) > 1 and words[1] in ("immediate", "exclusive"):
+            return Translated("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        return Translated("BEGIN ISOLATION LEVEL REPEATABLE READ")  # a snapshot for reads
     if head in ("commit", "end"):
         return Translated("COMMIT")
+    if head == "create" and "trigger" in words[1:4]:
+        return _translate_trigger(sql)
     ddl = head in ("create", "alter") and len(words) > 1 and words[1] in ("table", "temp", "temporary")
 
     out: list[str] = []
@@ -245,6 +258,123 @@ def _qualify_upsert_columns(tokens: list[tuple[str, str]], sig: list[int], words
             after = tokens[sig[n + 1]][1] if n + 1 < len(sig) else ""
             if before != "." and after not in ("(", "."):
                 tokens[sig[n]] = ("raw", f"{table}.{text}")
+
+
+_TRIGGER = re.compile(
+    r"^\s*CREATE\s+TRIGGER\s+(?:IF\s+NOT\s+EXISTS\s+)?(?P<name>\w+)\s+(?P<when>AFTER|BEFORE)\s+"
+    r"(?P<event>INSERT|DELETE|UPDATE(?:\s+OF\s+[\w\s,]+?)?)\s+ON\s+(?P<table>\w+)\s+"
+    r"(?:FOR\s+EACH\s+ROW\s+)?BEGIN\s+(?P<body>.*);\s*END\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _translate_trigger(sql: str) -> Translated:
+    """SQLite ``CREATE TRIGGER t AFTER INSERT ON x BEGIN ...; END`` -> a plpgsql function and a trigger."""
+    match = _TRIGGER.match(sql)
+    if match is None:
+        raise ValueError(f"cannot translate this trigger for PostgreSQL: {sql[:80]!r}")
+    name, table = match["name"], match["table"]
+    body = "; ".join(translate(part).sql for part in _split_statements(match["body"]))
+    function = (
+        f"CREATE OR REPLACE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS $trigger$ "
+        f"BEGIN {body}; RETURN NULL; END $trigger$"
+    )
+    trigger = (
+        f"CREATE TRIGGER {name} {match['when'].upper()} {match['event'].upper()} ON {table} "
+        f"FOR EACH ROW EXECUTE FUNCTION {name}_fn()"
+    )
+    return Translated(function, then=(trigger,))
+
+
+def _split_statements(body: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    for kind, text in _tokens(body):
+        if kind == "other" and text == ";":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(text)
+    parts.append("".join(current))
+    return [p for p in parts if p.strip()]
+
+
+_PRINTF_SPEC = re.compile(r"%([swdq%])")
+
+
+def _expand_printf(sql: str) -> str:
+    """``printf('"%w",%s', a, b)`` -> the same line as a ``||`` concatenation (no printf in PostgreSQL).
+
+    Only a literal format with ``%s %d %w %q %%`` is expanded (what the export uses);
+    a NULL argument prints as empty text, as in SQLite.
+    """
+    tokens = _tokens(sql)
+    out: list[str] = []
+    pos = 0
+    while pos < len(tokens):
+        kind, text = tokens[pos]
+        if not (kind == "word" and text.lower() == "printf" and _next_is(tokens, pos, "(")):
+            out.append(text)
+            pos += 1
+            continue
+        args, end = _call_args(tokens, pos)
+        fmt = args[0].strip() if args else ""
+        if not (fmt.startswith("'") and fmt.endswith("'")):
+            out.append(text)
+            pos += 1
+            continue
+        parts: list[str] = []
+        literal = fmt[1:-1].replace("''", "'")
+        values = iter(args[1:])
+        last = 0
+        for match in _PRINTF_SPEC.finditer(literal):
+            if match.start() > last:
+                parts.append(_sql_literal(literal[last : match.start()]))
+            spec = match.group(1)
+            if spec == "%":
+                parts.append("'%'")
+            else:
+                value = f"coalesce(CAST(({next(values)}) AS TEXT), '')"
+                if spec == "w":
+                    value = f"replace({value}, '\"', '\"\"')"
+                elif spec == "q":
+                    value = f"replace({value}, , '')"
+                parts.append(value)
+            last = match.end()
+        if last < len(literal):
+            parts.append(_sql_literal(literal[last:]))
+        out.append("(" + (" || ".join(parts) or "''") + ")")
+        pos = end + 1
+    return "".join(out)
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _call_args(tokens: list[tuple[str, str]], pos: int) -> tuple[list[str], int]:
+    """The top-level argument texts of the call whose name is at ``pos``, and the index of its ``)``."""
+    args: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for i in range(pos + 1, len(tokens)):
+        kind, text = tokens[i]
+        if text == "(" and kind == "other":
+            depth += 1
+            if depth == 1:
+                continue
+        elif text == ")" and kind == "other":
+            depth -= 1
+            if depth == 0:
+                args.append("".join(current))
+                return args, i
+        elif text == "," and kind == "other" and depth == 1:
+            args.append("".join(current))
+            current = []
+            continue
+        if depth >= 1:
+            current.append(text)
+    return args, len(tokens) - 1
 
 
 def _is_unary(prev_kind: str, prev_text: str) -> bool:
