@@ -73,8 +73,11 @@ def route(raw_path: str, query_string: str, upstreams: Mapping[str, Upstream]) -
     if "%" in first:
         raise RouteError("route name must not be percent-encoded")
     for segment in rest.split("/"):
-        if unquote(segment) in (".", "..") or ".." in unquote(segment).split("/"):
+        decoded = unquote(segment)
+        if decoded in (".", "..") or ".." in decoded.split("/"):
             raise RouteError("dot segments are not allowed in the path")
+        if "\\" in decoded:  # %5C: some servers treat it as a slash, then as a dot-segment boundary
+            raise RouteError("path contains an encoded backslash")
     if first == "v1" and "v1" not in upstreams:
         upstream = upstreams.get("openai")
         upstream_path = "/v1" + (slash + rest)

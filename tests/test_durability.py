@@ -42,7 +42,9 @@ def _free_port() -> int:
 class Served:
     """``meterproxy serve`` in a subprocess on a free port."""
 
-    def __init__(self, db: Path, upstream: FakeUpstream, **env: str) -> None:
+    def __init__(
+        self, db: Path, upstream: FakeUpstream, extra_upstreams: dict[str, str] | None = None, **env: str
+    ) -> None:
         self.db = db
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,8 +62,9 @@ class Served:
                 str(self.port),
                 "--db",
                 str(db),
-                "--upstream",
-                f"openai={upstream.url}",
+                # Every default name points at 127.0.0.1: nothing may reach a real provider.
+                *(f"--upstream={n}={upstream.url}" for n in ("openai", "anthropic", "gemini")),
+                *(f"--upstream={n}={u}" for n, u in (extra_upstreams or {}).items()),
             ],
             env=environ,
             stdout=self._log,
