@@ -283,6 +283,23 @@ def test_dashboard_names_only_exported_metrics() -> None:
             assert inner and inner.group(1) in exported, variable["definition"]
 
 
+def test_dashboard_is_importable() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    assert doc["uid"] and doc["title"] and doc["id"] is None and doc["schemaVersion"] >= 36
+    assert [i["pluginId"] for i in doc["__inputs"]] == ["prometheus"]
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in doc["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+            assert panel["targets"], panel["title"]
+            assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+
+
 def test_metric_name_extraction() -> None:
     assert metric_names_in(
         'histogram_quantile(0.95, sum by (le) (rate(a_bucket{x=~"y"}[5m]))) / on (budget) b - 1e-9'

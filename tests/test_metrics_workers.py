@@ -66,6 +66,8 @@ async def test_two_workers_export_one_consistent_series_set(upstream: FakeUpstre
     n = 80
     try:
         await wait_healthy(url, proc)
+        # Both workers have built their app (each creates its gauge file) before traffic starts.
+        await _wait_for_files(tmp_path / "metrics", "gauge_livesum_*.db", 2)
         await prom.start()
         connector = aiohttp.TCPConnector(force_close=True, limit=8)  # spread over both workers
         async with aiohttp.ClientSession(connector=connector) as client:
@@ -115,6 +117,14 @@ async def test_two_workers_export_one_consistent_series_set(upstream: FakeUpstre
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+
+
+async def _wait_for_files(directory: Path, pattern: str, n: int, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(list(directory.glob(pattern))) < n:
+        assert loop.time() < deadline, sorted(p.name for p in directory.iterdir())
+        await asyncio.sleep(0.1)
 
 
 async def _wait_for_rows(db: Path, n: int, timeout: float = 30.0) -> dict[str, Any]:
