@@ -9,6 +9,7 @@ the scraped values with the rows in SQLite.
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -275,3 +276,10 @@ async def test_publish_budget_reaches_the_scrape(make_proxy: ProxyFactory) -> No
 async def test_tag_labels_setting_from_env_string(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(metrics_tag_labels="team, env")
     assert proxy.app[METRICS].tag_keys == ["team", "env"]
+
+
+def test_readme_documents_every_metric() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Metrics and Grafana", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in METRIC_NAMES if f"| `{name}` |" not in section]
+    assert not missing, f"README's metric table lacks {missing}"
