@@ -68,16 +68,12 @@ def worker_main(settings: Settings) -> None:
 
     from meterproxy.app import create_app
     from meterproxy.logs import configure_logging
+    from meterproxy.runtime import freeze_after_startup, install_uvloop
 
     configure_logging(settings.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
+    install_uvloop()
     web.run_app(
-        create_app(settings),
+        freeze_after_startup(create_app(settings)),
         host=settings.host,
         port=settings.port,
         reuse_port=True,

@@ -106,6 +106,7 @@ def command(
         sys.exit(run_workers(settings, settings.workers))
 
     from meterproxy.app import create_app
+    from meterproxy.runtime import freeze_after_startup
 
     try:
         import uvloop
@@ -113,7 +114,7 @@ def command(
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    app = create_app(settings)
+    app = freeze_after_startup(create_app(settings))
     log.info(
         "meterproxy listening on http://%s:%d (db %s; upstreams: %s)",
         settings.host,
