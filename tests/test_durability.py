@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 
 from meterproxy.keys import WRITER
-from meterproxy.testing import FakeUpstream, load_fixture
+from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
@@ -360,3 +360,44 @@ async def test_database_locked_by_another_process(upstream: FakeUpstream, make_p
         sends=30,
     )
     locker.close()
+
+
+@pytest.mark.slow
+async def test_sigterm_drain_is_bounded_and_cut_requests_are_still_recorded(
+    tmp_path: Path, upstream: FakeUpstream, served: list[Served]
+) -> None:
+    fx = load_fixture("openai_chat_stream_usage")
+    upstream.replay(fx, delay=2.0)  # ~50 s per answer: far beyond the 1 s shutdown timeout
+    upstream.reply("/v1/quick/chat/completions", Reply(load_fixture("openai_chat_json").body))
+    proxy = Served(tmp_path / "b.db", upstream, METERPROXY_SHUTDOWN_TIMEOUT="1")
+    served.append(proxy)
+    await proxy.ready()
+    quick = [uuid.uuid4().hex for _ in range(5)]
+    for s in quick:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                f"{proxy.url}/v1/quick/chat/completions", data=CHAT, headers={"X-Meter-Session": s}
+            ) as r,
+        ):
+            assert r.status == 200
+            await r.read()
+    slow = [uuid.uuid4().hex for _ in range(3)]
+    tasks = [asyncio.create_task(_one(proxy.url, CHAT_STREAM, s)) for s in slow]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while (await proxy.healthz())["in_flight"] < len(slow):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    proxy.proc.send_signal(signal.SIGTERM)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Exception) for r in results), "a 50 s answer cannot have finished"
+    assert await proxy.wait_exit(timeout=40) == 0
+    conn = sqlite3.connect(proxy.db)
+    rows = {r[0]: r for r in conn.execute("SELECT session, status, error, client_disconnected FROM requests")}
+    conn.close()
+    assert set(quick) <= set(rows)
+    # The answers cut by the shutdown are recorded too, flagged as incomplete.
+    for s in slow:
+        assert s in rows, "a request cut by the shutdown was not recorded"
+        assert rows[s][2] or rows[s][3], rows[s]
