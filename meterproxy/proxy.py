@@ -24,7 +24,11 @@ Faults: no answer from the upstream gives a JSON 502 (refused, reset) or 504
 connection the same way, never end it cleanly, so the client can tell the
 answer is incomplete. A client that hangs up mid-stream makes us keep reading
 the upstream (bounded in time and in how many at once) so the record has the
-usage the provider will bill.
+usage the provider will bill. Requests answered before forwarding (413, a body
+slower than ``request_body_timeout``: 408, a client gone mid-body) are recorded
+too. With ``durability="strict"`` the end of each answer (its last byte or
+terminating chunk) waits until the record is committed. Each of these is proven
+by a test listed in docs/reliability.md.
 """
 
 from __future__ import annotations
