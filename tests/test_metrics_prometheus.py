@@ -5,7 +5,8 @@ Anthropic, google-genai) against the fake upstream replaying recorded bytes.
 Prometheus (``/usr/bin/prometheus``, started by the test on 127.0.0.1) scrapes
 ``/metrics`` every second; the test then asks it over its HTTP API for the sums
 and compares them with SQL sums over the stored rows: cost to the cent (and to
-1e-9 USD, the float's precision here), tokens to the token, requests exactly.
+1e-9 USD, the float's precision here), tokens to the token, requests exactly;
+``/api/summary`` and ``/api/export`` must agree with both.
 
 The Grafana dashboard's every PromQL expression is sent to the same kind of
 server, which rejects anything that does not parse, and must name only metrics
@@ -166,6 +167,25 @@ async def test_promql_sums_equal_the_database(
     # The writer's counter reaches the row count once a scrape follows the last commit.
     written = await prom.wait_for("sum(meterproxy_writer_written_records_total)", db["requests"])
     assert written == db["requests"]
+
+    # The JSON API's summary and export tell the same story as PromQL and SQL.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{proxy.url}/api/summary") as resp:
+            assert resp.status == 200
+            totals = json.loads(await resp.text(), parse_float=Decimal)["totals"]
+        async with session.get(f"{proxy.url}/api/export", params={"format": "jsonl"}) as resp:
+            assert resp.status == 200
+            exported = [json.loads(line, parse_float=Decimal) for line in (await resp.text()).splitlines()]
+    assert totals["requests"] == len(exported) == seen
+    assert (
+        totals["cost_usd"] == db["cost"] == sum(r["cost_usd"] for r in exported if r["cost_usd"] is not None)
+    )
+    assert round(totals["cost_usd"], 2) == round(Decimal(cost), 2)
+    for kind in TOKEN_TYPES:
+        assert (
+            totals[f"{kind}_tokens"] == by_type.get(kind, 0.0) == sum(r[f"{kind}_tokens"] for r in exported)
+        )
+    assert totals["unpriced_requests"] == db["unpriced"]
 
 
 # -- the Grafana dashboard ------------------------------------------------------
