@@ -2,8 +2,10 @@
 
 An export of a month can be millions of rows. Formatting each row in Python
 (csv.writer, json.dumps) costs more than reading it, so SQLite builds each
-output line in C: for CSV a ``||`` concatenation that quotes every text field
-(RFC 4180: ``"`` doubled) and leaves numbers bare; for JSONL ``json_object``,
+output line in C: for CSV one ``printf`` per row that quotes every text field
+(``%w``: RFC 4180, ``"`` doubled) and leaves numbers bare (a single printf is
+about three times faster than the same line built with ``||``, which copies
+the growing string at every step); for JSONL ``json_object``,
 with the exact cost text spliced in as a JSON number (``json(cost_usd)``), so
 costs keep every digit. Python only joins a batch of lines and hands it on.
 
@@ -15,12 +17,16 @@ never stored, so never exported. Booleans are ``true``/``false`` in both formats
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 
 from meterproxy.store.queries import API_FIELDS, RequestFilter
 
-__all__ = ["EXPORT_COLUMNS", "FORMATS", "csv_header", "export_batches"]
+__all__ = ["EXPORT_COLUMNS", "FORMATS", "SlicedExport", "csv_header", "export_batches", "time_slices"]
 
 EXPORT_COLUMNS: list[str] = list(API_FIELDS)
 FORMATS = ("csv", "jsonl")
@@ -43,13 +49,15 @@ _NUMBER_TEXT = {"cost_usd", "provider_cost_usd"}  # exact decimal text, a bare n
 _JSON_TEXT = {"tags"}
 
 
-def _csv_expr(col: str) -> str:
+def _csv_field(col: str) -> tuple[str, str]:
+    """(printf conversion, argument) for one CSV field."""
     q = f'"{col}"'
     if col in _BOOL:
-        return f"CASE WHEN {q} THEN 'true' ELSE 'false' END"
+        return "%s", f"iif({q}, 'true', 'false')"
     if col in _INTEGER or col in _NUMBER_TEXT:
-        return f"ifnull({q}, '')"
-    return f"ifnull('\"' || replace({q}, '\"', '\"\"') || '\"', '')"
+        return "%s", f"ifnull({q}, '')"
+    # %w doubles every double quote: RFC 4180 quoting in C. NULL and '' both give "".
+    return '"%w"', f"ifnull({q}, '')"
 
 
 def _json_expr(col: str) -> str:
@@ -61,7 +69,8 @@ def _json_expr(col: str) -> str:
     return q
 
 
-_CSV_LINE = " || ',' || ".join(_csv_expr(c) for c in EXPORT_COLUMNS)
+_CSV_FIELDS = [_csv_field(c) for c in EXPORT_COLUMNS]
+_CSV_LINE = f"printf('{','.join(f for f, _ in _CSV_FIELDS)}', {', '.join(a for _, a in _CSV_FIELDS)})"
 _JSON_LINE = "json_object(" + ", ".join(f"'{c}', {_json_expr(c)}" for c in EXPORT_COLUMNS) + ")"
 
 
@@ -84,3 +93,118 @@ def export_batches(
     cur = conn.execute(f"SELECT {line} FROM requests WHERE {where} ORDER BY ts, id", params)
     while rows := cur.fetchmany(batch):
         yield end.join([r[0] for r in rows]) + end
+
+
+_TS = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def time_slices(
+    conn: sqlite3.Connection, since: str | None, until: str | None, width: timedelta = timedelta(hours=6)
+) -> list[tuple[str, str]]:
+    """Cut ``[since, until)`` (open ends: the stored range) into consecutive time slices."""
+    lo, hi = conn.execute("SELECT min(ts), max(ts) FROM requests").fetchone()
+    if lo is None:
+        return []
+    start = max(since, lo) if since else lo
+    end = min(until, hi + "~") if until else hi + "~"  # "~" sorts after every ts: hi is included
+    if start >= end:
+        return []
+    at = datetime.fromisoformat(start.replace("Z", "+00:00")).replace(minute=0, second=0, microsecond=0)
+    at -= timedelta(hours=at.hour % max(1, int(width.total_seconds() // 3600)))
+    slices: list[tuple[str, str]] = []
+    lower = start
+    while True:
+        at += width
+        upper = at.strftime(_TS)
+        if upper >= end:
+            slices.append((lower, end))
+            return slices
+        slices.append((lower, upper))
+        lower = upper
+
+
+class SlicedExport:
+    """The export in order, formatted by ``workers`` threads working on alternate time slices.
+
+    Formatting a row in SQLite costs a few microseconds of CPU; one thread per
+    core nearly divides the time. Worker ``i`` takes slices ``i, i+workers, ...``
+    on its own read connection and puts batches on its own small queue
+    (``depth`` batches: memory stays bounded); `next_chunk` reads the queues in
+    slice order, so the output is exactly the single-query order (ts, id).
+    `close` stops the workers (a client that hung up) and closes their connections.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        flt: RequestFilter,
+        fmt: str,
+        slices: list[tuple[str, str]],
+        *,
+        workers: int = 2,
+        batch: int = 20_000,
+        depth: int = 2,
+    ) -> None:
+        self._slices = slices
+        self._stop = threading.Event()
+        self._queues: list[queue.Queue[str | BaseException | None]] = [
+            queue.Queue(maxsize=depth) for _ in range(max(1, workers))
+        ]
+        self._next = 0
+        self._threads = [
+            threading.Thread(
+                target=self._work,
+                args=(i, connect, flt, fmt, batch),
+                name=f"meterproxy-export-{i}",
+                daemon=True,
+            )
+            for i in range(len(self._queues))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _put(self, q: queue.Queue[str | BaseException | None], item: str | BaseException | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(
+        self, index: int, connect: Callable[[], sqlite3.Connection], flt: RequestFilter, fmt: str, batch: int
+    ) -> None:
+        q = self._queues[index]
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = connect()
+            for since, until in self._slices[index :: len(self._queues)]:
+                part = dataclasses.replace(flt, since=since, until=until)
+                for chunk in export_batches(conn, part, fmt, batch):
+                    if not self._put(q, chunk):
+                        return
+                if not self._put(q, None):  # end of this slice
+                    return
+        except BaseException as exc:
+            self._put(q, exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def next_chunk(self) -> str | None:
+        """The next piece of output (blocking), or None when the export is complete."""
+        while self._next < len(self._slices):
+            item = self._queues[self._next % len(self._queues)].get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                self._next += 1
+                continue
+            return item
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)

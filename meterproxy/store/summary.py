@@ -9,7 +9,8 @@ every stored request counts exactly once:
   read directly, by rowid;
 - below the watermark the range ``[since, until)`` is cut into pieces: the
   partial hours at either end come from raw rows, whole UTC days from
-  ``rollup_day`` (when no hour bucket or non-UTC calendar is asked for), and
+  ``rollup_day`` (when no hour bucket or non-UTC calendar is asked for; from
+  the much smaller ``rollup_day_model`` when neither user nor key is used), and
   the whole hours around them from ``rollup_hour``.
 
 A query that groups or filters by ``session`` or a tag cannot use rollups
@@ -37,7 +38,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from meterproxy.store.queries import RequestFilter
-from meterproxy.store.rollups import DIMENSIONS, MEASURES, RollupState, rollup_state
+from meterproxy.store.rollups import COARSE_DIMENSIONS, DIMENSIONS, MEASURES, RollupState, rollup_state
 
 __all__ = [
     "GROUPABLE",
@@ -184,7 +185,10 @@ def _plan(q: SummaryQuery, state: RollupState, notes: list[str], minute: bool) -
         if sd is None or ud is None or sd < ud:
             if sh != sd:
                 segs.append(_Rollup("rollup_hour", sh, sd))
-            segs.append(_Rollup("rollup_day", sd, ud))
+            used = {g for g in q.group_by if g not in TIME_DIMENSIONS}
+            used |= {d for d in DIMENSIONS if getattr(flt, d) is not None}
+            day_table = "rollup_day_model" if used <= set(COARSE_DIMENSIONS) else "rollup_day"
+            segs.append(_Rollup(day_table, sd, ud))
             if ud != uh:
                 segs.append(_Rollup("rollup_hour", ud, uh))
             return segs
