@@ -6,9 +6,12 @@ written through the app's own store writer.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -191,3 +194,44 @@ async def test_admin_token_protects_the_api(make_proxy: ProxyFactory) -> None:
             proxy.url + "/api/summary", headers={"Authorization": "Bearer s3cret"}
         ) as resp:
             assert resp.status == 200
+
+
+async def test_export_across_many_slices_is_complete_and_ordered(proxy: ProxyHarness) -> None:
+    # 5 days = 20+ six-hour slices, formatted by two worker threads; ties on ts included.
+    records = [
+        make_record(
+            ts=T0 + timedelta(minutes=37 * (i // 2)), user=f"u{i % 3}", cost_usd=Decimal(i).scaleb(-9)
+        )
+        for i in range(400)
+    ]
+    await submit(proxy, records)
+    rows = list(csv.DictReader(io.StringIO(await get_text(proxy, "/api/export", format="csv"))))
+    conn = sqlite3.connect(proxy.db)
+    want = [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY ts, id")]
+    conn.close()
+    assert [r["id"] for r in rows] == want and len(want) == 400
+    since, until = (
+        (T0 + timedelta(days=1, minutes=5)).isoformat(),
+        (T0 + timedelta(days=3, hours=1)).isoformat(),
+    )
+    lines = (
+        await get_text(proxy, "/api/export", format="jsonl", since=since, until=until, user="u1")
+    ).splitlines()
+    expected = sorted(
+        (r for r in records if r.user == "u1" and since <= r.ts.isoformat() < until),
+        key=lambda r: (r.ts, r.id),
+    )
+    assert [json.loads(x)["id"] for x in lines] == [r.id for r in expected]
+
+
+async def test_a_client_leaving_mid_export_stops_the_workers(proxy: ProxyHarness) -> None:
+    records = [make_record(ts=T0 + timedelta(minutes=5 * i), user="x" * 2000) for i in range(3000)]
+    await submit(proxy, records)
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/api/export") as resp:
+        assert resp.status == 200
+        await resp.content.read(1024)  # then hang up with most of the export unread
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while any(t.name.startswith("meterproxy-export") for t in threading.enumerate()):
+        assert loop.time() < deadline, "export threads still running after the client left"
+        await asyncio.sleep(0.05)
