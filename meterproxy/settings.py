@@ -52,7 +52,8 @@ class Settings(BaseModel):
     port: int = Field(8787, ge=0, le=65535, description="Port to listen on.")
     db: str = Field(
         default_factory=lambda: str(default_db_path()),
-        description="SQLite database file (created with owner-only permissions).",
+        description="Store: a SQLite file (a path or sqlite:///path; created owner-only), or "
+        "postgresql://user@host/db for several replicas sharing one database.",
     )
     upstreams: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_UPSTREAMS),
@@ -141,6 +142,14 @@ class Settings(BaseModel):
         description="Directory for per-process metric files when running several worker processes "
         "(same as PROMETHEUS_MULTIPROC_DIR; empty it when the server starts).",
     )
+
+    @field_validator("db")
+    @classmethod
+    def _check_db(cls, value: str) -> str:
+        from meterproxy.store.backend import parse_db
+
+        parse_db(value)  # a path, sqlite:///path or postgresql://...
+        return value
 
     @field_validator("upstreams")
     @classmethod

@@ -19,6 +19,7 @@ from meterproxy.logs import configure_logging
 from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.routing import parse_upstream
 from meterproxy.settings import SettingsError, load_settings
+from meterproxy.store.backend import describe as describe_db
 
 __all__ = ["command"]
 
@@ -37,7 +38,12 @@ def _is_loopback(host: str) -> bool:
 @click.command("serve")
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port to listen on [default: 8787].")
-@click.option("--db", default=None, envvar="METERPROXY_DB", help="SQLite file [default: XDG data dir].")
+@click.option(
+    "--db",
+    default=None,
+    envvar="METERPROXY_DB",
+    help="SQLite file or postgresql://... URL [default: XDG data dir].",
+)
 @click.option(
     "--upstream",
     "upstreams",
@@ -119,7 +125,7 @@ def command(
         "meterproxy listening on http://%s:%d (db %s; upstreams: %s)",
         settings.host,
         settings.port,
-        settings.db,
+        describe_db(settings.db),  # a PostgreSQL password never reaches the log
         ", ".join(f"{k}={v}" for k, v in settings.upstreams.items()),
     )
     web.run_app(
