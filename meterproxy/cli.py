@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "meterproxy.commands.serve",
     "meterproxy.commands.prices",
     "meterproxy.commands.imports",
+    "meterproxy.commands.report",
+    "meterproxy.commands.status",
     "meterproxy.commands.reprice",
     "meterproxy.commands.migrate",
 ]

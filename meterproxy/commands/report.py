@@ -1,0 +1,124 @@
+"""``meterproxy report [daily|weekly|monthly|session|model]``: spend as a table, CSV or JSON.
+
+Reads the database directly (read-only, safe while the proxy runs) or, with
+``--url``, a running proxy's ``/api/summary``. The figures and layout are
+`meterproxy.reports`; this module only turns options into a query.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import click
+
+from meterproxy.pricing import PriceBook
+from meterproxy.reports import (
+    KINDS,
+    ApiReader,
+    DbReader,
+    Query,
+    SummaryReader,
+    build_report,
+    parse_bound,
+    render_csv,
+    render_json,
+    render_table,
+)
+
+__all__ = ["command", "make_reader", "source_options", "zone"]
+
+SECOND_DIMENSIONS = ("model", "provider", "upstream", "user", "source", "key")
+
+
+def zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or os.environ.get("TZ") or "UTC")
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise click.BadParameter(
+            f"{name!r} is not an IANA time zone (e.g. Europe/Paris)", param_hint="--tz"
+        ) from exc
+
+
+def make_reader(db: str | None, url: str | None, token: str | None, query: Query) -> SummaryReader:
+    if url:
+        return ApiReader(url, query, token)
+    from meterproxy.commands.imports import resolve_db
+
+    path = resolve_db(db)
+    if not Path(path).exists():
+        raise click.UsageError(f"no database at {path} (start `meterproxy serve`, or pass --db / --url)")
+    return DbReader(path, query)
+
+
+def source_options(fn: click.decorators.FC) -> click.decorators.FC:
+    for option in reversed(
+        [
+            click.option("--db", default=None, envvar="METERPROXY_DB", help="SQLite file [default: XDG]."),
+            click.option("--url", default=None, envvar="METERPROXY_URL", help="Read a running proxy's API."),
+            click.option(
+                "--token", default=None, envvar="METERPROXY_ADMIN_TOKEN", help="Admin token for --url."
+            ),
+            click.option(
+                "--tz", default=None, help="IANA time zone for days and dates [default: $TZ or UTC]."
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@click.command("report")
+@click.argument("kind", type=click.Choice(list(KINDS)), default="daily")
+@click.option("--since", default=None, help="First day (YYYY-MM-DD, in --tz) or ISO datetime.")
+@click.option("--until", default=None, help="Last day, inclusive (YYYY-MM-DD) or ISO datetime (exclusive).")
+@click.option(
+    "--group-by",
+    "group_by",
+    default=None,
+    help=f"Split each row by one more dimension ({', '.join(SECOND_DIMENSIONS)} or tag:NAME).",
+)
+@click.option("--source", default=None, help="Only requests from this source (proxy, claude-code, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts (exact figures).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row (exact figures).")
+@source_options
+def command(
+    kind: str,
+    since: str | None,
+    until: str | None,
+    group_by: str | None,
+    source: str | None,
+    as_json: bool,
+    as_csv: bool,
+    db: str | None,
+    url: str | None,
+    token: str | None,
+    tz: str | None,
+) -> None:
+    """Print spend per day, week, month, session or model, with totals and cache savings."""
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    if group_by and group_by not in SECOND_DIMENSIONS and not group_by.startswith("tag:"):
+        raise click.BadParameter(f"{group_by!r}: use {', '.join(SECOND_DIMENSIONS)} or tag:NAME")
+    zone_ = zone(tz)
+    try:
+        first, last = parse_bound(since, zone_, end=False), parse_bound(until, zone_, end=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    reader = make_reader(db, url, token, Query(first, last, zone_, source))
+    try:
+        report = build_report(reader, kind, PriceBook.default(), group_by)
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(
+            f"{url} answered {exc.code}: {exc.read().decode(errors='replace')}"
+        ) from exc
+    except urllib.error.URLError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc.reason}") from exc
+    if as_json:
+        click.echo(render_json(report))
+    elif as_csv:
+        click.echo(render_csv(report), nl=False)
+    else:
+        click.echo(render_table(report))

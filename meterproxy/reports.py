@@ -1,0 +1,336 @@
+"""Terminal reports: the numbers of ``/api/summary``, laid out for a person (or a script).
+
+A report is one or two summaries (`SummaryReader.summary`, from the database
+through `meterproxy.store.summary.summarize`, or from a running proxy's
+``/api/summary``), then pure formatting:
+
+- `build_report` turns the summaries into a `Report`: rows (period or session
+  or model, optionally split by a second dimension), totals, and the cache
+  savings;
+- `render_table`, `render_csv` and `render_json` print it. JSON and CSV carry
+  exact figures (costs as decimal text, tokens as integers) and fixed field
+  names, so scripts can rely on them; the table uses compact units
+  (``1.2K``, ``3.4M``), thousands separators and ``$0.0123`` for small costs.
+
+Cache savings are what the cache reads would have cost at each model's plain
+input price minus what they cost at its cache-read price, priced per model and
+per UTC day with `PriceBook` (so a price change mid-range is honoured). Models
+the tables do not know add nothing (their savings are unknown, not zero).
+Cache *writes* cost more than plain input on some providers; that premium is
+part of the cost shown, not subtracted from the savings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+from meterproxy.pricing import PriceBook
+from meterproxy.store.queries import RequestFilter, read_connection
+from meterproxy.store.schema import apply_migrations, connect
+from meterproxy.usage import Usage
+
+__all__ = [
+    "KINDS",
+    "TOKEN_FIELDS",
+    "ApiReader",
+    "DbReader",
+    "Report",
+    "SummaryReader",
+    "build_report",
+    "cache_savings",
+    "compact",
+    "money",
+    "parse_bound",
+    "render_csv",
+    "render_json",
+    "render_table",
+    "usd_text",
+]
+
+#: Report kind -> the summary dimension its rows are keyed by.
+KINDS = {"daily": "day", "weekly": "week", "monthly": "month", "session": "session", "model": "model"}
+TOKEN_FIELDS = (
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+_COUNTS = ("requests", *TOKEN_FIELDS, "unpriced_requests")
+
+Summary = dict[str, Any]  # the /api/summary shape: {"totals": {...}, "groups": [{"key": {...}, ...}]}
+
+
+class SummaryReader(Protocol):
+    def summary(self, group_by: Sequence[str]) -> Summary: ...
+
+
+@dataclass(slots=True)
+class Query:
+    since: str | None = None  # stored ts form (UTC) or None
+    until: str | None = None
+    tz: tzinfo = UTC
+    source: str | None = None
+    session: str | None = None
+
+
+def parse_bound(value: str | None, tz: tzinfo, *, end: bool) -> str | None:
+    """``2026-11-01`` (a day in `tz`; an end date is inclusive) or an ISO datetime -> stored ts text."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value) + timedelta(days=1 if end else 0)
+            moment = datetime.combine(day, time(), tz)
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=tz)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a date (YYYY-MM-DD) or an ISO 8601 datetime") from exc
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _exact(measures: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: int(measures.get(name) or 0) for name in _COUNTS}
+    out["cost_usd"] = Decimal(str(measures.get("cost_usd") or 0))
+    return out
+
+
+def _ensure_schema(db: str) -> None:
+    """Summaries read the rollup tables; a database only the importer has written lacks them."""
+    conn = read_connection(db)
+    try:
+        ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollup_state'").fetchone()
+    finally:
+        conn.close()
+    if not ready:
+        import meterproxy.store.rollups  # noqa: F401  (registers its migrations)
+
+        conn = connect(db)
+        try:
+            apply_migrations(conn)
+        finally:
+            conn.close()
+
+
+class DbReader:
+    """Summaries straight from the SQLite file (read-only; the proxy may be running)."""
+
+    def __init__(self, db: str | Path, query: Query) -> None:
+        self.db = str(db)
+        self.query = query
+
+    def summary(self, group_by: Sequence[str]) -> Summary:
+        from meterproxy.store.summary import SummaryQuery, summarize
+
+        q = self.query
+        flt = RequestFilter(since=q.since, until=q.until, source=q.source, session=q.session)
+        _ensure_schema(self.db)
+        conn = read_connection(self.db)
+        try:
+            result = summarize(conn, SummaryQuery(flt, list(group_by), q.tz))
+        finally:
+            conn.close()
+
+        def api(measures: Mapping[str, int]) -> dict[str, Any]:
+            out: dict[str, Any] = {k: v for k, v in measures.items() if k != "cost_pico"}
+            out["cost_usd"] = Decimal(measures["cost_pico"]).scaleb(-12)
+            return out
+
+        return {
+            "totals": api(result.totals),
+            "groups": [{"key": key, **api(m)} for key, m in result.groups],
+        }
+
+
+class ApiReader:
+    """Summaries from a running proxy's ``/api/summary`` (``--url``)."""
+
+    def __init__(self, url: str, query: Query, token: str | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.query = query
+        self.token = token
+        self.timeout = timeout
+
+    def summary(self, group_by: Sequence[str]) -> Summary:
+        q = self.query
+        params = {"since": q.since, "until": q.until, "source": q.source, "session": q.session}
+        params["tz"] = str(q.tz)
+        if group_by:
+            params["group_by"] = ",".join(group_by)
+        qs = urllib.parse.urlencode({k: v for k, v in params.items() if v})
+        request = urllib.request.Request(f"{self.url}/api/summary?{qs}")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            body: Summary = json.loads(response.read(), parse_float=Decimal)
+        return body
+
+
+@dataclass(slots=True)
+class Report:
+    kind: str
+    group_by: list[str]
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any]
+    cache_savings_usd: Decimal
+    since: str | None
+    until: str | None
+    tz: str
+
+
+def cache_savings(by_model_day: Summary, book: PriceBook) -> Decimal:
+    """Input price minus cache-read price for every cache-read token (see module docstring)."""
+    total = Decimal(0)
+    for group in by_model_day["groups"]:
+        read = int(group.get("cache_read_tokens") or 0)
+        model, day = group["key"].get("model"), group["key"].get("day")
+        if not read or not model or not day:
+            continue
+        at = datetime.combine(date.fromisoformat(day[:10]), time(12), UTC)
+        plain = book.price(model=model, usage=Usage(input_tokens=read), at=at)
+        cached = book.price(model=model, usage=Usage(input_tokens=read, cache_read_tokens=read), at=at)
+        if plain is not None and cached is not None:
+            total += plain.cost_usd - cached.cost_usd
+    return total
+
+
+def build_report(reader: SummaryReader, kind: str, book: PriceBook, second: str | None = None) -> Report:
+    dim = KINDS[kind]
+    group_by = [dim] + ([second] if second and second != dim else [])
+    main = reader.summary(group_by)
+    rows = [{"key": group["key"], **_exact(group)} for group in main["groups"]]
+    if dim in ("session", "model"):
+        rows.sort(key=lambda r: (-r["cost_usd"], -r["requests"]))
+    savings = cache_savings(reader.summary(["model", "day"]), book)
+    query = getattr(reader, "query", None)
+    return Report(
+        kind=kind,
+        group_by=group_by,
+        rows=rows,
+        totals=_exact(main["totals"]),
+        cache_savings_usd=savings,
+        since=getattr(query, "since", None),
+        until=getattr(query, "until", None),
+        tz=str(getattr(query, "tz", UTC)),
+    )
+
+
+# -- formatting -----------------------------------------------------------------------------
+
+
+def compact(n: int) -> str:
+    """Token counts for a table: ``987``, ``9,876``, ``12.3K``, ``3.4M``, ``1.2B``."""
+    if n < 10_000:
+        return f"{n:,}"
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+    return f"{n:,}"  # pragma: no cover
+
+
+def money(value: Decimal) -> str:
+    """``$1,234.57`` from a dollar up; ``$0.0123`` below; ``$0.000012`` for crumbs; ``$0`` for nothing."""
+    if value == 0:
+        return "$0"
+    if abs(value) >= 1:
+        return f"${value:,.2f}"
+    if abs(value) >= Decimal("0.0001"):
+        return f"${value:.4f}"
+    return f"${value:.6f}"
+
+
+_LABELS = {
+    "requests": "Requests",
+    "input_tokens": "Input",
+    "cache_read_tokens": "Cache read",
+    "cache_write_tokens": "Cache write",
+    "output_tokens": "Output",
+    "reasoning_tokens": "Reasoning",
+    "cost_usd": "Cost",
+}
+_KEY_LABELS = {"day": "Date", "week": "Week", "month": "Month", "session": "Session", "model": "Model"}
+
+
+def _key_text(value: Any) -> str:
+    return "(none)" if value in (None, "") else str(value)
+
+
+def render_table(report: Report) -> str:
+    head = [_KEY_LABELS.get(d, d.replace("tag:", "#").title()) for d in report.group_by]
+    head += list(_LABELS.values())
+    body: list[list[str]] = []
+    for row in report.rows:
+        cells = [_key_text(row["key"].get(d)) for d in report.group_by]
+        cells += [f"{row['requests']:,}", *(compact(row[f]) for f in TOKEN_FIELDS), money(row["cost_usd"])]
+        body.append(cells)
+    t = report.totals
+    total = ["Total", *([""] * (len(report.group_by) - 1))]
+    total += [f"{t['requests']:,}", *(compact(t[f]) for f in TOKEN_FIELDS), money(t["cost_usd"])]
+    keys = len(report.group_by)
+    widths = [max(len(r[i]) for r in (head, *body, total)) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < keys else c.rjust(w) for i, (c, w) in pairs)
+
+    rule = "  ".join("─" * w for w in widths)
+    out = [line(head), rule, *(line(r) for r in body), rule, line(total)]
+    if not body:
+        out.insert(2, "(no requests in this range)")
+    inp = t["input_tokens"]
+    hit = f" ({t['cache_read_tokens'] / inp:.0%} of input tokens read from cache)" if inp else ""
+    out.append("")
+    out.append(f"Cache savings: {money(report.cache_savings_usd)}{hit}")
+    if t["unpriced_requests"]:
+        out.append(f"Unpriced requests (model not in the price tables): {t['unpriced_requests']:,}")
+    return "\n".join(out)
+
+
+def usd_text(value: Decimal) -> str:
+    """Exact and canonical: ``2.67567`` whether the sum came as ``2.675670000000`` or not."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+def _flat(row: Mapping[str, Any], group_by: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {d: row["key"].get(d) for d in group_by}
+    out.update({name: row[name] for name in _COUNTS})
+    out["cost_usd"] = usd_text(row["cost_usd"])
+    return out
+
+
+def render_json(report: Report) -> str:
+    totals = dict(report.totals)
+    totals["cost_usd"] = usd_text(totals["cost_usd"])
+    doc = {
+        "report": report.kind,
+        "since": report.since,
+        "until": report.until,
+        "tz": report.tz,
+        "group_by": report.group_by,
+        "rows": [_flat(r, report.group_by) for r in report.rows],
+        "totals": totals,
+        "cache_savings_usd": usd_text(report.cache_savings_usd),
+    }
+    return json.dumps(doc, indent=2)
+
+
+def render_csv(report: Report) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, [*report.group_by, *_COUNTS, "cost_usd"], lineterminator="\n")
+    writer.writeheader()
+    for row in report.rows:
+        writer.writerow(_flat(row, report.group_by))
+    return buffer.getvalue()

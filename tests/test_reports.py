@@ -1,0 +1,233 @@
+"""``meterproxy report`` and ``meterproxy status`` against a real proxy's database and API.
+
+Known records go through the real meter (priced, then written by the store
+writer); expected figures are sums over those records computed here, so the
+report's grouping, time zones, totals and formatting are what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from click.testing import CliRunner
+
+from meterproxy.cli import main
+from meterproxy.keys import METER
+from meterproxy.pricing import PriceBook
+from meterproxy.reports import cache_savings, compact, money
+from meterproxy.testing import make_record
+from meterproxy.usage import RequestRecord, Usage
+
+DAY = datetime(2026, 11, 10, tzinfo=UTC)
+
+
+def known_records() -> list[RequestRecord]:
+    spec = [
+        # (hours after DAY, model, provider, input, cache_read, output, session, source)
+        (1, "gpt-4o", "openai", 120_000, 100_000, 2_000, "s1", "proxy"),
+        (2, "gpt-4o-mini", "openai", 5_000, 0, 700, "s1", "proxy"),
+        (23.5, "claude-sonnet-4-20250514", "anthropic", 40_000, 30_000, 1_500, "s2", "proxy"),
+        (26, "gpt-4o", "openai", 1_000, 0, 50, "s2", "claude-code"),
+        (49, "gpt-4o-mini", "openai", 2_500_000, 0, 3_400_000, None, "proxy"),
+        (50, "mystery-model", "openai", 10, 0, 10, None, "proxy"),  # unpriced
+    ]
+    out = []
+    for hours, model, provider, inp, read, output, session, source in spec:
+        usage = Usage(input_tokens=inp, cache_read_tokens=read, output_tokens=output)
+        record = make_record(model=model, provider=provider, upstream=provider, usage=usage, ts=DAY)
+        record.ts = DAY + timedelta(hours=hours)
+        record.session, record.source = session, source
+        out.append(record)
+    return out
+
+
+async def seeded(make_proxy: Any) -> tuple[Any, list[RequestRecord]]:
+    proxy = await make_proxy()
+    records = known_records()
+    for record in records:
+        proxy.app[METER].request_finished(record)
+    await proxy.rows(len(records))
+    return proxy, records
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def expected_by(records: list[RequestRecord], key: Any) -> dict[Any, dict[str, Any]]:
+    out: dict[Any, dict[str, Any]] = defaultdict(lambda: {"requests": 0, "cost": Decimal(0), "input": 0})
+    for r in records:
+        row = out[key(r)]
+        row["requests"] += 1
+        row["cost"] += r.cost_usd or 0
+        row["input"] += r.tokens.input_tokens
+    return out
+
+
+async def test_daily_json_matches_records_in_utc_and_in_a_zone(make_proxy: Any) -> None:
+    proxy, records = await seeded(make_proxy)
+    for tz in ("UTC", "America/Los_Angeles"):
+        doc = json.loads(
+            await asyncio.to_thread(cli, "report", "daily", "--json", "--db", str(proxy.db), "--tz", tz)
+        )
+        want = expected_by(records, lambda r, tz=tz: r.ts.astimezone(ZoneInfo(tz)).date().isoformat())
+        got = {row["day"]: row for row in doc["rows"]}
+        assert set(got) == set(want)
+        for day, row in got.items():
+            assert row["requests"] == want[day]["requests"]
+            assert Decimal(row["cost_usd"]) == want[day]["cost"]
+            assert row["input_tokens"] == want[day]["input"]
+        assert Decimal(doc["totals"]["cost_usd"]) == sum(r.cost_usd or 0 for r in records)
+        assert doc["totals"]["unpriced_requests"] == 1
+        assert list(doc["totals"]) == [
+            "requests",
+            "input_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+            "unpriced_requests",
+            "cost_usd",
+        ]
+
+
+async def test_report_filters_and_second_dimension(make_proxy: Any) -> None:
+    proxy, records = await seeded(make_proxy)
+    db = str(proxy.db)
+    since_until = ("--since", "2026-11-11", "--until", "2026-11-11")
+    out = await asyncio.to_thread(cli, "report", "model", *since_until, "--csv", "--db", db)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    day2 = [r for r in records if r.ts.date().isoformat() == "2026-11-11"]
+    assert {r["model"] for r in rows} == {r.model for r in day2}
+    assert sum(Decimal(r["cost_usd"]) for r in rows) == sum(r.cost_usd or 0 for r in day2)
+    out = await asyncio.to_thread(cli, "report", "session", "--source", "claude-code", "--json", "--db", db)
+    doc = json.loads(out)
+    assert [row["session"] for row in doc["rows"]] == ["s2"] and doc["totals"]["requests"] == 1
+    out = await asyncio.to_thread(cli, "report", "daily", "--group-by", "provider", "--json", "--db", db)
+    pairs = {(row["day"], row["provider"]): row["requests"] for row in json.loads(out)["rows"]}
+    want = expected_by(records, lambda r: (r.ts.date().isoformat(), r.provider))
+    assert pairs == {k: v["requests"] for k, v in want.items()}
+
+
+async def test_table_is_aligned_compact_and_has_savings(make_proxy: Any) -> None:
+    proxy, records = await seeded(make_proxy)
+    out = await asyncio.to_thread(cli, "report", "daily", "--db", str(proxy.db))
+    lines = out.splitlines()
+    table = lines[: lines.index("")]
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header
+    assert "2.5M" in out and "3.4M" in out  # compact units for big token counts
+    total_cost = sum(r.cost_usd or 0 for r in records)
+    assert table[-1].startswith("Total") and table[-1].endswith(money(total_cost))
+    book = PriceBook.default()
+    expected = Decimal(0)
+    for r in records:
+        if r.tokens.cache_read_tokens:
+            n = r.tokens.cache_read_tokens
+            full = book.price(model=r.model, usage=Usage(input_tokens=n), at=r.ts)
+            cached = book.price(model=r.model, usage=Usage(input_tokens=n, cache_read_tokens=n), at=r.ts)
+            assert full and cached
+            expected += full.cost_usd - cached.cost_usd
+    assert expected > 0
+    assert f"Cache savings: {money(expected)}" in out
+    doc = json.loads(await asyncio.to_thread(cli, "report", "daily", "--json", "--db", str(proxy.db)))
+    assert Decimal(doc["cache_savings_usd"]) == expected
+
+
+async def test_report_through_the_api_with_admin_token(make_proxy: Any) -> None:
+    proxy = await make_proxy(admin_token="s3cret")
+    records = known_records()
+    for record in records:
+        proxy.app[METER].request_finished(record)
+    await proxy.rows(len(records))
+    from_db = await asyncio.to_thread(cli, "report", "daily", "--json", "--db", str(proxy.db))
+    from_api = await asyncio.to_thread(
+        cli, "report", "daily", "--json", "--url", proxy.url, "--token", "s3cret"
+    )
+    assert json.loads(from_api) == json.loads(from_db)
+    denied = await asyncio.to_thread(
+        CliRunner().invoke, main, ["report", "--url", proxy.url, "--token", "wrong"]
+    )
+    assert denied.exit_code == 1 and "401" in denied.output
+
+
+async def test_status_line(make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    now = datetime.now(UTC)
+    today = make_record(model="gpt-4o", usage=Usage(input_tokens=400_000, output_tokens=20_000))
+    today.session = "agent-7"
+    old = make_record(model="gpt-4o", ts=now - timedelta(days=3))
+    old.session = "agent-7"
+    for record in (today, old):
+        proxy.app[METER].request_finished(record)
+    await proxy.rows(2)
+    assert today.cost_usd and old.cost_usd
+    out = await asyncio.to_thread(cli, "status", "--db", str(proxy.db), "--session", "agent-7", "--no-color")
+    assert out.strip() == f"today {money(today.cost_usd)} · session {money(today.cost_usd + old.cost_usd)}"
+    assert "\x1b[" not in out  # plain when not a terminal and no budgets
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0"), (987, "987"), (9_876, "9,876"), (12_345, "12.3K"), (3_400_000, "3.4M"), (123_456_789, "123M")],
+)
+def test_compact(n: int, text: str) -> None:
+    assert compact(n) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("0", "$0"),
+        ("0.0123", "$0.0123"),
+        ("0.000012", "$0.000012"),
+        ("1234.567", "$1,234.57"),
+        ("3", "$3.00"),
+    ],
+)
+def test_money(value: str, text: str) -> None:
+    assert money(Decimal(value)) == text
+
+
+def test_cache_savings_ignores_unknown_models() -> None:
+    book = PriceBook.default()
+    summary = {"groups": [{"key": {"model": "mystery", "day": "2026-11-10"}, "cache_read_tokens": 10**6}]}
+    assert cache_savings(summary, book) == 0
+
+
+async def test_status_colored_by_the_worst_budget(make_proxy: Any) -> None:
+    pytest.importorskip("meterproxy.budgets.feature")
+    budgets = [
+        {"name": "team-month", "period": "month", "limit_usd": "1000"},
+        {"name": "daily", "period": "day", "limit_usd": "2"},
+    ]
+    proxy = await make_proxy(budgets=budgets)
+    # gpt-4o: 600k input at $2.50/M + 10k output at $10/M = $1.60 -> 80% of the daily budget
+    spend = make_record(model="gpt-4o", usage=Usage(input_tokens=600_000, output_tokens=10_000))
+    proxy.app[METER].request_finished(spend)
+    await proxy.rows(1)
+    assert spend.cost_usd == Decimal("1.6")
+
+    def status() -> str:
+        return cli("status", "--url", proxy.url, "--color")
+
+    out = ""
+    for _ in range(200):  # the budget engine sees the record once the writer committed it
+        out = await asyncio.to_thread(status)
+        if "80%" in out:
+            break
+        await asyncio.sleep(0.05)
+    assert "budget daily 80%" in out and "today $1.60" in out
+    assert out.startswith("\x1b[33m")  # yellow: a warning threshold is crossed, not the limit
+    plain = await asyncio.to_thread(cli, "status", "--url", proxy.url)
+    assert "\x1b[" not in plain  # not a terminal
