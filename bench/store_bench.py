@@ -19,7 +19,8 @@
 
 Results go to ``bench/results/store-<stamp>.json`` and ``store-latest.json``.
 
-    python bench/store_bench.py                       # 10M rows in /tmp (build ~3-6 min once)
+    python bench/store_bench.py                       # build 10M rows in /tmp (~7 min, once)
+    python bench/store_bench.py                       # then measure, in a fresh process
     python bench/store_bench.py --rows 1000000 --db /tmp/store-1m.db
 """
 
@@ -281,9 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rebuild:
         for suffix in ("", "-wal", "-shm"):
             Path(args.db + suffix).unlink(missing_ok=True)
+    sidecar = Path(args.db + ".build.json")
     if not Path(args.db).exists():
         print(f"building {args.rows:,} rows over {args.days} days in {args.db}", file=sys.stderr)
-        result["build"] = build(args.db, args.rows, args.days, end)
+        sidecar.write_text(json.dumps(build(args.db, args.rows, args.days, end)))
+        print("built; measure in a fresh process: run again without --rebuild", file=sys.stderr)
+        return 0
+    if sidecar.exists():
+        result["build"] = json.loads(sidecar.read_text())
     result["db_mb"] = round(Path(args.db).stat().st_size / 1e6)
     month_end = end.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     month_start = (month_end - timedelta(days=1)).replace(day=1)

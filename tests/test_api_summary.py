@@ -413,16 +413,17 @@ async def test_retention_deletes_raw_rows_and_leaves_totals_unchanged(make_proxy
     for q, b, a in zip(queries, before, after, strict=True):
         assert a["totals"] == b["totals"], q
         assert a["groups"] == b["groups"], q
-    # The coarse daily table stays rollup_day summed over user and key (kept by triggers).
+    # The coarse tables stay their full table summed over user and key (kept by triggers).
     conn = sqlite3.connect(proxy.db)
     dims = "bucket, model, provider, upstream, source"
     sums = "sum(requests), sum(input_tokens), sum(cost_pico), sum(unpriced_requests)"
-    fine = conn.execute(f"SELECT {dims}, {sums} FROM rollup_day GROUP BY {dims} ORDER BY {dims}").fetchall()
-    coarse = conn.execute(
-        f"SELECT {dims}, {sums} FROM rollup_day_model GROUP BY {dims} ORDER BY {dims}"
-    ).fetchall()
+    for full in ("rollup_day", "rollup_hour"):
+        fine = conn.execute(f"SELECT {dims}, {sums} FROM {full} GROUP BY {dims} ORDER BY {dims}").fetchall()
+        coarse = conn.execute(
+            f"SELECT {dims}, {sums} FROM {full}_model GROUP BY {dims} ORDER BY {dims}"
+        ).fetchall()
+        assert fine == coarse and len(coarse) > 100
     conn.close()
-    assert fine == coarse and len(coarse) > 100
     # Session figures come from raw rows only, and say so.
     by_session = await summary(proxy, group_by="session")
     assert by_session["notes"] and "retention" in by_session["notes"][0]

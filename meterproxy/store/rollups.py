@@ -6,9 +6,10 @@ dimensions a long-range summary can still group or filter by:
 
     model, provider, upstream, user, key_fingerprint, source
 
-A third, ``rollup_day_model``, drops user and key (the dimensions that multiply
-row counts) so that the common "this month by model" reads a few hundred rows;
-triggers on ``rollup_day`` keep it equal to ``rollup_day`` summed over them.
+Two more, ``rollup_day_model`` and ``rollup_hour_model``, drop user and key (the
+dimensions that multiply row counts) so that the common "this month by model"
+reads a few hundred rows; triggers on the full tables keep each equal to its
+full table summed over user and key.
 
 Session and tags are not rolled up (a session id per row would make the rollup
 as large as the raw table, and tags are open-ended): summaries that group or
@@ -106,46 +107,49 @@ def m001_rollups(db: sqlite_utils.Database) -> None:
 COARSE_DIMENSIONS = ("model", "provider", "upstream", "source")
 
 
-@rollup_migrations()
-def m002_rollup_day_model(db: sqlite_utils.Database) -> None:
-    # A month by model reads ~30 x 12 rows here instead of ~30 x (models x users x keys).
-    # Triggers keep it equal to rollup_day summed over user and key, whoever writes
-    # rollup_day (the roll-up's upserts, an importer taking a replaced row out).
+def _coarse_table(db: sqlite_utils.Database, fine: str, coarse: str) -> None:
+    """Create ``coarse`` = ``fine`` summed over user and key, kept equal by triggers on ``fine``."""
+    # Triggers, not the roll-up itself: whoever writes the fine table (the roll-up's
+    # upserts, an importer taking a replaced row out) keeps the coarse one right.
     dims = ", ".join(COARSE_DIMENSIONS)
     measures = ", ".join(f"{m} INTEGER NOT NULL DEFAULT 0" for m in MEASURES)
     db.execute(
-        f"CREATE TABLE rollup_day_model (bucket TEXT NOT NULL, "
+        f"CREATE TABLE {coarse} (bucket TEXT NOT NULL, "
         f"{', '.join(f'{d} TEXT NOT NULL' for d in COARSE_DIMENSIONS)}, {measures}, "
         f"PRIMARY KEY (bucket, {dims})) WITHOUT ROWID"
     )
     key = ("bucket", *COARSE_DIMENSIONS)
     match = " AND ".join(f"{d} = {{row}}.{d}" for d in key)
-    db.execute(
-        f"CREATE TRIGGER rollup_day_ai AFTER INSERT ON rollup_day BEGIN "
-        f"INSERT INTO rollup_day_model ({', '.join([*key, *MEASURES])}) "
+    add_new = (
+        f"INSERT INTO {coarse} ({', '.join([*key, *MEASURES])}) "
         f"VALUES ({', '.join(f'NEW.{c}' for c in [*key, *MEASURES])}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
-        f"{', '.join(f'{m} = {m} + excluded.{m}' for m in MEASURES)}; END"
+        f"{', '.join(f'{m} = {m} + excluded.{m}' for m in MEASURES)};"
     )
-    db.execute(
-        f"CREATE TRIGGER rollup_day_au AFTER UPDATE ON rollup_day BEGIN "
-        f"UPDATE rollup_day_model SET {', '.join(f'{m} = {m} - OLD.{m}' for m in MEASURES)} "
-        f"WHERE {match.format(row='OLD')}; "
-        f"INSERT INTO rollup_day_model ({', '.join([*key, *MEASURES])}) "
-        f"VALUES ({', '.join(f'NEW.{c}' for c in [*key, *MEASURES])}) "
-        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
-        f"{', '.join(f'{m} = {m} + excluded.{m}' for m in MEASURES)}; END"
+    take_old = (
+        f"UPDATE {coarse} SET {', '.join(f'{m} = {m} - OLD.{m}' for m in MEASURES)} "
+        f"WHERE {match.format(row='OLD')};"
     )
+    db.execute(f"CREATE TRIGGER {fine}_ai AFTER INSERT ON {fine} BEGIN {add_new} END")
+    db.execute(f"CREATE TRIGGER {fine}_au AFTER UPDATE ON {fine} BEGIN {take_old} {add_new} END")
+    db.execute(f"CREATE TRIGGER {fine}_ad AFTER DELETE ON {fine} BEGIN {take_old} END")
     db.execute(
-        f"CREATE TRIGGER rollup_day_ad AFTER DELETE ON rollup_day BEGIN "
-        f"UPDATE rollup_day_model SET {', '.join(f'{m} = {m} - OLD.{m}' for m in MEASURES)} "
-        f"WHERE {match.format(row='OLD')}; END"
-    )
-    db.execute(
-        f"INSERT INTO rollup_day_model ({', '.join([*key, *MEASURES])}) "
-        f"SELECT {', '.join(key)}, {', '.join(f'sum({m})' for m in MEASURES)} FROM rollup_day "
+        f"INSERT INTO {coarse} ({', '.join([*key, *MEASURES])}) "
+        f"SELECT {', '.join(key)}, {', '.join(f'sum({m})' for m in MEASURES)} FROM {fine} "
         f"GROUP BY {', '.join(key)}"
     )
+
+
+@rollup_migrations()
+def m002_rollup_day_model(db: sqlite_utils.Database) -> None:
+    # A month by model reads ~30 x 12 rows here instead of ~30 x (models x users x keys).
+    _coarse_table(db, "rollup_day", "rollup_day_model")
+
+
+@rollup_migrations()
+def m003_rollup_hour_model(db: sqlite_utils.Database) -> None:
+    # The whole hours at the ends of an unaligned range, by model: ~12 rows an hour, not ~600.
+    _coarse_table(db, "rollup_hour", "rollup_hour_model")
 
 
 @dataclass(slots=True, frozen=True)

@@ -9,9 +9,9 @@ every stored request counts exactly once:
   read directly, by rowid;
 - below the watermark the range ``[since, until)`` is cut into pieces: the
   partial hours at either end come from raw rows, whole UTC days from
-  ``rollup_day`` (when no hour bucket or non-UTC calendar is asked for; from
-  the much smaller ``rollup_day_model`` when neither user nor key is used), and
-  the whole hours around them from ``rollup_hour``.
+  ``rollup_day`` (when no hour bucket or non-UTC calendar is asked for), and
+  the whole hours around them from ``rollup_hour``; when neither user nor key
+  is grouped or filtered, from the much smaller ``*_model`` tables instead.
 
 A query that groups or filters by ``session`` or a tag cannot use rollups
 (they do not keep those dimensions) and reads raw rows only; over ranges
@@ -160,6 +160,9 @@ def _plan(q: SummaryQuery, state: RollupState, notes: list[str], minute: bool) -
     time_dims = [g for g in q.group_by if g in TIME_DIMENSIONS]
     use_day = not time_dims or (time_dims[0] != "hour" and _is_utc(q.tz))
     segs: list[_Raw | _Rollup] = [_Raw(s, u, ">")]
+    used = {g for g in q.group_by if g not in TIME_DIMENSIONS}
+    used |= {d for d in DIMENSIONS if getattr(flt, d) is not None}
+    suffix = "_model" if used <= set(COARSE_DIMENSIONS) else ""  # the tables without user and key
 
     def edge(a: str | None, b: str | None) -> None:
         if horizon is not None and (a is None or a < horizon):
@@ -168,7 +171,7 @@ def _plan(q: SummaryQuery, state: RollupState, notes: list[str], minute: bool) -
                 f"raw rows before {horizon} were deleted by retention; the partial hour "
                 f"{a}..{b} is answered for the whole hour from rollups"
             )
-            segs.append(_Rollup("rollup_hour", *whole))
+            segs.append(_Rollup(f"rollup_hour{suffix}", *whole))
         else:
             segs.append(_Raw(a, b, "<="))
 
@@ -184,15 +187,12 @@ def _plan(q: SummaryQuery, state: RollupState, notes: list[str], minute: bool) -
         sd, ud = _ceil(sh, "day"), _floor(uh, "day")
         if sd is None or ud is None or sd < ud:
             if sh != sd:
-                segs.append(_Rollup("rollup_hour", sh, sd))
-            used = {g for g in q.group_by if g not in TIME_DIMENSIONS}
-            used |= {d for d in DIMENSIONS if getattr(flt, d) is not None}
-            day_table = "rollup_day_model" if used <= set(COARSE_DIMENSIONS) else "rollup_day"
-            segs.append(_Rollup(day_table, sd, ud))
+                segs.append(_Rollup(f"rollup_hour{suffix}", sh, sd))
+            segs.append(_Rollup(f"rollup_day{suffix}", sd, ud))
             if ud != uh:
-                segs.append(_Rollup("rollup_hour", ud, uh))
+                segs.append(_Rollup(f"rollup_hour{suffix}", ud, uh))
             return segs
-    segs.append(_Rollup("rollup_hour", sh, uh))
+    segs.append(_Rollup(f"rollup_hour{suffix}", sh, uh))
     return segs
 
 
@@ -247,7 +247,7 @@ def _raw_sql(q: SummaryQuery, seg: _Raw, watermark: int, minute: bool) -> tuple[
 
 
 def _rollup_sql(q: SummaryQuery, seg: _Rollup) -> tuple[str, list[Any]]:
-    width = 13 if seg.table == "rollup_hour" else 10
+    width = 13 if seg.table.startswith("rollup_hour") else 10
     select = ["bucket" if g in TIME_DIMENSIONS else g for g in q.group_by]
     clauses, params = _dim_filters(q.filter, raw=False)
     if seg.since is not None:
