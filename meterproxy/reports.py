@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from meterproxy.pricing import PriceBook
+from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.queries import RequestFilter, read_connection
-from meterproxy.store.schema import apply_migrations, connect
 from meterproxy.usage import Usage
 
 __all__ = [
