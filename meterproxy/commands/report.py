@@ -46,9 +46,10 @@ def make_reader(db: str | None, url: str | None, token: str | None, query: Query
     if url:
         return ApiReader(url, query, token)
     from meterproxy.commands.imports import resolve_db
+    from meterproxy.store.backend import parse_db
 
     path = resolve_db(db)
-    if not Path(path).exists():
+    if not parse_db(path).is_postgres and not Path(parse_db(path).target).exists():
         raise click.UsageError(f"no database at {path} (start `meterproxy serve`, or pass --db / --url)")
     return DbReader(path, query)
 
