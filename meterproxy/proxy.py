@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -97,6 +98,14 @@ def _filter_accept_encoding(value: str) -> str:
     return ", ".join(p.strip() for p in kept) or "identity"
 
 
+_RETRIEVED: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _CloseWatch:
     """Watch the upstream connection for closing before its body ended.
 
@@ -122,9 +131,13 @@ class _CloseWatch:
         )
         if self._closed is not None:
             self._closed.add_done_callback(self._on_close)
+            if self._closed not in _RETRIEVED:
+                # We made aiohttp create this future; make sure a later failure is retrieved
+                # (once per connection) so it is never logged as "never retrieved".
+                _RETRIEVED.add(self._closed)
+                self._closed.add_done_callback(_retrieve)
 
     def _on_close(self, fut: asyncio.Future[None]) -> None:
-        # Always retrieve the outcome so a late reset is not logged as unhandled.
         exc = None if fut.cancelled() else fut.exception()
         content = self._content
         if not content.is_eof() and content.exception() is None:
