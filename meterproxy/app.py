@@ -51,15 +51,18 @@ FEATURES = [
     "meterproxy.api.sessions",
     "meterproxy.api.export",
     "meterproxy.api.openapi",
+    "meterproxy.dashboard",
 ]
 
 # Paths behind the admin token (when one is set). The proxied paths are not:
-# they carry the provider's own credentials.
-_ADMIN_PREFIXES = ("/api/", "/dashboard")
+# they carry the provider's own credentials. Nor is the dashboard's page (``/``,
+# ``/dashboard``, its static files): it holds no data, it reads ``/api/*`` (guarded
+# here) and asks for the token when the API answers 401.
+_ADMIN_PREFIXES = ("/api/",)
 
 
 def _is_admin_path(path: str) -> bool:
-    return path == "/" or path.startswith(_ADMIN_PREFIXES)
+    return path.startswith(_ADMIN_PREFIXES)
 
 
 @web.middleware

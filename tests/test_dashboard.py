@@ -1,0 +1,394 @@
+"""The analytics page in a real browser (Debian's Chromium driven by Playwright).
+
+A real proxy serves the page and the API over a real SQLite file holding known
+records (priced by the meter, written by the store writer). The tests read
+the figures the page shows and compare them with what the API answers for the
+same range (the page writes the range it used on ``<body data-since data-until>``),
+click through ranges, filters, sorting, pagination and details, and save
+screenshots to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from meterproxy.keys import METER
+from meterproxy.reports import compact, money
+from meterproxy.testing import make_record
+from meterproxy.usage import RequestRecord, Usage
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 20_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run does it)"
+    ),
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def new_page(browser: Any) -> Any:
+    context = await browser.new_context(timezone_id="UTC", viewport={"width": 1360, "height": 1000})
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.js_errors = errors
+    return page
+
+
+async def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+async def ready(page: Any) -> None:
+    await page.wait_for_function("document.body.dataset.state === 'ready'")
+
+
+def seed_records() -> list[RequestRecord]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    spec = [
+        # (age, model, provider, input, cache_read, output, reasoning, session, user, source)
+        (timedelta(minutes=20), "gpt-4o", "openai", 180_000, 120_000, 4_000, 0, "sess-a", "ana", "proxy"),
+        (timedelta(hours=2), "gpt-4o-mini", "openai", 40_000, 0, 9_000, 0, "sess-a", "ana", "proxy"),
+        (
+            timedelta(hours=5),
+            "claude-sonnet-4-20250514",
+            "anthropic",
+            90_000,
+            60_000,
+            3_000,
+            0,
+            "sess-b",
+            "bo",
+            "proxy",
+        ),
+        (timedelta(days=1, hours=3), "o3-mini", "openai", 12_000, 0, 30_000, 22_000, "sess-c", "bo", "proxy"),
+        (timedelta(days=2), "gemini-2.5-flash", "gemini", 500_000, 0, 20_000, 0, None, None, "proxy"),
+        (
+            timedelta(days=3),
+            "claude-opus-4-1-20250805",
+            "anthropic",
+            20_000,
+            15_000,
+            2_500,
+            0,
+            "cc-1",
+            None,
+            "claude-code",
+        ),
+        (timedelta(days=10), "gpt-4o", "openai", 1_000_000, 0, 50_000, 0, "sess-old", "ana", "proxy"),
+        (timedelta(days=12), "mystery-model", "openai", 100, 0, 10, 0, "sess-old", "ana", "proxy"),
+    ]
+    # enough small requests in one session to need a second page of requests
+    for i in range(24):
+        spec.append(
+            (
+                timedelta(hours=6, minutes=i),
+                "gpt-4o-mini",
+                "openai",
+                1_000 + i,
+                0,
+                200,
+                0,
+                "sess-bulk",
+                "cy",
+                "proxy",
+            )
+        )
+    out = []
+    for age, model, provider, inp, read, output, reasoning, session, user, source in spec:
+        usage = Usage(
+            input_tokens=inp, cache_read_tokens=read, output_tokens=output, reasoning_tokens=reasoning
+        )
+        r = make_record(model=model, provider=provider, upstream=provider, usage=usage, ts=now - age)
+        r.session, r.user, r.source = session, user, source
+        r.duration_ms, r.ttfb_ms = 1234.5, 210.0
+        out.append(r)
+    return out
+
+
+async def seeded_proxy(make_proxy: Any, **settings: Any) -> Any:
+    proxy = await make_proxy(**settings)
+    records = seed_records()
+    for r in records:
+        proxy.app[METER].request_finished(r)
+    await proxy.rows(len(records))
+    return proxy
+
+
+async def api_json(proxy: Any, path: str, token: str | None = None, **params: str) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + path, params=params, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json(loads=__import__("json").loads)
+
+
+async def shown(page: Any, selector: str) -> str:
+    return str(await page.locator(selector).inner_text()).strip()
+
+
+async def check_cards(page: Any, proxy: Any, token: str | None = None, source: str = "") -> dict[str, Any]:
+    since = await page.evaluate("document.body.dataset.since")
+    until = await page.evaluate("document.body.dataset.until")
+    params = {"since": since, "until": until}
+    if source:
+        params["source"] = source
+    summary = await api_json(proxy, "/api/summary", token, **params)
+    sessions = await api_json(proxy, "/api/sessions", token, limit="1", **params)
+    t = summary["totals"]
+    assert await shown(page, "#card-cost .value") == money(Decimal(str(t["cost_usd"])))
+    assert await shown(page, "#card-tokens .value") == compact(t["input_tokens"] + t["output_tokens"])
+    assert await shown(page, "#card-requests .value") == f"{t['requests']:,}"
+    assert await shown(page, "#card-sessions .value") == f"{sessions['total']:,}"
+    return summary
+
+
+async def test_page_shows_the_api_figures_and_clicks_through(make_proxy: Any, browser: Any) -> None:
+    proxy = await seeded_proxy(make_proxy)
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    summary = await check_cards(page, proxy)
+    assert summary["totals"]["requests"] == 30  # 7 days: the two old rows are outside
+    # the burn chart draws the timeseries: its bars add up to the range's cost
+    bars = await page.eval_on_selector_all("#burn rect", "els => els.map(e => Number(e.dataset.value))")
+    assert abs(sum(bars) - float(summary["totals"]["cost_usd"])) < 1e-9
+    # token bar and cache hit ratio
+    t = summary["totals"]
+    ratio = f"{100 * t['cache_read_tokens'] / t['input_tokens']:.1f}%"
+    assert ratio in await shown(page, "#cache-ratio")
+    assert compact(t["cache_read_tokens"]) in await shown(page, "#tokenbar .legend [data-kind=cache_read]")
+    # distribution: one bar per model with its share
+    since, until = summary["since"], summary["until"]
+    by_model = await api_json(proxy, "/api/summary", group_by="model", since=since, until=until)
+    ranked = sorted(by_model["groups"], key=lambda g: -Decimal(str(g["cost_usd"])))
+    labels = await page.eval_on_selector_all("#distribution .share", "els => els.map(e => e.dataset.label)")
+    assert labels == [g["key"]["model"] for g in ranked if g["cost_usd"]]
+    await shot(page, "7days")
+
+    await page.click("#ranges [data-range='30d']")
+    await ready(page)
+    summary30 = await check_cards(page, proxy)
+    assert summary30["totals"]["requests"] == 32 and summary30["totals"]["unpriced_requests"] == 1
+    assert "1 unpriced" in await shown(page, "#card-requests .sub")
+    await shot(page, "30days")
+
+    await page.click("#ranges [data-range='today']")
+    await ready(page)
+    await check_cards(page, proxy)
+    assert await page.evaluate("document.body.dataset.bucket") == "hour"
+
+    # custom range: the last three days, inclusive
+    await page.click("#ranges [data-range='custom']")
+    today = datetime.now(UTC).date()
+    await page.fill("#from", (today - timedelta(days=2)).isoformat())
+    await page.fill("#to", today.isoformat())
+    await page.click("#custom button[type=submit]")
+    await ready(page)
+    assert await page.evaluate("document.body.dataset.since") == f"{today - timedelta(days=2)}T00:00:00.000Z"
+    await check_cards(page, proxy)
+
+    # source filter
+    await page.click("#ranges [data-range='30d']")
+    await ready(page)
+    await page.select_option("#source", "claude-code")
+    await ready(page)
+    only_cc = await check_cards(page, proxy, source="claude-code")
+    assert only_cc["totals"]["requests"] == 1
+    await page.select_option("#source", "")
+    await ready(page)
+    assert page.js_errors == []
+
+
+async def test_tables_sort_filter_paginate_and_detail(make_proxy: Any, browser: Any) -> None:
+    proxy = await seeded_proxy(make_proxy)
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/dashboard")
+    await ready(page)
+    since = await page.evaluate("document.body.dataset.since")
+    until = await page.evaluate("document.body.dataset.until")
+
+    # sessions sorted by cost, as the API sorts them
+    await page.click("#sessions th[data-sort=cost]")
+    await page.wait_for_selector("#sessions th[data-sort=cost][data-active=desc]")
+    await ready(page)
+    want = await api_json(proxy, "/api/sessions", sort="cost", since=since, until=until, limit="10")
+    ids = await page.eval_on_selector_all("#sessions tbody td:first-child", "els => els.map(e => e.title)")
+    assert ids == [s["session"] for s in want["sessions"]]
+    costs = await page.eval_on_selector_all(
+        "#sessions tbody td:last-child", "els => els.map(e => e.textContent)"
+    )
+    assert costs == [money(Decimal(str(s["cost_usd"]))) for s in want["sessions"]]
+
+    # requests: 20 a page, older page via the cursor
+    assert await page.locator("#requests tbody tr").count() == 20
+    await page.click("#requests-pager [data-dir='1']")
+    await page.wait_for_function("document.querySelector('#requests-pager span').textContent === 'page 2'")
+    await ready(page)
+    assert await page.locator("#requests tbody tr").count() == 30 - 20
+    await page.click("#requests-pager [data-dir='-1']")
+    await page.wait_for_function("document.querySelector('#requests-pager span').textContent === 'page 1'")
+
+    # filter by model
+    await page.fill("#requests-filter [name=model]", "gpt-4o-mini")
+    await page.click("#requests-filter button")
+    cells = "[...document.querySelectorAll('#requests tbody tr td:nth-child(2)')]"
+    await page.wait_for_function(f"{cells}.every(td => td.textContent === 'gpt-4o-mini')")
+    await ready(page)
+    # client-side sort by input tokens, ascending after two clicks
+    await page.click("#requests th[data-key=input_tokens]")
+    await page.click("#requests th[data-key=input_tokens]")
+    shown_ids = await page.eval_on_selector_all("#requests tbody tr", "els => els.map(e => e.dataset.id)")
+    page1 = await api_json(proxy, "/api/requests", model="gpt-4o-mini", since=since, until=until, limit="20")
+    tokens = {r["id"]: r["input_tokens"] for r in page1["requests"]}
+    assert set(shown_ids) == set(tokens) and len(shown_ids) == 20
+    assert [tokens[i] for i in shown_ids] == sorted(tokens.values())
+    await shot(page, "requests-filtered")
+
+    # a request's detail: tokens, cost, latency; never prompt text
+    await page.click("#requests tbody tr:first-child")
+    await page.wait_for_selector("#detail[open]")
+    rid = await page.get_attribute("#requests tbody tr:first-child", "data-id")
+    rows = await api_json(proxy, "/api/requests", model="gpt-4o-mini", limit="1000")
+    row = next(r for r in rows["requests"] if r["id"] == rid)
+    detail = await shown(page, "#detail-body")
+    assert money(Decimal(str(row["cost_usd"]))) in detail and "1.23 s" in detail and "210 ms" in detail
+    assert f"{row['input_tokens']:,}" in detail and "not stored" in detail
+    await shot(page, "request-detail")
+    await page.click("#detail .close")
+
+    # a session's detail
+    await page.click("#sessions tbody tr:first-child")
+    await page.wait_for_selector("#detail[open] table")
+    assert ids[0] in await shown(page, "#detail-body h2")
+    await shot(page, "session-detail")
+    assert page.js_errors == []
+
+
+async def test_empty_database_explains_how_to_start(make_proxy: Any, browser: Any) -> None:
+    proxy = await make_proxy()
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    assert await page.is_visible("#onboarding") and not await page.is_visible("#content")
+    snippet = await shown(page, "#setup-snippet")
+    assert f"OPENAI_BASE_URL={proxy.url}/v1" in snippet
+    await shot(page, "empty")
+
+
+async def test_admin_token_prompt(make_proxy: Any, browser: Any) -> None:
+    proxy = await seeded_proxy(make_proxy, admin_token="t0ps3cret")
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/api/summary") as resp:
+        assert resp.status == 401  # the data stays behind the token
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await page.wait_for_selector("#login[open]")
+    await shot(page, "login")
+    await page.fill("#token", "wrong")
+    await page.click("#login-form button")
+    await page.wait_for_function(
+        "document.querySelector('#login-error').textContent.includes('not accepted')"
+    )
+    await page.fill("#token", "t0ps3cret")
+    await page.click("#login-form button")
+    await ready(page)
+    await check_cards(page, proxy, token="t0ps3cret")
+    # a reload keeps the token for the session
+    await page.reload()
+    await ready(page)
+    assert not await page.is_visible("#login")
+
+
+async def test_auto_refresh_shows_new_requests(make_proxy: Any, browser: Any) -> None:
+    proxy = await seeded_proxy(make_proxy)
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/?refresh=1")
+    await ready(page)
+    before = await shown(page, "#card-requests .value")
+    record = make_record(model="gpt-4o", usage=Usage(input_tokens=5_000_000, output_tokens=1))
+    proxy.app[METER].request_finished(record)
+    await proxy.rows(33)
+    want = f"{int(before.replace(',', '')) + 1:,}"
+    await page.wait_for_function(f"document.querySelector('#card-requests .value').textContent === '{want}'")
+    await ready(page)
+    await check_cards(page, proxy)
+
+
+async def test_error_state_offers_retry(make_proxy: Any, browser: Any) -> None:
+    proxy = await seeded_proxy(make_proxy)
+    page = await new_page(browser)
+    failing = True
+
+    async def maybe_fail(route: Any) -> None:
+        if failing:
+            await route.fulfill(
+                status=503,
+                content_type="application/json",
+                body='{"error": {"message": "store unavailable"}}',
+            )
+        else:
+            await route.continue_()
+
+    await page.route("**/api/sessions*", maybe_fail)
+    await page.goto(proxy.url + "/")
+    await page.wait_for_selector("#status.error")
+    assert "store unavailable" in await shown(page, "#status")
+    await shot(page, "error")
+    failing = False
+    await page.click("#status button")
+    await ready(page)
+    await check_cards(page, proxy)
+
+
+async def test_budgets_progress_bars(make_proxy: Any, browser: Any) -> None:
+    pytest.importorskip("meterproxy.budgets.feature")
+    budgets = [
+        {"name": "team-month", "period": "month", "limit_usd": "50"},
+        {"name": "today-cap", "period": "day", "limit_usd": "0.40", "projected": True},
+    ]
+    proxy = await seeded_proxy(make_proxy, budgets=budgets)
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    want = (await api_json(proxy, "/api/budgets"))["budgets"]
+    assert await page.is_visible("#budgets-panel")
+    for b in want:
+        row = page.locator(f"#budgets .budget[data-name='{b['name']}']")
+        text = str(await row.inner_text())
+        spend, limit = Decimal(str(b["spend_usd"])), Decimal(str(b["limit_usd"]))
+        assert f"{money(spend)} of {money(limit)} ({Decimal(str(b['percent'])):.0f}%)" in text
+        assert b["state"] in str(await row.get_attribute("class")) and "all requests" in text
+    await shot(page, "budgets")
