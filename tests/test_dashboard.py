@@ -170,6 +170,21 @@ async def check_cards(page: Any, proxy: Any, token: str | None = None, source: s
     sessions = await api_json(proxy, "/api/sessions", token, limit="1", **params)
     t = summary["totals"]
     assert await shown(page, "#card-cost .value") == money(Decimal(str(t["cost_usd"])))
+    # the change against the previous range, from the API's figures for the range the page names
+    prev_range = {
+        "since": await page.evaluate("document.body.dataset.prevSince"),
+        "until": await page.evaluate("document.body.dataset.prevUntil"),
+    }
+    assert prev_range["until"] <= since
+    if source:
+        prev_range["source"] = source
+    before = Decimal(str((await api_json(proxy, "/api/summary", token, **prev_range))["totals"]["cost_usd"]))
+    now = Decimal(str(t["cost_usd"]))
+    delta = await shown(page, "#card-cost .delta")
+    if before:
+        assert f"{abs(100 * (now - before) / before):.1f}% vs" in delta
+    else:
+        assert delta.startswith("new vs" if now else "no change vs")
     assert await shown(page, "#card-tokens .value") == compact(t["input_tokens"] + t["output_tokens"])
     assert await shown(page, "#card-requests .value") == f"{t['requests']:,}"
     assert await shown(page, "#card-sessions .value") == f"{sessions['total']:,}"

@@ -49,11 +49,25 @@ function bounds() {
     default: since = new Date(now - 7 * DAY);
   }
   const span = until - since;
-  return { since, until, prevSince: new Date(since - span), bucket: span <= 2 * DAY ? "hour" : "day" };
+  // The previous range has the same length and the same place in the calendar: today so far
+  // against yesterday up to the same time, this month so far against last month's first days.
+  let prevSince = new Date(since - span);
+  let prevUntil = since;
+  if (state.range === "today") {
+    prevSince = new Date(since.getFullYear(), since.getMonth(), since.getDate() - 1);
+    prevUntil = new Date(prevSince.getTime() + span);
+  } else if (state.range === "month") {
+    prevSince = new Date(since.getFullYear(), since.getMonth() - 1, 1);
+    prevUntil = new Date(Math.min(prevSince.getTime() + span, since.getTime()));
+  }
+  return { since, until, prevSince, prevUntil, bucket: span <= 2 * DAY ? "hour" : "day" };
 }
 
 const iso = (d) => d.toISOString();
-const rangeNames = { today: "yesterday", "7d": "previous 7 days", "30d": "previous 30 days", month: "previous period", custom: "previous period" };
+const rangeNames = {
+  today: "yesterday by this time", "7d": "previous 7 days", "30d": "previous 30 days",
+  month: "last month by this day", custom: "previous period",
+};
 
 // ---- status, login ---------------------------------------------------------------------------
 
@@ -93,7 +107,7 @@ async function load({ quiet = false } = {}) {
   try {
     const r = bounds();
     const base = { since: iso(r.since), until: iso(r.until), source: state.source };
-    const prev = { since: iso(r.prevSince), until: iso(r.since), source: state.source };
+    const prev = { since: iso(r.prevSince), until: iso(r.prevUntil), source: state.source };
     const [all, cur, before, sessCur, sessPrev] = await Promise.all([
       api("/api/summary", { group_by: "source" }),
       api("/api/summary", base),
@@ -109,7 +123,9 @@ async function load({ quiet = false } = {}) {
     }
     $("#onboarding").hidden = true;
     $("#content").hidden = false;
-    Object.assign(document.body.dataset, { since: base.since, until: base.until, bucket: r.bucket, tz: TZ });
+    Object.assign(document.body.dataset, {
+      since: base.since, until: base.until, prevSince: prev.since, prevUntil: prev.until, bucket: r.bucket, tz: TZ,
+    });
     renderCards(cur.totals, before.totals, sessCur.total, sessPrev.total);
     renderTokens(cur.totals);
     await Promise.all([
