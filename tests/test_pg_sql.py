@@ -46,6 +46,12 @@ from meterproxy.store.pg_sql import translate
             "ON CONFLICT (k) DO UPDATE SET n = h.n + excluded.n",
         ),
         ("SELECT offset FROM f LIMIT ? OFFSET ?", 'SELECT "offset" FROM f LIMIT %s OFFSET %s'),
+        # SQLite sums comparisons as 0/1; PostgreSQL's own integer sum after a cast (not a per-row function)
+        (
+            "SELECT sum(status >= 400 OR error IS NOT NULL), sum(n), sum(CASE WHEN a > 1 THEN 1 END) FROM r",
+            "SELECT sum(CAST((status >= 400 OR error IS NOT NULL) AS INT4)), sum(n), "
+            "sum(CASE WHEN a > 1 THEN 1 END) FROM r",
+        ),
     ],
 )
 def test_statements(sqlite: str, postgres: str) -> None:
