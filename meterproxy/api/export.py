@@ -63,7 +63,7 @@ async def export_handler(request: web.Request) -> web.StreamResponse:
         if fmt == "csv":
             await response.write(csv_header().encode())
         while (chunk := await asyncio.to_thread(export.next_chunk)) is not None:
-            await response.write(chunk.encode())
+            await response.write(chunk)
         await response.write_eof()
         return response
     finally:

@@ -147,7 +147,7 @@ class SlicedExport:
     ) -> None:
         self._slices = slices
         self._stop = threading.Event()
-        self._queues: list[queue.Queue[str | BaseException | None]] = [
+        self._queues: list[queue.Queue[bytes | BaseException | None]] = [
             queue.Queue(maxsize=depth) for _ in range(max(1, workers))
         ]
         self._next = 0
@@ -163,7 +163,7 @@ class SlicedExport:
         for thread in self._threads:
             thread.start()
 
-    def _put(self, q: queue.Queue[str | BaseException | None], item: str | BaseException | None) -> bool:
+    def _put(self, q: queue.Queue[bytes | BaseException | None], item: bytes | BaseException | None) -> bool:
         while not self._stop.is_set():
             try:
                 q.put(item, timeout=0.1)
@@ -182,7 +182,7 @@ class SlicedExport:
             for since, until in self._slices[index :: len(self._queues)]:
                 part = dataclasses.replace(flt, since=since, until=until)
                 for chunk in export_batches(conn, part, fmt, batch):
-                    if not self._put(q, chunk):
+                    if not self._put(q, chunk.encode()):  # encoded here, off the event loop
                         return
                 if not self._put(q, None):  # end of this slice
                     return
@@ -192,7 +192,7 @@ class SlicedExport:
             if conn is not None:
                 conn.close()
 
-    def next_chunk(self) -> str | None:
+    def next_chunk(self) -> bytes | None:
         """The next piece of output (blocking), or None when the export is complete."""
         while self._next < len(self._slices):
             item = self._queues[self._next % len(self._queues)].get()
