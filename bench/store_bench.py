@@ -295,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     month_start = (month_end - timedelta(days=1)).replace(day=1)
     window_end = end - timedelta(hours=5, minutes=13, seconds=7)
     window = (_iso(window_end - timedelta(days=30)), _iso(window_end))
+    result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     result["results"] = asyncio.run(
         measure(args.db, args.repeat, (_iso(month_start), _iso(month_end)), window)
     )
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
