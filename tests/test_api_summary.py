@@ -434,3 +434,24 @@ async def test_retention_deletes_raw_rows_and_leaves_totals_unchanged(make_proxy
     await submit(proxy, fresh)
     total = await summary(proxy)
     assert total["totals"]["requests"] == 505
+
+
+async def test_background_pass_rolls_up_and_applies_retention(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(rollup_interval=0.05, retention_days=30)
+    now = datetime.now(UTC)
+    old = random_records(50, seed=11, start=now - timedelta(days=90), span=timedelta(days=10))
+    recent = random_records(50, seed=12, start=now - timedelta(days=2), span=timedelta(days=1))
+    expected = expected_groups(old + recent, ["model"], ZoneInfo("UTC"))
+    await submit(proxy, old + recent)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while len(await proxy.rows()) > 51:  # all old rows but (at most) the newest rowid go
+        assert loop.time() < deadline, "retention never ran"
+        await asyncio.sleep(0.05)
+    conn = sqlite3.connect(proxy.db)
+    watermark = conn.execute("SELECT watermark FROM rollup_state").fetchone()[0]
+    top = conn.execute("SELECT max(rowid) FROM requests").fetchone()[0]
+    conn.close()
+    assert watermark == top
+    body = await summary(proxy, group_by="model")
+    assert got_groups(body) == expected
