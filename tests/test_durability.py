@@ -401,3 +401,26 @@ async def test_sigterm_drain_is_bounded_and_cut_requests_are_still_recorded(
     for s in slow:
         assert s in rows, "a request cut by the shutdown was not recorded"
         assert rows[s][2] or rows[s][3], rows[s]
+
+
+async def test_strict_wait_is_bounded_when_the_database_fails(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """strict never holds an answer hostage: past STRICT_COMMIT_WAIT it goes out, the record stays queued."""
+    monkeypatch.setattr("meterproxy.proxy.STRICT_COMMIT_WAIT", 0.3)
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx)
+    proxy = await make_proxy(durability="strict")
+    await _one(proxy.url, CHAT, "warm")
+    _writer_sql(proxy, "PRAGMA query_only = ON")
+    sessions = [uuid.uuid4().hex for _ in range(3)]
+    for s in sessions:
+        # Bounded by the 0.3 s wait (the unpatched 30 s would blow this generous limit).
+        assert await asyncio.wait_for(_one(proxy.url, CHAT, s), 10) == fx.body
+    assert not set(sessions) & _sessions_in(proxy.db)
+    _writer_sql(proxy, "PRAGMA query_only = OFF")
+
+    async def all_written() -> bool:
+        return set(sessions) <= _sessions_in(proxy.db)
+
+    await _until(all_written)

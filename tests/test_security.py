@@ -249,7 +249,15 @@ async def test_api_keys_never_reach_disk_logs_or_exports(tmp_path: Path, upstrea
                 async with client.post(f"{proxy.url}{path}", data=CHAT, headers=headers) as r:
                     await r.read()
             exports = []
-            for path in ("/api/requests?limit=1000", "/api/export?format=jsonl", "/api/export?format=csv"):
+            for path in (
+                "/api/requests?limit=1000",
+                "/api/export?format=jsonl",
+                "/api/export?format=csv",
+                "/api/sessions",
+                "/api/summary?group_by=model",
+                "/metrics",
+                "/healthz",
+            ):
                 async with client.get(f"{proxy.url}{path}") as r:
                     exports.append(await r.read())
         assert echoed and KEY in echoed[0]  # the key really went through the proxy
