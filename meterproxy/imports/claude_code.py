@@ -25,12 +25,13 @@ counts, are reported (``file:line: why``) and skipped, never fatal.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from meterproxy.imports import FileState, ImportStats, ImportStore, price_imported, stable_id
 from meterproxy.pricing import PriceBook
@@ -169,7 +170,7 @@ def read_transcript(path: Path, stats: ImportStats) -> tuple[list[RequestRecord]
             continue
         stats.lines += 1
         try:
-            record = parse_entry(json.loads(raw), project)
+            record = parse_entry(orjson.loads(raw), project)
         except (ValueError, UnicodeDecodeError) as exc:
             why = "not JSON" if not isinstance(exc, EntryError) else str(exc)
             stats.malformed.append(f"{path}:{number}: {why}")

@@ -25,7 +25,6 @@ set (Ctrl-C on the command line).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -34,6 +33,8 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from meterproxy.imports import HEAD_BYTES, FileState, ImportStats, ImportStore, price_imported, stable_id
 from meterproxy.pricing import PriceBook
@@ -125,7 +126,7 @@ class LineMapping:
 
     def parse(self, raw: bytes, book: PriceBook) -> RequestRecord:
         try:
-            obj = json.loads(raw)
+            obj = orjson.loads(raw)
         except ValueError as exc:
             raise LineError("not JSON") from exc
         if not isinstance(obj, dict):
