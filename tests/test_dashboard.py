@@ -214,6 +214,25 @@ async def test_page_shows_the_api_figures_and_clicks_through(make_proxy: Any, br
     assert labels == [g["key"]["model"] for g in ranked if g["cost_usd"]]
     await shot(page, "7days")
 
+    # per hour, stacked by provider: still the same total, one series per provider
+    await page.select_option("#bucket", "hour")
+    await page.wait_for_function("document.body.dataset.bucket === 'hour'")
+    await page.select_option("#stack", "provider")
+    await page.wait_for_function("document.querySelector('#burn rect').dataset.series !== undefined")
+    await ready(page)
+    names = await page.eval_on_selector_all(
+        "#burn rect", "els => [...new Set(els.map(e => e.dataset.series))]"
+    )
+    assert sorted(names) == ["anthropic", "gemini", "openai"]
+    bars = await page.eval_on_selector_all("#burn rect", "els => els.map(e => Number(e.dataset.value))")
+    assert abs(sum(bars) - float(summary["totals"]["cost_usd"])) < 1e-9
+    buckets = await page.eval_on_selector_all("#burn rect", "els => els.map(e => e.dataset.bucket)")
+    assert any(not b.startswith(b[:10] + "T00:00") for b in buckets)  # hours, not days
+    await shot(page, "7days-hourly-by-provider")
+    await page.select_option("#bucket", "")
+    await page.select_option("#stack", "model")
+    await ready(page)
+
     await page.click("#ranges [data-range='30d']")
     await ready(page)
     summary30 = await check_cards(page, proxy)

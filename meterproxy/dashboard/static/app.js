@@ -18,6 +18,7 @@ const state = {
   to: params.get("to") || "",
   source: params.get("source") || "",
   stack: "model",
+  bucket: "",
   dist: "model",
   distTag: "",
   sessions: { sort: "last_seen", order: "desc", offset: 0, limit: 10, user: "" },
@@ -60,7 +61,8 @@ function bounds() {
     prevSince = new Date(since.getFullYear(), since.getMonth() - 1, 1);
     prevUntil = new Date(Math.min(prevSince.getTime() + span, since.getTime()));
   }
-  return { since, until, prevSince, prevUntil, bucket: span <= 2 * DAY ? "hour" : "day" };
+  const bucket = state.bucket || (span <= 2 * DAY ? "hour" : "day");
+  return { since, until, prevSince, prevUntil, bucket };
 }
 
 const iso = (d) => d.toISOString();
@@ -222,11 +224,13 @@ async function loadBurn(base, bucket) {
     values: sr.points.map((p) => Number(p.cost_usd)),
     color: PALETTE[k % PALETTE.length],
   }));
+  const days = labels.length > 1 && new Date(labels.at(-1)) - new Date(labels[0]) >= DAY;
+  const pad = (n) => String(n).padStart(2, "0");
   const fmt = (t) => {
     const d = new Date(t);
-    return bucket === "hour"
-      ? `${String(d.getHours()).padStart(2, "0")}:00`
-      : `${String(d.getMonth() + 1).padStart(2, "0")}-${String(d.getDate()).padStart(2, "0")}`;
+    const day = `${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+    if (bucket !== "hour") return day;
+    return days ? `${day} ${pad(d.getHours())}h` : `${pad(d.getHours())}:00`;
   };
   const axis = (v) => (v === 0 || v >= 0.01 ? `$${v.toFixed(2)}` : money(v));
   stackedBars($("#burn"), { labels, series, format: money, axisFormat: axis, xLabel: fmt });
@@ -424,6 +428,7 @@ $("#custom").addEventListener("submit", (ev) => {
 
 $("#source").addEventListener("change", (ev) => { state.source = ev.target.value; resetPages(); load(); });
 $("#stack").addEventListener("change", (ev) => { state.stack = ev.target.value; load({ quiet: true }); });
+$("#bucket").addEventListener("change", (ev) => { state.bucket = ev.target.value; load({ quiet: true }); });
 $("#dist").addEventListener("change", (ev) => { state.dist = ev.target.value; load({ quiet: true }); });
 $("#dist-tag").addEventListener("change", (ev) => { state.distTag = ev.target.value.trim(); load({ quiet: true }); });
 

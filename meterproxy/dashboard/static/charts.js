@@ -39,7 +39,7 @@ export function stackedBars(el, { labels, series, format, axisFormat = format, x
     el.append(h("p", { class: "empty" }, "No spend in this range."));
     return;
   }
-  const top = niceCeil(max);
+  const top = 4 * niceCeil(max / 4); // four gridlines at round values
   const plotW = W - L - R, plotH = H - T - B;
   const step = plotW / labels.length;
   const bw = Math.max(1, step * 0.78);
