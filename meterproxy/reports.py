@@ -34,9 +34,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
+import sqlite_utils
+
 from meterproxy.pricing import PriceBook
-from meterproxy.store.backend import apply_migrations, connect
-from meterproxy.store.queries import RequestFilter, read_connection
+from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
+from meterproxy.store.queries import RequestFilter
 from meterproxy.usage import Usage
 
 __all__ = [
@@ -108,15 +110,24 @@ def _exact(measures: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ensure_schema(db: str) -> None:
-    """Summaries read the rollup tables; a database only the importer has written lacks them."""
+    """Apply pending migrations first (the summary engine reads the rollup tables).
+
+    A database only the importer has written, or one last opened by an older
+    version, may lack some; they are created here, as the proxy would. PostgreSQL
+    schemas are left to ``meterproxy migrate`` and the proxy.
+    """
+    import meterproxy.store.rollups  # noqa: F401  (registers its migrations)
+    from meterproxy.store import migration_sets
+
+    if parse_db(db).is_postgres:
+        return
     conn = read_connection(db)
     try:
-        ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollup_state'").fetchone()
+        sdb = sqlite_utils.Database(conn)
+        pending = any(m.pending(sdb) for m in migration_sets())
     finally:
         conn.close()
-    if not ready:
-        import meterproxy.store.rollups  # noqa: F401  (registers its migrations)
-
+    if pending:
         conn = connect(db)
         try:
             apply_migrations(conn)

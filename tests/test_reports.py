@@ -231,3 +231,14 @@ async def test_status_colored_by_the_worst_budget(make_proxy: Any) -> None:
     assert out.startswith("\x1b[33m")  # yellow: a warning threshold is crossed, not the limit
     plain = await asyncio.to_thread(cli, "status", "--url", proxy.url)
     assert "\x1b[" not in plain  # not a terminal
+
+
+def test_report_on_a_database_written_only_by_the_importer(tmp_path: Any) -> None:
+    """The importer's database lacks the rollup tables the summary engine reads: created on demand."""
+    from pathlib import Path
+
+    logs = Path(__file__).parent / "fixtures" / "agent_logs"
+    db = str(tmp_path / "imported.db")
+    cli("import", "jsonl", str(logs / "zeroclaw_costs.jsonl"), "--format", "zeroclaw", "--db", db)
+    doc = json.loads(cli("report", "daily", "--json", "--db", db))
+    assert doc["totals"]["requests"] == 4 and [r["day"] for r in doc["rows"]] == ["2026-11-22"]

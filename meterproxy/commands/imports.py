@@ -22,7 +22,7 @@ from meterproxy.imports.jsonl import FIELDS, PRESETS, LineMapping, follow, read_
 from meterproxy.pricing import PriceBook
 from meterproxy.settings import SettingsError, load_settings
 
-__all__ = ["command", "resolve_db"]
+__all__ = ["command", "resolve_db", "sqlite_db"]
 
 MAX_LISTED = 20
 
@@ -32,6 +32,19 @@ def resolve_db(db: str | None, config_file: str | None = None) -> str:
         return load_settings(config_file, cli={"db": db}).db
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+def sqlite_db(db: str | None) -> str:
+    """Imports write SQLite (its upsert and offset bookkeeping); PostgreSQL goes via migrate."""
+    from meterproxy.store.backend import parse_db
+
+    path = resolve_db(db)
+    if parse_db(path).is_postgres:
+        raise click.UsageError(
+            "imports write to a SQLite file; import into one, then copy it with "
+            "`meterproxy migrate FILE postgresql://...` (idempotent, so it can be repeated)"
+        )
+    return path
 
 
 def _book(pricing: tuple[str, ...]) -> PriceBook:
@@ -64,7 +77,7 @@ def claude_code(paths: tuple[Path, ...], db: str | None, pricing: tuple[str, ...
     roots = list(paths) or [p for p in cc.default_roots() if p.exists()]
     if not roots:
         raise click.UsageError("no Claude Code transcripts found; pass the projects folder as PATH")
-    with ImportStore(resolve_db(db)) as store:
+    with ImportStore(sqlite_db(db)) as store:
         files = cc.find_files(roots)
 
         def progress(items: Iterable[Path]) -> Iterator[Path]:
@@ -131,7 +144,7 @@ def jsonl(
     if not follow_ and not file.exists():
         raise click.BadParameter(f"{file} does not exist", param_hint="FILE")
     book = _book(pricing)
-    with ImportStore(resolve_db(db)) as store:
+    with ImportStore(sqlite_db(db)) as store:
         if not follow_:
             size = file.stat().st_size
             with click.progressbar(
