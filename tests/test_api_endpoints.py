@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openapi_spec_validator import validate
 
 from meterproxy.api.models import ErrorResponse, SessionDetail, SessionsResponse
 from meterproxy.api.openapi import build_spec
@@ -165,6 +166,7 @@ async def test_every_api_route_is_in_the_openapi_document(make_proxy: ProxyFacto
     assert spec["openapi"].startswith("3.1") and spec == json.loads(
         json.dumps(build_spec()), parse_float=Decimal
     )
+    validate(json.loads(json.dumps(build_spec())))  # a valid OpenAPI 3.1 document
     routes = {
         (route.resource.canonical, route.method.lower())
         for route in proxy.app.router.routes()

@@ -30,7 +30,6 @@ Costs are summed as integer picodollars (``cost_pico``); nothing here is a float
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ __all__ = [
     "bucket_start",
     "is_groupable",
     "summarize",
-    "with_filter",
 ]
 
 TIME_DIMENSIONS = ("hour", "day", "week", "month")
@@ -367,8 +365,3 @@ def summarize(conn: sqlite3.Connection, q: SummaryQuery) -> Summary:
         else []
     )
     return Summary(dict(zip(MEASURE_NAMES, totals, strict=True)), groups, notes)
-
-
-def with_filter(q: SummaryQuery, **changes: Any) -> SummaryQuery:
-    """A copy of ``q`` with filter fields changed (e.g. a narrower time range)."""
-    return dataclasses.replace(q, filter=dataclasses.replace(q.filter, **changes))
