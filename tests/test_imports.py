@@ -279,3 +279,45 @@ def test_replacing_a_rolled_up_snapshot_keeps_rollups_exact(claude_dir: Path, tm
         ).fetchone()
         assert rolled == raw
     conn.close()
+
+
+def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
+    """The real CLI in its own process: tail, stop with SIGTERM, restart, nothing lost or doubled."""
+    import signal
+    import subprocess
+    import sys
+
+    db, log = tmp_path / "m.db", tmp_path / "costs.jsonl"
+    log.write_bytes(zc_line(1))
+    cmd = [sys.executable, "-m", "meterproxy", "import", "jsonl", str(log), "--format", "zeroclaw"]
+    cmd += ["--follow", "--interval", "0.05", "--db", str(db)]
+
+    def wait_rows(n: int, proc: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.exists() and len(rows(db)) >= n:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"expected {n} rows")
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_rows(1, proc)
+        with open(log, "ab") as fh:
+            fh.write(zc_line(2) + zc_line(3)[:30])  # a partial line stays unread
+        wait_rows(2, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "2 new" in out
+    with open(log, "ab") as fh:
+        fh.write(zc_line(3)[30:] + zc_line(4))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_rows(4, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "2 new" in out, (out, err)
+    assert len(rows(db)) == 4
