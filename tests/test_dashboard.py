@@ -426,3 +426,50 @@ async def test_budgets_progress_bars(make_proxy: Any, browser: Any) -> None:
         assert f"{money(spend)} of {money(limit)} ({Decimal(str(b['percent'])):.0f}%)" in text
         assert b["state"] in str(await row.get_attribute("class")) and "all requests" in text
     await shot(page, "budgets")
+
+
+async def test_sdk_traffic_through_the_proxy_shows_on_the_page(
+    make_proxy: Any, upstream: Any, browser: Any
+) -> None:
+    """End to end: the official SDKs call through the proxy, then the page shows those requests."""
+    import anthropic
+    import openai
+
+    from meterproxy.testing import load_fixture
+
+    proxy = await make_proxy()
+    oa = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-dash")
+    upstream.replay(load_fixture("openai_chat_stream_usage"))
+    stream = await oa.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"X-Meter-Session": "e2e", "X-Meter-User": "dana"},
+    )
+    _ = [c async for c in stream]
+    upstream.replay(load_fixture("anthropic_messages_json"))
+    an = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test")
+    await an.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Meter-Session": "e2e"},
+    )
+    stored = await proxy.rows(2)
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    await check_cards(page, proxy)
+    assert await shown(page, "#card-requests .value") == "2"
+    total = sum(Decimal(r["cost_usd"]) for r in stored)
+    assert await shown(page, "#card-cost .value") == money(total)
+    models = await page.eval_on_selector_all(
+        "#requests tbody td:nth-child(2)", "els => els.map(e => e.textContent)"
+    )
+    assert sorted(models) == sorted(r["model"] for r in stored)
+    session = await page.eval_on_selector_all(
+        "#sessions tbody td:first-child", "els => els.map(e => e.title)"
+    )
+    assert session == ["e2e"]
+    await shot(page, "sdk-traffic")
+    assert page.js_errors == []
