@@ -229,3 +229,38 @@ async def test_migrations_apply_once_and_rowid_follows_commit_order(pair: Pair) 
         assert apply_pg_migrations(conn) == []  # a second replica starting finds nothing to do
     finally:
         conn.close()
+
+
+async def test_postgres_connections_dropped_by_the_server_are_replaced(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A PostgreSQL restart or failover drops every connection: writes and reads carry on after it."""
+    pg_or_skip()
+    import psycopg
+
+    from tests.pg import PG_ADMIN
+
+    with fresh_database() as url:
+        proxy = await make_proxy(db=url)
+        writer = proxy.app[WRITER]
+        first = make_records(5, seed=8)
+        for record in first:
+            proxy.app[METER].request_finished(record)
+        await wait_for(lambda: writer.written >= 5)
+        assert len((await get_json(proxy, "/api/requests", {}))["requests"]) == 5
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ).fetchone()
+        assert killed is not None and killed[0] >= 2  # the writer's and the read pool's
+        later = make_records(7, seed=9)
+        for record in later:
+            proxy.app[METER].request_finished(record)
+        await wait_for(lambda: writer.written >= 12)
+        assert writer.health().ok
+        body = await get_json(proxy, "/api/requests", {"limit": 100})
+        assert {r["id"] for r in body["requests"]} == {r.id for r in first + later}
+        await proxy.server.close()

@@ -304,6 +304,8 @@ def read_pool(url: str, *, max_size: int = 8) -> ConnectionPool[Any]:
                 max_size=max_size,
                 kwargs={"autocommit": True, "options": "-c default_transaction_read_only=on"},
                 name="meterproxy-read",
+                # A pooled connection the server dropped (restart, failover) is replaced, not handed out.
+                check=ConnectionPool.check_connection,
                 open=True,
             )
             _POOLS[url] = pool
