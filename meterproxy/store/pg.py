@@ -35,7 +35,7 @@ from psycopg.rows import RowMaker
 from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool
 
-from meterproxy.store.pg_sql import translate
+from meterproxy.store.pg_sql import split_statements, translate
 
 __all__ = [
     "PgConnection",
@@ -130,7 +130,7 @@ class PgCursor:
 
     @property
     def lastrowid(self) -> int | None:
-        return None
+        raise NotImplementedError("no lastrowid on PostgreSQL: use 'RETURNING id' (works on both)")
 
     def _has_rows(self) -> bool:
         return self._cur is not None and self._cur.description is not None
@@ -207,9 +207,8 @@ class PgConnection:
         return PgCursor(cur)
 
     def executescript(self, script: str) -> None:
-        for part in script.split(";"):
-            if part.strip():
-                self.execute(part)
+        for part in split_statements(script):
+            self.execute(part)
 
     def commit(self) -> None:
         if self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:

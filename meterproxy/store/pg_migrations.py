@@ -36,6 +36,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from meterproxy.store.pg_compat import COMPAT_SQL, COMPAT_SQL_2
+from meterproxy.store.pg_sql import split_statements
 
 __all__ = ["PgMigrationDb", "apply_pg_migrations", "pg_migration_sets"]
 
@@ -56,9 +57,8 @@ class PgMigrationDb:
         return self.conn.execute(sql, list(params or ()))
 
     def executescript(self, script: str) -> None:
-        for part in script.split(";"):
-            if part.strip():
-                self.conn.execute(part)
+        for part in split_statements(script):
+            self.conn.execute(part)
 
     def __getitem__(self, name: str) -> Any:
         raise NotImplementedError(

@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["Translated", "translate"]
+__all__ = ["Translated", "split_statements", "translate"]
 
 _TOKEN = re.compile(
     r"""
@@ -277,7 +277,7 @@ def _translate_trigger(sql: str) -> Translated:
     if match is None:
         raise ValueError(f"cannot translate this trigger for PostgreSQL: {sql[:80]!r}")
     name, table = match["name"], match["table"]
-    body = "; ".join(translate(part).sql for part in _split_statements(match["body"]))
+    body = "; ".join(translate(part).sql for part in split_statements(match["body"]))
     function = (
         f"CREATE OR REPLACE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS $trigger$ "
         f"BEGIN {body}; RETURN NULL; END $trigger$"
@@ -289,7 +289,8 @@ def _translate_trigger(sql: str) -> Translated:
     return Translated(function, then=(trigger,))
 
 
-def _split_statements(body: str) -> list[str]:
+def split_statements(body: str) -> list[str]:
+    """Statements of a script, split at ``;`` outside literals and quoted names."""
     parts: list[str] = []
     current: list[str] = []
     for kind, text in _tokens(body):
