@@ -21,11 +21,11 @@ from aiohttp import web
 __all__ = ["STATIC_DIR", "setup"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-_NO_STORE = {"Cache-Control": "no-cache"}
+_NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 async def page(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html", headers=_NO_STORE)
+    return web.FileResponse(STATIC_DIR / "index.html", headers=_NO_CACHE)
 
 
 def setup(app: web.Application) -> None:
