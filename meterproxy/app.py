@@ -51,6 +51,7 @@ FEATURES = [
     "meterproxy.api.sessions",
     "meterproxy.api.export",
     "meterproxy.api.openapi",
+    "meterproxy.budgets.feature",
     "meterproxy.dashboard",
 ]
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "meterproxy.commands.status",
     "meterproxy.commands.reprice",
     "meterproxy.commands.migrate",
+    "meterproxy.commands.budgets",
 ]
 
 

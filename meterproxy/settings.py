@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from meterproxy.budgets.model import BudgetSpec, WebhookEndpoint, zone
 from meterproxy.routing import Upstream, make_upstream
 
 __all__ = ["DEFAULT_UPSTREAMS", "Settings", "SettingsError", "default_db_path", "load_settings"]
@@ -89,6 +90,48 @@ class Settings(BaseModel):
     max_draining: int = Field(
         64, ge=0, description="At most this many abandoned streams are drained for usage at once."
     )
+    budgets: list[BudgetSpec] = Field(
+        default_factory=list,
+        description="Spend budgets ([[budgets]] tables in the config file; see 'Budgets and webhooks').",
+    )
+    budget_timezone: str = Field(
+        "UTC", description="IANA timezone of calendar budget periods (day, week, month) by default."
+    )
+    budget_check_interval: float = Field(
+        10.0, gt=0, description="Seconds between budget re-checks (projections, rollovers, table changes)."
+    )
+    budget_resync_interval: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds between re-reads of budget spend from the database (other processes).",
+    )
+    webhooks: dict[str, WebhookEndpoint] = Field(
+        default_factory=dict,
+        description="Named budget-alert endpoints ([webhooks.NAME] tables: url, secret, format, headers).",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds one webhook delivery attempt may take.")
+    webhook_retry_base: float = Field(
+        2.0, gt=0, description="Seconds before the first webhook retry; doubles each retry (with jitter)."
+    )
+    webhook_retry_max: float = Field(1800.0, gt=0, description="Longest wait between two webhook retries.")
+    webhook_give_up_after: float = Field(
+        86400.0, gt=0, description="Seconds after an event at which undelivered webhooks are marked failed."
+    )
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _check_budget_timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _check_budget_names(cls, value: list[BudgetSpec]) -> list[BudgetSpec]:
+        names = [b.name for b in value]
+        if len(set(names)) != len(names):
+            raise ValueError("two budgets have the same name")
+        return value
+
     writer_queue_max: int = Field(
         100_000, gt=0, description="Records buffered in memory while the database is slow or failing."
     )

@@ -1,0 +1,213 @@
+"""``/api/budgets`` (list, create, show, update, delete), budget events, webhook deliveries.
+
+Budgets:
+
+- ``GET /api/budgets``: every budget with its definition, ``source`` (config or
+  api), ``spend_usd``, ``limit_usd``, ``percent``, the current period, the
+  projection and ``state``: ``ok``, ``warning`` (a threshold below 100 % is
+  crossed), ``exceeded`` (alert budget at or over its limit) or ``blocking``.
+- ``POST /api/budgets`` (a budget definition as JSON) -> 201; 409 if the name is taken.
+- ``GET|PUT|PATCH|DELETE /api/budgets/{name}``: PUT replaces the definition,
+  PATCH merges top-level fields; budgets from the config file are read-only here (409).
+- ``GET /api/budgets/{name}/events``: the events it raised, newest first.
+
+``GET /api/webhooks/deliveries``: outbox rows newest first with every attempt
+(``state``, ``event_id``, ``budget`` filters; ``limit`` 1..500). Endpoint
+secrets and extra headers are never part of any response.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.budgets.feature import BUDGETS, BudgetEngine, BudgetError
+from meterproxy.budgets.model import BudgetSpec
+from meterproxy.budgets.spend import BudgetState
+from meterproxy.keys import WRITER
+
+__all__ = ["add_routes", "budget_view"]
+
+
+def budget_view(state: BudgetState, request: web.Request) -> dict[str, Any]:
+    engine = request.app[BUDGETS]
+    snap = engine.tracker.snapshot(state.spec.name, engine.clock())
+    spec = state.spec
+    view: dict[str, Any] = {
+        "name": spec.name,
+        "source": state.source,
+        "scope": spec.scope.describe(),
+        "period": spec.period,
+        "timezone": None if state.period.rolling else str(state.tz.key),
+        "limit_usd": spec.limit_usd,
+        "thresholds": spec.thresholds,
+        "action": spec.action,
+        "projected": spec.projected,
+        "notify_reset": spec.notify_reset,
+        "webhooks": spec.webhooks,
+    }
+    if snap is None:  # deleted meanwhile
+        return view
+    if snap.exceeded:
+        status = "blocking" if spec.action == "block" else "exceeded"
+    elif any(snap.spend_usd * 100 >= t * snap.limit_usd for t in spec.thresholds if t < 100):
+        status = "warning"
+    else:
+        status = "ok"
+    view.update(snap.as_dict())
+    view["state"] = status
+    return view
+
+
+def _engine(request: web.Request) -> BudgetEngine:
+    return request.app[BUDGETS]
+
+
+async def list_budgets(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    return json_response({"budgets": [budget_view(s, request) for s in engine.tracker.states()]})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=lambda t: json.loads(t, parse_float=Decimal))
+    except ValueError as exc:
+        raise ParamError("body", f"not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ParamError("body", "expected a JSON object")
+    return body
+
+
+def _invalid(exc: ValidationError) -> web.Response:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    return api_error(400, "invalid_budget", problems)
+
+
+def _engine_error(exc: Exception) -> web.Response:
+    code = getattr(exc, "code", "invalid_budget")
+    status = {"not_found": 404, "budget_exists": 409, "config_budget": 409}.get(code, 400)
+    return api_error(status, code, str(exc))
+
+
+async def create_budget(request: web.Request) -> web.Response:
+    try:
+        spec = BudgetSpec.model_validate(await _json_body(request))
+        state = await _engine(request).create(spec)
+    except ParamError as exc:
+        return api_error(400, "bad_parameter", str(exc), exc.param)
+    except ValidationError as exc:
+        return _invalid(exc)
+    except BudgetError as exc:
+        return _engine_error(exc)
+    return json_response(budget_view(state, request), status=201)
+
+
+async def show_budget(request: web.Request) -> web.Response:
+    state = _engine(request).tracker.get(request.match_info["name"])
+    if state is None:
+        return api_error(404, "not_found", f"no budget named {request.match_info['name']!r}")
+    return json_response(budget_view(state, request))
+
+
+async def update_budget(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    engine = _engine(request)
+    try:
+        body = await _json_body(request)
+        if request.method == "PATCH":
+            current = engine.tracker.get(name)
+            if current is None:
+                raise BudgetError("not_found", f"no budget named {name!r}")
+            body = {**json.loads(current.spec.model_dump_json(exclude_none=True)), **body}
+        if body.setdefault("name", name) != name:
+            raise ParamError("name", "a budget cannot be renamed; create a new one")
+        state = await engine.update(BudgetSpec.model_validate(body))
+    except ParamError as exc:
+        return api_error(400, "bad_parameter", str(exc), exc.param)
+    except ValidationError as exc:
+        return _invalid(exc)
+    except BudgetError as exc:
+        return _engine_error(exc)
+    return json_response(budget_view(state, request))
+
+
+async def delete_budget(request: web.Request) -> web.Response:
+    try:
+        await _engine(request).delete(request.match_info["name"])
+    except BudgetError as exc:
+        return _engine_error(exc)
+    return web.Response(status=204)
+
+
+def _events(conn: sqlite3.Connection, budget: str, limit: int) -> list[Any]:
+    rows = conn.execute(
+        "SELECT payload FROM budget_events WHERE budget = ? ORDER BY created_at DESC, id LIMIT ?",
+        [budget, limit],
+    ).fetchall()
+    return [json.loads(r[0], parse_float=Decimal) for r in rows]
+
+
+async def budget_events(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        limit = parse_int("limit", request.query.get("limit"), 100, 1, 1000)
+    except ParamError as exc:
+        return api_error(400, "bad_parameter", str(exc), exc.param)
+    events = await run_read(request.app[WRITER].path, lambda c: _events(c, name, limit))
+    return json_response({"events": events})
+
+
+def _deliveries(conn: sqlite3.Connection, filters: dict[str, str], limit: int) -> list[dict[str, Any]]:
+    where, params = ["1 = 1"], []
+    for key, column in (("state", "o.state"), ("event_id", "o.event_id"), ("budget", "e.budget")):
+        if key in filters:
+            where.append(f"{column} = ?")
+            params.append(filters[key])
+    conn.row_factory = sqlite3.Row
+    rows = conn.execute(
+        "SELECT o.id, o.event_id, e.type AS event_type, e.budget, o.endpoint, o.url, o.state, o.attempts, "
+        "o.created_at, o.next_attempt_at, o.delivered_at, o.last_status, o.last_error "
+        "FROM webhook_outbox o JOIN budget_events e ON e.id = o.event_id "
+        f"WHERE {' AND '.join(where)} ORDER BY o.id DESC LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    out = [dict(r) for r in rows]
+    for item in out:
+        item["next_attempt_at"] = item["next_attempt_at"] if item["state"] == "pending" else None
+        item["attempt_log"] = [
+            dict(a)
+            for a in conn.execute(
+                "SELECT attempt, at, status, error, duration_ms FROM webhook_attempts "
+                "WHERE outbox_id = ? ORDER BY attempt",
+                [item["id"]],
+            )
+        ]
+    return out
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        limit = parse_int("limit", query.get("limit"), 100, 1, 500)
+    except ParamError as exc:
+        return api_error(400, "bad_parameter", str(exc), exc.param)
+    filters = {k: query[k] for k in ("state", "event_id", "budget") if query.get(k)}
+    rows = await run_read(request.app[WRITER].path, lambda c: _deliveries(c, filters, limit))
+    return json_response({"deliveries": rows})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/budgets", list_budgets)
+    app.router.add_post("/api/budgets", create_budget)
+    app.router.add_get("/api/budgets/{name}", show_budget)
+    app.router.add_put("/api/budgets/{name}", update_budget)
+    app.router.add_patch("/api/budgets/{name}", update_budget)
+    app.router.add_delete("/api/budgets/{name}", delete_budget)
+    app.router.add_get("/api/budgets/{name}/events", budget_events)
+    app.router.add_get("/api/webhooks/deliveries", list_deliveries)

@@ -1,0 +1,311 @@
+"""Wiring: `setup(app)` adds the budgets engine, its gate, its routes and its background tasks.
+
+`BudgetEngine` is the one object the API and the CLI talk to. Its lifecycle
+(a ``cleanup_ctx``, after the store and the proxy exist):
+
+1. **started**: every budget (config file first, then the ``budgets`` table) is
+   loaded through the writer (`SpendTracker` explains why), the commit
+   listener and the request gate are attached, and every budget is re-checked
+   at once, so a crossing that happened while the proxy was down raises its
+   event now.
+2. **running**: each committed batch updates spend and may raise events;
+   events go to the writer (event + outbox rows in one transaction) and wake
+   the webhook `Deliverer`. A ticker re-checks every ``budget_check_interval``
+   seconds (projections, rollovers, rolling windows, budgets another process
+   added to the table) and re-reads all spend from the database every
+   ``budget_resync_interval`` seconds (rows other processes wrote).
+3. **stopped**: the gate is removed and the tasks are cancelled; deliveries
+   not yet recorded stay ``pending`` in the outbox and go out after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from meterproxy.budgets.alerts import AlertDetector
+from meterproxy.budgets.gate import make_gate
+from meterproxy.budgets.model import BudgetSpec
+from meterproxy.budgets.spend import BudgetState, SpendTracker
+from meterproxy.budgets.store import (
+    delete_budget,
+    fired_events,
+    insert_events,
+    load_api_budgets,
+    save_budget,
+    spend_buckets,
+)
+from meterproxy.budgets.webhooks import Deliverer, RetryPolicy
+from meterproxy.keys import METER, METRICS, SETTINGS, WRITER
+from meterproxy.settings import Settings
+from meterproxy.store.writer import StoreWriter
+from meterproxy.usage import RequestRecord, utcnow
+
+__all__ = ["BUDGETS", "BUDGET_CLOCK", "BudgetEngine", "BudgetError", "setup"]
+
+log = logging.getLogger(__name__)
+
+
+class BudgetError(ValueError):
+    """A budget change that cannot be made (``code`` is the API error code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BudgetEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        writer: StoreWriter,
+        clock: Callable[[], datetime],
+        publish: Callable[[str, Decimal | None, Decimal | None], None] = lambda name, spend, limit: None,
+    ) -> None:
+        self.settings = settings
+        self._publish = publish
+        self.writer = writer
+        self.clock = clock
+        self.tracker = SpendTracker(settings.budget_timezone)
+        self.detector = AlertDetector(self.tracker, self._emit)
+        self.deliverer = Deliverer(
+            writer=writer,
+            endpoints=dict(settings.webhooks),
+            policy=RetryPolicy(
+                settings.webhook_retry_base, settings.webhook_retry_max, settings.webhook_give_up_after
+            ),
+            timeout_s=settings.webhook_timeout,
+            clock=clock,
+        )
+        self.gate = make_gate(self.tracker, clock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.events_raised = 0
+
+    # -- loading ------------------------------------------------------------
+    async def _write(self, fn: Callable[[Any], Any]) -> Any:
+        return await asyncio.wrap_future(self.writer.call(fn))
+
+    def _load_on_writer(self, conn: Any, spec: BudgetSpec, source: str) -> BudgetState:
+        now = self.clock()
+        state = self.tracker.new_state(spec, source)
+        start, _ = state.advance(now)
+        state.seen_period = None if state.period.rolling else start
+        buckets = spend_buckets(conn, spec.scope, start)
+        state.fired = set(fired_events(conn, spec.name, start))
+        self.tracker.install(state, buckets)
+        return state
+
+    async def load(self, spec: BudgetSpec, source: str) -> BudgetState:
+        state: BudgetState = await self._write(lambda conn: self._load_on_writer(conn, spec, source))
+        return state
+
+    async def create(self, spec: BudgetSpec) -> BudgetState:
+        if self.tracker.get(spec.name) is not None:
+            raise BudgetError("budget_exists", f"a budget named {spec.name!r} already exists")
+        self._check_webhooks(spec)
+
+        def work(conn: Any) -> BudgetState | None:
+            if not save_budget(conn, spec, self.clock(), create=True):
+                return None
+            return self._load_on_writer(conn, spec, "api")
+
+        state = await self._write(work)
+        if state is None:
+            raise BudgetError("budget_exists", f"a budget named {spec.name!r} already exists")
+        self.check_now()
+        return state  # type: ignore[no-any-return]
+
+    async def update(self, spec: BudgetSpec) -> BudgetState:
+        self._require_api(spec.name)
+        self._check_webhooks(spec)
+
+        def work(conn: Any) -> BudgetState:
+            save_budget(conn, spec, self.clock(), create=False)
+            return self._load_on_writer(conn, spec, "api")
+
+        state: BudgetState = await self._write(work)
+        self.check_now()
+        return state
+
+    async def delete(self, name: str) -> None:
+        self._require_api(name)
+        await self._write(lambda conn: delete_budget(conn, name))
+        self.tracker.remove(name)
+        self._publish(name, None, None)
+
+    def _require_api(self, name: str) -> BudgetState:
+        state = self.tracker.get(name)
+        if state is None:
+            raise BudgetError("not_found", f"no budget named {name!r}")
+        if state.source != "api":
+            raise BudgetError(
+                "config_budget", f"budget {name!r} is defined in the config file; edit it there"
+            )
+        return state
+
+    def _check_webhooks(self, spec: BudgetSpec) -> None:
+        unknown = [w for w in spec.webhooks or [] if w not in self.settings.webhooks]
+        if unknown:
+            raise BudgetError("unknown_webhook", f"no webhook endpoint named {', '.join(unknown)}")
+
+    async def sync_table(self) -> None:
+        """Follow changes another process (``meterproxy budgets add --db``) made to the table."""
+        from meterproxy.api import run_read
+
+        specs = {s.name: s for s in await run_read(self.writer.path, load_api_budgets)}
+        for state in self.tracker.states():
+            if state.source == "api" and state.spec.name not in specs:
+                self.tracker.remove(state.spec.name)
+        for name, spec in specs.items():
+            current = self.tracker.get(name)
+            if current is None or (current.source == "api" and current.spec != spec):
+                await self.load(spec, "api")
+
+    # -- events --------------------------------------------------------------
+    def records_committed(self, records: list[RequestRecord]) -> None:
+        """The store writer's commit listener (runs on the writer thread)."""
+        if self._closed:
+            return
+        now = self.clock()
+        self.tracker.records_committed(records, lambda s, r: self.detector.record_added(s, r, now))
+        self.publish_all()
+
+    def publish_all(self) -> None:
+        """Copy every budget's spend and limit to the metrics gauges (if metrics are on)."""
+        now = self.clock()
+        for state in self.tracker.states():
+            snap = self.tracker.snapshot(state.spec.name, now)
+            if snap is not None:
+                self._publish(state.spec.name, snap.spend_usd, snap.limit_usd)
+
+    def check_now(self) -> None:
+        self.detector.check_all(self.clock())
+
+    def _emit(self, events: list[dict[str, Any]]) -> None:
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        try:
+            loop.call_soon_threadsafe(self._persist, events)
+        except RuntimeError:  # the loop is closing; the start-up re-check will raise them again
+            log.warning("budget events dropped at shutdown (re-raised on next start)")
+
+    def _persist(self, events: list[dict[str, Any]]) -> None:
+        routes: dict[str, list[tuple[str, str]]] = {}
+        for event in events:
+            state = self.tracker.get(event["budget"]["name"])
+            names = state.spec.webhooks if state and state.spec.webhooks is not None else None
+            chosen = (
+                self.settings.webhooks if names is None else {n: self.settings.webhooks[n] for n in names}
+            )
+            routes[event["id"]] = [(n, e.url) for n, e in chosen.items() if n in self.settings.webhooks]
+            log.info("budget %s: %s", event["budget"]["name"], event["type"])
+        future = self.writer.call(lambda conn: insert_events(conn, events, routes))
+        future.add_done_callback(self._persisted)
+
+    def _persisted(self, future: Any) -> None:
+        if future.exception() is not None:
+            log.error("could not record budget events: %s", future.exception())
+            return
+        self.events_raised += len(future.result())
+        loop = self._loop
+        if loop is not None and not self._closed:
+            try:
+                loop.call_soon_threadsafe(self.deliverer.wake)
+            except RuntimeError:
+                pass
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        seen: set[str] = set()
+        for spec in self.settings.budgets:
+            await self.load(spec, "config")
+            seen.add(spec.name)
+        for spec in await self._write(load_api_budgets):
+            if spec.name in seen:
+                log.warning("budget %r is in the config file and the table; the config file wins", spec.name)
+                continue
+            await self.load(spec, "api")
+        self.writer.on_commit(self.records_committed)
+        self.check_now()
+        self.publish_all()
+
+    async def resync(self) -> None:
+        """Re-read every budget's spend from the database.
+
+        A process only sees its own commits as they happen; rows written by
+        other processes on the same database (other workers, ``meterproxy
+        import``) are counted from the next resync.
+        """
+        for state in self.tracker.states():
+            await self.load(state.spec, state.source)
+
+    async def tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self.settings.budget_resync_interval
+        while True:
+            await asyncio.sleep(self.settings.budget_check_interval)
+            try:
+                self.check_now()
+                await self.sync_table()
+                if loop.time() >= next_resync:
+                    next_resync = loop.time() + self.settings.budget_resync_interval
+                    await self.resync()
+                self.check_now()
+                self.publish_all()
+            except Exception:
+                log.exception("budget check failed")
+
+    def close(self) -> None:
+        self._closed = True
+
+
+BUDGETS: web.AppKey[BudgetEngine] = web.AppKey("budgets")
+#: Tests may replace the budgets' clock before the app starts.
+BUDGET_CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("budget_clock")
+
+
+async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
+    def publish(name: str, spend: Decimal | None, limit: Decimal | None) -> None:
+        metrics = app.get(METRICS)
+        if metrics is None:
+            return
+        if spend is None:
+            metrics.remove_budget(name)
+        else:
+            metrics.set_budget(name, spend, limit)
+
+    engine = BudgetEngine(app[SETTINGS], app[WRITER], app.get(BUDGET_CLOCK, utcnow), publish)
+    app[BUDGETS] = engine
+    await engine.start()
+    meter = app[METER]
+    meter.request_gates.append(engine.gate)
+    tasks = [
+        asyncio.create_task(engine.deliverer.run(), name="meterproxy-webhooks"),
+        asyncio.create_task(engine.tick(), name="meterproxy-budget-ticker"),
+    ]
+    yield
+    engine.close()
+    if engine.gate in meter.request_gates:
+        meter.request_gates.remove(engine.gate)
+    engine.deliverer.stop()
+    tasks[1].cancel()
+    _, late = await asyncio.wait(tasks, timeout=5.0)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def setup(app: web.Application) -> None:
+    from meterproxy.budgets import api
+
+    app.cleanup_ctx.append(_budgets_ctx)
+    api.add_routes(app)
