@@ -52,6 +52,7 @@ FEATURES = [
     "meterproxy.api.export",
     "meterproxy.api.openapi",
     "meterproxy.budgets.feature",
+    "meterproxy.budgets.replicas",
     "meterproxy.dashboard",
 ]
 

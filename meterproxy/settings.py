@@ -56,6 +56,12 @@ class Settings(BaseModel):
         description="Store: a SQLite file (a path or sqlite:///path; created owner-only), or "
         "postgresql://user@host/db for several replicas sharing one database.",
     )
+    replica_poll_interval: float = Field(
+        1.0,
+        gt=0,
+        description="PostgreSQL: seconds between reads of the rows other replicas committed, for budget "
+        "spend, alerts and the block gate (bounds how far a block budget can overshoot).",
+    )
     upstreams: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_UPSTREAMS),
         description="Route prefix -> upstream base URL; /NAME/... goes to URL/... "

@@ -9,7 +9,12 @@ FakeUpstream replaying real wire bytes. Then:
   every replica's API reports are the same and are exactly the sum of the
   per-request figures the price tables give;
 - each replica exports its own counters (they add up to the traffic; each saw
-  its share), as Prometheus expects when it sums over instances.
+  its share), as Prometheus expects when it sums over instances;
+- a budget crossed while all three are busy alerts once per threshold (one
+  webhook each, not one per replica);
+- a ``block`` budget stops all three at exactly its limit when traffic is slower
+  than ``replica_poll_interval`` (each replica reads the others' spend from the
+  store), and its spend gauge reads the same on every replica.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +31,7 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 
 from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
@@ -37,6 +44,12 @@ pytestmark = pytest.mark.slow
 
 REQUESTS = 150
 CONCURRENCY = 24
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    async with AsyncExitStack() as exits:
+        yield exits
 
 
 @pytest.fixture
@@ -98,13 +111,25 @@ async def wait_rows(db: str, n: int, timeout: float = 60.0) -> list[dict[str, ob
 
 
 async def test_three_replicas_share_one_database_exactly(
-    upstream: FakeUpstream, pg_db: str, tmp_path: Path
+    upstream: FakeUpstream, pg_db: str, tmp_path: Path, stack: AsyncExitStack
 ) -> None:
     chat = load_fixture("openai_chat_stream_usage")
     message = load_fixture("anthropic_messages_json")
     upstream.replay(chat)
     upstream.replay(message, path="/v1/messages")
-    replicas = await start_replicas(3, pg_db, upstream, tmp_path)
+    n_openai, n_anthropic = REQUESTS // 2, REQUESTS - REQUESTS // 2
+    cost_openai = price(chat.expect, str(chat.expect["model"]))
+    cost_anthropic = price(message.expect, str(message.expect["model"]))
+    # An alert budget over the Anthropic traffic, crossed four times while all three replicas
+    # are busy: every crossing is seen by several replicas at once, and must alert once.
+    receiver = await stack.enter_async_context(Receiver())
+    config = tmp_path / "meterproxy.toml"
+    config.write_text(
+        f'replica_poll_interval = 0.1\n[webhooks.hook]\nurl = "{receiver.url}"\n'
+        f'[[budgets]]\nname = "claude"\nlimit_usd = "{cost_anthropic * n_anthropic}"\n'
+        f'scope = {{provider = "anthropic"}}\nthresholds = [25, 50, 75, 100]\n'
+    )
+    replicas = await start_replicas(3, pg_db, upstream, tmp_path, config=config)
     try:
         oai = [openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="sk-test-123456789") for r in replicas]
         ant = [
@@ -142,9 +167,6 @@ async def test_three_replicas_share_one_database_exactly(
         assert set(counts.values()) == {1}
 
         # Exact totals, the same from every replica's API.
-        n_openai, n_anthropic = REQUESTS // 2, REQUESTS - REQUESTS // 2
-        cost_openai = price(chat.expect, str(chat.expect["model"]))
-        cost_anthropic = price(message.expect, str(message.expect["model"]))
         summaries = [json.loads((await r.get("/api/summary"))[1], parse_float=Decimal) for r in replicas]
         assert summaries[0] == summaries[1] == summaries[2]
         totals = summaries[0]["totals"]
@@ -162,8 +184,131 @@ async def test_three_replicas_share_one_database_exactly(
         assert sum(per_replica) == REQUESTS
         assert all(count == REQUESTS / 3 for count in per_replica)
 
+        # Four crossings, four events, each delivered once across the three replicas.
+        await until(
+            lambda: asyncio.to_thread(lambda: outbox_states(pg_db) == ["delivered"] * 4),
+            "four webhooks delivered",
+        )
+        thresholds = sorted(str(body["threshold"]) for _, body in receiver.deliveries)
+        assert thresholds == ["100", "25", "50", "75"], receiver.deliveries
+        assert len({wid for wid, _ in receiver.deliveries}) == 4
+
         # A clean stop of every replica: exit 0, nothing lost.
         assert [await r.terminate() for r in replicas] == [0, 0, 0]
     finally:
         for r in replicas:
             r.stop()
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that keeps every delivery."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, dict[str, object]]] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+
+        async def hook(request: web.Request) -> web.Response:
+            self.deliveries.append((request.headers["webhook-id"], await request.json()))
+            return web.Response(status=204)
+
+        app.router.add_post("/hook", hook)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def outbox_states(db: str) -> list[str]:
+    conn = backend.read_connection(db)
+    try:
+        return [r[0] for r in conn.execute("SELECT state FROM webhook_outbox")]
+    finally:
+        conn.close()
+
+
+async def test_a_block_budget_holds_across_replicas_and_each_webhook_arrives_once(
+    upstream: FakeUpstream, pg_db: str, tmp_path: Path
+) -> None:
+    message = load_fixture("anthropic_messages_json")
+    upstream.replay(message, path="/v1/messages")
+    cost = price(message.expect, str(message.expect["model"]))
+    allowed = 10
+    async with Receiver() as receiver:
+        config = tmp_path / "meterproxy.toml"
+        config.write_text(
+            f"replica_poll_interval = 0.1\nbudget_check_interval = 0.5\n"
+            f'[webhooks.hook]\nurl = "{receiver.url}"\n'
+            f'[[budgets]]\nname = "team"\nlimit_usd = "{cost * allowed}"\nperiod = "month"\n'
+            f'action = "block"\nthresholds = [50, 100]\n'
+        )
+        replicas = await start_replicas(3, pg_db, upstream, tmp_path, config=config)
+        try:
+            clients = [
+                anthropic.AsyncAnthropic(base_url=f"{r.url}/anthropic", api_key="sk-ant-x", max_retries=0)
+                for r in replicas
+            ]
+
+            async def spend_everywhere(expected: Decimal) -> bool:
+                views = [
+                    json.loads((await r.get("/api/budgets/team"))[1], parse_float=Decimal) for r in replicas
+                ]
+                return all(Decimal(v["spend_usd"]) == expected for v in views)
+
+            answered, blocked_by = 0, []
+            for i in range(allowed + 5):
+                try:
+                    await clients[i % 3].messages.create(
+                        model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+                    )
+                    answered += 1
+                except anthropic.RateLimitError as exc:
+                    assert "team" in str(exc)
+                    blocked_by.append(i % 3)
+                # Each replica knows every other's spend before the next request goes out.
+                await until(
+                    lambda n=answered: spend_everywhere(n * cost), f"spend {answered} x {cost} everywhere"
+                )
+            # Exactly the limit's worth got through, then every replica refused.
+            assert answered == allowed
+            assert sorted(set(blocked_by)) == [0, 1, 2]
+            rows = await asyncio.to_thread(stored, pg_db)
+            assert len(rows) == allowed
+            assert sum(Decimal(str(r["cost_usd"])) for r in rows) == cost * allowed
+
+            # 50 % and 100 %: one event each, delivered once (not once per replica).
+            await until(
+                lambda: asyncio.to_thread(lambda: outbox_states(pg_db) == ["delivered"] * 2),
+                "both webhooks delivered",
+            )
+            kinds = sorted(str(body["type"]) for _, body in receiver.deliveries)
+            assert kinds == ["budget.exceeded", "budget.threshold_crossed"], receiver.deliveries
+            assert len({wid for wid, _ in receiver.deliveries}) == 2
+
+            # The spend gauge comes from the shared store: the same on every replica.
+            gauges = [
+                metric_sum((await r.get("/metrics"))[1], "meterproxy_budget_spend_usd", budget="team")
+                for r in replicas
+            ]
+            assert gauges == [float(cost * allowed)] * 3
+        finally:
+            for r in replicas:
+                r.stop()

@@ -87,6 +87,9 @@ class BudgetEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.events_raised = 0
+        #: Called on the writer thread after each budget load, in the load's transaction
+        #: (``budgets/replicas.py`` notes how far into the table the load read).
+        self.on_load: list[Callable[[Any, BudgetState], None]] = []
 
     # -- loading ------------------------------------------------------------
     async def _write(self, fn: Callable[[Any], Any]) -> Any:
@@ -100,6 +103,8 @@ class BudgetEngine:
         buckets = spend_buckets(conn, spec.scope, start)
         state.fired = set(fired_events(conn, spec.name, start))
         self.tracker.install(state, buckets)
+        for hook in self.on_load:
+            hook(conn, state)
         return state
 
     async def load(self, spec: BudgetSpec, source: str) -> BudgetState:
