@@ -57,8 +57,16 @@ def check_known(query: MultiMapping[str], allowed: Iterable[str]) -> None:
             raise ParamError(name, f"unknown parameter (accepted: {', '.join(sorted(allowed))})")
 
 
+def _check_tag_name(param: str, name: str) -> None:
+    # The name goes into a JSON path ('$."name"'), where a double quote cannot be written.
+    if '"' in name:
+        raise ParamError(param, f"tag name {name!r} cannot contain '\"'")
+
+
 def parse_filter(query: MultiMapping[str]) -> RequestFilter:
     flt = filter_from_query(query)
+    for name in flt.tags:
+        _check_tag_name("tag", name)
     if flt.since and flt.until and flt.since >= flt.until:
         raise ParamError("until", "must be later than since")
     return flt
@@ -77,6 +85,9 @@ def parse_group_by(query: MultiMapping[str], param: str = "group_by", most: int 
     for name in names:
         if not is_groupable(name):
             raise ParamError(param, f"{name!r} is not a dimension (use {', '.join(GROUPABLE)} or tag:<name>)")
+    for name in names:
+        if name.startswith("tag:"):
+            _check_tag_name(param, name[4:])
     if len(set(names)) != len(names):
         raise ParamError(param, "a dimension is repeated")
     if len(names) > most:
