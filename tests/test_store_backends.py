@@ -264,3 +264,55 @@ async def test_postgres_connections_dropped_by_the_server_are_replaced(
         body = await get_json(proxy, "/api/requests", {"limit": 100})
         assert {r["id"] for r in body["requests"]} == {r.id for r in first + later}
         await proxy.server.close()
+
+
+async def test_concurrent_writers_and_rollup_passes_on_postgres_count_every_row_once() -> None:
+    """Three writers (three replicas) insert and roll up at the same time: rollups == raw rows.
+
+    Rollups fold rows above a rowid watermark; with several writers that is exact only
+    because rowids follow commit order and roll-up transactions serialize (a loser is
+    retried). Any row skipped or folded twice shows as a difference below. (Small batches,
+    roll-ups in between: with the rowid-order lock removed this failed about one run in six.)
+    """
+    pg_or_skip()
+    from meterproxy.store.rollups import roll_up
+    from meterproxy.store.writer import StoreWriter
+
+    with fresh_database() as url:
+        writers = [StoreWriter(url) for _ in range(3)]
+        for w in writers:
+            w.start()
+        try:
+            records = make_records(3000, seed=11)
+            for i, record in enumerate(records):
+                record.cost_usd = Decimal(i + 1).scaleb(-9)
+            passes = []
+            for i in range(0, len(records), 12):
+                for n, record in enumerate(records[i : i + 12]):
+                    assert writers[n % 3].submit(record)
+                passes += [asyncio.wrap_future(w.call(lambda c: roll_up(c, 500))) for w in writers]
+            await asyncio.gather(*passes)
+            await wait_for(lambda: sum(w.written for w in writers) == len(records))
+            while sum(await asyncio.gather(*(asyncio.wrap_future(w.call(roll_up)) for w in writers))):
+                pass
+        finally:
+            for w in writers:
+                assert w.close()
+        conn = backend.read_connection(url)
+        try:
+            raw = conn.execute("SELECT count(*), sum(cost_pico), sum(input_tokens) FROM requests").fetchone()
+            for table in ("rollup_hour", "rollup_day"):
+                rolled = conn.execute(
+                    f"SELECT sum(requests), sum(cost_pico), sum(input_tokens) FROM {table}"
+                ).fetchone()
+                assert (
+                    tuple(rolled)
+                    == tuple(raw)
+                    == (
+                        len(records),
+                        sum(int(r.cost_usd.scaleb(12)) for r in records if r.cost_usd),
+                        sum(r.tokens.input_tokens for r in records),
+                    )
+                ), table
+        finally:
+            conn.close()
