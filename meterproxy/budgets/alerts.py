@@ -110,6 +110,9 @@ class AlertDetector:
 
     # The writer thread, under the tracker lock (see SpendTracker.records_committed).
     def record_added(self, state: BudgetState, record: RequestRecord, now: datetime) -> None:
+        state.advance(now)
+        if state.total_pico < state.armed_pico and not state.spec.projected:
+            return  # below every threshold not yet fired: nothing can cross (the common case)
         events = self._evaluate(state, now, record)
         if events:
             self._emit(events)
@@ -144,6 +147,16 @@ class AlertDetector:
                     state.fired = {f for f in state.fired if not (f[0] == kind and f[2] == text)}
             elif exact >= threshold:
                 events += self._fire(state, snap, now, kind, threshold, snap.period_start, record)
+        unfired = [
+            t
+            for t in spec.thresholds
+            if not any(
+                f[0] == ("budget.exceeded" if t == 100 else "budget.threshold_crossed")
+                and f[2] == _threshold_text(t)
+                for f in state.fired
+            )
+        ]
+        state.armed_pico = int((min(unfired) * snap.limit_usd / 100).scaleb(12)) if unfired else 1 << 126
         if (
             spec.projected
             and not rolling

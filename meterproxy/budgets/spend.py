@@ -97,6 +97,9 @@ class BudgetState:
     buckets: deque[list[int]] = field(default_factory=deque)
     total_pico: int = 0
     window_start: datetime | None = None
+    window_end: datetime | None = None
+    #: Spend (picodollars) below which no threshold alert can fire; 0 = evaluate always.
+    armed_pico: int = 0
     #: The calendar period start the alerts last looked at (for ``budget.reset``).
     seen_period: datetime | None = None
     #: Events already raised for the current windows: (type, period_start, threshold).
@@ -114,17 +117,33 @@ class BudgetState:
         self.total_pico += pico
 
     def advance(self, now: datetime) -> tuple[datetime, datetime]:
+        """Move the window to ``now``: drop buckets before its start; the window's bounds."""
+        start, end = self.window_start, self.window_end
+        if not self.period.rolling and start is not None and end is not None and start <= now < end:
+            return start, end  # same calendar period: nothing to drop
         start, end = period_bounds(self.period, self.tz, now)
         if self.window_start != start:
             if self.window_start is not None and not self.period.rolling:
                 # A new calendar period: the previous one's alerts no longer apply.
                 self.fired = {f for f in self.fired if f[1] >= _iso(start)}
+                self.armed_pico = 0
             self.window_start = start
             first = int(start.timestamp())
             first += 1 if start.timestamp() > first else 0
             while self.buckets and self.buckets[0][0] < first:
                 self.total_pico -= self.buckets.popleft()[1]
+                self.armed_pico = 0  # spend fell: a rolling threshold may re-arm
+        self.window_end = end
         return start, end
+
+    @property
+    def limit_pico(self) -> int:
+        return to_pico(self.spec.limit_usd)
+
+    def spent(self, now: datetime) -> bool:
+        """Whether spend has reached the limit (the gate's cheap check)."""
+        self.advance(now)
+        return self.total_pico >= self.limit_pico
 
     def snapshot(self, now: datetime) -> Snapshot:
         start, end = self.advance(now)
@@ -224,9 +243,8 @@ class SpendTracker:
                     continue
                 if not in_scope(state.spec.scope, record, before_forwarding=True):
                     continue
-                snap = state.snapshot(now)
-                if snap.exceeded:
-                    return state, snap
+                if state.spent(now):
+                    return state, state.snapshot(now)
         return None
 
     def locked(self) -> threading.Lock:
