@@ -295,10 +295,13 @@ def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
     def wait_rows(n: int, proc: subprocess.Popen[str]) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and proc.poll() is None:
-            if db.exists() and len(rows(db)) >= n:
-                return
+            try:
+                if db.exists() and len(rows(db)) >= n:
+                    return
+            except sqlite3.OperationalError:
+                pass  # the file exists but the importer has not created the table yet
             time.sleep(0.05)
-        raise AssertionError(f"expected {n} rows")
+        raise AssertionError(f"expected {n} rows; importer exited {proc.poll()}")
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

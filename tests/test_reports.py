@@ -242,3 +242,22 @@ def test_report_on_a_database_written_only_by_the_importer(tmp_path: Any) -> Non
     cli("import", "jsonl", str(logs / "zeroclaw_costs.jsonl"), "--format", "zeroclaw", "--db", db)
     doc = json.loads(cli("report", "daily", "--json", "--db", db))
     assert doc["totals"]["requests"] == 4 and [r["day"] for r in doc["rows"]] == ["2026-11-22"]
+
+
+async def test_status_without_a_proxy_reads_budgets_from_the_database(make_proxy: Any, tmp_path: Any) -> None:
+    pytest.importorskip("meterproxy.budgets.feature")
+    proxy = await make_proxy()
+    spend = make_record(model="gpt-4o", usage=Usage(input_tokens=600_000, output_tokens=10_000))  # $1.60
+    proxy.app[METER].request_finished(spend)
+    await proxy.rows(1)
+    config = tmp_path / "budgets.toml"
+    db = str(proxy.db)
+
+    def status(limit: str) -> str:
+        config.write_text(f'[[budgets]]\nname = "daily"\nperiod = "day"\nlimit_usd = "{limit}"\n')
+        return cli("status", "--db", db, "--config", str(config), "--color")
+
+    assert await asyncio.to_thread(status, "100") == "\x1b[32mtoday $1.60 · budget daily 2%\x1b[0m\n"
+    assert (await asyncio.to_thread(status, "1.70")).startswith("\x1b[33m")  # 94%: past the 80% threshold
+    over = await asyncio.to_thread(status, "1.50")
+    assert over.startswith("\x1b[31m") and "budget daily 107%" in over
