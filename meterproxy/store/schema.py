@@ -176,7 +176,7 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         u.output_tokens,
         u.reasoning_tokens,
         u.web_search_requests,
-        str(from_pico(pico)) if pico is not None else None,
+        format(from_pico(pico), "f") if pico is not None else None,  # "0.000000000000", not "0E-12"
         pico,
         str(record.provider_cost_usd) if record.provider_cost_usd is not None else None,
         record.usage_source,
