@@ -61,7 +61,7 @@ def _db_views(db: str, config_file: str | None) -> list[dict[str, Any]]:
     from meterproxy.budgets.spend import SpendTracker
     from meterproxy.budgets.store import load_api_budgets, spend_buckets
     from meterproxy.settings import SettingsError, load_settings
-    from meterproxy.store.backend import connect
+    from meterproxy.store.backend import connect, parse_db
     from meterproxy.usage import utcnow
 
     specs: list[tuple[BudgetSpec, str]] = []
@@ -73,7 +73,8 @@ def _db_views(db: str, config_file: str | None) -> list[dict[str, Any]]:
             raise click.UsageError(str(exc)) from exc
         specs += [(s, "config") for s in settings.budgets]
         timezone = settings.budget_timezone
-    if not os.path.exists(db):
+    url = parse_db(db)
+    if not url.is_postgres and not os.path.exists(url.target):
         raise click.ClickException(f"no database at {db}")
     conn = connect(db, readonly=True)
     try:
