@@ -80,8 +80,11 @@ async def test_openai_block_budget_answers_openai_shaped_429(
     assert set(err.body) >= {"message", "type", "param", "code"}
     assert err.response.headers["x-should-retry"] == "false"
     assert int(err.response.headers["retry-after"]) > 0
-    # Nothing was recorded for the blocked request.
-    assert len(await proxy.rows()) == 1
+    # The blocked request is recorded as such: 429, no cost, the budget named.
+    allowed, blocked = await proxy.rows(2)
+    assert allowed["status"] == 200 and allowed["cost_pico"] > 0
+    assert blocked["status"] == 429 and blocked["cost_pico"] is None
+    assert "oa-cap" in blocked["error"] and blocked["requested_model"] == "o4-mini"
 
 
 async def test_anthropic_block_budget_raises_rate_limit_error(
@@ -175,8 +178,13 @@ async def test_block_budget_is_scoped(upstream: FakeUpstream, make_proxy: ProxyF
         await openai_call(proxy, {"X-Meter-User": "bob"})
     await openai_call(proxy, {"X-Meter-User": "alice"})
     await openai_call(proxy)
-    rows = await proxy.rows(3)
-    assert [r["user"] for r in rows] == ["bob", "alice", None]
+    rows = await proxy.rows(4)
+    assert [(r["user"], r["status"]) for r in rows] == [
+        ("bob", 200),
+        ("bob", 429),
+        ("alice", 200),
+        (None, 200),
+    ]
 
 
 async def test_every_scope_kind_counts_exactly_its_rows(

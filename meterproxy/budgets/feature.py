@@ -43,6 +43,7 @@ from meterproxy.budgets.store import (
 )
 from meterproxy.budgets.webhooks import Deliverer, RetryPolicy
 from meterproxy.keys import METER, METRICS, SETTINGS, WRITER
+from meterproxy.meter import Meter
 from meterproxy.settings import Settings
 from meterproxy.store.writer import StoreWriter
 from meterproxy.usage import RequestRecord, utcnow
@@ -83,10 +84,12 @@ class BudgetEngine:
             timeout_s=settings.webhook_timeout,
             clock=clock,
         )
-        self.gate = make_gate(self.tracker, clock)
+        self.gate = make_gate(self.tracker, clock, self._blocked)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.events_raised = 0
+        #: Set when attached to an app; blocked requests are recorded through it.
+        self.meter: Meter | None = None
         #: Called on the writer thread after each budget load, in the load's transaction
         #: (``budgets/replicas.py`` notes how far into the table the load read).
         self.on_load: list[Callable[[Any, BudgetState], None]] = []
@@ -173,6 +176,10 @@ class BudgetEngine:
             if current is None or (current.source == "api" and current.spec != spec):
                 await self.load(spec, "api")
 
+    def _blocked(self, record: RequestRecord) -> None:
+        if self.meter is not None:
+            self.meter.request_finished(record)
+
     # -- events --------------------------------------------------------------
     def records_committed(self, records: list[RequestRecord]) -> None:
         """The store writer's commit listener (runs on the writer thread)."""
@@ -232,6 +239,9 @@ class BudgetEngine:
         self._loop = asyncio.get_running_loop()
         seen: set[str] = set()
         for spec in self.settings.budgets:
+            unknown = [w for w in spec.webhooks or [] if w not in self.settings.webhooks]
+            if unknown:
+                log.warning("budget %r names unknown webhook endpoints: %s", spec.name, ", ".join(unknown))
             await self.load(spec, "config")
             seen.add(spec.name)
         for spec in await self._write(load_api_budgets):
@@ -292,6 +302,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BUDGETS] = engine
     await engine.start()
     meter = app[METER]
+    engine.meter = meter
     meter.request_gates.append(engine.gate)
     tasks = [
         asyncio.create_task(engine.deliverer.run(), name="meterproxy-webhooks"),

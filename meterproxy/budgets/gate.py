@@ -13,7 +13,9 @@ Overshoot bound: spend is known once a request has finished and been priced,
 so requests already in flight when the limit is reached still complete. A
 budget can therefore end above its limit by at most the cost of the requests
 that were in flight at that moment (plus, for a freshly created budget, none).
-Blocked requests are not recorded as requests: they never reached a provider.
+Blocked requests are recorded like the proxy's other refusals (413, 408):
+status 429, ``error`` naming the budget, no usage and no cost (they never
+reached a provider), so ``/api/requests?...`` shows who was stopped and when.
 """
 
 from __future__ import annotations
@@ -66,13 +68,22 @@ def blocked_response(provider: str, state: BudgetState, snap: Snapshot, now: dat
     return web.Response(status=429, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
-def make_gate(tracker: SpendTracker, clock: Callable[[], datetime]) -> Gate:
+def make_gate(
+    tracker: SpendTracker, clock: Callable[[], datetime], finished: Callable[[RequestRecord], None]
+) -> Gate:
+    """The gate; ``finished`` records a blocked request (status 429, no usage, no cost)."""
+
     async def budget_gate(record: RequestRecord) -> web.StreamResponse | None:
         now = clock()
         found = tracker.blocking(record, now)
         if found is None:
             return None
         state, snap = found
+        record.status = 429
+        record.usage_source = "none"
+        record.error = f"blocked by budget '{state.spec.name}'"
+        record.extra["budget"] = state.spec.name
+        finished(record)
         return blocked_response(record.provider, state, snap, now)
 
     return budget_gate
