@@ -162,6 +162,7 @@ async def test_openrouter_reported_cost_is_stored_beside_ours_with_the_differenc
     )
     proxy2 = await make_proxy(pricing=[str(discount)])
     assert await _stream_chat(f"{proxy2.url}/openrouter/api/v1", "anthropic/claude-sonnet-4.6")
+    await proxy2.rows(2)  # both apps share the test's database file; wait for the second commit
     newest = (await _api_rows(proxy2.url))[0]
     assert newest["cost_usd"] == Decimal("0.0004185")
     assert newest["provider_cost_usd"] == Decimal("0.000837")
