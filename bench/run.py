@@ -242,6 +242,26 @@ class LiteLLM(Target):
         )
 
 
+def install_litellm() -> str | None:
+    """Create ``bench/.venv-litellm`` with ``litellm[proxy]`` (its own venv, never ours).
+
+    Returns None when it is ready, else why not (the exact error, for the results).
+    """
+    venv = LITELLM.parent.parent
+    print(f"installing litellm[proxy] into {venv} (once) ...", flush=True)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300
+        )
+        pip = [str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"]
+        subprocess.run(pip, check=True, capture_output=True, timeout=900)
+    except subprocess.CalledProcessError as exc:
+        return f"installing litellm[proxy] failed: {(exc.stderr or b'').decode(errors='replace')[-1500:]}"
+    except subprocess.TimeoutExpired as exc:
+        return f"installing litellm[proxy] timed out: {exc}"
+    return None if LITELLM.exists() else f"{LITELLM} missing after installing litellm[proxy]"
+
+
 def run_cell(target: Target, scenario: str, conc: int, duration: float, load_cores: str) -> dict[str, Any]:
     stream, chunks, delay = SCENARIOS[scenario]
     if delay:
@@ -421,8 +441,9 @@ def main() -> None:
             elif name == "meterproxy":
                 target = MeterProxy(free_port(), up_port, args.proxy_cores, args.workers)
             elif name == "litellm":
-                if not LITELLM.exists():
-                    notes.append(f"LiteLLM not run: {LITELLM} missing (see bench/README.md to install it)")
+                why = install_litellm() if not LITELLM.exists() else None
+                if why:
+                    notes.append(f"LiteLLM not run: {why}")
                     continue
                 target = LiteLLM(free_port(), up_port, args.proxy_cores)
             else:
