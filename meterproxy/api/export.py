@@ -67,6 +67,9 @@ async def export_handler(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
         return response
     finally:
+        # Stop synchronously first: if this handler is being cancelled (the client hung
+        # up), the awaited join below may itself be cancelled before it ever runs.
+        export.stop()
         await asyncio.to_thread(export.close)
 
 

@@ -151,6 +151,7 @@ class SlicedExport:
             queue.Queue(maxsize=depth) for _ in range(max(1, workers))
         ]
         self._next = 0
+        self._conns: list[sqlite3.Connection] = []
         self._threads = [
             threading.Thread(
                 target=self._work,
@@ -179,6 +180,7 @@ class SlicedExport:
         conn: sqlite3.Connection | None = None
         try:
             conn = connect()
+            self._conns.append(conn)
             for since, until in self._slices[index :: len(self._queues)]:
                 part = dataclasses.replace(flt, since=since, until=until)
                 for chunk in export_batches(conn, part, fmt, batch):
@@ -195,7 +197,14 @@ class SlicedExport:
     def next_chunk(self) -> bytes | None:
         """The next piece of output (blocking), or None when the export is complete."""
         while self._next < len(self._slices):
-            item = self._queues[self._next % len(self._queues)].get()
+            try:
+                item = self._queues[self._next % len(self._queues)].get(timeout=0.1)
+            except queue.Empty:
+                # A reader blocked here must not outlive `close` (a client that hung up):
+                # it would hold a loop executor thread, and shutdown would wait forever.
+                if self._stop.is_set():
+                    return None
+                continue
             if isinstance(item, BaseException):
                 raise item
             if item is None:
@@ -204,7 +213,20 @@ class SlicedExport:
             return item
         return None
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Tell the workers to stop (non-blocking: safe to call from the event loop)."""
         self._stop.set()
+        # A worker may be deep inside one large batch; interrupt its query rather than wait.
+        for conn in list(self._conns):
+            interrupt = getattr(conn, "interrupt", None)
+            if interrupt is not None:
+                try:
+                    interrupt()
+                except Exception:  # a closed connection needs no interrupt
+                    pass
+
+    def close(self) -> None:
+        """Stop the workers and wait (bounded) for them to exit; this blocks."""
+        self.stop()
         for thread in self._threads:
             thread.join(timeout=5)
