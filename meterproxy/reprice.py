@@ -34,19 +34,11 @@ from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import connect
 from meterproxy.store.schema import from_pico, to_pico
-from meterproxy.usage import RequestRecord, Usage
+from meterproxy.usage import USAGE_FIELDS, RequestRecord, Usage
 
 __all__ = ["ModelChange", "RepriceReport", "reprice"]
 
-_TOKEN_COLUMNS = (
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "web_search_requests",
-)
+_TOKEN_COLUMNS = USAGE_FIELDS
 _SELECT = (
     "SELECT id, ts, provider, upstream, model, requested_model, service_tier, cost_pico, priced_model, "
     f"{', '.join(_TOKEN_COLUMNS)} FROM requests "

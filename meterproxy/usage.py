@@ -56,6 +56,10 @@ class Usage:
         return dataclasses.asdict(self)
 
 
+#: Usage's counters in order; they are also the stored row's column names.
+USAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Usage))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from meterproxy.testing import FakeUpstream, load_fixture
+from tests.test_metrics_workers import _wait_for_files
 from tests.test_serve_cli import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -45,6 +46,7 @@ async def test_two_workers_record_every_request(upstream: FakeUpstream, tmp_path
     port = free_port()
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "METERPROXY_LOG_LEVEL": "warning"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env["METERPROXY_METRICS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
     args = ["serve", "--workers", "2", "--port", str(port), "--db", str(db)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "meterproxy", *args, "--upstream", f"openai={upstream.url}"],
@@ -57,6 +59,8 @@ async def test_two_workers_record_every_request(upstream: FakeUpstream, tmp_path
     n = 200
     try:
         await wait_healthy(url, proc)
+        # Both workers have built their app (each creates its gauge file) before traffic starts.
+        await _wait_for_files(tmp_path / "metrics", "gauge_livesum_*.db", 2)
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
         # Fresh connections (no keep-alive) so the kernel spreads them over both workers.
         connector = aiohttp.TCPConnector(force_close=True, limit=16)
@@ -73,6 +77,12 @@ async def test_two_workers_record_every_request(upstream: FakeUpstream, tmp_path
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Show what the server said: a worker that died explains a refused connection.
+        print(proc.communicate(timeout=30)[1].decode(errors="replace")[-4000:])
+        raise
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

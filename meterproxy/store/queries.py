@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from meterproxy.store import backend
+from meterproxy.store.schema import COLUMNS
 
 __all__ = [
     "RequestFilter",
@@ -32,41 +33,9 @@ __all__ = [
     "row_to_api",
 ]
 
-# Columns the API shows, in order (internal ones such as cost_pico stay inside).
-API_FIELDS = [
-    "id",
-    "ts",
-    "source",
-    "upstream",
-    "provider",
-    "endpoint",
-    "method",
-    "requested_model",
-    "model",
-    "priced_model",
-    "status",
-    "streamed",
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "web_search_requests",
-    "cost_usd",
-    "provider_cost_usd",
-    "usage_source",
-    "service_tier",
-    "duration_ms",
-    "ttfb_ms",
-    "upstream_ms",
-    "user",
-    "session",
-    "tags",
-    "key_fingerprint",
-    "error",
-    "client_disconnected",
-]
+# Columns the API shows, in stored order; internal ones stay inside.
+_INTERNAL_COLUMNS = frozenset({"cost_pico", "usage_injected", "extra"})
+API_FIELDS = [c for c in COLUMNS if c not in _INTERNAL_COLUMNS]
 _BOOLS = {"streamed", "client_disconnected"}
 
 
