@@ -102,3 +102,18 @@ async def test_two_workers_record_every_request(upstream: FakeUpstream, tmp_path
         if line.startswith("meterproxy_requests_total{")
     )
     assert total == n
+
+
+def test_supervisor_applies_every_migration_set_before_workers_start(tmp_path: Path) -> None:
+    """A fresh process (like the supervisor) must migrate every built-in set, not just core.
+
+    Otherwise the workers each find a set pending and race to create its tables.
+    """
+    from meterproxy.store import BUILTIN_MIGRATION_SETS
+
+    db = tmp_path / "fresh.db"
+    code = f"from meterproxy.workers import prepare_database; prepare_database({str(db)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    conn = sqlite3.connect(db)
+    applied = {row[0] for row in conn.execute("SELECT DISTINCT migration_set FROM _sqlite_migrations")}
+    assert applied == {"meterproxy.core", *(name for _, name in BUILTIN_MIGRATION_SETS)}
