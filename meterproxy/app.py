@@ -54,6 +54,7 @@ FEATURES = [
     "meterproxy.budgets.feature",
     "meterproxy.budgets.replicas",
     "meterproxy.dashboard",
+    "meterproxy.content",
 ]
 
 # Paths behind the admin token (when one is set). The proxied paths are not:
@@ -120,6 +121,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         max_draining=settings.max_draining,
         body_timeout=settings.request_body_timeout,
         durable=_commit_barrier(app[WRITER]) if settings.durability == "strict" else None,
+        content_limit=settings.content_max_bytes if settings.store_content else 0,
     )
     yield
     # Streams whose clients left may still be draining for usage: let them finish (bounded).

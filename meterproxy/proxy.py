@@ -51,7 +51,7 @@ from meterproxy.meter import Meter
 from meterproxy.providers.base import RequestInfo
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
-from meterproxy.usage import RequestRecord
+from meterproxy.usage import CapturedContent, RequestRecord
 
 __all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "Proxy", "json_error"]
 
@@ -170,6 +170,7 @@ class Proxy:
         max_draining: int = 64,
         body_timeout: float = 60.0,
         durable: Callable[[], Awaitable[object]] | None = None,
+        content_limit: int = 0,
     ) -> None:
         self.upstreams = upstreams
         self.meter = meter
@@ -185,6 +186,8 @@ class Proxy:
         # durability="strict": awaited (bounded) before an answer's last byte goes out; it
         # returns once every record submitted so far is committed.
         self._durable = durable
+        # store_content: bytes kept of each request body and answer (0: nothing kept).
+        self._content_limit = content_limit
         self._recorded_early: set[str] = set()
         self.draining = 0
         self.in_flight = 0
@@ -220,6 +223,11 @@ class Proxy:
 
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
         record = self._new_record(request, target, provider, info)
+        if self._content_limit and provider is not None:
+            # The client's own body, before any injection: what the operator asked to keep.
+            record.content = CapturedContent(
+                request=body[: self._content_limit], truncated=len(body) > self._content_limit
+            )
         blocked = await self.meter.check_gates(record)
         if blocked is not None:
             return blocked
@@ -372,6 +380,7 @@ class Proxy:
                 sse="text/event-stream" in content_type.lower(),
                 rewrite=record.usage_injected,
                 content_encoding=upstream.headers.get("content-encoding"),
+                capture_limit=self._content_limit if record.content is not None else 0,
             )
             record.streamed = record.streamed or "text/event-stream" in content_type.lower()
 
@@ -491,6 +500,10 @@ class Proxy:
     @staticmethod
     def _take_result(tap: ResponseTap, record: RequestRecord) -> None:
         result = tap.result()
+        captured = tap.captured
+        if captured is not None and record.content is not None:
+            record.content.response = captured
+            record.content.truncated = record.content.truncated or tap.capture_truncated
         record.usage = result.usage
         record.usage_source = result.usage_source
         record.model = result.model or record.requested_model

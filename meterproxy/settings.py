@@ -17,6 +17,7 @@ Config file example::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -150,7 +151,17 @@ class Settings(BaseModel):
         30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish."
     )
     store_content: bool = Field(
-        False, description="Store prompt and completion text (off: only counts and metadata are stored)."
+        False,
+        description="Store each request's body and its answer's text (off: only counts and metadata "
+        "are stored). Credentials and content_redact_patterns are redacted; never exported.",
+    )
+    content_max_bytes: int = Field(
+        65536, gt=0, description="With store_content: bytes kept of each request body and of each answer."
+    )
+    content_redact_patterns: list[str] = Field(
+        default_factory=list,
+        description="With store_content: regular expressions whose matches are replaced by [REDACTED] "
+        "before storing (e.g. emails, card numbers).",
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
     workers: int = Field(
@@ -207,6 +218,16 @@ class Settings(BaseModel):
             make_upstream(name, url)
         return value
 
+    @field_validator("content_redact_patterns")
+    @classmethod
+    def _check_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_level(cls, value: str) -> str:
@@ -235,6 +256,8 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
             values[name] = dict(_split_pair(item) for item in raw.split(",") if item.strip())
         elif name == "pricing":
             values[name] = [p for p in raw.split(os.pathsep) if p]
+        elif name == "content_redact_patterns":  # one pattern per line (commas occur in regexes)
+            values[name] = [p for p in raw.splitlines() if p]
         else:
             values[name] = raw
     return values

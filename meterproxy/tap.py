@@ -81,6 +81,8 @@ class ResponseTap:
     __slots__ = (
         "_body",
         "_broken",
+        "_capture",
+        "_capture_limit",
         "_decoder",
         "_decomp",
         "_head",
@@ -89,6 +91,7 @@ class ResponseTap:
         "_rewrite",
         "_size",
         "_sse",
+        "capture_truncated",
     )
 
     def __init__(
@@ -98,8 +101,13 @@ class ResponseTap:
         sse: bool,
         rewrite: bool = False,
         content_encoding: str | None = None,
+        capture_limit: int = 0,
     ) -> None:
         self._parser = parser
+        # store_content: keep the first ``capture_limit`` decoded bytes of the answer.
+        self._capture_limit = capture_limit
+        self._capture = bytearray() if capture_limit else None
+        self.capture_truncated = False
         self._sse = sse
         self._notes: list[str] = []
         coding = (content_encoding or "identity").strip().lower()
@@ -130,11 +138,26 @@ class ResponseTap:
             return self._feed_rewrite(chunk)
         if not self._broken:
             try:
-                self._observe(self._decomp.feed(chunk) if self._decomp else chunk)
+                data = self._decomp.feed(chunk) if self._decomp else chunk
+                if self._capture is not None:
+                    self._keep(data)
+                self._observe(data)
             except Exception as exc:
                 log.warning("usage tap stopped: %s", exc)
                 self._fail(f"tap error: {exc}")
         return chunk
+
+    def _keep(self, data: bytes) -> None:
+        assert self._capture is not None
+        room = self._capture_limit - len(self._capture)
+        if len(data) > room:
+            self.capture_truncated = True
+        if room > 0:
+            self._capture += data[:room]
+
+    @property
+    def captured(self) -> bytes | None:
+        return bytes(self._capture) if self._capture is not None else None
 
     def _observe(self, data: bytes) -> None:
         if self._decoder is not None:
@@ -170,7 +193,10 @@ class ResponseTap:
             events, tail = self._decoder.finish()
             out.extend(e.raw for e in events)
             out.append(tail)
-        return b"".join(out)
+        emitted = b"".join(out)
+        if self._capture is not None:
+            self._keep(emitted)
+        return emitted
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoders; return bytes still owed to the client."""

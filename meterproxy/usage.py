@@ -75,6 +75,13 @@ def new_request_id() -> str:
 
 
 @dataclass(slots=True)
+class CapturedContent:
+    request: bytes = b""
+    response: bytes = b""
+    truncated: bool = False
+
+
+@dataclass(slots=True)
 class RequestRecord:
     """One proxied (or imported) request, as stored. Field names are the API's names."""
 
@@ -110,6 +117,9 @@ class RequestRecord:
     client_disconnected: bool = False
     usage_injected: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Only with ``store_content``: the client's request body and the answer's (decoded)
+    #: bytes, each capped; stored apart from the row by `meterproxy.content`.
+    content: CapturedContent | None = None
 
     # Convenience accessors so sinks need not care whether usage is None.
     @property

@@ -303,13 +303,11 @@ def test_redacting_filter_covers_aiohttp_access_log(capsys: pytest.CaptureFixtur
         logging.getLogger().handlers.clear()
 
 
-def test_store_content_is_not_implemented_and_nothing_is_stored(tmp_path: Path) -> None:
-    """Prompt and completion text are never stored; store_content is documented as reserved."""
+def test_no_text_columns_in_the_requests_table() -> None:
+    """Text never sits beside the metered row; opt-in content has its own table (test_content.py)."""
     from meterproxy.store.schema import COLUMNS
 
     assert not {"prompt", "completion", "content", "messages", "body"} & set(COLUMNS)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert "store_content" in readme and "not stored" in readme
 
 
 async def test_prompt_text_never_reaches_the_database(
@@ -317,7 +315,7 @@ async def test_prompt_text_never_reaches_the_database(
 ) -> None:
     fx = load_fixture("openai_chat_json")
     upstream.replay(fx)
-    proxy = await make_proxy(store_content=True)  # even when asked: not implemented, so never stored
+    proxy = await make_proxy()  # store_content is off by default
     marker = "PROMPT-MARKER-7f3a9c-the-secret-plan"
     body = CHAT.replace(b"hi", marker.encode())
     async with (

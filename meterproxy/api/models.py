@@ -195,6 +195,15 @@ class SessionDetail(_Model):
     next_cursor: str | None
 
 
+class RequestContent(_Model):
+    """A request's stored text (only with ``store_content``), already redacted."""
+
+    id: str
+    request: str
+    response: str
+    truncated: bool
+
+
 class ErrorBody(_Model):
     type: str
     code: str

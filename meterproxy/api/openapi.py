@@ -20,6 +20,7 @@ from meterproxy import __version__
 from meterproxy.api import json_response
 from meterproxy.api.models import (
     ErrorResponse,
+    RequestContent,
     RequestsResponse,
     SessionDetail,
     SessionsResponse,
@@ -74,6 +75,14 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
             "summary": "Stored requests, newest first, keyset-paginated.",
             "parameters": ["limit", "cursor", *_FILTERS],
             "response": RequestsResponse,
+        }
+    },
+    "/api/requests/{id}/content": {
+        "get": {
+            "summary": "A request's stored text (store_content only; redacted; 404 when none).",
+            "parameters": [],
+            "path_parameters": ["id"],
+            "response": RequestContent,
         }
     },
     "/api/summary": {

@@ -36,6 +36,7 @@ BUILTIN_MIGRATION_SETS = (
     ("meterproxy.store.rollups", "meterproxy.rollups"),
     ("meterproxy.budgets.store", "meterproxy.budgets"),
     ("meterproxy.imports", "meterproxy.imports"),
+    ("meterproxy.content", "meterproxy.content"),
 )
 
 
