@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from meterproxy.providers.base import BadUsage, ParseResult, RequestInfo, count, find_json_value, loads
+from meterproxy.providers.base import (
+    BadUsage,
+    ParseResult,
+    RequestInfo,
+    count,
+    error_text,
+    find_json_value,
+    loads,
+)
 from meterproxy.sse import SSEEvent
 from meterproxy.usage import Usage
 
@@ -98,7 +106,7 @@ class AnthropicParser:
                 if payload.get("usage") is not None:
                     self._merge(payload["usage"])
             elif kind == "error":
-                self._result.error = _error_text(payload.get("error"))
+                self._result.error = error_text(payload.get("error"))
         return event.raw
 
     def on_body(self, body: bytes, truncated: bool) -> None:
@@ -107,7 +115,7 @@ class AnthropicParser:
             if isinstance(obj.get("model"), str):
                 self._result.model = obj["model"]
             if obj.get("type") == "error" or "error" in obj:
-                self._result.error = _error_text(obj.get("error"))
+                self._result.error = error_text(obj.get("error"))
             if obj.get("usage") is not None:
                 self._merge(obj["usage"])
         elif truncated:
@@ -121,13 +129,6 @@ class AnthropicParser:
 
     def result(self) -> ParseResult:
         return self._result
-
-
-def _error_text(err: Any) -> str:
-    if isinstance(err, dict):
-        parts = [str(err.get(k)) for k in ("type", "message") if err.get(k)]
-        return ": ".join(parts)[:500] or "error"
-    return str(err)[:500] if err else "error"
 
 
 class AnthropicProvider:

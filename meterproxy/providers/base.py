@@ -34,6 +34,7 @@ __all__ = [
     "RequestInfo",
     "UsageParser",
     "count",
+    "error_text",
     "find_json_value",
     "loads",
     "to_decimal",
@@ -106,6 +107,14 @@ def find_json_value(buf: bytes, key: str) -> Any:
                 return value
             except ValueError:
                 pass
+
+
+def error_text(err: Any) -> str:
+    """A provider's error object as one bounded line: ``"type: code: message"`` (those present)."""
+    if isinstance(err, dict):
+        parts = [str(err.get(k)) for k in ("type", "code", "message") if err.get(k)]
+        return ": ".join(parts)[:500] or "error"
+    return str(err)[:500] if err else "error"
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from meterproxy.providers.base import (
     ParseResult,
     RequestInfo,
     count,
+    error_text,
     find_json_value,
     loads,
     to_decimal,
@@ -141,7 +142,7 @@ class OpenAIParser:
         if not self._seen_model:
             self._take_model(chunk)
         if "error" in chunk and chunk.get("error"):
-            self._result.error = _error_text(chunk["error"])
+            self._result.error = error_text(chunk["error"])
         usage = chunk.get("usage")
         groq = chunk.get("x_groq")
         if usage is None and isinstance(groq, dict) and groq.get("usage") is not None:
@@ -176,7 +177,7 @@ class OpenAIParser:
             return
         kind = payload.get("type", name)
         if kind == "error":
-            self._result.error = _error_text(payload.get("error") or payload)
+            self._result.error = error_text(payload.get("error") or payload)
             return
         response = payload.get("response")
         if not isinstance(response, dict):
@@ -186,14 +187,14 @@ class OpenAIParser:
             if response.get("usage") is not None:
                 self._take_usage(response["usage"], response)
             if kind == "response.failed" and response.get("error"):
-                self._result.error = _error_text(response["error"])
+                self._result.error = error_text(response["error"])
 
     def on_body(self, body: bytes, truncated: bool) -> None:
         obj = loads(body) if not truncated else None
         if isinstance(obj, dict):
             self._take_model(obj)
             if obj.get("error"):
-                self._result.error = _error_text(obj["error"])
+                self._result.error = error_text(obj["error"])
             if obj.get("usage") is not None:
                 self._take_usage(obj["usage"], obj)
             return
@@ -213,13 +214,6 @@ class OpenAIParser:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _error_text(err: Any) -> str:
-    if isinstance(err, dict):
-        parts = [str(err.get(k)) for k in ("type", "code", "message") if err.get(k)]
-        return ": ".join(parts)[:500] or "error"
-    return str(err)[:500]
 
 
 class OpenAIProvider:
