@@ -72,13 +72,6 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "Anthropic's pricing page lists for Sonnet 4 and 4.5 alike (ours is right; "
         "docs.claude.com/en/docs/about-claude/pricing#long-context-pricing)"
     ),
-    "claude-sonnet-4-6": (
-        "genai-prices lacks Sonnet 4.6's >200K-token long-context rates ($6/$22.50); at launch "
-        "(2026-02-17) Anthropic's pricing page listed them as for Sonnet 4 and 4.5 (ours follows the "
-        "launch page; docs.claude.com/en/docs/about-claude/pricing#long-context-pricing). Base rates "
-        "agree, and OpenRouter's usage.cost in tests/fixtures/wire/openrouter_chat_stream matches ours. "
-        "If Anthropic later dropped the premium, add a dated entry without long_context"
-    ),
     "gemini-1.5-flash": (
         "genai-prices has no history: launch price $0.35/$1.05 (<=128K) until the "
         "2024-08-12 cut to $0.075/$0.30 (ours is right; developers.googleblog.com, "
