@@ -14,6 +14,8 @@ metrics and budget tests.
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,12 +23,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from meterproxy.usage import RequestRecord, Usage
 
-__all__ = ["FIXTURES_DIR", "FakeUpstream", "Fixture", "Received", "Reply", "load_fixture", "make_record"]
+__all__ = [
+    "FIXTURES_DIR",
+    "FakeUpstream",
+    "Fixture",
+    "Received",
+    "Reply",
+    "free_port",
+    "load_fixture",
+    "make_record",
+    "wait_healthy",
+]
 
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "wire"
 
@@ -208,3 +221,46 @@ def make_record(
     if ts is not None:
         record.ts = ts
     return record
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for a server started in a subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_healthy(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 30.0,
+    output: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``url/healthz`` until it answers 200; fail at once if ``proc`` exits.
+
+    ``output`` returns what the server printed, for the failure message; without
+    it, a piped stderr is read once the process has exited.
+    """
+
+    def said() -> str:
+        if output is not None:
+            return output()
+        if proc.poll() is not None and proc.stderr is not None:
+            return proc.stderr.read().decode(errors="replace")
+        return ""
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as client:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"meterproxy exited with {proc.returncode}: {said()}")
+            try:
+                async with client.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if loop.time() >= deadline:
+                raise AssertionError(f"meterproxy did not become healthy within {timeout:g} s: {said()}")
+            await asyncio.sleep(0.1)

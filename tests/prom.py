@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+
+from meterproxy.testing import free_port
 
 __all__ = ["PromQLError", "PrometheusServer", "prometheus_binary"]
 
@@ -39,18 +40,12 @@ def prometheus_binary() -> str:
     pytest.skip("prometheus binary not installed (Debian package 'prometheus'; .ci/run installs it)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrometheusServer:
     def __init__(self, workdir: Path, targets: list[str], metrics_path: str = "/metrics") -> None:
         self.workdir = workdir
         self.targets = targets
         self.metrics_path = metrics_path
-        self.port = _free_port()
+        self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._session: aiohttp.ClientSession | None = None
 

@@ -12,7 +12,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,16 @@ from typing import Any
 
 import aiohttp
 
+from meterproxy.testing import free_port, wait_healthy
+
 __all__ = ["Replica", "metric_sum"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Replica:
     def __init__(
         self, db: str, upstream_url: str, workdir: Path, name: str, config: Path | None = None
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{name}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("METERPROXY_")}
@@ -58,19 +53,7 @@ class Replica:
         )
 
     async def ready(self, timeout: float = 60.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with aiohttp.ClientSession() as client:
-            while True:
-                assert self.proc.poll() is None, self.log.read_text()
-                try:
-                    async with client.get(f"{self.url}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                assert loop.time() < deadline, f"replica did not start: {self.log.read_text()}"
-                await asyncio.sleep(0.1)
+        await wait_healthy(self.url, self.proc, timeout, output=self.log.read_text)
 
     async def get(self, path: str, **params: Any) -> tuple[int, str]:
         async with aiohttp.ClientSession() as client, client.get(self.url + path, params=params) as r:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,17 +25,11 @@ import aiohttp
 import pytest
 
 from meterproxy.keys import WRITER
-from meterproxy.testing import FakeUpstream, Reply, load_fixture
+from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture, wait_healthy
 from tests.conftest import ProxyFactory, ProxyHarness
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 CHAT_STREAM = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
@@ -46,7 +39,7 @@ class Served:
         self, db: Path, upstream: FakeUpstream, extra_upstreams: dict[str, str] | None = None, **env: str
     ) -> None:
         self.db = db
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("METERPROXY_")}
         environ.update(env)
@@ -72,19 +65,7 @@ class Served:
         )
 
     async def ready(self, timeout: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with aiohttp.ClientSession() as client:
-            while True:
-                assert self.proc.poll() is None, self.log.read_text()
-                try:
-                    async with client.get(f"{self.url}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                assert loop.time() < deadline, "meterproxy serve did not start"
-                await asyncio.sleep(0.1)
+        await wait_healthy(self.url, self.proc, timeout, output=self.log.read_text)
 
     async def healthz(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as client, client.get(f"{self.url}/healthz") as r:

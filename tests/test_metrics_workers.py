@@ -24,9 +24,8 @@ import aiohttp
 import pytest
 
 from meterproxy.metrics import TOKEN_TYPES
-from meterproxy.testing import FakeUpstream, load_fixture
+from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
 from tests.prom import PrometheusServer, prometheus_binary
-from tests.test_serve_cli import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
-from meterproxy.testing import FakeUpstream, Reply, load_fixture
+from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture
 from meterproxy.testing_raw import RawUpstream
 from tests.conftest import ProxyFactory
-from tests.test_durability import Served, _free_port
+from tests.test_durability import Served
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 
@@ -229,7 +229,7 @@ async def test_api_keys_never_reach_disk_logs_or_exports(tmp_path: Path, upstrea
     upstream.replay(load_fixture("gemini_generate_json"))
     upstream.replies["/v1/echo/chat/completions"] = echo_key
     db = tmp_path / "keys.db"
-    dead = f"http://127.0.0.1:{_free_port()}"  # refuses connections
+    dead = f"http://127.0.0.1:{free_port()}"  # refuses connections
     proxy = Served(db, upstream, {"dead": dead}, METERPROXY_LOG_LEVEL="debug")
     try:
         await proxy.ready()

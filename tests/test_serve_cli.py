@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
 import openai
 
-from meterproxy.testing import FakeUpstream, load_fixture
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with aiohttp.ClientSession() as client:
-        while loop.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
-            try:
-                async with client.get(f"{url}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("proxy did not become healthy")
+from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
 
 
 async def test_serve_records_and_flushes_on_sigterm(upstream: FakeUpstream, tmp_path: Path) -> None:

@@ -17,9 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meterproxy.testing import FakeUpstream, load_fixture
+from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
 from tests.test_metrics_workers import _wait_for_files
-from tests.test_serve_cli import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 

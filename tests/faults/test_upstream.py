@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
 
 import aiohttp
 import pytest
 
-from meterproxy.testing import FakeUpstream, Reply, load_fixture
+from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
 from tests.faults.conftest import (
@@ -34,14 +33,8 @@ from tests.faults.conftest import (
 CHAT_PATH = "/raw/v1/chat/completions"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_connection_refused_is_json_502(upstream: FakeUpstream, make_proxy: ProxyFactory) -> None:
-    proxy = await proxy_for(make_proxy, f"http://127.0.0.1:{_free_port()}", upstream)
+    proxy = await proxy_for(make_proxy, f"http://127.0.0.1:{free_port()}", upstream)
     sid = session_id()
     status, body, err, _ = await post(proxy, CHAT_PATH, session=sid)
     assert err is None and status == 502
