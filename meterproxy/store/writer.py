@@ -3,8 +3,12 @@
 The event loop never touches the database. It hands records to `submit`, which
 only puts them on a bounded queue (non-blocking, O(1)). The writer thread takes
 whatever is queued, up to `batch_max` at a time, and commits it in one
-transaction as soon as it has it, so rows appear within milliseconds at low
-load and batch themselves under high load. Other features run their own writes
+transaction. After the first record of a batch it lingers ``linger`` seconds
+(default 20 ms) for more: one transaction per batch instead of one per record
+costs the proxy's core far less CPU (and the event loop fewer GIL hand-offs, as
+a producer only wakes the writer once per batch), and rows still appear well
+within the 200 ms a reader may expect. `call` (and `close`) cut the linger
+short, so ``durability="strict"`` waits for a commit, not for the linger. Other features run their own writes
 on the same thread with `call` (budgets' outbox, imports), so SQLite never sees
 two writers from one process.
 
@@ -67,6 +71,7 @@ class StoreWriter:
         queue_max: int = 100_000,
         batch_max: int = 5_000,
         retry_max_s: float = 5.0,
+        linger: float = 0.02,
     ) -> None:
         self.path = str(path)
         # Unbounded as a queue so that `call` never blocks the event loop; records
@@ -75,6 +80,9 @@ class StoreWriter:
         self._queue_max = queue_max
         self._batch_max = batch_max
         self._retry_max_s = retry_max_s
+        self._linger = linger
+        # Set by `call` and `close` (after their item is queued): stop lingering, write now.
+        self._flush_now = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.written = 0
@@ -97,6 +105,7 @@ class StoreWriter:
         if self._thread is None:
             return True
         self._queue.put(_STOP)
+        self._flush_now.set()
         self._thread.join(timeout)
         alive = self._thread.is_alive()
         if not alive:
@@ -120,6 +129,7 @@ class StoreWriter:
         """Run ``fn(conn)`` on the writer thread, in its own transaction."""
         future: Future[T] = Future()
         self._queue.put(_Call(fn, future))
+        self._flush_now.set()
         return future
 
     @property
@@ -142,6 +152,14 @@ class StoreWriter:
         stopping = False
         while not stopping:
             item = self._queue.get()
+            if (
+                self._linger > 0
+                and item is not _STOP
+                and not isinstance(item, _Call)
+                and self._queue.qsize() < self._batch_max
+            ):
+                self._flush_now.wait(self._linger)
+                self._flush_now.clear()
             records: list[RequestRecord] = []
             calls: list[_Call] = []
             while True:
