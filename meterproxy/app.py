@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import import_module
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from meterproxy import __version__
@@ -35,6 +34,7 @@ from meterproxy.proxy import Proxy, json_error
 from meterproxy.settings import Settings
 from meterproxy.store import backend as store_backend
 from meterproxy.store.writer import StoreWriter
+from meterproxy.upstream import UpstreamClient
 
 __all__ = ["FEATURES", "METER", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER", "create_app"]
 
@@ -103,19 +103,14 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     meter = app[METER]
     meter.set_pricer(price_record_with(book))
     meter.add_sink("store", app[WRITER].submit)
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True
-    )
-    session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+    client = UpstreamClient(
+        connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout, keepalive_timeout=60
     )
     app[PROXY] = Proxy(
         upstreams=settings.upstream_map(),
         meter=meter,
-        session=session,
+        client=client,
         fingerprint_salt=_read_salt(app[WRITER].path),
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
         inject_stream_usage=settings.inject_stream_usage,
         drain_timeout=settings.disconnect_drain_timeout,
         max_draining=settings.max_draining,
@@ -126,7 +121,9 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Streams whose clients left may still be draining for usage: let them finish (bounded).
     await app[PROXY].drain(timeout=settings.shutdown_timeout)
-    await session.close()
+    await client.close()
+    # Answers still in flight were just cut: give their tasks a moment to record them.
+    await app[PROXY].drain(timeout=5.0)
 
 
 def _commit_barrier(writer: StoreWriter) -> Callable[[], Awaitable[object]]:

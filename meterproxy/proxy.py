@@ -14,8 +14,9 @@ The stages of one request, in the order they fire:
    own ``X-Meter-*``; the body is byte for byte, unless usage reporting is
    injected into an OpenAI-style stream (`Provider.prepare_request`).
 5. **streamed back**: status and headers as the upstream sent them, then each
-   chunk as it arrives (`iter_any`, no added buffering) through the
-   `ResponseTap`, which reads usage from a copy.
+   chunk as it arrives (`UpstreamResponse.read`, no added buffering) through
+   the `ResponseTap`, which reads usage from a copy. The upstream side is our
+   own lean HTTP/1.1 client (`meterproxy.upstream`), not aiohttp's.
 6. **finished** (`Meter.request_finished`): the record is priced and handed to
    the sinks. Too late to change anything the client saw.
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -51,6 +51,7 @@ from meterproxy.meter import Meter
 from meterproxy.providers.base import RequestInfo
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
+from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError, UpstreamResponse
 from meterproxy.usage import CapturedContent, RequestRecord
 
 __all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "Proxy", "json_error"]
@@ -98,73 +99,14 @@ def _filter_accept_encoding(value: str) -> str:
     return ", ".join(p.strip() for p in kept) or "identity"
 
 
-_RETRIEVED: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
-
-
-def _retrieve(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-class _CloseWatch:
-    """Watch the upstream connection for closing before its body ended.
-
-    Two aiohttp client gaps make a broken answer look fine or hang: a framing
-    error mid-body (bad chunk size) closes the connection without failing the
-    body stream, which then waits for ``read_timeout``; and a body delimited by
-    connection close "ends" on a reset just as on a clean close. So when the
-    connection goes away with the body unfinished, the body stream is failed
-    here, and `reset` tells a close-delimited body's reset from its clean end.
-    `stop` must be called when the body is done: pooled connections outlive it.
-    """
-
-    __slots__ = ("_closed", "_content", "_delimited")
-
-    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
-        connection = upstream.connection
-        closed = getattr(connection.protocol if connection is not None else None, "closed", None)
-        self._closed = closed if isinstance(closed, asyncio.Future) else None
-        self._content = upstream.content
-        headers = upstream.headers
-        self._delimited = (
-            "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "").lower()
-        )
-        if self._closed is not None:
-            self._closed.add_done_callback(self._on_close)
-            if self._closed not in _RETRIEVED:
-                # We made aiohttp create this future; make sure a later failure is retrieved
-                # (once per connection) so it is never logged as "never retrieved".
-                _RETRIEVED.add(self._closed)
-                self._closed.add_done_callback(_retrieve)
-
-    def _on_close(self, fut: asyncio.Future[None]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        content = self._content
-        if not content.is_eof() and content.exception() is None:
-            content.set_exception(aiohttp.ClientPayloadError(f"upstream connection closed mid-body ({exc})"))
-
-    def reset(self) -> BaseException | None:
-        """The reset that ended a close-delimited body, if that is how it ended."""
-        fut = self._closed
-        if not self._delimited or fut is None or not fut.done() or fut.cancelled():
-            return None
-        return fut.exception()
-
-    def stop(self) -> None:
-        if self._closed is not None:
-            self._closed.remove_done_callback(self._on_close)
-
-
 class Proxy:
     def __init__(
         self,
         *,
         upstreams: dict[str, Upstream],
         meter: Meter,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         fingerprint_salt: bytes,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 600.0,
         inject_stream_usage: bool = True,
         drain_timeout: float = 60.0,
         max_draining: int = 64,
@@ -174,11 +116,8 @@ class Proxy:
     ) -> None:
         self.upstreams = upstreams
         self.meter = meter
-        self.session = session
+        self.client = client
         self._salt = fingerprint_salt
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
-        )
         self._inject = inject_stream_usage
         self._drain_timeout = drain_timeout
         self._max_draining = max_draining
@@ -336,34 +275,26 @@ class Proxy:
     ) -> web.StreamResponse:
         sent_at = time.perf_counter()
         try:
-            upstream_cm = self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body if body or request.method not in ("GET", "HEAD") else None,
-                allow_redirects=False,
-                timeout=self._timeout,
-                skip_auto_headers=_SKIP_AUTO,
-            )
-            upstream = await upstream_cm.__aenter__()
+            upstream = await self.client.request(request.method, url, headers.items(), body)
         except TimeoutError:
             record.status, record.error = 504, "upstream timed out before answering"
             return json_error(504, "upstream_timeout", record.error)
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             record.status, record.error = 502, f"upstream unreachable: {exc}"
             return json_error(502, "upstream_unreachable", record.error)
 
         try:
-            return await self._relay(request, upstream, provider, info, record, started, sent_at)
+            return await self._relay(request, url, upstream, provider, info, record, started, sent_at)
         finally:
             if record.id not in self._recorded_early:
                 record.upstream_ms = (time.perf_counter() - sent_at) * 1000
-            await upstream_cm.__aexit__(None, None, None)
+            upstream.release()
 
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        url: URL,
+        upstream: UpstreamResponse,
         provider: providers.Provider | None,
         info: RequestInfo,
         record: RequestRecord,
@@ -374,7 +305,7 @@ class Proxy:
         content_type = upstream.headers.get("content-type", "")
         tap: ResponseTap | None = None
         if provider is not None:
-            parser = provider.new_parser(upstream.url.path or "", info, record.usage_injected)
+            parser = provider.new_parser(url.path or "", info, record.usage_injected)
             tap = ResponseTap(
                 parser,
                 sse="text/event-stream" in content_type.lower(),
@@ -397,7 +328,6 @@ class Proxy:
         client_gone = False
         drain_deadline: float | None = None
         drain_slot = False
-        watch = _CloseWatch(upstream)
         # Strict durability: the client must not see the end of the answer before the
         # record is committed. A chunked answer ends with write_eof; one with a
         # Content-Length ends with its last byte, so that byte is held back.
@@ -410,7 +340,7 @@ class Proxy:
                 client_gone = True
             record.ttfb_ms = (time.perf_counter() - started) * 1000
             first_byte = True
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read():
                 out = tap.feed(chunk) if tap is not None else chunk
                 if client_gone:
                     if drain_deadline is None or time.monotonic() > drain_deadline:
@@ -432,9 +362,6 @@ class Proxy:
                         if not drain_slot or tap is None or not record.streamed:
                             break
                         drain_deadline = time.monotonic() + self._drain_timeout
-            reset = watch.reset()
-            if reset is not None:
-                raise aiohttp.ClientOSError(f"connection reset ({reset})")
             tail = tap.finish() if tap is not None else b""
             if not client_gone and self._durable is not None:
                 if tap is not None:
@@ -446,8 +373,8 @@ class Proxy:
                 await response.write(tail)
             if not client_gone:
                 await response.write_eof()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            record.error = f"upstream broke off mid-answer: {exc or type(exc).__name__}"
+        except UpstreamBroken as exc:
+            record.error = f"upstream broke off mid-answer: {exc}"
             self._abort(request)
         except TimeoutError:
             record.error = "upstream went silent mid-answer (read timeout)"
@@ -455,7 +382,6 @@ class Proxy:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             record.client_disconnected = True
         finally:
-            watch.stop()
             if drain_slot:
                 self.draining -= 1
             if client_gone:

@@ -70,6 +70,11 @@ class RawConnection:
                 await asyncio.sleep(delay)
         return not self.closed
 
+    async def next_request(self) -> RawRequest | None:
+        """Read the next request on this keep-alive connection (None once the peer closed it)."""
+        self.request = await _read_request(self.reader)
+        return self.request
+
     def reset(self) -> None:
         """Close with an RST instead of a FIN (SO_LINGER 0): the harshest way to die."""
         sock = self.writer.get_extra_info("socket")
