@@ -21,7 +21,9 @@ Design, in the order a price is computed:
    old request gives the price that applied then.
 3. **Pick the rates**: service tier (``batch``, ``flex``, ``priority``; a full
    price set or a multiplier of the base), then the long-context rates when the
-   whole prompt is over the entry's threshold.
+   whole prompt is over the entry's threshold. Standard-tier requests then take
+   the rates of a time-of-day window (DeepSeek peak / off-peak) in force at the
+   request time, UTC, if the entry has one.
 4. **Apply one formula** (`Rates.token_cost`) and divide by a million; then a
    negotiated multiplier from a user override, if one is in force at that time.
 
@@ -49,6 +51,7 @@ from meterproxy.pricing_load import (
     PricingFile,
     Rates,
     TierPrice,
+    TimeWindow,
     entry_problems,
     read_pricing_file,
     toml_files,
@@ -66,6 +69,7 @@ __all__ = [
     "PricingError",
     "Rates",
     "TierPrice",
+    "TimeWindow",
 ]
 
 
@@ -93,6 +97,7 @@ class PriceResult:
     tier: str | None
     provider: str = ""
     multiplier: Decimal | None = None
+    window: str | None = None  # `TimeWindow.label()` of the time-of-day window applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +274,10 @@ class PriceBook:
         rates, long_context, tier_used = entry.select(None if tier in _STANDARD_TIERS else tier)
         if long_context is not None and usage.input_tokens > long_context.threshold:
             rates = long_context.rates
+        # Windows price the standard tier only; `check` rejects windows beside long_context.
+        window = entry.window_at(when) if tier_used is None else None
+        if window is not None:
+            rates = window.rates
         cost = rates.token_cost(usage).scaleb(-_MILLION)
         if entry.web_search is not None and usage.web_search_requests:
             cost += (usage.web_search_requests * entry.web_search).scaleb(-3)
@@ -276,7 +285,8 @@ class PriceBook:
         factor = mult.multiplier if mult is not None else None
         if factor is not None:
             cost *= factor
-        return PriceResult(cost, model_id, entry.effective_from, tier_used, table.provider, factor)
+        label = window.label() if window is not None else None
+        return PriceResult(cost, model_id, entry.effective_from, tier_used, table.provider, factor, label)
 
     def models(self) -> list[str]:
         """Every table id, sorted."""

@@ -38,6 +38,7 @@ __all__ = [
     "PricingFile",
     "Rates",
     "TierPrice",
+    "TimeWindow",
     "entry_problems",
     "read_pricing_file",
     "toml_files",
@@ -45,8 +46,13 @@ __all__ = [
 
 _RATE_KEYS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
 _ENTRY_KEYS = frozenset(
-    {*_RATE_KEYS, "effective_from", "web_search", "long_context", "tiers", "correction", "source", "note"}
+    {*_RATE_KEYS, "effective_from", "web_search", "long_context", "tiers", "windows"}
+    | {"correction", "source", "note"}
 )
+_WINDOW_KEYS = frozenset({*_RATE_KEYS, "name", "start", "end", "days"})
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()
+_DAY_US = 86_400 * 10**6
+_WEEK_US = 7 * _DAY_US
 _TIER_KEYS = frozenset({*_RATE_KEYS, "multiplier", "long_context"})
 _LC_KEYS = frozenset({*_RATE_KEYS, "threshold"})
 _MODEL_KEYS = frozenset({"id", "aliases", "prices", "same_as", "multipliers", "source", "note", "deprecated"})
@@ -127,6 +133,63 @@ class TierPrice:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """A daily UTC time-of-day window with its own rates (DeepSeek peak / off-peak).
+
+    In force from `start` (inclusive) to `end` (exclusive), UTC. ``end < start``
+    wraps midnight (16:30 -> 00:30). `days` are the weekdays (``datetime.weekday``
+    numbers) on which the window *starts*, so the after-midnight part of a
+    wrapping window belongs to the day before; ``None`` means every day.
+    `rates` are complete: the keys the window lists, the entry's base rates for
+    the rest.
+    """
+
+    start: time
+    end: time
+    rates: Rates
+    days: frozenset[int] | None = None
+    name: str | None = None
+
+    def contains(self, when: datetime) -> bool:
+        """Whether `when` (aware, UTC) falls in this window."""
+        t = when.time()
+        if self.start < self.end:
+            return self.start <= t < self.end and self._on(when.weekday())
+        if self.start == self.end:  # empty; `entry_problems` reports it
+            return False
+        if t >= self.start:
+            return self._on(when.weekday())
+        return t < self.end and self._on((when.weekday() - 1) % 7)
+
+    def _on(self, weekday: int) -> bool:
+        return self.days is None or weekday in self.days
+
+    def label(self) -> str:
+        """``peak 01:00-04:00 mon,tue,...``: how messages and ``prices show`` name it."""
+        days = "" if self.days is None else " " + ",".join(DAY_NAMES[d] for d in sorted(self.days))
+        name = f"{self.name} " if self.name else ""
+        return f"{name}{_hhmm(self.start)}-{_hhmm(self.end)} UTC{days}"
+
+    def week_spans(self) -> list[tuple[int, int]]:
+        """The microseconds of a Monday-based week this window covers (for overlap checks)."""
+        start, length = _us(self.start), (_us(self.end) - _us(self.start)) % _DAY_US
+        spans = []
+        for day in sorted(self.days) if self.days is not None else range(7):
+            a = day * _DAY_US + start
+            b = a + length
+            spans += [(a, b)] if b <= _WEEK_US else [(a, _WEEK_US), (0, b - _WEEK_US)]
+        return spans
+
+
+def _us(t: time) -> int:
+    return ((t.hour * 60 + t.minute) * 60 + t.second) * 10**6 + t.microsecond
+
+
+def _hhmm(t: time) -> str:
+    return t.isoformat(timespec="seconds" if t.second or t.microsecond else "minutes")
+
+
+@dataclass(frozen=True, slots=True)
 class PriceEntry:
     """One dated row of a model's price history."""
 
@@ -135,6 +198,7 @@ class PriceEntry:
     long_context: LongContext | None = None
     web_search: Decimal | None = None  # USD per 1000 requests
     tiers: Mapping[str, TierPrice] = field(default_factory=dict)
+    windows: tuple[TimeWindow, ...] = ()
     correction: str | None = None
     source: str | None = None
     note: str | None = None
@@ -152,6 +216,10 @@ class PriceEntry:
             return self.rates.scaled(m), scaled_lc, tier
         assert chosen.rates is not None
         return chosen.rates, chosen.long_context, tier
+
+    def window_at(self, when: datetime) -> TimeWindow | None:
+        """The time-of-day window in force at `when` (aware, UTC), if any."""
+        return next((w for w in self.windows if w.contains(when)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +382,45 @@ def _long_context(raw: Any, where: str) -> LongContext | None:
     return LongContext(threshold, _rates(raw, f"{where} long_context"))
 
 
+def _time_of_day(raw: Mapping[str, Any], key: str, where: str) -> time:
+    value = raw.get(key)
+    if isinstance(value, str):
+        try:
+            value = time.fromisoformat(value)
+        except ValueError:
+            raise PricingError(f"{where}: {key!r} is not a time of day: {raw.get(key)!r}") from None
+    if not isinstance(value, time) or value.tzinfo is not None:
+        raise PricingError(f"{where}: {key!r} must be a UTC time of day (\"16:30\" or 16:30:00)")
+    return value
+
+
+def _days(raw: Mapping[str, Any], where: str) -> frozenset[int] | None:
+    if "days" not in raw:
+        return None
+    names = _str_list(raw, "days", where)
+    unknown = [d for d in names if d.lower() not in DAY_NAMES]
+    if unknown or not names:
+        raise PricingError(f"{where}: 'days' must list days among {', '.join(DAY_NAMES)}, got {names!r}")
+    return frozenset(DAY_NAMES.index(d.lower()) for d in names)
+
+
+def _windows(raw: Any, base: Rates, where: str) -> tuple[TimeWindow, ...]:
+    """Parse ``windows``; each inherits the rates it does not list from `base`."""
+    if not isinstance(raw, list) or not all(isinstance(w, dict) for w in raw):
+        raise PricingError(f"{where}: windows must be an array of tables")
+    out = []
+    for i, w in enumerate(raw):
+        ww = f"{where} windows[{i}]"
+        own = {k: _num(w, k, ww) for k in _RATE_KEYS}
+        rates = Rates(*(v if v is not None else getattr(base, k) for k, v in own.items()))
+        name = w.get("name")
+        if name is not None and not isinstance(name, str):
+            raise PricingError(f"{ww}: 'name' must be a string")
+        start, end = _time_of_day(w, "start", ww), _time_of_day(w, "end", ww)
+        out.append(TimeWindow(start, end, rates, _days(w, ww), name))
+    return tuple(out)
+
+
 def _entry(raw: Mapping[str, Any], where: str) -> PriceEntry:
     tiers: dict[str, TierPrice] = {}
     raw_tiers = raw.get("tiers", {})
@@ -334,12 +441,14 @@ def _entry(raw: Mapping[str, Any], where: str) -> PriceEntry:
         if v is not None and not isinstance(v, str):
             raise PricingError(f"{where}: {k!r} must be a string")
         notes[k] = v
+    rates = _rates(raw, where)
     return PriceEntry(
         effective_from=_when(raw, where),
-        rates=_rates(raw, where),
+        rates=rates,
         long_context=_long_context(raw.get("long_context"), where),
         web_search=_num(raw, "web_search", where),
         tiers=tiers,
+        windows=_windows(raw.get("windows", []), rates, where),
         correction=notes["correction"],
         source=notes["source"],
         note=notes["note"],
@@ -357,6 +466,9 @@ def _entry_unknown_keys(raw: Mapping[str, Any], where: str) -> Iterable[str]:
             parts.append((f"tiers.{name}.", t, _TIER_KEYS))
             if isinstance(t.get("long_context"), dict):
                 parts.append((f"tiers.{name}.long_context.", t["long_context"], _LC_KEYS))
+    for i, w in enumerate(raw.get("windows") or []):
+        if isinstance(w, dict):
+            parts.append((f"windows[{i}].", w, _WINDOW_KEYS))
     for label, table, allowed in parts:
         for key in sorted(set(table) - allowed):
             yield f"{where}: unknown key {label}{key!r}"
@@ -387,9 +499,26 @@ def entry_problems(e: PriceEntry) -> Iterable[str]:
             sets.append((f"tiers.{name} ", t.rates))
         if t.multiplier is not None and t.multiplier <= 0:
             yield f"tiers.{name}.multiplier must be positive"
+    for i, w in enumerate(e.windows):
+        sets.append((f"windows[{i}] ", w.rates))
+    yield from _window_problems(e)
     for label, rates in sets:
         for key, value in zip(_RATE_KEYS, rates._values(), strict=True):
             if value is not None and value < 0:
                 yield f"{label}{key} is negative ({value})"
     if e.web_search is not None and e.web_search < 0:
         yield f"web_search is negative ({e.web_search})"
+
+
+def _window_problems(e: PriceEntry) -> Iterable[str]:
+    """Empty windows, overlapping windows, and windows beside long-context rates."""
+    if e.windows and e.long_context is not None:
+        yield "windows cannot be combined with long_context (which rates would win is undefined)"
+    for i, w in enumerate(e.windows):
+        if w.start == w.end:
+            yield f"windows[{i}] ({w.label()}) is empty: start equals end"
+    for i, a in enumerate(e.windows):
+        for j in range(i + 1, len(e.windows)):
+            b = e.windows[j]
+            if any(x0 < y1 and y0 < x1 for x0, x1 in a.week_spans() for y0, y1 in b.week_spans()):
+                yield f"windows[{i}] ({a.label()}) overlaps windows[{j}] ({b.label()})"

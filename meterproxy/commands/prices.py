@@ -7,10 +7,12 @@ would charge.
 
 - ``list``: one aligned line per table id with the prices in force now (USD
   per 1M tokens), ``--provider`` to narrow, ``--json`` for scripts (prices as
-  JSON numbers written from the Decimal, never computed in float).
+  JSON numbers written from the Decimal, never computed in float). A model
+  whose entry has time-of-day windows shows its rates outside the windows,
+  marked ``*`` (JSON: a ``windows`` list with each window's full rates).
 - ``show MODEL``: resolves MODEL the way a request's model is resolved
   (aliases, dated snapshots, ``vendor/`` prefixes) and prints its dated history
-  with tiers, long-context rates and negotiated multipliers.
+  with tiers, long-context rates, time-of-day windows and negotiated multipliers.
 - ``check``: every problem `PriceBook.check` finds (unknown keys, negative
   prices, duplicate dates, colliding names, ...), one per line; exit status 1
   if there is any, or if a file cannot be read at all. CI runs it.
@@ -27,7 +29,8 @@ from typing import Any
 
 import click
 
-from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates
+from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates, TimeWindow
+from meterproxy.pricing_load import DAY_NAMES
 
 __all__ = ["command", "format_price", "load_book"]
 
@@ -87,6 +90,17 @@ def _rates_dict(rates: Rates) -> dict[str, Decimal | None]:
     }
 
 
+def _window_dict(window: TimeWindow) -> dict[str, Any]:
+    days = None if window.days is None else [DAY_NAMES[d] for d in sorted(window.days)]
+    return {
+        "name": window.name,
+        "start_utc": window.start.isoformat(),
+        "end_utc": window.end.isoformat(),
+        "days": days,
+        **_rates_dict(window.rates),
+    }
+
+
 def _list_rows(book: PriceBook, provider: str | None, now: datetime) -> list[dict[str, Any]]:
     rows = []
     for model_id in book.models():
@@ -104,6 +118,7 @@ def _list_rows(book: PriceBook, provider: str | None, now: datetime) -> list[dic
             "effective_from": entry.effective_from.isoformat() if entry else None,
         }
         row.update(_rates_dict(entry.rates) if entry else dict.fromkeys(("input", "output")))
+        row["windows"] = [_window_dict(w) for w in entry.windows] if entry else []
         rows.append(row)
     return rows
 
@@ -143,9 +158,12 @@ def list_command(provider: str | None, as_json: bool, pricing: tuple[Path, ...])
             aliases = f"= {r['same_as']}" + (f"; {aliases}" if aliases else "")
         since = (r["effective_from"] or "-")[:10]
         prices = [format_price(r[k]) for k in ("input", "output", "cache_read", "cache_write")]
-        body.append((r["provider"], r["model"], *prices, since, aliases))
+        model = r["model"] + ("*" if r["windows"] else "")
+        body.append((r["provider"], model, *prices, since, aliases))
     click.echo(_table(header, body))
     click.echo(f"\n{len(rows)} models; prices in USD per 1M tokens, in force now (UTC).")
+    if any(r["windows"] for r in rows):
+        click.echo("* time-of-day rates: shown outside the windows; 'meterproxy prices show MODEL' lists them.")
 
 
 def _rates_text(rates: Rates) -> str:
@@ -162,6 +180,8 @@ def _entry_lines(entry: PriceEntry) -> list[str]:
             f"{k} {format_price(v)}" for k, v in _rates_dict(lc.rates).items() if v is not None
         )
         lines.append(f"    above {lc.threshold} input tokens: {lc_rates}")
+    for window in entry.windows:
+        lines.append(f"    window {window.label()}: {_rates_text(window.rates)}")
     for name, tier in sorted(entry.tiers.items()):
         if tier.multiplier is not None:
             lines.append(f"    tier {name}: x{format_price(tier.multiplier)}")
