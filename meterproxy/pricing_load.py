@@ -390,7 +390,7 @@ def _time_of_day(raw: Mapping[str, Any], key: str, where: str) -> time:
         except ValueError:
             raise PricingError(f"{where}: {key!r} is not a time of day: {raw.get(key)!r}") from None
     if not isinstance(value, time) or value.tzinfo is not None:
-        raise PricingError(f"{where}: {key!r} must be a UTC time of day (\"16:30\" or 16:30:00)")
+        raise PricingError(f'{where}: {key!r} must be a UTC time of day ("16:30" or 16:30:00)')
     return value
 
 

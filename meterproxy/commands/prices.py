@@ -163,7 +163,7 @@ def list_command(provider: str | None, as_json: bool, pricing: tuple[Path, ...])
     click.echo(_table(header, body))
     click.echo(f"\n{len(rows)} models; prices in USD per 1M tokens, in force now (UTC).")
     if any(r["windows"] for r in rows):
-        click.echo("* time-of-day rates: shown outside the windows; 'meterproxy prices show MODEL' lists them.")
+        click.echo("* time-of-day rates: shown outside the windows; 'prices show MODEL' lists them.")
 
 
 def _rates_text(rates: Rates) -> str:
