@@ -142,3 +142,44 @@ def test_installed_console_script_runs_check() -> None:
     done = subprocess.run([*cmd, "prices", "check"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: ")
+
+
+def test_show_and_list_time_of_day_windows() -> None:
+    code, out, _ = run("prices", "show", "deepseek-v4-pro")
+    assert code == 0
+    assert "2026-08-23T00:00:00+00:00  input 0.66, output 1.98, cache_read 0.022" in out
+    assert (
+        "    window peak 06:00-10:00 UTC mon,tue,wed,thu,fri: input 1.32, output 3.96, cache_read 0.044"
+    ) in out
+    code, out, _ = run("prices", "show", "deepseek-chat")
+    assert "    window off-peak 16:30-00:30 UTC: input 0.135, output 0.55, cache_read 0.035" in out
+    assert "correction: added 2026-11-25" in out
+
+    code, out, _ = run("prices", "list", "--provider", "deepseek")
+    assert code == 0
+    marked = {line.split()[1] for line in out.splitlines() if line.startswith("deepseek ")}
+    assert {"deepseek-v4-pro*", "deepseek-flash*", "deepseek-chat"} <= marked
+    assert "time-of-day rates" in out
+
+    code, out, _ = run("prices", "list", "--provider", "deepseek", "--json")
+    rows = {r["model"]: r for r in json.loads(out, parse_float=Decimal)}
+    windows = rows["deepseek-v4-pro"]["windows"]
+    assert [(w["start_utc"], w["end_utc"]) for w in windows] == [
+        ("01:00:00", "04:00:00"),
+        ("06:00:00", "10:00:00"),
+    ]
+    assert windows[0]["days"] == ["mon", "tue", "wed", "thu", "fri"]
+    assert windows[0]["input"] == Decimal("1.32") and rows["deepseek-v4-pro"]["input"] == Decimal("0.66")
+    assert rows["deepseek-chat"]["windows"] == []
+
+
+def test_check_reports_overlapping_windows(tmp_path: Path) -> None:
+    bad = tmp_path / "tod.toml"
+    bad.write_text(
+        'provider = "x"\n[[models]]\nid = "m"\n[[models.prices]]\neffective_from = 2025-01-01\n'
+        'input = 1\noutput = 1\n[[models.prices.windows]]\nstart = "16:30"\nend = "00:30"\n'
+        '[[models.prices.windows]]\nstart = "00:00"\nend = "01:00"\ninput = 2\n'
+    )
+    code, _, err = run("prices", "check", "--pricing", str(bad))
+    assert code == 1
+    assert "windows[0] (16:30-00:30 UTC) overlaps windows[1] (00:00-01:00 UTC)" in err

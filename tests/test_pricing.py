@@ -43,6 +43,7 @@ def test_vector(vector: dict[str, Any], tmp_path: Path) -> None:
     assert result.cost_usd == Decimal(vector["expected"])
     assert result.model == vector.get("expected_model", vector["model"])
     assert result.tier == vector.get("expected_tier")
+    assert result.window == vector.get("expected_window")
 
 
 def test_default_dir_is_repo_pricing() -> None:
@@ -233,3 +234,95 @@ def test_override_adds_dated_entry_without_repricing_history(tmp_path: Path) -> 
     after = book.price(model="gpt-4o", usage=usage, at=datetime(2026, 1, 2, tzinfo=UTC))
     assert before is not None and before.cost_usd == Decimal("2.5")
     assert after is not None and after.cost_usd == Decimal(1)
+
+
+WINDOW_PROBLEMS = """
+provider = "windowco"
+[[models]]
+id = "w-overlap"
+[[models.prices]]
+effective_from = 2025-01-01
+input = 1
+output = 2
+[[models.prices.windows]]
+start = "22:00"
+end = "02:00"
+days = ["sun"]
+[[models.prices.windows]]
+start = "01:00"
+end = "03:00"
+days = ["mon"]
+colour = "red"
+[[models.prices.windows]]
+start = "05:00"
+end = "05:00"
+output = -1
+
+[[models]]
+id = "w-fine"
+[[models.prices]]
+effective_from = 2025-01-01
+input = 1
+output = 2
+[[models.prices.windows]]
+start = "22:00"
+end = "02:00"
+days = ["sun"]
+[[models.prices.windows]]
+start = "01:00"
+end = "03:00"
+days = ["tue"]
+[[models.prices.windows]]
+start = "02:00"
+end = "22:00"
+days = ["sun"]
+
+[[models]]
+id = "w-long"
+[[models.prices]]
+effective_from = 2025-01-01
+input = 1
+output = 2
+long_context = { threshold = 1000, input = 2, output = 4 }
+[[models.prices.windows]]
+start = "01:00"
+end = "02:00"
+"""
+
+
+def test_check_finds_window_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "windows.toml"
+    bad.write_text(WINDOW_PROBLEMS)
+    problems = PriceBook.load(overrides=[bad]).check()
+    text = "\n".join(problems)
+    # Sunday's 22:00-02:00 runs into Monday 01:00-03:00, across midnight and the week's days.
+    assert "windows[0] (22:00-02:00 UTC sun) overlaps windows[1] (01:00-03:00 UTC mon)" in text
+    assert "windows[2] (05:00-05:00 UTC) is empty" in text
+    assert "windows[2] output is negative (-1)" in text
+    assert "unknown key windows[1].'colour'" in text
+    assert "'w-long'" in text and "windows cannot be combined with long_context" in text
+    # Adjacent windows (end == next start) and the same hours on other days do not overlap.
+    assert "w-fine" not in text, text
+    assert len(problems) == 5, text
+
+
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ('start = "25:00"\nend = "02:00"', "'start' is not a time of day"),
+        ('start = "01:00"', "'end' must be a UTC time of day"),
+        ("start = 2025-01-01T01:00:00Z\nend = 02:00:00", "'start' must be a UTC time of day"),
+        ('start = "01:00"\nend = "02:00"\ndays = ["monday"]', "'days' must list days"),
+        ('start = "01:00"\nend = "02:00"\ninput = "cheap"', "'input' must be a number"),
+    ],
+)
+def test_bad_window_raises_naming_file_and_model(tmp_path: Path, window: str, message: str) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text(
+        'provider = "x"\n[[models]]\nid = "m"\n[[models.prices]]\neffective_from = 2025-01-01\n'
+        f"input = 1\noutput = 1\n[[models.prices.windows]]\n{window}\n"
+    )
+    with pytest.raises(PricingError, match=message) as info:
+        PriceBook.load(dirs=[tmp_path])
+    assert str(bad) in str(info.value) and "model 'm'" in str(info.value)
+    assert "windows[0]" in str(info.value)

@@ -9,17 +9,24 @@ on a listed one that no longer disagrees (so the list cannot rot).
 Compared: standard tier, no web searches (Gemini's grounding fee has a free
 allowance genai-prices does not model), two usages: a small one with every kind
 of token and a large one over every long-context threshold.
+
+Entries with time-of-day windows (DeepSeek) are also compared one second
+before, at and one second after every window edge (and around midnight for a
+window that wraps it), on a weekday and on a Saturday after the entry starts;
+genai-prices has the same windows (``TimeOfDateConstraint``). A separate test
+demands exact agreement at the weekday edges of the current DeepSeek V4 prices,
+which the per-model KNOWN_DISAGREEMENTS entries would otherwise hide.
 """
 
 from __future__ import annotations
 
 import warnings
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 import pytest
 
-from meterproxy.pricing import PriceBook
+from meterproxy.pricing import PriceBook, PriceEntry
 from meterproxy.usage import Usage
 
 genai_prices = pytest.importorskip("genai_prices")
@@ -88,22 +95,67 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "Flash-8B is $0.0375/$0.15 (ours is right; ai.google.dev/gemini-api/docs/pricing archive)"
     ),
     "deepseek-chat": (
-        "genai-prices models only the Feb-Sep 2025 peak/off-peak rates; it misses the launch "
-        "promotion ($0.14/$0.28 until 2025-02-08), the 2025-09-05 V3.1 price ($0.56/$1.68) and "
-        "the 2025-09-29 V3.2-Exp cut ($0.28/$0.028/$0.42) (ours is right; "
-        "api-docs.deepseek.com/news). We do not model off-peak discounts (noon UTC is peak)."
+        "genai-prices models only the Feb-Sep 2025 peak/off-peak rates, at every date; it misses "
+        "the launch promotion ($0.14/$0.28 until 2025-02-08), the 2025-09-05 V3.1 price "
+        "($0.56/$1.68, no off-peak discount), the 2025-09-29 V3.2-Exp cut ($0.28/$0.028/$0.42) and "
+        "the 2026-04-24 switch to V4 Flash prices (ours is right; api-docs.deepseek.com/news, "
+        "api-docs.deepseek.com/quick_start/pricing). Inside 2025-02-26..2025-09-05 we agree at "
+        "every window edge."
     ),
     "deepseek-reasoner": (
-        "as deepseek-chat: genai-prices misses the 2025-09-05 and 2025-09-29 price changes "
-        "(ours is right; api-docs.deepseek.com/news)"
+        "as deepseek-chat: genai-prices misses the 2025-09-05, 2025-09-29 and 2026-04-24 price "
+        "changes (ours is right; api-docs.deepseek.com/news)"
+    ),
+    "deepseek-v4-flash": (
+        "(1) 2026-04-24..04-26 12:15 UTC: genai-prices has no launch cache-hit price ($0.028; cut "
+        "to $0.0028 from 2026-04-26 12:15 UTC per the pricing page's footnote); (2) from 2026-08-23 "
+        "DeepSeek bills weekends off-peak all day, which genai-prices cannot express and bills at "
+        "peak (its own price_comments call this an upper bound; genai-prices issue #582); (3) "
+        "2026-08-17..09-10 peak hours: genai-prices cannot date a window and bills V4.1 Flash's "
+        "later peak price ($0.30/$1.20) instead of V4 Flash's ($0.44/$0.014/$1.32), as its "
+        "price_comments say. Ours is right in all three (api-docs.deepseek.com/quick_start/pricing "
+        "and /updates); current weekdays agree exactly (test_deepseek_window_edges_agree_on_weekdays)."
+    ),
+    "deepseek-v4-pro": "as deepseek-v4-flash: launch cache-hit price ($0.03625) and weekends",
+    "deepseek-flash": (
+        "weekends: DeepSeek bills them off-peak all day, genai-prices at peak (upper bound, its "
+        "issue #582); ours is right (api-docs.deepseek.com/quick_start/pricing)"
     ),
 }
 
+# Current DeepSeek V4 prices: both sides must agree exactly at every weekday window edge.
+DEEPSEEK_WINDOWED = ("deepseek-flash", "deepseek-v4-flash", "deepseek-v4-pro")
+WEEKDAY = date(2026, 11, 18)  # a Wednesday, not a Chinese public holiday
+
 
 def _dates(book: PriceBook, model: str) -> list[datetime]:
-    days = [e.effective_from + timedelta(days=1) for e in book.history(model)]
+    entries = book.history(model)
+    days = [e.effective_from + timedelta(days=1) for e in entries]
     noon = [d.replace(hour=12, minute=0, second=0) for d in days]
-    return sorted({*noon, RECENT})
+    edges = [t for e in entries for t in _window_edges(e)]
+    return sorted({*noon, *edges, RECENT})
+
+
+def _next(day: date, weekday: int) -> date:
+    return day + timedelta(days=(weekday - day.weekday()) % 7)
+
+
+def _window_edges(entry: PriceEntry, days: tuple[date, ...] | None = None) -> list[datetime]:
+    """One second before, at and after each window edge (and midnight inside a wrapping window)."""
+    if not entry.windows:
+        return []
+    if days is None:
+        first = entry.effective_from.date() + timedelta(days=1)
+        days = (_next(first, 2), _next(first, 5))  # a Wednesday and a Saturday
+    second = timedelta(seconds=1)
+    out = []
+    for day in days:
+        for w in entry.windows:
+            marks = [w.start, w.end] + ([time(0)] if w.end < w.start else [])
+            for mark in marks:
+                edge = datetime.combine(day, mark, UTC)
+                out += [edge - second, edge, edge + second]
+    return out
 
 
 def _genai_cost(model: str, provider: str, usage: Usage, at: datetime) -> Decimal | None:
@@ -141,7 +193,7 @@ def _disagreements() -> tuple[dict[str, list[str]], int]:
                 compared += 1
                 if ours.cost_usd != theirs:
                     found.setdefault(model, []).append(
-                        f"{at.date()} {name}: ours {ours.cost_usd} theirs {theirs}"
+                        f"{at.isoformat()} {name}: ours {ours.cost_usd} theirs {theirs}"
                     )
     return found, compared
 
@@ -153,3 +205,19 @@ def test_agrees_with_genai_prices_except_known() -> None:
     stale = sorted(set(KNOWN_DISAGREEMENTS) - set(found))
     assert not unlisted, f"new disagreements with genai-prices: {unlisted}"
     assert not stale, f"listed disagreements that now agree (remove them): {stale}"
+
+
+def test_deepseek_window_edges_agree_on_weekdays() -> None:
+    book = PriceBook.default()
+    compared = 0
+    for model in DEEPSEEK_WINDOWED:
+        current = book.history(model)[-1]
+        assert current.windows, model
+        for at in _window_edges(current, (WEEKDAY,)):
+            for usage in USAGES.values():
+                ours = book.price(model=model, usage=usage, at=at)
+                theirs = _genai_cost(model, "deepseek", usage, at)
+                assert ours is not None and theirs is not None
+                assert ours.cost_usd == theirs, f"{model} at {at}"
+                compared += 1
+    assert compared == len(DEEPSEEK_WINDOWED) * 2 * 6 * len(USAGES)

@@ -240,3 +240,52 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     )
     assert bad_pricing.exit_code == 1 and str(broken) in bad_pricing.stderr
     assert bad_pricing.exception is None or isinstance(bad_pricing.exception, SystemExit)
+
+
+FLAT_V4_PRO = """
+provider = "deepseek"
+[[models]]
+id = "deepseek-v4-pro"
+[[models.prices]]
+effective_from = 2026-08-23T00:00:00Z
+input = 0.66
+cache_read = 0.022
+output = 1.98
+"""
+
+
+def test_reprice_honours_time_of_day_windows(tmp_path: Path) -> None:
+    """Rows priced by a table without windows: only those in peak hours change, to twice the price."""
+    flat_file = tmp_path / "flat.toml"
+    flat_file.write_text(FLAT_V4_PRO)
+    flat = PriceBook.load(dirs=[tmp_path])
+    wednesday = datetime(2026, 11, 18, tzinfo=UTC)
+    times = [wednesday + timedelta(hours=h, minutes=30) for h in range(24)]  # 00:30 .. 23:30
+    price = price_record_with(flat)
+    records = []
+    for ts in times:
+        r = make_record(
+            model="deepseek-v4-pro",
+            upstream="deepseek",
+            ts=ts,
+            usage=Usage(input_tokens=1000, output_tokens=500),
+        )
+        price(r)
+        records.append(r)
+    db = tmp_path / "m.db"
+    _store(db, records)
+    before = _rows(db)
+
+    report = reprice(db, PriceBook.default(), since=_ts(wednesday))
+
+    peak_hours = {1, 2, 3, 6, 7, 8, 9}
+    assert report.scanned == 24 and report.changed == len(peak_hours)
+    after = _rows(db)
+    for r in records:
+        old, new = Decimal(before[r.id]["cost_usd"]), Decimal(after[r.id]["cost_usd"])
+        assert new == (2 * old if r.ts.hour in peak_hours else old), r.ts
+        # By hand: 1000*0.66 + 500*1.98 = 1650 off-peak; 1000*1.32 + 500*3.96 = 3300 at peak.
+        assert new == (Decimal("0.0033") if r.ts.hour in peak_hours else Decimal("0.00165")), r.ts
+    assert report.difference == sum(
+        Decimal(before[r.id]["cost_usd"]) for r in records if r.ts.hour in peak_hours
+    )
