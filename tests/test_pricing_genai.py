@@ -117,6 +117,11 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "and /updates); current weekdays agree exactly (test_deepseek_window_edges_agree_on_weekdays)."
     ),
     "deepseek-v4-pro": "as deepseek-v4-flash: launch cache-hit price ($0.03625) and weekends",
+    "claude-sonnet-5-5": (
+        "2026-09-28..2026-10-07: genai-prices has only today's cache-read price ($0.10); Sonnet 5.5 "
+        "launched with cache reads at $0.20 and Anthropic cut them to $0.10 on 2026-10-07 (ours is "
+        "right; platform.claude.com/docs/en/release-notes/overview, September 28 and October 7, 2026)"
+    ),
     "deepseek-flash": (
         "weekends: DeepSeek bills them off-peak all day, genai-prices at peak (upper bound, its "
         "issue #582); ours is right (api-docs.deepseek.com/quick_start/pricing)"
