@@ -143,8 +143,11 @@ class Proxy:
 
         provider = providers.detect(target.path)
         try:
-            async with asyncio.timeout(self._body_timeout):  # no extra task: a buffered body reads at once
-                body = await request.read()
+            if request.content.is_eof():
+                body = await request.read()  # all of it is here already (the usual small body)
+            else:
+                async with asyncio.timeout(self._body_timeout):
+                    body = await request.read()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             message = "client hung up before sending its whole body"
             return self._refuse(request, target, provider, 400, "client_gone", message, gone=True)

