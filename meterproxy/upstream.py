@@ -333,6 +333,7 @@ class UpstreamClient:
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -348,6 +349,19 @@ class UpstreamClient:
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.origin, []).append(conn)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.keepalive_timeout, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close connections idle past ``keepalive_timeout`` (after a burst, nothing else would)."""
+        self._sweep = None
+        cutoff = time.monotonic() - self.keepalive_timeout
+        for idle in self._idle.values():
+            for conn in [c for c in idle if c.idle_since <= cutoff]:
+                idle.remove(conn)
+                conn.close()
+        if any(self._idle.values()):
+            self._sweep = asyncio.get_running_loop().call_later(self.keepalive_timeout, self._sweep_idle)
 
     def _pool_get(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -421,6 +435,9 @@ class UpstreamClient:
     async def close(self) -> None:
         """Close every connection, idle or busy; answers in flight fail with `UpstreamBroken` now."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._open):
             # Fail the reader at once rather than on connection_lost (a loop turn or more
             # later): at shutdown the caller wants to record the cut answers straight away.

@@ -361,3 +361,19 @@ async def test_https_upstream_is_verified(tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_idle_connections_are_closed_after_keepalive_timeout() -> None:
+    closed_by_client = asyncio.Event()
+
+    async def script(conn: RawConnection) -> None:
+        await conn.send(respond(200, b"ok"))
+        if await conn.next_request() is None:  # the client closed the idle connection
+            closed_by_client.set()
+
+    client = UpstreamClient(keepalive_timeout=0.2)
+    async with RawUpstream(script) as raw:
+        assert await _get(client, raw.url + "/") == (200, b"ok")
+        await asyncio.wait_for(closed_by_client.wait(), 5)  # no further request needed to trigger it
+        assert not any(client._idle.values())
+        await client.close()
