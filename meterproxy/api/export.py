@@ -4,13 +4,15 @@ Query: ``format`` (``csv`` default, or ``jsonl``), ``since``/``until`` and the
 usual filters. Rows are oldest first, columns as in
 `meterproxy.store.export.EXPORT_COLUMNS` (CSV starts with a header row).
 
-The response is a `web.StreamResponse`: `SlicedExport` cuts the range into
-6-hour slices and two worker threads, each with its own read-only connection,
-format alternate slices in batches (in SQLite, see ``store/export.py``) into
-small bounded queues; the handler writes the batches in order, so memory is
-bounded by a few batches and a slow client slows the reading instead of
-filling memory. Each slice is its own query, so the export is a consistent
-picture per slice, not one snapshot of the whole range.
+The response is a `web.StreamResponse`. On SQLite the rows are formatted by a
+child process (`meterproxy.store.export_process`): it cuts the range into
+slices of a few thousand rows, two worker threads format alternate slices in
+SQLite (a whole slice per query, see ``store/export_child.py``) and it writes
+them in order to a pipe that this handler copies to the client. Memory is
+bounded by a few slices and the pipe, and a slow client slows the reading
+instead of filling memory. On PostgreSQL `SlicedExport` does the same in
+threads of this process, over 6-hour slices. Each slice is its own query, so
+the export is a consistent picture per slice, not one snapshot of the whole range.
 
 All parameters are validated before the 200 goes out; a failure after that can
 only cut the connection, never send a half-formed error inside the body.
@@ -26,12 +28,14 @@ from aiohttp import web
 from meterproxy.api import ParamError, api_error, run_read
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
 from meterproxy.keys import WRITER
+from meterproxy.store.backend import parse_db
 from meterproxy.store.export import FORMATS, SlicedExport, csv_header, time_slices
-from meterproxy.store.queries import read_connection
+from meterproxy.store.export_process import ExportFailed, ExportProcess
+from meterproxy.store.queries import RequestFilter, read_connection
 
 __all__ = ["setup"]
 
-#: Threads formatting rows (alternate 6-hour slices); formatting is CPU-bound, one per core helps.
+#: Threads formatting rows (alternate slices); formatting is CPU-bound, one per core helps.
 EXPORT_WORKERS = 2
 
 _CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
@@ -49,16 +53,46 @@ async def export_handler(request: web.Request) -> web.StreamResponse:
         return api_error(400, "bad_parameter", str(exc), exc.param)
 
     path = request.app[WRITER].path
+    db = parse_db(path)
+    if db.is_postgres:
+        return await _export_in_threads(request, path, flt, fmt)
+    export = await ExportProcess.start(db.target, flt, fmt, workers=EXPORT_WORKERS)
+    try:
+        try:
+            first = await export.read()  # the child opened the database and formatted a slice
+        except ExportFailed as exc:  # still before the 200: say so properly
+            return api_error(500, "export_failed", str(exc))
+        response = _stream_response(fmt)
+        await response.prepare(request)
+        await response.write((csv_header().encode() if fmt == "csv" else b"") + first)
+        while chunk := await export.read():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        # Kill first (synchronous): if this handler is being cancelled (the client hung
+        # up), the awaited wait inside close may itself be cancelled before it ever runs.
+        export.kill()
+        await export.close()
+
+
+def _stream_response(fmt: str) -> web.StreamResponse:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return web.StreamResponse(
+        headers={
+            "Content-Type": _CONTENT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="meterproxy-{stamp}.{fmt}"',
+        }
+    )
+
+
+async def _export_in_threads(
+    request: web.Request, path: str, flt: RequestFilter, fmt: str
+) -> web.StreamResponse:
     slices = await run_read(path, lambda conn: time_slices(conn, flt.since, flt.until))
     export = SlicedExport(lambda: read_connection(path), flt, fmt, slices, workers=EXPORT_WORKERS)
     try:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": _CONTENT_TYPES[fmt],
-                "Content-Disposition": f'attachment; filename="meterproxy-{stamp}.{fmt}"',
-            }
-        )
+        response = _stream_response(fmt)
         await response.prepare(request)
         if fmt == "csv":
             await response.write(csv_header().encode())

@@ -73,6 +73,33 @@ _CSV_FIELDS = [_csv_field(c) for c in EXPORT_COLUMNS]
 _CSV_LINE = f"printf('{','.join(f for f, _ in _CSV_FIELDS)}', {', '.join(a for _, a in _CSV_FIELDS)})"
 _JSON_LINE = "json_object(" + ", ".join(f"'{c}', {_json_expr(c)}" for c in EXPORT_COLUMNS) + ")"
 
+# Floats as SQLite 3.40 wrote them (``%!.15g``: 15 significant digits, ``.0`` kept). SQLite
+# 3.43+ writes up to 17 digits for a bare REAL, so the text would depend on the library that
+# formats it (the child process may use a newer one than the proxy): spell the format out.
+_REAL = {"duration_ms", "ttfb_ms", "upstream_ms"}
+
+
+def _sqlite_csv_field(col: str) -> tuple[str, str]:
+    if col in _REAL:
+        return "%s", f"iif(\"{col}\" IS NULL, '', printf('%!.15g', \"{col}\"))"
+    return _csv_field(col)
+
+
+def _sqlite_json_expr(col: str) -> str:
+    if col in _REAL:
+        return f"iif(\"{col}\" IS NULL, NULL, json(printf('%!.15g', \"{col}\")))"
+    return _json_expr(col)
+
+
+_F = [_sqlite_csv_field(c) for c in EXPORT_COLUMNS]
+#: One output line per row, terminator included, identical whichever SQLite version formats it.
+LINE_SQL = {
+    "csv": f"printf('{','.join(f for f, _ in _F)}\r\n', {', '.join(a for _, a in _F)})",
+    "jsonl": "(json_object("
+    + ", ".join(f"'{c}', {_sqlite_json_expr(c)}" for c in EXPORT_COLUMNS)
+    + ") || char(10))",
+}
+
 
 def csv_header() -> str:
     return ",".join(EXPORT_COLUMNS) + "\r\n"
