@@ -27,6 +27,7 @@ from meterproxy.testing import make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.test_api_summary import get_json, get_text, submit
+from tests.test_export import export_children
 
 T0 = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
@@ -235,8 +236,9 @@ async def test_a_client_leaving_mid_export_stops_the_workers(proxy: ProxyHarness
     async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/api/export") as resp:
         assert resp.status == 200
         await resp.content.read(1024)  # then hang up with most of the export unread
+        assert export_children(), "the export (6 MB) cannot have finished into the pipe"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
-    while any(t.name.startswith("meterproxy-export") for t in threading.enumerate()):
-        assert loop.time() < deadline, "export threads still running after the client left"
+    while export_children() or any(t.name.startswith("meterproxy-export") for t in threading.enumerate()):
+        assert loop.time() < deadline, "export process or threads still running after the client left"
         await asyncio.sleep(0.05)

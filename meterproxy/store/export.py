@@ -87,7 +87,7 @@ def _sqlite_csv_field(col: str) -> tuple[str, str]:
 
 def _sqlite_json_expr(col: str) -> str:
     if col in _REAL:
-        return f"iif(\"{col}\" IS NULL, NULL, json(printf('%!.15g', \"{col}\")))"
+        return f'iif("{col}" IS NULL, NULL, json(printf(\'%!.15g\', "{col}")))'
     return _json_expr(col)
 
 

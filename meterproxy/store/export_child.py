@@ -30,6 +30,7 @@ parent then cuts the HTTP response instead of ending it cleanly.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -60,6 +61,17 @@ class Job(TypedDict):
 
 Query = Callable[[str, list[Any]], Iterator[tuple[Any, ...]]]
 
+_configured = threading.Lock()
+
+
+def _configure(apsw: Any) -> None:
+    """Before the first connection: no global allocator statistics (a mutex every malloc takes)."""
+    with _configured:
+        try:
+            apsw.config(apsw.SQLITE_CONFIG_MEMSTATUS, 0)
+        except apsw.MisuseError:  # SQLite is already initialised: keep its settings
+            pass
+
 
 def _connect(db: str, driver: str) -> tuple[Query, Callable[[], None]]:
     """(run a query, close) on a new read-only connection."""
@@ -71,6 +83,7 @@ def _connect(db: str, driver: str) -> tuple[Query, Callable[[], None]]:
             if driver == "apsw":
                 raise
         else:
+            _configure(apsw)
             conn = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
             conn.set_busy_timeout(5000)
             return (lambda sql, params: iter(conn.execute(sql, params))), conn.close
@@ -177,10 +190,8 @@ def run(job: Job, write: Callable[[bytes], None]) -> None:
         return target
 
     def plan(query: Query) -> None:
-        n = 0
-        for bounds in _bounds(query, job):
+        for n, bounds in enumerate(_bounds(query, job)):
             put(todo[n % workers], bounds)
-            n += 1
         for q in todo:
             put(q, None)
 
@@ -192,7 +203,7 @@ def run(job: Job, write: Callable[[bytes], None]) -> None:
 
     threads = [threading.Thread(target=guarded(plan), name="export-plan", daemon=True)]
     threads += [
-        threading.Thread(target=guarded(lambda q, i=i: work(i, q)), name=f"export-{i}", daemon=True)
+        threading.Thread(target=guarded(functools.partial(work, i)), name=f"export-{i}", daemon=True)
         for i in range(workers)
     ]
     for t in threads:

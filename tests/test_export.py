@@ -1,0 +1,175 @@
+"""The SQLite export's child process: the same bytes with either SQLite, in (ts, id) order, any slicing.
+
+Rows go into a real database file through the writer's own INSERT; the export
+runs as the API runs it (`ExportProcess`: a real child process, real pipe) with
+tiny slices so that slice edges, ties on ``ts`` and rowids out of time order all
+occur. The expected text is computed independently: in this process, with the
+standard ``sqlite3`` module, one ``printf``/``json_object`` per row in a single
+ordered query (the pre-child formatting, floats spelled ``%!.15g``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from meterproxy.store import export
+from meterproxy.store.export_process import ExportFailed, ExportProcess
+from meterproxy.store.queries import RequestFilter
+from meterproxy.store.schema import apply_migrations, connect, record_to_row
+from meterproxy.store.writer import _INSERT
+from meterproxy.testing import make_record
+from meterproxy.usage import Usage
+
+T0 = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
+DRIVERS = ["sqlite3", "apsw"]
+WEIRD = 'a "quoted", comma\r\nnew line é ✓ \\ back\tslash'
+
+
+def build(path: Path) -> list[str]:
+    """A database with awkward rows; returns the ids."""
+    records = []
+    for i in range(120):
+        # Pairs of rows share a ts (ties broken by id); ids deliberately not in rowid order.
+        ts = T0 + timedelta(seconds=90 * (i // 2))
+        records.append(
+            make_record(
+                id=f"r{(i * 37) % 120:04d}",
+                ts=ts,
+                model=None if i % 11 == 0 else f"m{i % 3}",
+                user=WEIRD if i % 5 == 0 else (None if i % 5 == 1 else f"u{i % 4}"),
+                tags={} if i % 3 else {"team": 'x"y,z', "env": "prod"},
+                cost_usd=None if i % 9 == 0 else Decimal(i).scaleb(-12) * 1234567,
+                provider_cost_usd=Decimal("0.0000012") if i % 13 == 0 else None,
+                duration_ms=[0.1 + 0.2, 1234.5678901234567, 200.0, 1e20, None, 333.3333333333333][i % 6],
+                ttfb_ms=None if i % 2 else 47.99999999999999,
+                upstream_ms=float(i),
+                streamed=bool(i % 2),
+                client_disconnected=i % 19 == 0,
+                error='boom, "x"' if i % 23 == 0 else None,
+                usage=Usage(input_tokens=i, output_tokens=2 * i, cache_read_tokens=i % 5),
+            )
+        )
+        records[-1].status = None if i % 17 == 0 else 200
+    # Inserted newest first for a third of them: rowid order is not time order.
+    records = records[80:][::-1] + records[:80]
+    conn = connect(path)
+    apply_migrations(conn)
+    conn.executemany(_INSERT, [record_to_row(r) for r in records])
+    conn.close()
+    return [r.id for r in records]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "store.db"
+    build(path)
+    return path
+
+
+def expected(path: Path, flt: RequestFilter, fmt: str) -> bytes:
+    """The export computed in this process by one ordered query (the pre-child formatting)."""
+    line = export.LINE_SQL[fmt]
+    where, params = flt.where()
+    conn = sqlite3.connect(path)
+    rows = conn.execute(f"SELECT {line} FROM requests WHERE {where} ORDER BY ts, id", params).fetchall()
+    conn.close()
+    return "".join(r[0] for r in rows).encode()
+
+
+async def run_export(path: Path, flt: RequestFilter, fmt: str, driver: str, slice_rows: int = 7) -> bytes:
+    proc = await ExportProcess.start(str(path), flt, fmt, workers=2, slice_rows=slice_rows, driver=driver)
+    out = bytearray()
+    try:
+        while chunk := await proc.read():
+            out += chunk
+    finally:
+        await proc.close()
+    return bytes(out)
+
+
+FILTERS = [
+    RequestFilter(),
+    RequestFilter(
+        since=(T0 + timedelta(minutes=7)).isoformat(), until=(T0 + timedelta(minutes=61)).isoformat()
+    ),
+    RequestFilter(user="u1"),
+    RequestFilter(tags={"team": 'x"y,z'}, since=(T0 + timedelta(minutes=30)).isoformat()),
+    RequestFilter(until=T0.isoformat()),  # nothing before the first row
+]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("flt", FILTERS, ids=["all", "range", "user", "tag", "empty"])
+async def test_child_export_equals_one_ordered_query(
+    db: Path, driver: str, fmt: str, flt: RequestFilter
+) -> None:
+    if driver == "apsw":
+        pytest.importorskip("apsw")
+    want = expected(db, flt, fmt)
+    assert await run_export(db, flt, fmt, driver) == want
+    if flt.until != T0.isoformat():
+        assert want, "the filter should match some rows"
+
+
+@pytest.mark.parametrize("slice_rows", [1, 2, 1000])
+async def test_slices_smaller_than_a_tie_and_larger_than_the_table(db: Path, slice_rows: int) -> None:
+    assert await run_export(db, RequestFilter(), "csv", "auto", slice_rows) == expected(
+        db, RequestFilter(), "csv"
+    )
+
+
+@pytest.mark.skipif(sqlite3.sqlite_version_info >= (3, 43), reason="3.43+ writes a bare REAL differently")
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_the_line_format_is_what_the_export_wrote_before(db: Path, fmt: str) -> None:
+    # The row-by-row path (still PostgreSQL's) with its bare REALs, on this SQLite (3.40 on
+    # Debian 12): the child's explicit %!.15g gives the same bytes.
+    conn = sqlite3.connect(db)
+    before = "".join(chunk for chunk in export.export_batches(conn, RequestFilter(), fmt, batch=13)).encode()
+    conn.close()
+    assert before == expected(db, RequestFilter(), fmt)
+
+
+async def test_the_csv_parses_back_to_the_rows(db: Path) -> None:
+    text = (await run_export(db, RequestFilter(), "csv", "auto")).decode()
+    rows = list(csv.reader(io.StringIO(text)))
+    conn = sqlite3.connect(db)
+    ids = [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY ts, id")]
+    conn.close()
+    assert [r[0] for r in rows] == ids and len(ids) == 120
+    assert {len(r) for r in rows} == {len(export.EXPORT_COLUMNS)}
+    col = {c: i for i, c in enumerate(export.EXPORT_COLUMNS)}
+    assert any(r[col["user"]] == WEIRD for r in rows)
+    assert {r[col["duration_ms"]] for r in rows} >= {"0.3", "1234.56789012346", "200.0", "1.0e+20", ""}
+    lines = (await run_export(db, RequestFilter(), "jsonl", "auto")).decode().splitlines()
+    objects = [json.loads(x, parse_float=Decimal) for x in lines]
+    assert [o["id"] for o in objects] == ids and list(objects[0]) == export.EXPORT_COLUMNS
+
+
+async def test_a_child_that_fails_is_reported_not_taken_for_the_end(tmp_path: Path) -> None:
+    with pytest.raises(ExportFailed, match="exited with"):
+        await run_export(tmp_path / "missing.db", RequestFilter(), "csv", "auto")
+
+
+def export_children() -> list[int]:
+    """Processes started by this one that run the export's child script."""
+    me, found = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and b"export_child" in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append(int(pid))
+    return found
