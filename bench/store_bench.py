@@ -13,8 +13,12 @@
    ``GET /api/summary`` for the last full calendar month grouped by model (the
    response also carries the unpriced-models list, a second query), the same for
    an unaligned 30-day window ending now-ish (raw partial hours + hourly + daily
-   rollups), and ``GET /api/export?format=csv`` for 30 days, read to the last
-   byte, with the process's RSS before and after.
+   rollups), and ``GET /api/export`` of that month as CSV (``--repeat``/5 runs,
+   at least 2) and JSON Lines (2 runs), read to the last byte, with the process's
+   RSS before and after; then the CSV export without HTTP (the child process's
+   pipe read and dropped). Each export records the CPU seconds of this process
+   (server and client) and of the export's child process, and the load average:
+   the machine is shared, so CPU per row is the figure that travels.
 4. **Check**: the month's summary totals equal ``SUM()`` over the raw rows.
 
 Results go to ``bench/results/store-<stamp>.json`` and ``store-latest.json``.
@@ -47,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meterproxy.app import create_app
 from meterproxy.settings import load_settings
+from meterproxy.store.export_process import ExportProcess
+from meterproxy.store.queries import RequestFilter
 from meterproxy.store.rollups import roll_up
 from meterproxy.store.schema import apply_migrations, connect
 
@@ -168,6 +174,73 @@ async def _timed_json(session: aiohttp.ClientSession, url: str, params: dict[str
     }
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _runs_summary(
+    walls: list[float], parent: list[float], child: list[float], lines: int, size: int
+) -> dict[str, Any]:
+    rows = max(1, lines)
+    return {
+        "median_ms": round(statistics.median(walls) * 1000, 1),
+        "max_ms": round(max(walls) * 1000, 1),
+        "runs": len(walls),
+        "rows": lines,
+        "mb": round(size / 1e6, 1),
+        # CPU of this process (server, and the client: same process) and of the export's child
+        # process, per run: what the export costs whatever else the machine runs.
+        "cpu_s_this_process": round(statistics.median(parent), 2),
+        "cpu_s_child_process": round(statistics.median(child), 2),
+        "cpu_us_per_row": round((statistics.median(parent) + statistics.median(child)) / rows * 1e6, 2),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+    }
+
+
+async def _timed_export(
+    session: aiohttp.ClientSession, url: str, params: dict[str, str], runs: int
+) -> dict[str, Any]:
+    """``GET /api/export`` read to the last byte ``runs`` times (after one warm-up)."""
+    walls, parent, child = [], [], []
+    size = lines = 0
+    for i in range(runs + 1):
+        c0, k0, t0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+        size = lines = 0
+        async with session.get(url, params=params) as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+        if i:  # the first run warms the page cache
+            walls.append(time.perf_counter() - t0)
+            parent.append(_cpu(resource.RUSAGE_SELF) - c0)
+            child.append(_cpu(resource.RUSAGE_CHILDREN) - k0)
+    # CSV has a header line; JSON Lines has none.
+    return _runs_summary(walls, parent, child, lines - (params["format"] == "csv"), size)
+
+
+async def _direct_export(db: str, month: tuple[str, str], runs: int) -> dict[str, Any]:
+    """The export path without HTTP: the child process's bytes read from its pipe and dropped."""
+    walls, parent, child = [], [], []
+    size = lines = 0
+    for i in range(runs + 1):
+        c0, k0, t0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+        size = lines = 0
+        proc = await ExportProcess.start(db, RequestFilter(since=month[0], until=month[1]), "csv")
+        try:
+            while chunk := await proc.read():
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+        finally:
+            await proc.close()
+        if i:
+            walls.append(time.perf_counter() - t0)
+            parent.append(_cpu(resource.RUSAGE_SELF) - c0)
+            child.append(_cpu(resource.RUSAGE_CHILDREN) - k0)
+    return _runs_summary(walls, parent, child, lines, size)
+
+
 async def measure(db: str, repeat: int, month: tuple[str, str], window: tuple[str, str]) -> dict[str, Any]:
     settings = load_settings(None, cli={"db": db, "retention_days": 0, "rollup_interval": 3600}, env={})
     app = create_app(settings)
@@ -207,33 +280,21 @@ async def measure(db: str, repeat: int, month: tuple[str, str], window: tuple[st
             )
             out["summary_month_by_day_and_user"].update(groups=len(body["groups"]))
 
-            export_runs = []
             rss_before = _rss_mb()
             peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            for _ in range(max(2, repeat // 5)):
-                t0 = time.perf_counter()
-                size = lines = 0
-                async with session.get(
-                    f"{base}/api/export", params={"format": "csv", "since": month[0], "until": month[1]}
-                ) as resp:
-                    assert resp.status == 200
-                    async for chunk in resp.content.iter_chunked(1 << 20):
-                        size += len(chunk)
-                        lines += chunk.count(b"\n")
-                export_runs.append((time.perf_counter() - t0) * 1000)
-            out["export_csv_month"] = {
-                "median_ms": round(statistics.median(export_runs), 1),
-                "max_ms": round(max(export_runs), 1),
-                "runs": len(export_runs),
-                "rows": lines - 1,
-                "mb": round(size / 1e6, 1),
-                "rss_mb_before": round(rss_before, 1),
-                "rss_mb_after": round(_rss_mb(), 1),
-                "peak_rss_mb_before": round(peak_before, 1),
-                "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            }
+            for fmt, runs in (("csv", max(2, repeat // 5)), ("jsonl", 2)):
+                out[f"export_{fmt}_month"] = await _timed_export(
+                    session, f"{base}/api/export", {"format": fmt, "since": month[0], "until": month[1]}, runs
+                )
+            out["export_csv_month"].update(
+                rss_mb_before=round(rss_before, 1),
+                rss_mb_after=round(_rss_mb(), 1),
+                peak_rss_mb_before=round(peak_before, 1),
+                peak_rss_mb_after=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            )
     finally:
         await runner.cleanup()
+    out["export_csv_month_no_http"] = await _direct_export(db, month, max(2, repeat // 5))
 
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     row = conn.execute(
@@ -251,6 +312,15 @@ async def measure(db: str, repeat: int, month: tuple[str, str], window: tuple[st
         and Decimal(str(month_totals["cost_usd"])) == Decimal(row[3]).scaleb(-12)
     )
     return out
+
+
+def _child_sqlite() -> str:
+    """The SQLite the export's child process uses: apsw's when installed, else the standard one."""
+    try:
+        import apsw
+    except ImportError:
+        return f"sqlite3 {sqlite3.sqlite_version}"
+    return f"apsw {apsw.sqlite_lib_version()}"
 
 
 def _iso(dt: datetime) -> str:
@@ -275,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version,
+            "sqlite_export_child": _child_sqlite(),
         },
         "rows": args.rows,
         "days": args.days,

@@ -1,13 +1,21 @@
-"""Export rows as CSV or JSON Lines text, formatted by SQLite itself, in batches.
+"""Export rows as CSV or JSON Lines text formatted by the database itself: line formats, PostgreSQL path.
 
 An export of a month can be millions of rows. Formatting each row in Python
-(csv.writer, json.dumps) costs more than reading it, so SQLite builds each
-output line in C: for CSV one ``printf`` per row that quotes every text field
-(``%w``: RFC 4180, ``"`` doubled) and leaves numbers bare (a single printf is
-about three times faster than the same line built with ``||``, which copies
-the growing string at every step); for JSONL ``json_object``,
-with the exact cost text spliced in as a JSON number (``json(cost_usd)``), so
-costs keep every digit. Python only joins a batch of lines and hands it on.
+(csv.writer, json.dumps) costs more than reading it, so the database builds
+each output line in C: for CSV one ``printf`` per row that quotes every text
+field (``%w``: RFC 4180, ``"`` doubled) and leaves numbers bare (a single printf
+is about three times faster than the same line built with ``||``, which copies
+the growing string at every step); for JSONL ``json_object``, with the exact
+cost text spliced in as a JSON number (``json(cost_usd)``), so costs keep every
+digit.
+
+`LINE_SQL` is the line for SQLite, used by the export's child process
+(``store/export_child.py``, started by ``store/export_process.py``), which may
+run a newer SQLite than this process: it spells floats out as ``%!.15g`` (what
+SQLite 3.40 wrote for a bare REAL; 3.43+ writes 17 digits) so the bytes do not
+depend on the library. `export_batches` and `SlicedExport` (threads in this
+process, 6-hour `time_slices`) are the PostgreSQL path, whose SQL dialect layer
+rewrites ``printf``.
 
 Columns are `EXPORT_COLUMNS`: the API's request fields, in a fixed order (a
 contract for spreadsheets and finance scripts). Internal columns
@@ -26,7 +34,15 @@ from datetime import datetime, timedelta
 
 from meterproxy.store.queries import API_FIELDS, RequestFilter
 
-__all__ = ["EXPORT_COLUMNS", "FORMATS", "SlicedExport", "csv_header", "export_batches", "time_slices"]
+__all__ = [
+    "EXPORT_COLUMNS",
+    "FORMATS",
+    "LINE_SQL",
+    "SlicedExport",
+    "csv_header",
+    "export_batches",
+    "time_slices",
+]
 
 EXPORT_COLUMNS: list[str] = list(API_FIELDS)
 FORMATS = ("csv", "jsonl")
