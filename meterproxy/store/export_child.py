@@ -228,8 +228,19 @@ def _write_all(data: bytes) -> None:
         view = view[os.write(1, view) :]
 
 
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe instead of 64 KiB (Linux): 16x fewer blocked writes and wake-ups on both sides."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):  # not Linux, not a pipe, or over the system's limit
+        pass
+
+
 def main() -> int:
     job: Job = json.loads(sys.stdin.buffer.read())
+    _widen_pipe(1)
     try:
         run(job, _write_all)
     except BrokenPipeError:  # the parent stopped reading: the client hung up
