@@ -11,7 +11,8 @@ SQLite (a whole slice per query, see ``store/export_child.py``) and it writes
 them in order to a pipe that this handler copies to the client. Memory is
 bounded by a few slices and the pipe, and a slow client slows the reading
 instead of filling memory. On PostgreSQL `SlicedExport` does the same in
-threads of this process, over 6-hour slices. Each slice is its own query, so
+threads of this process over 1-hour slices, each one string built by the
+server (``string_agg``). Each slice is its own query, so
 the export is a consistent picture per slice, not one snapshot of the whole range.
 
 All parameters are validated before the 200 goes out; a failure after that can
@@ -21,7 +22,7 @@ only cut the connection, never send a half-formed error inside the body.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -37,6 +38,9 @@ __all__ = ["setup"]
 
 #: Threads formatting rows (alternate slices); formatting is CPU-bound, one per core helps.
 EXPORT_WORKERS = 2
+
+#: PostgreSQL: each slice comes back as one string (`pg_slice`), so its size bounds memory.
+PG_SLICE = timedelta(hours=1)
 
 _CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
 
@@ -89,7 +93,7 @@ def _stream_response(fmt: str) -> web.StreamResponse:
 async def _export_in_threads(
     request: web.Request, path: str, flt: RequestFilter, fmt: str
 ) -> web.StreamResponse:
-    slices = await run_read(path, lambda conn: time_slices(conn, flt.since, flt.until))
+    slices = await run_read(path, lambda conn: time_slices(conn, flt.since, flt.until, PG_SLICE))
     export = SlicedExport(lambda: read_connection(path), flt, fmt, slices, workers=EXPORT_WORKERS)
     try:
         response = _stream_response(fmt)
