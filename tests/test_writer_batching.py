@@ -40,3 +40,20 @@ def test_close_flushes_a_lingering_batch(tmp_path: Path) -> None:
     assert writer.call(lambda conn: None).result(timeout=10) is None
     assert writer.close(timeout=10)
     assert [r.id for r in seen] == [r.id for r in records]
+
+
+def test_a_small_batch_written_in_gil_slices_is_still_one_transaction(tmp_path: Path) -> None:
+    """Batches up to _SLICED_BATCH_MAX are inserted 8 rows at a time (GIL yields between), atomically."""
+    writer = StoreWriter(tmp_path / "w.db", linger=0.5)
+    batches: list[list[str]] = []
+    writer.on_commit(lambda records: batches.append([r.id for r in records]))
+    writer.start()
+    records = [make_record() for _ in range(101)]  # 13 slices, the last one short
+    for r in records:
+        writer.submit(r)
+    assert writer.close(timeout=10)
+    assert batches == [[r.id for r in records]]
+    conn = sqlite3.connect(tmp_path / "w.db")
+    ids = [row[0] for row in conn.execute("SELECT id FROM requests ORDER BY rowid")]
+    conn.close()
+    assert ids == [r.id for r in records]
