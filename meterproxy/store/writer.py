@@ -198,7 +198,10 @@ class StoreWriter:
         while True:
             try:
                 with _transaction(self._conn):
-                    offsets = _slices(len(rows))
+                    # PostgreSQL: one executemany (one pipelined round trip); the GIL is free
+                    # while it waits on the network anyway.
+                    sqlite = isinstance(self._conn, sqlite3.Connection)
+                    offsets = _slices(len(rows)) if sqlite else range(0, len(rows), max(len(rows), 1))
                     for i in offsets:
                         if i:
                             time.sleep(0)  # see _ROWS_PER_SLICE
