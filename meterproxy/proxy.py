@@ -76,8 +76,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", *ATTRIBUTION_HEADERS}
-# aiohttp would otherwise add these when the client did not send them.
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:

@@ -122,9 +122,6 @@ class _Connection(asyncio.Protocol):
             what = "mid-body" if self.headers_complete else "in its answer's head"
             self._fail(UpstreamBroken(f"malformed HTTP from upstream {what}: {exc}"))
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost does the accounting
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._client._forget(self)
@@ -148,14 +145,14 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_list.append((name, value))
 
-    def on_headers_complete(self) -> bool | None:
+    def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # 100 Continue, 103 Early Hints: not the answer; the final one follows.
             self._interim = True
             self._header_list = []
             self._reason = b""
-            return None
+            return
         self.status = status
         self.headers_complete = True
         self.keep_alive = self._parser.should_keep_alive()
@@ -173,7 +170,6 @@ class _Connection(asyncio.Protocol):
             # cannot be told so, hence this connection is not reused.
             self.keep_alive = False
             self._on_message_complete()
-        return None
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
@@ -277,6 +273,13 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
 
+    def release(self) -> None:
+        """The caller is done with this answer: pooled if it ended cleanly, else closed."""
+        if self.complete and self._error is None and self.keep_alive and not self.closed and not self._chunks:
+            self._client._pool_put(self)
+        else:
+            self.close()
+
     def close(self) -> None:
         self.closed = True
         self._cancel_timer()
@@ -308,11 +311,7 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        conn = self._conn
-        if conn.complete and conn._error is None and conn.keep_alive and not conn.closed and not conn._chunks:
-            self._conn._client._pool_put(conn)
-        else:
-            conn.close()
+        self._conn.release()
 
 
 class UpstreamClient:
