@@ -33,7 +33,6 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
-from meterproxy.store.backend import dialect_of
 from meterproxy.store.queries import API_FIELDS, RequestFilter
 
 __all__ = [
@@ -187,13 +186,14 @@ def time_slices(
 
 
 class SlicedExport:
-    """The export in order, formatted by ``workers`` threads working on alternate time slices.
+    """PostgreSQL: the export in order, ``workers`` threads fetching alternate time slices.
 
-    Formatting a row in SQLite costs a few microseconds of CPU; one thread per
-    core nearly divides the time. Worker ``i`` takes slices ``i, i+workers, ...``
-    on its own read connection and puts batches on its own small queue
-    (``depth`` batches: memory stays bounded); `next_chunk` reads the queues in
-    slice order, so the output is exactly the single-query order (ts, id).
+    Each slice is one `pg_slice` value, formatted by the server. Worker ``i``
+    takes slices ``i, i+workers, ...`` on its own pooled connection and puts
+    them on its own small queue (``depth`` slices: memory stays bounded);
+    `next_chunk` reads the queues in slice order, so the output is exactly the
+    single-query order (ts, id). (SQLite exports run in a child process instead:
+    ``store/export_process.py``.)
     `close` stops the workers (a client that hung up) and closes their connections.
     """
 
@@ -205,7 +205,6 @@ class SlicedExport:
         slices: list[tuple[str, str]],
         *,
         workers: int = 2,
-        batch: int = 20_000,
         depth: int = 2,
     ) -> None:
         self._slices = slices
@@ -218,7 +217,7 @@ class SlicedExport:
         self._threads = [
             threading.Thread(
                 target=self._work,
-                args=(i, connect, flt, fmt, batch),
+                args=(i, connect, flt, fmt),
                 name=f"meterproxy-export-{i}",
                 daemon=True,
             )
@@ -237,24 +236,17 @@ class SlicedExport:
         return False
 
     def _work(
-        self, index: int, connect: Callable[[], sqlite3.Connection], flt: RequestFilter, fmt: str, batch: int
+        self, index: int, connect: Callable[[], sqlite3.Connection], flt: RequestFilter, fmt: str
     ) -> None:
         q = self._queues[index]
         conn: sqlite3.Connection | None = None
         try:
             conn = connect()
             self._conns.append(conn)
-            postgres = dialect_of(conn) == "postgresql"
             for since, until in self._slices[index :: len(self._queues)]:
-                part = dataclasses.replace(flt, since=since, until=until)
-                chunks = (
-                    iter([pg_slice(conn, part, fmt)])
-                    if postgres
-                    else (c.encode() for c in export_batches(conn, part, fmt, batch))  # off the loop
-                )
-                for chunk in chunks:
-                    if chunk and not self._put(q, chunk):
-                        return
+                chunk = pg_slice(conn, dataclasses.replace(flt, since=since, until=until), fmt)
+                if chunk and not self._put(q, chunk):
+                    return
                 if not self._put(q, None):  # end of this slice
                     return
         except BaseException as exc:
