@@ -28,7 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,15 +184,7 @@ class StoreWriter:
             self._conn = None
 
     def _write_records(self, records: list[RequestRecord], give_up: bool) -> None:
-        offsets = _slices(len(records))
-        if offsets.step >= len(records):
-            rows = [record_to_row(r) for r in records]
-        else:
-            rows = []
-            for i in offsets:
-                if i:
-                    time.sleep(0)  # see _ROWS_PER_SLICE
-                rows += [record_to_row(r) for r in records[i : i + offsets.step]]
+        rows = [record_to_row(r) for part in _gil_slices(records) for r in part]
         delay = 0.05
         assert self._conn is not None
         while True:
@@ -201,11 +193,8 @@ class StoreWriter:
                     # PostgreSQL: one executemany (one pipelined round trip); the GIL is free
                     # while it waits on the network anyway.
                     sqlite = isinstance(self._conn, sqlite3.Connection)
-                    offsets = _slices(len(rows)) if sqlite else range(0, len(rows), max(len(rows), 1))
-                    for i in offsets:
-                        if i:
-                            time.sleep(0)  # see _ROWS_PER_SLICE
-                        self._conn.executemany(_INSERT, rows[i : i + offsets.step])
+                    for part in _gil_slices(rows) if sqlite else [rows]:
+                        self._conn.executemany(_INSERT, part)
                 break
             except sqlite3.Error as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -271,10 +260,15 @@ _ROWS_PER_SLICE = 8
 _SLICED_BATCH_MAX = 256
 
 
-def _slices(n: int) -> range:
-    """Start offsets of the slices a batch of ``n`` is handled in (one slice for a backlog)."""
-    step = _ROWS_PER_SLICE if n <= _SLICED_BATCH_MAX else max(n, 1)
-    return range(0, n, step)
+def _gil_slices(items: list[T]) -> Iterator[list[T]]:
+    """A batch in slices of `_ROWS_PER_SLICE`, the GIL released between two; a backlog whole."""
+    if len(items) > _SLICED_BATCH_MAX:
+        yield items
+        return
+    for i in range(0, len(items), _ROWS_PER_SLICE):
+        if i:
+            time.sleep(0)  # release the GIL: a waiting loop thread takes it now, not in 5 ms
+        yield items[i : i + _ROWS_PER_SLICE]
 
 
 def _is_serialization_failure(exc: BaseException) -> bool:
