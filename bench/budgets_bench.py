@@ -26,7 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from meterproxy.budgets.alerts import AlertDetector
-from meterproxy.budgets.model import BudgetSpec
+from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.spend import SpendTracker
 from meterproxy.budgets.store import spend_buckets
 from meterproxy.store.schema import apply_migrations, connect, record_to_row

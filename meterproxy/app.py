@@ -27,7 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from meterproxy import __version__
-from meterproxy.keys import METER, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.app_state import METER, PRICEBOOK, PROXY, SETTINGS, WRITER
 from meterproxy.meter import Meter, price_record_with
 from meterproxy.pricing import PriceBook
 from meterproxy.proxy import Proxy, json_error

@@ -29,7 +29,7 @@ from aiohttp import web
 from sqlite_utils import Migrations
 
 from meterproxy.api import api_error, json_response, run_read
-from meterproxy.keys import METER, SETTINGS, WRITER
+from meterproxy.app_state import METER, SETTINGS, WRITER
 from meterproxy.logs import redact
 from meterproxy.store import register_migrations
 from meterproxy.usage import RequestRecord

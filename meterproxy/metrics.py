@@ -67,7 +67,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from meterproxy.keys import METER, METRICS, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.app_state import METER, METRICS, PRICEBOOK, PROXY, SETTINGS, WRITER
 from meterproxy.pricing import PriceBook
 from meterproxy.proxy import json_error
 from meterproxy.settings import Settings

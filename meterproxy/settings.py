@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from meterproxy.budgets.model import BudgetSpec, WebhookEndpoint, zone
+from meterproxy.budgets.definition import BudgetSpec, WebhookEndpoint, zone
 from meterproxy.routing import Upstream, make_upstream
 
 __all__ = ["DEFAULT_UPSTREAMS", "Settings", "SettingsError", "default_db_path", "load_settings"]

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import aiohttp
 
-from meterproxy.keys import WRITER
+from meterproxy.app_state import WRITER
 from meterproxy.testing import make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory

@@ -29,7 +29,7 @@ import openai
 import pytest
 
 from meterproxy.api.models import SummaryResponse, TimeseriesResponse, UnpricedModelsResponse
-from meterproxy.keys import WRITER
+from meterproxy.app_state import WRITER
 from meterproxy.store.maintenance import run_pass
 from meterproxy.store.schema import to_pico
 from meterproxy.testing import FakeUpstream, load_fixture, make_record

@@ -21,14 +21,14 @@ from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
 
 from meterproxy.app import create_app
+from meterproxy.budgets.definition import BudgetSpec, Period, parse_duration, period_bounds
 from meterproxy.budgets.feature import BUDGET_CLOCK
-from meterproxy.budgets.model import BudgetSpec, Period, parse_duration, period_bounds
 from meterproxy.budgets.webhooks import RetryPolicy
 from meterproxy.cli import main
 from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, make_record
-from tests.budget_helpers import SECRET, Receiver, insert_records, query, wait_for
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.budgets import SECRET, Receiver, insert_records, query, wait_for
 from tests.test_budget_webhooks import api_get
 
 NY = ZoneInfo("America/New_York")

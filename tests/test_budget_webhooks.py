@@ -19,8 +19,8 @@ import openai
 
 from meterproxy.store.schema import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
-from tests.budget_helpers import SECRET, Receiver, insert_records, query, wait_for
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.budgets import SECRET, Receiver, insert_records, query, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +109,7 @@ async def test_threshold_crossings_arrive_signed_once_each(
 
 
 def proxy_writer(proxy: ProxyHarness) -> Any:
-    from meterproxy.keys import WRITER
+    from meterproxy.app_state import WRITER
 
     return proxy.app[WRITER]
 

@@ -18,8 +18,8 @@ import pytest
 
 from meterproxy.store.schema import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture
-from tests.budget_helpers import query
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.budgets import query
 
 TINY = "0.000001"  # any priced request spends more than this
 
@@ -317,7 +317,7 @@ async def test_api_budgets_survive_restart(upstream: FakeUpstream, make_proxy: P
 
 
 async def test_metrics_gauges(upstream: FakeUpstream, make_proxy: ProxyFactory) -> None:
-    from meterproxy.keys import METRICS
+    from meterproxy.app_state import METRICS
 
     upstream.replay(load_fixture("openai_chat_json"))
     proxy = await make_proxy(budgets=[{"name": "gauged", "limit_usd": "2.5"}])

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meterproxy.keys import METER
+from meterproxy.app_state import METER
 from meterproxy.reports import compact, money
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage

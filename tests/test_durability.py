@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meterproxy.keys import WRITER
+from meterproxy.app_state import WRITER
 from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture, wait_healthy
 from tests.conftest import ProxyFactory, ProxyHarness
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from meterproxy.keys import METRICS
+from meterproxy.app_state import METRICS
 from meterproxy.metrics import (
     METRIC_NAMES,
     TOKEN_TYPES,

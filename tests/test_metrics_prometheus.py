@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from meterproxy.metrics import METRIC_NAMES, TOKEN_TYPES, Metrics
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
-from tests.prom import PrometheusServer, PromQLError, prometheus_binary
+from tests.helpers.prom import PrometheusServer, PromQLError, prometheus_binary
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "meterproxy-dashboard.json"
 

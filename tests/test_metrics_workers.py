@@ -25,7 +25,7 @@ import pytest
 
 from meterproxy.metrics import TOKEN_TYPES
 from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
-from tests.prom import PrometheusServer, prometheus_binary
+from tests.helpers.prom import PrometheusServer, prometheus_binary
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from meterproxy.store.summary import SummaryQuery, summarize
 from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
-from tests.pg import fresh_database, pg_or_skip
+from tests.helpers.pg import fresh_database, pg_or_skip
 
 START = datetime(2026, 9, 1, tzinfo=UTC)
 

@@ -37,8 +37,8 @@ from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.usage import Usage
-from tests.pg import fresh_database, pg_or_skip
-from tests.replicas import Replica, metric_sum
+from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.replicas import Replica, metric_sum
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from click.testing import CliRunner
 
+from meterproxy.app_state import METER
 from meterproxy.cli import main
-from meterproxy.keys import METER
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import cache_savings, compact, money
 from meterproxy.testing import make_record

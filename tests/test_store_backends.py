@@ -25,13 +25,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meterproxy.keys import METER, WRITER
+from meterproxy.app_state import METER, WRITER
 from meterproxy.store import backend
 from meterproxy.store.maintenance import run_pass
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory, ProxyHarness
-from tests.pg import fresh_database, pg_or_skip
+from tests.helpers.pg import fresh_database, pg_or_skip
 
 START = datetime(2026, 10, 1, tzinfo=UTC)
 MODELS = [("gpt-4o-mini", "openai"), ("gpt-4o", "openai"), ("claude-sonnet-4-5", "anthropic")]
@@ -238,7 +238,7 @@ async def test_postgres_connections_dropped_by_the_server_are_replaced(
     pg_or_skip()
     import psycopg
 
-    from tests.pg import PG_ADMIN
+    from tests.helpers.pg import PG_ADMIN
 
     with fresh_database() as url:
         proxy = await make_proxy(db=url)

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from meterproxy.api import ParamError, api_error, run_read
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
-from meterproxy.keys import WRITER
+from meterproxy.app_state import WRITER
 from meterproxy.store.backend import parse_db
 from meterproxy.store.export import FORMATS, SlicedExport, csv_header, time_slices
 from meterproxy.store.export_process import ExportFailed, ExportProcess

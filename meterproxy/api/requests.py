@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int, parse_time, run_read
-from meterproxy.keys import WRITER
+from meterproxy.app_state import WRITER
 from meterproxy.store.queries import RequestFilter, list_requests
 
 __all__ = ["filter_from_query", "setup"]

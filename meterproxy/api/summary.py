@@ -26,7 +26,7 @@ from multidict import MultiMapping
 from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.requests import filter_from_query
-from meterproxy.keys import WRITER
+from meterproxy.app_state import WRITER
 from meterproxy.store.queries import RequestFilter
 from meterproxy.store.summary import (
     GROUPABLE,

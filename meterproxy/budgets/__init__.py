@@ -2,7 +2,7 @@
 
 The flow is one way, each module a stage:
 
-- `model` (pure): what a budget *is* (scope, period, limit, thresholds, action)
+- `definition` (pure): what a budget *is* (scope, period, limit, thresholds, action)
   and the calendar arithmetic for its periods; also what `Settings` imports.
 - `spend`: the spend of every budget, loaded from the stored rows and kept up
   to date on the store writer's thread as each batch of priced records commits.
@@ -15,7 +15,7 @@ The flow is one way, each module a stage:
 - `feature`: ``setup(app)``, which wires the above into the application.
 
 This package's ``__init__`` stays import-light so that `meterproxy.settings`
-can import `meterproxy.budgets.model` without pulling in aiohttp handlers.
+can import `meterproxy.budgets.definition` without pulling in aiohttp handlers.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.app_state import WRITER
+from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine, BudgetError
-from meterproxy.budgets.model import BudgetSpec
 from meterproxy.budgets.spend import BudgetState
-from meterproxy.keys import WRITER
 
 __all__ = ["add_routes", "budget_view"]
 

@@ -29,9 +29,10 @@ from typing import Any
 
 from aiohttp import web
 
+from meterproxy.app_state import METER, METRICS, SETTINGS, WRITER
 from meterproxy.budgets.alerts import AlertDetector
+from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.gate import make_gate
-from meterproxy.budgets.model import BudgetSpec
 from meterproxy.budgets.spend import BudgetState, SpendTracker
 from meterproxy.budgets.store import (
     delete_budget,
@@ -42,7 +43,6 @@ from meterproxy.budgets.store import (
     spend_buckets,
 )
 from meterproxy.budgets.webhooks import Deliverer, RetryPolicy
-from meterproxy.keys import METER, METRICS, SETTINGS, WRITER
 from meterproxy.meter import Meter
 from meterproxy.settings import Settings
 from meterproxy.store.writer import StoreWriter

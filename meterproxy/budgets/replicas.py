@@ -54,9 +54,9 @@ from typing import Any
 
 from aiohttp import web
 
+from meterproxy.app_state import SETTINGS, WRITER
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine
 from meterproxy.budgets.spend import BudgetState, in_scope
-from meterproxy.keys import SETTINGS, WRITER
 from meterproxy.store import backend
 from meterproxy.store.schema import to_pico
 from meterproxy.store.writer import StoreWriter

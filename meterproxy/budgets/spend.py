@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from meterproxy.budgets.model import BudgetScope, BudgetSpec, Period, period_bounds, zone
+from meterproxy.budgets.definition import BudgetScope, BudgetSpec, Period, period_bounds, zone
 from meterproxy.store.schema import from_pico, to_pico
 from meterproxy.usage import RequestRecord
 

@@ -29,7 +29,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from meterproxy.api import dumps
-from meterproxy.budgets.model import BudgetScope, BudgetSpec
+from meterproxy.budgets.definition import BudgetScope, BudgetSpec
 from meterproxy.store import register_migrations
 
 __all__ = [

@@ -49,7 +49,7 @@ from typing import Any
 import aiohttp
 
 from meterproxy.api import dumps, run_read
-from meterproxy.budgets.model import WebhookEndpoint
+from meterproxy.budgets.definition import WebhookEndpoint
 from meterproxy.budgets.store import claim_due, iso, record_attempt
 from meterproxy.store.writer import StoreWriter
 

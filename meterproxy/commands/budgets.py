@@ -26,7 +26,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from meterproxy.budgets.model import BudgetSpec
+from meterproxy.budgets.definition import BudgetSpec
 
 __all__ = ["command"]
 

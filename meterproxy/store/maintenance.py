@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from meterproxy.keys import SETTINGS, WRITER
+from meterproxy.app_state import SETTINGS, WRITER
 from meterproxy.store.rollups import compact, roll_up
 from meterproxy.store.writer import StoreWriter
 

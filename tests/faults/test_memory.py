@@ -78,7 +78,7 @@ async def test_memory_returns_to_baseline_after_faults(
         # Let drains finish and records reach the store, then measure.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
-        from meterproxy.keys import PROXY, WRITER
+        from meterproxy.app_state import PROXY, WRITER
 
         while (proxy.app[PROXY].in_flight or proxy.app[WRITER].depth) and loop.time() < deadline:
             await asyncio.sleep(0.05)

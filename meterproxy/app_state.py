@@ -1,4 +1,7 @@
-"""Typed keys for the resources an application holds (`web.AppKey`).
+"""The application's state: one typed `web.AppKey` per resource it holds.
+
+(aiohttp calls these "app keys"; this module is named for what they index, so it
+is not confused with the API keys a proxy forwards.)
 
 Kept apart from `meterproxy.app` so that feature modules (API, metrics,
 budgets) can reach a resource without importing the module that wires them

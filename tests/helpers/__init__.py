@@ -1,0 +1,7 @@
+"""Helpers the tests share, kept apart from the ``test_*`` modules so no test imports another.
+
+- `pg`: a fresh database per test on the real PostgreSQL at 127.0.0.1:5432.
+- `prom`: a real Prometheus server scraping the in-process proxy.
+- `budgets`: a real webhook receiver, record insertion and polling for the budget tests.
+- `replicas`: several real ``meterproxy serve`` processes sharing one store.
+"""
