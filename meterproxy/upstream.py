@@ -28,12 +28,24 @@ the client does exactly that and no more:
 A connection goes back to the pool only when its answer was read to the end
 and both sides allow keep-alive; every other outcome closes it, so a half-read
 answer can never leak into the next request.
+
+Bytes after a complete answer belong to no request we sent (a second response
+in the same write, a trailing partial one, garbage): the parser is stopped at
+the first of them (`_Connection.on_message_begin`), so they never touch the
+answer being relayed, and the connection is closed rather than pooled. The
+same holds for bytes that arrive while the connection idles in the pool (they
+are parsed as they arrive and close it there) and for bytes already waiting in
+the socket when the pool hands the connection out (`_has_pending_bytes` peeks
+before reuse). Bytes sent only after the next request went out cannot be told
+apart from its answer; HTTP/1.1 itself gives no way to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import select
 import ssl
 import time
 from collections.abc import Iterable
@@ -42,6 +54,8 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 from yarl import URL
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "UpstreamBroken",
@@ -72,6 +86,26 @@ class UpstreamBroken(UpstreamError):
     """The answer started but did not end properly (connection lost or bad framing mid-body)."""
 
 
+class _BytesAfterAnswer(Exception):
+    """Raised from a parser callback to stop llhttp at bytes that follow a complete answer."""
+
+
+def _has_pending_bytes(transport: asyncio.Transport) -> bool:
+    """True if an idle connection has unread bytes (or its FIN) waiting in the kernel.
+
+    An idle keep-alive connection must have nothing to read; anything there is
+    left over from the previous answer and would be taken for the next one. A
+    zero-timeout ``poll`` (not ``select``: file descriptors go past 1024) costs
+    one system call per reuse.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 _Origin = tuple[str, str, int]
 
 
@@ -84,6 +118,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        #: Bytes came after a complete answer: the connection was closed, never to be reused.
+        self.unexpected_bytes = False
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
         self._reset_answer()
@@ -116,6 +152,15 @@ class _Connection(asyncio.Protocol):
         self._last_read = self._loop.time()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _BytesAfterAnswer):
+                raise
+            # The answer in flight (if any) is complete and keeps its bytes; only the
+            # connection goes, so whatever followed can never be read as another answer.
+            self.unexpected_bytes = True
+            host, port = self.origin[1:]
+            log.warning("upstream %s:%s sent bytes after a complete answer; connection closed", host, port)
+            self.close()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamBroken("upstream switched protocols, which meterproxy does not relay"))
         except httptools.HttpParserError as exc:
@@ -139,6 +184,12 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamBroken(f"upstream connection closed mid-body ({exc})"))
 
     # -- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.headers_complete or self._headers_done is None:
+            # A final answer was already parsed (or no request is in flight): these
+            # bytes answer nothing we asked.
+            raise _BytesAfterAnswer
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -372,7 +423,7 @@ class UpstreamClient:
             transport = conn.transport
             if conn.closed or transport is None or transport.is_closing():
                 continue
-            if now - conn.idle_since > self.keepalive_timeout:
+            if now - conn.idle_since > self.keepalive_timeout or _has_pending_bytes(transport):
                 conn.close()
                 continue
             return conn
