@@ -55,6 +55,7 @@ FEATURES = [
     "meterproxy.budgets.replicas",
     "meterproxy.dashboard",
     "meterproxy.content",
+    "meterproxy.otel",
 ]
 
 # Paths behind the admin token (when one is set). The proxied paths are not:

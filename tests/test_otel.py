@@ -1,0 +1,180 @@
+"""OpenTelemetry export against a real OTLP/HTTP receiver that decodes the protobuf.
+
+The receiver is a plain HTTP server on 127.0.0.1 that parses each POST with the
+official ``opentelemetry-proto`` messages, as a collector would. The proxy is
+driven by the official openai SDK; every proxied request must arrive as a GenAI
+span with its exact tokens and cost, and the token-usage histogram must count
+them. Waits are on the receiver's state, never on a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from meterproxy.otel import otel_configured, span_attributes
+from meterproxy.testing import FakeUpstream, load_fixture, make_record
+from meterproxy.usage import Usage
+from tests.conftest import ProxyFactory
+
+
+class OtlpReceiver:
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        self.metrics: list[Any] = []
+        self.changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(await request.read())
+        async with self.changed:
+            for rs in msg.resource_spans:
+                for ss in rs.scope_spans:
+                    self.spans.extend((rs.resource, s) for s in ss.spans)
+            self.changed.notify_all()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        msg = ExportMetricsServiceRequest()
+        msg.ParseFromString(await request.read())
+        async with self.changed:
+            for rm in msg.resource_metrics:
+                for sm in rm.scope_metrics:
+                    self.metrics.extend(sm.metrics)
+            self.changed.notify_all()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        app.router.add_post("/v1/metrics", self._metrics)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
+
+
+def _attrs(span: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in span.attributes:
+        v = kv.value
+        out[kv.key] = getattr(v, v.WhichOneof("value"))
+    return out
+
+
+@pytest.fixture
+async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OtlpReceiver]:
+    r = OtlpReceiver()
+    await r.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{r.port}")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "meterproxy-test")
+    yield r
+    await r.close()
+
+
+def test_configured_only_by_the_standard_variables() -> None:
+    assert not otel_configured({})
+    assert otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert otel_configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"})
+    assert not otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"})
+
+
+def test_span_attributes_follow_the_genai_conventions() -> None:
+    record = make_record(
+        model="gpt-4o-mini", usage=Usage(input_tokens=100, cache_read_tokens=40, output_tokens=7)
+    )
+    record.cost_usd = Decimal("0.000123")
+    attrs = span_attributes(record)
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.usage.input_tokens"] == 100
+    assert attrs["gen_ai.usage.cache_read.input_tokens"] == 40
+    assert attrs["gen_ai.usage.output_tokens"] == 7
+    assert attrs["gen_ai.usage.cost.amount"] == pytest.approx(0.000123)
+    assert attrs["gen_ai.usage.cost.source"] == "local"
+    # The provider's own figure wins and says so.
+    record.provider_cost_usd = Decimal("0.0002")
+    attrs = span_attributes(record)
+    assert attrs["gen_ai.usage.cost.amount"] == pytest.approx(0.0002)
+    assert attrs["gen_ai.usage.cost.source"] == "provider"
+    # Unpriced: no invented zero.
+    record.provider_cost_usd = None
+    record.cost_usd = None
+    assert "gen_ai.usage.cost.amount" not in span_attributes(record)
+
+
+async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
+    receiver: OtlpReceiver, upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx)
+    proxy = await make_proxy()
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-otel-test", max_retries=0)
+    n = 5
+    for _ in range(n):
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    rows = await proxy.rows(n)
+
+    await receiver.wait_for(lambda: len(receiver.spans) >= n)
+    by_id = {_attrs(s)["meterproxy.request_id"]: (res, s) for res, s in receiver.spans}
+    assert set(by_id) == {r["id"] for r in rows}
+    for row in rows:
+        resource, span = by_id[row["id"]]
+        attrs = _attrs(span)
+        assert span.kind == span.SPAN_KIND_CLIENT
+        assert span.name == f"chat {row['model']}"
+        assert attrs["gen_ai.response.model"] == row["model"]
+        assert attrs["gen_ai.usage.input_tokens"] == row["input_tokens"] == fx.expect["input_tokens"]
+        assert attrs["gen_ai.usage.output_tokens"] == row["output_tokens"] == fx.expect["output_tokens"]
+        assert Decimal(str(attrs["gen_ai.usage.cost.amount"])) == pytest.approx(Decimal(row["cost_usd"]))
+        assert attrs["gen_ai.usage.cost.currency"] == "USD"
+        assert span.end_time_unix_nano > span.start_time_unix_nano
+        service = {kv.key: kv.value.string_value for kv in resource.attributes}["service.name"]
+        assert service == "meterproxy-test"
+        # Keys never leave the proxy.
+        assert "sk-otel-test" not in str(attrs)
+
+    def token_count() -> int:
+        # Cumulative temporality: the latest export of the histogram holds every point so far.
+        latest: dict[str, int] = {}
+        for m in receiver.metrics:
+            if m.name != "gen_ai.client.token.usage":
+                continue
+            for dp in m.histogram.data_points:
+                kind = {kv.key: kv.value.string_value for kv in dp.attributes}["gen_ai.token.type"]
+                latest[kind] = dp.count
+        return min(latest.get("input", 0), latest.get("output", 0))
+
+    await receiver.wait_for(lambda: token_count() >= n)
+    names = {m.name for m in receiver.metrics}
+    assert {"gen_ai.client.token.usage", "gen_ai.client.operation.duration"} <= names
+    for m in receiver.metrics:
+        if m.name == "gen_ai.client.token.usage":
+            assert m.unit == "{token}"
+            dp = m.histogram.data_points[-1]
+            assert list(dp.explicit_bounds)[:3] == [1, 4, 16]
+        if m.name == "gen_ai.client.operation.duration":
+            assert m.unit == "s"
