@@ -27,7 +27,8 @@ from pathlib import Path
 from aiohttp import web
 
 from meterproxy import __version__
-from meterproxy.app_state import METER, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.api.me import ME_PREFIX
+from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PROXY, SETTINGS, WRITER
 from meterproxy.meter import Meter, price_record_with
 from meterproxy.pricing import PriceBook
 from meterproxy.proxy import Proxy, json_error
@@ -51,6 +52,7 @@ FEATURES = [
     "meterproxy.api.sessions",
     "meterproxy.api.export",
     "meterproxy.api.openapi",
+    "meterproxy.api.me",
     "meterproxy.budgets.feature",
     "meterproxy.budgets.replicas",
     "meterproxy.dashboard",
@@ -66,7 +68,8 @@ _ADMIN_PREFIXES = ("/api/",)
 
 
 def _is_admin_path(path: str) -> bool:
-    return path.startswith(_ADMIN_PREFIXES)
+    # /api/me/* answers a key holder about their own key: it authenticates by that key.
+    return path.startswith(_ADMIN_PREFIXES) and not path.startswith(ME_PREFIX)
 
 
 @web.middleware
@@ -104,6 +107,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     meter = app[METER]
     meter.set_pricer(price_record_with(book))
     meter.add_sink("store", app[WRITER].submit)
+    app[FINGERPRINT_SALT] = _read_salt(app[WRITER].path)
     client = UpstreamClient(
         connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout, keepalive_timeout=60
     )
@@ -111,7 +115,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         upstreams=settings.upstream_map(),
         meter=meter,
         client=client,
-        fingerprint_salt=_read_salt(app[WRITER].path),
+        fingerprint_salt=app[FINGERPRINT_SALT],
         inject_stream_usage=settings.inject_stream_usage,
         drain_timeout=settings.disconnect_drain_timeout,
         max_draining=settings.max_draining,

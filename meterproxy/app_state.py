@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from meterproxy.settings import Settings
     from meterproxy.store.writer import StoreWriter
 
-__all__ = ["METER", "METRICS", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
+__all__ = ["FINGERPRINT_SALT", "METER", "METRICS", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 WRITER: web.AppKey[StoreWriter] = web.AppKey("writer")
@@ -30,3 +30,5 @@ METER: web.AppKey[Meter] = web.AppKey("meter")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 PRICEBOOK: web.AppKey[PriceBook] = web.AppKey("pricebook")
+#: The database's key-fingerprint salt (read once at start-up; the proxy and /api/me use it).
+FINGERPRINT_SALT: web.AppKey[bytes] = web.AppKey("fingerprint_salt")

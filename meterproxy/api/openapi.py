@@ -153,6 +153,12 @@ _ELSEWHERE: list[tuple[str, str, str, list[Any]]] = [
     ("/api/budgets/{name}", "patch", "Merge top-level fields into a budget's definition.", _NAME),
     ("/api/budgets/{name}", "delete", "Delete a budget (API budgets only).", _NAME),
     ("/api/budgets/{name}/events", "get", "Events the budget raised, newest first.", [*_NAME, "limit"]),
+    (
+        "/api/me/usage",
+        "get",
+        "The calling API key's own usage (authenticated by that provider key, not the admin token).",
+        ["since", "until", "group_by"],
+    ),
     ("/api/webhooks/deliveries", "get", "Webhook outbox rows with their attempts, newest first.", ["limit"]),
 ]
 for _path, _method, _summary, _params in _ELSEWHERE:
