@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
+from meterproxy.commands.imports import resolve_db
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import (
     KINDS,
@@ -27,6 +28,8 @@ from meterproxy.reports import (
     render_json,
     render_table,
 )
+from meterproxy.store.queries import RequestFilter
+from meterproxy.whatif import what_if, whatif_csv, whatif_json, whatif_table
 
 __all__ = ["command", "make_reader", "source_options", "zone"]
 
@@ -82,6 +85,21 @@ def source_options(fn: click.decorators.FC) -> click.decorators.FC:
     help=f"Split each row by one more dimension ({', '.join(SECOND_DIMENSIONS)} or tag:NAME).",
 )
 @click.option("--source", default=None, help="Only requests from this source (proxy, claude-code, ...).")
+@click.option(
+    "--as-model",
+    "as_model",
+    default=None,
+    help="What-if: price the selected traffic as if it had gone to this model (stored token counts).",
+)
+@click.option("--as-provider", "as_provider", default=None, help="What-if: the price list of --as-model.")
+@click.option(
+    "--prices",
+    "prices",
+    type=click.Choice(["dated", "today"]),
+    default="dated",
+    show_default=True,
+    help="What-if: prices in effect at each request's time, or today's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts (exact figures).")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row (exact figures).")
 @source_options
@@ -91,6 +109,9 @@ def command(
     until: str | None,
     group_by: str | None,
     source: str | None,
+    as_model: str | None,
+    as_provider: str | None,
+    prices: str,
     as_json: bool,
     as_csv: bool,
     db: str | None,
@@ -108,6 +129,9 @@ def command(
         first, last = parse_bound(since, zone_, end=False), parse_bound(until, zone_, end=True)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if as_model:
+        _what_if(db, url, as_model, as_provider, prices, first, last, source, as_json, as_csv)
+        return
     reader = make_reader(db, url, token, Query(first, last, zone_, source))
     try:
         report = build_report(reader, kind, PriceBook.default(), group_by)
@@ -123,3 +147,37 @@ def command(
         click.echo(render_csv(report), nl=False)
     else:
         click.echo(render_table(report))
+
+
+def _what_if(
+    db: str | None,
+    url: str | None,
+    as_model: str,
+    as_provider: str | None,
+    prices: str,
+    since: str | None,
+    until: str | None,
+    source: str | None,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    if url:
+        raise click.UsageError("--as-model reads the database (--db); over HTTP use GET /api/whatif")
+    book = PriceBook.default()
+    if book.resolve(as_model, as_provider) is None:
+        where = f" in the {as_provider} price list" if as_provider else ""
+        raise click.BadParameter(f"{as_model!r} has no price{where} (see `meterproxy prices list`)")
+    result = what_if(
+        resolve_db(db),
+        RequestFilter(since=since, until=until, source=source),
+        book,
+        as_model,
+        target_provider=as_provider,
+        prices="today" if prices == "today" else "dated",
+    )
+    if as_json:
+        click.echo(whatif_json(result))
+    elif as_csv:
+        click.echo(whatif_csv(result), nl=False)
+    else:
+        click.echo(whatif_table(result))

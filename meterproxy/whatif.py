@@ -1,0 +1,312 @@
+"""What-if: the selected traffic priced as if it had gone to another model, and what caching saved.
+
+`what_if` reads the stored rows of a filter (raw rows, never rollups: a price
+can depend on one request's size, long-context tiers, or on its time of day,
+DeepSeek's windows, so sums of tokens cannot be repriced exactly) and prices
+each row's token counts twice with the same `PriceBook.price` the meter uses:
+
+- as stored (the row's ``cost_pico``, which is what the meter or the last
+  ``reprice`` wrote), and
+- as the target model, at the row's own time (``prices="dated"``, the default:
+  what it would have cost then) or at one moment (``prices="today"``: what the
+  same traffic would cost now). The row's service tier is kept.
+
+So ``report --as-model M`` equals a ``reprice`` of the same rows, in a copy of
+the database whose rows name ``M`` (and M's provider), to the picodollar.
+
+Only rows with reported usage take part (``usage_source = 'reported'``): a row
+without trusted tokens has nothing to reprice. Rows the target cannot price
+(no price for it at that date) and rows unpriced as stored are counted apart,
+never folded into the difference as zeros: the difference is over rows priced
+both ways.
+
+Cache savings (`CacheSavings`): for the same rows as stored, the cost if every
+cached input token (read or written) had been plain input, minus the actual
+cost. That is net of cache-write premiums: a write that costs 1.25x input and
+is never read again shows as a negative saving.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from meterproxy.pricing import PriceBook
+from meterproxy.reports import compact, money, usd_text
+from meterproxy.store.queries import RequestFilter, read_connection
+from meterproxy.store.schema import from_pico, to_pico
+from meterproxy.usage import USAGE_FIELDS, Usage
+
+__all__ = ["CacheSavings", "ModelWhatIf", "WhatIf", "what_if", "whatif_csv", "whatif_json", "whatif_table"]
+
+PriceMoment = Literal["dated", "today"]
+
+_COLUMNS = ("id", "ts", "provider", "upstream", "model", "requested_model", "service_tier", "cost_pico")
+
+
+@dataclass(slots=True)
+class ModelWhatIf:
+    """The rows of one stored model (the model the provider answered with)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: Rows priced both as stored and as the target: the difference is over these.
+    compared: int = 0
+    actual_pico: int = 0
+    as_target_pico: int = 0
+    #: Rows the target has no price for (at their date), and rows unpriced as stored.
+    target_unpriced: int = 0
+    actual_unpriced: int = 0
+
+    @property
+    def difference_pico(self) -> int:
+        return self.as_target_pico - self.actual_pico
+
+
+@dataclass(slots=True)
+class CacheSavings:
+    """What prompt caching saved on the selected rows, net of cache-write premiums."""
+
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    without_cache_pico: int = 0
+    actual_pico: int = 0
+
+    @property
+    def saved_pico(self) -> int:
+        return self.without_cache_pico - self.actual_pico
+
+
+@dataclass(slots=True)
+class WhatIf:
+    target: str
+    target_provider: str | None
+    priced_as: str | None
+    prices: PriceMoment
+    by_model: dict[str, ModelWhatIf] = field(default_factory=dict)
+    cache: CacheSavings = field(default_factory=CacheSavings)
+
+    @property
+    def totals(self) -> ModelWhatIf:
+        out = ModelWhatIf()
+        for m in self.by_model.values():
+            for name in ModelWhatIf.__slots__:
+                setattr(out, name, getattr(out, name) + getattr(m, name))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        def money(pico: int) -> Decimal:
+            value = from_pico(pico)
+            assert value is not None
+            return value
+
+        def one(m: ModelWhatIf) -> dict[str, Any]:
+            return {
+                "requests": m.requests,
+                "input_tokens": m.input_tokens,
+                "output_tokens": m.output_tokens,
+                "compared_requests": m.compared,
+                "actual_cost_usd": money(m.actual_pico),
+                "as_model_cost_usd": money(m.as_target_pico),
+                "difference_usd": money(m.difference_pico),
+                "as_model_unpriced_requests": m.target_unpriced,
+                "actual_unpriced_requests": m.actual_unpriced,
+            }
+
+        return {
+            "as_model": self.target,
+            "as_provider": self.target_provider,
+            "priced_as": self.priced_as,
+            "prices": self.prices,
+            "models": [{"model": k, **one(v)} for k, v in sorted(self.by_model.items())],
+            "totals": one(self.totals),
+            "cache_savings": {
+                "cache_read_tokens": self.cache.cache_read_tokens,
+                "cache_write_tokens": self.cache.cache_write_tokens,
+                "cost_without_cache_usd": money(self.cache.without_cache_pico),
+                "actual_cost_usd": money(self.cache.actual_pico),
+                "saved_usd": money(self.cache.saved_pico),
+            },
+        }
+
+
+def _rows(conn: sqlite3.Connection, flt: RequestFilter, batch: int = 2000) -> Iterator[Any]:
+    where, params = flt.where()
+    conditions = ["usage_source = 'reported'"] + ([where] if where not in ("", "1", "TRUE") else [])
+    columns = ", ".join((*_COLUMNS, *USAGE_FIELDS))
+    sql = f"SELECT {columns} FROM requests WHERE {' AND '.join(conditions)}"
+    cursor = conn.execute(sql, params)
+    while chunk := cursor.fetchmany(batch):
+        yield from chunk
+
+
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def what_if(
+    db: str | Path,
+    flt: RequestFilter,
+    book: PriceBook,
+    target: str,
+    *,
+    target_provider: str | None = None,
+    prices: PriceMoment = "dated",
+    now: datetime | None = None,
+) -> WhatIf:
+    """Price the rows `flt` selects as `target` (see the module docstring)."""
+    moment = now or datetime.now().astimezone()
+    result = WhatIf(target, target_provider, book.resolve(target, target_provider), prices)
+    conn = read_connection(db)
+    try:
+        for row in _rows(conn, flt):
+            usage = Usage(**{name: row[name] or 0 for name in USAGE_FIELDS})
+            ts = _parse_ts(row["ts"])
+            model = row["model"] or row["requested_model"] or "(unknown)"
+            m = result.by_model.setdefault(model, ModelWhatIf())
+            m.requests += 1
+            m.input_tokens += usage.input_tokens
+            m.output_tokens += usage.output_tokens
+            at = ts if prices == "dated" else moment
+            priced = book.price(
+                model=target, usage=usage, at=at, provider=target_provider, service_tier=row["service_tier"]
+            )
+            actual = row["cost_pico"]
+            if priced is None:
+                m.target_unpriced += 1
+            if actual is None:
+                m.actual_unpriced += 1
+            if priced is not None and actual is not None:
+                m.compared += 1
+                m.actual_pico += actual
+                m.as_target_pico += to_pico(priced.cost_usd)
+            if actual is not None and (usage.cache_read_tokens or usage.cache_write_tokens):
+                _add_cache_saving(result.cache, book, row, usage, ts, actual)
+    finally:
+        conn.close()
+    return result
+
+
+def _add_cache_saving(
+    cache: CacheSavings, book: PriceBook, row: Any, usage: Usage, ts: datetime, actual: int
+) -> None:
+    plain = Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        web_search_requests=usage.web_search_requests,
+    )
+    provider = row["upstream"] or row["provider"] or None
+    for model in dict.fromkeys(m for m in (row["model"], row["requested_model"]) if m):
+        priced = book.price(
+            model=model, usage=plain, at=ts, provider=provider, service_tier=row["service_tier"]
+        )
+        if priced is not None:
+            cache.cache_read_tokens += usage.cache_read_tokens
+            cache.cache_write_tokens += usage.cache_write_tokens
+            cache.without_cache_pico += to_pico(priced.cost_usd)
+            cache.actual_pico += actual
+            return
+
+
+# -- rendering (the report command and the API share the JSON shape) ------------------------
+
+
+def whatif_json(result: WhatIf) -> str:
+    def plain(o: Any) -> Any:
+        if isinstance(o, Decimal):
+            return usd_text(o)
+        raise TypeError(type(o))
+
+    return json.dumps(result.as_dict(), default=plain, indent=2)
+
+
+def whatif_csv(result: WhatIf) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    doc = result.as_dict()
+    columns = [
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "compared_requests",
+        "actual_cost_usd",
+        "as_model_cost_usd",
+        "difference_usd",
+        "as_model_unpriced_requests",
+        "actual_unpriced_requests",
+    ]
+    writer.writerow(["model", *columns])
+    for row in [*doc["models"], {"model": "TOTAL", **doc["totals"]}]:
+        writer.writerow(
+            [row["model"], *(usd_text(row[c]) if isinstance(row[c], Decimal) else row[c] for c in columns)]
+        )
+    return out.getvalue()
+
+
+def whatif_table(result: WhatIf) -> str:
+    doc = result.as_dict()
+    moment = "at each request's date" if result.prices == "dated" else "at today's prices"
+    lines = [
+        f"What if this traffic had gone to {result.target}"
+        + (f" ({result.target_provider})" if result.target_provider else "")
+        + f", priced {moment} as {result.priced_as}:",
+        "",
+    ]
+    header = ["Model", "Requests", "Input", "Output", "Actual", f"As {result.target}", "Difference"]
+    rows = [
+        [
+            r["model"],
+            f"{r['requests']:,}",
+            compact(r["input_tokens"]),
+            compact(r["output_tokens"]),
+            *(
+                (money(r["actual_cost_usd"]), money(r["as_model_cost_usd"]), _signed(r["difference_usd"]))
+                # Nothing priced both ways: say so, never an invented $0.
+                if r["compared_requests"]
+                else ("unpriced" if r["actual_unpriced_requests"] else "-", "unpriced", "-")
+            ),
+        ]
+        for r in [*doc["models"], {"model": "Total", **doc["totals"]}]
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        first, *rest = cells
+        return "  ".join(
+            [first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))]
+        )
+
+    lines.append(line(header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(line(r) for r in rows[:-1])
+    lines.append("  ".join("-" * w for w in widths))
+    lines.append(line(rows[-1]))
+    t = doc["totals"]
+    left_out = []
+    if t["as_model_unpriced_requests"]:
+        left_out.append(f"{t['as_model_unpriced_requests']:,} the target has no price for at their date")
+    if t["actual_unpriced_requests"]:
+        left_out.append(f"{t['actual_unpriced_requests']:,} unpriced as stored")
+    if left_out:
+        lines.append(f"Compared {t['compared_requests']:,} requests; left out: " + "; ".join(left_out) + ".")
+    c = doc["cache_savings"]
+    lines.append(
+        f"Cache savings as stored: {money(c['saved_usd'])} "
+        f"({compact(c['cache_read_tokens'])} cache-read, "
+        f"{compact(c['cache_write_tokens'])} cache-write tokens; net of cache-write premiums)."
+    )
+    return "\n".join(lines)
+
+
+def _signed(value: Decimal) -> str:
+    return ("+" if value > 0 else "-" if value < 0 else "") + money(abs(value))

@@ -1,0 +1,130 @@
+"""``report --as-model``: the selected traffic priced as another model, equal to a reprice of a copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from meterproxy.cli import main
+from meterproxy.meter import price_record_with
+from meterproxy.pricing import PriceBook
+from meterproxy.reprice import reprice
+from meterproxy.store.writer import StoreWriter
+from meterproxy.testing import make_record
+from meterproxy.usage import RequestRecord, Usage
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+TARGET = "claude-sonnet-4-5"
+
+
+def _seed(db: Path) -> list[RequestRecord]:
+    book = PriceBook.default()
+    price = price_record_with(book)
+    records = []
+    for i in range(30):
+        openai_side = i % 3 != 0
+        r = make_record(
+            model="gpt-4o-mini" if openai_side else "claude-haiku-4-5",
+            provider="openai" if openai_side else "anthropic",
+            upstream="openai" if openai_side else "anthropic",
+            ts=T0 + timedelta(hours=5 * i),
+            usage=Usage(
+                input_tokens=2000 + 37 * i,
+                cache_read_tokens=0 if openai_side else 1500,
+                cache_write_tokens=0 if openai_side else (300 if i % 2 else 0),
+                output_tokens=100 + 11 * i,
+            ),
+        )
+        price(r)
+        assert r.cost_usd is not None
+        records.append(r)
+    unpriced = make_record(model="my-private-llm", upstream="vllm", provider="openai", ts=T0)
+    price(unpriced)
+    assert unpriced.cost_usd is None
+    records.append(unpriced)
+    writer = StoreWriter(db)
+    writer.start()
+    for r in records:
+        assert writer.submit(r)
+    assert writer.close(timeout=30)
+    return records
+
+
+def test_as_model_equals_a_reprice_of_a_renamed_copy(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    records = _seed(db)
+    out = CliRunner().invoke(
+        main, ["report", "--db", str(db), "--as-model", TARGET, "--as-provider", "anthropic", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    totals = doc["totals"]
+    assert totals["requests"] == 31
+    assert totals["actual_unpriced_requests"] == 1  # the private model: left out, not a zero
+    assert totals["compared_requests"] == 30
+
+    # The same rows, renamed to the target in a copy of the database, then repriced.
+    copy = tmp_path / "copy.db"
+    shutil.copy(db, copy)
+    conn = sqlite3.connect(copy)
+    with conn:
+        conn.execute(
+            "UPDATE requests SET model = ?, requested_model = ?, upstream = 'anthropic', "
+            "provider = 'anthropic' WHERE cost_pico IS NOT NULL",
+            [TARGET, TARGET],
+        )
+    conn.close()
+    reprice(copy, PriceBook.default(), since="2000-01-01T00:00:00.000000Z")
+    conn = sqlite3.connect(copy)
+    repriced = conn.execute("SELECT SUM(cost_pico) FROM requests WHERE model = ?", [TARGET]).fetchone()[0]
+    conn.close()
+    assert Decimal(totals["as_model_cost_usd"]) == Decimal(repriced) / 10**12
+    actual = sum((r.cost_usd for r in records if r.cost_usd is not None), Decimal(0))
+    assert Decimal(totals["actual_cost_usd"]) == actual
+    assert Decimal(totals["difference_usd"]) == Decimal(repriced) / 10**12 - actual
+
+    # Cache savings, by hand: every cached token as plain input, minus the actual cost.
+    book = PriceBook.default()
+    saved = Decimal(0)
+    for r in records:
+        u = r.tokens
+        if r.cost_usd is None or not (u.cache_read_tokens or u.cache_write_tokens):
+            continue
+        plain = book.price(
+            model=r.model,
+            usage=Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens),
+            at=r.ts,
+            provider=r.upstream,
+        )
+        assert plain is not None
+        saved += plain.cost_usd - r.cost_usd
+    assert saved > 0
+    assert Decimal(doc["cache_savings"]["saved_usd"]) == saved
+
+
+def test_as_model_today_prices_and_readable_table(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    _seed(db)
+    out = CliRunner().invoke(
+        main,
+        ["report", "--db", str(db), "--as-model", "gpt-4o", "--as-provider", "openai", "--prices", "today"],
+    )
+    assert out.exit_code == 0, out.output
+    assert "What if this traffic had gone to gpt-4o (openai), priced at today's prices" in out.output
+    assert "gpt-4o-mini" in out.output and "Total" in out.output
+    assert "1 unpriced as stored" in out.output
+    assert "Cache savings as stored:" in out.output
+
+
+def test_as_model_unknown_target_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    _seed(db)
+    out = CliRunner().invoke(main, ["report", "--db", str(db), "--as-model", "no-such-model-xyz"])
+    assert out.exit_code == 2
+    assert "'no-such-model-xyz' has no price" in out.output
