@@ -120,6 +120,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         drain_timeout=settings.disconnect_drain_timeout,
         max_draining=settings.max_draining,
         body_timeout=settings.request_body_timeout,
+        max_body_bytes=settings.max_body_bytes,
         durable=_commit_barrier(app[WRITER]) if settings.durability == "strict" else None,
         content_limit=settings.content_max_bytes if settings.store_content else 0,
     )

@@ -1,4 +1,10 @@
-"""Forwarding: one aiohttp handler that relays a request and taps its answer.
+"""Forwarding: relay a request to its upstream and tap its answer, one `Exchange` at a time.
+
+Each request is one `Exchange` (`meterproxy.exchange`) that every stage below takes
+and fills in; the answer goes back through a `ClientSide`, so the same stages serve
+aiohttp's server (`Proxy.handle`, `AiohttpClient`) and the lean protocol of
+`meterproxy.server`. Server-specific work (reading the body, the limits on it) is the
+caller's; routing, gating, forwarding, tapping and recording are here.
 
 The stages of one request, in the order they fire:
 
@@ -37,24 +43,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiMapping
-from yarl import URL
 
 from meterproxy import providers
 from meterproxy.attribution import ATTRIBUTION_HEADERS, api_key, fingerprint, parse_tags
+from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.logs import redact
 from meterproxy.meter import Meter
 from meterproxy.providers.base import RequestInfo
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
-from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError, UpstreamResponse
+from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError
 from meterproxy.usage import CapturedContent, RequestRecord
 
-__all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "Proxy", "json_error"]
+__all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "AiohttpClient", "Proxy", "json_error"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +90,11 @@ def json_error(status: int, code: str, message: str) -> web.Response:
     )
 
 
-def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
+def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     """Header names listed in ``Connection``: hop-by-hop for this hop only (RFC 9110 7.6.1)."""
-    return {t.strip().lower() for value in headers.getall("connection", ()) for t in value.split(",")}
+    return {
+        t.strip().lower() for name, value in headers if name.lower() == "connection" for t in value.split(",")
+    }
 
 
 def _filter_accept_encoding(value: str) -> str:
@@ -95,6 +102,46 @@ def _filter_accept_encoding(value: str) -> str:
     readable = decodable_encodings()
     kept = [part for part in value.split(",") if part.split(";")[0].strip().lower() in readable]
     return ", ".join(p.strip() for p in kept) or "identity"
+
+
+def _first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased name -> the first value sent under it (what ``CIMultiDict.get`` returns)."""
+    found: dict[str, str] = {}
+    for name, value in reversed(headers):
+        found[name.lower()] = value
+    return found
+
+
+class AiohttpClient:
+    """`ClientSide` over aiohttp's server: a `web.StreamResponse` on the handler's request."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def respond(self, response: web.StreamResponse) -> None:
+        self.response = response  # the handler returns it; aiohttp sends it
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        response = self.response = web.StreamResponse(status=status, reason=reason)
+        for name, value in headers:
+            response.headers.add(name, value)
+        await response.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
 
 class Proxy:
@@ -109,6 +156,7 @@ class Proxy:
         drain_timeout: float = 60.0,
         max_draining: int = 64,
         body_timeout: float = 60.0,
+        max_body_bytes: int = 32 * 1024 * 1024,
         durable: Callable[[], Awaitable[object]] | None = None,
         content_limit: int = 0,
     ) -> None:
@@ -119,18 +167,20 @@ class Proxy:
         self._inject = inject_stream_usage
         self._drain_timeout = drain_timeout
         self._max_draining = max_draining
-        self._body_timeout = body_timeout
+        self.body_timeout = body_timeout
+        self.max_body_bytes = max_body_bytes
         # durability="strict": awaited (bounded) before an answer's last byte goes out; it
         # returns once every record submitted so far is committed.
         self._durable = durable
         # store_content: bytes kept of each request body and answer (0: nothing kept).
         self._content_limit = content_limit
-        self._recorded_early: set[str] = set()
         self.draining = 0
         self.in_flight = 0
-        self._tasks: set[asyncio.Future[web.StreamResponse]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
+    # -- aiohttp's server ----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The catch-all route of the aiohttp application."""
         started = time.perf_counter()
         try:
             # Raw (still percent-encoded) path and query: the upstream gets them as sent.
@@ -139,257 +189,312 @@ class Proxy:
         except RouteError as exc:
             return json_error(404, "no_route", str(exc))
 
-        provider = providers.detect(target.path)
+        headers = list(request.headers.items())
+        method = request.method
         try:
             if request.content.is_eof():
                 body = await request.read()  # all of it is here already (the usual small body)
             else:
-                async with asyncio.timeout(self._body_timeout):
+                async with asyncio.timeout(self.body_timeout):
                     body = await request.read()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             message = "client hung up before sending its whole body"
-            return self._refuse(request, target, provider, 400, "client_gone", message, gone=True)
+            return self.refuse(method, target, headers, raw_query, 400, "client_gone", message, gone=True)
         except asyncio.CancelledError:
             # A server that cancels handlers when the client leaves (handler_cancellation).
-            self._refuse(request, target, provider, 400, "client_gone", "client hung up mid-body", gone=True)
+            message = "client hung up mid-body"
+            self.refuse(method, target, headers, raw_query, 400, "client_gone", message, gone=True)
             raise
         except web.HTTPRequestEntityTooLarge:
-            limit = request.app._client_max_size
-            message = f"request body is larger than the {limit}-byte limit"
-            return self._refuse(request, target, provider, 413, "body_too_large", message)
+            return self.refuse_too_large(method, target, headers, raw_query)
         except TimeoutError:
-            message = f"request body not received within {self._body_timeout:g} s"
-            return self._refuse(request, target, provider, 408, "body_timeout", message)
+            return self.refuse_slow_body(method, target, headers, raw_query)
 
+        exchange = self.begin(method, target, headers, raw_query, body, started)
+        client = AiohttpClient(request)
+        # The exchange runs in its own task, shielded: if the server cancels this
+        # handler because the client hung up, the task keeps reading the upstream
+        # (bounded drain) and still records the request.
+        await asyncio.shield(self.spawn(exchange, client))
+        assert client.response is not None
+        return client.response
+
+    def spawn(self, exchange: Exchange, client: ClientSide) -> asyncio.Future[None]:
+        """Run ``exchange`` in a task of its own, tracked for `drain`."""
+        task = asyncio.ensure_future(self.run(exchange, client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for every exchange task, e.g. abandoned streams still draining."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    # -- routed, request read --------------------------------------------------------
+    def begin(
+        self,
+        method: str,
+        target: Target,
+        headers: list[tuple[str, str]],
+        raw_query: str,
+        body: bytes,
+        started: float,
+    ) -> Exchange:
+        """The request is routed and read whole: inspect it and open its record."""
+        provider = providers.detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
-        record = self._new_record(request, target, provider, info)
+        record = self._new_record(method, target, provider, info, _first_values(headers), raw_query)
         if self._content_limit and provider is not None:
             # The client's own body, before any injection: what the operator asked to keep.
             record.content = CapturedContent(
                 request=body[: self._content_limit], truncated=len(body) > self._content_limit
             )
-        blocked = await self.meter.check_gates(record)
-        if blocked is not None:
-            return blocked
-
-        injected = False
-        if provider and self._inject:
-            body, injected = provider.prepare_request(target.path, body, info)
-        record.usage_injected = injected
-        out_headers = self._request_headers(request, metered=provider is not None, injected=injected)
-
-        # The forwarding runs in its own task, shielded: if the server cancels this
-        # handler because the client hung up, the task keeps reading the upstream
-        # (bounded drain) and still records the request.
-        task = asyncio.ensure_future(
-            self._forward_and_record(request, target.url, body, out_headers, provider, info, record, started)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        return Exchange(method, target, provider, info, record, body, headers, started)
 
     def _new_record(
-        self, request: web.Request, target: Target, provider: providers.Provider | None, info: RequestInfo
+        self,
+        method: str,
+        target: Target,
+        provider: providers.Provider | None,
+        info: RequestInfo,
+        headers: dict[str, str],
+        raw_query: str,
     ) -> RequestRecord:
-        headers = request.headers
         return RequestRecord(
             upstream=target.upstream.name,
             provider=provider.name if provider else "",
             endpoint=provider.endpoint(target.path) if provider else "other",
-            method=request.method,
+            method=method,
             requested_model=info.model,
             streamed=info.stream,
             user=headers.get("x-meter-user") or info.user,
             session=headers.get("x-meter-session"),
             tags=parse_tags(headers.get("x-meter-tags")),
-            key_fingerprint=fingerprint(api_key(headers, request.query_string), self._salt),
+            key_fingerprint=fingerprint(api_key(headers, raw_query), self._salt),
             service_tier=info.service_tier,
             usage_source="missing" if provider else "none",
         )
 
-    def _refuse(
+    def refuse(
         self,
-        request: web.Request,
+        method: str,
         target: Target,
-        provider: providers.Provider | None,
+        headers: list[tuple[str, str]],
+        raw_query: str,
         status: int,
         code: str,
         message: str,
         gone: bool = False,
     ) -> web.Response:
         """A request we answer ourselves before forwarding (413, 408): recorded, never sent on."""
-        record = self._new_record(request, target, provider, RequestInfo())
+        provider = providers.detect(target.path)
+        record = self._new_record(method, target, provider, RequestInfo(), _first_values(headers), raw_query)
         record.status, record.error, record.usage_source = (None if gone else status), message, "none"
         record.client_disconnected = gone
         self.meter.request_finished(record)
         return json_error(status, code, message)
 
-    async def _forward_and_record(
-        self,
-        request: web.Request,
-        url: URL,
-        body: bytes,
-        headers: CIMultiDict[str],
-        provider: providers.Provider | None,
-        info: RequestInfo,
-        record: RequestRecord,
-        started: float,
-    ) -> web.StreamResponse:
+    def refuse_too_large(
+        self, method: str, target: Target, headers: list[tuple[str, str]], raw_query: str
+    ) -> web.Response:
+        message = f"request body is larger than the {self.max_body_bytes}-byte limit"
+        return self.refuse(method, target, headers, raw_query, 413, "body_too_large", message)
+
+    def refuse_slow_body(
+        self, method: str, target: Target, headers: list[tuple[str, str]], raw_query: str
+    ) -> web.Response:
+        message = f"request body not received within {self.body_timeout:g} s"
+        return self.refuse(method, target, headers, raw_query, 408, "body_timeout", message)
+
+    # -- gated, forwarded, streamed back, finished -------------------------------------
+    async def run(self, exchange: Exchange, client: ClientSide) -> None:
+        """Everything after the request is read: gates, upstream, answer, record."""
+        record = exchange.record
+        blocked = await self.meter.check_gates(record)
+        if blocked is not None:
+            # The gate recorded the refusal itself.
+            try:
+                await client.respond(blocked)
+            except ConnectionResetError:
+                pass
+            return
+        self._prepare_upstream_request(exchange)
         self.in_flight += 1
         try:
-            return await self._forward(request, url, body, headers, provider, info, record, started)
+            await self._forward(exchange, client)
         finally:
             self.in_flight -= 1
-            if record.id in self._recorded_early:
-                self._recorded_early.discard(record.id)
-            else:
-                record.duration_ms = (time.perf_counter() - started) * 1000
+            if not exchange.recorded:
+                record.duration_ms = (time.perf_counter() - exchange.started) * 1000
                 self._finish(record)
 
-    async def drain(self, timeout: float) -> None:
-        """Wait (bounded) for every forwarding task, e.g. abandoned streams still draining."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
-
-    def _request_headers(self, request: web.Request, *, metered: bool, injected: bool) -> CIMultiDict[str]:
-        connection = _connection_tokens(request.headers)
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
+    def _prepare_upstream_request(self, exchange: Exchange) -> None:
+        """Usage injection into the body, and the headers that go upstream."""
+        provider = exchange.provider
+        injected = False
+        if provider and self._inject:
+            exchange.body, injected = provider.prepare_request(
+                exchange.target.path, exchange.body, exchange.info
+            )
+        exchange.record.usage_injected = injected
+        headers = exchange.headers
+        connection = _connection_tokens(headers)
+        out: list[tuple[str, str]] = []
+        for name, value in headers:
             lower = name.lower()
             if lower in _DROP_REQUEST or lower in connection:
                 continue
-            if lower == "accept-encoding" and metered:
+            if lower == "accept-encoding" and provider is not None:
                 value = "identity" if injected else _filter_accept_encoding(value)
-            out.add(name, value)
-        return out
+            out.append((name, value))
+        exchange.headers = out
 
-    async def _forward(
-        self,
-        request: web.Request,
-        url: URL,
-        body: bytes,
-        headers: CIMultiDict[str],
-        provider: providers.Provider | None,
-        info: RequestInfo,
-        record: RequestRecord,
-        started: float,
-    ) -> web.StreamResponse:
-        sent_at = time.perf_counter()
+    async def _forward(self, exchange: Exchange, client: ClientSide) -> None:
+        record = exchange.record
+        exchange.sent_at = time.perf_counter()
         try:
-            upstream = await self.client.request(request.method, url, headers.items(), body)
+            upstream = await self.client.request(
+                exchange.method, exchange.target.url, exchange.headers, exchange.body
+            )
         except TimeoutError:
             record.status, record.error = 504, "upstream timed out before answering"
-            return json_error(504, "upstream_timeout", record.error)
+            await self._respond(client, json_error(504, "upstream_timeout", record.error))
+            return
         except UpstreamError as exc:
             record.status, record.error = 502, f"upstream unreachable: {exc}"
-            return json_error(502, "upstream_unreachable", record.error)
-
+            await self._respond(client, json_error(502, "upstream_unreachable", record.error))
+            return
+        exchange.upstream = upstream
         try:
-            return await self._relay(request, url, upstream, provider, info, record, started, sent_at)
+            await self._relay(exchange, client)
         finally:
-            if record.id not in self._recorded_early:
-                record.upstream_ms = (time.perf_counter() - sent_at) * 1000
+            if not exchange.recorded:
+                record.upstream_ms = (time.perf_counter() - exchange.sent_at) * 1000
             upstream.release()
 
-    async def _relay(
-        self,
-        request: web.Request,
-        url: URL,
-        upstream: UpstreamResponse,
-        provider: providers.Provider | None,
-        info: RequestInfo,
-        record: RequestRecord,
-        started: float,
-        sent_at: float,
-    ) -> web.StreamResponse:
+    @staticmethod
+    async def _respond(client: ClientSide, response: web.Response) -> None:
+        try:
+            await client.respond(response)
+        except ConnectionResetError:
+            pass
+
+    def _open_tap(self, exchange: Exchange) -> None:
+        """Answer headers are in: a tap to read usage from the body, if a provider speaks here."""
+        upstream, record, provider = exchange.upstream, exchange.record, exchange.provider
+        assert upstream is not None
         record.status = upstream.status
-        content_type = upstream.headers.get("content-type", "")
-        tap: ResponseTap | None = None
-        if provider is not None:
-            parser = provider.new_parser(url.path or "", info, record.usage_injected)
-            tap = ResponseTap(
-                parser,
-                sse="text/event-stream" in content_type.lower(),
-                rewrite=record.usage_injected,
-                content_encoding=upstream.headers.get("content-encoding"),
-                capture_limit=self._content_limit if record.content is not None else 0,
-            )
-            record.streamed = record.streamed or "text/event-stream" in content_type.lower()
+        if provider is None:
+            return
+        sse = "text/event-stream" in upstream.headers.get("content-type", "").lower()
+        parser = provider.new_parser(exchange.target.url.path or "", exchange.info, record.usage_injected)
+        exchange.tap = ResponseTap(
+            parser,
+            sse=sse,
+            rewrite=record.usage_injected,
+            content_encoding=upstream.headers.get("content-encoding"),
+            capture_limit=self._content_limit if record.content is not None else 0,
+        )
+        record.streamed = record.streamed or sse
 
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        connection = _connection_tokens(upstream.headers)
-        for name, value in upstream.headers.items():
+    def _answer_headers(self, exchange: Exchange) -> list[tuple[str, str]]:
+        """The upstream's headers minus hop-by-hop ones (and a length the tap's rewrite voids)."""
+        assert exchange.upstream is not None
+        headers = exchange.upstream.headers
+        connection = _connection_tokens(headers.items())
+        drop_length = exchange.tap is not None and exchange.tap.rewriting
+        out: list[tuple[str, str]] = []
+        for name, value in headers.items():
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in connection:
+            if lower in HOP_BY_HOP or lower in connection or (drop_length and lower == "content-length"):
                 continue
-            if lower == "content-length" and tap is not None and tap.rewriting:
-                continue
-            response.headers.add(name, value)
+            out.append((name, value))
+        return out
 
-        client_gone = False
-        drain_deadline: float | None = None
-        drain_slot = False
+    async def _relay(self, exchange: Exchange, client: ClientSide) -> None:
+        """Stream the answer to the client through the tap; cut, drain or finish as things go."""
+        upstream, record = exchange.upstream, exchange.record
+        assert upstream is not None
+        self._open_tap(exchange)
+        headers = self._answer_headers(exchange)
         # Strict durability: the client must not see the end of the answer before the
-        # record is committed. A chunked answer ends with write_eof; one with a
+        # record is committed. A chunked answer ends with `end`; one with a
         # Content-Length ends with its last byte, so that byte is held back.
-        hold = self._durable is not None and "content-length" in response.headers
+        hold = self._durable is not None and any(n.lower() == "content-length" for n, _ in headers)
         held = b""
         try:
             try:
-                await response.prepare(request)
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                client_gone = True
-            record.ttfb_ms = (time.perf_counter() - started) * 1000
+                await client.start(upstream.status, upstream.reason, headers)
+            except ConnectionResetError:
+                exchange.client_gone = True
+            record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
             first_byte = True
+            drain_until: float | None = None  # set once the client is gone and we read on for usage
             while chunk := await upstream.read():
-                out = tap.feed(chunk) if tap is not None else chunk
-                if client_gone:
-                    if drain_deadline is None or time.monotonic() > drain_deadline:
+                out = exchange.tap.feed(chunk) if exchange.tap is not None else chunk
+                if exchange.client_gone:
+                    if drain_until is None or time.monotonic() > drain_until:
                         break
                     continue
                 if hold and out:
                     out = held + out
                     held, out = out[-1:], out[:-1]
-                if out:
-                    if first_byte:
-                        record.ttfb_ms = (time.perf_counter() - started) * 1000
-                        first_byte = False
-                    try:
-                        await response.write(out)
-                    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                        client_gone = True
-                        record.client_disconnected = True
-                        drain_slot = self._start_drain()
-                        if not drain_slot or tap is None or not record.streamed:
-                            break
-                        drain_deadline = time.monotonic() + self._drain_timeout
-            tail = tap.finish() if tap is not None else b""
-            if not client_gone and self._durable is not None:
-                if tap is not None:
-                    self._take_result(tap, record)
-                    tap = None
-                await self._record_durably(record, started, sent_at)
-            tail = held + tail
-            if tail and not client_gone:
-                await response.write(tail)
-            if not client_gone:
-                await response.write_eof()
+                if not out:
+                    continue
+                if first_byte:
+                    record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
+                    first_byte = False
+                try:
+                    await client.write(out)
+                except ConnectionResetError:
+                    drain_until = self._client_left(exchange)
+                    if drain_until is None:
+                        break
+            await self._end(exchange, client, held)
         except UpstreamBroken as exc:
             record.error = f"upstream broke off mid-answer: {exc}"
-            self._abort(request)
+            client.abort()
         except TimeoutError:
             record.error = "upstream went silent mid-answer (read timeout)"
-            self._abort(request)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            client.abort()
+        except ConnectionResetError:
             record.client_disconnected = True
         finally:
-            if drain_slot:
+            if exchange.draining:
                 self.draining -= 1
-            if client_gone:
+                exchange.draining = False
+            if exchange.client_gone:
                 record.client_disconnected = True
+            if exchange.tap is not None:
+                self._take_result(exchange)
+
+    def _client_left(self, exchange: Exchange) -> float | None:
+        """The client hung up mid-answer: until when to read on for usage (None: stop now)."""
+        exchange.client_gone = True
+        exchange.record.client_disconnected = True
+        if self.draining >= self._max_draining:
+            return None  # too many streams draining already
+        self.draining += 1
+        exchange.draining = True
+        if exchange.tap is None or not exchange.record.streamed:
+            return None
+        return time.monotonic() + self._drain_timeout
+
+    async def _end(self, exchange: Exchange, client: ClientSide, held: bytes) -> None:
+        """The upstream's body ended: flush the tap, record (strict: first), send the rest."""
+        tap = exchange.tap
+        tail = tap.finish() if tap is not None else b""
+        if exchange.client_gone:
+            return
+        if self._durable is not None:
             if tap is not None:
-                self._take_result(tap, record)
-        return response
+                self._take_result(exchange)
+            await self._record_durably(exchange)
+        tail = held + tail
+        if tail:
+            await client.write(tail)
+        await client.end()
 
     def _finish(self, record: RequestRecord) -> None:
         # Error texts come from the upstream or the network and may echo a credential.
@@ -397,13 +502,14 @@ class Proxy:
             record.error = redact(record.error)
         self.meter.request_finished(record)
 
-    async def _record_durably(self, record: RequestRecord, started: float, sent_at: float) -> None:
+    async def _record_durably(self, exchange: Exchange) -> None:
         """Finish the record now and wait (bounded) until the store has committed it."""
         assert self._durable is not None
+        record = exchange.record
         now = time.perf_counter()
-        record.upstream_ms = (now - sent_at) * 1000
-        record.duration_ms = (now - started) * 1000
-        self._recorded_early.add(record.id)
+        record.upstream_ms = (now - exchange.sent_at) * 1000
+        record.duration_ms = (now - exchange.started) * 1000
+        exchange.recorded = True
         self._finish(record)
         try:
             await asyncio.wait_for(self._durable(), STRICT_COMMIT_WAIT)
@@ -411,21 +517,11 @@ class Proxy:
             # Availability wins past the bound: the answer goes out, the record stays queued.
             log.error("record %s not committed within %g s: %r", record.id, STRICT_COMMIT_WAIT, exc)
 
-    def _start_drain(self) -> bool:
-        """Take one of the bounded drain slots (False: too many streams draining already)."""
-        if self.draining >= self._max_draining:
-            return False
-        self.draining += 1
-        return True
-
     @staticmethod
-    def _abort(request: web.Request) -> None:
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
-
-    @staticmethod
-    def _take_result(tap: ResponseTap, record: RequestRecord) -> None:
+    def _take_result(exchange: Exchange) -> None:
+        tap, record = exchange.tap, exchange.record
+        assert tap is not None
+        exchange.tap = None
         result = tap.result()
         captured = tap.captured
         if captured is not None and record.content is not None:

@@ -1,0 +1,77 @@
+"""One request through the proxy as one object, and the client side it is answered on.
+
+An `Exchange` is to meterproxy what mitmproxy's ``HTTPFlow`` is to mitmproxy:
+everything the proxy knows about one request, from the moment it is routed to
+the moment its record is finished, travels in it. The stages of `meterproxy.proxy`
+take the exchange, never the same eight loose arguments.
+
+`ClientSide` is the connection the answer goes back on. The proxy writes the
+answer through it and never touches the server that received the request, so
+the same forwarding code serves aiohttp's server (`meterproxy.proxy.AiohttpClient`)
+and the lean protocol of `meterproxy.server`. Its contract:
+
+- `respond` sends one whole answer of meterproxy's own (an error, a budget refusal);
+- `start` sends the status line and headers of the upstream's answer, then
+  `write` each piece of body and `end` once. A client that is gone makes `write`
+  (and `start`) raise `ConnectionResetError`;
+- `abort` cuts the connection (the upstream broke off mid-answer: the client
+  must be able to tell the answer is incomplete).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from meterproxy.providers.base import RequestInfo
+from meterproxy.usage import RequestRecord
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from meterproxy.providers import Provider
+    from meterproxy.routing import Target
+    from meterproxy.tap import ResponseTap
+    from meterproxy.upstream import UpstreamResponse
+
+__all__ = ["ClientSide", "Exchange"]
+
+
+class ClientSide(Protocol):
+    """Where an exchange's answer goes (see the module docstring for the contract)."""
+
+    async def respond(self, response: web.StreamResponse) -> None: ...
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One request in flight: what was asked, where it goes, what came back, its record."""
+
+    method: str
+    target: Target
+    provider: Provider | None
+    info: RequestInfo
+    record: RequestRecord
+    #: The body as it goes upstream (after any usage injection).
+    body: bytes
+    #: The headers as they go upstream (hop-by-hop and our own ``X-Meter-*`` removed).
+    headers: list[tuple[str, str]]
+    #: perf_counter() when the request arrived, and when it was sent upstream.
+    started: float
+    sent_at: float = 0.0
+    upstream: UpstreamResponse | None = None
+    tap: ResponseTap | None = None
+    #: The client hung up (or stopped reading) before the answer ended.
+    client_gone: bool = False
+    #: The record went to the meter already (durability="strict" finishes it before the last byte).
+    recorded: bool = False
+    #: Holds one of the proxy's bounded drain slots (the client left; reading on for usage).
+    draining: bool = False
