@@ -36,9 +36,11 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
+from meterproxy.money import usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
 from meterproxy.store.queries import RequestFilter
+from meterproxy.timestamps import format_ts, parse_ts
 from meterproxy.usage import Usage
 
 __all__ = [
@@ -56,7 +58,6 @@ __all__ = [
     "render_csv",
     "render_json",
     "render_table",
-    "usd_text",
 ]
 
 #: Report kind -> the summary dimension its rows are keyed by.
@@ -95,12 +96,10 @@ def parse_bound(value: str | None, tz: tzinfo, *, end: bool) -> str | None:
             day = date.fromisoformat(value) + timedelta(days=1 if end else 0)
             moment = datetime.combine(day, time(), tz)
         else:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=tz)
+            moment = parse_ts(value, naive=tz)
     except ValueError as exc:
         raise ValueError(f"{value!r} is not a date (YYYY-MM-DD) or an ISO 8601 datetime") from exc
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_ts(moment)
 
 
 def _exact(measures: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,11 +307,6 @@ def render_table(report: Report) -> str:
     if t["unpriced_requests"]:
         out.append(f"Unpriced requests (model not in the price tables): {t['unpriced_requests']:,}")
     return "\n".join(out)
-
-
-def usd_text(value: Decimal) -> str:
-    """Exact and canonical: ``2.67567`` whether the sum came as ``2.675670000000`` or not."""
-    return format(value.normalize(), "f") if value else "0"
 
 
 def _flat(row: Mapping[str, Any], group_by: Sequence[str]) -> dict[str, Any]:

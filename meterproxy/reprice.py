@@ -5,7 +5,7 @@ that moment. When a table is corrected later (a wrong entry fixed with
 ``correction = ...``, a model added that was unpriced), `reprice` runs the
 same pricing function the meter uses (`meterproxy.meter.price_record_with`)
 over the stored rows of a time range and writes ``cost_usd`` (exact text),
-``cost_pico`` (integer picodollars, via `meterproxy.store.schema.to_pico`) and
+``cost_pico`` (integer picodollars, via `meterproxy.money.to_pico`) and
 ``priced_model`` together, so the two cost columns can never disagree.
 
 Only rows with ``usage_source = 'reported'`` are touched: rows without trusted
@@ -25,15 +25,15 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from meterproxy.meter import price_record_with
+from meterproxy.money import from_pico, stored_cost_text, to_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import connect
-from meterproxy.store.schema import from_pico, to_pico
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, RequestRecord, Usage
 
 __all__ = ["ModelChange", "RepriceReport", "reprice"]
@@ -111,7 +111,7 @@ def reprice(
                 differs = new_pico != old_pico or record.priced_model != row["priced_model"]
                 _count(report, row, old_pico, new_pico, differs)
                 if differs:
-                    new_text = str(from_pico(new_pico)) if new_pico is not None else None
+                    new_text = stored_cost_text(new_pico)
                     updates.append((new_text, new_pico, record.priced_model, row["id"]))
             if updates and not dry_run:
                 _write(conn, updates)
@@ -136,7 +136,7 @@ def _record(row: sqlite3.Row) -> RequestRecord:
     usage = Usage(**{c: row[c] or 0 for c in _TOKEN_COLUMNS})
     return RequestRecord(
         id=row["id"],
-        ts=datetime.fromisoformat(row["ts"].replace("Z", "+00:00")),
+        ts=parse_ts(row["ts"]),
         provider=row["provider"] or "",
         upstream=row["upstream"] or "",
         model=row["model"],

@@ -30,8 +30,8 @@ import pytest
 
 from meterproxy.api.models import SummaryResponse, TimeseriesResponse, UnpricedModelsResponse
 from meterproxy.app_state import WRITER
+from meterproxy.money import to_pico
 from meterproxy.store.maintenance import run_pass
-from meterproxy.store.schema import to_pico
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory, ProxyHarness

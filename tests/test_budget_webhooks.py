@@ -17,7 +17,7 @@ from typing import Any
 
 import openai
 
-from meterproxy.store.schema import from_pico
+from meterproxy.money import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import SECRET, Receiver, insert_records, query, wait_for

@@ -16,7 +16,7 @@ import anthropic
 import openai
 import pytest
 
-from meterproxy.store.schema import from_pico
+from meterproxy.money import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import query

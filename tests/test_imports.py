@@ -14,7 +14,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from meterproxy.cli import main
 from meterproxy.imports import ImportStore
 from meterproxy.imports.jsonl import LineMapping, follow, read_new
 from meterproxy.pricing import PriceBook
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import Usage
 
 LOGS = Path(__file__).parent / "fixtures" / "agent_logs"
@@ -49,7 +49,7 @@ def run(*args: str) -> Any:
 
 
 def price(model: str, at: str, **tokens: int) -> Decimal:
-    when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    when = parse_ts(at)
     found = PriceBook.default().price(model=model, usage=Usage(**tokens), at=when, provider="anthropic")
     assert found is not None
     return found.cost_usd

@@ -15,12 +15,12 @@ import pytest
 
 from meterproxy.pricing import PriceBook
 from meterproxy.testing import FakeUpstream, load_fixture
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
 
 
 def expected_cost(model: str, fx_expect: dict[str, int], ts: str) -> Decimal | None:
-    from datetime import datetime
 
     usage = Usage(
         **{
@@ -35,9 +35,7 @@ def expected_cost(model: str, fx_expect: dict[str, int], ts: str) -> Decimal | N
             )
         }
     )
-    result = PriceBook.default().price(
-        model=model, usage=usage, at=datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    )
+    result = PriceBook.default().price(model=model, usage=usage, at=parse_ts(ts))
     return None if result is None else result.cost_usd
 
 

@@ -13,11 +13,12 @@ from click.testing import CliRunner
 
 from meterproxy.cli import main
 from meterproxy.meter import price_record_with
+from meterproxy.money import stored_cost_text, to_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.reprice import reprice
-from meterproxy.store.schema import from_pico, to_pico
 from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -78,7 +79,7 @@ def _rows(db: Path) -> dict[str, dict[str, Any]]:
 
 def _expected(book: PriceBook, row: dict[str, Any]) -> Decimal | None:
     usage = Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"])
-    ts = datetime.fromisoformat(row["ts"].replace("Z", "+00:00"))
+    ts = parse_ts(row["ts"])
     result = book.price(model=row["model"], usage=usage, at=ts, provider=row["provider"])
     return None if result is None else result.cost_usd
 
@@ -116,7 +117,7 @@ def test_reprice_fixes_costs_in_range_and_reports_the_difference(tmp_path: Path)
     for r in inside:
         row = new[r.id]
         assert row["cost_pico"] == to_pico(expected_new[r.id] or Decimal(0))
-        assert row["cost_usd"] == str(from_pico(row["cost_pico"]))  # text and integer agree
+        assert row["cost_usd"] == stored_cost_text(row["cost_pico"])  # as the writer writes it
         assert Decimal(row["cost_usd"]) == expected_new[r.id]
         assert row["priced_model"] == "gpt-4o-mini"
     for r in [*before, untrusted]:

@@ -14,13 +14,14 @@ import re
 import secrets
 import sqlite3
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from meterproxy.store.queries import read_connection
+from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = ["ParamError", "api_error", "dumps", "json_response", "parse_int", "parse_time", "run_read"]
 
@@ -77,12 +78,9 @@ def parse_time(param: str, value: str | None) -> str | None:
     if value is None or value == "":
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return format_ts(parse_ts(value))
     except ValueError as exc:
         raise ParamError(param, f"{value!r} is not an ISO 8601 date or datetime") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_int(param: str, value: str | None, default: int, lo: int, hi: int) -> int:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from meterproxy.store.schema import from_pico
+from meterproxy.money import usd_value
 
 __all__ = [
     "Cost",
@@ -44,10 +44,7 @@ Cost = Annotated[
 
 
 def pico_to_usd(pico: int) -> Decimal:
-    value = from_pico(pico)
-    assert value is not None
-    value = value.normalize()
-    return value.quantize(Decimal(1)) if value == value.to_integral() else value
+    return usd_value(Decimal(pico).scaleb(-12))
 
 
 def measures_to_api(measures: dict[str, int]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from meterproxy.store.summary import (
     bucket_start,
     summarize,
 )
+from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = ["MAX_POINTS", "setup"]
 
@@ -41,13 +42,12 @@ _DEFAULT_SPAN = {
     "week": timedelta(weeks=26),
     "month": timedelta(days=365),
 }
-_TS = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def _bucket_labels(since: str, until: str, kind: str, tz: Any) -> list[str]:
     """Every bucket label in ``[since, until)``, in order (stepping by UTC hour)."""
-    start = datetime.fromisoformat(since.replace("Z", "+00:00")).replace(minute=0, second=0, microsecond=0)
-    end = datetime.fromisoformat(until.replace("Z", "+00:00"))
+    start = parse_ts(since).replace(minute=0, second=0, microsecond=0)
+    end = parse_ts(until)
     hours = (end - start) // timedelta(hours=1) + 1
     if hours > MAX_POINTS * (1 if kind == "hour" else 24 * 31):
         raise ParamError("since", f"too many {kind} buckets in this range (at most {MAX_POINTS})")
@@ -75,11 +75,9 @@ async def timeseries_handler(request: web.Request) -> web.Response:
         limit = parse_int("limit", query.get("limit"), 20, 1, 1000)
         flt = parse_filter(query)
         if flt.until is None:
-            flt.until = datetime.now(UTC).strftime(_TS)
+            flt.until = format_ts(datetime.now(UTC))
         if flt.since is None:
-            flt.since = (
-                datetime.fromisoformat(flt.until.replace("Z", "+00:00")) - _DEFAULT_SPAN[kind]
-            ).strftime(_TS)
+            flt.since = format_ts(parse_ts(flt.until) - _DEFAULT_SPAN[kind])
         if flt.since >= flt.until:
             raise ParamError("since", "must be earlier than until")
         labels = _bucket_labels(flt.since, flt.until, kind, tz)

@@ -36,7 +36,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterproxy.budgets.spend import BudgetState, Snapshot, SpendTracker
-from meterproxy.budgets.store import iso
+from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord
 
 __all__ = ["EVENT_TYPES", "AlertDetector", "build_event"]
@@ -69,7 +69,7 @@ def build_event(
     return {
         "id": f"evt_{uuid.uuid4().hex}",
         "type": kind,
-        "timestamp": iso(now),
+        "timestamp": format_ts(now),
         "budget": {
             "name": spec.name,
             "scope": spec.scope.describe(),
@@ -77,21 +77,21 @@ def build_event(
             "timezone": None if state.period.rolling else str(state.tz.key),
             "action": spec.action,
         },
-        "period_start": iso(snap.period_start),
-        "period_end": iso(snap.period_end),
+        "period_start": format_ts(snap.period_start),
+        "period_end": format_ts(snap.period_end),
         "spend_usd": snap.spend_usd,
         "limit_usd": snap.limit_usd,
         "percent": snap.percent,
         "threshold": threshold,
         "projection": {
             "projected_spend_usd": snap.projected_spend_usd,
-            "projected_exceed_at": iso(snap.projected_exceed_at) if snap.projected_exceed_at else None,
+            "projected_exceed_at": format_ts(snap.projected_exceed_at) if snap.projected_exceed_at else None,
         },
         "request": None
         if record is None
         else {"id": record.id, "model": record.model, "user": record.user, "cost_usd": record.cost_usd},
         # Not sent: the event's unique key in budget_events (see store.insert_events).
-        "key_period_start": iso(key_period),
+        "key_period_start": format_ts(key_period),
         "key_threshold": _threshold_text(threshold),
     }
 
@@ -179,7 +179,7 @@ class AlertDetector:
         key_period: datetime,
         record: RequestRecord | None,
     ) -> list[Event]:
-        key = (kind, iso(key_period), _threshold_text(threshold))
+        key = (kind, format_ts(key_period), _threshold_text(threshold))
         if key in state.fired:
             return []
         state.fired.add(key)

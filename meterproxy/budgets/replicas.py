@@ -48,7 +48,6 @@ import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -57,9 +56,10 @@ from aiohttp import web
 from meterproxy.app_state import SETTINGS, WRITER
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine
 from meterproxy.budgets.spend import BudgetState, in_scope
+from meterproxy.money import to_pico
 from meterproxy.store import backend
-from meterproxy.store.schema import to_pico
 from meterproxy.store.writer import StoreWriter
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord
 
 __all__ = ["ReplicaFollower", "setup"]
@@ -79,7 +79,7 @@ def _max_rowid(conn: sqlite3.Connection) -> int:
 def _record(row: Any) -> RequestRecord:
     return RequestRecord(
         id=row[1],
-        ts=datetime.fromisoformat(str(row[2]).replace("Z", "+00:00")),
+        ts=parse_ts(str(row[2])),
         upstream=row[3] or "",
         provider=row[4] or "",
         requested_model=row[5],

@@ -28,12 +28,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from meterproxy.budgets.definition import BudgetScope, BudgetSpec, Period, period_bounds, zone
-from meterproxy.store.schema import from_pico, to_pico
+from meterproxy.money import from_pico, to_pico
+from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord
 
 __all__ = ["BudgetState", "Snapshot", "SpendTracker", "in_scope"]
@@ -125,7 +126,7 @@ class BudgetState:
         if self.window_start != start:
             if self.window_start is not None and not self.period.rolling:
                 # A new calendar period: the previous one's alerts no longer apply.
-                self.fired = {f for f in self.fired if f[1] >= _iso(start)}
+                self.fired = {f for f in self.fired if f[1] >= format_ts(start)}
                 self.armed_pico = 0
             self.window_start = start
             first = int(start.timestamp())
@@ -162,10 +163,6 @@ class BudgetState:
                 if seconds < Decimal((end - now).total_seconds()):
                     exceed_at = now + timedelta(seconds=float(seconds))
         return Snapshot(spend, limit, percent, start, end, projected, exceed_at)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class SpendTracker:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlite_utils
@@ -31,6 +31,7 @@ from sqlite_utils import Migrations
 from meterproxy.api import dumps
 from meterproxy.budgets.definition import BudgetScope, BudgetSpec
 from meterproxy.store import register_migrations
+from meterproxy.timestamps import format_ts
 
 __all__ = [
     "budget_migrations",
@@ -38,7 +39,6 @@ __all__ = [
     "delete_budget",
     "fired_events",
     "insert_events",
-    "iso",
     "load_api_budgets",
     "public_event",
     "record_attempt",
@@ -111,11 +111,6 @@ def m001_budget_tables(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX webhook_attempts_outbox ON webhook_attempts (outbox_id)")
 
 
-def iso(moment: datetime) -> str:
-    """The stored timestamp form (same as ``requests.ts``): sortable UTC text."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def scope_where(scope: BudgetScope) -> tuple[str, list[Any]]:
     """SQL over ``requests`` selecting the rows in ``scope`` (mirrors `spend.in_scope`)."""
     clauses = ["cost_pico IS NOT NULL"]
@@ -144,7 +139,7 @@ def spend_buckets(conn: sqlite3.Connection, scope: BudgetScope, since: datetime)
     rows = conn.execute(
         f"SELECT CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) AS sec, SUM(cost_pico) "
         f"FROM requests WHERE ts >= ? AND {where} GROUP BY sec ORDER BY sec",
-        [iso(since), *params],
+        [format_ts(since), *params],
     ).fetchall()
     return [(int(sec), int(pico)) for sec, pico in rows]
 
@@ -153,7 +148,7 @@ def fired_events(conn: sqlite3.Connection, budget: str, since: datetime) -> list
     """``(type, period_start, threshold)`` of the budget's events raised since ``since``."""
     rows = conn.execute(
         "SELECT type, period_start, threshold FROM budget_events WHERE budget = ? AND created_at >= ?",
-        [budget, iso(since)],
+        [budget, format_ts(since)],
     ).fetchall()
     return [(str(a), str(b), str(c)) for a, b, c in rows]
 
@@ -209,7 +204,7 @@ def claim_due(conn: sqlite3.Connection, ids: list[int], now: datetime, lease_unt
         cur = conn.execute(
             "UPDATE webhook_outbox SET next_attempt_at = ? "
             "WHERE id = ? AND state = 'pending' AND next_attempt_at <= ?",
-            [iso(lease_until), outbox_id, iso(now)],
+            [format_ts(lease_until), outbox_id, format_ts(now)],
         )
         if cur.rowcount == 1:
             claimed.append(outbox_id)
@@ -234,15 +229,15 @@ def record_attempt(
             state,
             status,
             error,
-            iso(next_attempt_at) if next_attempt_at else None,
-            iso(at) if state == "delivered" else None,
+            format_ts(next_attempt_at) if next_attempt_at else None,
+            format_ts(at) if state == "delivered" else None,
             outbox_id,
         ],
     ).fetchone()
     conn.execute(
         "INSERT INTO webhook_attempts (outbox_id, attempt, at, status, error, duration_ms) "
         "VALUES (?, ?, ?, ?, ?, ?)",
-        [outbox_id, attempt[0] if attempt else 0, iso(at), status, error, duration_ms],
+        [outbox_id, attempt[0] if attempt else 0, format_ts(at), status, error, duration_ms],
     )
 
 
@@ -252,11 +247,11 @@ def save_budget(conn: sqlite3.Connection, spec: BudgetSpec, now: datetime, *, cr
     if create:
         cur = conn.execute(
             "INSERT OR IGNORE INTO budgets (name, spec, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            [spec.name, text, iso(now), iso(now)],
+            [spec.name, text, format_ts(now), format_ts(now)],
         )
     else:
         cur = conn.execute(
-            "UPDATE budgets SET spec = ?, updated_at = ? WHERE name = ?", [text, iso(now), spec.name]
+            "UPDATE budgets SET spec = ?, updated_at = ? WHERE name = ?", [text, format_ts(now), spec.name]
         )
     return cur.rowcount == 1
 

@@ -50,8 +50,9 @@ import aiohttp
 
 from meterproxy.api import dumps, run_read
 from meterproxy.budgets.definition import WebhookEndpoint
-from meterproxy.budgets.store import claim_due, iso, record_attempt
+from meterproxy.budgets.store import claim_due, record_attempt
 from meterproxy.store.writer import StoreWriter
+from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = ["Deliverer", "RetryPolicy", "secret_bytes", "sign", "slack_text", "verify"]
 
@@ -181,7 +182,7 @@ class Deliverer:
 
     async def _dispatch_due(self) -> None:
         now = self.clock()
-        rows = await run_read(self.writer.path, lambda c: c.execute(_DUE, [iso(now)]).fetchall())
+        rows = await run_read(self.writer.path, lambda c: c.execute(_DUE, [format_ts(now)]).fetchall())
         rows = [r for r in rows if int(r[0]) not in self._sending]
         if not rows:
             return
@@ -207,7 +208,7 @@ class Deliverer:
         nxt = await run_read(self.writer.path, query)
         if nxt is None:
             return 5.0
-        due = datetime.fromisoformat(nxt.replace("Z", "+00:00"))
+        due = parse_ts(nxt)
         return max(0.02, min(5.0, (due - self.clock()).total_seconds()))
 
     async def _deliver(
@@ -250,7 +251,7 @@ class Deliverer:
                 error = f"{type(exc).__name__}: {exc}"
         now = self.clock()
         attempts += 1
-        created_at = datetime.fromisoformat(created.replace("Z", "+00:00"))
+        created_at = parse_ts(created)
         if error is None:
             state, nxt = "delivered", None
             self.delivered += 1

@@ -10,12 +10,12 @@ same database.
 
 from __future__ import annotations
 
-from decimal import Decimal
 from pathlib import Path
 
 import click
 
 from meterproxy.api import ParamError, parse_time
+from meterproxy.money import usd_text
 from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.reprice import RepriceReport, reprice
 from meterproxy.settings import SettingsError, load_settings
@@ -23,28 +23,18 @@ from meterproxy.settings import SettingsError, load_settings
 __all__ = ["command", "format_report"]
 
 
-def _usd(value: Decimal, sign: bool = False) -> str:
-    """Exact, without the trailing zeros of picodollar precision (``0.0075`` not ``0.007500000000``)."""
-    text = f"{value:f}"
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    if text in ("0", "-0"):
-        return "0"
-    return f"+{text}" if sign and not text.startswith("-") else text
-
-
 def format_report(report: RepriceReport) -> str:
     lines = [
         f"scanned {report.scanned} rows with reported usage",
         f"changed {report.changed} rows ({report.newly_priced} newly priced, "
         f"{report.now_unpriced} now unpriced)",
-        f"old total  {_usd(report.old_total)} USD",
-        f"new total  {_usd(report.new_total)} USD",
-        f"difference {_usd(report.difference, sign=True)} USD",
+        f"old total  {usd_text(report.old_total)} USD",
+        f"new total  {usd_text(report.new_total)} USD",
+        f"difference {usd_text(report.difference, sign=True)} USD",
     ]
     if report.by_model:
         rows = [
-            (model, str(c.rows), _usd(c.old_usd), _usd(c.new_usd), _usd(c.difference, sign=True))
+            (model, str(c.rows), usd_text(c.old_usd), usd_text(c.new_usd), usd_text(c.difference, sign=True))
             for model, c in sorted(report.by_model.items(), key=lambda kv: -abs(kv[1].difference))
         ]
         header = ("MODEL", "ROWS", "OLD_USD", "NEW_USD", "DIFFERENCE")

@@ -27,6 +27,7 @@ from meterproxy.commands.imports import resolve_db
 from meterproxy.commands.report import make_reader, source_options, zone
 from meterproxy.reports import Query, money
 from meterproxy.settings import load_settings
+from meterproxy.timestamps import format_ts
 
 __all__ = ["command", "db_budgets", "fetch_budgets", "worst_budget"]
 
@@ -114,7 +115,7 @@ def command(
     """Print today's and this session's spend on one line, colored by budget state."""
     zone_ = zone(tz)
     midnight = datetime.combine(datetime.now(zone_).date(), time(), zone_).astimezone(UTC)
-    since = midnight.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    since = format_ts(midnight)
     try:
         parts = [f"today {money(_spend(db, url, token, Query(since=since, tz=zone_)))}"]
         if session:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import orjson
 
 from meterproxy.imports import FileState, ImportStats, ImportStore, price_imported, stable_id
 from meterproxy.pricing import PriceBook
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
 
 __all__ = ["SOURCE", "default_roots", "find_files", "import_claude_code", "parse_entry"]
@@ -92,10 +93,9 @@ def _timestamp(raw: Any) -> datetime:
     if not isinstance(raw, str):
         raise EntryError("no timestamp")
     try:
-        ts = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return parse_ts(raw)
     except ValueError as exc:
         raise EntryError(f"timestamp {raw!r} is not ISO 8601") from exc
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def parse_entry(entry: Any, project: str) -> RequestRecord | None:

@@ -38,6 +38,7 @@ import orjson
 
 from meterproxy.imports import HEAD_BYTES, FileState, ImportStats, ImportStore, price_imported, stable_id
 from meterproxy.pricing import PriceBook
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
 
 __all__ = ["FIELDS", "PRESETS", "LineMapping", "follow", "read_new"]
@@ -101,10 +102,9 @@ def _ts(value: Any) -> datetime:
         return datetime.fromtimestamp(seconds, UTC)
     if isinstance(value, str):
         try:
-            ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return parse_ts(value)
         except ValueError as exc:
             raise LineError(f"timestamp {value!r} is not ISO 8601 or epoch seconds") from exc
-        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
     raise LineError("no timestamp")
 
 

@@ -31,9 +31,10 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from meterproxy.store.queries import API_FIELDS, RequestFilter
+from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -157,9 +158,6 @@ def pg_slice(conn: sqlite3.Connection, flt: RequestFilter, fmt: str) -> bytes:
     return row[0].encode() if row is not None and row[0] else b""
 
 
-_TS = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
 def time_slices(
     conn: sqlite3.Connection, since: str | None, until: str | None, width: timedelta = timedelta(hours=6)
 ) -> list[tuple[str, str]]:
@@ -171,13 +169,13 @@ def time_slices(
     end = min(until, hi + "~") if until else hi + "~"  # "~" sorts after every ts: hi is included
     if start >= end:
         return []
-    at = datetime.fromisoformat(start.replace("Z", "+00:00")).replace(minute=0, second=0, microsecond=0)
+    at = parse_ts(start).replace(minute=0, second=0, microsecond=0)
     at -= timedelta(hours=at.hour % max(1, int(width.total_seconds() // 3600)))
     slices: list[tuple[str, str]] = []
     lower = start
     while True:
         at += width
-        upper = at.strftime(_TS)
+        upper = format_ts(at)
         if upper >= end:
             slices.append((lower, end))
             return slices

@@ -19,27 +19,24 @@ import json
 import os
 import secrets
 import sqlite3
-from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
+from meterproxy.money import stored_cost_text, to_pico
+from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord
 
 __all__ = [
     "COLUMNS",
-    "PICO",
     "apply_migrations",
     "connect",
     "core_migrations",
-    "from_pico",
     "record_to_row",
-    "to_pico",
 ]
 
-PICO = Decimal("1e-12")
 
 core_migrations = Migrations("meterproxy.core")
 
@@ -140,25 +137,13 @@ COLUMNS = [
 ]
 
 
-def to_pico(cost: Decimal) -> int:
-    return int(cost.quantize(PICO, rounding=ROUND_HALF_EVEN).scaleb(12))
-
-
-def from_pico(value: int | None) -> Decimal | None:
-    return None if value is None else Decimal(value).scaleb(-12)
-
-
-def format_ts(record: RequestRecord) -> str:
-    return record.ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
     u = record.tokens
     cost = record.cost_usd
     pico = to_pico(cost) if cost is not None else None
     return (
         record.id,
-        format_ts(record),
+        format_ts(record.ts),
         record.source,
         record.upstream,
         record.provider,
@@ -176,7 +161,7 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         u.output_tokens,
         u.reasoning_tokens,
         u.web_search_requests,
-        format(from_pico(pico), "f") if pico is not None else None,  # "0.000000000000", not "0E-12"
+        stored_cost_text(pico),
         pico,
         str(record.provider_cost_usd) if record.provider_cost_usd is not None else None,
         record.usage_source,

@@ -38,6 +38,7 @@ from typing import Any
 
 from meterproxy.store.queries import RequestFilter
 from meterproxy.store.rollups import COARSE_DIMENSIONS, DIMENSIONS, MEASURES, RollupState, rollup_state
+from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = [
     "GROUPABLE",
@@ -81,21 +82,13 @@ class Summary:
 # -- time helpers ------------------------------------------------------------
 
 
-def _parse(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
-def _fmt(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _floor(ts: str | None, unit: str) -> str | None:
     if ts is None:
         return None
-    dt = _parse(ts).replace(minute=0, second=0, microsecond=0)
+    dt = parse_ts(ts).replace(minute=0, second=0, microsecond=0)
     if unit == "day":
         dt = dt.replace(hour=0)
-    return _fmt(dt)
+    return format_ts(dt)
 
 
 def _ceil(ts: str | None, unit: str) -> str | None:
@@ -105,11 +98,11 @@ def _ceil(ts: str | None, unit: str) -> str | None:
     assert floor is not None
     if floor == ts:
         return ts
-    return _fmt(_parse(floor) + (timedelta(days=1) if unit == "day" else timedelta(hours=1)))
+    return format_ts(parse_ts(floor) + (timedelta(days=1) if unit == "day" else timedelta(hours=1)))
 
 
 def _whole_hour_zone(tz: tzinfo, flt: RequestFilter) -> bool:
-    moments = [datetime.now(UTC)] + [_parse(t) for t in (flt.since, flt.until) if t]
+    moments = [datetime.now(UTC)] + [parse_ts(t) for t in (flt.since, flt.until) if t]
     return all(
         int((m.astimezone(tz).utcoffset() or timedelta()).total_seconds()) % 3600 == 0 for m in moments
     )

@@ -1,0 +1,34 @@
+"""The one parser and the one formatter for timestamps as meterproxy writes them.
+
+Stored rows, API parameters, webhook outbox times and imported logs all carry
+ISO 8601 text. `format_ts` writes the stored form (UTC, microseconds, ``Z``),
+which sorts as text in both engines; `parse_ts` reads any ISO 8601 date or
+datetime back into an aware UTC `datetime`, with a naive value taken as UTC.
+Python 3.11's `datetime.fromisoformat` already reads ``Z``; the copies this
+module replaced each rewrote it to ``+00:00`` by hand, and differed on naive input.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, tzinfo
+
+__all__ = ["format_ts", "parse_ts"]
+
+
+def parse_ts(text: str, naive: tzinfo = UTC) -> datetime:
+    """ISO 8601 text -> aware UTC datetime; ValueError if it is not ISO 8601.
+
+    ``Z`` and offsets are honoured; a value without one is in ``naive`` (UTC
+    unless the caller has a zone the user meant, as reports do).
+    """
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=naive)
+    return moment.astimezone(UTC)
+
+
+def format_ts(moment: datetime) -> str:
+    """The stored form: ``2026-01-31T23:59:59.000123Z`` (naive means UTC)."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
