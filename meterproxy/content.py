@@ -28,10 +28,11 @@ import sqlite_utils
 from aiohttp import web
 from sqlite_utils import Migrations
 
-from meterproxy.api import api_error, json_response, run_read
+from meterproxy.api import api_error, json_response
 from meterproxy.app_state import METER, SETTINGS, WRITER
 from meterproxy.logs import redact
 from meterproxy.store import register_migrations
+from meterproxy.store.queries import run_read
 from meterproxy.usage import RequestRecord
 
 __all__ = ["Redactor", "content_migrations", "setup"]

@@ -26,13 +26,13 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from meterproxy.api import ParamError, api_error, run_read
+from meterproxy.api import ParamError, api_error
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
 from meterproxy.app_state import WRITER
 from meterproxy.store.backend import parse_db
 from meterproxy.store.export import FORMATS, SlicedExport, csv_header, time_slices
 from meterproxy.store.export_process import ExportFailed, ExportProcess
-from meterproxy.store.queries import RequestFilter, read_connection
+from meterproxy.store.queries import RequestFilter, read_connection, run_read
 
 __all__ = ["setup"]
 

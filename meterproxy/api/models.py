@@ -1,7 +1,7 @@
 """Response shapes of the JSON API, as pydantic models (the OpenAPI schemas come from these).
 
 Handlers build plain dicts for speed and serialize them with
-`meterproxy.api.dumps` (exact decimals); the tests validate real responses
+`meterproxy.exact_json.dumps` (exact decimals); the tests validate real responses
 against these models, so a shape cannot drift from its documentation.
 Costs are `Cost`: a decimal serialized as an exact JSON number (never a
 float's rounding, never a string).

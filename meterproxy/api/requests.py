@@ -16,9 +16,9 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import MultiMapping
 
-from meterproxy.api import ParamError, api_error, json_response, parse_int, parse_time, run_read
+from meterproxy.api import ParamError, api_error, json_response, parse_int, parse_time
 from meterproxy.app_state import WRITER
-from meterproxy.store.queries import RequestFilter, list_requests
+from meterproxy.store.queries import RequestFilter, list_requests, run_read
 
 __all__ = ["filter_from_query", "setup"]
 

@@ -27,11 +27,11 @@ from typing import Any
 
 from aiohttp import web
 
-from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
 from meterproxy.app_state import WRITER
-from meterproxy.store.queries import RequestFilter, decode_cursor, list_requests
+from meterproxy.store.queries import RequestFilter, decode_cursor, list_requests, run_read
 from meterproxy.store.rollups import MEASURES
 
 __all__ = ["SORTS", "list_sessions", "session_detail", "setup"]

@@ -23,11 +23,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from aiohttp import web
 from multidict import MultiMapping
 
-from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.requests import filter_from_query
 from meterproxy.app_state import WRITER
-from meterproxy.store.queries import RequestFilter
+from meterproxy.store.queries import RequestFilter, run_read
 from meterproxy.store.summary import (
     GROUPABLE,
     TIME_DIMENSIONS,

@@ -19,10 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter, parse_group_by, parse_tz
 from meterproxy.app_state import WRITER
+from meterproxy.store.queries import run_read
 from meterproxy.store.summary import (
     MEASURE_NAMES,
     TIME_DIMENSIONS,

@@ -28,8 +28,8 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from meterproxy.api import dumps
 from meterproxy.budgets.definition import BudgetScope, BudgetSpec
+from meterproxy.exact_json import dumps
 from meterproxy.store import register_migrations
 from meterproxy.timestamps import format_ts
 

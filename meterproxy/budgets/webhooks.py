@@ -48,9 +48,10 @@ from typing import Any
 
 import aiohttp
 
-from meterproxy.api import dumps, run_read
 from meterproxy.budgets.definition import WebhookEndpoint
 from meterproxy.budgets.store import claim_due, record_attempt
+from meterproxy.exact_json import dumps
+from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
 from meterproxy.timestamps import format_ts, parse_ts
 

@@ -27,6 +27,7 @@ import click
 from pydantic import ValidationError
 
 from meterproxy.budgets.definition import BudgetSpec
+from meterproxy.exact_json import dumps
 
 __all__ = ["command"]
 
@@ -131,8 +132,6 @@ def list_command(
     db: str | None, url: str | None, token: str | None, config_file: str | None, as_json: bool
 ) -> None:
     """Budgets with their spend, limit and percent for the current period."""
-    from meterproxy.api import dumps
-
     if url:
         views = _api(url, token, "GET", "/api/budgets")["budgets"]
     else:

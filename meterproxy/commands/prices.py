@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 
+from meterproxy.exact_json import dumps
 from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates, TimeWindow
 from meterproxy.pricing_load import DAY_NAMES
 
@@ -144,8 +145,6 @@ def list_command(provider: str | None, as_json: bool, pricing: tuple[Path, ...])
     book = load_book(pricing)
     rows = _list_rows(book, provider, datetime.now(UTC))
     if as_json:
-        from meterproxy.api import dumps
-
         click.echo(dumps(rows))
         return
     if not rows:

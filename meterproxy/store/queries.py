@@ -11,14 +11,15 @@ row's ``ts|id``, so pages stay stable while new rows arrive.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meterproxy.store import backend
 from meterproxy.store.schema import COLUMNS
@@ -31,6 +32,7 @@ __all__ = [
     "list_requests",
     "read_connection",
     "row_to_api",
+    "run_read",
 ]
 
 # Columns the API shows, in stored order; internal ones stay inside.
@@ -142,3 +144,19 @@ def iter_rows(
         if not chunk:
             return
         yield from chunk
+
+
+T = TypeVar("T")
+
+
+async def run_read(db: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn(conn)`` on a fresh read-only connection, in a worker thread (the event loop never waits)."""
+
+    def work() -> T:
+        conn = read_connection(db)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(work)
