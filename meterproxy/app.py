@@ -18,7 +18,6 @@ proxy route, which must be registered last so it never shadows them.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import import_module
@@ -29,9 +28,10 @@ from aiohttp import web
 from meterproxy import __version__
 from meterproxy.api.me import ME_PREFIX
 from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.meter import Meter, price_record_with
 from meterproxy.pricing import PriceBook
-from meterproxy.proxy import Proxy, json_error
+from meterproxy.proxy import Proxy
 from meterproxy.settings import Settings
 from meterproxy.store import backend as store_backend
 from meterproxy.store.writer import StoreWriter
@@ -54,6 +54,7 @@ FEATURES = [
     "meterproxy.api.openapi",
     "meterproxy.api.me",
     "meterproxy.budgets.feature",
+    "meterproxy.budgets.api",
     "meterproxy.budgets.replicas",
     "meterproxy.dashboard",
     "meterproxy.content",
@@ -77,13 +78,8 @@ async def admin_auth(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     token = request.app[SETTINGS].admin_token
-    if token and _is_admin_path(request.path):
-        sent = request.headers.get("authorization", "")
-        scheme, _, value = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            return json_error(
-                401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'"
-            )
+    if token and _is_admin_path(request.path) and not bearer_matches(request, token):
+        return unauthorized(request)
     return await handler(request)
 
 

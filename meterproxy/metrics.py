@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -68,8 +67,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from meterproxy.app_state import METER, METRICS, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.pricing import PriceBook
-from meterproxy.proxy import json_error
 from meterproxy.settings import Settings
 from meterproxy.usage import RequestRecord
 
@@ -425,11 +424,9 @@ def _enable_multiprocess(directory: str) -> None:
 async def metrics_handler(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
-    if settings.metrics_require_token and settings.admin_token:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        token = settings.admin_token.encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
-            return json_error(401, "unauthorized", "/metrics needs 'Authorization: Bearer <admin token>'")
+    token = settings.admin_token if settings.metrics_require_token else None
+    if token and not bearer_matches(request, token):
+        return unauthorized(request)
     metrics = app[METRICS]
     metrics.refresh(app)
     # Rendering thousands of series takes milliseconds: off the loop, so streams keep flowing.

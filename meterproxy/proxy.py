@@ -51,6 +51,7 @@ from aiohttp import web
 from meterproxy import providers
 from meterproxy.attribution import ATTRIBUTION_HEADERS, api_key, fingerprint, parse_tags
 from meterproxy.exchange import ClientSide, Exchange
+from meterproxy.http_errors import json_error
 from meterproxy.logs import redact
 from meterproxy.meter import Meter
 from meterproxy.providers.base import RequestInfo
@@ -59,7 +60,7 @@ from meterproxy.tap import ResponseTap, decodable_encodings
 from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError
 from meterproxy.usage import CapturedContent, RequestRecord
 
-__all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "AiohttpClient", "Proxy", "json_error"]
+__all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "AiohttpClient", "Proxy"]
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", *ATTRIBUTION_HEADERS}
-
-
-def json_error(status: int, code: str, message: str) -> web.Response:
-    """meterproxy's own errors: one JSON shape, readable by every provider's SDK."""
-    return web.json_response(
-        {"error": {"type": "meterproxy_error", "code": code, "message": message}}, status=status
-    )
 
 
 def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -159,8 +153,10 @@ class Proxy:
         max_body_bytes: int = 32 * 1024 * 1024,
         durable: Callable[[], Awaitable[object]] | None = None,
         content_limit: int = 0,
+        registry: providers.ProviderRegistry | None = None,
     ) -> None:
         self.upstreams = upstreams
+        self.providers = registry or providers.ProviderRegistry.builtin()
         self.meter = meter
         self.client = client
         self._salt = fingerprint_salt
@@ -242,7 +238,7 @@ class Proxy:
         started: float,
     ) -> Exchange:
         """The request is routed and read whole: inspect it and open its record."""
-        provider = providers.detect(target.path)
+        provider = self.providers.detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
         record = self._new_record(method, target, provider, info, _first_values(headers), raw_query)
         if self._content_limit and provider is not None:
@@ -288,7 +284,7 @@ class Proxy:
         gone: bool = False,
     ) -> web.Response:
         """A request we answer ourselves before forwarding (413, 408): recorded, never sent on."""
-        provider = providers.detect(target.path)
+        provider = self.providers.detect(target.path)
         record = self._new_record(method, target, provider, RequestInfo(), _first_values(headers), raw_query)
         record.status, record.error, record.usage_source = (None if gone else status), message, "none"
         record.client_disconnected = gone

@@ -28,10 +28,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterproxy import providers
+from meterproxy.providers import ProviderRegistry
 from meterproxy.providers.base import MAX_TOKENS, RequestInfo
 from meterproxy.sse import SSEDecoder
 from meterproxy.tap import ResponseTap
+
+PROVIDERS = ProviderRegistry.builtin()
 
 VOLUME = int(os.environ.get("METERPROXY_FUZZ_EXAMPLES", "1500"))
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,7 +49,7 @@ PATHS = {
 
 def _parser(kind: str, injected: bool = False) -> Any:
     path = PATHS[kind]
-    provider = providers.detect(path)
+    provider = PROVIDERS.detect(path)
     assert provider is not None
     return provider.new_parser(path, RequestInfo(stream=True), injected)
 

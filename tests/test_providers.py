@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from meterproxy import providers
+from meterproxy.providers import ParseResult, ProviderRegistry, RequestInfo
 from meterproxy.tap import ResponseTap
 from meterproxy.testing import FIXTURES_DIR, Fixture, load_fixture
+
+PROVIDERS = ProviderRegistry.builtin()
 
 ALL = sorted(p.stem for p in FIXTURES_DIR.glob("*.toml"))
 TOKEN_FIELDS = (
@@ -23,9 +25,9 @@ TOKEN_FIELDS = (
 )
 
 
-def run_tap(fx: Fixture, chunk: int | None, injected: bool = False) -> tuple[providers.ParseResult, bytes]:
+def run_tap(fx: Fixture, chunk: int | None, injected: bool = False) -> tuple[ParseResult, bytes]:
     path = str(fx.meta["path"]).split("?")[0]
-    provider = providers.detect(path)
+    provider = PROVIDERS.detect(path)
     assert provider is not None, path
     assert provider.name == fx.meta["provider"]
     info = provider.inspect_request(path, str(fx.meta.get("request_body", "")).encode())
@@ -72,7 +74,7 @@ def test_injected_usage_chunk_is_stripped_so_client_sees_the_unasked_stream(chun
 
 
 def test_prepare_request_inserts_include_usage_textually() -> None:
-    provider = providers.detect("/v1/chat/completions")
+    provider = PROVIDERS.detect("/v1/chat/completions")
     assert provider is not None
     body = b'{"model": "gpt-4o",  "stream": true, "messages": [{"role":"user","content":"hi"}]}\n'
     info = provider.inspect_request("/v1/chat/completions", body)
@@ -110,9 +112,9 @@ def test_anthropic_delta_replaces_and_keeps_start_input() -> None:
     ],
 )
 def test_bad_usage_numbers_are_flagged_not_counted(usage: str, source: str) -> None:
-    provider = providers.detect("/v1/chat/completions")
+    provider = PROVIDERS.detect("/v1/chat/completions")
     assert provider is not None
-    parser = provider.new_parser("/v1/chat/completions", providers.RequestInfo(), False)
+    parser = provider.new_parser("/v1/chat/completions", RequestInfo(), False)
     parser.on_body(f'{{"model":"gpt-4o","usage":{usage}}}'.encode(), False)
     result = parser.result()
     assert result.usage_source == source
@@ -122,7 +124,7 @@ def test_bad_usage_numbers_are_flagged_not_counted(usage: str, source: str) -> N
 def test_large_json_body_reads_usage_from_the_tail() -> None:
     from meterproxy import tap as tap_module
 
-    provider = providers.detect("/v1/embeddings")
+    provider = PROVIDERS.detect("/v1/embeddings")
     assert provider is not None
     vector = ",".join(["0.0123456"] * 1000)
     items = ",".join(f'{{"object":"embedding","index":{i},"embedding":[{vector}]}}' for i in range(1200))
@@ -131,7 +133,7 @@ def test_large_json_body_reads_usage_from_the_tail() -> None:
         f'"usage":{{"prompt_tokens":4321,"total_tokens":4321}}}}'
     ).encode()
     assert len(body) > tap_module.MAX_JSON_BYTES
-    tap = ResponseTap(provider.new_parser("/v1/embeddings", providers.RequestInfo(), False), sse=False)
+    tap = ResponseTap(provider.new_parser("/v1/embeddings", RequestInfo(), False), sse=False)
     for i in range(0, len(body), 65536):
         tap.feed(body[i : i + 65536])
     tap.finish()
@@ -145,10 +147,10 @@ def test_gzip_answer_is_metered_and_forwarded_compressed() -> None:
 
     fx = load_fixture("openai_chat_json")
     compressed = gzip.compress(fx.body)
-    provider = providers.detect("/v1/chat/completions")
+    provider = PROVIDERS.detect("/v1/chat/completions")
     assert provider is not None
     tap = ResponseTap(
-        provider.new_parser("/v1/chat/completions", providers.RequestInfo(), False),
+        provider.new_parser("/v1/chat/completions", RequestInfo(), False),
         sse=False,
         content_encoding="gzip",
     )

@@ -1,31 +1,23 @@
 """The JSON API (read side): every handler queries the store off the event loop.
 
-Shared pieces live here: the one error shape, parameter parsing that names the
-bad parameter, and `run_read` which runs a query function on a fresh read-only
-connection in a worker thread. Decimal costs are serialized as JSON numbers
-with their exact digits (never through float).
+Shared pieces live here: the one error shape and parameter parsing that names
+the bad parameter. Handlers query through `meterproxy.store.queries.run_read`
+(a fresh read-only connection in a worker thread) and answer with
+`json_response`, whose Decimal costs are JSON numbers with their exact digits
+(`meterproxy.exact_json`, never through float).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import re
-import secrets
-import sqlite3
-from collections.abc import Callable
-from datetime import datetime
-from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
-from meterproxy.store.queries import read_connection
+from meterproxy.exact_json import dumps_bytes
+from meterproxy.http_errors import json_error as api_error
 from meterproxy.timestamps import format_ts, parse_ts
 
-__all__ = ["ParamError", "api_error", "dumps", "json_response", "parse_int", "parse_time", "run_read"]
-
-T = TypeVar("T")
+__all__ = ["ParamError", "api_error", "json_response", "parse_int", "parse_time"]
 
 
 class ParamError(ValueError):
@@ -35,42 +27,8 @@ class ParamError(ValueError):
         self.why = why
 
 
-def api_error(status: int, code: str, message: str, param: str | None = None) -> web.Response:
-    error: dict[str, Any] = {"type": "meterproxy_error", "code": code, "message": message}
-    if param:
-        error["param"] = param
-    return web.json_response({"error": error}, status=status)
-
-
-def _mark_decimals(o: Any, token: str) -> Any:
-    if isinstance(o, Decimal):
-        return f"{token}{format(o, 'f')}"
-    if isinstance(o, dict):
-        return {k: _mark_decimals(v, token) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_mark_decimals(v, token) for v in o]
-    if isinstance(o, datetime):
-        return o.isoformat()
-    return o
-
-
-def dumps(obj: Any) -> str:
-    """JSON with Decimals as exact numbers: ``Decimal('0.000123')`` -> ``0.000123``.
-
-    json's encoders print floats with ``float.__repr__`` whatever the subclass, so
-    a Decimal cannot pass through as a float without rounding to 17 digits.
-    Instead each Decimal goes out as a string carrying a random per-call marker
-    (which no other string can contain), and the quoted marker is then replaced
-    by the bare digits.
-    """
-    token = f"\x00{secrets.token_hex(8)}:"
-    text = json.dumps(_mark_decimals(obj, token), separators=(",", ":"), default=str)
-    escaped = re.escape(json.dumps(token)[1:-1])
-    return re.sub(f'"{escaped}(-?[0-9.]+)"', r"\1", text)
-
-
 def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(text=dumps(obj), status=status, content_type="application/json")
+    return web.Response(body=dumps_bytes(obj), status=status, content_type="application/json")
 
 
 def parse_time(param: str, value: str | None) -> str | None:
@@ -93,14 +51,3 @@ def parse_int(param: str, value: str | None, default: int, lo: int, hi: int) -> 
     if not lo <= number <= hi:
         raise ParamError(param, f"must be between {lo} and {hi}")
     return number
-
-
-async def run_read(db_path: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-    def work() -> T:
-        conn = read_connection(db_path)
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(work)

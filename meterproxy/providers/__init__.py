@@ -1,39 +1,51 @@
 """Provider wire formats, chosen by request path.
 
 The built-in parsers register exactly the way an extension would: through
-`register`. `detect` asks each registered provider, most recently registered
-first, so an extension can claim a path before a built-in does.
+`ProviderRegistry.register`. `detect` asks each registered provider, most
+recently registered first, so an extension can claim a path before a built-in does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from meterproxy.providers.anthropic import AnthropicProvider
 from meterproxy.providers.base import ParseResult, Provider, RequestInfo, UsageParser
 from meterproxy.providers.gemini import GeminiProvider
 from meterproxy.providers.openai import OpenAIProvider
 
-__all__ = ["ParseResult", "Provider", "RequestInfo", "UsageParser", "detect", "register", "registered"]
-
-_REGISTRY: list[Provider] = []
+__all__ = ["ParseResult", "Provider", "ProviderRegistry", "RequestInfo", "UsageParser"]
 
 
-def register(provider: Provider) -> None:
-    _REGISTRY.insert(0, provider)
+class ProviderRegistry:
+    """The wire formats one application meters, asked most recently registered first.
 
+    Each `meterproxy.proxy.Proxy` holds its own (an instance, not a module
+    global), so a test or an embedding application can add or replace a
+    provider without touching any other proxy in the process.
+    """
 
-def registered() -> list[Provider]:
-    return list(_REGISTRY)
+    def __init__(self, providers: Iterable[Provider] = ()) -> None:
+        self._providers: list[Provider] = []
+        for provider in providers:
+            self.register(provider)
 
+    @classmethod
+    def builtin(cls) -> ProviderRegistry:
+        """OpenAI, Gemini and Anthropic, registered the way an extension would be."""
+        # Order matters only where paths overlap: "/messages" is Anthropic, the OpenAI
+        # suffixes never end in "/messages", Gemini's ":generateContent" is unique.
+        return cls((OpenAIProvider(), GeminiProvider(), AnthropicProvider()))
 
-def detect(path: str) -> Provider | None:
-    """The wire family of an upstream path (no query string), or None (forwarded unmetered)."""
-    for provider in _REGISTRY:
-        if provider.matches(path):
-            return provider
-    return None
+    def register(self, provider: Provider) -> None:
+        self._providers.insert(0, provider)
 
+    def registered(self) -> list[Provider]:
+        return list(self._providers)
 
-# Order matters only where paths overlap: "/messages" is Anthropic, the OpenAI
-# suffixes never end in "/messages", Gemini's ":generateContent" is unique.
-for _builtin in (OpenAIProvider(), GeminiProvider(), AnthropicProvider()):
-    register(_builtin)
+    def detect(self, path: str) -> Provider | None:
+        """The wire family of an upstream path (no query string), or None (forwarded unmetered)."""
+        for provider in self._providers:
+            if provider.matches(path):
+                return provider
+        return None
