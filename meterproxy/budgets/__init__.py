@@ -11,8 +11,10 @@ The flow is one way, each module a stage:
 - `alerts`: threshold crossings and projections -> durable events (one per
   budget x type x threshold x period, enforced by a UNIQUE key).
 - `webhooks` (``meterproxy.webhooks``): the outbox and its delivery task.
-- `api`: ``/api/budgets`` and ``/api/webhooks/deliveries``.
-- `feature`: ``setup(app)``, which wires the above into the application.
+- `feature`: `BudgetEngine` and ``setup(app)``, which wires the stages above into
+  the application.
+- `api`: ``/api/budgets`` and ``/api/webhooks/deliveries`` over the engine (its
+  own ``setup``, listed after `feature`'s).
 
 This package's ``__init__`` stays import-light so that `meterproxy.settings`
 can import `meterproxy.budgets.definition` without pulling in aiohttp handlers.

@@ -26,13 +26,14 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from meterproxy.api import ParamError, api_error, json_response, parse_int, run_read
+from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.app_state import WRITER
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine, BudgetError
 from meterproxy.budgets.spend import BudgetState
+from meterproxy.store.queries import run_read
 
-__all__ = ["add_routes", "budget_view"]
+__all__ = ["budget_view", "setup"]
 
 
 def budget_view(state: BudgetState, request: web.Request) -> dict[str, Any]:
@@ -202,7 +203,8 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return json_response({"deliveries": rows})
 
 
-def add_routes(app: web.Application) -> None:
+def setup(app: web.Application) -> None:
+    """Listed after ``meterproxy.budgets.feature`` in `meterproxy.app.FEATURES` (its engine serves these)."""
     app.router.add_get("/api/budgets", list_budgets)
     app.router.add_post("/api/budgets", create_budget)
     app.router.add_get("/api/budgets/{name}", show_budget)

@@ -45,6 +45,7 @@ from meterproxy.budgets.store import (
 from meterproxy.budgets.webhooks import Deliverer, RetryPolicy
 from meterproxy.meter import Meter
 from meterproxy.settings import Settings
+from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
 from meterproxy.usage import RequestRecord, utcnow
 
@@ -165,8 +166,6 @@ class BudgetEngine:
 
     async def sync_table(self) -> None:
         """Follow changes another process (``meterproxy budgets add --db``) made to the table."""
-        from meterproxy.api import run_read
-
         specs = {s.name: s for s in await run_read(self.writer.path, load_api_budgets)}
         for state in self.tracker.states():
             if state.source == "api" and state.spec.name not in specs:
@@ -321,7 +320,5 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
-    from meterproxy.budgets import api
-
+    # The routes are `meterproxy.budgets.api`'s own feature: it imports this module, not the reverse.
     app.cleanup_ctx.append(_budgets_ctx)
-    api.add_routes(app)
