@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
+from meterproxy import http_errors
 from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture
 from meterproxy.testing_raw import RawUpstream
 from tests.conftest import ProxyFactory
@@ -154,8 +155,6 @@ async def test_admin_token_is_compared_in_constant_time(
     make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every admin check goes through hmac.compare_digest (timing independent of the contents)."""
-    import meterproxy.app
-
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -163,7 +162,7 @@ async def test_admin_token_is_compared_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(meterproxy.app.hmac, "compare_digest", spy)
+    monkeypatch.setattr(http_errors.hmac, "compare_digest", spy)
     proxy = await make_proxy(admin_token="tok-123")
     async with aiohttp.ClientSession() as client:
         for sent in ("tok-124", "tok-123"):
