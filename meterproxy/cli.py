@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "meterproxy.commands.reprice",
     "meterproxy.commands.migrate",
     "meterproxy.commands.budgets",
+    "meterproxy.commands.health",
 ]
 
 
