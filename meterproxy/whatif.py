@@ -39,10 +39,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+from meterproxy.money import from_pico, to_pico, usd_text
 from meterproxy.pricing import PriceBook
-from meterproxy.reports import compact, money, usd_text
+from meterproxy.reports import compact, money
 from meterproxy.store.queries import RequestFilter, read_connection
-from meterproxy.store.schema import from_pico, to_pico
+from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, Usage
 
 __all__ = ["CacheSavings", "ModelWhatIf", "WhatIf", "what_if", "whatif_csv", "whatif_json", "whatif_table"]
@@ -149,10 +150,6 @@ def _rows(conn: sqlite3.Connection, flt: RequestFilter, batch: int = 2000) -> It
         yield from chunk
 
 
-def _parse_ts(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def what_if(
     db: str | Path,
     flt: RequestFilter,
@@ -170,7 +167,7 @@ def what_if(
     try:
         for row in _rows(conn, flt):
             usage = Usage(**{name: row[name] or 0 for name in USAGE_FIELDS})
-            ts = _parse_ts(row["ts"])
+            ts = parse_ts(row["ts"])
             model = row["model"] or row["requested_model"] or "(unknown)"
             m = result.by_model.setdefault(model, ModelWhatIf())
             m.requests += 1

@@ -21,11 +21,11 @@ from typing import Any
 
 from aiohttp import web
 
-from meterproxy.api import ParamError, api_error, json_response, parse_time, run_read
+from meterproxy.api import ParamError, api_error, json_response, parse_time
 from meterproxy.api.models import measures_to_api
 from meterproxy.app_state import FINGERPRINT_SALT, WRITER
 from meterproxy.attribution import api_key, fingerprint
-from meterproxy.store.queries import RequestFilter
+from meterproxy.store.queries import RequestFilter, run_read
 from meterproxy.store.summary import SummaryQuery, summarize
 
 __all__ = ["ME_PREFIX", "setup"]
