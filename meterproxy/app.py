@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 
 from meterproxy import __version__
+from meterproxy.access_log import log_request
 from meterproxy.api.me import ME_PREFIX
 from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PROXY, SETTINGS, WRITER
 from meterproxy.http_errors import bearer_matches, unauthorized
@@ -89,8 +90,18 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     writer.start()
     app[WRITER] = writer
     yield
-    if not writer.close(timeout=max(settings.shutdown_timeout, 5.0)):
-        log.error("writer did not finish flushing in time")
+    queued = writer.depth
+    if writer.close(timeout=max(settings.shutdown_timeout, 5.0)):
+        # The one line a stop leaves at info: what was still queued went to the store.
+        log.info(
+            "stopped: %d queued records flushed to %s (%d written since start, %d dropped)",
+            queued,
+            store_backend.describe(settings.db),
+            writer.written,
+            writer.dropped,
+        )
+    else:
+        log.error("writer did not finish flushing in time (%d records were queued)", queued)
     store_backend.close(settings.db)  # PostgreSQL: this process's read pool
 
 
@@ -103,6 +114,8 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     meter = app[METER]
     meter.set_pricer(price_record_with(book))
     meter.add_sink("store", app[WRITER].submit)
+    if settings.access_log:
+        meter.add_sink("access_log", log_request)
     app[FINGERPRINT_SALT] = _read_salt(app[WRITER].path)
     client = UpstreamClient(
         connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout, keepalive_timeout=60

@@ -164,6 +164,11 @@ class Settings(BaseModel):
         "before storing (e.g. emails, card numbers).",
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
+    access_log: bool = Field(
+        False,
+        description="Log one line per request at info: status, upstream, model, tokens, cost, duration "
+        "and request id (never keys, users, tags or content).",
+    )
     workers: int = Field(
         1,
         ge=1,

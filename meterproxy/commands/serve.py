@@ -112,14 +112,9 @@ def command(
         sys.exit(run_workers(settings, settings.workers))
 
     from meterproxy.app import create_app
-    from meterproxy.runtime import freeze_after_startup
+    from meterproxy.runtime import freeze_after_startup, install_uvloop
 
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
+    install_uvloop()
     app = freeze_after_startup(create_app(settings))
     log.info(
         "meterproxy listening on http://%s:%d (db %s; upstreams: %s)",
