@@ -34,8 +34,10 @@ Design:
   records, store health and in-flight requests live in this process; `refresh`
   copies them into gauges and counters just before each scrape (and every
   second in multi-process mode, where another worker may be the one scraped).
-- **Several worker processes.** With ``metrics_multiproc_dir`` (or
-  ``PROMETHEUS_MULTIPROC_DIR`` in the environment) metric values live in
+- **Several worker processes.** With ``PROMETHEUS_MULTIPROC_DIR`` in the
+  environment when prometheus_client is imported (the ``--workers``
+  supervisor sets it from ``metrics_multiproc_dir`` or a temporary directory,
+  see `meterproxy.runtime.use_metrics_dir`) metric values live in
   prometheus_client's per-process mmap files in that directory and
   ``/metrics`` merges every worker's files, so any worker answers with the
   totals of all. The directory must be emptied when the whole server starts
@@ -69,6 +71,7 @@ from prometheus_client.registry import Collector
 from meterproxy.app_state import METER, METRICS, PRICEBOOK, PROXY, SETTINGS, WRITER
 from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.pricing import PriceBook
+from meterproxy.runtime import METRICS_DIR_ENV
 from meterproxy.settings import Settings
 from meterproxy.usage import RequestRecord
 
@@ -115,7 +118,6 @@ OTHER = "other"
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class BoundedLabel:
@@ -395,7 +397,7 @@ class Metrics:
         registry: Any = self.registry
         if self.multiprocess:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, os.environ[_MULTIPROC_ENV])  # type: ignore[no-untyped-call]
+            MultiProcessCollector(registry, os.environ[METRICS_DIR_ENV])  # type: ignore[no-untyped-call]
         encoder, content_type = choose_encoder(accept)
         return encoder(registry), content_type
 
@@ -412,13 +414,6 @@ def publish_budget(
 def _tag_label_name(key: str) -> str:
     cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in key.lower())
     return f"tag_{cleaned}"
-
-
-def _enable_multiprocess(directory: str) -> None:
-    """Switch prometheus_client to per-process files in ``directory`` (must run before any metric)."""
-    os.makedirs(directory, exist_ok=True)
-    os.environ[_MULTIPROC_ENV] = directory
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -460,9 +455,14 @@ async def _refresh_forever(app: web.Application, metrics: Metrics) -> None:
 
 
 def create_metrics(settings: Settings) -> Metrics:
-    directory = settings.metrics_multiproc_dir or os.environ.get(_MULTIPROC_ENV)
-    if directory and values.ValueClass is values.MutexValue:
-        _enable_multiprocess(directory)
+    if settings.metrics_multiproc_dir and values.ValueClass is values.MutexValue:
+        # The mode is the process's, chosen when prometheus_client was imported (see
+        # `meterproxy.runtime.use_metrics_dir`); an app cannot switch it afterwards.
+        log.warning(
+            "metrics_multiproc_dir is set but %s was not when prometheus_client was imported: "
+            "this process counts on its own",
+            METRICS_DIR_ENV,
+        )
     metrics = Metrics(
         max_unknown_models=settings.metrics_max_unknown_models,
         tag_labels=settings.metrics_tag_labels,

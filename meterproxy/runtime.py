@@ -5,6 +5,11 @@ where a process is started to serve, never inside `create_app` (tests run many
 apps in one process):
 
 - **uvloop** as the event loop (faster I/O and scheduling than asyncio's own).
+- **prometheus_client's multi-process mode** (`use_metrics_dir`): the library
+  reads ``PROMETHEUS_MULTIPROC_DIR`` once, when it is first imported, so the
+  process that starts the servers sets it before that (the ``--workers``
+  supervisor before it spawns the workers, which inherit it; a single
+  ``serve`` before it builds the app). Nothing patches the library afterwards.
 - **The startup heap is frozen** once the app has started (`gc.freeze`): the
   tens of thousands of long-lived objects that imports, settings and the price
   tables leave behind move out of the garbage collector's reach. Without this,
@@ -16,10 +21,14 @@ apps in one process):
 from __future__ import annotations
 
 import gc
+import os
+import sys
 
 from aiohttp import web
 
-__all__ = ["freeze_after_startup", "install_uvloop"]
+__all__ = ["METRICS_DIR_ENV", "freeze_after_startup", "install_uvloop", "use_metrics_dir"]
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def install_uvloop() -> None:
@@ -29,6 +38,18 @@ def install_uvloop() -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - Windows
         pass
+
+
+def use_metrics_dir(directory: str) -> None:
+    """Put prometheus_client in multi-process mode on ``directory``, for this process and its children.
+
+    Must run before prometheus_client is imported here: it chooses its value
+    class at import time, from the environment.
+    """
+    if "prometheus_client" in sys.modules and os.environ.get(METRICS_DIR_ENV) != directory:
+        raise RuntimeError(f"{METRICS_DIR_ENV} must be set before prometheus_client is imported")
+    os.makedirs(directory, exist_ok=True)
+    os.environ[METRICS_DIR_ENV] = directory
 
 
 async def _freeze(app: web.Application) -> None:

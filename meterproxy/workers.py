@@ -34,6 +34,7 @@ import tempfile
 from multiprocessing.connection import wait
 from types import FrameType
 
+from meterproxy.runtime import METRICS_DIR_ENV, use_metrics_dir
 from meterproxy.settings import Settings
 
 __all__ = ["prepare_database", "run_workers", "worker_main"]
@@ -53,7 +54,7 @@ def prepare_database(path: str) -> None:
 
 
 def _metrics_dir(settings: Settings) -> str:
-    directory = settings.metrics_multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = settings.metrics_multiproc_dir or os.environ.get(METRICS_DIR_ENV)
     if not directory:
         directory = tempfile.mkdtemp(prefix="meterproxy-metrics-")
     os.makedirs(directory, exist_ok=True)
@@ -87,7 +88,9 @@ def worker_main(settings: Settings) -> None:
 def run_workers(settings: Settings, workers: int) -> int:
     """Supervise ``workers`` processes until they stop; returns the exit code."""
     prepare_database(settings.db)
-    settings = settings.model_copy(update={"metrics_multiproc_dir": _metrics_dir(settings)})
+    directory = _metrics_dir(settings)
+    use_metrics_dir(directory)  # inherited by every spawned worker, read when it imports the library
+    settings = settings.model_copy(update={"metrics_multiproc_dir": directory})
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=worker_main, args=(settings,), name=f"worker-{i}") for i in range(workers)]
     stopping = False

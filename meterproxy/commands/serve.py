@@ -111,8 +111,11 @@ def command(
 
         sys.exit(run_workers(settings, settings.workers))
 
+    from meterproxy.runtime import freeze_after_startup, install_uvloop, use_metrics_dir
+
+    if settings.metrics_multiproc_dir:  # several single-worker servers sharing one metrics directory
+        use_metrics_dir(settings.metrics_multiproc_dir)
     from meterproxy.app import create_app
-    from meterproxy.runtime import freeze_after_startup, install_uvloop
 
     install_uvloop()
     app = freeze_after_startup(create_app(settings))
