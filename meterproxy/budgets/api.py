@@ -179,16 +179,20 @@ def _deliveries(conn: sqlite3.Connection, filters: dict[str, str], limit: int) -
         [*params, limit],
     ).fetchall()
     out = [dict(r) for r in rows]
+    # Every listed row's attempts in one query (not one per row): at most `limit` ids.
+    attempts: dict[int, list[dict[str, Any]]] = {item["id"]: [] for item in out}
+    if attempts:
+        marks = ", ".join("?" * len(attempts))
+        for a in conn.execute(
+            "SELECT outbox_id, attempt, at, status, error, duration_ms FROM webhook_attempts "
+            f"WHERE outbox_id IN ({marks}) ORDER BY outbox_id, attempt",
+            list(attempts),
+        ):
+            attempt = dict(a)
+            attempts[attempt.pop("outbox_id")].append(attempt)
     for item in out:
         item["next_attempt_at"] = item["next_attempt_at"] if item["state"] == "pending" else None
-        item["attempt_log"] = [
-            dict(a)
-            for a in conn.execute(
-                "SELECT attempt, at, status, error, duration_ms FROM webhook_attempts "
-                "WHERE outbox_id = ? ORDER BY attempt",
-                [item["id"]],
-            )
-        ]
+        item["attempt_log"] = attempts[item["id"]]
     return out
 
 
