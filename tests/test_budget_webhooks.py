@@ -8,6 +8,7 @@ on the same SQLite file, exactly what a deploy does.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from meterproxy.budgets.webhooks import sign
 from meterproxy.money import from_pico
+from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import SECRET, Receiver, insert_records, query, wait_for
@@ -255,9 +260,11 @@ async def test_projected_overrun(upstream: FakeUpstream, make_proxy: ProxyFactor
     assert view["projected_exceed_at"] is not None and view["projected_exceed_at"] < view["period_end"]
 
 
-def test_readme_verification_snippet_accepts_real_signature() -> None:
-    from meterproxy.budgets.webhooks import sign
+# A secret without the whsec_ prefix is still base64 (Standard Webhooks), decoded the same way.
+PLAIN_SECRET = "c2lnbmluZy1rZXktd2l0aG91dC1hLXByZWZpeA"
 
+
+def test_readme_verification_snippet_accepts_real_signature() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Budgets and webhooks", 1)[1].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
@@ -266,7 +273,7 @@ def test_readme_verification_snippet_accepts_real_signature() -> None:
     verify = namespace["verify_meterproxy"]
     body = b'{"id":"evt_1","type":"budget.exceeded"}'
     ts = int(time.time())
-    for secret in (SECRET, "plain-text-secret"):
+    for secret in (SECRET, PLAIN_SECRET):
         headers = {"webhook-id": "evt_1", "webhook-timestamp": str(ts)}
         headers["webhook-signature"] = sign(secret, "evt_1", ts, body)
         assert verify(secret, headers, body)
@@ -288,3 +295,26 @@ def test_readme_budget_config_is_valid(tmp_path: Path) -> None:
     assert [b.name for b in settings.budgets] == ["search-team", "everything"]
     assert set(settings.webhooks) == {"ops", "slack"}
     assert tomllib.loads(text)["budgets"][0]["scope"] == {"tags": {"team": "search"}}
+
+
+@pytest.mark.parametrize("secret", [SECRET, PLAIN_SECRET, SECRET.removeprefix("whsec_")])
+def test_the_reference_library_verifies_our_signatures(secret: str) -> None:
+    """``standardwebhooks`` (the spec's reference) base64-decodes every secret, prefixed or not."""
+    body = b'{"id":"evt_1","type":"budget.exceeded","budget":{"name":"b"}}'
+    ts = int(time.time())
+    headers = {
+        "webhook-id": "evt_1",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, "evt_1", ts, body),
+    }
+    assert Webhook(secret).verify(body, headers) == json.loads(body)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body + b" ", headers)
+
+
+@pytest.mark.parametrize("secret", ["plain-text-secret", "has spaces", "whsec_!!!!", "whsec_"])
+def test_a_secret_the_reference_library_cannot_use_is_refused_at_start(secret: str) -> None:
+    with pytest.raises(SettingsError, match="webhook secret"):
+        load_settings(
+            None, cli={"webhooks": {"hook": {"url": "http://127.0.0.1:9/x", "secret": secret}}}, env={}
+        )

@@ -26,6 +26,8 @@ tests agree on one definition; nothing in this module reads the clock.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,6 +48,34 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def signing_key(secret: str) -> bytes:
+    """A webhook secret's HMAC key, decoded exactly as the Standard Webhooks reference library does.
+
+    A secret is base64, with or without the ``whsec_`` prefix; the reference
+    verifier (``standardwebhooks.Webhook``) base64-decodes whatever follows the
+    prefix, so a receiver using it verifies our signatures only if we key the
+    HMAC with the same bytes. A secret outside the base64 alphabet is refused
+    (the library would silently drop those characters).
+    """
+    text = secret.removeprefix("whsec_")
+    if not _BASE64.fullmatch(text):
+        raise ValueError(
+            "a webhook secret is base64 (Standard Webhooks), optionally prefixed 'whsec_'; "
+            'generate one with: python3 -c "import base64,secrets;'
+            "print('whsec_'+base64.b64encode(secrets.token_bytes(32)).decode())\""
+        )
+    try:
+        key = base64.b64decode(text + "==")  # the library pads the same way
+    except binascii.Error as exc:
+        raise ValueError(f"a webhook secret is base64: {exc}") from exc
+    if not key:
+        raise ValueError("a webhook secret may not decode to nothing")
+    return key
+
+
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -176,7 +206,9 @@ class WebhookEndpoint(BaseModel):
 
     url: str = Field(description="Where events are POSTed (http or https).")
     secret: str | None = Field(
-        None, description="Signing secret ('whsec_' + base64, or any text); unsigned when empty."
+        None,
+        description="Signing secret: base64, optionally prefixed 'whsec_' (Standard Webhooks); "
+        "unsigned when empty.",
     )
     format: Literal["standard", "slack"] = Field(
         "standard", description="'slack' adds a 'text' field so a Slack incoming webhook can post it."
@@ -188,4 +220,11 @@ class WebhookEndpoint(BaseModel):
     def _check_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("webhook url must start with http:// or https://")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: str | None) -> str | None:
+        if value:
+            signing_key(value)
         return value

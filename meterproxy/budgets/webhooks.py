@@ -25,8 +25,9 @@ Guarantees (documented in the README):
 
 Signing follows Standard Webhooks: ``webhook-signature: v1,<base64
 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`` with ``webhook-timestamp`` in
-Unix seconds; a ``whsec_`` secret is base64 after the prefix, any other secret
-is used as its UTF-8 bytes.
+Unix seconds; the secret is base64 with or without the ``whsec_`` prefix,
+decoded the way the reference library decodes it (`definition.signing_key`;
+tests verify deliveries with ``standardwebhooks`` itself).
 """
 
 from __future__ import annotations
@@ -48,28 +49,22 @@ from typing import Any
 
 import aiohttp
 
-from meterproxy.budgets.definition import WebhookEndpoint
+from meterproxy.budgets.definition import WebhookEndpoint, signing_key
 from meterproxy.budgets.store import claim_due, record_attempt
 from meterproxy.exact_json import dumps
 from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
 from meterproxy.timestamps import format_ts, parse_ts
 
-__all__ = ["Deliverer", "RetryPolicy", "secret_bytes", "sign", "slack_text", "verify"]
+__all__ = ["Deliverer", "RetryPolicy", "sign", "slack_text", "verify"]
 
 log = logging.getLogger(__name__)
-
-
-def secret_bytes(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        return base64.b64decode(secret.removeprefix("whsec_"))
-    return secret.encode()
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` header value for one delivery."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_bytes(secret), signed, hashlib.sha256).digest()
+    digest = hmac.new(signing_key(secret), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 

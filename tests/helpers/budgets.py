@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from meterproxy.budgets.webhooks import verify
 from meterproxy.store.schema import apply_migrations, connect, record_to_row
@@ -70,6 +71,11 @@ class Receiver:
         await self.runner.cleanup()
 
     def verified(self, delivery: Delivery, secret: str = SECRET) -> bool:
+        """Checked by the Standard Webhooks reference library, as a receiver would, and by ours."""
+        try:
+            Webhook(secret).verify(delivery.body, delivery.headers, json_parse=False)
+        except WebhookVerificationError:
+            return False
         return verify(secret, delivery.headers, delivery.body)
 
 
