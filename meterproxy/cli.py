@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "meterproxy.commands.migrate",
     "meterproxy.commands.budgets",
     "meterproxy.commands.health",
+    "meterproxy.commands.reconcile",
 ]
 
 
