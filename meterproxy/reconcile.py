@@ -374,6 +374,9 @@ def render_table(result: Reconciliation) -> str:
             return "unpriced"
         return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.4f}" if value else "$0"
 
+    def cost(side: Side) -> str:
+        return money(side.cost_usd) if side.has_usage else "-"
+
     header = ["Day", "Model", "Verdict", "Requests", "Input tok", "Output tok", "Cost"]
     rows = [
         [
@@ -383,7 +386,7 @@ def render_table(result: Reconciliation) -> str:
             f"{r.ours.requests:,} / {r.theirs.requests:,}",
             f"{r.ours.input_tokens:,} / {r.theirs.input_tokens:,}",
             f"{r.ours.output_tokens:,} / {r.theirs.output_tokens:,}",
-            f"{money(r.ours.cost_usd)} / {money(r.theirs.cost_usd)}",
+            f"{cost(r.ours)} / {cost(r.theirs)}",
         ]
         for r in result.rows
     ]
