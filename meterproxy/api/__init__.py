@@ -5,10 +5,16 @@ the bad parameter. Handlers query through `meterproxy.store.queries.run_read`
 (a fresh read-only connection in a worker thread) and answer with
 `json_response`, whose Decimal costs are JSON numbers with their exact digits
 (`meterproxy.exact_json`, never through float).
+
+`json_response` given the request answers with an ``ETag`` (a hash of the body)
+and ``304 Not Modified`` when the client's ``If-None-Match`` names it: the page
+refreshes every 30 s, and an unchanged answer then costs no transfer, no JSON
+parse and no redraw in the browser.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from aiohttp import web
@@ -27,8 +33,16 @@ class ParamError(ValueError):
         self.why = why
 
 
-def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=dumps_bytes(obj), status=status, content_type="application/json")
+def json_response(obj: Any, status: int = 200, request: web.Request | None = None) -> web.Response:
+    body = dumps_bytes(obj)
+    if request is None or status != 200:
+        return web.Response(body=body, status=status, content_type="application/json")
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    sent = request.headers.get("If-None-Match", "")
+    if etag in (tag.strip() for tag in sent.split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 def parse_time(param: str, value: str | None) -> str | None:

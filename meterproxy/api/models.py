@@ -24,6 +24,7 @@ __all__ = [
     "Cost",
     "ErrorResponse",
     "Group",
+    "ModelSubtotal",
     "RequestRow",
     "RequestsResponse",
     "SessionDetail",
@@ -35,6 +36,7 @@ __all__ = [
     "UnpricedModel",
     "UnpricedModelsResponse",
     "measures_to_api",
+    "pico_to_usd",
 ]
 
 Cost = Annotated[
@@ -44,6 +46,7 @@ Cost = Annotated[
 
 
 def pico_to_usd(pico: int) -> Decimal:
+    """Integer picodollars -> the shortest exact Decimal (``2.5``, ``0``)."""
     return usd_value(Decimal(pico).scaleb(-12))
 
 
@@ -85,6 +88,12 @@ class UnpricedModel(_Model):
     model: str | None
     provider: str | None
     unpriced_requests: int
+    input_tokens: int = Field(
+        0, description="Input tokens of the unpriced requests' model (all its requests)."
+    )
+    output_tokens: int = Field(
+        0, description="Output tokens of the unpriced requests' model (all its requests)."
+    )
 
 
 class SummaryResponse(_Model):
@@ -96,6 +105,12 @@ class SummaryResponse(_Model):
     groups: list[Group]
     truncated: bool = Field(description="True when more groups exist than `limit`.")
     unpriced_models: list[UnpricedModel]
+    priced_models: dict[str, str | None] = Field(
+        description="Each model name in the groups -> the price-table id it is priced as (null: unknown).",
+    )
+    cache_savings_usd: Cost = Field(
+        description="What cache reads saved against plain input prices (known models only)."
+    )
     notes: list[str] = Field(description="Caveats, e.g. retention-deleted raw rows.")
 
 
@@ -123,6 +138,9 @@ class TimeseriesResponse(_Model):
     split: str | None
     series: list[Series]
     truncated: bool
+    priced_models: dict[str, str | None] = Field(
+        description="With split=model: each model name -> the price-table id it prices as (null: unknown)."
+    )
     notes: list[str]
 
 
@@ -137,6 +155,7 @@ class SessionSummary(Totals):
 class SessionsResponse(_Model):
     sessions: list[SessionSummary]
     total: int = Field(description="Sessions matching the filters (all pages).")
+    cost_usd: Cost = Field(description="Cost of all matching sessions (all pages).")
     next_offset: int | None
 
 
@@ -180,7 +199,13 @@ class RequestRow(_Model):
 
 class RequestsResponse(_Model):
     requests: list[RequestRow]
-    next_cursor: str | None
+    next_cursor: str | None = Field(description="Next page by time (sort=time, order=desc), else null.")
+    total: int | None = Field(None, description="Rows matching (sorted pages only).")
+    next_offset: int | None = Field(None, description="Offset of the next sorted page, null at the end.")
+
+
+class ModelSubtotal(Totals):
+    model: str | None
 
 
 class SessionDetail(_Model):
@@ -188,8 +213,12 @@ class SessionDetail(_Model):
     totals: Totals
     first_ts: str
     last_ts: str
+    users: list[str]
+    models: list[ModelSubtotal] = Field(description="Subtotals per model, most expensive first.")
     requests: list[RequestRow] = Field(description="Newest first, one page.")
-    next_cursor: str | None
+    offset: int
+    next_offset: int | None = Field(description="Offset of the next page, null at the end.")
+    next_cursor: str | None = Field(description="Keyset cursor of the next page, null at the end.")
 
 
 class RequestContent(_Model):

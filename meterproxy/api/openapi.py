@@ -62,6 +62,10 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "last_seen, first_seen, cost, requests or tokens.",
         {"enum": ["last_seen", "first_seen", "cost", "requests", "tokens"]},
     ),
+    "request_sort": {
+        "name": "sort",
+        **_q("time (default), cost, tokens or latency.", {"enum": ["time", "cost", "tokens", "latency"]}),
+    },
     "order": _q("asc or desc.", {"enum": ["asc", "desc"]}),
     "format": _q("csv or jsonl.", {"enum": ["csv", "jsonl"]}),
 }
@@ -72,8 +76,8 @@ _FILTERS = ["since", "until", "session", "user", "model", "provider", "upstream"
 PATHS: dict[str, dict[str, dict[str, Any]]] = {
     "/api/requests": {
         "get": {
-            "summary": "Stored requests, newest first, keyset-paginated.",
-            "parameters": ["limit", "cursor", *_FILTERS],
+            "summary": "Stored requests, newest first (keyset pages) or sorted by cost, tokens or latency.",
+            "parameters": ["limit", "cursor", "request_sort", "order", "offset", *_FILTERS],
             "response": RequestsResponse,
         }
     },
@@ -116,7 +120,7 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
     "/api/sessions/{id}": {
         "get": {
             "summary": "One session's totals and its requests (newest first, paginated).",
-            "parameters": ["since", "until", "limit", "cursor"],
+            "parameters": ["since", "until", "limit", "offset", "cursor"],
             "path_parameters": ["id"],
             "response": SessionDetail,
         }

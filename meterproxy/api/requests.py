@@ -1,10 +1,14 @@
-"""``GET /api/requests``: stored requests, newest first, keyset-paginated.
+"""``GET /api/requests``: stored requests, newest first (keyset pages) or sorted (offset pages).
 
 Query: ``limit`` (1..1000, default 100), ``cursor`` (from the previous page's
-``next_cursor``), filters ``session``, ``user``, ``model``, ``provider``,
+``next_cursor``), ``sort`` (``time`` default, ``cost``, ``tokens``,
+``latency``: the whole range is sorted by the server, so ``sort=cost`` is the
+most expensive requests of the range) with ``order`` (``desc`` default or
+``asc``) and ``offset``; a sort other than ``time`` answers ``total`` and
+``next_offset`` instead of a cursor. Filters ``session``, ``user``, ``model``, ``provider``,
 ``upstream``, ``key`` (fingerprint), ``source``, ``tag=k:v`` (repeatable), and
 ``since``/``until`` (ISO 8601, UTC when no offset is given; ``until`` is
-exclusive).
+exclusive). A filter value ending in ``*`` matches by prefix (``model=gpt-4o*``).
 
 Each row carries ``cost_difference_usd``: ``provider_cost_usd - cost_usd`` when the
 provider reported its own cost (OpenRouter's ``usage.cost``) and we priced the
@@ -13,12 +17,14 @@ request, else null; a non-zero value means our table and their bill disagree.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from multidict import MultiMapping
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int, parse_time
 from meterproxy.app_state import WRITER
-from meterproxy.store.queries import RequestFilter, list_requests, run_read
+from meterproxy.store.queries import REQUEST_SORTS, RequestFilter, count_requests, list_requests, run_read
 
 __all__ = ["filter_from_query", "setup"]
 
@@ -50,14 +56,36 @@ async def list_requests_handler(request: web.Request) -> web.Response:
         limit = parse_int("limit", query.get("limit"), 100, 1, 1000)
         flt = filter_from_query(query)
         cursor = query.get("cursor") or None
-        rows, next_cursor = await run_read(
-            request.app[WRITER].path, lambda conn: list_requests(conn, flt, limit, cursor)
-        )
+        sort = query.get("sort") or "time"
+        if sort not in REQUEST_SORTS:
+            raise ParamError("sort", f"{sort!r}: use one of {', '.join(REQUEST_SORTS)}")
+        order = query.get("order") or "desc"
+        if order not in ("asc", "desc"):
+            raise ParamError("order", f"{order!r}: use asc or desc")
+        offset = parse_int("offset", query.get("offset"), 0, 0, 10**9)
+        if sort == "time" and order == "desc":
+            rows, next_cursor = await run_read(
+                request.app[WRITER].path, lambda conn: list_requests(conn, flt, limit, cursor)
+            )
+            return json_response({"requests": rows, "next_cursor": next_cursor}, request=request)
+
+        def read(conn: Any) -> tuple[list[dict[str, Any]], int]:
+            page, _ = list_requests(conn, flt, limit, None, sort, order == "desc", offset)
+            return page, count_requests(conn, flt)
+
+        rows, total = await run_read(request.app[WRITER].path, read)
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     except ValueError as exc:  # bad cursor
         return api_error(400, "bad_parameter", f"cursor: {exc}", "cursor")
-    return json_response({"requests": rows, "next_cursor": next_cursor})
+    more = offset + len(rows) < total
+    body = {
+        "requests": rows,
+        "next_cursor": None,
+        "total": total,
+        "next_offset": offset + len(rows) if more else None,
+    }
+    return json_response(body, request=request)
 
 
 def setup(app: web.Application) -> None:

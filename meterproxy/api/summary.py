@@ -17,6 +17,7 @@ shared with the timeseries, sessions and export endpoints.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -26,7 +27,9 @@ from multidict import MultiMapping
 from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.requests import filter_from_query
-from meterproxy.app_state import WRITER
+from meterproxy.app_state import PRICEBOOK, WRITER
+from meterproxy.pricing import PriceBook
+from meterproxy.reports import cache_savings
 from meterproxy.store.queries import RequestFilter, run_read
 from meterproxy.store.summary import (
     GROUPABLE,
@@ -43,6 +46,7 @@ __all__ = [
     "parse_filter",
     "parse_group_by",
     "parse_tz",
+    "priced_models",
     "setup",
     "unpriced_models",
 ]
@@ -100,14 +104,41 @@ def parse_group_by(query: MultiMapping[str], param: str = "group_by", most: int 
 def unpriced_models(summary: Summary) -> list[dict[str, Any]]:
     """Models with unpriced requests, from a summary grouped by model and provider."""
     return [
-        {"model": key["model"], "provider": key["provider"], "unpriced_requests": m["unpriced_requests"]}
+        {
+            "model": key["model"],
+            "provider": key["provider"],
+            "unpriced_requests": m["unpriced_requests"],
+            "input_tokens": m["input_tokens"],
+            "output_tokens": m["output_tokens"],
+        }
         for key, m in sorted(summary.groups, key=lambda g: -g[1]["unpriced_requests"])
         if m["unpriced_requests"]
     ]
 
 
-def _by_model(q: SummaryQuery) -> SummaryQuery:
-    return SummaryQuery(q.filter, ["model", "provider"], q.tz)
+def priced_models(book: PriceBook, summaries: Iterable[Summary]) -> dict[str, str | None]:
+    """Every model name in the summaries' groups -> the price-table id it prices as (None: unknown).
+
+    One model reaches the store under several names (``claude-haiku-4-5`` and
+    ``claude-haiku-4-5-20251001``, ``anthropic/claude-sonnet-4`` through a
+    router); this map lets a reader group them under the priced model.
+    """
+    names: dict[str, str | None] = {}
+    for summary in summaries:
+        for key, _ in summary.groups:
+            model = key.get("model")
+            if model and model not in names:
+                names[model] = book.resolve(model, key.get("provider"))
+    return names
+
+
+def _by_model(q: SummaryQuery, *extra: str) -> SummaryQuery:
+    return SummaryQuery(q.filter, ["model", *extra], q.tz)
+
+
+def _savings(book: PriceBook, by_model_day: Summary) -> Decimal:
+    groups = [{"key": key, "cache_read_tokens": m["cache_read_tokens"]} for key, m in by_model_day.groups]
+    return cache_savings({"groups": groups}, book)
 
 
 async def summary_handler(request: web.Request) -> web.Response:
@@ -119,10 +150,15 @@ async def summary_handler(request: web.Request) -> web.Response:
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
 
-    def read(conn: Any) -> tuple[Summary, Summary]:
-        return summarize(conn, q), summarize(conn, _by_model(q))
+    def read(conn: Any) -> tuple[Summary, Summary, Summary]:
+        return (
+            summarize(conn, q),
+            summarize(conn, _by_model(q, "provider")),
+            summarize(conn, _by_model(q, "day")),
+        )
 
-    summary, models = await run_read(request.app[WRITER].path, read)
+    summary, models, days = await run_read(request.app[WRITER].path, read)
+    book = request.app.get(PRICEBOOK) or PriceBook.default()
     return json_response(
         {
             "since": q.filter.since,
@@ -133,8 +169,11 @@ async def summary_handler(request: web.Request) -> web.Response:
             "groups": [{"key": key, **measures_to_api(m)} for key, m in summary.groups[:limit]],
             "truncated": len(summary.groups) > limit,
             "unpriced_models": unpriced_models(models),
+            "priced_models": priced_models(book, [summary, models]),
+            "cache_savings_usd": _savings(book, days),
             "notes": summary.notes,
-        }
+        },
+        request=request,
     )
 
 
@@ -147,7 +186,8 @@ async def unpriced_handler(request: web.Request) -> web.Response:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     summary = await run_read(request.app[WRITER].path, lambda conn: summarize(conn, q))
     return json_response(
-        {"since": q.filter.since, "until": q.filter.until, "models": unpriced_models(summary)}
+        {"since": q.filter.since, "until": q.filter.until, "models": unpriced_models(summary)},
+        request=request,
     )
 
 

@@ -21,8 +21,16 @@ from aiohttp import web
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
-from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter, parse_group_by, parse_tz
-from meterproxy.app_state import WRITER
+from meterproxy.api.summary import (
+    FILTER_PARAMS,
+    check_known,
+    parse_filter,
+    parse_group_by,
+    parse_tz,
+    priced_models,
+)
+from meterproxy.app_state import PRICEBOOK, WRITER
+from meterproxy.pricing import PriceBook
 from meterproxy.store.queries import run_read
 from meterproxy.store.summary import (
     MEASURE_NAMES,
@@ -121,8 +129,10 @@ async def timeseries_handler(request: web.Request) -> web.Response:
             "split": split[0] if split else None,
             "series": out,
             "truncated": len(ranked) > limit,
+            "priced_models": priced_models(request.app.get(PRICEBOOK) or PriceBook.default(), [summary]),
             "notes": summary.notes,
-        }
+        },
+        request=request,
     )
 
 

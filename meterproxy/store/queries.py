@@ -6,7 +6,14 @@ the event loop and never wait behind the writer (WAL lets readers run while it
 commits).
 
 Pagination is by keyset on ``(ts, id)``, newest first: a cursor is the last
-row's ``ts|id``, so pages stay stable while new rows arrive.
+row's ``ts|id``, so pages stay stable while new rows arrive. Sorting by
+anything else (`REQUEST_SORTS`: cost, tokens, latency) pages by offset, since
+those orders have no stable keyset.
+
+A filter value ending in ``*`` matches by prefix (``model=gpt-4o*`` finds
+``gpt-4o-2024-08-06``): `match_clause` writes it as ``LIKE`` with the
+wildcards of the value escaped, which both SQLite and PostgreSQL run as
+written (SQLite's ``LIKE`` ignores ASCII case, PostgreSQL's does not).
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from meterproxy.store import backend
 from meterproxy.store.schema import COLUMNS
 
 __all__ = [
+    "REQUEST_SORTS",
     "RequestFilter",
+    "count_requests",
     "decode_cursor",
     "encode_cursor",
     "iter_rows",
     "list_requests",
+    "match_clause",
     "read_connection",
     "row_to_api",
     "run_read",
@@ -39,6 +49,23 @@ __all__ = [
 _INTERNAL_COLUMNS = frozenset({"cost_pico", "usage_injected", "extra"})
 API_FIELDS = [c for c in COLUMNS if c not in _INTERNAL_COLUMNS]
 _BOOLS = {"streamed", "client_disconnected"}
+
+
+#: ``sort`` name -> the SQL it orders by; NULLs (unpriced, no latency) sort as the lowest value.
+REQUEST_SORTS = {
+    "time": "ts",
+    "cost": "COALESCE(cost_pico, -1)",
+    "tokens": "input_tokens + output_tokens",
+    "latency": "COALESCE(duration_ms, -1)",
+}
+
+
+def match_clause(column: str, value: str) -> tuple[str, list[Any]]:
+    """``column = ?``, or a prefix match when `value` ends with ``*`` (see module docstring)."""
+    if value.endswith("*"):
+        prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return f"{column} LIKE ? ESCAPE '\\'", [prefix + "%"]
+    return f"{column} = ?", [value]
 
 
 @dataclass(slots=True)
@@ -73,8 +100,9 @@ class RequestFilter:
             ("source", self.source),
         ):
             if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
+                clause, args = match_clause('"user"' if column == "user" else column, value)
+                clauses.append(clause)
+                params.extend(args)
         for tag, value in self.tags.items():
             clauses.append("json_extract(tags, ?) = ?")
             params.extend([f'$."{tag}"', value])
@@ -117,10 +145,30 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return ts, rid
 
 
-def list_requests(
-    conn: sqlite3.Connection, flt: RequestFilter, limit: int = 100, cursor: str | None = None
-) -> tuple[list[dict[str, Any]], str | None]:
+def count_requests(conn: sqlite3.Connection, flt: RequestFilter) -> int:
     where, params = flt.where()
+    return int(conn.execute(f"SELECT count(*) FROM requests WHERE {where}", params).fetchone()[0])
+
+
+def list_requests(
+    conn: sqlite3.Connection,
+    flt: RequestFilter,
+    limit: int = 100,
+    cursor: str | None = None,
+    sort: str = "time",
+    desc: bool = True,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of rows: by time with a keyset `cursor`, or by another `REQUEST_SORTS` key and `offset`."""
+    where, params = flt.where()
+    if sort != "time":
+        direction = "DESC" if desc else "ASC"
+        sql = (
+            f"SELECT * FROM requests WHERE {where} "
+            f"ORDER BY {REQUEST_SORTS[sort]} {direction}, ts {direction}, id {direction} LIMIT ? OFFSET ?"
+        )
+        rows = conn.execute(sql, [*params, limit, offset]).fetchall()
+        return [row_to_api(r) for r in rows], None
     if cursor:
         ts, rid = decode_cursor(cursor)
         where += " AND (ts < ? OR (ts = ? AND id < ?))"

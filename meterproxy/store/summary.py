@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
-from meterproxy.store.queries import RequestFilter
+from meterproxy.store.queries import RequestFilter, match_clause
 from meterproxy.store.rollups import COARSE_DIMENSIONS, DIMENSIONS, MEASURES, RollupState, rollup_state
 from meterproxy.timestamps import format_ts, parse_ts
 
@@ -195,8 +195,10 @@ def _dim_filters(flt: RequestFilter, raw: bool) -> tuple[list[str], list[Any]]:
     for dim, column in DIMENSIONS.items():
         value = getattr(flt, dim)
         if value is not None:
-            clauses.append(f"{column if raw else dim} = ?")
-            params.append(value)
+            name = column if raw else dim
+            clause, args = match_clause('"user"' if name == "user" else name, value)
+            clauses.append(clause)
+            params.extend(args)
     if raw:
         if flt.session is not None:
             clauses.append("session = ?")
