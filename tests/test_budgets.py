@@ -76,10 +76,14 @@ async def test_openai_block_budget_answers_openai_shaped_429(
     err = info.value
     assert err.status_code == 429
     assert "oa-cap" in err.message
-    assert isinstance(err.body, dict) and err.body["code"] == "budget_exceeded"
+    # OpenAI's own final "out of credit" shape: Codex and the SDK stop instead of retrying.
+    assert isinstance(err.body, dict) and err.body["code"] == "insufficient_quota"
+    assert err.body["type"] == "insufficient_quota"
     assert set(err.body) >= {"message", "type", "param", "code"}
     assert err.response.headers["x-should-retry"] == "false"
-    assert int(err.response.headers["retry-after"]) > 0
+    # No retry-after: a client honouring it would sleep until the month ends.
+    assert "retry-after" not in err.response.headers
+    assert err.response.headers["x-meterproxy-budget-resets"].startswith("20")
     # The blocked request is recorded as such: 429, no cost, the budget named.
     allowed, blocked = await proxy.rows(2)
     assert allowed["status"] == 200 and allowed["cost_pico"] > 0

@@ -3,11 +3,23 @@
 This fires at the proxy's **gated** stage (`Meter.check_gates`): the request
 has been read and attributed (upstream, provider, requested model, user, key
 fingerprint, tags) but nothing has been sent upstream yet, so blocking costs
-nothing. The answer is a 429 in the provider's own error shape so each
-official SDK raises its usual rate-limit error (``openai.RateLimitError``,
-``anthropic.RateLimitError``, google-genai ``ClientError`` with code 429),
-with a message naming the budget. ``x-should-retry: false`` tells the OpenAI and
-Anthropic SDKs not to retry; ``retry-after`` says when a calendar period ends.
+nothing. The answer is a 429 in the provider's own error shape, chosen so that
+each official SDK and each coding agent stops at once and shows the message
+naming the budget (``tests/test_budgets.py``, ``tests/test_agents.py``):
+
+- OpenAI and every OpenAI-compatible route: ``insufficient_quota``, OpenAI's
+  own "you are out of credit" error, the one shape clients treat as final:
+  Codex CLI prints "Quota exceeded" and exits instead of retrying; the openai
+  SDK raises ``RateLimitError`` (code ``insufficient_quota``) without retrying.
+- Anthropic: ``rate_limit_error``; the anthropic SDK raises ``RateLimitError``
+  and Claude Code prints "API Error: Request rejected (429) · <message>" and exits.
+- Gemini: ``RESOURCE_EXHAUSTED``.
+
+``x-should-retry: false`` is what the openai and anthropic SDKs (``max_retries``
+or not) and Claude Code obey: they make no second attempt. No ``retry-after``
+is sent: a client that honours it would sleep until the period ends (weeks for
+a monthly budget) and show nothing meanwhile. When the budget frees up is in
+``x-meterproxy-budget-resets`` (ISO 8601; absent for a rolling window).
 
 Overshoot bound: spend is known once a request has finished and been priced,
 so requests already in flight when the limit is reached still complete. A
@@ -21,7 +33,6 @@ reached a provider), so ``/api/requests?...`` shows who was stopped and when.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from datetime import datetime
 
@@ -43,7 +54,7 @@ def _message(state: BudgetState, snap: Snapshot) -> str:
     )
 
 
-def blocked_response(provider: str, state: BudgetState, snap: Snapshot, now: datetime) -> web.Response:
+def blocked_response(provider: str, state: BudgetState, snap: Snapshot) -> web.Response:
     message = _message(state, snap)
     body: dict[str, object]
     if provider == "anthropic":
@@ -54,17 +65,14 @@ def blocked_response(provider: str, state: BudgetState, snap: Snapshot, now: dat
         body = {
             "error": {
                 "message": message,
-                "type": "budget_exceeded",
+                "type": "insufficient_quota",
                 "param": None,
-                "code": "budget_exceeded",
+                "code": "insufficient_quota",
             }
         }
     headers = {"x-should-retry": "false", "x-meterproxy-budget": state.spec.name}
-    if state.period.rolling:
-        # The spend leaves a rolling window as it ages; a minute is a fair hint.
-        headers["retry-after"] = "60"
-    else:
-        headers["retry-after"] = str(max(1, math.ceil((snap.period_end - now).total_seconds())))
+    if not state.period.rolling:
+        headers["x-meterproxy-budget-resets"] = snap.period_end.isoformat()
     return web.Response(status=429, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
@@ -84,6 +92,6 @@ def make_gate(
         record.error = f"blocked by budget '{state.spec.name}'"
         record.extra["budget"] = state.spec.name
         finished(record)
-        return blocked_response(record.provider, state, snap, now)
+        return blocked_response(record.provider, state, snap)
 
     return budget_gate
