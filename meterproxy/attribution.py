@@ -2,7 +2,17 @@
 
 Clients attribute requests with ``X-Meter-User``, ``X-Meter-Session`` and
 ``X-Meter-Tags: team=search,env=prod``; these headers are meterproxy's own and
-are removed before forwarding. The API key itself is never kept: only
+are removed before forwarding. Without them, what coding agents send on their
+own is used (`agent_session`, `agent_user`), and forwarded untouched:
+
+- Claude Code: the ``X-Claude-Code-Session-Id`` header, and in Anthropic's
+  ``metadata.user_id`` a JSON text ``{"device_id": .., "account_uuid": ..,
+  "session_id": ..}``. The user is ``account_uuid`` when logged in, else
+  ``device_id`` (one stable name per machine, not one per session); the JSON
+  text itself is never the user.
+- Codex CLI: the ``session-id`` header (older releases: ``session_id``).
+
+The API key itself is never kept: only
 `fingerprint`, a keyed hash (HMAC-SHA256 with a per-installation salt stored in
 the database), truncated to 16 hex digits. Without the salt the fingerprint
 cannot be checked against a guessed key, and it cannot be reversed.
@@ -15,7 +25,17 @@ import hmac
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
-__all__ = ["ATTRIBUTION_HEADERS", "KEY_HEADERS", "api_key", "fingerprint", "parse_tags"]
+import orjson
+
+__all__ = [
+    "ATTRIBUTION_HEADERS",
+    "KEY_HEADERS",
+    "agent_session",
+    "agent_user",
+    "api_key",
+    "fingerprint",
+    "parse_tags",
+]
 
 ATTRIBUTION_HEADERS = ("x-meter-user", "x-meter-session", "x-meter-tags")
 #: Headers that carry provider credentials (redacted in logs, fingerprinted, never stored).
@@ -23,6 +43,8 @@ KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 
 _MAX_TAGS = 20
 _MAX_LEN = 200
+#: Session headers coding agents send, in the order they are trusted.
+AGENT_SESSION_HEADERS = ("x-claude-code-session-id", "session-id", "session_id")
 
 
 def parse_tags(value: str | None) -> dict[str, str]:
@@ -62,3 +84,38 @@ def fingerprint(key: str | None, salt: bytes) -> str | None:
     if not key:
         return None
     return hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _bounded(value: object) -> str | None:
+    """A non-empty string, cut to the length every attribution field is cut to; else None."""
+    if not isinstance(value, str):
+        return None
+    return value.strip()[:_MAX_LEN] or None
+
+
+def agent_session(headers: Mapping[str, str]) -> str | None:
+    """The session a coding agent names in its own headers (Claude Code, Codex), if any."""
+    for name in AGENT_SESSION_HEADERS:
+        value = _bounded(headers.get(name))
+        if value:
+            return value
+    return None
+
+
+def agent_user(user_id: str | None) -> tuple[str | None, str | None]:
+    """A request body's user field -> (readable user, session it names).
+
+    Claude Code's JSON ``metadata.user_id`` gives its account (else device) and
+    its session; any other text is the user as sent.
+    """
+    text = (user_id or "").strip()
+    if not text.startswith("{"):
+        return _bounded(text), None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _bounded(text), None
+    if not isinstance(obj, dict):
+        return _bounded(text), None
+    user = _bounded(obj.get("account_uuid")) or _bounded(obj.get("device_id"))
+    return user or _bounded(text), _bounded(obj.get("session_id"))

@@ -49,7 +49,14 @@ import aiohttp
 from aiohttp import web
 
 from meterproxy import providers
-from meterproxy.attribution import ATTRIBUTION_HEADERS, api_key, fingerprint, parse_tags
+from meterproxy.attribution import (
+    ATTRIBUTION_HEADERS,
+    agent_session,
+    agent_user,
+    api_key,
+    fingerprint,
+    parse_tags,
+)
 from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
 from meterproxy.logs import redact
@@ -82,6 +89,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", *ATTRIBUTION_HEADERS}
+#: Methods that only probe a server (Claude Code sends ``HEAD`` to its base URL at start-up):
+#: on a path no provider meters they are forwarded but not recorded, being no LLM usage.
+_PROBE_METHODS = frozenset({"HEAD", "OPTIONS"})
+#: Where the provider puts its own id for a request (Anthropic, then OpenAI and its copies).
+_REQUEST_ID_HEADERS = ("request-id", "x-request-id")
 
 
 def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -184,6 +196,8 @@ class Proxy:
             target = route(raw_path, raw_query, self.upstreams)
         except RouteError as exc:
             return json_error(404, "no_route", str(exc))
+        if request.headers.get("upgrade", "").strip().lower() == "websocket":
+            return self.refuse_websocket()
 
         headers = list(request.headers.items())
         method = request.method
@@ -248,6 +262,17 @@ class Proxy:
             )
         return Exchange(method, target, provider, info, record, body, headers, started)
 
+    @staticmethod
+    def refuse_websocket() -> web.Response:
+        """A WebSocket upgrade (Codex tries the Responses API over one first): 426 at once.
+
+        Not forwarded (the upgrade headers are hop-by-hop, so the upstream would get a plain
+        GET) and not recorded (no usage can flow). Codex takes a 426 as "no WebSockets
+        here" and falls back to HTTPS on the spot; any other status makes it retry five
+        times (about 6 s) first.
+        """
+        return json_error(426, "websocket_unsupported", "meterproxy relays HTTP only here; use HTTPS")
+
     def _new_record(
         self,
         method: str,
@@ -257,6 +282,7 @@ class Proxy:
         headers: dict[str, str],
         raw_query: str,
     ) -> RequestRecord:
+        user, body_session = agent_user(info.user)
         return RequestRecord(
             upstream=target.upstream.name,
             provider=provider.name if provider else "",
@@ -264,8 +290,8 @@ class Proxy:
             method=method,
             requested_model=info.model,
             streamed=info.stream,
-            user=headers.get("x-meter-user") or info.user,
-            session=headers.get("x-meter-session"),
+            user=headers.get("x-meter-user") or user,
+            session=headers.get("x-meter-session") or agent_session(headers) or body_session,
             tags=parse_tags(headers.get("x-meter-tags")),
             key_fingerprint=fingerprint(api_key(headers, raw_query), self._salt),
             service_tier=info.service_tier,
@@ -381,6 +407,10 @@ class Proxy:
         upstream, record, provider = exchange.upstream, exchange.record, exchange.provider
         assert upstream is not None
         record.status = upstream.status
+        for name in _REQUEST_ID_HEADERS:
+            if value := upstream.headers.get(name):
+                record.provider_request_id = value[:200]
+                break
         if provider is None:
             return
         sse = "text/event-stream" in upstream.headers.get("content-type", "").lower()
@@ -493,6 +523,8 @@ class Proxy:
         await client.end()
 
     def _finish(self, record: RequestRecord) -> None:
+        if record.method in _PROBE_METHODS and not record.provider:
+            return  # a probe, not LLM usage: neither an error nor an unmetered request
         # Error texts come from the upstream or the network and may echo a credential.
         if record.error:
             record.error = redact(record.error)

@@ -10,6 +10,11 @@ delta, older ones do not): never add.
 
 Anthropic reports ``input_tokens`` *without* cached tokens; our `Usage` counts
 every prompt token, so input = input + cache read + cache creation.
+
+``usage.speed: "fast"`` (fast mode) is billed at its own rates: the parser
+reports it as the service tier ``fast``, which the price tables price as a tier.
+``/messages/count_tokens`` answers a count, not usage: its requests cost
+nothing and are recorded with ``usage_source = "none"``.
 """
 
 from __future__ import annotations
@@ -53,10 +58,12 @@ def normalize_anthropic_usage(raw: dict[str, Any]) -> Usage:
 
 
 class AnthropicParser:
-    __slots__ = ("_raw", "_result", "_tainted")
+    __slots__ = ("_counting", "_raw", "_result", "_tainted")
 
-    def __init__(self) -> None:
+    def __init__(self, counting: bool = False) -> None:
         self._result = ParseResult()
+        # count_tokens: the answer's ``input_tokens`` is a count, never billed usage.
+        self._counting = counting
         # The provider's own usage fields, merged event by event (cumulative semantics).
         self._raw: dict[str, Any] = {}
         # A usage frame was unreadable: later deltas cannot make the sum whole again
@@ -77,6 +84,9 @@ class AnthropicParser:
             self._result.usage_source = "reported"
         except BadUsage as exc:
             self._flag(str(exc))
+            return
+        if self._raw.get("speed") == "fast":
+            self._result.service_tier = "fast"
 
     def _flag(self, why: str) -> None:
         self._tainted = True
@@ -116,7 +126,7 @@ class AnthropicParser:
                 self._result.model = obj["model"]
             if obj.get("type") == "error" or "error" in obj:
                 self._result.error = error_text(obj.get("error"))
-            if obj.get("usage") is not None:
+            if obj.get("usage") is not None and not self._counting:
                 self._merge(obj["usage"])
         elif truncated:
             model = find_json_value(body, "model")
@@ -128,6 +138,8 @@ class AnthropicParser:
             self._result.notes.append("answer is not valid JSON")
 
     def result(self) -> ParseResult:
+        if self._counting and self._result.usage_source == "missing":
+            self._result.usage_source = "none"
         return self._result
 
 
@@ -157,4 +169,4 @@ class AnthropicProvider:
         return body, False  # Anthropic always reports usage
 
     def new_parser(self, path: str, info: RequestInfo, injected: bool) -> AnthropicParser:
-        return AnthropicParser()
+        return AnthropicParser(counting=path.endswith("/count_tokens"))
