@@ -60,6 +60,7 @@ FEATURES = [
     "meterproxy.dashboard",
     "meterproxy.content",
     "meterproxy.otel",
+    "meterproxy.imports.dedup",
 ]
 
 # Paths behind the admin token (when one is set). The proxied paths are not:

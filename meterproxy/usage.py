@@ -118,6 +118,10 @@ class RequestRecord:
     session: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     key_fingerprint: str | None = None
+    #: The provider's own id for this request (Anthropic ``request-id``, OpenAI
+    #: ``x-request-id``; an import's ``requestId``): the key that finds one request
+    #: recorded twice, once proxied and once imported from the agent's own log.
+    provider_request_id: str | None = None
     error: str | None = None
     client_disconnected: bool = False
     usage_injected: bool = False

@@ -195,6 +195,9 @@ class RequestRow(_Model):
     key_fingerprint: str | None
     error: str | None
     client_disconnected: bool
+    provider_request_id: str | None = Field(
+        None, description="The provider's own request id (request-id, x-request-id; an import's requestId)."
+    )
 
 
 class RequestsResponse(_Model):

@@ -16,6 +16,12 @@ them. The design rests on three rules:
   so a crash never skips or repeats lines. The file's inode and a hash of its
   first bytes are stored too: a different inode (rotation) or a changed head /
   shorter size (truncation) restarts reading from the beginning.
+- **Counted once with the proxy.** An agent that ran through the proxy is in
+  its own log too. Rows carry the provider's request id
+  (``provider_request_id``: Claude Code's ``requestId`` is Anthropic's
+  ``request-id`` header); an imported entry whose id a proxied row already has
+  is skipped (counted in ``already proxied``), and a proxied row that arrives
+  after the import replaces the imported one (`meterproxy.imports.dedup`).
 - **Priced by our tables.** Records carrying token counts are priced by
   `PriceBook` exactly as proxied ones are; a cost the source reported itself is
   kept in ``provider_cost_usd`` and used as the cost only when our tables cannot
@@ -43,6 +49,7 @@ from sqlite_utils import Migrations
 from meterproxy.pricing import PriceBook
 from meterproxy.store import register_migrations
 from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.rollups import unroll_row
 from meterproxy.store.schema import COLUMNS, record_to_row
 from meterproxy.usage import RequestRecord
 
@@ -52,6 +59,7 @@ __all__ = [
     "ImportStore",
     "import_migrations",
     "price_imported",
+    "proxied_request_ids",
     "stable_id",
 ]
 
@@ -98,7 +106,11 @@ def price_imported(book: PriceBook, record: RequestRecord, reported_cost: Decima
     record.priced_model = None
     if record.usage is not None and not record.extra.get("total_only"):
         result = book.price(
-            model=record.model, usage=record.usage, at=record.ts, provider=record.provider or None
+            model=record.model,
+            usage=record.usage,
+            at=record.ts,
+            provider=record.provider or None,
+            service_tier=record.service_tier,
         )
         if result is not None:
             record.cost_usd = result.cost_usd
@@ -123,12 +135,15 @@ class ImportStats:
     duplicates: int = 0
     skipped: int = 0
     unchanged: int = 0
+    #: Entries the proxy already recorded (same provider request id): not imported again.
+    proxied: int = 0
     malformed: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"{self.inserted} new, {self.replaced} updated, {self.duplicates} already imported, "
-            f"{self.skipped} skipped, {len(self.malformed)} malformed "
+            + (f"{self.proxied} already proxied, " if self.proxied else "")
+            + f"{self.skipped} skipped, {len(self.malformed)} malformed "
             f"({self.records} records from {self.lines} lines in {self.files} files"
             + (f", {self.unchanged} unchanged files not re-read)" if self.unchanged else ")")
         )
@@ -180,13 +195,17 @@ class ImportStore:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             existing = self._existing([r.id for r in records])
+            proxied = proxied_request_ids(self.conn, [r.provider_request_id for r in records])
             for record in records:
+                if record.provider_request_id in proxied:
+                    stats.proxied += 1
+                    continue
                 row = record_to_row(record)
                 if record.id not in existing:
                     self.conn.execute(_INSERT, row)
                     stats.inserted += 1
                 elif keep == "largest" and _size(record) > existing[record.id]:
-                    _unroll(self.conn, record.id)
+                    unroll_row(self.conn, record.id)
                     self.conn.execute(_REPLACE, row)
                     stats.replaced += 1
                 else:
@@ -228,32 +247,22 @@ class ImportStore:
             raise
 
 
-def _unroll(conn: sqlite3.Connection, rid: str) -> None:
-    """Take an already rolled-up row out of the rollups before it is replaced.
-
-    Rollups fold rows in once, by rowid (``meterproxy.store.rollups``); a row
-    replaced after that would count twice (old values in the rollups, new row
-    above the watermark). Only runs when the rollup tables exist, which means
-    that module is installed.
-    """
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollup_state'").fetchone():
-        return
-    from meterproxy.store.rollups import DIMENSIONS, MEASURES, TABLES, rollup_state
-
-    rowid = conn.execute("SELECT rowid FROM requests WHERE id = ?", [rid]).fetchone()[0]
-    if rowid > rollup_state(conn).watermark:
-        return
-    dims = [f"ifnull({column}, '')" for column in DIMENSIONS.values()]
-    for table, width in TABLES.items():
-        values = conn.execute(
-            f"SELECT substr(ts, 1, {width}), {', '.join(dims)}, {', '.join(MEASURES.values())} "
-            "FROM requests WHERE rowid = ?",
-            [rowid],
-        ).fetchone()
-        bucket_and_dims, measures = values[: len(dims) + 1], values[len(dims) + 1 :]
-        where = " AND ".join(f"{d} = ?" for d in ("bucket", *DIMENSIONS))
-        sets = ", ".join(f"{m} = {m} - ?" for m in MEASURES)
-        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*measures, *bucket_and_dims])
+def proxied_request_ids(conn: sqlite3.Connection, ids: Iterable[str | None]) -> set[str]:
+    """Which of these provider request ids a proxied row already carries."""
+    found: set[str] = set()
+    unique = [i for i in dict.fromkeys(ids) if i]
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        marks = ",".join("?" for _ in chunk)
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT provider_request_id FROM requests WHERE provider_request_id IN ({marks}) "
+                "AND source = 'proxy'",
+                chunk,
+            )
+        )
+    return found
 
 
 def _size(record: RequestRecord) -> tuple[int, int]:

@@ -131,7 +131,8 @@ def parse_entry(entry: Any, project: str) -> RequestRecord | None:
         tags["sidechain"] = "true"
     session = entry.get("sessionId")
     extra = {k: v for k, v in (("request_id", request_id), ("message_id", message_id)) if isinstance(v, str)}
-    tier = usage.get("service_tier")
+    # Fast mode is billed as its own tier (see meterproxy.providers.anthropic).
+    tier = "fast" if usage.get("speed") == "fast" else usage.get("service_tier")
     return RequestRecord(
         id=rid,
         ts=_timestamp(entry.get("timestamp")),
@@ -154,6 +155,7 @@ def parse_entry(entry: Any, project: str) -> RequestRecord | None:
         usage_source="reported",
         service_tier=tier if isinstance(tier, str) else None,
         session=session if isinstance(session, str) else None,
+        provider_request_id=request_id if isinstance(request_id, str) else None,
         tags=tags,
         extra=extra,
     )

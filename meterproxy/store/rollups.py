@@ -52,6 +52,7 @@ __all__ = [
     "roll_up",
     "rollup_migrations",
     "rollup_state",
+    "unroll_row",
 ]
 
 #: Rolled-up dimension -> column in ``requests``.
@@ -223,3 +224,27 @@ def compact(conn: sqlite3.Connection, cutoff: str, batch: int = 5_000) -> int:
     if deleted and (state.compacted_before is None or cutoff > state.compacted_before):
         conn.execute("UPDATE rollup_state SET compacted_before = ? WHERE id = 1", [cutoff])
     return int(deleted)
+
+
+def unroll_row(conn: sqlite3.Connection, rid: str) -> None:
+    """Take one already rolled-up row back out of the rollups, before it is replaced or deleted.
+
+    Rollups fold a row in once, by rowid; a row replaced after that would count
+    twice (old values in the rollups, new row above the watermark), a row deleted
+    would still count. Rows above the watermark are not in the rollups yet: nothing
+    to do. Call inside the write transaction that changes the row.
+    """
+    found = conn.execute("SELECT rowid FROM requests WHERE id = ?", [rid]).fetchone()
+    if found is None or int(found[0]) > rollup_state(conn).watermark:
+        return
+    dims = [f"COALESCE({column}, '')" for column in DIMENSIONS.values()]
+    for table, width in TABLES.items():
+        values = conn.execute(
+            f"SELECT substr(ts, 1, {width}), {', '.join(dims)}, {', '.join(MEASURES.values())} "
+            "FROM requests WHERE rowid = ?",
+            [found[0]],
+        ).fetchone()
+        bucket_and_dims, measures = values[: len(dims) + 1], values[len(dims) + 1 :]
+        where = " AND ".join(f"{d} = ?" for d in ("bucket", *DIMENSIONS))
+        sets = ", ".join(f"{m} = {m} - ?" for m in MEASURES)
+        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*measures, *bucket_and_dims])

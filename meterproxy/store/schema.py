@@ -98,6 +98,14 @@ def m002_meta(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta VALUES ('fingerprint_salt', ?)", [secrets.token_hex(16)])
 
 
+@core_migrations()
+def m003_provider_request_id(db: sqlite_utils.Database) -> None:
+    # Which provider request a row is: an imported agent log entry whose request id a
+    # proxied row already has is the same request, counted once (meterproxy.imports).
+    db.execute("ALTER TABLE requests ADD COLUMN provider_request_id TEXT")
+    db.execute("CREATE INDEX requests_provider_request_id ON requests (provider_request_id)")
+
+
 COLUMNS = [
     "id",
     "ts",
@@ -134,6 +142,7 @@ COLUMNS = [
     "client_disconnected",
     "usage_injected",
     "extra",
+    "provider_request_id",
 ]
 
 
@@ -177,6 +186,7 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         int(record.client_disconnected),
         int(record.usage_injected),
         json.dumps(record.extra, default=str) if record.extra else None,
+        record.provider_request_id,
     )
 
 
