@@ -1,0 +1,337 @@
+"""Claude Code and Codex CLI through ``meterproxy serve``, as their users run them (issue 20).
+
+Each test drives the real CLI (``claude -p``, ``codex exec``; see
+`tests.helpers.agents` for the sandbox: temp HOME, no network but 127.0.0.1)
+against fake providers replaying real event shapes, and checks what was
+recorded: exact tokens, the session and user as the agent names them, no junk
+rows, budget refusals the agent shows and stops on, and imports of the agent's
+own log counted once. Tests that need no CLI check the same rules through the
+official SDKs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from meterproxy.pricing import PriceBook
+from meterproxy.testing import FakeUpstream, Reply, load_fixture
+from meterproxy.usage import Usage
+from tests.conftest import ProxyFactory
+from tests.helpers.agents import (
+    CLAUDE,
+    CODEX,
+    AgentProviders,
+    Sentinel,
+    agent_env,
+    need,
+    run_cli,
+    serve,
+)
+
+STREAM = load_fixture("anthropic_messages_stream").expect
+RESPONSES = load_fixture("openai_responses_stream").expect
+#: A budget spent by the first request: the second one in its scope is refused.
+TINY = "0.000000001"
+
+
+@pytest.fixture
+async def providers(upstream: FakeUpstream) -> AgentProviders:
+    fake = AgentProviders(upstream)
+    fake.install()
+    return fake
+
+
+def claude_env(home: Path, sentinel: Sentinel, proxy_url: str, **extra: str) -> dict[str, str]:
+    return agent_env(
+        home,
+        sentinel,
+        ANTHROPIC_BASE_URL=f"{proxy_url}/anthropic",
+        ANTHROPIC_API_KEY="sk-ant-api03-test-key-000000",
+        **extra,
+    )
+
+
+def codex_env(home: Path, sentinel: Sentinel, proxy_url: str) -> dict[str, str]:
+    # Codex 0.171 ignores OPENAI_BASE_URL; its config file names the endpoint (README, "Coding agents").
+    (home / ".codex").mkdir(parents=True, exist_ok=True)
+    config = f'openai_base_url = "{proxy_url}/v1"\ncheck_for_update_on_startup = false\n'
+    (home / ".codex" / "config.toml").write_text(config + "[analytics]\nenabled = false\n")
+    return agent_env(home, sentinel, OPENAI_API_KEY="sk-proj-test-key-000000")
+
+
+def claude_user_id(providers: AgentProviders) -> dict[str, str]:
+    """Claude Code's ``metadata.user_id`` as it reached the provider, decoded."""
+    bodies = [
+        json.loads(r.body) for r in providers.upstream.received if r.path_qs.startswith("/v1/messages?")
+    ]
+    assert bodies, "Claude Code sent no /v1/messages request"
+    decoded: dict[str, str] = json.loads(bodies[-1]["metadata"]["user_id"])
+    return decoded
+
+
+async def test_claude_code_tokens_session_user_and_cost_as_claude_counts_them(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    claude = need(CLAUDE, "claude")
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url) as served:
+        env = claude_env(
+            tmp_path / "home", sentinel, served.url, ANTHROPIC_CUSTOM_HEADERS="X-Meter-Tags: team=search"
+        )
+        run = await run_cli([claude, "-p", "say hello", "--output-format", "json"], env, tmp_path)
+        assert run.returncode == 0, run.stderr + run.stdout
+        result = json.loads(run.stdout)
+        rows = await served.wait_rows(1)
+    assert sentinel.attempts == [], "no connection anywhere but 127.0.0.1"
+
+    assert [r["endpoint"] for r in rows] == ["messages"], "one request, no junk rows"
+    (row,) = rows
+    assert row["status"] == 200 and row["error"] is None and row["usage_source"] == "reported"
+    for name in (
+        "input_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "cache_write_1h_tokens",
+        "output_tokens",
+    ):
+        assert row[name] == STREAM[name], name
+    # Claude Code's own count of the same answer agrees, token for token and to the cent.
+    usage = result["usage"]
+    assert row["output_tokens"] == usage["output_tokens"]
+    assert row["input_tokens"] == (
+        usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
+    )
+    assert Decimal(row["cost_usd"]) == Decimal(str(result["total_cost_usd"]))
+    # Session: the X-Claude-Code-Session-Id Claude Code sends, the one it prints.
+    assert row["session"] == result["session_id"]
+    # User: the device id out of metadata.user_id's JSON (no account when using an API key).
+    user_id = claude_user_id(providers)
+    assert user_id["session_id"] == result["session_id"]
+    assert row["user"] == (user_id.get("account_uuid") or user_id["device_id"])
+    assert not row["user"].startswith("{")
+    assert json.loads(row["tags"]) == {"team": "search"}
+    assert row["provider_request_id"] == providers.request_ids[-1]
+    # meterproxy's own header is not forwarded; the agent's are, untouched.
+    (sent,) = [r for r in providers.upstream.received if r.path_qs.startswith("/v1/messages")]
+    assert "x-meter-tags" not in sent.headers
+    assert sent.headers["x-claude-code-session-id"] == result["session_id"]
+
+
+async def test_codex_falls_back_to_https_at_once_and_is_metered_with_its_session(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    codex = need(CODEX, "codex")
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url) as served:
+        env = codex_env(tmp_path / "home", sentinel, served.url)
+        args = [codex, "exec", "--json", "--skip-git-repo-check", "-m", "gpt-5.3-codex", "say hello"]
+        run = await run_cli(args, env, tmp_path)
+        assert run.returncode == 0, run.stderr + run.stdout
+        rows = await served.wait_rows(1)
+    # Codex still looks up GitHub and chatgpt.com (plugins, model catalog); the sentinel
+    # refused each, and the run went on: nothing but 127.0.0.1 was reached.
+
+    # The WebSocket attempt got a 426 from the proxy: never forwarded, never recorded, and
+    # Codex fell back to HTTPS on the spot instead of retrying ("Reconnecting... n/5").
+    assert [(r.method, r.path_qs) for r in providers.upstream.received] == [("POST", "/v1/responses")]
+    assert "Reconnecting" not in run.stderr + run.stdout
+    assert [r["endpoint"] for r in rows] == ["responses"], "no junk rows"
+    (row,) = rows
+    assert row["status"] == 200 and row["error"] is None and row["usage_source"] == "reported"
+    for name in ("input_tokens", "cache_read_tokens", "output_tokens", "reasoning_tokens"):
+        assert row[name] == RESPONSES[name], name
+    events = run.json_lines()
+    (started,) = [e for e in events if e.get("type") == "thread.started"]
+    (completed,) = [e for e in events if e.get("type") == "turn.completed"]
+    # Codex's own count of the turn agrees with the row.
+    assert completed["usage"]["input_tokens"] == row["input_tokens"]
+    assert completed["usage"]["output_tokens"] == row["output_tokens"]
+    # Session: the session-id header Codex sends, the thread id it prints.
+    assert row["session"] == started["thread_id"]
+    assert row["model"] == "gpt-5.3-codex" and row["cost_usd"] is not None
+    assert row["provider_request_id"] == providers.request_ids[-1]
+
+
+def block_budget(name: str, upstream: str) -> str:
+    scope = f'scope = {{ upstream = "{upstream}" }}'
+    return f'[[budgets]]\nname = "{name}"\n{scope}\nlimit_usd = "{TINY}"\naction = "block"\n'
+
+
+async def test_claude_code_stops_at_once_on_a_spent_budget_and_says_why(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    claude = need(CLAUDE, "claude")
+    config = block_budget("claude-cap", "anthropic")
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url, config) as served:
+        env = claude_env(tmp_path / "home", sentinel, served.url)
+        first = await run_cli([claude, "-p", "say hello"], env, tmp_path)
+        assert first.returncode == 0, first.stderr + first.stdout
+        await served.wait_budget_state("claude-cap", "blocking")
+        # Claude Code retries a 429 up to ten times with backoff, unless told not to
+        # (x-should-retry: false): one refused request, the reason printed, exit 1.
+        second = await run_cli([claude, "-p", "say hello again"], env, tmp_path)
+        rows = await served.wait_rows(2)
+    assert second.returncode != 0
+    assert "claude-cap" in second.stdout + second.stderr
+    assert "429" in second.stdout + second.stderr
+    assert len([r for r in providers.upstream.received if r.method == "POST"]) == 1, "blocked before upstream"
+    assert [(r["status"], r["usage_source"]) for r in rows] == [(200, "reported"), (429, "none")]
+    assert "claude-cap" in rows[1]["error"] and rows[1]["cost_usd"] is None
+
+
+async def test_codex_stops_at_once_on_a_spent_budget_with_quota_exceeded(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    codex = need(CODEX, "codex")
+    config = block_budget("codex-cap", "openai")
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url, config) as served:
+        env = codex_env(tmp_path / "home", sentinel, served.url)
+        args = [codex, "exec", "--skip-git-repo-check", "-m", "gpt-5.3-codex"]
+        first = await run_cli([*args, "say hello"], env, tmp_path)
+        assert first.returncode == 0, first.stderr + first.stdout
+        await served.wait_budget_state("codex-cap", "blocking")
+        # insufficient_quota is final for Codex: no retry (it would otherwise sleep out the
+        # retry-after, weeks for a monthly budget), "Quota exceeded" printed, exit 1.
+        second = await run_cli([*args, "say hello again"], env, tmp_path)
+        rows = await served.wait_rows(2)
+    assert second.returncode != 0
+    assert "Quota exceeded" in second.stdout + second.stderr
+    assert "Reconnecting" not in second.stdout + second.stderr
+    assert len([r for r in providers.upstream.received if r.method == "POST"]) == 1, "blocked before upstream"
+    assert [(r["status"], r["endpoint"]) for r in rows] == [(200, "responses"), (429, "responses")]
+    assert "codex-cap" in rows[1]["error"]
+
+
+async def test_sdks_do_not_retry_a_budget_refusal_even_with_retries_on(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    """openai and anthropic SDKs at their default max_retries (2): one attempt, then the error."""
+    upstream.replay(load_fixture("openai_chat_json"))
+    upstream.replay(load_fixture("anthropic_messages_json"))
+    proxy = await make_proxy(budgets=[{"name": "all", "limit_usd": TINY, "action": "block"}])
+    oa = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
+    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+    assert oa.max_retries == 2 and ant.max_retries == 2
+    await oa.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "x"}])
+    await proxy.rows(1)
+    with pytest.raises(openai.RateLimitError) as oa_err:
+        await oa.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "x"}])
+    assert oa_err.value.code == "insufficient_quota" and "'all'" in oa_err.value.message
+    with pytest.raises(anthropic.RateLimitError) as ant_err:
+        await ant.messages.create(
+            model="claude-sonnet-4-20250514", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+    assert "'all'" in ant_err.value.message
+    rows = await proxy.rows(3)
+    assert [r["status"] for r in rows] == [200, 429, 429], "each SDK made exactly one attempt"
+    assert len(upstream.received) == 1
+
+
+def import_claude_code_cli(projects: Path, db: Path) -> str:
+    """``meterproxy import claude-code`` as a user runs it; returns its summary line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "meterproxy", "import", "claude-code", str(projects), "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "METERPROXY_DB": str(db)},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_claude_code_import_counts_each_request_once_in_either_order(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    claude = need(CLAUDE, "claude")
+    home = tmp_path / "home"
+    projects = home / ".claude" / "projects"
+    async with Sentinel() as sentinel, serve(tmp_path / "first", providers.upstream.url) as served:
+        env = claude_env(home, sentinel, served.url)
+        run = await run_cli([claude, "-p", "say hello"], env, tmp_path)
+        assert run.returncode == 0, run.stderr + run.stdout
+        (proxied,) = await served.wait_rows(1)
+        # Import after the proxy: the transcript's entry has the proxied row's request id.
+        summary = import_claude_code_cli(projects, served.db)
+        assert "0 new" in summary and "1 already proxied" in summary, summary
+        assert [(r["source"], r["provider_request_id"]) for r in served.rows()] == [
+            ("proxy", proxied["provider_request_id"])
+        ]
+
+        # The proxy after the import (it committed later than the import ran): a fresh
+        # database gets the transcript first, then the same provider request proxied.
+        async with serve(tmp_path / "second", providers.upstream.url) as second:
+            summary = import_claude_code_cli(projects, second.db)
+            assert "1 new" in summary, summary
+            (imported,) = second.rows()
+            assert imported["source"] == "claude-code"
+            assert imported["provider_request_id"] == proxied["provider_request_id"]
+            providers.reuse_request_id = proxied["provider_request_id"]
+            env = claude_env(home, sentinel, second.url)
+            again = await run_cli([claude, "-p", "say hello", "--output-format", "json"], env, tmp_path)
+            assert again.returncode == 0, again.stderr + again.stdout
+            # The proxied row replaces the imported one (it has the session, user and key).
+            rows = await second.wait_until(
+                lambda rows: [r["source"] for r in rows] == ["proxy"], "the imported duplicate to go"
+            )
+    assert rows[0]["provider_request_id"] == proxied["provider_request_id"]
+    assert rows[0]["session"] == json.loads(again.stdout)["session_id"]
+
+
+async def test_claude_code_fast_mode_is_priced_at_fast_rates(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    claude = need(CLAUDE, "claude")
+    providers.speed = "fast"
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url) as served:
+        env = claude_env(tmp_path / "home", sentinel, served.url)
+        run = await run_cli([claude, "-p", "say hello", "--output-format", "json"], env, tmp_path)
+        assert run.returncode == 0, run.stderr + run.stdout
+        (row,) = await served.wait_rows(1)
+    book = PriceBook.default()
+    usage = Usage(
+        input_tokens=STREAM["input_tokens"],
+        cache_read_tokens=STREAM["cache_read_tokens"],
+        cache_write_tokens=STREAM["cache_write_tokens"],
+        cache_write_1h_tokens=STREAM["cache_write_1h_tokens"],
+        output_tokens=STREAM["output_tokens"],
+    )
+    at = datetime.now(UTC)
+    standard = book.price(model=row["model"], usage=usage, at=at, provider="anthropic")
+    fast = book.price(model=row["model"], usage=usage, at=at, provider="anthropic", service_tier="fast")
+    assert standard is not None and fast is not None and fast.tier == "fast"
+    assert row["service_tier"] == "fast"
+    assert Decimal(row["cost_usd"]) == fast.cost_usd == 2 * standard.cost_usd
+    # Claude Code read the same answer as fast and prices it the same, to the cent.
+    result = json.loads(run.stdout)
+    assert result["usage"]["speed"] == "fast"
+    assert Decimal(row["cost_usd"]) == Decimal(str(result["total_cost_usd"]))
+
+
+async def test_head_probe_and_count_tokens_are_not_usage(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    """Claude Code's start-up ``HEAD`` of its base URL and a token count: no error, no cost."""
+    upstream.reply("/v1/messages/count_tokens", Reply(body=b'{"input_tokens":1234}'))
+    proxy = await make_proxy()
+    # As Claude Code sends it: fetch(ANTHROPIC_BASE_URL, {method: "HEAD"}).
+    async with aiohttp.ClientSession() as client, client.head(f"{proxy.url}/anthropic") as response:
+        assert response.status == 404  # what the fake answers on "/", passed through
+    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+    counted = await ant.messages.count_tokens(
+        model="claude-sonnet-4-20250514", messages=[{"role": "user", "content": "x"}]
+    )
+    assert counted.input_tokens == 1234
+    (row,) = await proxy.rows(1)
+    assert [r.method for r in upstream.received] == ["HEAD", "POST"], "the probe was forwarded"
+    assert row["endpoint"] == "count_tokens" and row["usage_source"] == "none"
+    assert row["status"] == 200 and row["error"] is None and row["input_tokens"] == 0
