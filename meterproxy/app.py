@@ -85,6 +85,21 @@ async def admin_auth(
     return await handler(request)
 
 
+def unpriced_upstreams(book: PriceBook, settings: Settings) -> list[str]:
+    """One line per upstream whose requests no price list bills (they are recorded with cost null)."""
+    out = []
+    for name in settings.upstreams:
+        chosen = settings.upstream_prices.get(name)
+        if chosen is not None and book.price_list(chosen) is None:
+            out.append(f"upstream {name}: price list {chosen!r} is unknown; its requests stay unpriced")
+        elif chosen is None and book.price_list(name) is None:
+            out.append(
+                f"upstream {name}: its name names no price list and it has no prices setting "
+                f"([upstreams.{name}] prices = ...); its requests are recorded with cost null"
+            )
+    return out
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     writer = StoreWriter(settings.db, queue_max=settings.writer_queue_max)
@@ -111,9 +126,11 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     book = PriceBook.load(overrides=[Path(p) for p in settings.pricing])
     for problem in book.check():
         log.warning("pricing table problem: %s", problem)
+    for problem in unpriced_upstreams(book, settings):
+        log.warning("%s", problem)
     app[PRICEBOOK] = book
     meter = app[METER]
-    meter.set_pricer(price_record_with(book))
+    meter.set_pricer(price_record_with(book, settings.upstream_prices))
     meter.add_sink("store", app[WRITER].submit)
     if settings.access_log:
         meter.add_sink("access_log", log_request)

@@ -14,7 +14,7 @@ not here: see `Meter.request_gates`, consulted by the proxy before forwarding.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from aiohttp import web
@@ -22,7 +22,7 @@ from aiohttp import web
 from meterproxy.pricing import PriceBook
 from meterproxy.usage import RequestRecord
 
-__all__ = ["Gate", "Meter", "PriceFunction", "Sink", "price_record_with"]
+__all__ = ["Gate", "Meter", "PriceFunction", "Sink", "price_list_of", "price_record_with"]
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +45,46 @@ def _unpriced(record: RequestRecord) -> None:
     record.cost_usd = None
 
 
-def price_record_with(book: PriceBook) -> PriceFunction:
+def price_list_of(record: RequestRecord, upstream_prices: Mapping[str, str]) -> str | None:
+    """Whose price list bills `record`: the upstream's setting, else the upstream's own name.
+
+    ``groq``, ``openrouter``, ``deepseek`` say who bills; the wire protocol does not
+    (``openai`` for every compatible API), so it is only used for rows that came
+    through no upstream (imports, whose source names its provider).
+    """
+    if record.upstream:
+        return upstream_prices.get(record.upstream) or record.upstream
+    return record.provider or None
+
+
+def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None = None) -> PriceFunction:
     """Price records from ``book``: the answered model first, then the requested one.
 
     Only trusted usage is priced. A request without usage, or with a model the
     book does not know, keeps ``cost_usd=None``: never an invented zero.
 
-    The price table is chosen by the upstream's name (``groq``, ``openrouter``,
-    ``deepseek`` say who bills), not by the wire protocol (``openai`` for every
-    compatible API); an upstream the tables do not name (``azure``, ``vllm``
-    without an override, a custom one) searches every table.
+    The price list is `price_list_of` the record: only that provider's list is
+    searched. An upstream whose name names no price list and that has no
+    ``prices`` setting (``local``, a custom name) prices nothing: its rows keep
+    their tokens with a null cost (``/api/models/unpriced`` lists them), rather
+    than a price from some other provider's list.
     """
+    lists = dict(upstream_prices or {})
 
     def price(record: RequestRecord) -> None:
         record.cost_usd = None
         record.priced_model = None
         if record.usage is None or record.usage_source != "reported":
             return
+        plist = price_list_of(record, lists)
+        if plist is None:
+            return
         for model in dict.fromkeys(m for m in (record.model, record.requested_model) if m):
             result = book.price(
                 model=model,
                 usage=record.usage,
                 at=record.ts,
-                provider=record.upstream or record.provider or None,
+                provider=plist,
                 service_tier=record.service_tier,
             )
             if result is not None:

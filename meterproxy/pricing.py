@@ -1,31 +1,35 @@
-"""What a request cost: dated price tables and the one formula that applies them.
+"""What a request cost: layered, dated price data and the one formula that applies it.
 
-Prices live in data, not code: one TOML file per provider in ``pricing/``
-(``pricing/README.md`` documents every field). This module only loads those
-files and applies them, so it is pure: no clock, no network, no float.
-Reading one file (the schema's types, parsing, per-file checks) is
-`meterproxy.pricing_load`; this module merges files into one book, indexes the
-names, checks across files, and prices.
+Prices live in data, not code, in three layers (``pricing/README.md``):
+
+1. **base**: genai-prices' data file (`meterproxy.pricing_base`), about two
+   thousand models of 47 providers, refreshed by ``meterproxy prices update``
+   (each update in force from the moment it was applied, so a billed period is
+   never rewritten);
+2. **curated**: ``pricing/*.toml``, meterproxy's own corrections on top (DeepSeek
+   time-of-day windows, long-context rates, launch prices, dated redirects);
+3. **operator**: the user's ``--pricing`` files (private models, negotiated
+   multipliers).
+
+A higher layer's dated entries are merged into the lower one's history; on
+the same ``effective_from`` the higher layer wins. Every entry keeps its layer
+and origin, so a result says which layer and source priced it. This module is
+pure: no clock, no network, no float.
 
 Design, in the order a price is computed:
 
-1. **Resolve** the model name a provider reported to a table id
-   (`PriceBook.resolve`): exact id or alias (case-insensitive), then a vendor
-   prefix (``openai/gpt-4o``, ``models/gemini-2.5-flash``), then a dated
-   snapshot suffix is stripped (``-2024-08-06``, ``-20250929``, ``@20250929``,
-   Gemini's ``-001``). Undated 4-digit suffixes (``gpt-3.5-turbo-1106``) are
-   *not* stripped: those snapshots were priced differently, and an unknown
-   model must stay unpriced rather than be priced wrongly.
-2. **Pick the dated entry**: the one with the latest ``effective_from`` at or
-   before the request time. Past entries are never edited, so recomputing an
-   old request gives the price that applied then.
-3. **Pick the rates**: service tier (``batch``, ``flex``, ``priority``; a full
-   price set or a multiplier of the base), then the long-context rates when the
-   whole prompt is over the entry's threshold. Standard-tier requests then take
-   the rates of a time-of-day window (DeepSeek peak / off-peak) in force at the
-   request time, UTC, if the entry has one.
-4. **Apply one formula** (`Rates.token_cost`) and divide by a million; then a
-   negotiated multiplier from a user override, if one is in force at that time.
+1. **Choose the list** (`meterproxy.pricing_names`): the request's price list
+   (``openai``, ``together``, ...). Only that list is searched: a model is never
+   priced from another provider's list. An unknown list prices nothing.
+2. **Resolve** the name on that list (`PriceBook.lookup`, cached per list and
+   name): curated/operator names first (exact id or alias, case-insensitive;
+   ``vendor/`` prefixes; a dated snapshot suffix stripped), and genai-prices'
+   match rules for the base; then client spellings of the same name (Bedrock
+   ``us.`` profiles, Azure ``gpt-35``, ``models/``).
+3. **Follow redirects**: a retired name billed as another model from a date on.
+4. **Pick the dated entry**, then the rates (service tier, long context,
+   time-of-day window), **apply one formula** (`Rates.token_cost`) and add the
+   per-request fees; then a negotiated multiplier, if one is in force.
 
 The result is an exact `Decimal`; callers round for display only. `price`
 returns ``None`` for an unknown model (never zero), so "unpriced" stays visible.
@@ -33,6 +37,7 @@ returns ``None`` for an unknown model (never zero), so "unpriced" stays visible.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
+from meterproxy.pricing_base import BaseData, BaseModel, read_base
 from meterproxy.pricing_load import (
     LongContext,
     ModelSpec,
@@ -50,16 +56,20 @@ from meterproxy.pricing_load import (
     PricingError,
     PricingFile,
     Rates,
+    Redirect,
     TierPrice,
     TimeWindow,
     entry_problems,
     read_pricing_file,
     toml_files,
 )
+from meterproxy.pricing_names import PRICE_LISTS, PriceList, canonical, client_spellings, price_list
 from meterproxy.usage import Usage
 
 __all__ = [
+    "DEFAULT_BASE_FILE",
     "DEFAULT_PRICING_DIR",
+    "BaseLayer",
     "LongContext",
     "ModelInfo",
     "Multiplier",
@@ -68,6 +78,8 @@ __all__ = [
     "PriceResult",
     "PricingError",
     "Rates",
+    "Redirect",
+    "Resolved",
     "TierPrice",
     "TimeWindow",
 ]
@@ -79,12 +91,18 @@ def _default_dir() -> Path:
 
 
 DEFAULT_PRICING_DIR: Path = _default_dir()
+DEFAULT_BASE_FILE: Path = DEFAULT_PRICING_DIR / "base" / "genai-prices.json"
 
 _MILLION = 6  # prices are per 10**6 tokens
 # Service tiers that mean "no special tier" in provider responses.
 _STANDARD_TIERS = frozenset({"", "default", "standard", "auto", "on_demand"})
 # Dated snapshot suffixes that are safe to strip (they never changed the price).
 _SNAPSHOT_RE = re.compile(r"(?:[-@](?:\d{4}-\d{2}-\d{2}|\d{8})|-\d{3})$")
+_CACHE_MAX = 16_384  # resolved (list, name) pairs kept; cleared when full
+_MAX_REDIRECTS = 4
+
+#: One base data file and when it was applied (None: the shipped file, in force for all time).
+BaseLayer = tuple[BaseData, datetime | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +116,20 @@ class PriceResult:
     provider: str = ""
     multiplier: Decimal | None = None
     window: str | None = None  # `TimeWindow.label()` of the time-of-day window applied
+    layer: str = ""  # "base", "curated" or "operator": the layer of the entry that priced it
+    source: str = ""  # where that entry came from (file and model, or genai-prices' page)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A name resolved on one price list: the merged history it prices with (cached)."""
+
+    id: str  # curated table id, else genai-prices' model id
+    provider: str  # the price list
+    entries: tuple[PriceEntry, ...]  # all layers merged, oldest first
+    multipliers: tuple[Multiplier, ...] = ()
+    redirects: tuple[Redirect, ...] = ()
+    base_id: str | None = None  # "provider/model" in genai-prices, when the base layer knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +143,7 @@ class ModelInfo:
     multipliers: tuple[Multiplier, ...]
     same_as: str | None
     origin: str
+    redirects: tuple[Redirect, ...] = ()
 
 
 @dataclass(slots=True)
@@ -122,6 +155,7 @@ class _Model:
     entries: list[PriceEntry] = field(default_factory=list)
     multipliers: list[Multiplier] = field(default_factory=list)
     same_as: str | None = None
+    redirects: list[Redirect] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -134,7 +168,7 @@ class _Provider:
 
 
 class PriceBook:
-    """All price tables, indexed for lookup. Build with `load` or `default`."""
+    """All price layers, indexed for lookup. Build with `load` or `default`."""
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
@@ -142,13 +176,27 @@ class PriceBook:
         self._prefix: dict[str, str] = {}  # provider name or vendor prefix -> provider
         self._global: dict[str, str] = {}  # lowercase name -> model id
         self._problems: list[str] = []
+        self._base: list[BaseLayer] = []
+        self._base_ids: frozenset[str] = frozenset()
+        self._files: frozenset[str] = frozenset()
+        self._cache: dict[tuple[str, str], Resolved | None] = {}
 
     # ---- construction -------------------------------------------------
 
     @classmethod
-    def load(cls, dirs: Sequence[Path] = (DEFAULT_PRICING_DIR,), overrides: Sequence[Path] = ()) -> PriceBook:
-        """Read every ``*.toml`` in `dirs`, then apply `overrides` (files or dirs) in order."""
+    def load(
+        cls,
+        dirs: Sequence[Path] = (DEFAULT_PRICING_DIR,),
+        overrides: Sequence[Path] = (),
+        base: Sequence[BaseLayer] | None = None,
+    ) -> PriceBook:
+        """Read the base layer(s), every ``*.toml`` in `dirs`, then `overrides` (files or dirs).
+
+        `base` defaults to the shipped genai-prices file; pass ``[]`` for none,
+        or the shipped layer plus installed updates (`meterproxy.prices_update`).
+        """
         book = cls()
+        book._base = list(base) if base is not None else [(shipped_base(), None)]
         for path in toml_files(dirs):
             book._add_file(path, override=False)
         for path in toml_files(overrides):
@@ -158,7 +206,7 @@ class PriceBook:
 
     @classmethod
     def default(cls) -> PriceBook:
-        """The built-in tables, loaded once per process."""
+        """The shipped layers, loaded once per process."""
         return _default_book()
 
     def _add_file(self, path: Path, *, override: bool) -> None:
@@ -166,18 +214,28 @@ class PriceBook:
 
     def _add(self, parsed: PricingFile, *, override: bool) -> None:
         self._problems.extend(parsed.problems)
-        prov = self._providers.setdefault(parsed.provider, _Provider(parsed.provider))
-        prov.prefixes |= parsed.prefixes
+        name = canonical(parsed.provider)
+        prov = self._providers.setdefault(name, _Provider(name))
+        prov.prefixes |= {canonical(p) for p in parsed.prefixes} | parsed.prefixes
         prov.aggregator = prov.aggregator or parsed.aggregator
         prov.multipliers += parsed.multipliers
         for spec in parsed.models:
+            if override:
+                spec.entries = [dataclasses.replace(e, layer="operator") for e in spec.entries]
             self._add_model(spec, prov, override=override)
 
     def _add_model(self, spec: ModelSpec, prov: _Provider, *, override: bool) -> None:
         existing = self._models.get(spec.id)
         if existing is None:
             self._models[spec.id] = _Model(
-                spec.id, prov.name, spec.where, spec.aliases, spec.entries, spec.multipliers, spec.same_as
+                spec.id,
+                prov.name,
+                spec.where,
+                spec.aliases,
+                spec.entries,
+                spec.multipliers,
+                spec.same_as,
+                spec.redirects,
             )
         elif override:
             # Merge: an override entry replaces the built-in one with the same date.
@@ -185,6 +243,7 @@ class PriceBook:
             existing.entries = [e for e in existing.entries if e.effective_from not in dates] + spec.entries
             existing.aliases += spec.aliases
             existing.multipliers += spec.multipliers
+            existing.redirects = sorted(existing.redirects + spec.redirects, key=lambda r: r.effective_from)
             existing.same_as = spec.same_as or existing.same_as
         else:
             self._problems.append(f"{spec.where}: duplicate model id (also in {existing.origin})")
@@ -201,6 +260,8 @@ class PriceBook:
         model.multipliers.sort(key=lambda m: m.effective_from)
 
     def _build_index(self) -> None:
+        self._base_ids = frozenset(pid for data, _ in self._base for pid in data.providers)
+        self._files = frozenset(self._providers)
         for prov in self._providers.values():
             for p in prov.prefixes:
                 owner = self._prefix.setdefault(p, prov.name)
@@ -220,16 +281,83 @@ class PriceBook:
 
     # ---- lookup -------------------------------------------------------
 
-    def resolve(self, model: str | None, provider: str | None = None) -> str | None:
-        """The table id `model` prices as, or ``None``. `provider` narrows the search.
+    def price_list(self, provider: str | None) -> PriceList | None:
+        """The price list `provider` names (vocabulary, alias, genai-prices id or a file's provider)."""
+        return price_list(provider, self._base_ids, self._files)
 
-        A known provider searches only its own table (an aggregator may also
-        route vendor-prefixed slugs); an unknown or absent provider searches all.
+    def lookup(self, model: str | None, provider: str | None) -> Resolved | None:
+        """What `model` prices as on `provider`'s list (cached), or None.
+
+        `provider` None searches every list (for ``prices show`` without
+        ``--provider``); the meter always names the list.
         """
         if not model or not model.strip():
             return None
-        scope = self._prefix.get(provider.strip().lower()) if provider else None
-        found = self._lookup(model.strip().lower(), scope)
+        key = (provider or "", model)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        found = self._lookup_uncached(model.strip().lower(), provider)
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = found
+        return found
+
+    def _lookup_uncached(self, name: str, provider: str | None) -> Resolved | None:
+        if provider is None:
+            return self._lookup_anywhere(name)
+        plist = self.price_list(provider)
+        if plist is None:
+            return None
+        for spelling in (name, *client_spellings(name, plist.name)):
+            if (found := self._on_list(spelling, plist)) is not None:
+                return found
+        return None
+
+    def _lookup_anywhere(self, name: str) -> Resolved | None:
+        model_id = self._follow(self._curated(name, None))
+        if model_id is not None:
+            return self._on_list(name, self.price_list(self._models[model_id].provider) or PRICE_LISTS[0])
+        for plist in PRICE_LISTS:
+            if (found := self._on_list(name, plist)) is not None:
+                return found
+        return None
+
+    def _on_list(self, name: str, plist: PriceList) -> Resolved | None:
+        scope = plist.name if plist.name in self._providers else None
+        curated = self._follow(self._curated(name, scope, routed=False)) if scope else None
+        base_id = self._base_id(name, plist)
+        if curated is None and base_id is None and scope and self._providers[scope].aggregator:
+            # OpenRouter bills vendor models at the vendor's list price; used only when
+            # OpenRouter's own list (the base layer) does not have the slug.
+            curated = self._follow(self._curated(name, scope, routed=True))
+        if curated is None and base_id is None:
+            return None
+        m = self._models[curated] if curated is not None else None
+        entries = self._layered(name, plist, m.entries if m is not None else ())
+        if m is None:
+            assert base_id is not None
+            return Resolved(base_id.split("/", 1)[1], plist.name, entries, base_id=base_id)
+        return Resolved(m.id, m.provider, entries, tuple(m.multipliers), tuple(m.redirects), base_id)
+
+    def _curated(self, name: str, scope: str | None, *, routed: bool = True) -> str | None:
+        index = self._providers[scope].index if scope else self._global
+        if (hit := index.get(name)) is not None:
+            return hit
+        head, sep, rest = name.partition("/")
+        if sep and rest:
+            if head == "models":
+                return self._curated(rest, scope, routed=routed)
+            vendor = self._prefix.get(head)
+            if vendor and (
+                scope is None or scope == vendor or (routed and self._providers[scope].aggregator)
+            ):
+                return self._curated(rest, vendor, routed=routed)
+        stripped = _SNAPSHOT_RE.sub("", name)
+        return self._curated(stripped, scope, routed=routed) if stripped != name else None
+
+    def _follow(self, found: str | None) -> str | None:
         seen: set[str] = set()
         while found is not None and (target := self._models[found].same_as) is not None:
             if found in seen or target not in self._models:
@@ -238,19 +366,42 @@ class PriceBook:
             found = target
         return found
 
-    def _lookup(self, name: str, scope: str | None) -> str | None:
-        index = self._providers[scope].index if scope else self._global
-        if (hit := index.get(name)) is not None:
-            return hit
-        head, sep, rest = name.partition("/")
-        if sep and rest:
-            if head == "models":
-                return self._lookup(rest, scope)
-            vendor = self._prefix.get(head)
-            if vendor and (scope is None or scope == vendor or self._providers[scope].aggregator):
-                return self._lookup(rest, vendor)
-        stripped = _SNAPSHOT_RE.sub("", name)
-        return self._lookup(stripped, scope) if stripped != name else None
+    def _base_id(self, name: str, plist: PriceList) -> str | None:
+        """``provider/model`` of the newest base data file that knows `name` on `plist`."""
+        for data, _ in reversed(self._base):
+            if (hit := _find_base(data, name, plist.base)) is not None:
+                return f"{hit.provider}/{hit.id}"
+        return None
+
+    def _layered(self, name: str, plist: PriceList, curated: Sequence[PriceEntry]) -> tuple[PriceEntry, ...]:
+        """The history `name` prices with: base, curated over it, then each base update.
+
+        Curated entries were written against the shipped base, so from a curated
+        model's first entry on they replace it. An update (`prices update`) is newer
+        than both: where it changes a model's price it is in force from the moment
+        it was applied, over curated entries too; where it changes nothing the
+        curated history stands. Nothing before an update's time ever changes.
+        """
+        base: tuple[PriceEntry, ...] = ()
+        for data, applied_at in self._base:
+            if applied_at is not None:
+                break
+            if (hit := _find_base(data, name, plist.base)) is not None:
+                base = hit.entries
+        history = _cover(base, curated)
+        for data, applied_at in self._base:
+            if applied_at is None or (hit := _find_base(data, name, plist.base)) is None:
+                continue
+            if base and not _changes(base, hit.entries, applied_at):
+                continue
+            history = _apply_update(history, hit.entries, applied_at)
+            base = _apply_update(base, hit.entries, applied_at)
+        return history
+
+    def resolve(self, model: str | None, provider: str | None = None) -> str | None:
+        """The id `model` prices as on `provider`'s list (None: any list), or ``None``."""
+        found = self.lookup(model, provider)
+        return found.id if found is not None else None
 
     def price(
         self,
@@ -262,12 +413,15 @@ class PriceBook:
         service_tier: str | None = None,
     ) -> PriceResult | None:
         """Exact cost of `usage` at time `at` (naive = UTC); ``None`` if no price is known."""
-        model_id = self.resolve(model, provider)
-        if model_id is None:
-            return None
-        table = self._models[model_id]
+        found = self.lookup(model, provider)
         when = _utc(at)
-        entry = _latest(table.entries, when)
+        hops = 0
+        while found is not None and (redirect := _latest(found.redirects, when)) is not None:
+            hops += 1
+            found = self.lookup(redirect.to, found.provider) if hops <= _MAX_REDIRECTS else None
+        if found is None:
+            return None
+        entry = _latest(found.entries, when)
         if entry is None:
             return None
         tier = (service_tier or "").strip().lower()
@@ -281,39 +435,80 @@ class PriceBook:
         cost = rates.token_cost(usage).scaleb(-_MILLION)
         if entry.web_search is not None and usage.web_search_requests:
             cost += (usage.web_search_requests * entry.web_search).scaleb(-3)
-        mult = _latest(table.multipliers, when) or _latest(self._providers[table.provider].multipliers, when)
+        if entry.requests is not None:
+            cost += entry.requests.scaleb(-3)
+        prov = self._providers.get(found.provider)
+        mult = _latest(found.multipliers, when) or (_latest(prov.multipliers, when) if prov else None)
         factor = mult.multiplier if mult is not None else None
         if factor is not None:
             cost *= factor
         label = window.label() if window is not None else None
-        return PriceResult(cost, model_id, entry.effective_from, tier_used, table.provider, factor, label)
+        return PriceResult(
+            cost,
+            found.id,
+            entry.effective_from,
+            tier_used,
+            found.provider,
+            factor,
+            label,
+            entry.layer,
+            entry.source or entry.origin,
+        )
+
+    # ---- what the CLI shows ---------------------------------------------
 
     def models(self) -> list[str]:
-        """Every table id, sorted."""
+        """Every curated and operator table id, sorted."""
         return sorted(self._models)
+
+    def base_models(self, plist: PriceList) -> list[Resolved]:
+        """The base layer's models on `plist` (newest data file's list, updates merged)."""
+        out = []
+        seen: set[str] = set()
+        for data, _ in reversed(self._base):
+            for pid in plist.base:
+                prov = data.providers.get(pid)
+                for m in prov.models if prov else ():
+                    if m.id.lower() in seen:
+                        continue
+                    seen.add(m.id.lower())
+                    if self._base_id(m.id.lower(), plist) == f"{pid}/{m.id}":
+                        history = self._layered(m.id.lower(), plist, ())
+                        out.append(Resolved(m.id, plist.name, history, base_id=f"{pid}/{m.id}"))
+        return out
+
+    def base_layers(self) -> list[BaseLayer]:
+        return list(self._base)
 
     def provider_of(self, model_id: str) -> str | None:
         table = self._models.get(model_id)
         return table.provider if table else None
 
     def info(self, model_id: str) -> ModelInfo | None:
-        """The table row `model_id` (an exact table id, not resolved), or ``None``."""
+        """The table row `model_id` (an exact curated/operator id, not resolved), or ``None``."""
         m = self._models.get(model_id)
         if m is None:
             return None
         return ModelInfo(
-            m.id, m.provider, tuple(m.aliases), tuple(m.entries), tuple(m.multipliers), m.same_as, m.origin
+            m.id,
+            m.provider,
+            tuple(m.aliases),
+            tuple(m.entries),
+            tuple(m.multipliers),
+            m.same_as,
+            m.origin,
+            tuple(m.redirects),
         )
 
     def provider_multipliers(self, provider: str) -> list[Multiplier]:
         """Negotiated multipliers on a whole provider (from overrides), oldest first."""
-        prov = self._providers.get(provider)
+        prov = self._providers.get(canonical(provider))
         return list(prov.multipliers) if prov else []
 
-    def history(self, model: str) -> list[PriceEntry]:
-        """The dated entries `model` resolves to, oldest first ([] if unknown)."""
-        model_id = self.resolve(model)
-        return list(self._models[model_id].entries) if model_id else []
+    def history(self, model: str, provider: str | None = None) -> list[PriceEntry]:
+        """The dated entries `model` resolves to, all layers merged, oldest first ([] if unknown)."""
+        found = self.lookup(model, provider)
+        return list(found.entries) if found else []
 
     def check(self) -> list[str]:
         """Validation problems found while loading; an empty list means the tables are sound."""
@@ -326,16 +521,83 @@ class PriceBook:
                     yield f"{m.origin}: same_as {m.same_as!r} is not a known model id"
                 if m.entries:
                     yield f"{m.origin}: has both same_as and prices"
-            elif not m.entries:
+            elif not m.entries and not m.redirects and not self._base_knows(m):
                 yield f"{m.origin}: no prices"
             for e in m.entries:
                 yield from (f"{m.origin} {e.effective_from.date()}: {p}" for p in entry_problems(e))
             for mult in m.multipliers:
                 if mult.multiplier <= 0:
                     yield f"{m.origin}: multiplier must be positive"
+            for r in m.redirects:
+                if r.to.lower() == m.id.lower():
+                    yield f"{m.origin}: redirects to itself"
         for prov in self._providers.values():
             if any(x.multiplier <= 0 for x in prov.multipliers):
                 yield f"provider {prov.name!r}: multiplier must be positive"
+
+    def _base_knows(self, m: _Model) -> bool:
+        plist = self.price_list(m.provider)
+        return plist is not None and self._base_id(m.id.lower(), plist) is not None
+
+
+def _find_base(data: BaseData, name: str, provider_ids: Sequence[str]) -> BaseModel | None:
+    for pid in provider_ids:
+        prov = data.providers.get(pid)
+        if prov is not None and (hit := prov.find(name, data.providers)) is not None:
+            return hit
+    return None
+
+
+def _cover(lower: Sequence[PriceEntry], upper: Sequence[PriceEntry]) -> tuple[PriceEntry, ...]:
+    """`upper` from its first entry on; `lower`'s history only before that."""
+    if not upper:
+        return tuple(lower)
+    first = upper[0].effective_from
+    return (*(e for e in lower if e.effective_from < first), *upper)
+
+
+def _changes(old: Sequence[PriceEntry], new: Sequence[PriceEntry], at: datetime) -> bool:
+    """Whether `new` prices anything from `at` on differently from `old`."""
+    a, b = _latest(old, at), _latest(new, at)
+    if (a is None) != (b is None) or (a is not None and b is not None and not _same_rates(a, b)):
+        return True
+    later_old = [e for e in old if e.effective_from > at]
+    later_new = [e for e in new if e.effective_from > at]
+    return len(later_old) != len(later_new) or any(
+        x.effective_from != y.effective_from or not _same_rates(x, y)
+        for x, y in zip(later_old, later_new, strict=True)
+    )
+
+
+def _apply_update(
+    old: Sequence[PriceEntry], new: Sequence[PriceEntry], applied_at: datetime
+) -> tuple[PriceEntry, ...]:
+    """A newer data file's history, in force only from `applied_at`: what was billed stays billed."""
+    before = [e for e in old if e.effective_from < applied_at]
+    current = _latest(new, applied_at)
+    at_update = [dataclasses.replace(current, effective_from=applied_at)] if current is not None else []
+    return (*before, *at_update, *(e for e in new if e.effective_from > applied_at))
+
+
+def _same_rates(a: PriceEntry, b: PriceEntry) -> bool:
+    return (a.rates, a.long_context, a.web_search, a.requests, dict(a.tiers), a.windows) == (
+        b.rates,
+        b.long_context,
+        b.web_search,
+        b.requests,
+        dict(b.tiers),
+        b.windows,
+    )
+
+
+@lru_cache(maxsize=4)
+def _read_base_cached(path: Path, mtime_ns: int) -> BaseData:
+    return read_base(path)
+
+
+def shipped_base(path: Path = DEFAULT_BASE_FILE) -> BaseData:
+    """The shipped genai-prices file, parsed once per process (immutable, shared by books)."""
+    return _read_base_cached(path, path.stat().st_mtime_ns if path.exists() else 0)
 
 
 @lru_cache(maxsize=1)
@@ -343,7 +605,7 @@ def _default_book() -> PriceBook:
     return PriceBook.load()
 
 
-_Dated = TypeVar("_Dated", PriceEntry, Multiplier)
+_Dated = TypeVar("_Dated", PriceEntry, Multiplier, Redirect)
 
 
 def _latest(items: Sequence[_Dated], when: datetime) -> _Dated | None:

@@ -37,6 +37,7 @@ __all__ = [
     "PricingError",
     "PricingFile",
     "Rates",
+    "Redirect",
     "TierPrice",
     "TimeWindow",
     "entry_problems",
@@ -46,7 +47,7 @@ __all__ = [
 
 _RATE_KEYS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
 _ENTRY_KEYS = frozenset(
-    {*_RATE_KEYS, "effective_from", "web_search", "long_context", "tiers", "windows"}
+    {*_RATE_KEYS, "effective_from", "web_search", "requests", "long_context", "tiers", "windows"}
     | {"correction", "source", "note"}
 )
 _WINDOW_KEYS = frozenset({*_RATE_KEYS, "name", "start", "end", "days"})
@@ -55,7 +56,10 @@ _DAY_US = 86_400 * 10**6
 _WEEK_US = 7 * _DAY_US
 _TIER_KEYS = frozenset({*_RATE_KEYS, "multiplier", "long_context"})
 _LC_KEYS = frozenset({*_RATE_KEYS, "threshold"})
-_MODEL_KEYS = frozenset({"id", "aliases", "prices", "same_as", "multipliers", "source", "note", "deprecated"})
+_MODEL_KEYS = frozenset(
+    {"id", "aliases", "prices", "same_as", "multipliers", "redirects", "source", "note", "deprecated"}
+)
+_REDIRECT_KEYS = frozenset({"effective_from", "to", "source", "note"})
 _FILE_KEYS = frozenset({"provider", "prefixes", "aggregator", "models", "multipliers", "source", "note"})
 
 
@@ -197,12 +201,14 @@ class PriceEntry:
     rates: Rates
     long_context: LongContext | None = None
     web_search: Decimal | None = None  # USD per 1000 requests
+    requests: Decimal | None = None  # USD per 1000 requests, a fee on every request (Perplexity)
     tiers: Mapping[str, TierPrice] = field(default_factory=dict)
     windows: tuple[TimeWindow, ...] = ()
     correction: str | None = None
     source: str | None = None
     note: str | None = None
     origin: str = ""
+    layer: str = "curated"  # "base" (genai-prices), "curated" (pricing/*.toml) or "operator"
 
     def select(self, tier: str | None) -> tuple[Rates, LongContext | None, str | None]:
         """Base or tier rates; an unknown tier falls back to base and reports no tier."""
@@ -231,6 +237,16 @@ class Multiplier:
     note: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """From `effective_from` on, the model is billed as model `to` (a retired name, an alias)."""
+
+    effective_from: datetime
+    to: str
+    source: str | None = None
+    note: str | None = None
+
+
 @dataclass(slots=True)
 class ModelSpec:
     """One ``[[models]]`` table as written in a file (entries in file order)."""
@@ -241,6 +257,7 @@ class ModelSpec:
     entries: list[PriceEntry] = field(default_factory=list)
     multipliers: list[Multiplier] = field(default_factory=list)
     same_as: str | None = None
+    redirects: list[Redirect] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -299,7 +316,23 @@ def _model_spec(raw: Mapping[str, Any], where: str, problems: list[str]) -> Mode
         entries=entries,
         multipliers=_multipliers(raw.get("multipliers", []), where),
         same_as=same_as,
+        redirects=_redirects(raw.get("redirects", []), where, problems),
     )
+
+
+def _redirects(raw: Any, where: str, problems: list[str]) -> list[Redirect]:
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise PricingError(f"{where}: redirects must be an array of tables")
+    out = []
+    for i, r in enumerate(raw):
+        rw = f"{where} redirects[{i}]"
+        problems.extend(_unknown(r, _REDIRECT_KEYS, rw))
+        to = _req_str(r, "to", rw)
+        notes = {k: r.get(k) for k in ("source", "note")}
+        if any(v is not None and not isinstance(v, str) for v in notes.values()):
+            raise PricingError(f"{rw}: 'source' and 'note' must be strings")
+        out.append(Redirect(_when(r, rw), to, notes["source"], notes["note"]))
+    return sorted(out, key=lambda r: r.effective_from)
 
 
 def _unknown(raw: Mapping[str, Any], allowed: frozenset[str], where: str) -> Iterable[str]:
@@ -447,6 +480,7 @@ def _entry(raw: Mapping[str, Any], where: str) -> PriceEntry:
         rates=rates,
         long_context=_long_context(raw.get("long_context"), where),
         web_search=_num(raw, "web_search", where),
+        requests=_num(raw, "requests", where),
         tiers=tiers,
         windows=_windows(raw.get("windows", []), rates, where),
         correction=notes["correction"],
@@ -506,8 +540,9 @@ def entry_problems(e: PriceEntry) -> Iterable[str]:
         for key, value in zip(_RATE_KEYS, rates._values(), strict=True):
             if value is not None and value < 0:
                 yield f"{label}{key} is negative ({value})"
-    if e.web_search is not None and e.web_search < 0:
-        yield f"web_search is negative ({e.web_search})"
+    for fee, value in (("web_search", e.web_search), ("requests", e.requests)):
+        if value is not None and value < 0:
+            yield f"{fee} is negative ({value})"
 
 
 def _window_problems(e: PriceEntry) -> Iterable[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -92,9 +92,14 @@ def reprice(
     until: str | None = None,
     dry_run: bool = False,
     batch_size: int = 500,
+    upstream_prices: Mapping[str, str] | None = None,
 ) -> RepriceReport:
-    """Reprice reported rows with ``since <= ts < until`` (stored ``ts`` text form)."""
-    price = price_record_with(book)
+    """Reprice reported rows with ``since <= ts < until`` (stored ``ts`` text form).
+
+    `upstream_prices` is the ``serve`` setting of the same name: rows are repriced
+    from the same price list the proxy chose for them.
+    """
+    price = price_record_with(book, upstream_prices)
     report = RepriceReport(dry_run=dry_run)
     conn = connect(db)
     conn.row_factory = sqlite3.Row

@@ -12,6 +12,9 @@ Config file example::
     db = "/data/meterproxy.db"
     [upstreams]
     groq = "https://api.groq.com"
+    [upstreams.tgt]                  # an upstream whose name names no price list
+    url = "https://api.together.xyz"
+    prices = "together"              # ... says which one bills it
 """
 
 from __future__ import annotations
@@ -23,18 +26,51 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meterproxy.budgets.definition import BudgetSpec, WebhookEndpoint, zone
 from meterproxy.routing import Upstream, make_upstream
 
-__all__ = ["DEFAULT_UPSTREAMS", "Settings", "SettingsError", "default_db_path", "load_settings"]
+__all__ = [
+    "DEFAULT_UPSTREAMS",
+    "Settings",
+    "SettingsError",
+    "default_db_path",
+    "load_settings",
+    "split_upstream_value",
+]
 
 DEFAULT_UPSTREAMS: dict[str, str] = {
     "openai": "https://api.openai.com",
     "anthropic": "https://api.anthropic.com",
     "gemini": "https://generativelanguage.googleapis.com",
 }
+
+
+_PRICES_MARK = "#prices="
+
+
+def split_upstream_value(value: Any) -> tuple[str, str | None]:
+    """An upstream's value -> (URL, price list or None).
+
+    ``"https://api.together.xyz"``, ``"https://api.together.xyz#prices=together"``
+    (the form ``--upstream`` and ``METERPROXY_UPSTREAMS`` take; a URL never carries
+    a fragment) or a config table ``{url = "...", prices = "together"}``.
+    """
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"url", "prices"}
+        if unknown or not isinstance(value.get("url"), str):
+            raise ValueError(f"an upstream table takes url (required) and prices, got {sorted(value)}")
+        prices = value.get("prices")
+        if prices is not None and (not isinstance(prices, str) or not prices.strip()):
+            raise ValueError("an upstream's prices must be the name of a price list")
+        return value["url"], prices.strip().lower() if prices else None
+    if not isinstance(value, str):
+        raise ValueError(f"an upstream is a URL or a table, got {value!r}")
+    url, mark, prices = value.partition(_PRICES_MARK)
+    if mark and not prices.strip():
+        raise ValueError(f"{value!r}: '#prices=' needs the name of a price list")
+    return url.strip(), prices.strip().lower() if mark else None
 
 
 class SettingsError(ValueError):
@@ -67,6 +103,12 @@ class Settings(BaseModel):
         default_factory=lambda: dict(DEFAULT_UPSTREAMS),
         description="Route prefix -> upstream base URL; /NAME/... goes to URL/... "
         "(env: METERPROXY_UPSTREAMS='groq=https://api.groq.com,local=http://127.0.0.1:8000').",
+    )
+    upstream_prices: dict[str, str] = Field(
+        default_factory=dict,
+        description="Upstream name -> price list that bills it, for upstreams whose name names none "
+        "(also [upstreams.NAME] prices = ..., or NAME=URL#prices=LIST in --upstream / "
+        "METERPROXY_UPSTREAMS). Without either, an upstream named after no provider prices nothing.",
     )
     admin_token: str | None = Field(
         None, description="When set, /api/* and the dashboard require 'Authorization: Bearer <token>'."
@@ -124,6 +166,21 @@ class Settings(BaseModel):
     webhook_give_up_after: float = Field(
         86400.0, gt=0, description="Seconds after an event at which undelivered webhooks are marked failed."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_upstream_prices(cls, data: Any) -> Any:
+        """Upstream values may carry their price list; move it to ``upstream_prices``."""
+        if not isinstance(data, dict) or not isinstance(data.get("upstreams"), Mapping):
+            return data
+        urls: dict[str, Any] = {}
+        prices = dict(data.get("upstream_prices") or {})
+        for name, value in data["upstreams"].items():
+            url, plist = split_upstream_value(value)
+            urls[name] = url
+            if plist is not None:
+                prices[name] = plist
+        return {**data, "upstreams": urls, "upstream_prices": prices}
 
     @field_validator("budget_timezone")
     @classmethod
@@ -257,7 +314,7 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
         raw = env.get(f"METERPROXY_{name.upper()}")
         if raw is None:
             continue
-        if name == "upstreams":
+        if name in ("upstreams", "upstream_prices"):
             values[name] = dict(_split_pair(item) for item in raw.split(",") if item.strip())
         elif name == "pricing":
             values[name] = [p for p in raw.split(os.pathsep) if p]

@@ -54,7 +54,10 @@ def test_list_json_matches_the_book() -> None:
     assert code == 0
     rows = json.loads(out, parse_float=Decimal)
     book = PriceBook.default()
-    assert sorted(r["model"] for r in rows) == book.models()
+    curated = [r["model"] for r in rows if r["layer"] != "base"]
+    assert sorted(curated) == book.models()
+    # The base layer's models are listed too, on their price list (Together's only from genai-prices).
+    assert any(r["provider"] == "together" and r["layer"] == "base" for r in rows)
     by_id = {r["model"]: r for r in rows}
     history = book.history("gpt-4o-mini")
     assert by_id["gpt-4o-mini"]["input"] == history[-1].rates.input
@@ -78,7 +81,9 @@ def test_show_resolves_snapshots_prefixes_and_prints_history() -> None:
     assert "2024-08-06T00:00:00+00:00" in out and "tier batch: x0.5" in out
     code, out, _ = run("prices", "show", "anthropic/claude-sonnet-4.5", "--provider", "openrouter")
     assert code == 0
-    assert "-> claude-sonnet-4-5" in out and "above 200000 input tokens" in out
+    # OpenRouter's own list (the base layer), with the layer and source shown.
+    assert "base layer: genai-prices openrouter/anthropic/claude-sonnet-4.5" in out
+    assert "above 200000 input tokens" in out and "[base]" in out
 
 
 def test_show_dated_history_and_multiplier_from_override(tmp_path: Path) -> None:
@@ -100,7 +105,7 @@ def test_show_dated_history_and_multiplier_from_override(tmp_path: Path) -> None
 def test_show_unknown_model_exits_1() -> None:
     code, out, err = run("prices", "show", "no-such-model-7")
     assert code == 1 and out == ""
-    assert "not in the price tables" in err
+    assert "is not in any price list" in err
 
 
 def test_check_ok_on_shipped_tables() -> None:
@@ -147,7 +152,7 @@ def test_installed_console_script_runs_check() -> None:
 def test_show_and_list_time_of_day_windows() -> None:
     code, out, _ = run("prices", "show", "deepseek-v4-pro")
     assert code == 0
-    assert "2026-08-23T00:00:00+00:00  input 0.66, output 1.98, cache_read 0.022" in out
+    assert "2026-08-23T00:00:00+00:00  [curated]  input 0.66, output 1.98, cache_read 0.022" in out
     assert (
         "    window peak 06:00-10:00 UTC mon,tue,wed,thu,fri: input 1.32, output 3.96, cache_read 0.044"
     ) in out

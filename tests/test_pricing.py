@@ -77,7 +77,6 @@ def test_default_is_cached() -> None:
         ("claude-sonnet-4-5-20250929", None, "claude-sonnet-4-5"),
         ("claude-sonnet-4-5@20250929", None, "claude-sonnet-4-5"),
         ("anthropic/claude-sonnet-4.5", None, "claude-sonnet-4-5"),
-        ("anthropic/claude-sonnet-4.5", "openrouter", "claude-sonnet-4-5"),
         ("claude-opus-4-20250514", "anthropic", "claude-opus-4"),
         ("claude-3-5-haiku-latest", "anthropic", "claude-3-5-haiku"),
         ("google/gemini-2.5-flash", None, "gemini-2.5-flash"),
@@ -86,9 +85,9 @@ def test_default_is_cached() -> None:
         ("gemini-1.5-flash-8b-001", None, "gemini-1.5-flash-8b"),
         ("x-ai/grok-4", "openrouter", "grok-4"),
         ("grok-4-0709", "xai", "grok-4"),
-        ("mistralai/mistral-large", "openrouter", "mistral-large-2411"),
+        ("mistralai/mistral-large", "openrouter", "mistralai/mistral-large"),
         ("openai/gpt-oss-120b", "groq", "openai/gpt-oss-120b"),
-        ("anthropic/claude-3.7-sonnet:thinking", "openrouter", "claude-3-7-sonnet"),
+        ("anthropic/claude-3.7-sonnet:thinking", "openrouter", "anthropic/claude-3.7-sonnet"),
         ("deepseek-chat", "deepseek", "deepseek-chat"),
     ],
 )
@@ -101,12 +100,10 @@ def test_resolve(name: str, provider: str | None, expected: str) -> None:
     [
         (None, None),
         ("", None),
-        ("gpt-3.5-turbo-1106", None),  # differently priced snapshot, not guessed
-        ("gemini-2.5-flash-preview-05-20", None),  # preview had its own prices
         ("gpt-4o", "groq"),  # Groq does not serve gpt-4o
         ("openai/gpt-4o", "anthropic"),  # vendor prefix of another provider
-        ("openai/gpt-oss-120b", "openrouter"),  # not Groq's price on OpenRouter
-        ("mistral-large-latest", None),  # moving alias
+        ("gpt-4o", "local"),  # a list nobody publishes: never another provider's price
+        ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "local"),
     ],
 )
 def test_resolve_unknown(name: str | None, provider: str | None) -> None:
@@ -114,12 +111,13 @@ def test_resolve_unknown(name: str | None, provider: str | None) -> None:
 
 
 def test_history_lists_dated_entries() -> None:
-    history = PriceBook.default().history("o3-2025-04-16")
-    assert [e.effective_from for e in history] == [
-        datetime(2025, 4, 16, tzinfo=UTC),
-        datetime(2025, 6, 10, tzinfo=UTC),
+    history = PriceBook.default().history("o3-2025-04-16", "openai")
+    assert [(e.effective_from, e.layer) for e in history] == [
+        (datetime(1970, 1, 1, tzinfo=UTC), "base"),  # genai-prices' undated row, before the curated ones
+        (datetime(2025, 4, 16, tzinfo=UTC), "curated"),
+        (datetime(2025, 6, 10, tzinfo=UTC), "curated"),
     ]
-    assert [e.rates.input for e in history] == [Decimal(10), Decimal(2)]
+    assert [e.rates.input for e in history] == [Decimal(10), Decimal(10), Decimal(2)]
     assert PriceBook.default().history("nope") == []
 
 

@@ -35,7 +35,7 @@ genai_prices = pytest.importorskip("genai_prices")
 GENAI_PROVIDER = {
     "openai": "openai",
     "anthropic": "anthropic",
-    "google": "google",
+    "gemini": "google",
     "mistral": "mistral",
     "xai": "x-ai",
     "deepseek": "deepseek",
@@ -57,7 +57,18 @@ USAGES = {
 }
 RECENT = datetime(2026, 11, 20, 12, tzinfo=UTC)
 
+_XAI_RETIRED = (
+    "since 2026-05-15 19:00 UTC xAI serves and bills this retired name as grok-4.3 ($1.25 / $0.20 / "
+    "$2.50); genai-prices keeps the retired rates (ours is right: xAI migration guide, docs.x.ai, "
+    "2026-05-15 'retired Grok model slugs now redirect to Grok 4.3 ... at standard Grok 4.3 rates')"
+)
+
 KNOWN_DISAGREEMENTS: dict[str, str] = {
+    "grok-4": _XAI_RETIRED,
+    "grok-3": _XAI_RETIRED,
+    "grok-code-fast-1": _XAI_RETIRED,
+    "grok-4-fast-reasoning": _XAI_RETIRED,
+    "grok-4-1-fast-reasoning": _XAI_RETIRED,
     "mistral-embed": (
         "genai-prices gives this embedding model an output price ($0.10); embeddings return "
         "no tokens, so only this test's synthetic output tokens differ (ours matches Mistral's "

@@ -149,16 +149,16 @@ async def test_openrouter_reported_cost_is_stored_beside_ours_with_the_differenc
     assert await _stream_chat(base, "anthropic/claude-sonnet-4.6") == "Hello!"
     [row] = await proxy.rows(1)
     assert row["provider_cost_usd"] == "0.000837"
-    # 254 input * $3 + 5 output * $15 per million: Anthropic's rates, passed through by OpenRouter.
+    # 254 input * $3 + 5 output * $15 per million: OpenRouter's own list (Anthropic's rates, passed through).
     assert Decimal(row["cost_usd"]) == Decimal("0.000837")
-    assert row["priced_model"] == "claude-sonnet-4-6"
+    assert row["priced_model"] == "anthropic/claude-sonnet-4.6"
     [api_row] = await _api_rows(proxy.url)
     assert api_row["cost_difference_usd"] == 0
 
-    # With a (hypothetical) 50% contract on Anthropic models, our cost halves and the gap shows.
+    # With a (hypothetical) 50% contract with OpenRouter, our cost halves and the gap shows.
     discount = tmp_path / "half.toml"
     discount.write_text(
-        'provider = "anthropic"\n[[multipliers]]\neffective_from = 2026-01-01T00:00:00Z\nmultiplier = 0.5\n'
+        'provider = "openrouter"\n[[multipliers]]\neffective_from = 2026-01-01T00:00:00Z\nmultiplier = 0.5\n'
     )
     proxy2 = await make_proxy(pricing=[str(discount)])
     assert await _stream_chat(f"{proxy2.url}/openrouter/api/v1", "anthropic/claude-sonnet-4.6")

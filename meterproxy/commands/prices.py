@@ -32,6 +32,7 @@ import click
 from meterproxy.exact_json import dumps
 from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates, TimeWindow
 from meterproxy.pricing_load import DAY_NAMES
+from meterproxy.pricing_names import PRICE_LISTS, canonical
 
 __all__ = ["command", "format_price", "load_book"]
 
@@ -103,25 +104,41 @@ def _window_dict(window: TimeWindow) -> dict[str, Any]:
 
 
 def _list_rows(book: PriceBook, provider: str | None, now: datetime) -> list[dict[str, Any]]:
+    wanted = canonical(provider) if provider else None
     rows = []
+    curated_ids: set[tuple[str, str]] = set()
     for model_id in book.models():
         info = book.info(model_id)
         assert info is not None
-        if provider and info.provider != provider.lower():
+        if wanted and info.provider != wanted:
             continue
+        curated_ids.add((info.provider, info.id.lower()))
         priced = _target(book, info)
         entry = _in_force(priced.entries, now)
-        row: dict[str, Any] = {
-            "provider": info.provider,
-            "model": info.id,
-            "aliases": list(info.aliases),
-            "same_as": info.same_as,
-            "effective_from": entry.effective_from.isoformat() if entry else None,
-        }
-        row.update(_rates_dict(entry.rates) if entry else dict.fromkeys(("input", "output")))
-        row["windows"] = [_window_dict(w) for w in entry.windows] if entry else []
-        rows.append(row)
+        rows.append(_row(info.provider, info.id, list(info.aliases), info.same_as, entry))
+    for plist in PRICE_LISTS:
+        if wanted and plist.name != wanted:
+            continue
+        for found in book.base_models(plist):
+            if (plist.name, found.id.lower()) not in curated_ids:
+                rows.append(_row(plist.name, found.id, [], None, _in_force(found.entries, now)))
     return rows
+
+
+def _row(
+    provider: str, model: str, aliases: list[str], same_as: str | None, entry: PriceEntry | None
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "provider": provider,
+        "model": model,
+        "aliases": aliases,
+        "same_as": same_as,
+        "layer": entry.layer if entry else None,
+        "effective_from": entry.effective_from.isoformat() if entry else None,
+    }
+    row.update(_rates_dict(entry.rates) if entry else dict.fromkeys(("input", "output")))
+    row["windows"] = [_window_dict(w) for w in entry.windows] if entry else []
+    return row
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -149,16 +166,27 @@ def list_command(provider: str | None, as_json: bool, pricing: tuple[Path, ...])
         return
     if not rows:
         raise click.ClickException(f"no models for provider {provider!r}")
-    header = ("PROVIDER", "MODEL", "INPUT", "OUTPUT", "CACHE_READ", "CACHE_WRITE", "SINCE", "ALIASES")
+    header = (
+        "PROVIDER",
+        "MODEL",
+        "INPUT",
+        "OUTPUT",
+        "CACHE_READ",
+        "CACHE_WRITE",
+        "SINCE",
+        "LAYER",
+        "ALIASES",
+    )
     body = []
     for r in rows:
         aliases = ", ".join(r["aliases"])
         if r["same_as"]:
             aliases = f"= {r['same_as']}" + (f"; {aliases}" if aliases else "")
         since = (r["effective_from"] or "-")[:10]
+        since = "always" if since == "1970-01-01" else since
         prices = [format_price(r[k]) for k in ("input", "output", "cache_read", "cache_write")]
         model = r["model"] + ("*" if r["windows"] else "")
-        body.append((r["provider"], model, *prices, since, aliases))
+        body.append((r["provider"], model, *prices, since, r["layer"] or "-", aliases))
     click.echo(_table(header, body))
     click.echo(f"\n{len(rows)} models; prices in USD per 1M tokens, in force now (UTC).")
     if any(r["windows"] for r in rows):
@@ -170,7 +198,10 @@ def _rates_text(rates: Rates) -> str:
 
 
 def _entry_lines(entry: PriceEntry) -> list[str]:
-    lines = [f"{entry.effective_from.isoformat()}  {_rates_text(entry.rates)}"]
+    since = "always" if entry.effective_from.year == 1970 else entry.effective_from.isoformat()
+    lines = [f"{since}  [{entry.layer}]  {_rates_text(entry.rates)}"]
+    if entry.requests is not None:
+        lines.append(f"    requests {format_price(entry.requests)} per 1000 requests")
     if entry.web_search is not None:
         lines.append(f"    web_search {format_price(entry.web_search)} per 1000 requests")
     if entry.long_context is not None:
@@ -194,34 +225,49 @@ def _entry_lines(entry: PriceEntry) -> list[str]:
 
 @command.command("show")
 @click.argument("model")
-@click.option("--provider", default=None, help="Resolve as this provider would (e.g. openrouter).")
+@click.option(
+    "--provider", default=None, help="The price list to resolve on (openai, together, ...) [default: any]."
+)
 @_PRICING
 def show_command(model: str, provider: str | None, pricing: tuple[Path, ...]) -> None:
-    """One model's dated price history (MODEL may be an alias, snapshot or vendor/name)."""
+    """One model's dated price history, each entry with the layer and source that priced it."""
     book = load_book(pricing)
-    model_id = book.resolve(model, provider)
-    if model_id is None:
+    found = book.lookup(model, provider)
+    if found is None:
+        where = f"on the {provider!r} price list" if provider else "in any price list"
         click.echo(
-            f"{model!r} is not in the price tables: requests with it are recorded with cost null.\n"
+            f"{model!r} is not {where}: requests with it are recorded with cost null.\n"
             "Add it with a pricing file (see pricing/README.md) or check the spelling "
             "with 'meterproxy prices list'.",
             err=True,
         )
         sys.exit(1)
-    info = book.info(model_id)
-    assert info is not None
-    priced = _target(book, info)
-    title = model_id if model_id == model else f"{model} -> {model_id}"
-    click.echo(f"{title}  (provider {info.provider}; USD per 1M tokens)")
-    if info.aliases:
+    title = found.id if found.id == model else f"{model} -> {found.id}"
+    click.echo(f"{title}  (price list {found.provider}; USD per 1M tokens)")
+    info = book.info(found.id)
+    if info is not None and info.aliases:
         click.echo(f"aliases: {', '.join(info.aliases)}")
-    if priced is not info:
-        click.echo(f"priced as: {priced.id}")
-    click.echo(f"defined in: {info.origin.split(': model')[0]}")
-    for entry in priced.entries:
+    if info is not None:
+        priced = _target(book, info)
+        if priced is not info:
+            click.echo(f"priced as: {priced.id}")
+        click.echo(f"curated in: {info.origin.split(': model')[0]}")
+    if found.base_id is not None:
+        click.echo(f"base layer: genai-prices {found.base_id}")
+    now = datetime.now(UTC)
+    current = _in_force(found.entries, now)
+    redirect = next((r for r in reversed(found.redirects) if r.effective_from <= now), None)
+    if redirect is not None:
+        click.echo(f"in force now: billed as {redirect.to} (redirect, curated layer)")
+    elif current is not None:
+        click.echo(f"in force now: {current.layer} layer, {current.source or current.origin}")
+    for entry in found.entries:
         click.echo("\n".join(_entry_lines(entry)))
-    mults = [(m, "model") for m in priced.multipliers]
-    mults += [(m, f"provider {priced.provider}") for m in book.provider_multipliers(priced.provider)]
+    for r in found.redirects:
+        note = f" ({r.source})" if r.source else ""
+        click.echo(f"from {r.effective_from.isoformat()} billed as {r.to}{note}")
+    mults = [(m, "model") for m in found.multipliers]
+    mults += [(m, f"provider {found.provider}") for m in book.provider_multipliers(found.provider)]
     for m, scope in sorted(mults, key=lambda pair: pair[0].effective_from):
         note = f" ({m.note})" if m.note else ""
         click.echo(

@@ -84,7 +84,13 @@ def command(
         click.echo(f"warning: {problem}", err=True)
     try:
         report = reprice(
-            settings.db, book, since=since_ts, until=until_ts, dry_run=dry_run, batch_size=batch_size
+            settings.db,
+            book,
+            since=since_ts,
+            until=until_ts,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            upstream_prices=settings.upstream_prices,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

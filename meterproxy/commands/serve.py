@@ -18,7 +18,7 @@ from aiohttp import web
 from meterproxy.logs import configure_logging
 from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.routing import parse_upstream
-from meterproxy.settings import SettingsError, load_settings
+from meterproxy.settings import SettingsError, load_settings, split_upstream_value
 from meterproxy.store.backend import describe as describe_db
 
 __all__ = ["command"]
@@ -73,7 +73,7 @@ def command(
 ) -> None:
     """Run the metering proxy."""
     try:
-        parsed = dict((u.name, str(u.base_url)) for u in map(parse_upstream, upstreams))
+        parsed = dict(_upstream_flag(spec) for spec in upstreams)
         settings = load_settings(
             config_file,
             cli={
@@ -136,3 +136,11 @@ def command(
         handle_signals=True,
     )
     sys.exit(0)
+
+
+def _upstream_flag(spec: str) -> tuple[str, str]:
+    """``NAME=URL[#prices=LIST]`` -> (NAME, value as given), the URL checked here."""
+    name, _, value = spec.partition("=")
+    url, _prices = split_upstream_value(value)
+    upstream = parse_upstream(f"{name}={url}")
+    return upstream.name, value.strip()

@@ -151,7 +151,8 @@ class LineMapping:
         key = ("id", str(line_id)) if line_id not in (None, "") else ("line", hashlib.sha256(raw).hexdigest())
         model = got.get("model")
         model = str(model) if model is not None else None
-        provider = str(got.get("provider") or "") or (book.provider_of(book.resolve(model) or "") or "")
+        guessed = book.lookup(model, None)  # the agent's log names no provider: the one its model is on
+        provider = str(got.get("provider") or "") or (guessed.provider if guessed is not None else "")
         record = RequestRecord(
             id=stable_id(self.source, *key),
             ts=_ts(got.get("ts")),
