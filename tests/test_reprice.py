@@ -118,6 +118,7 @@ def test_reprice_fixes_costs_in_range_and_reports_the_difference(tmp_path: Path)
         row = new[r.id]
         assert row["cost_pico"] == to_pico(expected_new[r.id] or Decimal(0))
         assert row["cost_usd"] == stored_cost_text(row["cost_pico"])  # as the writer writes it
+        assert "E" not in row["cost_usd"] and len(row["cost_usd"].split(".")[1]) == 12
         assert Decimal(row["cost_usd"]) == expected_new[r.id]
         assert row["priced_model"] == "gpt-4o-mini"
     for r in [*before, untrusted]:
