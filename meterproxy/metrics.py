@@ -110,6 +110,7 @@ METRIC_NAMES = (
     "meterproxy_store_up",
     "meterproxy_budget_spend_usd",
     "meterproxy_budget_limit_usd",
+    "meterproxy_budget_reserved_usd",
 )
 
 OTHER = "other"
@@ -302,6 +303,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.budget_reserved = Gauge(
+            "meterproxy_budget_reserved_usd",
+            "Reserve budgets: worst-case USD held by requests in flight (all replicas), apart from spend.",
+            ["budget"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self._written_seen = 0
         self._dropped_seen = 0
         self._children: dict[tuple[object, ...], Any] = {}
@@ -383,8 +391,11 @@ class Metrics:
         if limit_usd is not None:
             self.budget_limit.labels(budget).set(float(limit_usd))
 
+    def set_budget_reserved(self, budget: str, reserved_usd: Decimal | float) -> None:
+        self.budget_reserved.labels(budget).set(float(reserved_usd))
+
     def remove_budget(self, budget: str) -> None:
-        for gauge in (self.budget_spend, self.budget_limit):
+        for gauge in (self.budget_spend, self.budget_limit, self.budget_reserved):
             with contextlib.suppress(KeyError):
                 gauge.remove(budget)
 

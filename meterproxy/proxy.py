@@ -255,6 +255,7 @@ class Proxy:
         provider = self.providers.detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
         record = self._new_record(method, target, provider, info, _first_values(headers), raw_query)
+        record.request_bytes = len(body)
         if self._content_limit and provider is not None:
             # The client's own body, before any injection: what the operator asked to keep.
             record.content = CapturedContent(
@@ -296,6 +297,7 @@ class Proxy:
             key_fingerprint=fingerprint(api_key(headers, raw_query), self._salt),
             service_tier=info.service_tier,
             usage_source="missing" if provider else "none",
+            max_output_tokens=info.max_output_tokens,
         )
 
     def refuse(

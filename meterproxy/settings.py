@@ -149,6 +149,11 @@ class Settings(BaseModel):
     budget_check_interval: float = Field(
         10.0, gt=0, description="Seconds between budget re-checks (projections, rollovers, table changes)."
     )
+    budget_reserve_output_tokens: int = Field(
+        32_768,
+        gt=0,
+        description="Reserve budgets: output tokens reserved for a request that sets no max_tokens.",
+    )
     budget_resync_interval: float = Field(
         60.0,
         gt=0,

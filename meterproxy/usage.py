@@ -126,6 +126,10 @@ class RequestRecord:
     client_disconnected: bool = False
     usage_injected: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Known before forwarding, for budgets that reserve a worst case; never stored:
+    #: the size of the client's body and the output limit it asked for.
+    request_bytes: int = 0
+    max_output_tokens: int | None = None
     #: Only with ``store_content``: the client's request body and the answer's (decoded)
     #: bytes, each capped; stored apart from the row by `meterproxy.content`.
     content: CapturedContent | None = None

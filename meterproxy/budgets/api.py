@@ -55,8 +55,11 @@ def budget_view(state: BudgetState, request: web.Request) -> dict[str, Any]:
     }
     if snap is None:  # deleted meanwhile
         return view
+    if spec.action == "reserve":
+        # Spend and holds apart: spend is recorded, holds are requests in flight (all replicas).
+        view["reserved_usd"] = engine.ledger.reserved_usd(spec.name)
     if snap.exceeded:
-        status = "blocking" if spec.action == "block" else "exceeded"
+        status = "blocking" if spec.action in ("block", "reserve") else "exceeded"
     elif any(snap.spend_usd * 100 >= t * snap.limit_usd for t in spec.thresholds if t < 100):
         status = "warning"
     else:
@@ -72,6 +75,9 @@ def _engine(request: web.Request) -> BudgetEngine:
 
 async def list_budgets(request: web.Request) -> web.Response:
     engine = _engine(request)
+    await engine.ledger.refresh_held(
+        [s.spec.name for s in engine.tracker.states() if s.spec.action == "reserve"]
+    )
     return json_response({"budgets": [budget_view(s, request) for s in engine.tracker.states()]})
 
 
@@ -113,6 +119,8 @@ async def show_budget(request: web.Request) -> web.Response:
     state = _engine(request).tracker.get(request.match_info["name"])
     if state is None:
         return api_error(404, "not_found", f"no budget named {request.match_info['name']!r}")
+    if state.spec.action == "reserve":
+        await _engine(request).ledger.refresh_held([state.spec.name])
     return json_response(budget_view(state, request))
 
 

@@ -35,7 +35,7 @@ from decimal import Decimal
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "BudgetScope",
@@ -128,7 +128,11 @@ class BudgetSpec(BaseModel):
         default_factory=lambda: [Decimal(50), Decimal(80), Decimal(100)],
         description="Alert thresholds in percent of the limit.",
     )
-    action: Literal["alert", "block"] = Field("alert", description="At the limit: alert, or also block.")
+    action: Literal["alert", "block", "reserve"] = Field(
+        "alert",
+        description="At the limit: alert; block (spend recorded so far); or reserve (admit a request only "
+        "if its worst-case cost fits, so requests in flight can never pass the limit).",
+    )
     projected: bool = Field(False, description="Alert when the projected spend exceeds the limit.")
     notify_reset: bool = Field(False, description="Send budget.reset when a new calendar period starts.")
     webhooks: list[str] | None = Field(None, description="Endpoint names to alert (default: all).")
@@ -159,6 +163,14 @@ class BudgetSpec(BaseModel):
         if any(t <= 0 or t > 1000 for t in value):
             raise ValueError("thresholds are percentages between 0 (exclusive) and 1000")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _check_reserve_period(self) -> BudgetSpec:
+        if self.action == "reserve" and Period.parse(self.period).rolling:
+            raise ValueError(
+                "action 'reserve' needs a calendar period (day, week or month), not a rolling one"
+            )
+        return self
 
 
 @dataclass(frozen=True, slots=True)

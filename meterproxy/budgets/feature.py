@@ -29,10 +29,11 @@ from typing import Any
 
 from aiohttp import web
 
-from meterproxy.app_state import METER, METRICS, SETTINGS, WRITER
+from meterproxy.app_state import METER, METRICS, PRICEBOOK, SETTINGS, WRITER
 from meterproxy.budgets.alerts import AlertDetector
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.gate import make_gate
+from meterproxy.budgets.reserve import ReservationLedger
 from meterproxy.budgets.spend import BudgetState, SpendTracker
 from meterproxy.budgets.store import (
     delete_budget,
@@ -44,6 +45,7 @@ from meterproxy.budgets.store import (
 )
 from meterproxy.budgets.webhooks import Deliverer, RetryPolicy
 from meterproxy.meter import Meter
+from meterproxy.pricing import PriceBook
 from meterproxy.settings import Settings
 from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
@@ -69,7 +71,10 @@ class BudgetEngine:
         writer: StoreWriter,
         clock: Callable[[], datetime],
         publish: Callable[[str, Decimal | None, Decimal | None], None] = lambda name, spend, limit: None,
+        book: Callable[[], PriceBook] = PriceBook.default,
+        publish_reserved: Callable[[str, Decimal], None] = lambda name, reserved: None,
     ) -> None:
+        self._publish_reserved = publish_reserved
         self.settings = settings
         self._publish = publish
         self.writer = writer
@@ -85,7 +90,8 @@ class BudgetEngine:
             timeout_s=settings.webhook_timeout,
             clock=clock,
         )
-        self.gate = make_gate(self.tracker, clock, self._blocked)
+        self.ledger = ReservationLedger(writer.path, book, settings.budget_reserve_output_tokens, clock)
+        self.gate = make_gate(self.tracker, clock, self._blocked, self.ledger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.events_raised = 0
@@ -195,6 +201,8 @@ class BudgetEngine:
             snap = self.tracker.snapshot(state.spec.name, now)
             if snap is not None:
                 self._publish(state.spec.name, snap.spend_usd, snap.limit_usd)
+                if state.spec.action == "reserve":
+                    self._publish_reserved(state.spec.name, self.ledger.reserved_usd(state.spec.name))
 
     def check_now(self) -> None:
         self.detector.check_all(self.clock())
@@ -297,15 +305,29 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
         else:
             metrics.set_budget(name, spend, limit)
 
-    engine = BudgetEngine(app[SETTINGS], app[WRITER], app.get(BUDGET_CLOCK, utcnow), publish)
+    def publish_reserved(name: str, reserved: Decimal) -> None:
+        metrics = app.get(METRICS)
+        if metrics is not None:
+            metrics.set_budget_reserved(name, reserved)
+
+    engine = BudgetEngine(
+        app[SETTINGS],
+        app[WRITER],
+        app.get(BUDGET_CLOCK, utcnow),
+        publish,
+        book=lambda: app[PRICEBOOK],
+        publish_reserved=publish_reserved,
+    )
     app[BUDGETS] = engine
     await engine.start()
     meter = app[METER]
     engine.meter = meter
     meter.request_gates.append(engine.gate)
+    meter.add_sink("reservations", engine.ledger.finished)
     tasks = [
         asyncio.create_task(engine.deliverer.run(), name="meterproxy-webhooks"),
         asyncio.create_task(engine.tick(), name="meterproxy-budget-ticker"),
+        asyncio.create_task(engine.ledger.run(), name="meterproxy-budget-reservations"),
     ]
     yield
     engine.close()
@@ -313,10 +335,12 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
         meter.request_gates.remove(engine.gate)
     engine.deliverer.stop()
     tasks[1].cancel()
+    tasks[2].cancel()
     _, late = await asyncio.wait(tasks, timeout=5.0)
     for task in late:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    engine.ledger.close()
 
 
 def setup(app: web.Application) -> None:

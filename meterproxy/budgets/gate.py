@@ -21,7 +21,11 @@ is sent: a client that honours it would sleep until the period ends (weeks for
 a monthly budget) and show nothing meanwhile. When the budget frees up is in
 ``x-meterproxy-budget-resets`` (ISO 8601; absent for a rolling window).
 
-Overshoot bound: spend is known once a request has finished and been priced,
+``action = "reserve"`` budgets admit a request only if its worst case fits
+(`meterproxy.budgets.reserve`); a refusal has the same shape, with a message
+naming the spend, the holds and the request's worst case.
+
+Overshoot bound (``block``): spend is known once a request has finished and been priced,
 so requests already in flight when the limit is reached still complete. A
 budget can therefore end above its limit by at most the cost of the requests
 that were in flight at that moment (plus, for a freshly created budget, none).
@@ -38,6 +42,7 @@ from datetime import datetime
 
 from aiohttp import web
 
+from meterproxy.budgets.reserve import ReservationLedger, reserve_budgets
 from meterproxy.budgets.spend import BudgetState, Snapshot, SpendTracker
 from meterproxy.meter import Gate
 from meterproxy.usage import RequestRecord
@@ -54,8 +59,10 @@ def _message(state: BudgetState, snap: Snapshot) -> str:
     )
 
 
-def blocked_response(provider: str, state: BudgetState, snap: Snapshot) -> web.Response:
-    message = _message(state, snap)
+def blocked_response(
+    provider: str, state: BudgetState, snap: Snapshot, message: str | None = None
+) -> web.Response:
+    message = message or _message(state, snap)
     body: dict[str, object]
     if provider == "anthropic":
         body = {"type": "error", "error": {"type": "rate_limit_error", "message": message}}
@@ -77,21 +84,42 @@ def blocked_response(provider: str, state: BudgetState, snap: Snapshot) -> web.R
 
 
 def make_gate(
-    tracker: SpendTracker, clock: Callable[[], datetime], finished: Callable[[RequestRecord], None]
+    tracker: SpendTracker,
+    clock: Callable[[], datetime],
+    finished: Callable[[RequestRecord], None],
+    ledger: ReservationLedger | None = None,
 ) -> Gate:
-    """The gate; ``finished`` records a blocked request (status 429, no usage, no cost)."""
+    """The gate; ``finished`` records a blocked request (status 429, no usage, no cost).
 
-    async def budget_gate(record: RequestRecord) -> web.StreamResponse | None:
-        now = clock()
-        found = tracker.blocking(record, now)
-        if found is None:
-            return None
-        state, snap = found
+    ``block`` budgets are checked first (in memory); then, if any ``reserve`` budget
+    covers the request, the `ReservationLedger` admits it or says which budget cannot.
+    """
+
+    def refuse(
+        record: RequestRecord, state: BudgetState, snap: Snapshot, message: str | None
+    ) -> web.Response:
         record.status = 429
         record.usage_source = "none"
         record.error = f"blocked by budget '{state.spec.name}'"
         record.extra["budget"] = state.spec.name
         finished(record)
-        return blocked_response(record.provider, state, snap)
+        return blocked_response(record.provider, state, snap, message)
+
+    async def budget_gate(record: RequestRecord) -> web.StreamResponse | None:
+        now = clock()
+        found = tracker.blocking(record, now)
+        if found is not None:
+            return refuse(record, found[0], found[1], None)
+        if ledger is None:
+            return None
+        reserving = reserve_budgets(tracker.states(), record)
+        if not reserving:
+            return None
+        refusal = await ledger.admit(record, reserving)
+        if refusal is None:
+            return None
+        now = clock()
+        snap = tracker.snapshot(refusal.state.spec.name, now) or refusal.state.snapshot(now)
+        return refuse(record, refusal.state, snap, refusal.message())
 
     return budget_gate

@@ -13,6 +13,8 @@ Tables:
   transaction as the event, so an event is never recorded without its
   deliveries (or delivered without being recorded).
 - ``webhook_attempts``: one row per HTTP attempt, for ``/api/webhooks/deliveries``.
+- ``budget_reservations``: the worst-case holds of ``reserve`` budgets' requests in
+  flight (see `meterproxy.budgets.reserve`).
 
 Write functions take the writer's connection (they run on the writer thread via
 ``StoreWriter.call``); read functions take any connection.
@@ -109,6 +111,24 @@ def m001_budget_tables(db: sqlite_utils.Database) -> None:
         """
     )
     db.execute("CREATE INDEX webhook_attempts_outbox ON webhook_attempts (outbox_id)")
+
+
+@budget_migrations()
+def m002_budget_reservations(db: sqlite_utils.Database) -> None:
+    """Reserve budgets' holds (`meterproxy.budgets.reserve`): one row per request x budget."""
+    db.execute(
+        """
+        CREATE TABLE budget_reservations (
+            request_id TEXT NOT NULL,
+            budget TEXT NOT NULL,
+            amount_pico INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            PRIMARY KEY (request_id, budget)
+        )
+        """
+    )
+    db.execute("CREATE INDEX budget_reservations_budget ON budget_reservations (budget, expires_at)")
 
 
 def scope_where(scope: BudgetScope) -> tuple[str, list[Any]]:

@@ -28,6 +28,7 @@ from meterproxy.providers.base import (
     count,
     error_text,
     find_json_value,
+    int_or_none,
     loads,
 )
 from meterproxy.sse import SSEEvent
@@ -163,6 +164,7 @@ class AnthropicProvider:
                 info.user = meta["user_id"]
             if isinstance(obj.get("service_tier"), str):
                 info.service_tier = obj["service_tier"]
+            info.max_output_tokens = int_or_none(obj.get("max_tokens"))
         return info
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:

@@ -126,6 +126,13 @@ class RequestInfo:
     user: str | None = None
     service_tier: str | None = None
     body: Any = None
+    #: The output limit the request asked for (max_tokens and its spellings), if any.
+    max_output_tokens: int | None = None
+
+
+def int_or_none(value: Any) -> int | None:
+    """A JSON integer (not a bool) or None: for limits read from a client's body."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(slots=True)

@@ -18,7 +18,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from meterproxy.providers.base import BadUsage, ParseResult, RequestInfo, count, find_json_value, loads
+from meterproxy.providers.base import (
+    BadUsage,
+    ParseResult,
+    RequestInfo,
+    count,
+    find_json_value,
+    int_or_none,
+    loads,
+)
 from meterproxy.sse import SSEEvent
 from meterproxy.usage import Usage
 
@@ -121,10 +129,13 @@ class GeminiProvider:
     def inspect_request(self, path: str, body: bytes) -> RequestInfo:
         match = _MODEL_IN_PATH.search(path)
         obj = loads(body) if body else None
+        config = obj.get("generationConfig") if isinstance(obj, dict) else None
+        limit = int_or_none(config.get("maxOutputTokens")) if isinstance(config, dict) else None
         return RequestInfo(
             model=match.group(1) if match else None,
             stream=path.endswith(":streamGenerateContent"),
             body=obj,
+            max_output_tokens=limit,
         )
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:

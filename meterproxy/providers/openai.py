@@ -36,6 +36,7 @@ from meterproxy.providers.base import (
     count,
     error_text,
     find_json_value,
+    int_or_none,
     loads,
     to_decimal,
 )
@@ -236,6 +237,10 @@ class OpenAIProvider:
             info.stream = obj.get("stream") is True
             info.user = _str(obj.get("user")) or _str(obj.get("safety_identifier"))
             info.service_tier = _str(obj.get("service_tier"))
+            for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+                if (limit := int_or_none(obj.get(name))) is not None:
+                    info.max_output_tokens = limit
+                    break
         return info
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:

@@ -1,0 +1,217 @@
+"""Reserve budgets: 100 concurrent requests never spend past the limit, on SQLite and on 3 PG replicas.
+
+The fake upstream answers after a pause, so every request is in flight at once:
+exactly the situation where a ``block`` budget overshoots by the cost of all
+of them. The answer's usage is consistent with the request (fewer input tokens
+than the body has bytes, output within ``max_tokens``), as a real provider's
+would be. Spend is checked against the rows the proxy stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from meterproxy.budgets.definition import BudgetSpec
+from meterproxy.budgets.reserve import ReservationLedger, worst_case
+from meterproxy.budgets.spend import SpendTracker
+from meterproxy.money import from_pico
+from meterproxy.pricing import PriceBook
+from meterproxy.store import backend
+from meterproxy.store.writer import StoreWriter
+from meterproxy.testing import FakeUpstream, Reply, make_record
+from meterproxy.usage import Usage
+from tests.conftest import ProxyFactory
+from tests.helpers.budgets import query
+from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.replicas import Replica
+
+MODEL = "gpt-4o-mini"
+PROMPT = "Summarise the causes of the French Revolution in two sentences. " * 3
+MAX_TOKENS = 60
+ANSWER = {
+    "id": "chatcmpl-reserve",
+    "object": "chat.completion",
+    "created": 1764000000,
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Debt and bread.", "refusal": None},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+    ],
+    "usage": {
+        "prompt_tokens": 45,
+        "completion_tokens": 55,
+        "total_tokens": 100,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    },
+    "service_tier": "default",
+    "system_fingerprint": "fp_reserve",
+}
+
+
+def serve_answer(upstream: FakeUpstream, stall: float) -> None:
+    upstream.reply("/v1/chat/completions", Reply(body=json.dumps(ANSWER, indent=2).encode(), stall=stall))
+
+
+def request_bytes() -> int:
+    # What the openai SDK sends (compact JSON): used only to size the limit in the test.
+    body = {"messages": [{"role": "user", "content": PROMPT}], "model": MODEL, "max_tokens": MAX_TOKENS}
+    return len(json.dumps(body).encode())
+
+
+def per_request_worst() -> Decimal:
+    record = make_record(model=MODEL)
+    record.request_bytes = request_bytes()
+    record.max_output_tokens = MAX_TOKENS
+    pico = worst_case(record, PriceBook.default(), 32_768, datetime.now(UTC))
+    assert pico is not None
+    return from_pico(pico) or Decimal(0)
+
+
+async def call(client: openai.AsyncOpenAI) -> bool:
+    try:
+        await client.chat.completions.create(
+            model=MODEL, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PROMPT}]
+        )
+        return True
+    except openai.RateLimitError as exc:
+        assert "cannot cover this request" in exc.message and "team" in exc.message
+        return False
+
+
+async def test_reserve_budget_never_spends_past_its_limit_under_100_concurrent_requests(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    serve_answer(upstream, stall=0.5)
+    worst = per_request_worst()
+    limit = (worst * Decimal("7.5")).quantize(Decimal("1e-9"))
+    proxy = await make_proxy(
+        budgets=[{"name": "team", "limit_usd": str(limit), "period": "month", "action": "reserve"}]
+    )
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    results = await asyncio.gather(*(call(client) for _ in range(100)))
+    admitted = sum(results)
+    rows = await proxy.rows(100)
+    spent = from_pico(query(proxy.db, "SELECT COALESCE(SUM(cost_pico), 0) FROM requests")[0][0]) or Decimal(0)
+
+    assert spent <= limit, f"spent {spent} of {limit}"
+    assert 7 <= admitted < 100, admitted  # 7 worst cases fit at once; a few more as answers settle
+    assert len(upstream.received) == admitted, "a refused request must never reach the upstream"
+    refused = [r for r in rows if r["status"] == 429]
+    assert len(refused) == 100 - admitted
+    assert all(r["error"] == "blocked by budget 'team'" and r["cost_pico"] is None for r in refused)
+
+    # Every reservation is settled once the rows are committed: nothing stays held.
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/api/budgets/team") as r:
+        view = json.loads(await r.text(), parse_float=Decimal)
+    assert view["action"] == "reserve"
+    assert Decimal(view["reserved_usd"]) == 0
+    assert Decimal(view["spend_usd"]) == spent
+
+
+async def test_a_held_reservation_counts_until_it_expires(tmp_path: Path) -> None:
+    """Another process's reservation (a row) blocks headroom; a lapsed one (a crash) does not."""
+    db = tmp_path / "m.db"
+    writer = StoreWriter(str(db))
+    writer.start()
+    try:
+        now = datetime(2026, 11, 10, 12, tzinfo=UTC)
+        spec = BudgetSpec.model_validate(
+            {"name": "cap", "limit_usd": "1", "period": "month", "action": "reserve"}
+        )
+        state = SpendTracker().new_state(spec, "config")
+        ledger = ReservationLedger(str(db), PriceBook.default, 1000, lambda: now)
+
+        def hold(rid: str, amount_usd: str, expires: datetime) -> None:
+            writer.call(
+                lambda conn: conn.execute(
+                    "INSERT INTO budget_reservations VALUES (?, 'cap', ?, ?, ?)",
+                    [
+                        rid,
+                        int(Decimal(amount_usd) * 10**12),
+                        now.isoformat(),
+                        expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    ],
+                )
+            ).result(10)
+
+        hold("other-replica", "0.99995", now + timedelta(minutes=1))
+        record = make_record(model=MODEL, usage=Usage())
+        record.request_bytes, record.max_output_tokens = 200, 100
+        refusal = await ledger.admit(record, [state])
+        assert refusal is not None and refusal.held_pico == 999_950_000_000
+
+        # The other replica crashed: its hold lapses and the headroom comes back.
+        writer.call(lambda conn: conn.execute("DELETE FROM budget_reservations")).result(10)
+        hold("crashed", "0.99995", now - timedelta(seconds=1))
+        assert await ledger.admit(record, [state]) is None
+        ledger.close()
+    finally:
+        writer.close(timeout=10)
+
+
+def test_reserve_needs_a_calendar_period() -> None:
+    with pytest.raises(ValueError, match="calendar period"):
+        BudgetSpec.model_validate(
+            {"name": "x", "limit_usd": "1", "period": "rolling:1h", "action": "reserve"}
+        )
+
+
+@pytest.fixture
+async def pg_db() -> AsyncIterator[str]:
+    pg_or_skip()
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.mark.slow
+async def test_reserve_budget_holds_across_three_postgresql_replicas(
+    upstream: FakeUpstream, pg_db: str, tmp_path: Path
+) -> None:
+    serve_answer(upstream, stall=0.5)
+    worst = per_request_worst()
+    limit = (worst * Decimal("7.5")).quantize(Decimal("1e-9"))
+    config = tmp_path / "meterproxy.toml"
+    config.write_text(
+        f'[[budgets]]\nname = "team"\nlimit_usd = "{limit}"\nperiod = "month"\naction = "reserve"\n'
+    )
+    replicas = [Replica(pg_db, upstream.url, tmp_path, f"replica{i}", config=config) for i in range(3)]
+    try:
+        await asyncio.gather(*(r.ready() for r in replicas))
+        clients = [
+            openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="sk-reserve", max_retries=0) for r in replicas
+        ]
+        results = await asyncio.gather(*(call(clients[i % 3]) for i in range(100)))
+        admitted = sum(results)
+        for r in replicas:
+            assert await r.terminate() == 0
+        rows: list[Any] = await asyncio.to_thread(_stored, pg_db)
+        spent = sum((Decimal(str(r[0])) for r in rows if r[0] is not None), Decimal(0))
+        assert spent <= limit, f"spent {spent} of {limit} across replicas"
+        assert 7 <= admitted < 100
+        assert len(upstream.received) == admitted
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def _stored(db: str) -> list[Any]:
+    conn = backend.read_connection(db)
+    try:
+        return list(conn.execute("SELECT cost_usd FROM requests").fetchall())
+    finally:
+        conn.close()
