@@ -162,7 +162,9 @@ def list_command(
 @click.option("--key", default=None, help="Scope: API key fingerprint.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Scope: tag (repeatable).")
 @click.option("--threshold", "thresholds", multiple=True, type=Decimal, help="Alert at this percent.")
-@click.option("--action", type=click.Choice(["alert", "block", "reserve"]), default="alert", show_default=True)
+@click.option(
+    "--action", type=click.Choice(["alert", "block", "reserve"]), default="alert", show_default=True
+)
 @click.option("--projected", is_flag=True, help="Alert when the projection exceeds the limit.")
 @click.option("--webhook", "webhooks", multiple=True, help="Endpoint name to alert (repeatable).")
 @_target_options
