@@ -11,6 +11,7 @@ official SDKs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -24,7 +25,11 @@ import anthropic
 import openai
 import pytest
 
+from meterproxy.app_state import WRITER
+from meterproxy.imports import ImportStore
+from meterproxy.imports.claude_code import import_claude_code
 from meterproxy.pricing import PriceBook
+from meterproxy.store.rollups import roll_up
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
@@ -38,6 +43,7 @@ from tests.helpers.agents import (
     run_cli,
     serve,
 )
+from tests.helpers.budgets import query, wait_for
 
 STREAM = load_fixture("anthropic_messages_stream").expect
 RESPONSES = load_fixture("openai_responses_stream").expect
@@ -62,11 +68,22 @@ def claude_env(home: Path, sentinel: Sentinel, proxy_url: str, **extra: str) -> 
     )
 
 
-def codex_env(home: Path, sentinel: Sentinel, proxy_url: str) -> dict[str, str]:
-    # Codex 0.171 ignores OPENAI_BASE_URL; its config file names the endpoint (README, "Coding agents").
+def codex_env(home: Path, sentinel: Sentinel, proxy_url: str, provider_entry: bool = False) -> dict[str, str]:
+    """Codex pointed at the proxy the two ways README's "Coding agents" gives."""
+    # Codex 0.171 ignores OPENAI_BASE_URL: its config file names the endpoint.
+    if provider_entry:
+        config = (
+            'model_provider = "meterproxy"\n\n[model_providers.meterproxy]\n'
+            'name = "OpenAI through meterproxy"\n'
+            f'base_url = "{proxy_url}/v1"\nenv_key = "OPENAI_API_KEY"\nwire_api = "responses"\n'
+            'http_headers = { "X-Meter-Tags" = "team=search" }\n'
+        )
+    else:
+        config = f'openai_base_url = "{proxy_url}/v1"\n'
     (home / ".codex").mkdir(parents=True, exist_ok=True)
-    config = f'openai_base_url = "{proxy_url}/v1"\ncheck_for_update_on_startup = false\n'
-    (home / ".codex" / "config.toml").write_text(config + "[analytics]\nenabled = false\n")
+    (home / ".codex" / "config.toml").write_text(
+        "check_for_update_on_startup = false\n" + config + "\n[analytics]\nenabled = false\n"
+    )
     return agent_env(home, sentinel, OPENAI_API_KEY="sk-proj-test-key-000000")
 
 
@@ -335,3 +352,61 @@ async def test_head_probe_and_count_tokens_are_not_usage(
     assert [r.method for r in upstream.received] == ["HEAD", "POST"], "the probe was forwarded"
     assert row["endpoint"] == "count_tokens" and row["usage_source"] == "none"
     assert row["status"] == 200 and row["error"] is None and row["input_tokens"] == 0
+
+
+async def test_codex_through_a_model_providers_entry_with_tags(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    codex = need(CODEX, "codex")
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url) as served:
+        env = codex_env(tmp_path / "home", sentinel, served.url, provider_entry=True)
+        args = [codex, "exec", "--json", "--skip-git-repo-check", "-m", "gpt-5.3-codex", "say hello"]
+        run = await run_cli(args, env, tmp_path)
+        assert run.returncode == 0, run.stderr + run.stdout
+        (row,) = await served.wait_rows(1)
+    (started,) = [e for e in run.json_lines() if e.get("type") == "thread.started"]
+    assert row["session"] == started["thread_id"]
+    assert json.loads(row["tags"]) == {"team": "search"}
+    assert row["output_tokens"] == RESPONSES["output_tokens"] and row["cost_usd"] is not None
+    (sent,) = providers.upstream.received
+    assert "x-meter-tags" not in sent.headers, "meterproxy's own header stops at the proxy"
+
+
+async def test_proxied_row_replaces_an_already_rolled_up_import_without_double_counting(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Proxy after import, when the imported row is already in the rollups: counted once."""
+    fixture = load_fixture("anthropic_messages_json")
+    upstream.replay(fixture, headers={"request-id": "req_011CSameRequest"})
+    proxy = await make_proxy()
+    writer = proxy.app[WRITER]
+    transcript = tmp_path / "projects" / "-home-alice-api" / "s.jsonl"
+    transcript.parent.mkdir(parents=True)
+    entry = {
+        "type": "assistant",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "sessionId": "s-1",
+        "requestId": "req_011CSameRequest",
+        "message": {
+            "id": "msg_1",
+            "model": "claude-sonnet-4-20250514",
+            "usage": {"input_tokens": 999, "output_tokens": 999},
+        },
+    }
+    transcript.write_text(json.dumps(entry) + "\n")
+    with ImportStore(proxy.db) as store:
+        stats = import_claude_code(store, PriceBook.default(), [transcript.parent.parent])
+    assert stats.inserted == 1
+    assert await asyncio.wrap_future(writer.call(roll_up)) == 1  # the imported row is rolled up
+
+    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+    await ant.messages.create(
+        model="claude-sonnet-4-20250514", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+    )
+    await wait_for(
+        lambda: query(proxy.db, "SELECT source FROM requests") == [("proxy",)],
+        what="the imported duplicate to be dropped",
+    )
+    await asyncio.wrap_future(writer.call(roll_up))
+    (rolled,) = query(proxy.db, "SELECT sum(requests), sum(input_tokens), sum(output_tokens) FROM rollup_day")
+    assert rolled == (1, fixture.expect["input_tokens"], fixture.expect["output_tokens"])
