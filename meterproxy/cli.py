@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "meterproxy.commands.budgets",
     "meterproxy.commands.health",
     "meterproxy.commands.reconcile",
+    "meterproxy.commands.demo",
 ]
 
 
