@@ -252,14 +252,19 @@ def compact(n: int) -> str:
 
 
 def money(value: Decimal) -> str:
-    """``$1,234.57`` from a dollar up; ``$0.0123`` below; ``$0.000012`` for crumbs; ``$0`` for nothing."""
+    """``$1,234.57`` from a dollar up; ``$0.0123`` below; two significant digits for crumbs.
+
+    An embeddings call costs ``$0.0000026``: printed with six decimals it would
+    read ``$0.000000``, an invented zero. ``$0`` only for nothing.
+    """
     if value == 0:
         return "$0"
     if abs(value) >= 1:
         return f"${value:,.2f}"
     if abs(value) >= Decimal("0.0001"):
         return f"${value:.4f}"
-    return f"${value:.6f}"
+    digits = min(12, 1 - value.adjusted())
+    return f"${value:.{digits}f}"
 
 
 _LABELS = {

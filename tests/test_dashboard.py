@@ -5,7 +5,7 @@ records (priced by the meter, written by the store writer). The tests read
 the figures the page shows and compare them with what the API answers for the
 same range (the page writes the range it used on ``<body data-since data-until>``),
 click through ranges, filters, sorting, pagination and details, and save
-screenshots to ``test-artifacts/``.
+screenshots to ``tmp/artifacts/``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from meterproxy.usage import RequestRecord, Usage
 playwright_api = pytest.importorskip("playwright.async_api")
 
 CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Screenshots are test artifacts: tmp/artifacts/ in the checkout (ignored by git), or $METERPROXY_ARTIFACTS.
+ARTIFACTS = Path(
+    os.environ.get("METERPROXY_ARTIFACTS") or Path(__file__).resolve().parent.parent / "tmp" / "artifacts"
+)
 ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -49,9 +52,12 @@ pytestmark = [
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+async def browser(tmp_path: Path) -> AsyncIterator[Any]:
+    # Chromium writes its crash and font caches under $HOME: give it the test's own directory.
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / ".config")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / ".cache")
     async with playwright_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, env=env)
         try:
             yield b
         finally:
@@ -69,7 +75,7 @@ async def new_page(browser: Any) -> Any:
 
 
 async def shot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
 
@@ -156,6 +162,16 @@ async def api_json(proxy: Any, path: str, token: str | None = None, **params: st
         return await resp.json(loads=__import__("json").loads)
 
 
+def by_priced_model(summary: dict[str, Any]) -> list[tuple[str, Decimal]]:
+    """The API's model groups merged under the price-table id each name prices as, by cost."""
+    merged: dict[str, Decimal] = {}
+    for g in summary["groups"]:
+        raw = g["key"]["model"]
+        name = summary["priced_models"].get(raw) or raw
+        merged[name] = merged.get(name, Decimal(0)) + Decimal(str(g["cost_usd"]))
+    return sorted(merged.items(), key=lambda kv: -kv[1])
+
+
 async def shown(page: Any, selector: str) -> str:
     return str(await page.locator(selector).inner_text()).strip()
 
@@ -209,9 +225,8 @@ async def test_page_shows_the_api_figures_and_clicks_through(make_proxy: Any, br
     # distribution: one bar per model with its share
     since, until = summary["since"], summary["until"]
     by_model = await api_json(proxy, "/api/summary", group_by="model", since=since, until=until)
-    ranked = sorted(by_model["groups"], key=lambda g: -Decimal(str(g["cost_usd"])))
     labels = await page.eval_on_selector_all("#distribution .share", "els => els.map(e => e.dataset.label)")
-    assert labels == [g["key"]["model"] for g in ranked if g["cost_usd"]]
+    assert labels == [name for name, cost in by_priced_model(by_model) if cost]
     await shot(page, "7days")
 
     # per hour, stacked by provider: still the same total, one series per provider
@@ -258,11 +273,14 @@ async def test_page_shows_the_api_figures_and_clicks_through(make_proxy: Any, br
     # source filter
     await page.click("#ranges [data-range='30d']")
     await ready(page)
-    await page.select_option("#source", "claude-code")
+    await page.click("#filters-box summary")
+    await page.select_option("#filters [name=source]", "claude-code")
+    await page.wait_for_function("JSON.parse(document.body.dataset.filters || '{}').source === 'claude-code'")
     await ready(page)
     only_cc = await check_cards(page, proxy, source="claude-code")
     assert only_cc["totals"]["requests"] == 1
-    await page.select_option("#source", "")
+    await page.click("#clear-filters")
+    await page.wait_for_function("document.body.dataset.filters === '{}'")
     await ready(page)
     assert page.js_errors == []
 
@@ -276,7 +294,7 @@ async def test_tables_sort_filter_paginate_and_detail(make_proxy: Any, browser: 
     until = await page.evaluate("document.body.dataset.until")
 
     # sessions sorted by cost, as the API sorts them
-    await page.click("#sessions th[data-sort=cost]")
+    await page.click("#sessions th[data-sort=cost] button")
     await page.wait_for_selector("#sessions th[data-sort=cost][data-active=desc]")
     await ready(page)
     want = await api_json(proxy, "/api/sessions", sort="cost", since=since, until=until, limit="10")
@@ -296,26 +314,46 @@ async def test_tables_sort_filter_paginate_and_detail(make_proxy: Any, browser: 
     await page.click("#requests-pager [data-dir='-1']")
     await page.wait_for_function("document.querySelector('#requests-pager span').textContent === 'page 1'")
 
-    # filter by model
-    await page.fill("#requests-filter [name=model]", "gpt-4o-mini")
-    await page.click("#requests-filter button")
+    # filter by model: a prefix typed in the filter box applies to the whole page
+    await page.click("#filters-box summary")
+    await page.fill("#filters [name=model]", "gpt-4o-m")
+    await page.click("#filters button[type=submit]")
     cells = "[...document.querySelectorAll('#requests tbody tr td:nth-child(2)')]"
     await page.wait_for_function(f"{cells}.every(td => td.textContent === 'gpt-4o-mini')")
     await ready(page)
-    # client-side sort by input tokens, ascending after two clicks
-    await page.click("#requests th[data-key=input_tokens]")
-    await page.click("#requests th[data-key=input_tokens]")
+    filtered = await api_json(proxy, "/api/summary", model="gpt-4o-m*", since=since, until=until)
+    assert await shown(page, "#card-requests .value") == f"{filtered['totals']['requests']:,}"
+    # server-side sort by tokens, ascending after two clicks: the whole range's order, not one page's
+    await page.click("#requests th[data-key=tokens] button")
+    await page.wait_for_selector("#requests th[data-key=tokens][data-active=desc]")
+    await ready(page)
+    await page.click("#requests th[data-key=tokens] button")
+    await page.wait_for_selector("#requests th[data-key=tokens][data-active=asc]")
+    await ready(page)
     shown_ids = await page.eval_on_selector_all("#requests tbody tr", "els => els.map(e => e.dataset.id)")
-    page1 = await api_json(proxy, "/api/requests", model="gpt-4o-mini", since=since, until=until, limit="20")
-    tokens = {r["id"]: r["input_tokens"] for r in page1["requests"]}
-    assert set(shown_ids) == set(tokens) and len(shown_ids) == 20
-    assert [tokens[i] for i in shown_ids] == sorted(tokens.values())
+    page1 = await api_json(
+        proxy,
+        "/api/requests",
+        model="gpt-4o-m*",
+        since=since,
+        until=until,
+        limit="20",
+        sort="tokens",
+        order="asc",
+    )
+    assert shown_ids == [r["id"] for r in page1["requests"]] and len(shown_ids) == 20
+    everything = await api_json(
+        proxy, "/api/requests", model="gpt-4o-mini", since=since, until=until, limit="1000"
+    )
+    lowest = sorted(r["input_tokens"] + r["output_tokens"] for r in everything["requests"])[:20]
+    assert [r["input_tokens"] + r["output_tokens"] for r in page1["requests"]] == lowest
     await shot(page, "requests-filtered")
 
     # a request's detail: tokens, cost, latency; never prompt text
     await page.click("#requests tbody tr:first-child")
     await page.wait_for_selector("#detail[open]")
     rid = await page.get_attribute("#requests tbody tr:first-child", "data-id")
+    assert rid is not None
     rows = await api_json(proxy, "/api/requests", model="gpt-4o-mini", limit="1000")
     row = next(r for r in rows["requests"] if r["id"] == rid)
     detail = await shown(page, "#detail-body")

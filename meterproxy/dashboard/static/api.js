@@ -20,17 +20,33 @@ export function forgetToken() {
   localStorage.removeItem(TOKEN_KEY);
 }
 
-// GET an API path with query params; null for 404 when `optional` (a feature not installed).
-export async function api(path, params = {}, { optional = false } = {}) {
+// Answers by URL with their ETag: a refresh sends If-None-Match and an unchanged answer comes
+// back as a bodiless 304, so the page gets the very same object and need not parse it again.
+const answers = new Map();
+
+export function apiUrl(path, params = {}) {
   const url = new URL(path, location.origin);
   for (const [k, v] of Object.entries(params)) {
-    if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
+    if (Array.isArray(v)) for (const item of v) url.searchParams.append(k, item);
+    else if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
   }
-  const headers = { Accept: "application/json" };
+  return url;
+}
+
+export function authHeaders() {
   const t = token();
-  if (t) headers.Authorization = `Bearer ${t}`;
-  const res = await fetch(url, { headers });
+  return t ? { Authorization: `Bearer ${t}` } : {};
+}
+
+// GET an API path with query params; null for 404 when `optional` (a feature not installed).
+export async function api(path, params = {}, { optional = false } = {}) {
+  const url = apiUrl(path, params);
+  const headers = { Accept: "application/json", ...authHeaders() };
+  const known = answers.get(url.href);
+  if (known) headers["If-None-Match"] = known.etag;
+  const res = await fetch(url, { headers, cache: "no-store" });
   if (res.status === 401) throw new AuthRequired("admin token required");
+  if (res.status === 304 && known) return known.body;
   if (res.status === 404 && optional) return null;
   let body = null;
   try {
@@ -42,16 +58,24 @@ export async function api(path, params = {}, { optional = false } = {}) {
     const why = body && body.error ? body.error.message : `${res.status} ${res.statusText}`;
     throw new Error(`${url.pathname}: ${why}`);
   }
+  const etag = res.headers.get("ETag");
+  if (etag) {
+    if (answers.size > 200) answers.clear();
+    answers.set(url.href, { etag, body });
+  }
   return body;
 }
 
+// As `meterproxy.reports.money`: cents from a dollar up, four decimals below, and two
+// significant digits for crumbs (an embeddings call is $0.0000026, never $0.000000).
 export function money(v) {
   const n = Number(v || 0);
   if (n === 0) return "$0";
   const a = Math.abs(n);
   if (a >= 1) return "$" + n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
   if (a >= 0.0001) return "$" + n.toFixed(4);
-  return "$" + n.toFixed(6);
+  const digits = Math.min(12, 1 - Math.floor(Math.log10(a)));
+  return "$" + n.toFixed(digits);
 }
 
 export function compact(n) {

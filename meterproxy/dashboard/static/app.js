@@ -1,31 +1,41 @@
-// The analytics page: one state object, one `load` that fetches what the state asks for from the
-// JSON API, and render functions that only draw. Every figure shown comes from /api/*.
+// The analytics page: one state object (mirrored in the URL, so a view can be shared), one
+// `load` that fetches what the state asks for from the JSON API, and views that only draw.
+// Every figure shown comes from /api/*; every filter applies to every figure.
 
 import {
-  AuthRequired, api, compact, forgetToken, h, integer, localTime, money, ms, percent, saveToken, token,
+  AuthRequired, api, apiUrl, authHeaders, compact, forgetToken, h, integer, money, percent, saveToken, token,
 } from "./api.js";
 import { PALETTE, shareBars, stackedBars, tokenBar } from "./charts.js";
+import {
+  $, markSorted, renderBudgets, renderCards, renderUnpriced, requestDetail, requestRows, sessionDetail, sessionRows,
+} from "./views.js";
 
-const $ = (sel) => document.querySelector(sel);
 const params = new URLSearchParams(location.search);
 const TZ = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
 const REFRESH_S = Math.max(1, Number(params.get("refresh") || 30));
 const DAY = 86400000;
+const HOUR = 3600000;
+const FILTERS = ["source", "provider", "model", "user", "project", "session"];
+const PREFIX = new Set(["provider", "model", "user"]); // typed names match by prefix
+const BURN_SERIES = 8;
 
 const state = {
   range: params.get("range") || "7d",
   from: params.get("from") || "",
   to: params.get("to") || "",
-  source: params.get("source") || "",
-  stack: "model",
-  bucket: "",
-  dist: "model",
-  distTag: "",
-  sessions: { sort: "last_seen", order: "desc", offset: 0, limit: 10, user: "" },
-  requests: { cursors: [null], page: 0, limit: 20, filters: {}, sortKey: null, sortDir: -1, rows: [], next: null },
+  filters: Object.fromEntries(FILTERS.filter((f) => params.get(f)).map((f) => [f, params.get(f)])),
+  stack: params.get("stack") || "model",
+  bucket: params.get("bucket") || "",
+  dist: params.get("dist") || "model",
+  distTag: params.get("tag") || "",
+  raw: params.get("raw") === "1",
+  sessions: { sort: "last_seen", order: "desc", offset: 0, limit: 10 },
+  requests: { sort: "time", order: "desc", cursors: [null], page: 0, offset: 0, limit: 20, next: null },
+  detail: null,
 };
 let loadSeq = 0;
 let loadedOnce = false;
+let lastBurn = null;
 
 // ---- time ranges -----------------------------------------------------------------------------
 
@@ -34,24 +44,26 @@ function localDate(s) {
   return new Date(y, m - 1, d);
 }
 
+// Ranges that end now end at the next whole hour instead: every row so far is inside, and the
+// URLs stay the same between two refreshes within the hour, so an unchanged answer is a 304.
 function bounds() {
   const now = new Date();
+  const nextHour = new Date(Math.ceil((now.getTime() + 1) / HOUR) * HOUR);
   let since;
-  let until = now;
+  let until = nextHour;
   const midnight = new Date(now.getFullYear(), now.getMonth(), now.getDate());
   switch (state.range) {
     case "today": since = midnight; break;
-    case "30d": since = new Date(now - 30 * DAY); break;
+    case "30d": since = new Date(nextHour - 30 * DAY); break;
     case "month": since = new Date(now.getFullYear(), now.getMonth(), 1); break;
     case "custom":
       since = localDate(state.from);
       until = new Date(localDate(state.to).getTime() + DAY);
       break;
-    default: since = new Date(now - 7 * DAY);
+    default: since = new Date(nextHour - 7 * DAY);
   }
   const span = until - since;
-  // The previous range has the same length and the same place in the calendar: today so far
-  // against yesterday up to the same time, this month so far against last month's first days.
+  // The previous range has the same length and the same place in the calendar.
   let prevSince = new Date(since - span);
   let prevUntil = since;
   if (state.range === "today") {
@@ -62,7 +74,7 @@ function bounds() {
     prevUntil = new Date(Math.min(prevSince.getTime() + span, since.getTime()));
   }
   const bucket = state.bucket || (span <= 2 * DAY ? "hour" : "day");
-  return { since, until, prevSince, prevUntil, bucket };
+  return { since, until, prevSince, prevUntil, bucket, open: state.range !== "custom", now };
 }
 
 const iso = (d) => d.toISOString();
@@ -70,6 +82,37 @@ const rangeNames = {
   today: "yesterday by this time", "7d": "previous 7 days", "30d": "previous 30 days",
   month: "last month by this day", custom: "previous period",
 };
+
+function exactRange(r) {
+  const fmt = (d) => d.toLocaleString("en-GB", { day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", hour12: false });
+  const end = r.open ? `now (${fmt(r.now)})` : fmt(new Date(r.until - 1));
+  return `${fmt(r.since)} → ${end}, ${TZ}`;
+}
+
+// The filters as API parameters: typed names match by prefix, the project is a tag.
+function filterParams() {
+  const out = {};
+  for (const [k, v] of Object.entries(state.filters)) {
+    if (!v) continue;
+    if (k === "project") out.tag = `project:${v}`;
+    else out[k] = PREFIX.has(k) && !v.endsWith("*") ? `${v}*` : v;
+  }
+  return out;
+}
+
+function syncUrl() {
+  const q = new URLSearchParams();
+  q.set("range", state.range);
+  if (state.range === "custom") { q.set("from", state.from); q.set("to", state.to); }
+  for (const [k, v] of Object.entries(state.filters)) if (v) q.set(k, v);
+  if (state.stack !== "model") q.set("stack", state.stack);
+  if (state.bucket) q.set("bucket", state.bucket);
+  if (state.dist !== "model") q.set("dist", state.dist);
+  if (state.distTag) q.set("tag", state.distTag);
+  if (state.raw) q.set("raw", "1");
+  if (params.get("refresh")) q.set("refresh", params.get("refresh"));
+  history.replaceState(null, "", `${location.pathname}?${q}`);
+}
 
 // ---- status, login ---------------------------------------------------------------------------
 
@@ -100,16 +143,42 @@ $("#login-form").addEventListener("submit", (ev) => {
   load();
 });
 
+// ---- model names -----------------------------------------------------------------------------
+
+// One model reaches the store under several names; the API says which price-table id each one
+// prices as. Grouped by that id unless the reader asks for the raw names.
+function modelName(raw, priced) {
+  if (state.raw || !raw) return raw ?? "(none)";
+  return priced[raw] || raw;
+}
+
+function mergeGroups(groups, dim, priced) {
+  const merged = new Map();
+  for (const g of groups) {
+    const raw = g.key[dim] ?? null;
+    const name = dim === "model" ? modelName(raw, priced) : raw ?? "(none)";
+    const m = merged.get(name) || { label: name, names: new Set(), cost: 0, unpriced: 0, requests: 0 };
+    if (raw) m.names.add(raw);
+    m.cost += Number(g.cost_usd);
+    m.unpriced += g.unpriced_requests;
+    m.requests += g.requests;
+    merged.set(name, m);
+  }
+  return [...merged.values()];
+}
+
 // ---- loading ---------------------------------------------------------------------------------
 
 async function load({ quiet = false } = {}) {
   const seq = ++loadSeq;
   if (!quiet) setStatus("loading");
   document.body.dataset.state = "loading";
+  syncUrl();
   try {
     const r = bounds();
-    const base = { since: iso(r.since), until: iso(r.until), source: state.source };
-    const prev = { since: iso(r.prevSince), until: iso(r.prevUntil), source: state.source };
+    const f = filterParams();
+    const base = { since: iso(r.since), until: iso(r.until), ...f };
+    const prev = { since: iso(r.prevSince), until: iso(r.prevUntil), ...f };
     const [all, cur, before, sessCur, sessPrev] = await Promise.all([
       api("/api/summary", { group_by: "source" }),
       api("/api/summary", base),
@@ -127,11 +196,16 @@ async function load({ quiet = false } = {}) {
     $("#content").hidden = false;
     Object.assign(document.body.dataset, {
       since: base.since, until: base.until, prevSince: prev.since, prevUntil: prev.until, bucket: r.bucket, tz: TZ,
+      filters: JSON.stringify(f),
     });
-    renderCards(cur.totals, before.totals, sessCur.total, sessPrev.total);
-    renderTokens(cur.totals);
+    $("#range-text").textContent = exactRange(r);
+    renderCards(cur, before, sessCur, sessPrev.total, rangeNames[state.range]);
+    renderUnpriced(cur.unpriced_models || []);
+    tokenBar($("#tokenbar"), cur.totals);
+    $("#cache-ratio").textContent = `cache hit ratio ${percent(cur.totals.cache_read_tokens, cur.totals.input_tokens)} of input tokens`;
     await Promise.all([
       loadBurn(base, r.bucket), loadDistribution(base), loadBudgets(), loadSessions(base), loadRequests(base),
+      loadSuggestions(base),
     ]);
     finish(seq);
   } catch (err) {
@@ -156,13 +230,13 @@ function finish(seq) {
 }
 
 function fillSources(all) {
-  const select = $("#source");
+  const select = $("#filters [name=source]");
   const have = new Set([...select.options].map((o) => o.value));
   for (const g of all.groups) {
     const v = g.key.source;
     if (v && !have.has(v)) select.append(h("option", { value: v }, v));
   }
-  select.value = state.source;
+  select.value = state.filters.source || "";
 }
 
 function showOnboarding() {
@@ -176,54 +250,55 @@ function showOnboarding() {
   ].join("\n");
 }
 
-// ---- cards -----------------------------------------------------------------------------------
-
-function delta(el, now, before) {
-  el.replaceChildren();
-  const label = rangeNames[state.range];
-  if (!before && !now) return el.append(h("span", { class: "flat" }, `no change vs ${label}`));
-  if (!before) return el.append(h("span", { class: "up" }, `new vs ${label}`));
-  const pct = (100 * (now - before)) / before;
-  const cls = pct > 0.05 ? "up" : pct < -0.05 ? "down" : "flat";
-  const arrow = cls === "up" ? "▲" : cls === "down" ? "▼" : "=";
-  el.append(h("span", { class: cls }, `${arrow} ${Math.abs(pct).toFixed(1)}% vs ${label}`));
-}
-
-function renderCards(t, p, sessions, prevSessions) {
-  const card = (id) => $(`#card-${id}`);
-  card("cost").querySelector(".value").textContent = money(t.cost_usd);
-  delta(card("cost").querySelector(".delta"), Number(t.cost_usd), Number(p.cost_usd));
-  const tokens = t.input_tokens + t.output_tokens;
-  card("tokens").querySelector(".value").textContent = compact(tokens);
-  card("tokens").querySelector(".sub").textContent =
-    `in ${compact(t.input_tokens)} · cached ${compact(t.cache_read_tokens)} · out ${compact(t.output_tokens)} · reasoning ${compact(t.reasoning_tokens)}`;
-  delta(card("tokens").querySelector(".delta"), tokens, p.input_tokens + p.output_tokens);
-  card("requests").querySelector(".value").textContent = integer(t.requests);
-  const notes = [];
-  if (t.unpriced_requests) notes.push(`${integer(t.unpriced_requests)} unpriced`);
-  if (t.errors) notes.push(`${integer(t.errors)} errors`);
-  card("requests").querySelector(".sub").textContent = notes.join(" · ");
-  delta(card("requests").querySelector(".delta"), t.requests, p.requests);
-  card("sessions").querySelector(".value").textContent = integer(sessions);
-  delta(card("sessions").querySelector(".delta"), sessions, prevSessions);
-}
-
-function renderTokens(t) {
-  tokenBar($("#tokenbar"), t);
-  $("#cache-ratio").textContent = `cache hit ratio ${percent(t.cache_read_tokens, t.input_tokens)} of input tokens`;
+// Suggestions for the filter boxes: the values the range holds (names from the data, not guesses).
+async function loadSuggestions(base) {
+  const since = base.since, until = base.until;
+  const [byModel, byUser, byProject] = await Promise.all([
+    api("/api/summary", { since, until, group_by: "model,provider" }),
+    api("/api/summary", { since, until, group_by: "user" }),
+    api("/api/summary", { since, until, group_by: "tag:project" }),
+  ]);
+  const fill = (id, values) => $(id).replaceChildren(...[...new Set(values.filter(Boolean))].sort()
+    .map((v) => h("option", { value: v })));
+  fill("#list-model", byModel.groups.map((g) => g.key.model));
+  fill("#list-provider", byModel.groups.map((g) => g.key.provider));
+  fill("#list-user", byUser.groups.map((g) => g.key.user));
+  fill("#list-project", byProject.groups.map((g) => g.key["tag:project"]));
 }
 
 // ---- charts ----------------------------------------------------------------------------------
 
 async function loadBurn(base, bucket) {
-  const ts = await api("/api/timeseries", { ...base, bucket, split: state.stack, tz: TZ, limit: 8 });
+  const ts = await api("/api/timeseries", { ...base, bucket, split: state.stack, tz: TZ, limit: 1000 });
+  const priced = ts.priced_models || {};
+  // Merge series under one name (priced model), then keep the top 8 and fold the rest into
+  // "other", so the bars always add up to the range's total.
+  const merged = new Map();
+  for (const sr of ts.series) {
+    const raw = sr.key[state.stack] ?? null;
+    const name = state.stack === "model" ? modelName(raw, priced) : raw ?? "(none)";
+    const values = sr.points.map((p) => Number(p.cost_usd));
+    const m = merged.get(name);
+    if (m) m.values = m.values.map((v, i) => v + values[i]);
+    else merged.set(name, { name, values });
+  }
+  const ranked = [...merged.values()].map((m) => ({ ...m, sum: m.values.reduce((a, v) => a + v, 0) }))
+    .filter((m) => m.sum > 0).sort((a, b) => b.sum - a.sum);
+  const series = ranked.slice(0, BURN_SERIES);
+  const rest = ranked.slice(BURN_SERIES);
+  if (rest.length) {
+    series.push({ name: `other (${rest.length})`, values: rest[0].values.map((_, i) => rest.reduce((a, m) => a + m.values[i], 0)) });
+  }
+  series.forEach((sr, k) => { sr.color = k === BURN_SERIES ? "#868e96" : PALETTE[k % PALETTE.length]; });
   const first = ts.series[0];
   const labels = first ? first.points.map((p) => p.t) : [];
-  const series = ts.series.map((sr, k) => ({
-    name: sr.key[state.stack] ?? "(none)",
-    values: sr.points.map((p) => Number(p.cost_usd)),
-    color: PALETTE[k % PALETTE.length],
-  }));
+  lastBurn = { labels, series, bucket };
+  drawBurn();
+}
+
+function drawBurn() {
+  if (!lastBurn) return;
+  const { labels, series, bucket } = lastBurn;
   const days = labels.length > 1 && new Date(labels.at(-1)) - new Date(labels[0]) >= DAY;
   const pad = (n) => String(n).padStart(2, "0");
   const fmt = (t) => {
@@ -232,153 +307,111 @@ async function loadBurn(base, bucket) {
     if (bucket !== "hour") return day;
     return days ? `${day} ${pad(d.getHours())}h` : `${pad(d.getHours())}:00`;
   };
-  const axis = (v) => (v === 0 || v >= 0.01 ? `$${v.toFixed(2)}` : money(v));
+  const axis = (v) => (v === 0 || v >= 0.01 ? `$${v.toFixed(v >= 100 ? 0 : 2)}` : money(v));
   stackedBars($("#burn"), { labels, series, format: money, axisFormat: axis, xLabel: fmt });
-  if (ts.truncated) $("#burn").append(h("p", { class: "muted" }, "Top 8 shown."));
 }
 
 async function loadDistribution(base) {
   const tag = state.dist === "tag";
   $("#dist-tag").hidden = !tag;
+  $("#dist-tag").value = state.distTag;
   if (tag && !state.distTag) {
     $("#distribution").replaceChildren(h("p", { class: "empty" }, "Type a tag name."));
     return;
   }
-  const dim = tag ? `tag:${state.distTag}` : state.dist;
+  const dim = tag ? `tag:${state.distTag}` : state.dist === "project" ? "tag:project" : state.dist;
   const s = await api("/api/summary", { ...base, group_by: dim });
-  const groups = [...s.groups].sort((a, b) => Number(b.cost_usd) - Number(a.cost_usd));
-  const items = groups.slice(0, 9).map((g) => ({ label: g.key[dim] ?? "(none)", value: Number(g.cost_usd) }));
-  const rest = groups.slice(9).reduce((a, g) => a + Number(g.cost_usd), 0);
+  const groups = mergeGroups(s.groups, dim, s.priced_models || {});
+  const priced = groups.filter((g) => g.cost > 0).sort((a, b) => b.cost - a.cost);
+  const items = priced.slice(0, 9).map((g) => ({ label: g.label, value: g.cost, title: [...g.names].join(", ") || g.label }));
+  const rest = priced.slice(9).reduce((a, g) => a + g.cost, 0);
   if (rest) items.push({ label: "other", value: rest });
-  shareBars($("#distribution"), items.filter((i) => i.value > 0), Number(s.totals.cost_usd), money);
-}
-
-function scopeText(scope) {
-  if (!scope || typeof scope !== "object") return scope || "all requests";
-  const parts = Object.entries(scope).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`);
-  return parts.length ? parts.join(", ") : "all requests";
+  // Unpriced names stay on the list, with their request count instead of an invented $0.
+  for (const g of groups.filter((x) => x.unpriced && !x.cost).sort((a, b) => b.unpriced - a.unpriced)) {
+    items.push({ label: g.label, value: 0, note: `${integer(g.unpriced)} unpriced`, title: `${g.label}: not in the price tables` });
+  }
+  shareBars($("#distribution"), items, Number(s.totals.cost_usd), money);
 }
 
 async function loadBudgets() {
   const body = await api("/api/budgets", {}, { optional: true });
-  const list = body ? body.budgets || [] : [];
-  $("#budgets-panel").hidden = !list.length;
-  $("#budgets").replaceChildren(...list.map((b) => {
-    const pct = Number(b.percent || 0);
-    const projected = b.projected_spend_usd != null
-      ? `projected ${money(b.projected_spend_usd)} by ${localTime(b.period_end)}` : "";
-    return h("div", { class: `budget ${b.state || "ok"}`, dataset: { name: b.name } },
-      h("div", { class: "budget-head" },
-        h("b", {}, b.name), h("span", { class: "muted" }, ` ${scopeText(b.scope)} · ${b.period}`),
-        h("span", { class: "budget-figures" }, `${money(b.spend_usd)} of ${money(b.limit_usd)} (${pct.toFixed(0)}%)`)),
-      h("div", { class: "track" }, h("div", { class: "fill", style: `width:${Math.min(pct, 100)}%` })),
-      h("div", { class: "muted" }, projected, b.projected_exceed_at ? ` · limit reached ${localTime(b.projected_exceed_at)}` : ""));
-  }));
+  renderBudgets(body ? body.budgets || [] : []);
 }
 
 // ---- tables ----------------------------------------------------------------------------------
 
 async function loadSessions(base) {
   const st = state.sessions;
-  const body = await api("/api/sessions", {
-    ...base, sort: st.sort, order: st.order, limit: st.limit, offset: st.offset, user: st.user,
-  });
+  const body = await api("/api/sessions", { ...base, sort: st.sort, order: st.order, limit: st.limit, offset: st.offset });
   const tbody = $("#sessions tbody");
-  tbody.replaceChildren(...body.sessions.map((s) => h("tr", { class: "clickable", onclick: () => showSession(s.session) },
-    h("td", { class: "mono", title: s.session }, s.session),
-    h("td", {}, localTime(s.first_ts)), h("td", {}, localTime(s.last_ts)),
-    h("td", {}, (s.models || []).join(", ")),
-    h("td", { class: "num" }, integer(s.requests)),
-    h("td", { class: "num" }, compact(s.input_tokens + s.output_tokens)),
-    h("td", { class: "num" }, money(s.cost_usd)))));
-  if (!body.sessions.length) tbody.append(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No sessions in this range (requests without X-Meter-Session are not in a session).")));
-  for (const th of document.querySelectorAll("#sessions th[data-sort]")) {
-    th.dataset.active = th.dataset.sort === st.sort ? st.order : "";
-  }
+  tbody.replaceChildren(...sessionRows(body.sessions, (id) => showSession(id, 0)));
+  if (!body.sessions.length) tbody.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No sessions in this range (requests without X-Meter-Session are not in a session).")));
+  markSorted("#sessions", "data-sort", st.sort, st.order);
   const pager = $("#sessions-pager");
   const end = st.offset + body.sessions.length;
-  pager.querySelector("span").textContent = body.total ? `${st.offset + 1}–${end} of ${integer(body.total)}` : "";
+  pager.querySelector("span").textContent = body.total ? `${integer(st.offset + 1)}–${integer(end)} of ${integer(body.total)}` : "";
   pager.querySelector("[data-dir='-1']").disabled = st.offset === 0;
   pager.querySelector("[data-dir='1']").disabled = body.next_offset == null;
 }
 
 async function loadRequests(base) {
   const st = state.requests;
-  const body = await api("/api/requests", { ...base, ...st.filters, limit: st.limit, cursor: st.cursors[st.page] });
-  st.rows = body.requests;
-  st.next = body.next_cursor;
-  renderRequests();
-}
-
-function renderRequests() {
-  const st = state.requests;
-  const rows = [...st.rows];
-  if (st.sortKey) {
-    rows.sort((a, b) => {
-      const x = a[st.sortKey], y = b[st.sortKey];
-      const cmp = typeof x === "number" || typeof y === "number" ? (x ?? -1) - (y ?? -1) : String(x ?? "").localeCompare(String(y ?? ""));
-      return cmp * st.sortDir;
-    });
-  }
+  const byTime = st.sort === "time" && st.order === "desc";
+  const query = { ...base, limit: st.limit };
+  if (byTime) query.cursor = st.cursors[st.page];
+  else Object.assign(query, { sort: st.sort, order: st.order, offset: st.offset });
+  const body = await api("/api/requests", query);
+  st.next = byTime ? body.next_cursor : body.next_offset;
   const tbody = $("#requests tbody");
-  tbody.replaceChildren(...rows.map((r) => h("tr", { class: "clickable", dataset: { id: r.id }, onclick: () => showRequest(r) },
-    h("td", {}, localTime(r.ts)), h("td", {}, r.model || r.requested_model || "–"), h("td", {}, r.provider || "–"),
-    h("td", { class: r.status >= 400 ? "num bad" : "num" }, r.status ?? "–"),
-    h("td", { class: "num" }, compact(r.input_tokens)), h("td", { class: "num" }, compact(r.output_tokens)),
-    h("td", { class: "num" }, ms(r.duration_ms)),
-    h("td", { class: "num" }, r.cost_usd == null ? "unpriced" : money(r.cost_usd)))));
-  if (!rows.length) tbody.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No requests match.")));
-  for (const th of document.querySelectorAll("#requests th[data-key]")) {
-    th.dataset.active = th.dataset.key === st.sortKey ? (st.sortDir > 0 ? "asc" : "desc") : "";
-  }
+  tbody.replaceChildren(...requestRows(body.requests, showRequest));
+  if (!body.requests.length) tbody.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No requests match.")));
+  markSorted("#requests", "data-key", st.sort, st.order);
+  $("#most-expensive").setAttribute("aria-pressed", st.sort === "cost" && st.order === "desc");
+  $("#newest").setAttribute("aria-pressed", byTime);
   const pager = $("#requests-pager");
-  pager.querySelector("span").textContent = `page ${st.page + 1}`;
-  pager.querySelector("[data-dir='-1']").disabled = st.page === 0;
-  pager.querySelector("[data-dir='1']").disabled = !st.next;
+  pager.querySelector("span").textContent = byTime ? `page ${st.page + 1}`
+    : body.total ? `${integer(st.offset + 1)}–${integer(st.offset + body.requests.length)} of ${integer(body.total)}` : "";
+  pager.querySelector("[data-dir='-1']").disabled = byTime ? st.page === 0 : st.offset === 0;
+  pager.querySelector("[data-dir='1']").disabled = st.next == null;
 }
 
 // ---- details ---------------------------------------------------------------------------------
 
-function field(label, value) {
-  return [h("dt", {}, label), h("dd", {}, value === null || value === undefined || value === "" ? "–" : value)];
+function openDetail(children) {
+  $("#detail-body").replaceChildren(...children);
+  if (!$("#detail").open) $("#detail").showModal();
 }
 
 function showRequest(r) {
-  const tags = Object.entries(r.tags || {}).map(([k, v]) => `${k}=${v}`).join(", ");
-  $("#detail-body").replaceChildren(
-    h("h2", {}, "Request"),
-    h("dl", { class: "detail" },
-      field("Id", r.id), field("Time", localTime(r.ts)), field("Source", r.source),
-      field("Upstream / provider", `${r.upstream || "–"} / ${r.provider || "–"}`), field("Endpoint", `${r.method || ""} ${r.endpoint || ""}`),
-      field("Model", r.requested_model && r.requested_model !== r.model ? `${r.requested_model} → ${r.model}` : r.model),
-      field("Priced as", r.priced_model), field("Status", r.status), field("Streamed", r.streamed ? "yes" : "no"),
-      field("Input tokens", integer(r.input_tokens)), field("Cache read", integer(r.cache_read_tokens)),
-      field("Cache write", integer(r.cache_write_tokens)), field("Output tokens", integer(r.output_tokens)),
-      field("Reasoning tokens", integer(r.reasoning_tokens)), field("Usage", r.usage_source),
-      field("Cost", r.cost_usd == null ? "unpriced" : `${money(r.cost_usd)} (${r.cost_usd} USD)`),
-      field("Provider-reported cost", r.provider_cost_usd == null ? null : money(r.provider_cost_usd)),
-      field("Latency", ms(r.duration_ms)), field("Time to first byte", ms(r.ttfb_ms)), field("Upstream time", ms(r.upstream_ms)),
-      field("User", r.user), field("Session", r.session), field("Tags", tags), field("Key", r.key_fingerprint),
-      field("Error", r.error)),
-    h("p", { class: "muted" }, "Prompt and completion text are not stored."));
-  $("#detail").showModal();
+  openDetail(requestDetail(r));
 }
 
-async function showSession(id) {
+async function showSession(id, offset) {
   try {
-    const s = await api(`/api/sessions/${encodeURIComponent(id)}`, { limit: 100 });
-    const t = s.totals;
-    $("#detail-body").replaceChildren(
-      h("h2", {}, "Session ", h("span", { class: "mono" }, s.session)),
-      h("p", {}, `${localTime(s.first_ts)} → ${localTime(s.last_ts)} · ${integer(t.requests)} requests · `,
-        `${compact(t.input_tokens)} in / ${compact(t.output_tokens)} out · `, h("b", {}, money(t.cost_usd))),
-      h("table", { class: "data" },
-        h("thead", {}, h("tr", {}, ["Time", "Model", "Input", "Output", "Cost"].map((c) => h("th", {}, c)))),
-        h("tbody", {}, s.requests.map((r) => h("tr", { class: "clickable", onclick: () => showRequest(r) },
-          h("td", {}, localTime(r.ts)), h("td", {}, r.model || "–"), h("td", { class: "num" }, compact(r.input_tokens)),
-          h("td", { class: "num" }, compact(r.output_tokens)),
-          h("td", { class: "num" }, r.cost_usd == null ? "unpriced" : money(r.cost_usd)))))));
-    if (!$("#detail").open) $("#detail").showModal();
+    const r = bounds();
+    const s = await api(`/api/sessions/${encodeURIComponent(id)}`, { since: iso(r.since), until: iso(r.until), limit: 100, offset });
+    state.detail = { id, offset };
+    openDetail(sessionDetail(s, offset, (dir) => showSession(id, Math.max(0, offset + dir * 100)), showRequest));
+  } catch (err) {
+    if (err instanceof AuthRequired) showLogin(true);
+    else setStatus("error", err.message);
+  }
+}
+
+// ---- export ----------------------------------------------------------------------------------
+
+async function exportRows(format) {
+  const r = bounds();
+  const url = apiUrl("/api/export", { format, since: iso(r.since), until: iso(r.until), ...filterParams() });
+  try {
+    const res = await fetch(url, { headers: authHeaders() });
+    if (res.status === 401) throw new AuthRequired("admin token required");
+    if (!res.ok) throw new Error(`export: ${res.status} ${res.statusText}`);
+    const blob = await res.blob();
+    const a = h("a", { href: URL.createObjectURL(blob), download: `meterproxy-${state.range}.${format}` });
+    document.body.append(a);
+    a.click();
+    a.remove();
   } catch (err) {
     if (err instanceof AuthRequired) showLogin(true);
     else setStatus("error", err.message);
@@ -389,8 +422,7 @@ async function showSession(id) {
 
 function resetPages() {
   state.sessions.offset = 0;
-  state.requests.cursors = [null];
-  state.requests.page = 0;
+  Object.assign(state.requests, { cursors: [null], page: 0, offset: 0 });
 }
 
 function selectRange(range) {
@@ -399,8 +431,16 @@ function selectRange(range) {
   $("#custom").hidden = range !== "custom";
 }
 
+function showFilters() {
+  const form = $("#filters");
+  for (const name of FILTERS) form.elements[name].value = state.filters[name] || "";
+  const active = Object.entries(state.filters).filter(([, v]) => v).map(([k, v]) => `${k}: ${v}`);
+  $("#filter-summary").textContent = active.length ? `(${active.join(", ")})` : "(none)";
+}
+
 $("#ranges").addEventListener("click", (ev) => {
-  const range = ev.target.dataset && ev.target.dataset.range;
+  const button = ev.target.closest("button");
+  const range = button && button.dataset.range;
   if (!range) return;
   if (range === "custom") {
     const today = new Date();
@@ -426,22 +466,39 @@ $("#custom").addEventListener("submit", (ev) => {
   load();
 });
 
-$("#source").addEventListener("change", (ev) => { state.source = ev.target.value; resetPages(); load(); });
+$("#filters").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const data = new FormData(ev.target);
+  state.filters = Object.fromEntries([...data.entries()].map(([k, v]) => [k, String(v).trim()]).filter(([, v]) => v));
+  showFilters();
+  resetPages();
+  load();
+});
+$("#filters [name=source]").addEventListener("change", () => $("#filters").requestSubmit());
+$("#clear-filters").addEventListener("click", () => {
+  state.filters = {};
+  showFilters();
+  resetPages();
+  load();
+});
+
 $("#stack").addEventListener("change", (ev) => { state.stack = ev.target.value; load({ quiet: true }); });
 $("#bucket").addEventListener("change", (ev) => { state.bucket = ev.target.value; load({ quiet: true }); });
 $("#dist").addEventListener("change", (ev) => { state.dist = ev.target.value; load({ quiet: true }); });
 $("#dist-tag").addEventListener("change", (ev) => { state.distTag = ev.target.value.trim(); load({ quiet: true }); });
+$("#raw-names").addEventListener("change", (ev) => { state.raw = ev.target.checked; load({ quiet: true }); });
+$("#export-csv").addEventListener("click", () => exportRows("csv"));
+$("#export-jsonl").addEventListener("click", () => exportRows("jsonl"));
 
 $("#sessions thead").addEventListener("click", (ev) => {
-  const sort = ev.target.dataset && ev.target.dataset.sort;
-  if (!sort) return;
+  const th = ev.target.closest("th[data-sort]");
+  if (!th) return;
   const st = state.sessions;
-  st.order = st.sort === sort && st.order === "desc" ? "asc" : "desc";
-  st.sort = sort;
+  st.order = st.sort === th.dataset.sort && st.order === "desc" ? "asc" : "desc";
+  st.sort = th.dataset.sort;
   st.offset = 0;
   load({ quiet: true });
 });
-$("#sessions-filter").addEventListener("change", (ev) => { state.sessions.user = ev.target.value.trim(); state.sessions.offset = 0; load({ quiet: true }); });
 $("#sessions-pager").addEventListener("click", (ev) => {
   const dir = Number(ev.target.dataset && ev.target.dataset.dir);
   if (!dir) return;
@@ -450,33 +507,41 @@ $("#sessions-pager").addEventListener("click", (ev) => {
   load({ quiet: true });
 });
 
-$("#requests thead").addEventListener("click", (ev) => {
-  const key = ev.target.dataset && ev.target.dataset.key;
-  if (!key) return;
-  const st = state.requests;
-  st.sortDir = st.sortKey === key ? -st.sortDir : -1;
-  st.sortKey = key;
-  renderRequests();
-});
-$("#requests-filter").addEventListener("submit", (ev) => {
-  ev.preventDefault();
-  const data = new FormData(ev.target);
-  state.requests.filters = Object.fromEntries([...data.entries()].filter(([, v]) => String(v).trim()));
-  state.requests.cursors = [null];
-  state.requests.page = 0;
+function sortRequests(sort, order) {
+  Object.assign(state.requests, { sort, order, cursors: [null], page: 0, offset: 0 });
   load({ quiet: true });
+}
+
+$("#requests thead").addEventListener("click", (ev) => {
+  const th = ev.target.closest("th[data-key]");
+  if (!th) return;
+  const st = state.requests;
+  const key = th.dataset.key;
+  sortRequests(key, st.sort === key && st.order === "desc" ? "asc" : "desc");
 });
+$("#most-expensive").addEventListener("click", () => sortRequests("cost", "desc"));
+$("#newest").addEventListener("click", () => sortRequests("time", "desc"));
 $("#requests-pager").addEventListener("click", (ev) => {
   const dir = Number(ev.target.dataset && ev.target.dataset.dir);
   if (!dir) return;
   const st = state.requests;
-  if (dir > 0 && st.next) {
-    st.cursors[st.page + 1] = st.next;
-    st.page += 1;
-  } else if (dir < 0 && st.page > 0) {
-    st.page -= 1;
+  if (st.sort === "time" && st.order === "desc") {
+    if (dir > 0 && st.next) {
+      st.cursors[st.page + 1] = st.next;
+      st.page += 1;
+    } else if (dir < 0 && st.page > 0) {
+      st.page -= 1;
+    }
+  } else {
+    st.offset = Math.max(0, st.offset + dir * st.limit);
   }
   load({ quiet: true });
+});
+
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(drawBurn, 150);
 });
 
 setInterval(() => {
@@ -488,5 +553,11 @@ if (state.range === "custom" && state.from && state.to) {
   $("#from").value = state.from;
   $("#to").value = state.to;
 }
+$("#stack").value = state.stack;
+$("#bucket").value = state.bucket;
+$("#dist").value = state.dist;
+$("#raw-names").checked = state.raw;
+if (Object.keys(state.filters).length) $("#filters-box").open = true;
+showFilters();
 selectRange(state.range);
 load();
