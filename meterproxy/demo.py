@@ -31,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meterproxy.budgets.model import BudgetSpec
+from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.store import save_budget
 from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
