@@ -161,7 +161,7 @@ def list_requests(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of rows: by time with a keyset `cursor`, or by another `REQUEST_SORTS` key and `offset`."""
     where, params = flt.where()
-    if sort != "time":
+    if sort != "time" or offset or not desc:
         direction = "DESC" if desc else "ASC"
         sql = (
             f"SELECT * FROM requests WHERE {where} "
