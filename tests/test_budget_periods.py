@@ -264,7 +264,10 @@ async def test_cli_against_database_and_running_proxy(
     assert result.exit_code == 0, result.output
     assert (await api_get(proxy, "/api/budgets/api-made"))["action"] == "block"
     text = (await asyncio.to_thread(run_cli, "budgets", "list", "--url", proxy.url)).output
-    assert "api-made" in text and "late" in text and "[ok]" in text
+    assert "api-made" in text and "late" in text and "on track" in text
+    late_line = next(line for line in text.splitlines() if line.startswith("late "))
+    assert "$1.25" in late_line and "$2.00" in late_line and "all requests" in late_line  # cents, words
+    assert "block" in next(line for line in text.splitlines() if line.startswith("api-made"))
     assert (await asyncio.to_thread(run_cli, "budgets", "rm", "api-made", "--url", proxy.url)).exit_code == 0
     assert run_cli("budgets", "rm", "eve", "--db", str(db)).exit_code == 0
     assert run_cli("budgets", "rm", "eve", "--db", str(db)).exit_code == 1

@@ -173,8 +173,20 @@ async def test_status_line(make_proxy: Any) -> None:
     await proxy.rows(2)
     assert today.cost_usd and old.cost_usd
     out = await asyncio.to_thread(cli, "status", "--db", str(proxy.db), "--session", "agent-7", "--no-color")
-    assert out.strip() == f"today {money(today.cost_usd)} · session {money(today.cost_usd + old.cost_usd)}"
+    assert out.strip() == (
+        f"today 420K tok · {money(today.cost_usd)} · session {money(today.cost_usd + old.cost_usd)}"
+    )
     assert "\x1b[" not in out  # plain when not a terminal and no budgets
+    # spend bands the user sets colour today's cost: yellow between the two amounts, red above, green below
+    assert today.cost_usd < 5
+    banded = await asyncio.to_thread(cli, "status", "--db", str(proxy.db), "--bands", "0.01,5", "--color")
+    assert banded.startswith("\x1b[33m")
+    over = await asyncio.to_thread(cli, "status", "--db", str(proxy.db), "--bands", "0.001,0.01", "--color")
+    assert over.startswith("\x1b[31m")
+    calm = await asyncio.to_thread(cli, "status", "--db", str(proxy.db), "--bands", "100,200", "--color")
+    assert calm.startswith("\x1b[32m")
+    bad = CliRunner().invoke(main, ["status", "--db", str(proxy.db), "--bands", "5"])
+    assert bad.exit_code == 2 and "--bands" in bad.output
 
 
 @pytest.mark.parametrize(
@@ -191,6 +203,8 @@ def test_compact(n: int, text: str) -> None:
         ("0", "$0"),
         ("0.0123", "$0.0123"),
         ("0.000012", "$0.000012"),
+        ("0.0000026", "$0.0000026"),  # an embeddings call: never $0.000000
+        ("0.000000000001", "$0.000000000001"),
         ("1234.567", "$1,234.57"),
         ("3", "$3.00"),
     ],
@@ -227,7 +241,7 @@ async def test_status_colored_by_the_worst_budget(make_proxy: Any) -> None:
         if "80%" in out:
             break
         await asyncio.sleep(0.05)
-    assert "budget daily 80%" in out and "today $1.60" in out
+    assert "budget daily 80%" in out and "today 610K tok · $1.60" in out
     assert out.startswith("\x1b[33m")  # yellow: a warning threshold is crossed, not the limit
     plain = await asyncio.to_thread(cli, "status", "--url", proxy.url)
     assert "\x1b[" not in plain  # not a terminal
@@ -257,7 +271,9 @@ async def test_status_without_a_proxy_reads_budgets_from_the_database(make_proxy
         config.write_text(f'[[budgets]]\nname = "daily"\nperiod = "day"\nlimit_usd = "{limit}"\n')
         return cli("status", "--db", db, "--config", str(config), "--color")
 
-    assert await asyncio.to_thread(status, "100") == "\x1b[32mtoday $1.60 · budget daily 2%\x1b[0m\n"
+    assert (
+        await asyncio.to_thread(status, "100") == "\x1b[32mtoday 610K tok · $1.60 · budget daily 2%\x1b[0m\n"
+    )
     assert (await asyncio.to_thread(status, "1.70")).startswith("\x1b[33m")  # 94%: past the 80% threshold
     over = await asyncio.to_thread(status, "1.50")
     assert over.startswith("\x1b[31m") and "budget daily 107%" in over

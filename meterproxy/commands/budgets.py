@@ -27,9 +27,11 @@ import click
 from pydantic import ValidationError
 
 from meterproxy.budgets.definition import BudgetSpec
+from meterproxy.budgets.outlook import OUTLOOK_TEXT, outlook, scope_text
 from meterproxy.exact_json import dumps
+from meterproxy.reports import money
 
-__all__ = ["command"]
+__all__ = ["command", "render_budgets"]
 
 
 def _api(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
@@ -88,7 +90,22 @@ def _db_views(db: str, config_file: str | None) -> list[dict[str, Any]]:
             start, _ = state.advance(now)
             tracker.install(state, spend_buckets(conn, spec.scope, start))
             snap = state.snapshot(now)
-            views.append({"name": spec.name, "source": source, "period": spec.period, **snap.as_dict()})
+            crossed = any(snap.spend_usd * 100 >= t * snap.limit_usd for t in spec.thresholds if t < 100)
+            if snap.exceeded:
+                state_name = "blocking" if spec.action == "block" else "exceeded"
+            else:
+                state_name = "warning" if crossed else "ok"
+            views.append(
+                {
+                    "name": spec.name,
+                    "source": source,
+                    "scope": spec.scope.describe(),
+                    "period": spec.period,
+                    "action": spec.action,
+                    "state": state_name,
+                    **snap.as_dict(),
+                }
+            )
     finally:
         conn.close()
     return views
@@ -142,12 +159,36 @@ def list_command(
     if not views:
         click.echo("no budgets")
         return
+    click.echo(render_budgets(views))
+
+
+def render_budgets(views: list[dict[str, Any]]) -> str:
+    """One aligned line per budget: spend in cents, scope and action in words, the outlook last."""
+    head = ["Budget", "Scope", "Period", "Action", "Spend", "Limit", "Used", "Projected", "Outlook"]
+    rows = [head]
     for v in views:
-        state = f"  [{v['state']}]" if "state" in v else ""
-        click.echo(
-            f"{v['name']:<24} {v['period']:<14} ${v['spend_usd']} of ${v['limit_usd']} "
-            f"({v['percent']}%) since {v['period_start']}{state}"
+        projected = v.get("projected_spend_usd")
+        rows.append(
+            [
+                str(v["name"]),
+                scope_text(v.get("scope")),
+                str(v["period"]),
+                str(v.get("action") or "alert"),
+                money(Decimal(str(v["spend_usd"]))),
+                money(Decimal(str(v["limit_usd"]))),
+                f"{Decimal(str(v['percent'])):.0f}%",
+                money(Decimal(str(projected))) if projected is not None else "–",
+                OUTLOOK_TEXT[outlook(v)],
+            ]
         )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    right = {4, 5, 6, 7}
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    )
 
 
 @command.command("add")
