@@ -28,11 +28,12 @@ import json
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import sqlite_utils
 
@@ -40,6 +41,7 @@ from meterproxy.money import usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
 from meterproxy.store.queries import RequestFilter
+from meterproxy.store.sessions import session_facts
 from meterproxy.timestamps import format_ts, parse_ts
 from meterproxy.usage import Usage
 
@@ -76,6 +78,10 @@ Summary = dict[str, Any]  # the /api/summary shape: {"totals": {...}, "groups": 
 
 class SummaryReader(Protocol):
     def summary(self, group_by: Sequence[str]) -> Summary: ...
+
+    def sessions(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{session: {"first_ts", "last_ts", "users", "models"}}`` for the named sessions."""
+        ...
 
 
 @dataclass(slots=True)
@@ -163,6 +169,24 @@ class DbReader:
             "groups": [{"key": key, **api(m)} for key, m in result.groups],
         }
 
+    def sessions(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        q = self.query
+        flt = RequestFilter(since=q.since, until=q.until, source=q.source)
+        conn = read_connection(self.db)
+        try:
+            facts = session_facts(conn, flt, list(names))
+        finally:
+            conn.close()
+        return {
+            name: {
+                "first_ts": f.first_ts,
+                "last_ts": f.last_ts,
+                "users": sorted(f.users),
+                "models": sorted(f.models),
+            }
+            for name, f in facts.items()
+        }
+
 
 class ApiReader:
     """Summaries from a running proxy's ``/api/summary`` (``--url``)."""
@@ -173,19 +197,36 @@ class ApiReader:
         self.token = token
         self.timeout = timeout
 
+    def _get(self, path: str, params: dict[str, Any]) -> Any:
+        qs = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None and v != ""})
+        request = urllib.request.Request(f"{self.url}{path}?{qs}")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read(), parse_float=Decimal)
+
     def summary(self, group_by: Sequence[str]) -> Summary:
         q = self.query
         params = {"since": q.since, "until": q.until, "source": q.source, "session": q.session}
         params["tz"] = str(q.tz)
         if group_by:
             params["group_by"] = ",".join(group_by)
-        qs = urllib.parse.urlencode({k: v for k, v in params.items() if v})
-        request = urllib.request.Request(f"{self.url}/api/summary?{qs}")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            body: Summary = json.loads(response.read(), parse_float=Decimal)
+        body: Summary = self._get("/api/summary", params)
         return body
+
+    def sessions(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """From ``/api/sessions`` pages (most expensive first) until every named session is seen."""
+        q = self.query
+        wanted, found = set(names), dict[str, dict[str, Any]]()
+        offset: int | None = 0
+        while wanted - found.keys() and offset is not None:
+            params = {"since": q.since, "until": q.until, "source": q.source, "sort": "cost"}
+            page = self._get("/api/sessions", {**params, "limit": 1000, "offset": offset})
+            for s in page["sessions"]:
+                if s["session"] in wanted:
+                    found[s["session"]] = {k: s[k] for k in ("first_ts", "last_ts", "users", "models")}
+            offset = page["next_offset"]
+        return found
 
 
 @dataclass(slots=True)
@@ -198,6 +239,10 @@ class Report:
     since: str | None
     until: str | None
     tz: str
+    #: Models the price tables do not know, with their requests and tokens (their cost is unknown).
+    unpriced_models: list[dict[str, Any]] = field(default_factory=list)
+    #: Rows before ``--limit``.
+    total_rows: int = 0
 
 
 def cache_savings(by_model_day: Summary, book: PriceBook) -> Decimal:
@@ -216,24 +261,82 @@ def cache_savings(by_model_day: Summary, book: PriceBook) -> Decimal:
     return total
 
 
-def build_report(reader: SummaryReader, kind: str, book: PriceBook, second: str | None = None) -> Report:
+def _merge_models(rows: list[dict[str, Any]], book: PriceBook) -> list[dict[str, Any]]:
+    """Rows keyed by model -> rows keyed by the price-table id each name prices as, raw names kept.
+
+    One model reaches the store under several names (``claude-haiku-4-5`` and its
+    dated snapshot, ``anthropic/claude-sonnet-4`` through a router); a report by
+    model counts it once. A name the tables do not know stays its own row.
+    """
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        raw = row["key"].get("model")
+        priced = book.resolve(raw) if raw else None
+        key = {**row["key"], "model": priced or raw}
+        ident = tuple(sorted((k, str(v)) for k, v in key.items()))
+        into = merged.get(ident)
+        if into is None:
+            merged[ident] = {**row, "key": key, "names": [raw] if raw else []}
+            continue
+        for name in _COUNTS:
+            into[name] += row[name]
+        into["cost_usd"] += row["cost_usd"]
+        if raw and raw not in into["names"]:
+            into["names"].append(raw)
+    return list(merged.values())
+
+
+def _unpriced_models(by_model: Summary) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": g["key"].get("model"),
+            "unpriced_requests": int(g.get("unpriced_requests") or 0),
+            "input_tokens": int(g.get("input_tokens") or 0),
+            "output_tokens": int(g.get("output_tokens") or 0),
+        }
+        for g in sorted(by_model["groups"], key=lambda g: -int(g.get("unpriced_requests") or 0))
+        if g.get("unpriced_requests")
+    ]
+
+
+def build_report(
+    reader: SummaryReader,
+    kind: str,
+    book: PriceBook,
+    second: str | None = None,
+    *,
+    limit: int | None = None,
+    raw_models: bool = False,
+) -> Report:
+    """The rows of one report; ``limit`` keeps the most expensive rows of a session or model report."""
     dim = KINDS[kind]
     group_by = [dim] + ([second] if second and second != dim else [])
     main = reader.summary(group_by)
     rows = [{"key": group["key"], **_exact(group)} for group in main["groups"]]
+    if "model" in group_by and not raw_models:
+        rows = _merge_models(rows, book)
     if dim in ("session", "model"):
         rows.sort(key=lambda r: (-r["cost_usd"], -r["requests"]))
-    savings = cache_savings(reader.summary(["model", "day"]), book)
+    shown = len(rows)
+    if limit is not None and dim in ("session", "model"):
+        rows = rows[:limit]
+    if dim == "session":
+        facts = reader.sessions([r["key"]["session"] for r in rows if r["key"].get("session")])
+        for r in rows:
+            r["session"] = facts.get(r["key"].get("session") or "", {})
+    by_model_day = reader.summary(["model", "day"])
     query = getattr(reader, "query", None)
     return Report(
         kind=kind,
         group_by=group_by,
         rows=rows,
         totals=_exact(main["totals"]),
-        cache_savings_usd=savings,
+        cache_savings_usd=cache_savings(by_model_day, book),
         since=getattr(query, "since", None),
         until=getattr(query, "until", None),
         tz=str(getattr(query, "tz", UTC)),
+        unpriced_models=_unpriced_models(reader.summary(["model"])),
+        total_rows=shown,
     )
 
 
@@ -283,41 +386,102 @@ def _key_text(value: Any) -> str:
     return "(none)" if value in (None, "") else str(value)
 
 
+PRICING_HINT = (
+    "give them a price with `meterproxy serve --pricing FILE` (pricing/README.md), then `meterproxy reprice`"
+)
+
+
+def _unpriced_only(row: Mapping[str, Any]) -> bool:
+    """Nothing priced, something unpriced: the cost is unknown, not zero."""
+    return not row["cost_usd"] and bool(row["unpriced_requests"])
+
+
+def _cost_text(row: Mapping[str, Any]) -> str:
+    if _unpriced_only(row):
+        return "unpriced"
+    return money(row["cost_usd"]) + ("*" if row["unpriced_requests"] else "")
+
+
+def _session_cells(row: Mapping[str, Any], tz: str) -> list[str]:
+    facts = row.get("session") or {}
+    first = facts.get("first_ts")
+    day = parse_ts(first).astimezone(ZoneInfo(tz)).date().isoformat() if first else ""
+    models = ", ".join(facts.get("models") or [])
+    return [
+        day,
+        ", ".join(facts.get("users") or []) or "–",
+        models if len(models) <= 48 else models[:47] + "…",
+    ]
+
+
 def render_table(report: Report) -> str:
+    session = report.kind == "session"
+    aliases = report.kind == "model" and any(len(r.get("names") or []) > 1 for r in report.rows)
     head = [_KEY_LABELS.get(d, d.replace("tag:", "#").title()) for d in report.group_by]
-    head += list(_LABELS.values())
+    extra = ["Date", "User", "Models"] if session else ["Also as"] if aliases else []
+    head += extra + list(_LABELS.values())
+    keys = len(report.group_by) + len(extra)
     body: list[list[str]] = []
     for row in report.rows:
         cells = [_key_text(row["key"].get(d)) for d in report.group_by]
-        cells += [f"{row['requests']:,}", *(compact(row[f]) for f in TOKEN_FIELDS), money(row["cost_usd"])]
+        if session and row["key"].get("session") in (None, ""):
+            cells[0] = "(no session)"
+        if session:
+            cells += _session_cells(row, report.tz)
+        elif aliases:
+            model = row["key"].get("model")
+            cells.append(", ".join(n for n in row.get("names") or [] if n != model) or "")
+        cells += [f"{row['requests']:,}", *(compact(row[f]) for f in TOKEN_FIELDS), _cost_text(row)]
         body.append(cells)
     t = report.totals
-    total = ["Total", *([""] * (len(report.group_by) - 1))]
+    total = ["Total", *([""] * (keys - 1))]
     total += [f"{t['requests']:,}", *(compact(t[f]) for f in TOKEN_FIELDS), money(t["cost_usd"])]
-    keys = len(report.group_by)
     widths = [max(len(r[i]) for r in (head, *body, total)) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i < keys else c.rjust(w) for i, (c, w) in pairs)
+        return "  ".join(c.ljust(w) if i < keys else c.rjust(w) for i, (c, w) in pairs).rstrip()
 
     rule = "  ".join("─" * w for w in widths)
     out = [line(head), rule, *(line(r) for r in body), rule, line(total)]
     if not body:
         out.insert(2, "(no requests in this range)")
+    if report.total_rows > len(report.rows):
+        noun = "sessions" if session else "rows"
+        out.append(
+            f"(the {len(report.rows):,} most expensive of {report.total_rows:,} {noun}; the total covers all)"
+        )
     inp = t["input_tokens"]
     hit = f" ({t['cache_read_tokens'] / inp:.0%} of input tokens read from cache)" if inp else ""
     out.append("")
     out.append(f"Cache savings: {money(report.cache_savings_usd)}{hit}")
     if t["unpriced_requests"]:
-        out.append(f"Unpriced requests (model not in the price tables): {t['unpriced_requests']:,}")
+        out.append(
+            f"Unpriced: {t['unpriced_requests']:,} requests whose model is not in the price tables "
+            "are not in the costs above (* marks a row that has some):"
+        )
+        for m in report.unpriced_models:
+            out.append(
+                f"  {_key_text(m['model'])}: {m['unpriced_requests']:,} requests, "
+                f"{compact(m['input_tokens'])} input / {compact(m['output_tokens'])} output tokens"
+            )
+        out.append(f"  To count them, {PRICING_HINT}.")
     return "\n".join(out)
 
 
 def _flat(row: Mapping[str, Any], group_by: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {d: row["key"].get(d) for d in group_by}
     out.update({name: row[name] for name in _COUNTS})
-    out["cost_usd"] = usd_text(row["cost_usd"])
+    out["cost_usd"] = None if _unpriced_only(row) else usd_text(row["cost_usd"])
+    return out
+
+
+def _json_row(row: Mapping[str, Any], report: Report) -> dict[str, Any]:
+    out = _flat(row, report.group_by)
+    if "names" in row:
+        out["names"] = row["names"]
+    if report.kind == "session":
+        out.update(row.get("session") or {})
     return out
 
 
@@ -330,10 +494,14 @@ def render_json(report: Report) -> str:
         "until": report.until,
         "tz": report.tz,
         "group_by": report.group_by,
-        "rows": [_flat(r, report.group_by) for r in report.rows],
+        "rows": [_json_row(r, report) for r in report.rows],
+        "rows_total": report.total_rows,
         "totals": totals,
         "cache_savings_usd": usd_text(report.cache_savings_usd),
+        "unpriced_models": report.unpriced_models,
     }
+    if report.unpriced_models:
+        doc["unpriced_note"] = f"not in cost_usd (null when a row has no priced request); {PRICING_HINT}"
     return json.dumps(doc, indent=2)
 
 
@@ -342,5 +510,5 @@ def render_csv(report: Report) -> str:
     writer = csv.DictWriter(buffer, [*report.group_by, *_COUNTS, "cost_usd"], lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
-        writer.writerow(_flat(row, report.group_by))
+        writer.writerow({k: "" if v is None else v for k, v in _flat(row, report.group_by).items()})
     return buffer.getvalue()

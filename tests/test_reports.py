@@ -277,3 +277,59 @@ async def test_status_without_a_proxy_reads_budgets_from_the_database(make_proxy
     assert (await asyncio.to_thread(status, "1.70")).startswith("\x1b[33m")  # 94%: past the 80% threshold
     over = await asyncio.to_thread(status, "1.50")
     assert over.startswith("\x1b[31m") and "budget daily 107%" in over
+
+
+def test_model_and_session_reports_on_the_demo_database(tmp_path: Any) -> None:
+    """Unpriced models are named, never $0; a model's names are one row; sessions show date, user, models."""
+    import sqlite3
+
+    from meterproxy.demo import DemoShape, write_demo
+
+    db = str(tmp_path / "demo.db")
+    write_demo(db, DemoShape(requests=700, days=20, sessions=40, seed=3))
+    conn = sqlite3.connect(db)
+    unpriced = dict(
+        conn.execute(
+            "SELECT model, count(*) FROM requests "
+            "WHERE cost_pico IS NULL AND usage_source = 'reported' GROUP BY model"
+        ).fetchall()
+    )
+    haiku = conn.execute(
+        "SELECT count(*), sum(cost_pico) FROM requests "
+        "WHERE model IN ('claude-haiku-4-5', 'claude-haiku-4-5-20251001')"
+    ).fetchone()
+    by_session = conn.execute(
+        "SELECT session, min(ts), sum(cost_pico) FROM requests WHERE session IS NOT NULL "
+        "GROUP BY session ORDER BY sum(cost_pico) DESC LIMIT 3"
+    ).fetchall()
+    conn.close()
+    assert unpriced  # the demo has models the tables do not know
+
+    doc = json.loads(cli("report", "model", "--json", "--db", db))
+    rows = {r["model"]: r for r in doc["rows"]}
+    for model, count in unpriced.items():
+        assert rows[model]["cost_usd"] is None and rows[model]["unpriced_requests"] == count  # not "0"
+    assert {m["model"]: m["unpriced_requests"] for m in doc["unpriced_models"]} == unpriced
+    assert "--pricing" in doc["unpriced_note"]
+    merged = rows["claude-haiku-4-5"]
+    assert merged["requests"] == haiku[0] and Decimal(merged["cost_usd"]) == Decimal(haiku[1]).scaleb(-12)
+    assert sorted(merged["names"]) == ["claude-haiku-4-5", "claude-haiku-4-5-20251001"]
+    assert "claude-haiku-4-5-20251001" not in rows
+    raw = json.loads(cli("report", "model", "--json", "--raw-models", "--db", db))
+    assert "claude-haiku-4-5-20251001" in {r["model"] for r in raw["rows"]}
+
+    text = cli("report", "model", "--db", db)
+    for model in unpriced:
+        line = next(line for line in text.splitlines() if line.startswith(model + " "))
+        assert line.endswith("unpriced") and "$0" not in line
+    assert "meterproxy serve --pricing FILE" in text
+
+    doc = json.loads(cli("report", "session", "--json", "--limit", "3", "--db", db))
+    sessions = [r for r in doc["rows"] if r["session"]]
+    assert [r["session"] for r in sessions] == [s for s, _, _ in by_session][: len(sessions)]
+    top = sessions[0]
+    assert top["first_ts"] == by_session[0][1] and top["users"] and top["models"]
+    table = cli("report", "session", "--limit", "3", "--db", db)
+    head = table.splitlines()[0]
+    assert head.split()[:4] == ["Session", "Date", "User", "Models"]
+    assert top["first_ts"][:10] in table and "most expensive of" in table

@@ -35,6 +35,7 @@ from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
 from meterproxy.app_state import WRITER
 from meterproxy.store.queries import RequestFilter, decode_cursor, encode_cursor, list_requests, run_read
 from meterproxy.store.rollups import MEASURES
+from meterproxy.store.sessions import session_facts
 
 __all__ = ["SORTS", "list_sessions", "session_detail", "setup"]
 
@@ -56,28 +57,6 @@ def _where(flt: RequestFilter) -> tuple[str, list[Any]]:
 
 def _measures(row: sqlite3.Row) -> dict[str, Any]:
     return measures_to_api({name: int(row[name] or 0) for name in MEASURES})
-
-
-def _people(
-    conn: sqlite3.Connection, flt: RequestFilter, sessions: list[str]
-) -> dict[str, tuple[set[str], set[str]]]:
-    """Users and models of one page of sessions (a second, small query on the session index)."""
-    out: dict[str, tuple[set[str], set[str]]] = {s: (set(), set()) for s in sessions}
-    if not sessions:
-        return out
-    where, params = flt.where()
-    marks = ", ".join("?" for _ in sessions)
-    rows = conn.execute(
-        f'SELECT DISTINCT session, "user", model FROM requests WHERE session IN ({marks}) AND {where}',
-        [*sessions, *params],
-    )
-    for session, user, model in rows:
-        users, models = out[session]
-        if user is not None:
-            users.add(user)
-        if model is not None:
-            models.add(model)
-    return out
 
 
 def list_sessions(
@@ -109,10 +88,10 @@ def list_sessions(
         )
     else:
         total = 0
-    people = _people(conn, flt, [r["session"] for r in rows])
+    facts = session_facts(conn, flt, [r["session"] for r in rows])
     out = []
     for r in rows:
-        users, models = people[r["session"]]
+        users, models = facts[r["session"]].users, facts[r["session"]].models
         out.append(
             {
                 "session": r["session"],
@@ -142,7 +121,7 @@ def session_detail(
         "GROUP BY model ORDER BY cost_pico DESC, model",
         params,
     ).fetchall()
-    people = _people(conn, flt, [flt.session or ""])[flt.session or ""]
+    users = session_facts(conn, flt, [flt.session or ""])[flt.session or ""].users
     if cursor:
         requests, next_cursor = list_requests(conn, flt, limit, cursor)
     else:
@@ -157,7 +136,7 @@ def session_detail(
         "session": flt.session,
         "first_ts": row["first_ts"],
         "last_ts": row["last_ts"],
-        "users": sorted(people[0]),
+        "users": sorted(users),
         "totals": totals,
         "models": [{"model": m["model"], **_measures(m)} for m in by_model],
         "requests": requests,

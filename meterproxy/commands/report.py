@@ -100,6 +100,12 @@ def source_options(fn: click.decorators.FC) -> click.decorators.FC:
     show_default=True,
     help="What-if: prices in effect at each request's time, or today's.",
 )
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="session/model: only the N most expensive rows."
+)
+@click.option(
+    "--raw-models", is_flag=True, help="Keep every model name apart (default: grouped by the priced model)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts (exact figures).")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row (exact figures).")
 @source_options
@@ -112,6 +118,8 @@ def command(
     as_model: str | None,
     as_provider: str | None,
     prices: str,
+    limit: int | None,
+    raw_models: bool,
     as_json: bool,
     as_csv: bool,
     db: str | None,
@@ -134,7 +142,7 @@ def command(
         return
     reader = make_reader(db, url, token, Query(first, last, zone_, source))
     try:
-        report = build_report(reader, kind, PriceBook.default(), group_by)
+        report = build_report(reader, kind, PriceBook.default(), group_by, limit=limit, raw_models=raw_models)
     except urllib.error.HTTPError as exc:
         raise click.ClickException(
             f"{url} answered {exc.code}: {exc.read().decode(errors='replace')}"
