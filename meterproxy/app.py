@@ -159,6 +159,12 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[PROXY].drain(timeout=5.0)
 
 
+async def _close_websockets(app: web.Application) -> None:
+    """Before the server waits for its handlers: end every WebSocket tunnel (each records itself)."""
+    if PROXY in app:
+        await app[PROXY].sessions.close()
+
+
 def _commit_barrier(writer: StoreWriter) -> Callable[[], Awaitable[object]]:
     """durability="strict": resolves once every record submitted before the call is committed.
 
@@ -210,6 +216,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METER] = Meter()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_proxy_ctx)
+    app.on_shutdown.append(_close_websockets)
     app.router.add_get("/healthz", healthz)
     for name in FEATURES:
         import_module(name).setup(app)

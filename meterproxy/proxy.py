@@ -66,6 +66,8 @@ from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
 from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError
 from meterproxy.usage import CapturedContent, RequestRecord
+from meterproxy.websocket import is_upgrade
+from meterproxy.wsproxy import LiveSessions
 
 __all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "AiohttpClient", "Proxy"]
 
@@ -185,6 +187,13 @@ class Proxy:
         self.draining = 0
         self.in_flight = 0
         self._tasks: set[asyncio.Future[None]] = set()
+        #: WebSocket requests: tunnelled and metered per response (`meterproxy.wsproxy`).
+        self.sessions = LiveSessions(
+            meter=meter,
+            fingerprint_salt=fingerprint_salt,
+            connect_timeout=client.connect_timeout,
+            read_timeout=client.read_timeout,
+        )
 
     # -- aiohttp's server ----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -196,11 +205,14 @@ class Proxy:
             target = route(raw_path, raw_query, self.upstreams)
         except RouteError as exc:
             return json_error(404, "no_route", str(exc))
-        if request.headers.get("upgrade", "").strip().lower() == "websocket":
-            return self.refuse_websocket()
-
         headers = list(request.headers.items())
         method = request.method
+        if is_upgrade(method, request.headers):
+            # WebSockets (Realtime, Codex's Responses socket, Gemini Live): tunnelled, metered
+            # per response (`meterproxy.wsproxy`); requests without the upgrade never get there.
+            drop = frozenset(ATTRIBUTION_HEADERS) | _connection_tokens(headers)
+            record = self._new_record(method, target, None, RequestInfo(), _first_values(headers), raw_query)
+            return await self.sessions.handle(request, target, record, drop)
         try:
             if request.content.is_eof():
                 body = await request.read()  # all of it is here already (the usual small body)
@@ -262,17 +274,6 @@ class Proxy:
                 request=body[: self._content_limit], truncated=len(body) > self._content_limit
             )
         return Exchange(method, target, provider, info, record, body, headers, started)
-
-    @staticmethod
-    def refuse_websocket() -> web.Response:
-        """A WebSocket upgrade (Codex tries the Responses API over one first): 426 at once.
-
-        Not forwarded (the upgrade headers are hop-by-hop, so the upstream would get a plain
-        GET) and not recorded (no usage can flow). Codex takes a 426 as "no WebSockets
-        here" and falls back to HTTPS on the spot; any other status makes it retry five
-        times (about 6 s) first.
-        """
-        return json_error(426, "websocket_unsupported", "meterproxy relays HTTP only here; use HTTPS")
 
     def _new_record(
         self,
