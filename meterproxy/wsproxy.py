@@ -187,6 +187,10 @@ class LiveSessions:
         assert answer.socket is not None
         upstream = answer.socket
         template.status = 101
+        for name in ("request-id", "x-request-id"):
+            if value := answer.headers.get(name):
+                template.provider_request_id = value[:200]
+                break
         response = web.StreamResponse(status=101, reason=answer.reason or "Switching Protocols")
         for name, value in answer.headers.items():
             if name.lower() not in _DROP_ANSWER:

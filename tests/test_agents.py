@@ -144,7 +144,7 @@ async def test_claude_code_tokens_session_user_and_cost_as_claude_counts_them(
     assert sent.headers["x-claude-code-session-id"] == result["session_id"]
 
 
-async def test_codex_falls_back_to_https_at_once_and_is_metered_with_its_session(
+async def test_codex_over_the_responses_websocket_is_metered_with_its_session(
     providers: AgentProviders, tmp_path: Path
 ) -> None:
     codex = need(CODEX, "codex")
@@ -153,17 +153,21 @@ async def test_codex_falls_back_to_https_at_once_and_is_metered_with_its_session
         args = [codex, "exec", "--json", "--skip-git-repo-check", "-m", "gpt-5.3-codex", "say hello"]
         run = await run_cli(args, env, tmp_path)
         assert run.returncode == 0, run.stderr + run.stdout
-        rows = await served.wait_rows(1)
+        rows = await served.wait_rows(2)
     # Codex still looks up GitHub and chatgpt.com (plugins, model catalog); the sentinel
     # refused each, and the run went on: nothing but 127.0.0.1 was reached.
 
-    # The WebSocket attempt got a 426 from the proxy: never forwarded, never recorded, and
-    # Codex fell back to HTTPS on the spot instead of retrying ("Reconnecting... n/5").
-    assert [(r.method, r.path_qs) for r in providers.upstream.received] == [("POST", "/v1/responses")]
+    # Codex speaks the Responses API over a WebSocket first, as OpenAI serves it: the proxy
+    # tunnels it to the provider (one upgrade, no fallback, no retries) and meters the turn
+    # from its response.completed: one row per response, Codex's prewarm (generate: false,
+    # nothing generated) being the first.
+    assert [(r.method, r.path_qs) for r in providers.upstream.received] == [("GET", "/v1/responses")]
     assert "Reconnecting" not in run.stderr + run.stdout
-    assert [r["endpoint"] for r in rows] == ["responses"], "no junk rows"
-    (row,) = rows
-    assert row["status"] == 200 and row["error"] is None and row["usage_source"] == "reported"
+    assert [r["endpoint"] for r in rows] == ["responses", "responses"], "no junk rows"
+    prewarm, row = rows
+    assert (prewarm["input_tokens"], prewarm["output_tokens"]) == (0, 0)
+    assert json.loads(prewarm["extra"])["ws_session"] == json.loads(row["extra"])["ws_session"]
+    assert row["status"] == 101 and row["error"] is None and row["usage_source"] == "reported"
     for name in ("input_tokens", "cache_read_tokens", "output_tokens", "reasoning_tokens"):
         assert row[name] == RESPONSES[name], name
     events = run.json_lines()
@@ -219,13 +223,18 @@ async def test_codex_stops_at_once_on_a_spent_budget_with_quota_exceeded(
         # insufficient_quota is final for Codex: no retry (it would otherwise sleep out the
         # retry-after, weeks for a monthly budget), "Quota exceeded" printed, exit 1.
         second = await run_cli([*args, "say hello again"], env, tmp_path)
-        rows = await served.wait_rows(2)
+        rows = await served.wait_rows(3)
     assert second.returncode != 0
     assert "Quota exceeded" in second.stdout + second.stderr
     assert "Reconnecting" not in second.stdout + second.stderr
-    assert len([r for r in providers.upstream.received if r.method == "POST"]) == 1, "blocked before upstream"
-    assert [(r["status"], r["endpoint"]) for r in rows] == [(200, "responses"), (429, "responses")]
-    assert "codex-cap" in rows[1]["error"]
+    # The first run's one WebSocket reached the provider; the second was refused at the gate.
+    assert len(providers.upstream.received) == 1, "blocked before upstream"
+    assert [(r["status"], r["endpoint"]) for r in rows] == [
+        (101, "responses"),  # the first run's prewarm
+        (101, "responses"),  # and its turn
+        (429, "responses"),
+    ]
+    assert "codex-cap" in rows[2]["error"]
 
 
 async def test_sdks_do_not_retry_a_budget_refusal_even_with_retries_on(

@@ -186,6 +186,8 @@ class AgentProviders:
         return web.json_response({"input_tokens": 1234}, headers={"request-id": self._request_id("req_011C")})
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            return await self.responses_socket(request)
         body = json.loads(await request.read())
         stream = load_fixture("openai_responses_stream").body.decode()
         stream = stream.replace('"model":"o3-mini-2025-01-31"', f'"model":{json.dumps(body["model"])}')
@@ -198,6 +200,37 @@ class AgentProviders:
                 await response.write(event + b"\n\n")
         await response.write_eof()
         return response
+
+    async def responses_socket(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API over a WebSocket, as OpenAI serves it to Codex: each
+        ``response.create`` message is answered with the stream's events, one per message."""
+        ws = web.WebSocketResponse()
+        ws.headers["x-request-id"] = self._request_id("req_oa")
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type != web.WSMsgType.TEXT:
+                break
+            body = json.loads(msg.data)
+            if body.get("type") != "response.create":
+                continue
+            stream = load_fixture("openai_responses_stream").body.decode()
+            stream = stream.replace('"model":"o3-mini-2025-01-31"', f'"model":{json.dumps(body["model"])}')
+            events = [line[len("data: ") :] for line in stream.splitlines() if line.startswith("data: ")]
+            if body.get("generate") is False:
+                # Codex's prewarm: nothing generated; created and completed with no tokens.
+                done = json.loads(events[-1])
+                done["response"]["output"] = []
+                done["response"]["usage"] = {
+                    "input_tokens": 0,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": 0,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": 0,
+                }
+                events = [events[0], json.dumps(done)]
+            for event in events:
+                await ws.send_str(event)
+        return ws
 
     def install(self) -> None:
         self.upstream.replies["/v1/messages"] = self.messages
