@@ -229,12 +229,12 @@ async def test_codex_stops_at_once_on_a_spent_budget_with_quota_exceeded(
     assert "Reconnecting" not in second.stdout + second.stderr
     # The first run's one WebSocket reached the provider; the second was refused at the gate.
     assert len(providers.upstream.received) == 1, "blocked before upstream"
-    assert [(r["status"], r["endpoint"]) for r in rows] == [
-        (101, "responses"),  # the first run's prewarm
-        (101, "responses"),  # and its turn
-        (429, "responses"),
-    ]
-    assert "codex-cap" in rows[2]["error"]
+    # The first run: its prewarm and its turn. The second: the refused upgrade (Codex may try
+    # the same request once over HTTPS after a refused WebSocket; that one is refused too).
+    assert [(r["status"], r["endpoint"]) for r in rows[:2]] == [(101, "responses"), (101, "responses")]
+    refused = rows[2:]
+    assert 1 <= len(refused) <= 2 and {(r["status"], r["endpoint"]) for r in refused} == {(429, "responses")}
+    assert all("codex-cap" in r["error"] for r in refused)
 
 
 async def test_sdks_do_not_retry_a_budget_refusal_even_with_retries_on(

@@ -15,10 +15,20 @@ every prompt token, so input = input + cache read + cache creation.
 reports it as the service tier ``fast``, which the price tables price as a tier.
 ``/messages/count_tokens`` answers a count, not usage: its requests cost
 nothing and are recorded with ``usage_source = "none"``.
+
+Extended thinking: newer answers report ``usage.output_tokens_details.thinking_tokens``;
+``output_tokens`` already includes them, so they become ``reasoning_tokens`` (a subset).
+
+**Claude on Vertex AI** speaks the same format at
+``.../publishers/anthropic/models/MODEL:rawPredict`` (a JSON answer) and
+``:streamRawPredict`` (SSE). The model is in the path, not the body (which carries
+``anthropic_version: vertex-2023-10-16`` instead); ``count-tokens:rawPredict`` is
+Vertex's token counter.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from meterproxy.providers.base import (
@@ -36,6 +46,7 @@ from meterproxy.usage import Usage
 
 __all__ = ["AnthropicParser", "AnthropicProvider", "normalize_anthropic_usage"]
 
+_VERTEX = re.compile(r"/publishers/anthropic/models/([^/:]+):(raw|streamRaw)Predict$")
 _FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
 
 
@@ -48,12 +59,18 @@ def normalize_anthropic_usage(raw: dict[str, Any]) -> Usage:
     if write_1h > cache_write:
         raise BadUsage("ephemeral_1h_input_tokens exceeds cache_creation_input_tokens")
     tool_use = raw.get("server_tool_use")
+    output = count(raw, "output_tokens")
+    details = raw.get("output_tokens_details")
+    thinking = count(details, "thinking_tokens") if isinstance(details, dict) else 0
+    if thinking > output:
+        raise BadUsage("thinking_tokens exceeds output_tokens")
     return Usage(
         input_tokens=uncached + cache_read + cache_write,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
         cache_write_1h_tokens=write_1h,
-        output_tokens=count(raw, "output_tokens"),
+        output_tokens=output,
+        reasoning_tokens=thinking,
         web_search_requests=count(tool_use, "web_search_requests") if isinstance(tool_use, dict) else 0,
     )
 
@@ -148,17 +165,32 @@ class AnthropicProvider:
     name = "anthropic"
 
     def matches(self, path: str) -> bool:
-        return path.endswith("/messages") or path.endswith("/messages/count_tokens")
+        return (
+            path.endswith("/messages")
+            or path.endswith("/messages/count_tokens")
+            or _VERTEX.search(path) is not None
+        )
+
+    @staticmethod
+    def _counting(path: str) -> bool:
+        vertex = _VERTEX.search(path)
+        return path.endswith("/count_tokens") or (vertex is not None and vertex.group(1) == "count-tokens")
 
     def endpoint(self, path: str) -> str:
-        return "count_tokens" if path.endswith("/count_tokens") else "messages"
+        return "count_tokens" if self._counting(path) else "messages"
 
     def inspect_request(self, path: str, body: bytes) -> RequestInfo:
         obj = loads(body) if body else None
         info = RequestInfo(body=obj)
+        vertex = _VERTEX.search(path)
+        if vertex is not None:
+            info.stream = vertex.group(2) == "streamRaw"
+            if vertex.group(1) != "count-tokens":
+                info.model = vertex.group(1)
         if isinstance(obj, dict):
-            info.model = obj.get("model") if isinstance(obj.get("model"), str) else None
-            info.stream = obj.get("stream") is True
+            if isinstance(obj.get("model"), str):
+                info.model = obj["model"]
+            info.stream = info.stream or obj.get("stream") is True
             meta = obj.get("metadata")
             if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
                 info.user = meta["user_id"]
@@ -171,4 +203,4 @@ class AnthropicProvider:
         return body, False  # Anthropic always reports usage
 
     def new_parser(self, path: str, info: RequestInfo, injected: bool) -> AnthropicParser:
-        return AnthropicParser(counting=path.endswith("/count_tokens"))
+        return AnthropicParser(counting=self._counting(path))
