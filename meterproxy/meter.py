@@ -74,7 +74,8 @@ def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None
     def price(record: RequestRecord) -> None:
         record.cost_usd = None
         record.priced_model = None
-        if record.usage is None or record.usage_source != "reported":
+        # "partial": a stream cut before its final usage; priced as the lower bound it is.
+        if record.usage is None or record.usage_source not in ("reported", "partial"):
             return
         plist = price_list_of(record, lists)
         if plist is None:

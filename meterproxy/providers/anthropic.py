@@ -16,6 +16,10 @@ reports it as the service tier ``fast``, which the price tables price as a tier.
 ``/messages/count_tokens`` answers a count, not usage: its requests cost
 nothing and are recorded with ``usage_source = "none"``.
 
+A stream cut before its ``message_delta`` (an ``event: error`` after
+``message_start``, a dropped connection) has only message_start's numbers: they are
+recorded as ``usage_source = "partial"``, a lower bound, never as a complete report.
+
 Extended thinking: newer answers report ``usage.output_tokens_details.thinking_tokens``;
 ``output_tokens`` already includes them, so they become ``reasoning_tokens`` (a subset).
 
@@ -76,7 +80,7 @@ def normalize_anthropic_usage(raw: dict[str, Any]) -> Usage:
 
 
 class AnthropicParser:
-    __slots__ = ("_counting", "_raw", "_result", "_tainted")
+    __slots__ = ("_counting", "_final", "_raw", "_result", "_streamed", "_tainted")
 
     def __init__(self, counting: bool = False) -> None:
         self._result = ParseResult()
@@ -87,6 +91,10 @@ class AnthropicParser:
         # A usage frame was unreadable: later deltas cannot make the sum whole again
         # (input tokens come only in message_start), so the usage stays invalid.
         self._tainted = False
+        # A stream's usage is complete only once a message_delta carried it; cut before
+        # (an error event after message_start, a dropped connection) it is a lower bound.
+        self._streamed = False
+        self._final = False
 
     def _merge(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -113,6 +121,7 @@ class AnthropicParser:
         self._result.notes.append(why)
 
     def on_event(self, event: SSEEvent) -> bytes | None:
+        self._streamed = True
         name = event.event
         if name in ("message_start", "message_delta", "error") or (name is None and b'"usage"' in event.data):
             payload = loads(event.data)
@@ -133,6 +142,7 @@ class AnthropicParser:
             elif kind == "message_delta":
                 if payload.get("usage") is not None:
                     self._merge(payload["usage"])
+                    self._final = True
             elif kind == "error":
                 self._result.error = error_text(payload.get("error"))
         return event.raw
@@ -158,6 +168,8 @@ class AnthropicParser:
     def result(self) -> ParseResult:
         if self._counting and self._result.usage_source == "missing":
             self._result.usage_source = "none"
+        if self._streamed and not self._final and self._result.usage_source == "reported":
+            self._result.usage_source = "partial"
         return self._result
 
 

@@ -25,6 +25,7 @@ what it would have been.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -52,6 +53,21 @@ _SUFFIXES = {
     "/embeddings": "embeddings",
 }
 _USAGE_NULL = b',"usage":null'
+# The same member written with any JSON whitespace (some compatible servers pretty-print or
+# write ``", "usage": null``), or as the first member. A string value cannot hold an
+# unescaped quote, so ``"usage"`` preceded by a comma and blanks is always the key.
+_USAGE_NULL_RE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|(?<=\{)\s*"usage"\s*:\s*null\s*,')
+
+
+def _has_usage_null(data: bytes) -> bool:
+    return b'"usage":null' in data or (b"null" in data and _USAGE_NULL_RE.search(data) is not None)
+
+
+def _strip_usage_null(raw: bytes) -> bytes:
+    """Remove the one ``"usage": null`` the injected option added, bytes around it untouched."""
+    if _USAGE_NULL in raw:
+        return raw.replace(_USAGE_NULL, b"", 1)
+    return _USAGE_NULL_RE.sub(b"", raw, count=1)
 
 
 def normalize_openai_usage(usage: Any) -> Usage:
@@ -85,13 +101,17 @@ def normalize_openai_usage(usage: Any) -> Usage:
 
 
 class OpenAIParser:
-    __slots__ = ("_injected", "_responses", "_result", "_seen_model")
+    __slots__ = ("_final", "_injected", "_responses", "_result", "_seen_model", "_streamed")
 
     def __init__(self, injected: bool, responses: bool) -> None:
         self._result = ParseResult()
         self._injected = injected
         self._seen_model = False
         self._responses = responses
+        # A chat stream's usage (vLLM's running totals) is complete once the stream says it
+        # ended ([DONE], a finish_reason, the usage-only chunk); cut before, a lower bound.
+        self._streamed = False
+        self._final = False
 
     def _take_usage(self, usage: Any, container: Any) -> None:
         try:
@@ -121,22 +141,26 @@ class OpenAIParser:
         if self._responses:
             self._on_responses_event(event)
             return event.raw
+        self._streamed = True
         if data == b"[DONE]":
+            self._final = True
             return event.raw
+        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+            self._final = True
         # Content text cannot contain an unescaped '"usage"', so these byte checks are
         # exact, and most chunks (content deltas) skip JSON parsing entirely.
         interesting = (
             not self._seen_model
-            or (b'"usage"' in data and b'"usage":null' not in data)
+            or (b'"usage"' in data and not _has_usage_null(data))
             or b'"error"' in data
             or b'"x_groq"' in data
         )
         if not interesting:
-            return event.raw.replace(_USAGE_NULL, b"", 1) if self._injected else event.raw
+            return _strip_usage_null(event.raw) if self._injected else event.raw
         chunk = loads(data)
         if not isinstance(chunk, dict):
             self._result.notes.append("malformed stream chunk")
-            if b'"usage"' in data and b'"usage":null' not in data:
+            if b'"usage"' in data and not _has_usage_null(data):
                 # An unreadable usage frame: flagged, unless a later frame's total replaces it.
                 self._result.usage, self._result.usage_source = None, "invalid"
             return event.raw
@@ -150,10 +174,12 @@ class OpenAIParser:
             usage = groq["usage"]
         if usage is not None:
             self._take_usage(usage, chunk)
+            if chunk.get("choices") == []:
+                self._final = True
             if self._injected and chunk.get("choices") == []:
                 return None  # the usage-only chunk the client did not ask for
         if self._injected:
-            return event.raw.replace(_USAGE_NULL, b"", 1)
+            return _strip_usage_null(event.raw)
         return event.raw
 
     def _on_responses_event(self, event: SSEEvent) -> None:
@@ -210,6 +236,8 @@ class OpenAIParser:
             self._result.notes.append("answer is not valid JSON")
 
     def result(self) -> ParseResult:
+        if self._streamed and not self._final and self._result.usage_source == "reported":
+            self._result.usage_source = "partial"
         return self._result
 
 
