@@ -26,6 +26,7 @@ from meterproxy.testing import FakeUpstream
 def _isolate_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the real user's data dir or config."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     for name in ("METERPROXY_DB", "METERPROXY_ADMIN_TOKEN", "METERPROXY_CONFIG", "METERPROXY_UPSTREAMS"):
         monkeypatch.delenv(name, raising=False)
 

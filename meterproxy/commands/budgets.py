@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.outlook import OUTLOOK_TEXT, outlook, scope_text
+from meterproxy.commands.database import resolve_db
 from meterproxy.exact_json import dumps
 from meterproxy.reports import money
 
@@ -55,9 +56,7 @@ def _api(url: str, token: str | None, method: str, path: str, body: Any = None) 
 
 
 def _db_path(db: str | None) -> str:
-    from meterproxy.settings import default_db_path
-
-    return db or os.environ.get("METERPROXY_DB") or str(default_db_path())
+    return resolve_db(db)
 
 
 def _db_views(db: str, config_file: str | None) -> list[dict[str, Any]]:
@@ -132,7 +131,12 @@ def _write_db(db: str, fn: Any) -> Any:
 def _target_options(fn: Any) -> Any:
     fn = click.option("--token", envvar="METERPROXY_ADMIN_TOKEN", help="Admin token for --url.")(fn)
     fn = click.option("--url", default=None, help="A running proxy, e.g. http://127.0.0.1:8787.")(fn)
-    fn = click.option("--db", default=None, help="SQLite file (default: METERPROXY_DB or XDG data dir).")(fn)
+    fn = click.option(
+        "--db",
+        default=None,
+        envvar="METERPROXY_DB",
+        help="SQLite file (default: METERPROXY_DB or XDG data dir).",
+    )(fn)
     return fn
 
 

@@ -16,22 +16,15 @@ from pathlib import Path
 
 import click
 
+from meterproxy.commands.database import resolve_db
 from meterproxy.imports import ImportStats, ImportStore
 from meterproxy.imports import claude_code as cc
 from meterproxy.imports.jsonl import FIELDS, PRESETS, LineMapping, follow, read_new
 from meterproxy.pricing import PriceBook
-from meterproxy.settings import SettingsError, load_settings
 
-__all__ = ["command", "resolve_db", "sqlite_db"]
+__all__ = ["command", "sqlite_db"]
 
 MAX_LISTED = 20
-
-
-def resolve_db(db: str | None, config_file: str | None = None) -> str:
-    try:
-        return load_settings(config_file, cli={"db": db}).db
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from exc
 
 
 def sqlite_db(db: str | None) -> str:

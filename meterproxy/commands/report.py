@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
-from meterproxy.commands.imports import resolve_db
+from meterproxy.commands.database import resolve_db
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import (
     KINDS,
@@ -48,7 +48,6 @@ def zone(name: str | None) -> ZoneInfo:
 def make_reader(db: str | None, url: str | None, token: str | None, query: Query) -> SummaryReader:
     if url:
         return ApiReader(url, query, token)
-    from meterproxy.commands.imports import resolve_db
     from meterproxy.store.backend import parse_db
 
     path = resolve_db(db)

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from meterproxy.api import ParamError, parse_time
+from meterproxy.commands.database import announce_db
 from meterproxy.money import usd_text
 from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.reprice import RepriceReport, reprice
@@ -69,6 +70,7 @@ def command(
     """Recompute stored costs (after a price fix) and report what changed."""
     try:
         settings = load_settings(config_file, cli={"db": db, "pricing": list(pricing) or None})
+        announce_db(settings.db)
         since_ts = parse_time("--since", since)
         until_ts = parse_time("--until", until)
     except (SettingsError, ParamError) as exc:

@@ -18,6 +18,7 @@ from aiohttp import web
 from meterproxy.logs import configure_logging
 from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.routing import parse_upstream
+from meterproxy.serving import serving_file
 from meterproxy.settings import SettingsError, load_settings, split_upstream_value
 from meterproxy.store.backend import describe as describe_db
 
@@ -109,7 +110,8 @@ def command(
             raise click.UsageError("--workers needs a fixed --port (each worker binds it)")
         from meterproxy.workers import run_workers
 
-        sys.exit(run_workers(settings, settings.workers))
+        with serving_file(settings):
+            sys.exit(run_workers(settings, settings.workers))
 
     from meterproxy.runtime import freeze_after_startup, install_uvloop, use_metrics_dir
 
@@ -126,15 +128,16 @@ def command(
         describe_db(settings.db),  # a PostgreSQL password never reaches the log
         ", ".join(f"{k}={v}" for k, v in settings.upstreams.items()),
     )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    with serving_file(settings):  # lets `report`, `status` & co. warn when they use another database
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=None,
+            print=None,
+            handle_signals=True,
+        )
     sys.exit(0)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from meterproxy.budgets.outlook import OUTLOOK_RANK, outlook
-from meterproxy.commands.imports import resolve_db
+from meterproxy.commands.database import resolve_db
 from meterproxy.commands.report import make_reader, source_options, zone
 from meterproxy.reports import Query, compact, money
 from meterproxy.settings import load_settings
@@ -170,6 +170,8 @@ def command(
     limits = parse_bands(bands)
     midnight = datetime.combine(datetime.now(zone_).date(), time(), zone_).astimezone(UTC)
     since = format_ts(midnight)
+    if not url:  # a prompt runs this every time: only warnings, said once
+        db = resolve_db(db, config_file, quiet=True)
     try:
         today = _totals(db, url, token, Query(since=since, tz=zone_))
         parts = [f"today {_tokens(today)} · {money(_cost(today))}"]
