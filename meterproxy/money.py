@@ -18,8 +18,9 @@ wrote ``0.000000000000`` and reprice ``0E-12`` for the same zero):
 from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import overload
 
-__all__ = ["PICO", "from_pico", "stored_cost_text", "to_pico", "usd_text", "usd_value"]
+__all__ = ["PICO", "from_pico", "pico_to_usd", "stored_cost_text", "to_pico", "usd_text", "usd_value"]
 
 PICO = Decimal("1e-12")
 
@@ -29,9 +30,20 @@ def to_pico(cost: Decimal) -> int:
     return int(cost.quantize(PICO, rounding=ROUND_HALF_EVEN).scaleb(12))
 
 
+@overload
+def from_pico(value: int) -> Decimal: ...
+@overload
+def from_pico(value: None) -> None: ...
+@overload
+def from_pico(value: int | None) -> Decimal | None: ...
 def from_pico(value: int | None) -> Decimal | None:
     """Integer picodollars -> USD (``None`` stays ``None``: unpriced)."""
     return None if value is None else Decimal(value).scaleb(-12)
+
+
+def pico_to_usd(pico: int) -> Decimal:
+    """Integer picodollars -> the shortest exact Decimal (``2.5``, ``0``): what the API answers."""
+    return usd_value(from_pico(pico))
 
 
 def stored_cost_text(pico: int | None) -> str | None:

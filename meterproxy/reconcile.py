@@ -44,9 +44,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+from meterproxy.money import from_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.store.summary import SummaryQuery, summarize
+from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = ["PROVIDERS", "DayModel", "Reconciliation", "fetch_provider", "reconcile"]
 
@@ -157,7 +159,7 @@ def _day_of_unix(seconds: int) -> str:
 
 
 def _day_of_rfc3339(text: str) -> str:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).strftime("%Y-%m-%d")
+    return parse_ts(text).strftime("%Y-%m-%d")
 
 
 Table = dict[tuple[str, str], Side]
@@ -264,14 +266,14 @@ def _ours(db: str, upstream: str, since: datetime, until: datetime) -> Table:
             output_tokens=int(m["output_tokens"]),
         )
         if m["cost_pico"] or not m.get("unpriced_requests"):
-            side.cost_usd = Decimal(int(m["cost_pico"])).scaleb(-12)
+            side.cost_usd = from_pico(int(m["cost_pico"]))
         if side.has_usage:
             table[(str(key["day"])[:10], key["model"] or "(unknown)")] = side
     return table
 
 
 def _ts(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_ts(dt)
 
 
 def _differ(a: Decimal, b: Decimal, tolerance: Decimal, floor: Decimal) -> bool:

@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 import sqlite_utils
 
-from meterproxy.money import usd_text
+from meterproxy.money import from_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
 from meterproxy.store.queries import RequestFilter
@@ -161,7 +161,7 @@ class DbReader:
 
         def api(measures: Mapping[str, int]) -> dict[str, Any]:
             out: dict[str, Any] = {k: v for k, v in measures.items() if k != "cost_pico"}
-            out["cost_usd"] = Decimal(measures["cost_pico"]).scaleb(-12)
+            out["cost_usd"] = from_pico(measures["cost_pico"])
             return out
 
         return {

@@ -219,3 +219,25 @@ def test_a_module_level_cycle_through_a_package_init_is_caught(tmp_path: Path) -
         "pkg.store -> pkg.store.copy -> pkg.app -> pkg.budgets -> pkg.store"
         in Graph.of_package(tmp_path / "pkg").cycles()
     )
+
+
+# One parser and one formatter per fact (STYLE.md, habit 16): copies drift.
+_COPIES = {
+    "fromisoformat(": ('.replace("Z"', "meterproxy.timestamps.parse_ts"),
+    'strftime("%Y-%m-%dT%H:%M:%S.%fZ")': ("", "meterproxy.timestamps.format_ts"),
+    "scaleb(-12)": ("", "meterproxy.money.from_pico"),
+    "secrets.token_hex(8)}:": ("", "meterproxy.exact_json (orjson.Fragment)"),
+}
+_HOMES = {"timestamps.py", "money.py"}
+
+
+def test_no_module_keeps_its_own_copy_of_a_shared_formatter() -> None:
+    copies = []
+    for path in sorted(GRAPH.paths.values()):
+        if path.name in _HOMES:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for needle, (also, use) in _COPIES.items():
+                if needle in line and also in line:
+                    copies.append(f"{path.relative_to(GRAPH.root.parent)}:{number}: use {use}")
+    assert not copies, "\n".join(copies)

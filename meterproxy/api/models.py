@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from meterproxy.money import usd_value
+from meterproxy.money import pico_to_usd
 
 __all__ = [
     "Cost",
@@ -36,18 +36,12 @@ __all__ = [
     "UnpricedModel",
     "UnpricedModelsResponse",
     "measures_to_api",
-    "pico_to_usd",
 ]
 
 Cost = Annotated[
     Decimal,
     WithJsonSchema({"type": "number", "description": "USD, exact decimal digits (summed as integers)"}),
 ]
-
-
-def pico_to_usd(pico: int) -> Decimal:
-    """Integer picodollars -> the shortest exact Decimal (``2.5``, ``0``)."""
-    return usd_value(Decimal(pico).scaleb(-12))
 
 
 def measures_to_api(measures: dict[str, int]) -> dict[str, Any]:

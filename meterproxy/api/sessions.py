@@ -30,9 +30,10 @@ from typing import Any
 from aiohttp import web
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int
-from meterproxy.api.models import measures_to_api, pico_to_usd
+from meterproxy.api.models import measures_to_api
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
 from meterproxy.app_state import WRITER
+from meterproxy.money import pico_to_usd
 from meterproxy.store.queries import RequestFilter, decode_cursor, encode_cursor, list_requests, run_read
 from meterproxy.store.rollups import MEASURES
 from meterproxy.store.sessions import session_facts

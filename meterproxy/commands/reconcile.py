@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 import click
 
-from meterproxy.commands.imports import resolve_db
+from meterproxy.commands.database import resolve_db
 from meterproxy.reconcile import PROVIDERS, day_range, reconcile, render_json, render_table
 
 __all__ = ["command"]
