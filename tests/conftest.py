@@ -11,13 +11,14 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from meterproxy.app import create_app
+from meterproxy.app_state import WRITER
 from meterproxy.settings import load_settings
 from meterproxy.testing import FakeUpstream
 
@@ -37,30 +38,64 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
         yield up
 
 
+T = TypeVar("T")
+
+
 class ProxyHarness:
+    """A running in-process proxy, and ways to wait on what it stored (never a fixed sleep).
+
+    Waits are driven by the app itself: the store writer's commit listener wakes a
+    waiter after each committed batch, and its commit barrier (``writer.call``, done
+    once everything queued before it is committed) settles work queued as calls.
+    """
+
     def __init__(self, server: TestServer, app: web.Application, db: Path) -> None:
         self.server = server
         self.app = app
         self.db = db
+        loop = asyncio.get_running_loop()
+        self._committed = asyncio.Event()
+        app[WRITER].on_commit(lambda records: loop.call_soon_threadsafe(self._committed.set))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
 
-    async def rows(self, n: int | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Stored rows (oldest first), waiting until at least ``n`` have been committed."""
+    async def settle(self) -> None:
+        """Return once every record and write queued so far is committed (the app's commit barrier)."""
+        await asyncio.wrap_future(self.app[WRITER].call(lambda conn: None))
+
+    async def until(self, check: Callable[[], T], timeout: float = 10.0, what: str = "the store") -> T:
+        """``check()`` once it is truthy, re-evaluated after each commit; fail after ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            rows = _read_rows(self.db)
-            if n is None or len(rows) >= n or loop.time() > deadline:
-                if n is not None:
-                    assert len(rows) >= n, f"expected {n} rows, found {len(rows)}"
-                return rows
-            await asyncio.sleep(0.02)
+            self._committed.clear()
+            if value := check():
+                return value
+            await self.settle()
+            if value := check():
+                return value
+            try:
+                await asyncio.wait_for(self._committed.wait(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                value = check()
+                assert value, f"timed out after {timeout}s waiting for {what}"
+                return value
+
+    async def rows(self, n: int | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Stored rows (oldest first), waiting until at least ``n`` have been committed."""
+        if n is None:
+            return read_rows(self.db)
+
+        def enough() -> list[dict[str, Any]]:
+            rows = read_rows(self.db)
+            return rows if len(rows) >= n else []
+
+        return await self.until(enough, timeout, f"{n} rows")
 
 
-def _read_rows(db: Path) -> list[dict[str, Any]]:
+def read_rows(db: Path) -> list[dict[str, Any]]:
     if not db.exists():
         return []
     conn = sqlite3.connect(db)

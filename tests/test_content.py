@@ -10,7 +10,7 @@ import pytest
 
 from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, load_fixture
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, ProxyHarness
 
 MARKER = "PROMPT-MARKER-5b1e-quarterly-plan"
 EMAIL = "jane.doe@example.com"
@@ -25,15 +25,12 @@ def content_rows(db: object) -> list[tuple[str, str, str, int]]:
         conn.close()
 
 
-async def wait_content(db: object, n: int) -> list[tuple[str, str, str, int]]:
-    import asyncio
+async def wait_content(proxy: ProxyHarness, n: int) -> list[tuple[str, str, str, int]]:
+    def enough() -> list[tuple[str, str, str, int]]:
+        rows = content_rows(proxy.db)
+        return rows if len(rows) >= n else []
 
-    for _ in range(500):
-        rows = content_rows(db)
-        if len(rows) >= n:
-            return rows
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {n} content rows")
+    return await proxy.until(enough, what=f"{n} content rows")
 
 
 async def test_enabled_content_is_stored_redacted_and_kept_out_of_exports(
@@ -48,7 +45,7 @@ async def test_enabled_content_is_stored_redacted_and_kept_out_of_exports(
         model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=True
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-    [(rid, request, response, truncated)] = await wait_content(proxy.db, 1)
+    [(rid, request, response, truncated)] = await wait_content(proxy, 1)
     assert MARKER in request
     assert EMAIL not in request and KEY_IN_PROMPT not in request and "[REDACTED]" in request
     # The answer as the client got it: the injected usage chunk was stripped before capture.
@@ -79,7 +76,7 @@ async def test_content_is_capped_and_follows_its_request_when_deleted(
     proxy = await make_proxy(store_content=True, content_max_bytes=40)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
     await client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "x" * 200}])
-    [(rid, request, response, truncated)] = await wait_content(proxy.db, 1)
+    [(rid, request, response, truncated)] = await wait_content(proxy, 1)
     assert len(request.encode()) <= 40 and len(response.encode()) <= 40 and truncated == 1
     assert response == fx.body[:40].decode()
     conn = sqlite3.connect(proxy.db)

@@ -235,12 +235,8 @@ async def test_status_colored_by_the_worst_budget(make_proxy: Any) -> None:
     def status() -> str:
         return cli("status", "--url", proxy.url, "--color")
 
-    out = ""
-    for _ in range(200):  # the budget engine sees the record once the writer committed it
-        out = await asyncio.to_thread(status)
-        if "80%" in out:
-            break
-        await asyncio.sleep(0.05)
+    await proxy.settle()  # the budget engine saw the batch: its commit listener ran before the barrier
+    out = await asyncio.to_thread(status)
     assert "budget daily 80%" in out and "today 610K tok · $1.60" in out
     assert out.startswith("\x1b[33m")  # yellow: a warning threshold is crossed, not the limit
     plain = await asyncio.to_thread(cli, "status", "--url", proxy.url)

@@ -70,11 +70,9 @@ class Pair:
 
     async def feed(self, records: list[RequestRecord]) -> None:
         for proxy in (self.sqlite, self.pg):
-            writer = proxy.app[WRITER]
-            before = writer.written
             for record in records:
                 proxy.app[METER].request_finished(copy.deepcopy(record))
-            await wait_for(lambda w=writer, b=before: w.written >= b + len(records))
+            await proxy.settle()
 
     async def get_both(self, path: str, **params: Any) -> Any:
         a, b = await asyncio.gather(get_json(self.sqlite, path, params), get_json(self.pg, path, params))
@@ -84,14 +82,6 @@ class Pair:
     async def maintain(self, retention_days: int = 0, now: datetime | None = None) -> None:
         results = [await run_pass(p.app[WRITER], retention_days, now=now) for p in (self.sqlite, self.pg)]
         assert results[0] == results[1]
-
-
-async def wait_for(condition: Any, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def get_json(proxy: ProxyHarness, path: str, params: dict[str, Any]) -> Any:
@@ -246,7 +236,8 @@ async def test_postgres_connections_dropped_by_the_server_are_replaced(
         first = make_records(5, seed=8)
         for record in first:
             proxy.app[METER].request_finished(record)
-        await wait_for(lambda: writer.written >= 5)
+        await proxy.settle()
+        assert writer.written == 5
         assert len((await get_json(proxy, "/api/requests", {}))["requests"]) == 5
         name = url.rsplit("/", 1)[1]
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -259,7 +250,8 @@ async def test_postgres_connections_dropped_by_the_server_are_replaced(
         later = make_records(7, seed=9)
         for record in later:
             proxy.app[METER].request_finished(record)
-        await wait_for(lambda: writer.written >= 12)
+        await proxy.settle()  # the barrier runs once the writer reconnected and wrote the rest
+        assert writer.written == 12
         assert writer.health().ok
         body = await get_json(proxy, "/api/requests", {"limit": 100})
         assert {r["id"] for r in body["requests"]} == {r.id for r in first + later}
@@ -292,7 +284,8 @@ async def test_concurrent_writers_and_rollup_passes_on_postgres_count_every_row_
                     assert writers[n % 3].submit(record)
                 passes += [asyncio.wrap_future(w.call(lambda c: roll_up(c, 500))) for w in writers]
             await asyncio.gather(*passes)
-            await wait_for(lambda: sum(w.written for w in writers) == len(records))
+            await asyncio.gather(*(asyncio.wrap_future(w.call(lambda c: None)) for w in writers))
+            assert sum(w.written for w in writers) == len(records)
             while sum(await asyncio.gather(*(asyncio.wrap_future(w.call(roll_up)) for w in writers))):
                 pass
         finally:

@@ -7,7 +7,6 @@ whatever usage was seen. Requests are told apart by a unique ``X-Meter-Session``
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.testing_raw import RawUpstream, Script
-from tests.conftest import ProxyFactory, ProxyHarness
+from tests.conftest import ProxyFactory, ProxyHarness, read_rows
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 CHAT_STREAM = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
@@ -53,16 +52,14 @@ def session_id() -> str:
 
 
 async def row_for(proxy: ProxyHarness, session: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The stored row of the request sent with ``X-Meter-Session: session`` (waits for it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        rows = [r for r in await proxy.rows() if r["session"] == session]
-        if rows:
-            assert len(rows) == 1, rows
-            return rows[0]
-        assert loop.time() < deadline, f"no row recorded for session {session}"
-        await asyncio.sleep(0.02)
+    """The stored row of the request sent with ``X-Meter-Session: session`` (waits for its commit)."""
+
+    def found() -> list[dict[str, Any]]:
+        return [r for r in read_rows(proxy.db) if r["session"] == session]
+
+    rows = await proxy.until(found, timeout, f"the row of session {session}")
+    assert len(rows) == 1, rows
+    return rows[0]
 
 
 async def still_serving(proxy: ProxyHarness, upstream: FakeUpstream) -> None:
