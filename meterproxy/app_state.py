@@ -10,7 +10,7 @@ all together.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from meterproxy.settings import Settings
     from meterproxy.store.writer import StoreWriter
 
-__all__ = ["FINGERPRINT_SALT", "METER", "METRICS", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
+__all__ = ["API_DOCS", "FINGERPRINT_SALT", "METER", "METRICS", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+#: Routes features added to the app's OpenAPI document (`meterproxy.api.openapi.document`).
+API_DOCS: web.AppKey[dict[str, dict[str, dict[str, Any]]]] = web.AppKey("api_docs")
 WRITER: web.AppKey[StoreWriter] = web.AppKey("writer")
 METER: web.AppKey[Meter] = web.AppKey("meter")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

@@ -1,16 +1,20 @@
 """``GET /api/openapi.json``: the OpenAPI 3.1 document of the JSON API.
 
-Schemas come from the pydantic response models (``api/models.py``); the paths
-are a hand-written table, `PATHS`, naming for each route its parameters (from
-the shared `PARAMETERS` table) and its response model. A test checks that
-every ``/api`` route the application registers appears here, so a new
-endpoint is not finished until it is documented: features outside this
-package add their entries with `document`.
+Schemas come from pydantic models (``api/models.py``, and request bodies' own
+models such as `BudgetSpec`); the paths are tables naming for each route its
+parameters (from the shared `PARAMETERS` table), its request body and its
+response model. This package's routes are `CORE_PATHS`, a constant; features
+outside it (budgets, webhooks) add theirs to *their application* with
+`document(app, ...)` from their own ``setup``: nothing is kept in a module
+global, and two apps in one process never share an entry. A test checks that
+every ``/api`` route an application registers is in its document, so a new
+endpoint is not finished until it is documented.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -28,8 +32,12 @@ from meterproxy.api.models import (
     TimeseriesResponse,
     UnpricedModelsResponse,
 )
+from meterproxy.app_state import API_DOCS
 
-__all__ = ["PARAMETERS", "PATHS", "build_spec", "document", "setup"]
+__all__ = ["CORE_PATHS", "PARAMETERS", "Operations", "build_spec", "document", "setup"]
+
+#: path -> method -> {"summary", "parameters", "path_parameters", "body", "response"}
+Operations = dict[str, dict[str, dict[str, Any]]]
 
 
 def _q(description: str, schema: dict[str, Any] | None = None, required: bool = False) -> dict[str, Any]:
@@ -72,8 +80,8 @@ PARAMETERS: dict[str, dict[str, Any]] = {
 
 _FILTERS = ["since", "until", "session", "user", "model", "provider", "upstream", "key", "source", "tag"]
 
-#: path -> method -> {"summary", "parameters", "response" (model or media types)}
-PATHS: dict[str, dict[str, dict[str, Any]]] = {
+#: This package's own routes (see `Operations`); never changed at run time.
+CORE_PATHS: Final[Operations] = {
     "/api/requests": {
         "get": {
             "summary": "Stored requests, newest first (keyset pages) or sorted by cost, tokens or latency.",
@@ -146,32 +154,21 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 _ANY_JSON = {"application/json": {"schema": {"type": "object"}}}
-_NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-# Endpoints of other features (budgets, webhooks), documented briefly here until
-# their modules call `document` with full shapes (which replaces these entries).
-_ELSEWHERE: list[tuple[str, str, str, list[Any]]] = [
-    ("/api/budgets", "get", "Every budget with spend, limit, period, projection and state.", []),
-    ("/api/budgets", "post", "Create a budget (JSON definition); 201, or 409 if the name is taken.", []),
-    ("/api/budgets/{name}", "get", "One budget.", _NAME),
-    ("/api/budgets/{name}", "put", "Replace a budget's definition (API budgets only).", _NAME),
-    ("/api/budgets/{name}", "patch", "Merge top-level fields into a budget's definition.", _NAME),
-    ("/api/budgets/{name}", "delete", "Delete a budget (API budgets only).", _NAME),
-    ("/api/budgets/{name}/events", "get", "Events the budget raised, newest first.", [*_NAME, "limit"]),
-    (
-        "/api/me/usage",
-        "get",
-        "The calling API key's own usage (authenticated by that provider key, not the admin token).",
-        ["since", "until", "group_by"],
-    ),
-    ("/api/webhooks/deliveries", "get", "Webhook outbox rows with their attempts, newest first.", ["limit"]),
-]
-for _path, _method, _summary, _params in _ELSEWHERE:
-    PATHS.setdefault(_path, {})[_method] = {"summary": _summary, "parameters": _params, "response": _ANY_JSON}
+CORE_PATHS["/api/me/usage"] = {
+    "get": {
+        "summary": "The calling API key's own usage (authenticated by that provider key, "
+        "not the admin token).",
+        "parameters": ["since", "until", "group_by"],
+        "response": _ANY_JSON,
+    }
+}
 
 
-def document(path: str, method: str, operation: dict[str, Any]) -> None:
-    """Add an endpoint (``operation`` as in `PATHS`; parameters may be dicts) to the document."""
-    PATHS.setdefault(path, {})[method.lower()] = operation
+def document(app: web.Application, path: str, method: str, operation: dict[str, Any]) -> None:
+    """Add a route of ``app`` (``operation`` as in `Operations`; parameters may be dicts) to its document."""
+    if API_DOCS not in app:
+        app[API_DOCS] = {}
+    app[API_DOCS].setdefault(path, {})[method.lower()] = operation
 
 
 def _parameter(name: str | dict[str, Any], where: str = "query") -> dict[str, Any]:
@@ -186,10 +183,15 @@ def _parameter(name: str | dict[str, Any], where: str = "query") -> dict[str, An
     return out
 
 
-def build_spec() -> dict[str, Any]:
+def build_spec(documented: Mapping[str, Mapping[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The OpenAPI document of `CORE_PATHS` plus an app's `document`-ed routes (``app[API_DOCS]``)."""
+    all_paths: dict[str, dict[str, dict[str, Any]]] = {p: dict(ops) for p, ops in CORE_PATHS.items()}
+    for path, ops in (documented or {}).items():
+        all_paths.setdefault(path, {}).update(ops)
     models: list[type[BaseModel]] = [ErrorResponse]
-    for ops in PATHS.values():
+    for ops in all_paths.values():
         models += [op["response"] for op in ops.values() if isinstance(op["response"], type)]
+        models += [op["body"] for op in ops.values() if isinstance(op.get("body"), type)]
     _, defs = models_json_schema(
         [(m, "serialization") for m in dict.fromkeys(models)], ref_template="#/components/schemas/{model}"
     )
@@ -198,7 +200,7 @@ def build_spec() -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
     }
     paths: dict[str, Any] = {}
-    for path, ops in PATHS.items():
+    for path, ops in all_paths.items():
         for method, op in ops.items():
             response = op["response"]
             content = (
@@ -208,11 +210,19 @@ def build_spec() -> dict[str, Any]:
             )
             params = [_parameter(p, "path") for p in op.get("path_parameters", [])]
             params += [_parameter(p) for p in op["parameters"]]
-            paths.setdefault(path, {})[method] = {
+            operation: dict[str, Any] = {
                 "summary": op["summary"],
                 "parameters": params,
                 "responses": {"200": {"description": "OK", "content": content}, "400": error, "404": error},
             }
+            body = op.get("body")
+            if body is not None:
+                schema = {"$ref": f"#/components/schemas/{body.__name__}"} if isinstance(body, type) else body
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": schema}},
+                }
+            paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
         "info": {
@@ -231,7 +241,7 @@ def build_spec() -> dict[str, Any]:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    return json_response(build_spec())
+    return json_response(build_spec(request.app.get(API_DOCS)))
 
 
 def setup(app: web.Application) -> None:

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int
+from meterproxy.api.models import Cost
+from meterproxy.api.openapi import document
 from meterproxy.app_state import WRITER
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine, BudgetError
@@ -215,6 +218,114 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return json_response({"deliveries": rows})
 
 
+class BudgetView(BaseModel):
+    """A budget as ``/api/budgets`` shows it: its definition (`BudgetSpec`), source and spend now."""
+
+    name: str
+    source: Literal["config", "api"]
+    scope: dict[str, Any] = Field(description="The scope's set fields (empty: every request).")
+    period: str
+    timezone: str | None = Field(description="IANA zone of a calendar period; null for rolling ones.")
+    limit_usd: Cost
+    thresholds: list[Decimal]
+    action: Literal["alert", "block"]
+    projected: bool
+    notify_reset: bool
+    webhooks: list[str] | None
+    spend_usd: Cost | None = None
+    percent: Decimal | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    projected_spend_usd: Cost | None = None
+    projected_exceed_at: datetime | None = None
+    state: Literal["ok", "warning", "exceeded", "blocking"] | None = None
+
+
+class BudgetsResponse(BaseModel):
+    budgets: list[BudgetView]
+
+
+_NAME = ["name"]
+_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "/api/budgets",
+        "get",
+        {
+            "summary": "Every budget with spend, limit, period, projection and state.",
+            "parameters": [],
+            "response": BudgetsResponse,
+        },
+    ),
+    (
+        "/api/budgets",
+        "post",
+        {
+            "summary": "Create a budget; 201, or 409 if the name is taken.",
+            "parameters": [],
+            "body": BudgetSpec,
+            "response": BudgetView,
+        },
+    ),
+    (
+        "/api/budgets/{name}",
+        "get",
+        {"summary": "One budget.", "parameters": [], "path_parameters": _NAME, "response": BudgetView},
+    ),
+    (
+        "/api/budgets/{name}",
+        "put",
+        {
+            "summary": "Replace a budget's definition (API budgets only).",
+            "parameters": [],
+            "path_parameters": _NAME,
+            "body": BudgetSpec,
+            "response": BudgetView,
+        },
+    ),
+    (
+        "/api/budgets/{name}",
+        "patch",
+        {
+            "summary": "Merge top-level BudgetSpec fields into the definition.",
+            "parameters": [],
+            "path_parameters": _NAME,
+            "body": {"type": "object", "description": "Some BudgetSpec fields."},
+            "response": BudgetView,
+        },
+    ),
+    (
+        "/api/budgets/{name}",
+        "delete",
+        {
+            "summary": "Delete a budget (API budgets only); 204.",
+            "parameters": [],
+            "path_parameters": _NAME,
+            "response": _OBJECT,
+        },
+    ),
+    (
+        "/api/budgets/{name}/events",
+        "get",
+        {
+            "summary": "Events the budget raised, newest first.",
+            "parameters": ["limit"],
+            "path_parameters": _NAME,
+            "response": _OBJECT,
+        },
+    ),
+    (
+        "/api/webhooks/deliveries",
+        "get",
+        {
+            "summary": "Webhook outbox rows with their attempts, newest first.",
+            "parameters": ["limit"],
+            "response": _OBJECT,
+        },
+    ),
+]
+
+
 def setup(app: web.Application) -> None:
     """Listed after ``meterproxy.budgets.feature`` in `meterproxy.app.FEATURES` (its engine serves these)."""
     app.router.add_get("/api/budgets", list_budgets)
@@ -225,3 +336,5 @@ def setup(app: web.Application) -> None:
     app.router.add_delete("/api/budgets/{name}", delete_budget)
     app.router.add_get("/api/budgets/{name}/events", budget_events)
     app.router.add_get("/api/webhooks/deliveries", list_deliveries)
+    for path, method, operation in _OPERATIONS:
+        document(app, path, method, operation)
