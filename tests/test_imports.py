@@ -223,22 +223,26 @@ def test_tail_survives_truncation_and_rotation(tmp_path: Path) -> None:
 def test_follow_imports_lines_as_the_file_grows(tmp_path: Path) -> None:
     db, log = tmp_path / "m.db", tmp_path / "costs.jsonl"
     log.write_bytes(zc_line(1))
-    stop = threading.Event()
+    stop, all_in = threading.Event(), threading.Event()
     seen: list[int] = []
+
+    def on_pass(stats: Any) -> None:  # the follower's own signal after each pass
+        seen.append(stats.inserted)
+        if stats.inserted >= 5:
+            all_in.set()
+
     with ImportStore(db) as store:
         worker = threading.Thread(
             target=follow,
             args=(store, PriceBook.default(), log, ZC, stop),
-            kwargs={"interval": 0.02, "on_pass": lambda s: seen.append(s.inserted)},
+            kwargs={"interval": 0.02, "on_pass": on_pass},
         )
         worker.start()
         try:
             for n in range(2, 6):
                 with open(log, "ab") as fh:
                     fh.write(zc_line(n))
-            deadline = time.monotonic() + 10
-            while (not seen or seen[-1] < 5) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            assert all_in.wait(10), f"the follower inserted {seen[-1:]} of 5"
         finally:
             stop.set()
             worker.join(10)
