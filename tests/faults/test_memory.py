@@ -16,6 +16,7 @@ import tracemalloc
 import aiohttp
 import pytest
 
+from meterproxy.app_state import PROXY
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
@@ -75,14 +76,10 @@ async def test_memory_returns_to_baseline_after_faults(
         await leave()
 
     async def settle() -> int:
-        # Let drains finish and records reach the store, then measure.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        from meterproxy.app_state import PROXY, WRITER
-
-        while (proxy.app[PROXY].in_flight or proxy.app[WRITER].depth) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        # Let drains finish and records reach the store (its commit barrier), then measure.
+        await proxy.app[PROXY].drain(timeout=10)
+        await proxy.settle()
+        await asyncio.sleep(0.3)  # closed connections' callbacks, outside the app's reach
         gc.collect()
         return tracemalloc.get_traced_memory()[0]
 
