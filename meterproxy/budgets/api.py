@@ -218,21 +218,13 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return json_response({"deliveries": rows})
 
 
-class BudgetView(BaseModel):
-    """A budget as ``/api/budgets`` shows it: its definition (`BudgetSpec`), source and spend now."""
+class BudgetView(BudgetSpec):
+    """A budget as ``/api/budgets`` shows it: its definition (`BudgetSpec`'s fields), source and spend now."""
 
-    name: str
+    scope: dict[str, Any] = Field(description="The scope's set fields (empty: every request).")  # type: ignore[assignment]
     source: Literal["config", "api"]
-    scope: dict[str, Any] = Field(description="The scope's set fields (empty: every request).")
-    period: str
-    timezone: str | None = Field(description="IANA zone of a calendar period; null for rolling ones.")
-    limit_usd: Cost
-    thresholds: list[Decimal]
-    action: Literal["alert", "block"]
-    projected: bool
-    notify_reset: bool
-    webhooks: list[str] | None
     spend_usd: Cost | None = None
+    reserved_usd: Cost | None = Field(None, description="reserve budgets: held by requests in flight.")
     percent: Decimal | None = None
     period_start: datetime | None = None
     period_end: datetime | None = None
