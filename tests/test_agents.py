@@ -419,3 +419,67 @@ async def test_proxied_row_replaces_an_already_rolled_up_import_without_double_c
     await asyncio.wrap_future(writer.call(roll_up))
     (rolled,) = query(proxy.db, "SELECT sum(requests), sum(input_tokens), sum(output_tokens) FROM rollup_day")
     assert rolled == (1, fixture.expect["input_tokens"], fixture.expect["output_tokens"])
+
+
+async def test_claude_code_start_up_probe_is_forwarded_but_not_recorded(
+    providers: AgentProviders, tmp_path: Path
+) -> None:
+    """Claude Code's ``HEAD`` of ANTHROPIC_BASE_URL: no error row, no unmetered row.
+
+    Claude Code skips that probe when any HTTP(S)_PROXY is set, so this one run has
+    no sentinel; the runs above show that with these settings it connects nowhere else.
+    """
+    claude = need(CLAUDE, "claude")
+    async with Sentinel() as sentinel, serve(tmp_path, providers.upstream.url) as served:
+        env = claude_env(tmp_path / "home", sentinel, served.url)
+        for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(name)
+        run = await run_cli([claude, "-p", "say hello"], env, tmp_path)
+        assert run.returncode == 0, run.stderr + run.stdout
+        await served.wait_rows(1)
+        # Every exchange finished (each has handed its record to the writer, or not); then a
+        # marker request, recorded after anything the probe could have left.
+        await served.wait_idle()
+        async with aiohttp.ClientSession() as client, client.get(f"{served.url}/anthropic/v1/models") as got:
+            assert got.status == 404
+        rows = await served.wait_rows(2)
+    probes = [r for r in providers.upstream.received if r.method == "HEAD"]
+    assert [(r.method, r.path_qs) for r in probes] == [("HEAD", "/")], "the probe reached the provider"
+    assert [(r["method"], r["endpoint"]) for r in rows] == [("POST", "messages"), ("GET", "other")], (
+        "the probe left no row"
+    )
+
+
+async def test_agent_attribution_and_x_meter_override(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    """Claude Code's JSON user id and session header; X-Meter-* always win."""
+    upstream.replay(load_fixture("anthropic_messages_json"))
+    proxy = await make_proxy()
+    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+
+    def claude_user(account: str) -> str:
+        return json.dumps({"device_id": "dev-9f2c", "account_uuid": account, "session_id": "s-body"})
+
+    cases: list[tuple[str, dict[str, str]]] = [
+        (claude_user("acct-42"), {}),
+        (claude_user(""), {"X-Claude-Code-Session-Id": "s-header"}),
+        (claude_user("acct-42"), {"X-Meter-User": "alice", "X-Meter-Session": "run-1"}),
+        ("bob", {}),
+    ]
+    for user_id, headers in cases:
+        await ant.messages.create(
+            model="claude-sonnet-4-20250514",
+            max_tokens=8,
+            messages=[{"role": "user", "content": "x"}],
+            metadata={"user_id": user_id},
+            extra_headers=headers,
+        )
+        await proxy.rows(len(upstream.received))
+    rows = await proxy.rows(4)
+    assert [(r["user"], r["session"]) for r in rows] == [
+        ("acct-42", "s-body"),
+        ("dev-9f2c", "s-header"),
+        ("alice", "run-1"),
+        ("bob", None),
+    ]

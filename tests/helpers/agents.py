@@ -280,6 +280,20 @@ class Served:
                 raise AssertionError(f"waited {timeout:g} s for {what}; rows: {rows}")
             await asyncio.sleep(0.05)
 
+    async def wait_idle(self, timeout: float = 30.0) -> None:
+        """Poll ``/healthz`` until no request is in flight (each finished one is recorded)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with aiohttp.ClientSession() as client:
+            while True:
+                async with client.get(f"{self.url}/healthz") as response:
+                    in_flight = (await response.json())["in_flight"]
+                if in_flight == 0:
+                    return
+                if loop.time() > deadline:
+                    raise AssertionError(f"{in_flight} requests still in flight")
+                await asyncio.sleep(0.05)
+
     async def wait_budget_state(self, name: str, state: str, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
