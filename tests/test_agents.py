@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -26,12 +28,12 @@ import openai
 import pytest
 
 from meterproxy.app_state import WRITER
-from meterproxy.imports import ImportStore
-from meterproxy.imports.claude_code import import_claude_code
 from meterproxy.pricing import PriceBook
 from meterproxy.store.rollups import roll_up
+from meterproxy.store.schema import record_to_row
+from meterproxy.store.writer import _INSERT as INSERT_ROW
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
-from meterproxy.usage import Usage
+from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory
 from tests.helpers.agents import (
     CLAUDE,
@@ -43,7 +45,8 @@ from tests.helpers.agents import (
     run_cli,
     serve,
 )
-from tests.helpers.budgets import query, wait_for
+from tests.helpers.budgets import wait_for
+from tests.helpers.pg import fresh_database, pg_or_skip
 
 STREAM = load_fixture("anthropic_messages_stream").expect
 RESPONSES = load_fixture("openai_responses_stream").expect
@@ -381,44 +384,63 @@ async def test_codex_through_a_model_providers_entry_with_tags(
     assert "x-meter-tags" not in sent.headers, "meterproxy's own header stops at the proxy"
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_proxied_row_replaces_an_already_rolled_up_import_without_double_counting(
-    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path, backend: str
 ) -> None:
     """Proxy after import, when the imported row is already in the rollups: counted once."""
     fixture = load_fixture("anthropic_messages_json")
     upstream.replay(fixture, headers={"request-id": "req_011CSameRequest"})
-    proxy = await make_proxy()
-    writer = proxy.app[WRITER]
-    transcript = tmp_path / "projects" / "-home-alice-api" / "s.jsonl"
-    transcript.parent.mkdir(parents=True)
-    entry = {
-        "type": "assistant",
-        "timestamp": datetime.now(UTC).isoformat(),
-        "sessionId": "s-1",
-        "requestId": "req_011CSameRequest",
-        "message": {
-            "id": "msg_1",
-            "model": "claude-sonnet-4-20250514",
-            "usage": {"input_tokens": 999, "output_tokens": 999},
-        },
-    }
-    transcript.write_text(json.dumps(entry) + "\n")
-    with ImportStore(proxy.db) as store:
-        stats = import_claude_code(store, PriceBook.default(), [transcript.parent.parent])
-    assert stats.inserted == 1
-    assert await asyncio.wrap_future(writer.call(roll_up)) == 1  # the imported row is rolled up
+    imported = RequestRecord(
+        source="claude-code",
+        upstream="claude-code",
+        provider="anthropic",
+        model="claude-sonnet-4-20250514",
+        usage=Usage(input_tokens=999, output_tokens=999),
+        usage_source="reported",
+        provider_request_id="req_011CSameRequest",
+    )
+    with ExitStack() as stack:
+        if backend == "postgresql":
+            pg_or_skip()
+            proxy = await make_proxy(db=stack.enter_context(fresh_database()), rollup_interval=3600)
+        else:
+            proxy = await make_proxy(rollup_interval=3600)
+        writer = proxy.app[WRITER]
 
-    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
-    await ant.messages.create(
-        model="claude-sonnet-4-20250514", max_tokens=8, messages=[{"role": "user", "content": "x"}]
-    )
-    await wait_for(
-        lambda: query(proxy.db, "SELECT source FROM requests") == [("proxy",)],
-        what="the imported duplicate to be dropped",
-    )
-    await asyncio.wrap_future(writer.call(roll_up))
-    (rolled,) = query(proxy.db, "SELECT sum(requests), sum(input_tokens), sum(output_tokens) FROM rollup_day")
-    assert rolled == (1, fixture.expect["input_tokens"], fixture.expect["output_tokens"])
+        def import_one(conn: sqlite3.Connection) -> int:
+            # What `meterproxy import` leaves (on PostgreSQL via `meterproxy migrate`): the row
+            # and the file it came from; then the rollups take the row in.
+            conn.execute(INSERT_ROW, record_to_row(imported))
+            conn.execute(
+                "INSERT INTO import_files (source, path, \"offset\") VALUES ('claude-code', 's.jsonl', 1)"
+            )
+            return roll_up(conn)
+
+        assert await asyncio.wrap_future(writer.call(import_one)) == 1
+
+        ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+        await ant.messages.create(
+            model="claude-sonnet-4-20250514", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+
+        def sources(conn: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in conn.execute("SELECT source FROM requests ORDER BY source")]
+
+        async def only_proxied() -> bool:
+            return await asyncio.wrap_future(writer.call(sources)) == ["proxy"]
+
+        await wait_for(only_proxied, what="the imported duplicate to be dropped")
+
+        def rolled(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            roll_up(conn)
+            row = conn.execute(
+                "SELECT SUM(requests), SUM(input_tokens), SUM(output_tokens) FROM rollup_day"
+            ).fetchone()
+            return (int(row[0]), int(row[1]), int(row[2]))
+
+        totals = await asyncio.wrap_future(writer.call(rolled))
+        assert totals == (1, fixture.expect["input_tokens"], fixture.expect["output_tokens"])
 
 
 async def test_claude_code_start_up_probe_is_forwarded_but_not_recorded(

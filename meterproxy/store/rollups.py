@@ -241,7 +241,7 @@ def unroll_row(conn: sqlite3.Connection, rid: str) -> None:
     for table, width in TABLES.items():
         values = conn.execute(
             f"SELECT substr(ts, 1, {width}), {', '.join(dims)}, {', '.join(MEASURES.values())} "
-            "FROM requests WHERE rowid = ?",
+            f"FROM requests WHERE rowid = ? GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))}",
             [found[0]],
         ).fetchone()
         bucket_and_dims, measures = values[: len(dims) + 1], values[len(dims) + 1 :]
