@@ -54,6 +54,7 @@ FEATURES = [
     "meterproxy.api.export",
     "meterproxy.api.openapi",
     "meterproxy.api.me",
+    "meterproxy.api.whatif",
     "meterproxy.budgets.feature",
     "meterproxy.budgets.api",
     "meterproxy.budgets.replicas",

@@ -46,7 +46,16 @@ from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, Usage
 
-__all__ = ["CacheSavings", "ModelWhatIf", "WhatIf", "what_if", "whatif_csv", "whatif_json", "whatif_table"]
+__all__ = [
+    "CacheSavings",
+    "ModelWhatIf",
+    "PriceMoment",
+    "WhatIf",
+    "what_if",
+    "whatif_csv",
+    "whatif_json",
+    "whatif_table",
+]
 
 PriceMoment = Literal["dated", "today"]
 

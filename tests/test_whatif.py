@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from click.testing import CliRunner
 
+from meterproxy.app_state import WRITER
 from meterproxy.cli import main
 from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
@@ -128,3 +132,34 @@ def test_as_model_unknown_target_is_a_clear_error(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["report", "--db", str(db), "--as-model", "no-such-model-xyz"])
     assert out.exit_code == 2
     assert "'no-such-model-xyz' has no price" in out.output
+
+
+async def test_whatif_api_answers_what_the_report_prints(make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    await asyncio.to_thread(_seed_into, proxy)
+    async with aiohttp.ClientSession() as http:
+        url = f"{proxy.url}/api/whatif?as_model={TARGET}&as_provider=anthropic"
+        async with http.get(url) as r:
+            assert r.status == 200, await r.text()
+            doc = json.loads(await r.text(), parse_float=Decimal)
+        async with http.get(f"{proxy.url}/api/whatif?as_model=no-such-model-xyz") as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "as_model"
+    out = CliRunner().invoke(
+        main, ["report", "--db", str(proxy.db), "--as-model", TARGET, "--as-provider", "anthropic", "--json"]
+    )
+    report = json.loads(out.output)
+    assert Decimal(str(doc["totals"]["as_model_cost_usd"])) == Decimal(report["totals"]["as_model_cost_usd"])
+    assert Decimal(str(doc["totals"]["actual_cost_usd"])) == Decimal(report["totals"]["actual_cost_usd"])
+    assert doc["totals"]["requests"] == report["totals"]["requests"] == 31
+
+
+def _seed_into(proxy: Any) -> None:
+    """The same rows as `_seed`, through the running app's own writer."""
+    price = price_record_with(PriceBook.default())
+    writer = proxy.app[WRITER]
+    tmp = proxy.db.parent / "seed.db"
+    for r in _seed(tmp):
+        price(r)
+        assert writer.submit(r)
+    writer.call(lambda conn: None).result(30)

@@ -1,0 +1,159 @@
+"""Does OpenTelemetry export slow the proxy? Added latency with export off and on, side by side.
+
+Starts the bench upstream (core 0), a discarding OTLP/HTTP receiver (core 0, a thread of this
+process), and ``meterproxy serve`` (core 1) alternately without and with
+``OTEL_EXPORTER_OTLP_ENDPOINT``; each round measures direct and proxied latency at concurrency 1
+(JSON, then 20-event SSE) with ``bench/loadgen.py``. Rounds alternate off/on so that drift in the
+machine's load hits both alike. Prints one JSON line per cell and a summary; writes
+``bench/results/otel-latest.json``.
+
+    python bench/otel_overhead.py [--rounds 3] [--duration 5]
+
+Bounded: rounds x 2 modes x 2 scenarios x duration seconds, then everything is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+class Sink(BaseHTTPRequestHandler):
+    received = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).received += 1
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def spawn(cmd: list[str], cores: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["taskset", "-c", cores, *cmd],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def load(port: int, path: str, stream: bool, duration: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port), "--path", path]
+    cmd += ["--concurrency", "1", "--duration", str(duration)]
+    if stream:
+        cmd += ["--stream", "--chunks", "20"]
+    out = subprocess.run(
+        ["taskset", "-c", "0", *cmd], capture_output=True, check=True, timeout=duration + 120
+    )
+    return dict(json.loads(out.stdout))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    args = ap.parse_args()
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    otel_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+    }
+    up_port = free_port()
+    upstream = spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], "0")
+    wait_port(up_port)
+    cells: list[dict[str, Any]] = []
+    try:
+        for round_ in range(args.rounds):
+            for mode in ("off", "on"):
+                port = free_port()
+                db = os.path.join(tempfile.mkdtemp(prefix="bench-otel-"), "bench.db")
+                cmd = [sys.executable, "-m", "meterproxy", "serve", "--port", str(port), "--db", db]
+                cmd += ["--upstream", f"bench=http://127.0.0.1:{up_port}"]
+                env = {"METERPROXY_LOG_LEVEL": "warning", **(otel_env if mode == "on" else {})}
+                proxy = spawn(cmd, "1", env)
+                try:
+                    wait_port(port)
+                    for scenario, stream in (("json", False), ("sse20", True)):
+                        direct = load(up_port, "/v1/chat/completions", stream, args.duration)
+                        through = load(port, "/bench/v1/chat/completions", stream, args.duration)
+                        cell = {
+                            "round": round_,
+                            "otel": mode,
+                            "scenario": scenario,
+                            "added_p50_ms": round(
+                                through["latency_ms"]["p50"] - direct["latency_ms"]["p50"], 3
+                            ),
+                            "added_p99_ms": round(
+                                through["latency_ms"]["p99"] - direct["latency_ms"]["p99"], 3
+                            ),
+                            "errors": through["errors"],
+                            "requests": through["requests"],
+                        }
+                        print(json.dumps(cell), flush=True)
+                        cells.append(cell)
+                finally:
+                    stop(proxy)
+    finally:
+        stop(upstream)
+        sink.shutdown()
+
+    summary: dict[str, Any] = {"otlp_posts_received": Sink.received, "load_average": os.getloadavg()}
+    for scenario in ("json", "sse20"):
+        for mode in ("off", "on"):
+            picked = [c for c in cells if c["scenario"] == scenario and c["otel"] == mode]
+            summary[f"{scenario}_{mode}_added_p50_ms"] = statistics.median(c["added_p50_ms"] for c in picked)
+            summary[f"{scenario}_{mode}_added_p99_ms"] = statistics.median(c["added_p99_ms"] for c in picked)
+    print(json.dumps(summary, indent=2))
+    out = BENCH / "results" / "otel-latest.json"
+    out.write_text(json.dumps({"cells": cells, "summary": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
