@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meterproxy.app_state import METER
+from meterproxy.app_state import METER, WRITER
 from meterproxy.reports import compact, money
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
@@ -464,6 +464,26 @@ async def test_budgets_progress_bars(make_proxy: Any, browser: Any) -> None:
         assert f"{money(spend)} of {money(limit)} ({Decimal(str(b['percent'])):.0f}%)" in text
         assert b["state"] in str(await row.get_attribute("class")) and "all requests" in text
     await shot(page, "budgets")
+
+
+async def test_reserve_budget_shows_what_requests_in_flight_hold(make_proxy: Any, browser: Any) -> None:
+    budgets = [{"name": "hard-cap", "period": "month", "limit_usd": "5", "action": "reserve"}]
+    proxy = await seeded_proxy(make_proxy, budgets=budgets)
+    # A request in flight on another replica holds $1.25 of the budget (a row in the shared store).
+    expires = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    hold = "INSERT INTO budget_reservations VALUES ('in-flight-1', 'hard-cap', 1250000000000, ?, ?)"
+    proxy.app[WRITER].call(lambda conn: conn.execute(hold, [expires, expires])).result(10)
+    [view] = (await api_json(proxy, "/api/budgets"))["budgets"]
+    assert Decimal(str(view["reserved_usd"])) == Decimal("1.25")
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    row = page.locator("#budgets .budget[data-name='hard-cap']")
+    text = str(await row.inner_text())
+    assert f"+ {money(Decimal('1.25'))} reserved in flight" in text
+    assert "reserves each request's worst case" in text
+    assert await row.locator(".track .reserved").count() == 1
+    await shot(page, "budget-reserve")
 
 
 async def test_sdk_traffic_through_the_proxy_shows_on_the_page(

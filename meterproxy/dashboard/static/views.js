@@ -132,15 +132,23 @@ export function renderBudgets(list) {
     const level = budgetLevel(b);
     const limit = Number(b.limit_usd);
     const projectedPct = b.projected_spend_usd != null && limit ? (100 * Number(b.projected_spend_usd)) / limit : null;
-    const action = b.action === "block" ? "blocks requests at the limit" : "alerts only";
+    const action = {
+      block: "blocks requests at the limit",
+      reserve: "reserves each request's worst case (hard limit)",
+    }[b.action] || "alerts only";
+    // Reserve budgets: what requests in flight hold (all replicas), drawn after the spend.
+    const reserved = b.reserved_usd != null ? Number(b.reserved_usd) : null;
+    const reservedPct = reserved && limit ? (100 * reserved) / limit : 0;
     return h("div", { class: `budget ${level}`, dataset: { name: b.name, level } },
       h("div", { class: "budget-head" },
         h("b", {}, b.name),
         h("span", { class: `badge ${level}` }, LEVEL_TEXT[level] || level),
-        h("span", { class: "budget-figures" }, `${money(b.spend_usd)} of ${money(b.limit_usd)} (${pct.toFixed(0)}%)`)),
+        h("span", { class: "budget-figures" }, `${money(b.spend_usd)} of ${money(b.limit_usd)} (${pct.toFixed(0)}%)`),
+        reserved != null ? h("span", { class: "budget-reserved" }, `+ ${money(b.reserved_usd)} reserved in flight`) : null),
       h("div", { class: "muted budget-scope" }, `${scopeText(b.scope)} · ${b.period} · ${action}`),
       h("div", { class: "track", role: "img", "aria-label": `${pct.toFixed(0)}% spent` },
         h("div", { class: "fill", style: `width:${Math.min(pct, 100)}%` }),
+        reservedPct > 0 ? h("div", { class: "reserved", style: `left:${Math.min(pct, 100)}%;width:${Math.min(reservedPct, Math.max(0, 100 - pct))}%` }) : null,
         projectedPct != null ? h("div", { class: "projection", style: `left:${Math.min(projectedPct, 100)}%` }) : null),
       h("div", { class: "muted" },
         b.projected_spend_usd != null ? `projected ${money(b.projected_spend_usd)} by ${localTime(b.period_end)}` : "",
