@@ -486,6 +486,44 @@ async def test_reserve_budget_shows_what_requests_in_flight_hold(make_proxy: Any
     await shot(page, "budget-reserve")
 
 
+async def test_what_if_panel_shows_the_apis_figures_at_phone_and_desktop_width(
+    make_proxy: Any, browser: Any
+) -> None:
+    proxy = await seeded_proxy(make_proxy)
+    for width in (390, 1440):
+        context = await browser.new_context(timezone_id="UTC", viewport={"width": width, "height": 900})
+        page = await context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        await page.goto(proxy.url + "/")
+        await ready(page)
+        await page.fill("#whatif-form [name=as_model]", "claude-haiku-4-5")
+        async with page.expect_response(lambda r: "/api/whatif" in r.url) as info:
+            await page.click("#whatif-form button[type=submit]")
+        response = await info.value
+        assert response.status == 200
+        await page.wait_for_selector("#whatif:not([hidden])")
+        # The same query the page made, asked of the API directly: the page shows its figures.
+        query = dict(__import__("urllib.parse").parse.parse_qsl(response.url.split("?", 1)[1]))
+        want = await api_json(proxy, "/api/whatif", **query)
+        total = str(await page.locator("#whatif tfoot").inner_text())
+        totals = want["totals"]
+        assert money(Decimal(str(totals["actual_cost_usd"]))) in total
+        assert money(Decimal(str(totals["as_model_cost_usd"]))) in total
+        assert len(want["models"]) == await page.locator("#whatif tbody tr").count()
+        note = str(await page.locator("#whatif-note").inner_text())
+        assert f"compared {totals['compared_requests']} requests" in note
+        assert "Caching saved" in note
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await page.locator("#whatif-panel").screenshot(path=str(ARTIFACTS / f"dashboard-whatif-{width}.png"))
+        # A model with no price: a clear message, no table.
+        await page.fill("#whatif-form [name=as_model]", "no-such-model-xyz")
+        await page.click("#whatif-form button[type=submit]")
+        await page.wait_for_selector("#whatif[hidden]", state="attached")
+        assert "has no price" in str(await page.locator("#whatif-note").inner_text())
+        await context.close()
+
+
 async def test_sdk_traffic_through_the_proxy_shows_on_the_page(
     make_proxy: Any, upstream: Any, browser: Any
 ) -> None:

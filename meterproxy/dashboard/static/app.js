@@ -398,6 +398,51 @@ async function showSession(id, offset) {
   }
 }
 
+// ---- what-if ---------------------------------------------------------------------------------
+
+// On demand only (never on the 30 s refresh): it reprices every row of the range on the server.
+async function runWhatIf(form) {
+  const r = bounds();
+  const data = new FormData(form);
+  const query = { since: iso(r.since), until: iso(r.until), ...filterParams(), as_model: data.get("as_model").trim() };
+  if (data.get("as_provider").trim()) query.as_provider = data.get("as_provider").trim();
+  query.prices = data.get("prices");
+  const note = $("#whatif-note");
+  const table = $("#whatif");
+  note.textContent = "Pricing…";
+  try {
+    const w = await api("/api/whatif", query);
+    $("#whatif-as").textContent = `As ${w.as_model}`;
+    const signed = (v) => (Number(v) > 0 ? "+" : Number(v) < 0 ? "−" : "") + money(Math.abs(Number(v)));
+    const row = (m, label) => h("tr", {},
+      h("td", { "data-label": "Model" }, label),
+      h("td", { class: "num", "data-label": "Requests" }, integer(m.requests)),
+      ...(m.compared_requests
+        ? [h("td", { class: "num", "data-label": "Actual" }, money(m.actual_cost_usd)),
+          h("td", { class: "num", "data-label": `As ${w.as_model}` }, money(m.as_model_cost_usd)),
+          h("td", { class: "num", "data-label": "Difference" }, signed(m.difference_usd))]
+        : [h("td", { class: "num", "data-label": "Actual" }, m.actual_unpriced_requests ? "unpriced" : "–"),
+          h("td", { class: "num", "data-label": `As ${w.as_model}` }, "–"),
+          h("td", { class: "num", "data-label": "Difference" }, "–")]));
+    table.tBodies[0].replaceChildren(...w.models.map((m) => row(m, m.model)));
+    table.tFoot.replaceChildren(row(w.totals, "Total"));
+    table.hidden = false;
+    const t = w.totals;
+    const left = [];
+    if (t.as_model_unpriced_requests) left.push(`${integer(t.as_model_unpriced_requests)} ${w.as_model} has no price for at their date`);
+    if (t.actual_unpriced_requests) left.push(`${integer(t.actual_unpriced_requests)} unpriced as recorded`);
+    note.textContent = `Priced as ${w.priced_as} ${w.prices === "today" ? "at today's prices" : "at each request's date"}; `
+      + `compared ${integer(t.compared_requests)} requests${left.length ? ` (left out: ${left.join("; ")})` : ""}. `
+      + `Caching saved ${money(w.cache_savings.saved_usd)} on this traffic, net of cache-write premiums.`;
+  } catch (err) {
+    if (err instanceof AuthRequired) showLogin(true);
+    table.hidden = true;
+    note.textContent = err.message;
+  }
+}
+
+$("#whatif-form").addEventListener("submit", (ev) => { ev.preventDefault(); runWhatIf(ev.target); });
+
 // ---- export ----------------------------------------------------------------------------------
 
 async function exportRows(format) {
