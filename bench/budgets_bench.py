@@ -17,7 +17,6 @@ Run ``python bench/budgets_bench.py``.
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,8 +28,9 @@ from meterproxy.budgets.alerts import AlertDetector
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.spend import SpendTracker
 from meterproxy.budgets.store import spend_buckets
-from meterproxy.store.schema import apply_migrations, connect, record_to_row
-from meterproxy.store.writer import _INSERT
+from meterproxy.store.backend import apply_migrations, connect, read_connection
+from meterproxy.store.schema import record_to_row
+from meterproxy.store.writer import INSERT_REQUEST
 from meterproxy.testing import make_record
 
 
@@ -84,12 +84,11 @@ def main() -> None:
             make_record(ts=start + timedelta(seconds=i * 8), user=f"u{i % 50}", cost_usd=Decimal("0.001"))
             for i in range(rows)
         ]
-        conn.execute("BEGIN")
-        conn.executemany(_INSERT, [record_to_row(r) for r in records])
-        conn.execute("COMMIT")
+        with conn.transaction():
+            conn.executemany(INSERT_REQUEST, [record_to_row(r) for r in records])
         scope = BudgetSpec.model_validate({"name": "x", "limit_usd": 1}).scope
         user_scope = BudgetSpec.model_validate({"name": "x", "limit_usd": 1, "scope": {"user": "u7"}}).scope
-        ro = sqlite3.connect(db)
+        ro = read_connection(db)
         for label, sc in (("global", scope), ("user", user_scope)):
             t0 = time.perf_counter()
             buckets = spend_buckets(ro, sc, start)

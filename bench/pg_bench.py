@@ -139,9 +139,8 @@ def rollup(db: str) -> float:
     started = time.perf_counter()
     try:
         while True:
-            conn.execute("BEGIN IMMEDIATE")
-            n = roll_up(conn, 20_000)
-            conn.execute("COMMIT")
+            with conn.transaction():
+                n = roll_up(conn, 20_000)
             if not n:
                 break
     finally:

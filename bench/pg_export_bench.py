@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meterproxy.store import backend
 from meterproxy.store.export import SlicedExport, time_slices
-from meterproxy.store.pg import close_pools
 from meterproxy.store.queries import RequestFilter, read_connection
 
 _FILL = """
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["runs"].append(run)  # type: ignore[attr-defined]
                 print(json.dumps(run), flush=True)
     finally:
-        close_pools(url)
+        backend.close(url)
         with psycopg.connect(args.pg, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     return 0

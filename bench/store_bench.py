@@ -51,10 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meterproxy.app import create_app
 from meterproxy.settings import load_settings
+from meterproxy.store.backend import apply_migrations
 from meterproxy.store.export_process import ExportProcess
 from meterproxy.store.queries import RequestFilter
 from meterproxy.store.rollups import roll_up
-from meterproxy.store.schema import apply_migrations, connect
+from meterproxy.store.sqlite import connect_sqlite
 
 __all__ = ["build", "main", "measure"]
 
@@ -113,8 +114,10 @@ FROM h
 
 
 def build(db: str, rows: int, days: int, end: datetime) -> dict[str, Any]:
-    conn = connect(db)
-    apply_migrations(conn)
+    store = connect_sqlite(db)
+    apply_migrations(store)
+    conn = store.raw  # the generator below is SQLite's own SQL
+    conn.row_factory = None
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-1000000")
     conn.execute(
@@ -134,9 +137,8 @@ def build(db: str, rows: int, days: int, end: datetime) -> dict[str, Any]:
     insert_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     while True:
-        conn.execute("BEGIN IMMEDIATE")
-        n = roll_up(conn, batch=CHUNK)
-        conn.execute("COMMIT")
+        with store.transaction():
+            n = roll_up(store, batch=CHUNK)
         if not n:
             break
     rollup_s = time.perf_counter() - t0

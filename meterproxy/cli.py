@@ -11,6 +11,7 @@ from importlib import import_module
 import click
 
 from meterproxy import __version__
+from meterproxy.store.backend import MissingDriver
 
 __all__ = ["COMMAND_MODULES", "main"]
 
@@ -29,7 +30,15 @@ COMMAND_MODULES = [
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except MissingDriver as exc:  # --db postgresql://... without meterproxy[postgres]
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meterproxy")
 def main() -> None:
     """Meter, price and record every LLM API call that passes through."""

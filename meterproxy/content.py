@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from concurrent.futures import Future
 from typing import Any
 
-import sqlite_utils
 from aiohttp import web
-from sqlite_utils import Migrations
 
 from meterproxy.api import api_error, json_response
 from meterproxy.app_state import METER, SETTINGS, WRITER
 from meterproxy.logs import redact
-from meterproxy.store import register_migrations
+from meterproxy.store import Db, Migrations, register_migrations
 from meterproxy.store.queries import run_read
 from meterproxy.usage import RequestRecord
 
@@ -43,16 +40,20 @@ content_migrations = register_migrations(Migrations("meterproxy.content"))
 
 
 @content_migrations()
-def m001_request_content(db: sqlite_utils.Database) -> None:
+def m001_request_content(db: Db) -> None:
+    t = db.dialect.text
     db.execute(
-        "CREATE TABLE request_content (id TEXT PRIMARY KEY, request TEXT, response TEXT, "
-        "truncated INTEGER NOT NULL DEFAULT 0)"
+        f"CREATE TABLE request_content (id {t} PRIMARY KEY, request {t}, response {t}, "
+        "truncated BIGINT NOT NULL DEFAULT 0)"
     )
     # Content goes when its request goes (retention, manual deletes).
-    db.execute(
-        "CREATE TRIGGER request_content_follows AFTER DELETE ON requests "
-        "BEGIN DELETE FROM request_content WHERE id = old.id; END"
-    )
+    for statement in db.dialect.trigger(
+        "request_content_follows",
+        "AFTER DELETE",
+        "requests",
+        ["DELETE FROM request_content WHERE id = OLD.id"],
+    ):
+        db.execute(statement)
 
 
 class Redactor:
@@ -68,7 +69,11 @@ class Redactor:
         return text
 
 
-_INSERT = "INSERT OR REPLACE INTO request_content (id, request, response, truncated) VALUES (?, ?, ?, ?)"
+_INSERT = (
+    "INSERT INTO request_content (id, request, response, truncated) VALUES ($1, $2, $3, $4) "
+    "ON CONFLICT (id) DO UPDATE SET request = excluded.request, response = excluded.response, "
+    "truncated = excluded.truncated"
+)
 
 
 def _logged(future: Future[Any]) -> None:
@@ -96,9 +101,9 @@ def _content_sink(app: web.Application, redactor: Redactor) -> Any:
 async def content_handler(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
 
-    def read(conn: sqlite3.Connection) -> Any:
+    def read(conn: Db) -> Any:
         return conn.execute(
-            "SELECT request, response, truncated FROM request_content WHERE id = ?", [rid]
+            "SELECT request, response, truncated FROM request_content WHERE id = $1", [rid]
         ).fetchone()
 
     row = await run_read(request.app[WRITER].path, read)

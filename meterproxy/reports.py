@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-import sqlite_utils
-
 from meterproxy.money import from_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
+from meterproxy.store.migrations import pending_migrations
 from meterproxy.store.queries import RequestFilter
 from meterproxy.store.sessions import session_facts
 from meterproxy.timestamps import format_ts, parse_ts
@@ -121,15 +120,11 @@ def _ensure_schema(db: str) -> None:
     version, may lack some; they are created here, as the proxy would. PostgreSQL
     schemas are left to ``meterproxy migrate`` and the proxy.
     """
-    import meterproxy.store.rollups  # noqa: F401  (registers its migrations)
-    from meterproxy.store import migration_sets
-
     if parse_db(db).is_postgres:
         return
     conn = read_connection(db)
     try:
-        sdb = sqlite_utils.Database(conn)
-        pending = any(m.pending(sdb) for m in migration_sets())
+        pending = bool(pending_migrations(conn))
     finally:
         conn.close()
     if pending:

@@ -21,7 +21,6 @@ lock. The proxy only ever inserts, so there is nothing to merge.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from meterproxy.meter import price_record_with
 from meterproxy.money import from_pico, stored_cost_text, to_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import connect
+from meterproxy.store.db import Db, db_errors
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, RequestRecord, Usage
 
@@ -42,10 +42,10 @@ _TOKEN_COLUMNS = USAGE_FIELDS
 _SELECT = (
     "SELECT id, ts, provider, upstream, model, requested_model, service_tier, cost_pico, priced_model, "
     f"{', '.join(_TOKEN_COLUMNS)} FROM requests "
-    "WHERE usage_source = 'reported' AND ts >= ? AND ts < ? AND (ts > ? OR (ts = ? AND id > ?)) "
-    "ORDER BY ts, id LIMIT ?"
+    "WHERE usage_source = 'reported' AND ts >= $1 AND ts < $2 AND (ts > $3 OR (ts = $3 AND id > $4)) "
+    "ORDER BY ts, id LIMIT $5"
 )
-_UPDATE = "UPDATE requests SET cost_usd = ?, cost_pico = ?, priced_model = ? WHERE id = ?"
+_UPDATE = "UPDATE requests SET cost_usd = $1, cost_pico = $2, priced_model = $3 WHERE id = $4"
 _END_OF_TIME = "9999-12-31T23:59:59.999999Z"
 _LOCK_RETRIES = 8
 
@@ -102,9 +102,8 @@ def reprice(
     price = price_record_with(book, upstream_prices)
     report = RepriceReport(dry_run=dry_run)
     conn = connect(db)
-    conn.row_factory = sqlite3.Row
     try:
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
+        if conn.execute(conn.dialect.table_exists, ["requests"]).fetchone() is None:
             raise ValueError(f"{db}: no requests table (is this a meterproxy database?)")
         for batch in _batches(conn, since, until or _END_OF_TIME, batch_size):
             updates = []
@@ -125,19 +124,19 @@ def reprice(
     return report
 
 
-def _batches(conn: sqlite3.Connection, since: str, until: str, size: int) -> Iterator[list[sqlite3.Row]]:
+def _batches(conn: Db, since: str, until: str, size: int) -> Iterator[list[Any]]:
     last_ts, last_id = "", ""
     while True:
         # The lower bound moves with the cursor so each batch is an index range, not a rescan.
         low = max(since, last_ts)
-        rows = conn.execute(_SELECT, (low, until, last_ts, last_ts, last_id, size)).fetchall()
+        rows = conn.execute(_SELECT, (low, until, last_ts, last_id, size)).fetchall()
         if not rows:
             return
         yield rows
         last_ts, last_id = rows[-1]["ts"], rows[-1]["id"]
 
 
-def _record(row: sqlite3.Row) -> RequestRecord:
+def _record(row: Any) -> RequestRecord:
     usage = Usage(**{c: row[c] or 0 for c in _TOKEN_COLUMNS})
     return RequestRecord(
         id=row["id"],
@@ -152,7 +151,7 @@ def _record(row: sqlite3.Row) -> RequestRecord:
     )
 
 
-def _count(report: RepriceReport, row: sqlite3.Row, old: int | None, new: int | None, differs: bool) -> None:
+def _count(report: RepriceReport, row: Any, old: int | None, new: int | None, differs: bool) -> None:
     old_usd = from_pico(old) or Decimal(0)
     new_usd = from_pico(new) or Decimal(0)
     report.scanned += 1
@@ -170,22 +169,16 @@ def _count(report: RepriceReport, row: sqlite3.Row, old: int | None, new: int | 
     change.new_usd += new_usd
 
 
-def _write(conn: sqlite3.Connection, updates: list[tuple[Any, ...]]) -> None:
+def _write(conn: Db, updates: list[tuple[Any, ...]]) -> None:
     """One short transaction; if the proxy's writer holds the lock past busy_timeout, retry."""
     delay = 0.05
     for attempt in range(_LOCK_RETRIES):
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
+            with conn.transaction():
+                conn.executemany(_UPDATE, updates)
+            return
+        except db_errors():
             if attempt == _LOCK_RETRIES - 1:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-            continue
-        try:
-            conn.executemany(_UPDATE, updates)
-            conn.execute("COMMIT")
-            return
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise

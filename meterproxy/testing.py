@@ -1,7 +1,7 @@
 """Test doubles that ship with the package: a fake upstream and record factories.
 
 `FakeUpstream` is a real aiohttp server on 127.0.0.1 that replays recorded
-provider bytes (``tests/fixtures/wire/*.body``), in chunks of any size with
+provider bytes (``meterproxy/fixtures/wire/*.body``, shipped in the wheel), in chunks of any size with
 optional delays, and remembers every request it received (method, path,
 headers, body) so tests can assert what reached the "provider". It can also
 misbehave on purpose (cut the connection mid-body, stall), which is how the
@@ -41,7 +41,8 @@ __all__ = [
     "wait_healthy",
 ]
 
-FIXTURES_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "wire"
+#: Recorded provider bodies; inside the package, so the doubles work from an installed wheel.
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "wire"
 
 
 @dataclass

@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +41,7 @@ from typing import Any, Literal
 from meterproxy.money import from_pico, to_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import compact, money
+from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, Usage
@@ -149,12 +149,12 @@ class WhatIf:
         }
 
 
-def _rows(conn: sqlite3.Connection, flt: RequestFilter, batch: int = 2000) -> Iterator[Any]:
-    where, params = flt.where()
-    conditions = ["usage_source = 'reported'"] + ([where] if where not in ("", "1", "TRUE") else [])
+def _rows(conn: Db, flt: RequestFilter, batch: int = 2000) -> Iterator[Any]:
+    p = Params()
+    where = flt.where(p, conn.dialect)
     columns = ", ".join((*_COLUMNS, *USAGE_FIELDS))
-    sql = f"SELECT {columns} FROM requests WHERE {' AND '.join(conditions)}"
-    cursor = conn.execute(sql, params)
+    sql = f"SELECT {columns} FROM requests WHERE usage_source = 'reported' AND {where}"
+    cursor = conn.execute(sql, p.values)
     while chunk := cursor.fetchmany(batch):
         yield from chunk
 

@@ -139,7 +139,7 @@ async def test_a_held_reservation_counts_until_it_expires(tmp_path: Path) -> Non
         def hold(rid: str, amount_usd: str, expires: datetime) -> None:
             writer.call(
                 lambda conn: conn.execute(
-                    "INSERT INTO budget_reservations VALUES (?, 'cap', ?, ?, ?)",
+                    "INSERT INTO budget_reservations VALUES ($1, 'cap', $2, $3, $4)",
                     [
                         rid,
                         int(Decimal(amount_usd) * 10**12),

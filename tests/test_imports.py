@@ -25,6 +25,7 @@ from meterproxy.cli import main
 from meterproxy.imports import ImportStore
 from meterproxy.imports.jsonl import LineMapping, follow, read_new
 from meterproxy.pricing import PriceBook
+from meterproxy.store import backend
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import Usage
 
@@ -256,19 +257,15 @@ def test_replacing_a_rolled_up_snapshot_keeps_rollups_exact(claude_dir: Path, tm
     log = claude_dir / "-home-alice-code-webapp" / f"{WEBAPP}.jsonl"
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(b"".join(lines[:3]))
-    with ImportStore(db) as store:
-        from meterproxy.store.schema import apply_migrations
-
-        apply_migrations(store.conn)  # the rollup tables, as a proxy would have created them
-        store.conn.execute("BEGIN IMMEDIATE")
+    with ImportStore(db) as store, store.conn.transaction():
         rollups.roll_up(store.conn)
-        store.conn.execute("COMMIT")
     log.write_bytes(b"".join(lines))
     run("import", "claude-code", str(claude_dir), "--db", str(db))
+    store_conn = backend.connect(db)
+    with store_conn.transaction():
+        rollups.roll_up(store_conn)
+    store_conn.close()
     conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("BEGIN IMMEDIATE")
-        rollups.roll_up(conn)
     raw = conn.execute("SELECT sum(output_tokens), count(*), sum(cost_pico) FROM requests").fetchone()
     tables = [
         t

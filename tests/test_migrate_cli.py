@@ -63,9 +63,8 @@ def maintain(db: str, retention_cutoff: str | None = None) -> None:
             [lambda c: compact(c, retention_cutoff)] if retention_cutoff else []
         ):
             while True:
-                conn.execute("BEGIN IMMEDIATE")
-                n = fn(conn)
-                conn.execute("COMMIT")
+                with conn.transaction():
+                    n = fn(conn)
                 if not n:
                     break
     finally:

@@ -1,7 +1,7 @@
 """Every provider parser against byte-exact recorded answers, split every which way.
 
 Each fixture's ``[expect]`` table holds the normalized usage a correct parser
-must produce (see tests/fixtures/wire/README.md).
+must produce (see meterproxy/fixtures/wire/README.md).
 """
 
 from __future__ import annotations

@@ -187,14 +187,14 @@ def test_public_bind_refused_without_token_via_cli(tmp_path: Path, monkeypatch: 
 
 
 def test_db_and_its_wal_files_are_owner_only(tmp_path: Path) -> None:
-    from meterproxy.store.schema import apply_migrations, connect
+    from meterproxy.store.backend import apply_migrations, connect
 
     old = os.umask(0o022)
     try:
         db = tmp_path / "new" / "deep" / "m.db"
         conn = connect(db)
         apply_migrations(conn)
-        conn.execute("INSERT INTO meta VALUES ('x', 'y')")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
         files = [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
         for f in files:
             assert f.exists(), f

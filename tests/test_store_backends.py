@@ -211,12 +211,10 @@ async def test_retention_deletes_only_rolled_up_rows_on_both(pair: Pair) -> None
 async def test_migrations_apply_once_and_rowid_follows_commit_order(pair: Pair) -> None:
     conn = backend.connect(pair.pg_url)
     try:
-        names = [r[0] for r in conn.execute("SELECT migration_set || ':' || name FROM _migrations")]
+        names = [r[0] for r in conn.execute("SELECT migration_set || ':' || name FROM meterproxy_migrations")]
         assert len(names) == len(set(names))
         assert "meterproxy.core:m001_requests" in names
-        from meterproxy.store.pg_migrations import apply_pg_migrations
-
-        assert apply_pg_migrations(conn) == []  # a second replica starting finds nothing to do
+        assert backend.apply_migrations(conn) == []  # a second replica starting finds nothing to do
     finally:
         conn.close()
 

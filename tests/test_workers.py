@@ -108,11 +108,11 @@ def test_supervisor_applies_every_migration_set_before_workers_start(tmp_path: P
 
     Otherwise the workers each find a set pending and race to create its tables.
     """
-    from meterproxy.store import BUILTIN_MIGRATION_SETS
+    from meterproxy.store.migrations import BUILTIN_MIGRATION_SETS
 
     db = tmp_path / "fresh.db"
     code = f"from meterproxy.workers import prepare_database; prepare_database({str(db)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     conn = sqlite3.connect(db)
-    applied = {row[0] for row in conn.execute("SELECT DISTINCT migration_set FROM _sqlite_migrations")}
-    assert applied == {"meterproxy.core", *(name for _, name in BUILTIN_MIGRATION_SETS)}
+    applied = {row[0] for row in conn.execute("SELECT DISTINCT migration_set FROM meterproxy_migrations")}
+    assert applied == {name for _, name in BUILTIN_MIGRATION_SETS}

@@ -24,7 +24,6 @@ reader can show "100 of 228"; 404 when no request has that session.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +33,7 @@ from meterproxy.api.models import measures_to_api
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
 from meterproxy.app_state import WRITER
 from meterproxy.money import pico_to_usd
+from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import RequestFilter, decode_cursor, encode_cursor, list_requests, run_read
 from meterproxy.store.rollups import MEASURES
 from meterproxy.store.sessions import session_facts
@@ -51,17 +51,16 @@ SORTS = {
 _AGGREGATES = ", ".join(f"{sql} AS {name}" for name, sql in MEASURES.items())
 
 
-def _where(flt: RequestFilter) -> tuple[str, list[Any]]:
-    where, params = flt.where()
-    return f"session IS NOT NULL AND {where}", params
+def _where(conn: Db, flt: RequestFilter, p: Params) -> str:
+    return f"session IS NOT NULL AND {flt.where(p, conn.dialect)}"
 
 
-def _measures(row: sqlite3.Row) -> dict[str, Any]:
+def _measures(row: Any) -> dict[str, Any]:
     return measures_to_api({name: int(row[name] or 0) for name in MEASURES})
 
 
 def list_sessions(
-    conn: sqlite3.Connection, flt: RequestFilter, sort: str, desc: bool, limit: int, offset: int
+    conn: Db, flt: RequestFilter, sort: str, desc: bool, limit: int, offset: int
 ) -> tuple[list[dict[str, Any]], int, int]:
     """One page of sessions and how many match, in one pass over the range's rows.
 
@@ -71,21 +70,26 @@ def list_sessions(
     matching sessions (for an average per session); users and models are then
     read for the page only.
     """
-    where, params = _where(flt)
+    p = Params()
+    where = _where(conn, flt, p)
+    filter_values = list(p.values)
     direction = "DESC" if desc else "ASC"
     rows = conn.execute(
         f"SELECT session, min(ts) AS first_ts, max(ts) AS last_ts, {_AGGREGATES}, "
         f"count(*) OVER () AS total_sessions, sum(COALESCE(sum(cost_pico), 0)) OVER () AS all_cost_pico "
         f"FROM requests WHERE {where} "
-        f"GROUP BY session ORDER BY {SORTS[sort]} {direction}, session {direction} LIMIT ? OFFSET ?",
-        [*params, limit, offset],
+        f"GROUP BY session ORDER BY {SORTS[sort]} {direction}, session {direction} "
+        f"LIMIT {p(limit)} OFFSET {p(offset)}",
+        p.values,
     ).fetchall()
     all_cost = int(rows[0]["all_cost_pico"] or 0) if rows else 0
     if rows:
         total = int(rows[0]["total_sessions"])
     elif offset:
         total = int(
-            conn.execute(f"SELECT count(DISTINCT session) FROM requests WHERE {where}", params).fetchone()[0]
+            conn.execute(
+                f"SELECT count(DISTINCT session) FROM requests WHERE {where}", filter_values
+            ).fetchone()[0]
         )
     else:
         total = 0
@@ -107,10 +111,12 @@ def list_sessions(
 
 
 def session_detail(
-    conn: sqlite3.Connection, flt: RequestFilter, limit: int, offset: int = 0, cursor: str | None = None
+    conn: Db, flt: RequestFilter, limit: int, offset: int = 0, cursor: str | None = None
 ) -> dict[str, Any] | None:
     """A session's totals, its subtotals per model, and one page of its requests (newest first)."""
-    where, params = _where(flt)
+    p = Params()
+    where = _where(conn, flt, p)
+    params = p.values
     row = conn.execute(
         f"SELECT min(ts) AS first_ts, max(ts) AS last_ts, {_AGGREGATES} FROM requests WHERE {where}",
         params,

@@ -19,7 +19,6 @@ secrets and extra headers are never part of any response.
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from meterproxy.app_state import WRITER
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine, BudgetError
 from meterproxy.budgets.spend import BudgetState
+from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import run_read
 
 __all__ = ["budget_view", "setup"]
@@ -157,9 +157,9 @@ async def delete_budget(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _events(conn: sqlite3.Connection, budget: str, limit: int) -> list[Any]:
+def _events(conn: Db, budget: str, limit: int) -> list[Any]:
     rows = conn.execute(
-        "SELECT payload FROM budget_events WHERE budget = ? ORDER BY created_at DESC, id LIMIT ?",
+        "SELECT payload FROM budget_events WHERE budget = $1 ORDER BY created_at DESC, id LIMIT $2",
         [budget, limit],
     ).fetchall()
     return [json.loads(r[0], parse_float=Decimal) for r in rows]
@@ -175,29 +175,29 @@ async def budget_events(request: web.Request) -> web.Response:
     return json_response({"events": events})
 
 
-def _deliveries(conn: sqlite3.Connection, filters: dict[str, str], limit: int) -> list[dict[str, Any]]:
-    where, params = ["1 = 1"], []
+def _deliveries(conn: Db, filters: dict[str, str], limit: int) -> list[dict[str, Any]]:
+    p = Params()
+    where = ["1 = 1"]
     for key, column in (("state", "o.state"), ("event_id", "o.event_id"), ("budget", "e.budget")):
         if key in filters:
-            where.append(f"{column} = ?")
-            params.append(filters[key])
-    conn.row_factory = sqlite3.Row
+            where.append(f"{column} = {p(filters[key])}")
     rows = conn.execute(
         "SELECT o.id, o.event_id, e.type AS event_type, e.budget, o.endpoint, o.url, o.state, o.attempts, "
         "o.created_at, o.next_attempt_at, o.delivered_at, o.last_status, o.last_error "
         "FROM webhook_outbox o JOIN budget_events e ON e.id = o.event_id "
-        f"WHERE {' AND '.join(where)} ORDER BY o.id DESC LIMIT ?",
-        [*params, limit],
+        f"WHERE {' AND '.join(where)} ORDER BY o.id DESC LIMIT {p(limit)}",
+        p.values,
     ).fetchall()
     out = [dict(r) for r in rows]
     # Every listed row's attempts in one query (not one per row): at most `limit` ids.
     attempts: dict[int, list[dict[str, Any]]] = {item["id"]: [] for item in out}
     if attempts:
-        marks = ", ".join("?" * len(attempts))
+        ids = Params()
+        marks = ids.many(attempts)
         for a in conn.execute(
             "SELECT outbox_id, attempt, at, status, error, duration_ms FROM webhook_attempts "
             f"WHERE outbox_id IN ({marks}) ORDER BY outbox_id, attempt",
-            list(attempts),
+            ids.values,
         ):
             attempt = dict(a)
             attempts[attempt.pop("outbox_id")].append(attempt)

@@ -12,8 +12,8 @@ follow the shared store, within one poll interval.
 
 Why each row counts exactly once:
 
-- rowids follow commit order across replicas (``meterproxy.pg.requests``
-  migration), so "rowid above the last one read" misses no row that commits
+- rowids follow commit order across replicas (every insert into ``requests``
+  takes ``Db.lock_request_order`` first), so "rowid above the last one read" misses no row that commits
   late;
 - each budget load (at start, on resync, on create/update) also reads the
   highest rowid *in the same transaction* as the spend it loads (the engine's
@@ -36,7 +36,7 @@ reached plus those started in the following poll interval.
 
 Webhooks go out once across replicas without anything here: an event is one
 row (``UNIQUE (budget, type, period_start, threshold)``, inserted with
-``INSERT OR IGNORE``; only the replica whose insert lands writes outbox rows),
+``ON CONFLICT DO NOTHING``; only the replica whose insert lands writes outbox rows),
 and each delivery attempt is claimed by a conditional ``UPDATE`` that only one
 replica's transaction can win.
 """
@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -58,6 +57,7 @@ from meterproxy.budgets.feature import BUDGETS, BudgetEngine
 from meterproxy.budgets.spend import BudgetState, in_scope
 from meterproxy.money import to_pico
 from meterproxy.store import backend
+from meterproxy.store.db import Db
 from meterproxy.store.writer import StoreWriter
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord
@@ -67,13 +67,13 @@ __all__ = ["ReplicaFollower", "setup"]
 log = logging.getLogger(__name__)
 
 _ROWS = (
-    "SELECT rowid, id, ts, upstream, provider, requested_model, model, user, key_fingerprint, tags, "
-    "cost_usd FROM requests WHERE rowid > ? ORDER BY rowid LIMIT ?"
+    'SELECT rowid, id, ts, upstream, provider, requested_model, model, "user", key_fingerprint, tags, '
+    "cost_usd FROM requests WHERE rowid > $1 ORDER BY rowid LIMIT $2"
 )
 
 
-def _max_rowid(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0])
+def _max_rowid(conn: Db) -> int:
+    return int(conn.execute("SELECT COALESCE(max(rowid), 0) FROM requests").fetchone()[0])
 
 
 def _record(row: Any) -> RequestRecord:
@@ -114,15 +114,15 @@ class ReplicaFollower:
     def _committed(self, records: list[RequestRecord]) -> None:
         self._own.update(r.id for r in records)
 
-    def _loaded(self, conn: sqlite3.Connection, state: BudgetState) -> None:
+    def _loaded(self, conn: Db, state: BudgetState) -> None:
         """A budget was (re)loaded: note the highest rowid its spend already includes."""
         self.marks[state.spec.name] = (state, _max_rowid(conn))
 
     # -- following -----------------------------------------------------------------
-    async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _call(self, fn: Callable[[Db], Any]) -> Any:
         return await asyncio.shield(asyncio.wrap_future(self.writer.call(fn)))
 
-    def read(self, conn: sqlite3.Connection) -> list[Any]:
+    def read(self, conn: Db) -> list[Any]:
         """The next batch of committed rows above the watermark (on the writer thread)."""
         return list(conn.execute(_ROWS, [self.watermark, self.batch]).fetchall())
 

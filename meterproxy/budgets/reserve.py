@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +62,7 @@ from meterproxy.budgets.store import scope_where
 from meterproxy.money import from_pico, to_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
+from meterproxy.store.db import Db, Params, db_errors
 from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord, Usage
 
@@ -123,11 +123,16 @@ def _retryable(exc: BaseException) -> bool:
             continue
         if getattr(e, "sqlstate", None) in ("40001", "40P01"):
             return True
-        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+        if isinstance(e, db_errors()) and ("locked" in str(e) or "busy" in str(e)):  # SQLite
             return True
         if "could not serialize" in str(e) or "deadlock detected" in str(e):
             return True
     return False
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
 
 
 class ReservationLedger:
@@ -141,7 +146,7 @@ class ReservationLedger:
         self._default_output = default_output
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meterproxy-reserve")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Db | None = None
         self._running: dict[str, _Running] = {}
         #: Reservations of this process's requests in flight: request id -> budgets.
         self._in_flight: dict[str, list[str]] = {}
@@ -151,22 +156,23 @@ class ReservationLedger:
         self.refused = 0
 
     # -- on the ledger's thread -----------------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> Db:
         if self._conn is None:
             self._conn = backend.connect(self._db)
         return self._conn
 
-    def _spent(self, conn: sqlite3.Connection, state: BudgetState, start: datetime) -> int:
+    def _spent(self, conn: Db, state: BudgetState, start: datetime) -> int:
         name = state.spec.name
         running = self._running.get(name)
         if running is None or running.period_start != start:
             running = _Running(start, 0, 0)
             self._running[name] = running
-        where, params = scope_where(state.spec.scope)
+        p = Params(running.rowid, format_ts(start))
+        where = scope_where(state.spec.scope, p, conn.dialect)
         row = conn.execute(
             f"SELECT COALESCE(SUM(cost_pico), 0), MAX(rowid) FROM requests "
-            f"WHERE rowid > ? AND ts >= ? AND {where}",
-            [running.rowid, format_ts(start), *params],
+            f"WHERE rowid > $1 AND ts >= $2 AND {where}",
+            p.values,
         ).fetchone()
         # MAX(rowid) of the scoped rows only: unscoped rows in between are re-read next time
         # (cheaply: the range is by the primary key) and contribute nothing.
@@ -175,10 +181,10 @@ class ReservationLedger:
             running.pico += int(row[0])
         return running.pico
 
-    def _held(self, conn: sqlite3.Connection, name: str, now: datetime) -> int:
+    def _held(self, conn: Db, name: str, now: datetime) -> int:
         row = conn.execute(
             "SELECT COALESCE(SUM(r.amount_pico), 0) FROM budget_reservations r "
-            "WHERE r.budget = ? AND r.expires_at > ? "
+            "WHERE r.budget = $1 AND r.expires_at > $2 "
             "AND NOT EXISTS (SELECT 1 FROM requests q WHERE q.id = r.request_id)",
             [name, format_ts(now)],
         ).fetchone()
@@ -190,14 +196,13 @@ class ReservationLedger:
             now = self._clock()
             saved = {n: _Running(r.period_start, r.rowid, r.pico) for n, r in self._running.items()}
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with conn.transaction():
                     refusal = self._check_and_insert(conn, record, states, amount, now)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("ROLLBACK" if refusal else "COMMIT")
-                return refusal
+                    if refusal is not None:
+                        raise _Refused(refusal)  # rolls the reads' transaction back
+                return None
+            except _Refused as refused:
+                return refused.refusal
             except Exception as exc:
                 self._running = saved  # the failed attempt's reads did not happen
                 if not _retryable(exc) or attempt == _RETRIES - 1:
@@ -207,7 +212,7 @@ class ReservationLedger:
 
     def _check_and_insert(
         self,
-        conn: sqlite3.Connection,
+        conn: Db,
         record: RequestRecord,
         states: list[BudgetState],
         amount: int,
@@ -224,7 +229,7 @@ class ReservationLedger:
         for state in states:
             conn.execute(
                 "INSERT INTO budget_reservations (request_id, budget, amount_pico, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "VALUES ($1, $2, $3, $4, $5)",
                 [record.id, state.spec.name, amount, format_ts(now), expires],
             )
             self.held_pico[state.spec.name] = self.held_pico.get(state.spec.name, 0) + amount
@@ -237,15 +242,14 @@ class ReservationLedger:
             ids = list(self._in_flight)
         expires = format_ts(now + timedelta(seconds=_TTL_S))
         for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ", ".join("?" * len(chunk))
+            p = Params(expires)
+            marks = p.many(ids[i : i + 500])
             conn.execute(
-                f"UPDATE budget_reservations SET expires_at = ? WHERE request_id IN ({marks})",
-                [expires, *chunk],
+                f"UPDATE budget_reservations SET expires_at = $1 WHERE request_id IN ({marks})", p.values
             )
         # Sweep: lapsed reservations, and settled ones (their request is recorded).
         conn.execute(
-            "DELETE FROM budget_reservations WHERE expires_at <= ? "
+            "DELETE FROM budget_reservations WHERE expires_at <= $1 "
             "OR EXISTS (SELECT 1 FROM requests q WHERE q.id = budget_reservations.request_id)",
             [format_ts(now)],
         )

@@ -7,7 +7,7 @@ Tables:
 - ``budget_events``: every alert ever raised. ``UNIQUE (budget, type,
   period_start, threshold)`` is what makes "exactly one event per budget,
   threshold and period" hold across restarts and races: an event is inserted
-  with ``INSERT OR IGNORE`` and only a row that was actually inserted gets
+  with ``ON CONFLICT DO NOTHING`` and only a row that was actually inserted gets
   outbox entries.
 - ``webhook_outbox``: one row per event x endpoint, inserted in the same
   transaction as the event, so an event is never recorded without its
@@ -22,17 +22,14 @@ Write functions take the writer's connection (they run on the writer thread via
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import sqlite_utils
-from sqlite_utils import Migrations
-
 from meterproxy.budgets.definition import BudgetScope, BudgetSpec
 from meterproxy.exact_json import dumps
-from meterproxy.store import register_migrations
+from meterproxy.store import Db, Migrations, Params, register_migrations
+from meterproxy.store.dialect import Dialect
 from meterproxy.timestamps import format_ts
 
 __all__ = [
@@ -53,60 +50,61 @@ budget_migrations = register_migrations(Migrations("meterproxy.budgets"))
 
 
 @budget_migrations()
-def m001_budget_tables(db: sqlite_utils.Database) -> None:
+def m001_budget_tables(db: Db) -> None:
+    t, serial = db.dialect.text, db.dialect.serial_key
     db.execute(
-        """
+        f"""
         CREATE TABLE budgets (
-            name TEXT PRIMARY KEY,
-            spec TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL
+            name {t} PRIMARY KEY,
+            spec {t} NOT NULL,
+            created_at {t} NOT NULL,
+            updated_at {t} NOT NULL
         )
         """
     )
     db.execute(
-        """
+        f"""
         CREATE TABLE budget_events (
-            id TEXT PRIMARY KEY,
-            budget TEXT NOT NULL,
-            type TEXT NOT NULL,
-            period_start TEXT NOT NULL,
-            threshold TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            payload TEXT NOT NULL,
+            id {t} PRIMARY KEY,
+            budget {t} NOT NULL,
+            type {t} NOT NULL,
+            period_start {t} NOT NULL,
+            threshold {t} NOT NULL,
+            created_at {t} NOT NULL,
+            payload {t} NOT NULL,
             UNIQUE (budget, type, period_start, threshold)
         )
         """
     )
     db.execute(
-        """
+        f"""
         CREATE TABLE webhook_outbox (
-            id INTEGER PRIMARY KEY,
-            event_id TEXT NOT NULL REFERENCES budget_events(id),
-            endpoint TEXT NOT NULL,
-            url TEXT NOT NULL,
-            state TEXT NOT NULL DEFAULT 'pending',
-            attempts INTEGER NOT NULL DEFAULT 0,
-            created_at TEXT NOT NULL,
-            next_attempt_at TEXT NOT NULL,
-            delivered_at TEXT,
-            last_status INTEGER,
-            last_error TEXT,
+            id {serial},
+            event_id {t} NOT NULL REFERENCES budget_events(id),
+            endpoint {t} NOT NULL,
+            url {t} NOT NULL,
+            state {t} NOT NULL DEFAULT 'pending',
+            attempts BIGINT NOT NULL DEFAULT 0,
+            created_at {t} NOT NULL,
+            next_attempt_at {t} NOT NULL,
+            delivered_at {t},
+            last_status BIGINT,
+            last_error {t},
             UNIQUE (event_id, endpoint)
         )
         """
     )
     db.execute("CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at)")
     db.execute(
-        """
+        f"""
         CREATE TABLE webhook_attempts (
-            id INTEGER PRIMARY KEY,
-            outbox_id INTEGER NOT NULL REFERENCES webhook_outbox(id),
-            attempt INTEGER NOT NULL,
-            at TEXT NOT NULL,
-            status INTEGER,
-            error TEXT,
-            duration_ms REAL
+            id {serial},
+            outbox_id BIGINT NOT NULL REFERENCES webhook_outbox(id),
+            attempt BIGINT NOT NULL,
+            at {t} NOT NULL,
+            status BIGINT,
+            error {t},
+            duration_ms DOUBLE PRECISION
         )
         """
     )
@@ -114,16 +112,17 @@ def m001_budget_tables(db: sqlite_utils.Database) -> None:
 
 
 @budget_migrations()
-def m002_budget_reservations(db: sqlite_utils.Database) -> None:
+def m002_budget_reservations(db: Db) -> None:
     """Reserve budgets' holds (`meterproxy.budgets.reserve`): one row per request x budget."""
+    t = db.dialect.text
     db.execute(
-        """
+        f"""
         CREATE TABLE budget_reservations (
-            request_id TEXT NOT NULL,
-            budget TEXT NOT NULL,
-            amount_pico INTEGER NOT NULL,
-            created_at TEXT NOT NULL,
-            expires_at TEXT NOT NULL,
+            request_id {t} NOT NULL,
+            budget {t} NOT NULL,
+            amount_pico BIGINT NOT NULL,
+            created_at {t} NOT NULL,
+            expires_at {t} NOT NULL,
             PRIMARY KEY (request_id, budget)
         )
         """
@@ -131,50 +130,50 @@ def m002_budget_reservations(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX budget_reservations_budget ON budget_reservations (budget, expires_at)")
 
 
-def scope_where(scope: BudgetScope) -> tuple[str, list[Any]]:
+def scope_where(scope: BudgetScope, p: Params, dialect: Dialect) -> str:
     """SQL over ``requests`` selecting the rows in ``scope`` (mirrors `spend.in_scope`)."""
     clauses = ["cost_pico IS NOT NULL"]
-    params: list[Any] = []
     for column, value in (
         ("upstream", scope.upstream),
         ("provider", scope.provider),
-        ("user", scope.user),
+        ('"user"', scope.user),
         ("key_fingerprint", scope.key),
     ):
         if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(value)
+            clauses.append(f"{column} = {p(value)}")
     if scope.model is not None:
-        clauses.append("(model = ? OR requested_model = ?)")
-        params += [scope.model, scope.model]
+        model = p(scope.model)
+        clauses.append(f"(model = {model} OR requested_model = {model})")
     for key, value in scope.tags.items():
-        clauses.append("json_extract(tags, ?) = ?")
-        params += ['$."' + key.replace('"', '""') + '"', value]
-    return " AND ".join(clauses), params
+        clauses.append(f"{dialect.json_text('tags', p, key)} = {p(value)}")
+    return " AND ".join(clauses)
 
 
-def spend_buckets(conn: sqlite3.Connection, scope: BudgetScope, since: datetime) -> list[tuple[int, int]]:
+def spend_buckets(conn: Db, scope: BudgetScope, since: datetime) -> list[tuple[int, int]]:
     """``(unix second, picodollars)`` per second of stored spend in scope since ``since``."""
-    where, params = scope_where(scope)
+    p = Params()
+    since_at = p(format_ts(since))
+    where = scope_where(scope, p, conn.dialect)
+    sec = conn.dialect.epoch_seconds("ts")
     rows = conn.execute(
-        f"SELECT CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) AS sec, SUM(cost_pico) "
-        f"FROM requests WHERE ts >= ? AND {where} GROUP BY sec ORDER BY sec",
-        [format_ts(since), *params],
+        f"SELECT {sec} AS sec, SUM(cost_pico) FROM requests WHERE ts >= {since_at} AND {where} "
+        "GROUP BY 1 ORDER BY 1",
+        p.values,
     ).fetchall()
     return [(int(sec), int(pico)) for sec, pico in rows]
 
 
-def fired_events(conn: sqlite3.Connection, budget: str, since: datetime) -> list[tuple[str, str, str]]:
+def fired_events(conn: Db, budget: str, since: datetime) -> list[tuple[str, str, str]]:
     """``(type, period_start, threshold)`` of the budget's events raised since ``since``."""
     rows = conn.execute(
-        "SELECT type, period_start, threshold FROM budget_events WHERE budget = ? AND created_at >= ?",
+        "SELECT type, period_start, threshold FROM budget_events WHERE budget = $1 AND created_at >= $2",
         [budget, format_ts(since)],
     ).fetchall()
     return [(str(a), str(b), str(c)) for a, b, c in rows]
 
 
 def insert_events(
-    conn: sqlite3.Connection, events: Iterable[dict[str, Any]], endpoints: dict[str, list[tuple[str, str]]]
+    conn: Db, events: Iterable[dict[str, Any]], endpoints: dict[str, list[tuple[str, str]]]
 ) -> list[str]:
     """Insert events (ignoring ones already raised) and their outbox rows; the new events' ids.
 
@@ -183,8 +182,8 @@ def insert_events(
     inserted: list[str] = []
     for event in events:
         cur = conn.execute(
-            "INSERT OR IGNORE INTO budget_events "
-            "(id, budget, type, period_start, threshold, created_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO budget_events (id, budget, type, period_start, threshold, created_at, payload) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
             [
                 event["id"],
                 event["budget"]["name"],
@@ -200,8 +199,8 @@ def insert_events(
         inserted.append(event["id"])
         for name, url in endpoints.get(event["id"], []):
             conn.execute(
-                "INSERT OR IGNORE INTO webhook_outbox (event_id, endpoint, url, created_at, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO webhook_outbox (event_id, endpoint, url, created_at, next_attempt_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                 [event["id"], name, url, event["timestamp"], event["timestamp"]],
             )
     return inserted
@@ -212,7 +211,7 @@ def public_event(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if not k.startswith("key_")}
 
 
-def claim_due(conn: sqlite3.Connection, ids: list[int], now: datetime, lease_until: datetime) -> list[int]:
+def claim_due(conn: Db, ids: list[int], now: datetime, lease_until: datetime) -> list[int]:
     """Claim due outbox rows for one delivery attempt; the ids this process got.
 
     Moving ``next_attempt_at`` to the end of the lease is the claim: another
@@ -222,8 +221,8 @@ def claim_due(conn: sqlite3.Connection, ids: list[int], now: datetime, lease_unt
     claimed = []
     for outbox_id in ids:
         cur = conn.execute(
-            "UPDATE webhook_outbox SET next_attempt_at = ? "
-            "WHERE id = ? AND state = 'pending' AND next_attempt_at <= ?",
+            "UPDATE webhook_outbox SET next_attempt_at = $1 "
+            "WHERE id = $2 AND state = 'pending' AND next_attempt_at <= $3",
             [format_ts(lease_until), outbox_id, format_ts(now)],
         )
         if cur.rowcount == 1:
@@ -232,7 +231,7 @@ def claim_due(conn: sqlite3.Connection, ids: list[int], now: datetime, lease_unt
 
 
 def record_attempt(
-    conn: sqlite3.Connection,
+    conn: Db,
     outbox_id: int,
     *,
     at: datetime,
@@ -243,8 +242,8 @@ def record_attempt(
     next_attempt_at: datetime | None,
 ) -> None:
     attempt = conn.execute(
-        "UPDATE webhook_outbox SET attempts = attempts + 1, state = ?, last_status = ?, last_error = ?, "
-        "next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ? WHERE id = ? RETURNING attempts",
+        "UPDATE webhook_outbox SET attempts = attempts + 1, state = $1, last_status = $2, last_error = $3, "
+        "next_attempt_at = COALESCE($4, next_attempt_at), delivered_at = $5 WHERE id = $6 RETURNING attempts",
         [
             state,
             status,
@@ -256,33 +255,33 @@ def record_attempt(
     ).fetchone()
     conn.execute(
         "INSERT INTO webhook_attempts (outbox_id, attempt, at, status, error, duration_ms) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
+        "VALUES ($1, $2, $3, $4, $5, $6)",
         [outbox_id, attempt[0] if attempt else 0, format_ts(at), status, error, duration_ms],
     )
 
 
-def save_budget(conn: sqlite3.Connection, spec: BudgetSpec, now: datetime, *, create: bool) -> bool:
+def save_budget(conn: Db, spec: BudgetSpec, now: datetime, *, create: bool) -> bool:
     """Insert (``create``) or replace an API-managed budget; False if that is not possible."""
     text = spec.model_dump_json(exclude_none=True)
     if create:
         cur = conn.execute(
-            "INSERT OR IGNORE INTO budgets (name, spec, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO budgets (name, spec, created_at, updated_at) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT DO NOTHING",
             [spec.name, text, format_ts(now), format_ts(now)],
         )
     else:
         cur = conn.execute(
-            "UPDATE budgets SET spec = ?, updated_at = ? WHERE name = ?", [text, format_ts(now), spec.name]
+            "UPDATE budgets SET spec = $1, updated_at = $2 WHERE name = $3", [text, format_ts(now), spec.name]
         )
     return cur.rowcount == 1
 
 
-def delete_budget(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("DELETE FROM budgets WHERE name = ?", [name]).rowcount == 1
+def delete_budget(conn: Db, name: str) -> bool:
+    return conn.execute("DELETE FROM budgets WHERE name = $1", [name]).rowcount == 1
 
 
-def load_api_budgets(conn: sqlite3.Connection) -> list[BudgetSpec]:
-    try:
-        rows = conn.execute("SELECT spec FROM budgets ORDER BY name").fetchall()
-    except sqlite3.OperationalError:  # a database the proxy has not migrated yet
-        return []
+def load_api_budgets(conn: Db) -> list[BudgetSpec]:
+    if conn.execute(conn.dialect.table_exists, ["budgets"]).fetchone() is None:
+        return []  # a database the proxy has not migrated yet
+    rows = conn.execute("SELECT spec FROM budgets ORDER BY name").fetchall()
     return [BudgetSpec.model_validate_json(r[0]) for r in rows]

@@ -39,7 +39,6 @@ import hmac
 import json
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import aiohttp
 from meterproxy.budgets.definition import WebhookEndpoint, signing_key
 from meterproxy.budgets.store import claim_due, record_attempt
 from meterproxy.exact_json import dumps
+from meterproxy.store.db import Db
 from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
 from meterproxy.timestamps import format_ts, parse_ts
@@ -112,7 +112,7 @@ class RetryPolicy:
 _DUE = """
 SELECT o.id, o.event_id, o.endpoint, o.attempts, o.created_at, e.payload
 FROM webhook_outbox o JOIN budget_events e ON e.id = o.event_id
-WHERE o.state = 'pending' AND o.next_attempt_at <= ?
+WHERE o.state = 'pending' AND o.next_attempt_at <= $1
 ORDER BY o.next_attempt_at LIMIT 200
 """
 
@@ -195,7 +195,7 @@ class Deliverer:
             task.add_done_callback(self._tasks.discard)
 
     async def _until_next(self) -> float:
-        def query(conn: sqlite3.Connection) -> str | None:
+        def query(conn: Db) -> str | None:
             row = conn.execute(
                 "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = 'pending'"
             ).fetchone()

@@ -116,14 +116,8 @@ def _write_db(db: str, fn: Any) -> Any:
     conn = connect(db)
     try:
         apply_migrations(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return result
+        with conn.transaction():
+            return fn(conn)
     finally:
         conn.close()
 

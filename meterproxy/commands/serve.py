@@ -21,6 +21,7 @@ from meterproxy.routing import parse_upstream
 from meterproxy.serving import serving_file
 from meterproxy.settings import SettingsError, load_settings, split_upstream_value
 from meterproxy.store.backend import describe as describe_db
+from meterproxy.store.backend import require_driver
 
 __all__ = ["command"]
 
@@ -89,6 +90,7 @@ def command(
     except (SettingsError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     configure_logging(settings.log_level)
+    require_driver(settings.db)  # before anything starts: say which extra a postgresql:// URL needs
     if settings.pricing:
         # A pricing file that cannot be used stops here with its name, not a traceback at startup.
         try:

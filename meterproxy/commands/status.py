@@ -17,7 +17,6 @@ missing database prints the reason and exits 1.
 from __future__ import annotations
 
 import json
-import sqlite3
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, time
@@ -31,6 +30,7 @@ from meterproxy.commands.database import resolve_db
 from meterproxy.commands.report import make_reader, source_options, zone
 from meterproxy.reports import Query, compact, money
 from meterproxy.settings import load_settings
+from meterproxy.store.db import db_errors
 from meterproxy.timestamps import format_ts
 
 __all__ = ["band", "command", "db_budgets", "fetch_budgets", "parse_bands", "worst_budget"]
@@ -180,7 +180,9 @@ def command(
             parts.append(f"session {money(spent)}")
         budgets = fetch_budgets(url, token) if url else db_budgets(resolve_db(db, config_file), config_file)
         worst = worst_budget(budgets)
-    except (OSError, urllib.error.URLError, sqlite3.Error) as exc:
+    except (OSError, urllib.error.URLError) as exc:
+        raise click.ClickException(f"cannot read spend: {exc}") from exc
+    except db_errors() as exc:
         raise click.ClickException(f"cannot read spend: {exc}") from exc
     level = band(_cost(today), limits)
     if worst is not None:

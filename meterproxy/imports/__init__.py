@@ -7,7 +7,7 @@ them. The design rests on three rules:
 - **Stable ids.** A record's id is derived from its source and the source's own
   keys (Claude Code's message id + request id; a line's ``id``, or the line's
   bytes), never from the clock, so re-running an import finds the same ids and
-  ``INSERT OR IGNORE`` adds nothing twice. When a source writes growing
+  ``ON CONFLICT DO NOTHING`` adds nothing twice. When a source writes growing
   snapshots of one answer (Claude Code's streaming entries), `ImportStore.write`
   keeps the largest one (``keep="largest"``): a later, bigger snapshot replaces
   a smaller one already stored, a smaller one never replaces a bigger one.
@@ -35,22 +35,20 @@ short ``BEGIN IMMEDIATE`` transactions.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-import sqlite_utils
-from sqlite_utils import Migrations
-
 from meterproxy.pricing import PriceBook
-from meterproxy.store import register_migrations
+from meterproxy.store import Db, Migrations, Params, register_migrations
 from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.rollups import unroll_row
-from meterproxy.store.schema import COLUMNS, record_to_row
+from meterproxy.store.schema import record_to_row
+from meterproxy.store.writer import INSERT_REQUEST
 from meterproxy.usage import RequestRecord
 
 __all__ = [
@@ -67,18 +65,19 @@ import_migrations = register_migrations(Migrations("meterproxy.imports"))
 
 
 @import_migrations()
-def m001_import_files(db: sqlite_utils.Database) -> None:
+def m001_import_files(db: Db) -> None:
+    t = db.dialect.text
     db.execute(
-        """
+        f"""
         CREATE TABLE import_files (
-            source TEXT NOT NULL,
-            path TEXT NOT NULL,
-            inode INTEGER,
-            offset INTEGER NOT NULL DEFAULT 0,
-            size INTEGER,
-            mtime_ns INTEGER,
-            head TEXT,
-            updated TEXT,
+            source {t} NOT NULL,
+            path {t} NOT NULL,
+            inode BIGINT,
+            "offset" BIGINT NOT NULL DEFAULT 0,
+            size BIGINT,
+            mtime_ns BIGINT,
+            head {t},
+            updated {t},
             PRIMARY KEY (source, path)
         )
         """
@@ -86,11 +85,6 @@ def m001_import_files(db: sqlite_utils.Database) -> None:
 
 
 HEAD_BYTES = 256
-
-_INSERT = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
-_REPLACE = (
-    f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
-)
 
 
 def stable_id(source: str, *keys: str) -> str:
@@ -178,7 +172,7 @@ class ImportStore:
 
     def file_state(self, source: str, path: str) -> FileState | None:
         row = self.conn.execute(
-            "SELECT inode, offset, size, mtime_ns, head FROM import_files WHERE source = ? AND path = ?",
+            'SELECT inode, "offset", size, mtime_ns, head FROM import_files WHERE source = $1 AND path = $2',
             [source, path],
         ).fetchone()
         return FileState(*row) if row else None
@@ -192,8 +186,8 @@ class ImportStore:
         file: tuple[str, str, FileState] | None = None,
     ) -> None:
         """Store `records` (and a file's new state) in one transaction."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.conn.transaction():
+            self.conn.lock_request_order()
             existing = self._existing([r.id for r in records])
             proxied = proxied_request_ids(self.conn, [r.provider_request_id for r in records])
             for record in records:
@@ -202,64 +196,60 @@ class ImportStore:
                     continue
                 row = record_to_row(record)
                 if record.id not in existing:
-                    self.conn.execute(_INSERT, row)
+                    self.conn.execute(INSERT_REQUEST, row)
                     stats.inserted += 1
                 elif keep == "largest" and _size(record) > existing[record.id]:
+                    # Deleted and inserted again (a new rowid), so the rollups fold it in anew.
                     unroll_row(self.conn, record.id)
-                    self.conn.execute(_REPLACE, row)
+                    self.conn.execute("DELETE FROM requests WHERE id = $1", [record.id])
+                    self.conn.execute(INSERT_REQUEST, row)
                     stats.replaced += 1
                 else:
                     stats.duplicates += 1
                 existing[record.id] = max(existing.get(record.id, (0, 0)), _size(record))
             if file is not None:
                 self._save_state(*file)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
 
     def _existing(self, ids: Iterable[str]) -> dict[str, tuple[int, int]]:
         found: dict[str, tuple[int, int]] = {}
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" for _ in chunk)
+            p = Params()
+            marks = p.many(unique[start : start + 500])
             for rid, out, inp in self.conn.execute(
-                f"SELECT id, output_tokens, input_tokens FROM requests WHERE id IN ({marks})", chunk
+                f"SELECT id, output_tokens, input_tokens FROM requests WHERE id IN ({marks})", p.values
             ):
                 found[rid] = (out, inp)
         return found
 
     def _save_state(self, source: str, path: str, state: FileState) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         self.conn.execute(
-            "INSERT OR REPLACE INTO import_files (source, path, inode, offset, size, mtime_ns, head, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-            [source, path, state.inode, state.offset, state.size, state.mtime_ns, state.head],
+            'INSERT INTO import_files (source, path, inode, "offset", size, mtime_ns, head, updated)'
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (source, path) DO UPDATE SET "
+            'inode = excluded.inode, "offset" = excluded."offset", size = excluded.size, '
+            "mtime_ns = excluded.mtime_ns, head = excluded.head, updated = excluded.updated",
+            [source, path, state.inode, state.offset, state.size, state.mtime_ns, state.head, now],
         )
 
     def save_state(self, source: str, path: str, state: FileState) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.conn.transaction():
             self._save_state(source, path, state)
-            self.conn.execute("COMMIT")
-        except sqlite3.Error:
-            self.conn.execute("ROLLBACK")
-            raise
 
 
-def proxied_request_ids(conn: sqlite3.Connection, ids: Iterable[str | None]) -> set[str]:
+def proxied_request_ids(conn: Db, ids: Iterable[str | None]) -> set[str]:
     """Which of these provider request ids a proxied row already carries."""
     found: set[str] = set()
     unique = [i for i in dict.fromkeys(ids) if i]
     for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
-        marks = ",".join("?" for _ in chunk)
+        p = Params()
+        marks = p.many(unique[start : start + 500])
         found.update(
             row[0]
             for row in conn.execute(
                 f"SELECT provider_request_id FROM requests WHERE provider_request_id IN ({marks}) "
                 "AND source = 'proxy'",
-                chunk,
+                p.values,
             )
         )
     return found

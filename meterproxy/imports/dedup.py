@@ -21,13 +21,13 @@ nothing while no import ever ran on this database (``import_files`` is empty).
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 
 from aiohttp import web
 
 from meterproxy.app_state import WRITER
+from meterproxy.store.db import Db, Params
 from meterproxy.store.rollups import unroll_row
 from meterproxy.store.writer import StoreWriter
 from meterproxy.usage import RequestRecord
@@ -37,20 +37,20 @@ __all__ = ["drop_imported_duplicates", "setup"]
 log = logging.getLogger(__name__)
 
 
-def drop_imported_duplicates(conn: sqlite3.Connection, request_ids: Sequence[str]) -> int:
+def drop_imported_duplicates(conn: Db, request_ids: Sequence[str]) -> int:
     """Delete imported rows whose provider request id a proxied row has; returns how many."""
     if not request_ids or conn.execute("SELECT 1 FROM import_files LIMIT 1").fetchone() is None:
         return 0
     dropped = 0
     for start in range(0, len(request_ids), 500):
-        chunk = list(request_ids[start : start + 500])
-        marks = ",".join("?" for _ in chunk)
+        p = Params()
+        marks = p.many(request_ids[start : start + 500])
         rows = conn.execute(
-            f"SELECT id FROM requests WHERE provider_request_id IN ({marks}) AND source <> 'proxy'", chunk
+            f"SELECT id FROM requests WHERE provider_request_id IN ({marks}) AND source <> 'proxy'", p.values
         ).fetchall()
         for (rid,) in rows:
             unroll_row(conn, rid)
-            conn.execute("DELETE FROM requests WHERE id = ?", [rid])
+            conn.execute("DELETE FROM requests WHERE id = $1", [rid])
             dropped += 1
     return dropped
 

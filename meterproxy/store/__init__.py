@@ -1,52 +1,75 @@
-"""Persistence: one writer thread owns the write connection; readers open their own.
+"""Persistence on SQLite or PostgreSQL: one SQL text per query, a few named dialect pieces, no emulator.
 
+How to write a query (both engines run it exactly as written)
+------------------------------------------------------------
+Take a `Db` (``meterproxy.store.db``): the writer's (``StoreWriter.call(fn)``
+runs ``fn(db)`` in a write transaction on the writer thread) or a reader's
+(``backend.read_connection(url)``; ``api.run_read`` does it off the loop)::
+
+    db.execute("SELECT count(*) FROM requests WHERE model = $1 AND ts >= $2", [model, since])
+
+- Placeholders are ``$1, $2, ...`` (PostgreSQL's own; SQLite reads them as
+  named parameters). Compose dynamic SQL with `Params`::
+
+      p = Params()
+      where = f"ts >= {p(since)} AND {db.dialect.json_text('tags', p, 'team')} = {p(team)}"
+      db.execute(f"SELECT ... WHERE {where}", p.values)
+
+- Write SQL the engines share: ``COALESCE`` (not ``ifnull``), ``CASE`` (not
+  ``iif``), ``INSERT ... ON CONFLICT (key) DO NOTHING | DO UPDATE SET c =
+  excluded.c`` (not ``INSERT OR IGNORE/REPLACE``; in ``DO UPDATE`` qualify the
+  old value with the table name: ``n = t.n + excluded.n``), ``RETURNING``,
+  ``SUM(CASE WHEN ... THEN 1 ELSE 0 END)`` (not ``sum(<comparison>)``),
+  ``substr(ts, 1, 13)`` for an hour bucket, ``CAST(x AS BIGINT)``, window
+  functions, subqueries in FROM with an alias, ``"user"`` quoted (a reserved
+  word in PostgreSQL). Booleans are stored as 0/1 integers: test
+  ``streamed = 1``, never a bare column as a condition.
+- Where the engines differ, use the named piece of ``db.dialect``
+  (`meterproxy.store.dialect`): ``json_text`` (a JSON tag), ``epoch_seconds``,
+  ``table_exists``, and in DDL ``text``, ``serial_key``, ``rowid_column``,
+  ``table_options``. Add a piece there rather than branching on the engine.
+- Transactions: ``with db.transaction():`` (writes, serialized; on PostgreSQL
+  rerun the work when ``db.is_serialization_failure(exc)``; the writer does);
+  ``with db.snapshot():`` (several reads that must agree). Inserts into
+  ``requests`` call ``db.lock_request_order()`` first.
+- Errors are the driver's own: ``except db_errors():``.
+- Tables: register a `Migrations` set with `register_migrations`
+  (``meterproxy.store.migrations``); one runner applies every set on both
+  engines and records names in ``meterproxy_migrations``.
+
+Why this and not SQLAlchemy Core
+--------------------------------
+The queries are few and mostly fixed text with a WHERE clause composed from
+filters; the engines agree on nearly all of it (``ON CONFLICT``,
+``RETURNING``, window functions, CTEs). What differs is a handful of
+fragments, and a named function per fragment keeps the SQL readable as SQL,
+greppable, and free of a 3 MB dependency and its per-statement compile cost on
+the writer's hot path (SQLite must stay a one-file, no-extra install). A
+query builder would earn its keep if queries were assembled from many
+optional parts; here `Params` is all the composition needed.
+
+The engines
+-----------
 Write side: `StoreWriter` (``store/writer.py``) takes records from the event
 loop through a bounded queue and commits them in batches on its own thread.
-Read side: ``store/queries.py`` runs queries on short-lived read-only
-connections off the event loop; nothing on the read side goes through the
-writer.
-
-Features add tables by registering a migration set with `register_migrations`,
-the same way the core does.
+Read side: ``store/queries.py`` and ``store/summary.py`` run on short-lived
+read-only connections off the event loop. SQLite is ``sqlite3`` (stdlib);
+PostgreSQL is psycopg 3 (the ``meterproxy[postgres]`` extra), loaded only
+for a ``postgresql://`` URL.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
+from meterproxy.store.db import Db, Params, db_errors, placeholders
+from meterproxy.store.migrations import Migrations, apply_migrations, migration_sets, register_migrations
 
-from sqlite_utils import Migrations
-
-__all__ = ["migration_sets", "register_migrations"]
-
-_SETS: list[Migrations] = []
-
-
-def register_migrations(migrations: Migrations) -> Migrations:
-    if all(m.name != migrations.name for m in _SETS):
-        _SETS.append(migrations)
-    return migrations
-
-
-#: Built-in features that own tables: (module that registers the set, set name), in the
-#: order their migrations apply. They are imported before migrating so that every
-#: process applies the same complete set whatever it happened to import: `serve
-#: --workers` migrates once in the supervisor, and a set first registered in the
-#: workers would make them race to create its tables.
-BUILTIN_MIGRATION_SETS = (
-    ("meterproxy.store.rollups", "meterproxy.rollups"),
-    ("meterproxy.budgets.store", "meterproxy.budgets"),
-    ("meterproxy.imports", "meterproxy.imports"),
-    ("meterproxy.content", "meterproxy.content"),
-)
-
-
-def migration_sets() -> list[Migrations]:
-    """Core first, then the built-in features in a fixed order, then any extension's."""
-    from meterproxy.store.schema import core_migrations
-
-    for module, _ in BUILTIN_MIGRATION_SETS:
-        import_module(module)
-    order = {name: i for i, (_, name) in enumerate(BUILTIN_MIGRATION_SETS)}
-    rest = [m for m in _SETS if m is not core_migrations]
-    rest.sort(key=lambda m: order.get(m.name, len(order)))  # stable: extensions keep their order
-    return [core_migrations, *rest]
+__all__ = [
+    "Db",
+    "Migrations",
+    "Params",
+    "apply_migrations",
+    "db_errors",
+    "migration_sets",
+    "placeholders",
+    "register_migrations",
+]

@@ -3,37 +3,50 @@
 ``--db`` (``Settings.db``, a string) takes a bare path or ``sqlite:///path``
 (SQLite, the default: one file, one writer thread) or
 ``postgresql://user@host/db`` (PostgreSQL: several replicas share one
-database). `parse_db` reads it; everything else asks this module for a
-connection and never looks at the URL itself:
+database; needs the ``meterproxy[postgres]`` extra). `parse_db` reads it;
+everything else asks this module for a `Db` and never looks at the URL itself:
 
 - `connect` (the writer's connection, or a one-off command's);
 - `read_connection` (the read side: a fresh read-only SQLite connection, or a
   read-only connection borrowed from a pool on PostgreSQL; ``close()`` returns it);
-- `apply_migrations` (every registered migration set, on either backend);
+- `apply_migrations` (every registered migration set, on either engine);
 - `close` (the process's read pool for that database, at shutdown).
-
-Both kinds of connection are typed as ``sqlite3.Connection``: the PostgreSQL one
-(`meterproxy.store.pg.PgConnection`) implements the part of that surface the
-store uses (``execute``/``executemany`` with ``?`` placeholders, rows by index
-and name, sqlite3 exception classes), so every query is written once.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from types import ModuleType
+from typing import Any
 
-__all__ = ["DbUrl", "apply_migrations", "close", "connect", "describe", "parse_db", "read_connection"]
+from meterproxy.store.db import Db
+from meterproxy.store.dialect import DialectName
+from meterproxy.store.migrations import apply_migrations
+from meterproxy.store.sqlite import connect_sqlite
 
-Dialect = Literal["sqlite", "postgresql"]
+__all__ = [
+    "DbUrl",
+    "MissingDriver",
+    "apply_migrations",
+    "close",
+    "connect",
+    "describe",
+    "parse_db",
+    "read_connection",
+    "require_driver",
+]
+
+
+class MissingDriver(RuntimeError):
+    """A ``postgresql://`` database without the ``meterproxy[postgres]`` extra installed."""
 
 
 @dataclass(frozen=True, slots=True)
 class DbUrl:
-    dialect: Dialect
+    dialect: DialectName
     #: A filesystem path (SQLite) or a libpq connection URL (PostgreSQL).
     target: str
 
@@ -68,53 +81,44 @@ def describe(value: str | Path) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url.target)
 
 
-def connect(value: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A new connection of its own (the writer's, or a command's), autocommit on both backends."""
+def postgres() -> ModuleType:
+    """`meterproxy.store.postgres`, or `MissingDriver` saying which extra to install."""
+    try:
+        return importlib.import_module("meterproxy.store.postgres")
+    except ImportError as exc:
+        raise MissingDriver(
+            "--db postgresql://... needs the PostgreSQL driver, which is not installed: "
+            "pip install 'meterproxy[postgres]'"
+        ) from exc
+
+
+def require_driver(value: str | Path) -> None:
+    """Raise `MissingDriver` now if ``value`` is a PostgreSQL URL and its driver is not installed."""
+    if parse_db(value).is_postgres:
+        postgres()
+
+
+def connect(value: str | Path, *, readonly: bool = False) -> Db:
+    """A new connection of its own (the writer's, or a command's), autocommit on both engines."""
     url = parse_db(value)
     if url.is_postgres:
-        from meterproxy.store.pg import connect_pg
-
-        return cast(sqlite3.Connection, connect_pg(url.target, readonly=readonly))
-    from meterproxy.store.schema import connect as sqlite_connect
-
-    return sqlite_connect(url.target, readonly=readonly)
+        db: Db = postgres().connect_pg(url.target, readonly=readonly)
+        return db
+    return connect_sqlite(url.target, readonly=readonly)
 
 
-def read_connection(value: str | Path) -> sqlite3.Connection:
-    """A read-only connection whose rows read by name (``sqlite3.Row`` or its PostgreSQL twin)."""
+def read_connection(value: str | Path) -> Db:
+    """A read-only connection (a pooled one on PostgreSQL: ``close()`` gives it back)."""
     url = parse_db(value)
     if url.is_postgres:
-        from meterproxy.store.pg import pooled_read_connection
-
-        return cast(sqlite3.Connection, pooled_read_connection(url.target))
-    from meterproxy.store.schema import connect as sqlite_connect
-
-    conn = sqlite_connect(url.target, readonly=True)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def dialect_of(conn: sqlite3.Connection) -> Dialect:
-    """``"postgresql"`` for a connection from this module on PostgreSQL, else ``"sqlite"``."""
-    return cast(Dialect, getattr(conn, "dialect", "sqlite"))
-
-
-def apply_migrations(conn: sqlite3.Connection) -> None:
-    """Apply every registered migration set (core first, then features') on either backend."""
-    if dialect_of(conn) == "postgresql":
-        from meterproxy.store.pg_migrations import apply_pg_migrations
-
-        apply_pg_migrations(conn)
-        return
-    from meterproxy.store.schema import apply_migrations as apply_sqlite
-
-    apply_sqlite(conn)
+        db: Db = postgres().POOLS.connection(url.target)
+        return db
+    return connect_sqlite(url.target, readonly=True)
 
 
 def close(value: str | Path) -> None:
     """Release what this process holds for the database (PostgreSQL's read pool)."""
     url = parse_db(value)
     if url.is_postgres:
-        from meterproxy.store.pg import close_pools
-
-        close_pools(url.target)
+        pools: Any = postgres().POOLS
+        pools.close(url.target)

@@ -3,7 +3,7 @@
 ``meterproxy migrate SOURCE TARGET`` is this module behind a progress bar. The
 target is opened the way a proxy opens it (every migration applied), then each
 table the two stores share is copied in the source's insertion order, in
-batches, with ``INSERT OR IGNORE`` (``ON CONFLICT DO NOTHING`` on PostgreSQL):
+batches, with ``INSERT ... ON CONFLICT DO NOTHING``:
 a row whose key is already there is left as it is, so running the copy again,
 or after it was interrupted, adds only what is missing.
 
@@ -28,16 +28,25 @@ What needs more than a row copy:
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meterproxy.store import backend
+from meterproxy.store.db import Db
 
 __all__ = ["CopyError", "CopyResult", "copy_store", "count_rows", "open_target"]
 
-_SKIP = {"_sqlite_migrations", "_migrations", "sqlite_master", "sqlite_sequence", "sqlite_stat1", "meta"}
+_SKIP = {
+    "meterproxy_migrations",
+    "_sqlite_migrations",
+    "_migrations",
+    "sqlite_sequence",
+    "sqlite_stat1",
+    "meta",
+}
 _ROLLUPS = {"rollup_hour", "rollup_day", "rollup_state"}
+#: Kept equal to the rollups by triggers in the target: copying them too would count twice.
+_DERIVED = {"rollup_day_model", "rollup_hour_model"}
 
 
 class CopyError(RuntimeError):
@@ -51,54 +60,36 @@ class CopyResult:
     notes: list[str] = field(default_factory=list)
 
 
-def open_target(url: str) -> sqlite3.Connection:
-    """The target, migrated to the current schema (every feature's migration set)."""
-    _register_all_migrations()
+def open_target(url: str) -> Db:
+    """The target, migrated to the current schema (every built-in migration set)."""
     conn = backend.connect(url)
     backend.apply_migrations(conn)
     return conn
 
 
-def _register_all_migrations() -> None:
-    """Import every module that registers a migration set (features register on import)."""
-    from importlib import import_module
-
-    from meterproxy.app import FEATURES
-
-    for name in [*FEATURES, "meterproxy.imports"]:
-        import_module(name)
+def _tables(conn: Db) -> list[str]:
+    return [r[0] for r in conn.execute(conn.dialect.list_tables).fetchall()]
 
 
-def _tables(conn: sqlite3.Connection) -> list[str]:
-    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    return [r[0] for r in rows]
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+def _columns(conn: Db, table: str) -> list[str]:
     cur = conn.execute(f"SELECT * FROM {table} LIMIT 0")
     return [d[0] for d in cur.description]
 
 
-def count_rows(conn: sqlite3.Connection, table: str) -> int:
+def count_rows(conn: Db, table: str) -> int:
     return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
-def _order(conn: sqlite3.Connection, table: str, columns: list[str]) -> str:
-    """Insertion order where the table has one (rowid), else its first column."""
-    if "rowid" in columns:
+def _order(table: str, columns: list[str]) -> str:
+    """Insertion order where the table has one (``rowid``), else its columns in order."""
+    if table == "requests" or "rowid" in columns:
         return "rowid"
-    if backend.dialect_of(conn) == "sqlite":
-        try:
-            conn.execute(f"SELECT rowid FROM {table} LIMIT 0")
-            return "rowid"
-        except sqlite3.OperationalError:  # WITHOUT ROWID
-            pass
     return ", ".join(f'"{c}"' for c in columns)
 
 
 def copy_store(
-    source: sqlite3.Connection,
-    target: sqlite3.Connection,
+    source: Db,
+    target: Db,
     *,
     batch: int = 5_000,
     progress: Callable[[str, int], None] = lambda table, n: None,
@@ -119,7 +110,8 @@ def copy_store(
         )
     ordered = sorted(source_tables, key=lambda t: (t != "requests", source_tables.index(t)))
     for table in ordered:
-        if table in _SKIP or table.startswith("sqlite_") or (table in _ROLLUPS and not compacted):
+        skip = table in _SKIP or table in _DERIVED or table.startswith("sqlite_")
+        if skip or (table in _ROLLUPS and not compacted):
             continue
         if table not in target_tables:
             result.notes.append(f"{table}: not in the target's schema, skipped")
@@ -134,8 +126,8 @@ def copy_store(
 
 
 def _copy_table(
-    source: sqlite3.Connection,
-    target: sqlite3.Connection,
+    source: Db,
+    target: Db,
     table: str,
     batch: int,
     progress: Callable[[str, int], None],
@@ -144,71 +136,48 @@ def _copy_table(
     src_columns = _columns(source, table)
     columns = [c for c in src_columns if c in wanted and c != "rowid"]
     names = ", ".join(f'"{c}"' for c in columns)
-    insert = f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
-    cur = source.execute(f"SELECT {names} FROM {table} ORDER BY {_order(source, table, src_columns)}")
+    cur = source.execute(f"SELECT {names} FROM {table} ORDER BY {_order(table, src_columns)}")
     read = added = 0
     while rows := cur.fetchmany(batch):
-        target.execute("BEGIN IMMEDIATE")
-        try:
-            added += max(target.executemany(insert, [tuple(r) for r in rows]).rowcount, 0)
-            target.execute("COMMIT")
-        except BaseException:
-            target.execute("ROLLBACK")
-            raise
+        with target.transaction():
+            if table == "requests":
+                target.lock_request_order()
+            added += target.insert_many(table, columns, [tuple(r) for r in rows])
         read += len(rows)
         progress(table, len(rows))
-    if backend.dialect_of(target) == "postgresql":
-        _bump_identity(target, table)
+    target.identity_after_copy(table)
     return read, added
 
 
-def _bump_identity(target: sqlite3.Connection, table: str) -> None:
-    """After explicit ids went into an identity column, new rows must number past them."""
-    for row in target.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
-        "AND table_name = ? AND is_identity = 'YES' AND column_name != 'rowid'",
-        [table],
-    ).fetchall():
-        column = row[0]
-        target.execute(
-            f"SELECT setval(pg_get_serial_sequence(?, ?), max({column})) FROM {table} "
-            f"HAVING max({column}) IS NOT NULL",
-            [table, column],
-        )
-
-
-def _compacted_before(conn: sqlite3.Connection) -> str | None:
-    try:
-        row = conn.execute("SELECT compacted_before FROM rollup_state WHERE id = 1").fetchone()
-    except sqlite3.Error:
+def _compacted_before(conn: Db) -> str | None:
+    if conn.execute(conn.dialect.table_exists, ["rollup_state"]).fetchone() is None:
         return None
+    row = conn.execute("SELECT compacted_before FROM rollup_state WHERE id = 1").fetchone()
     return None if row is None else row[0]
 
 
-def _copy_rollup_state(source: sqlite3.Connection, target: sqlite3.Connection) -> None:
+def _copy_rollup_state(source: Db, target: Db) -> None:
     watermark, compacted = source.execute(
         "SELECT watermark, compacted_before FROM rollup_state WHERE id = 1"
     ).fetchone()
     last = source.execute(
-        "SELECT id FROM requests WHERE rowid <= ? ORDER BY rowid DESC LIMIT 1", [watermark]
+        "SELECT id FROM requests WHERE rowid <= $1 ORDER BY rowid DESC LIMIT 1", [watermark]
     ).fetchone()
     mapped = 0
     if last is not None:
-        mapped = target.execute("SELECT rowid FROM requests WHERE id = ?", [last[0]]).fetchone()[0]
+        mapped = target.execute("SELECT rowid FROM requests WHERE id = $1", [last[0]]).fetchone()[0]
     target.execute(
-        "UPDATE rollup_state SET watermark = ?, compacted_before = ? WHERE id = 1", [mapped, compacted]
+        "UPDATE rollup_state SET watermark = $1, compacted_before = $2 WHERE id = 1", [mapped, compacted]
     )
 
 
-def _copy_salt(
-    source: sqlite3.Connection, target: sqlite3.Connection, target_fresh: bool, result: CopyResult
-) -> None:
+def _copy_salt(source: Db, target: Db, target_fresh: bool, result: CopyResult) -> None:
     query = "SELECT value FROM meta WHERE key = 'fingerprint_salt'"
     theirs, ours = source.execute(query).fetchone(), target.execute(query).fetchone()
     if theirs is None or (ours is not None and ours[0] == theirs[0]):
         return
     if target_fresh:
-        target.execute("UPDATE meta SET value = ? WHERE key = 'fingerprint_salt'", [theirs[0]])
+        target.execute("UPDATE meta SET value = $1 WHERE key = 'fingerprint_salt'", [theirs[0]])
         result.notes.append("meta: the source's key-fingerprint salt now applies to the target")
     else:
         result.notes.append(

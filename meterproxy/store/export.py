@@ -9,14 +9,18 @@ the growing string at every step); for JSONL ``json_object``, with the exact
 cost text spliced in as a JSON number (``json(cost_usd)``), so costs keep every
 digit.
 
-`LINE_SQL` is the line for SQLite, used by the export's child process
-(``store/export_child.py``, started by ``store/export_process.py``), which may
-run a newer SQLite than this process: it spells floats out as ``%!.15g`` (what
-SQLite 3.40 wrote for a bare REAL; 3.43+ writes 17 digits) so the bytes do not
-depend on the library. `SlicedExport` (threads in this process, hour-long
-`time_slices`, each slice one `pg_slice` value) is the PostgreSQL path, whose
-SQL dialect layer rewrites ``printf``; `export_batches` is the row-by-row form
-of the same lines.
+One engine per database, each formatting in the database's own SQL:
+
+- SQLite: `LINE_SQL`, run by the export's child process
+  (``store/export_child.py``, started by ``store/export_process.py``), which may
+  run a newer SQLite than this process: it spells floats out as ``%!.15g``
+  (what SQLite 3.40 wrote for a bare REAL; 3.43+ writes 17 digits) so the bytes
+  do not depend on the library.
+- PostgreSQL: `PG_LINE_SQL` (``||`` and ``json_build_object``), run by
+  `SlicedExport`: threads in this process, hour-long `time_slices`, each slice
+  one `pg_slice` value. Not ``COPY ... TO STDOUT``: text COPY escapes the
+  lines' CR, LF and backslashes, CSV COPY cannot end lines with CRLF, and
+  binary COPY is one message per row (bench/README.md, "PostgreSQL store's export").
 
 Columns are `EXPORT_COLUMNS`: the API's request fields, in a fixed order (a
 contract for spreadsheets and finance scripts). Internal columns
@@ -28,11 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
+from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import API_FIELDS, RequestFilter
 from meterproxy.timestamps import format_ts, parse_ts
 
@@ -40,9 +44,9 @@ __all__ = [
     "EXPORT_COLUMNS",
     "FORMATS",
     "LINE_SQL",
+    "PG_LINE_SQL",
     "SlicedExport",
     "csv_header",
-    "export_batches",
     "pg_slice",
     "time_slices",
 ]
@@ -69,28 +73,24 @@ _JSON_TEXT = {"tags"}
 
 
 def _csv_field(col: str) -> tuple[str, str]:
-    """(printf conversion, argument) for one CSV field."""
+    """(printf conversion, argument) for one CSV field, in SQLite."""
     q = f'"{col}"'
     if col in _BOOL:
-        return "%s", f"iif({q}, 'true', 'false')"
+        return "%s", f"CASE WHEN {q} <> 0 THEN 'true' ELSE 'false' END"
     if col in _INTEGER or col in _NUMBER_TEXT:
-        return "%s", f"ifnull({q}, '')"
+        return "%s", f"COALESCE({q}, '')"
     # %w doubles every double quote: RFC 4180 quoting in C. NULL and '' both give "".
-    return '"%w"', f"ifnull({q}, '')"
+    return '"%w"', f"COALESCE({q}, '')"
 
 
 def _json_expr(col: str) -> str:
     q = f'"{col}"'
     if col in _BOOL:
-        return f"json(CASE WHEN {q} THEN 'true' ELSE 'false' END)"
+        return f"json(CASE WHEN {q} <> 0 THEN 'true' ELSE 'false' END)"
     if col in _NUMBER_TEXT or col in _JSON_TEXT:
         return f"json({q})"
     return q
 
-
-_CSV_FIELDS = [_csv_field(c) for c in EXPORT_COLUMNS]
-_CSV_LINE = f"printf('{','.join(f for f, _ in _CSV_FIELDS)}', {', '.join(a for _, a in _CSV_FIELDS)})"
-_JSON_LINE = "json_object(" + ", ".join(f"'{c}', {_json_expr(c)}" for c in EXPORT_COLUMNS) + ")"
 
 # Floats as SQLite 3.40 wrote them (``%!.15g``: 15 significant digits, ``.0`` kept). SQLite
 # 3.43+ writes up to 17 digits for a bare REAL, so the text would depend on the library that
@@ -100,13 +100,13 @@ _REAL = {"duration_ms", "ttfb_ms", "upstream_ms"}
 
 def _sqlite_csv_field(col: str) -> tuple[str, str]:
     if col in _REAL:
-        return "%s", f"iif(\"{col}\" IS NULL, '', printf('%!.15g', \"{col}\"))"
+        return "%s", f"CASE WHEN \"{col}\" IS NULL THEN '' ELSE printf('%!.15g', \"{col}\") END"
     return _csv_field(col)
 
 
 def _sqlite_json_expr(col: str) -> str:
     if col in _REAL:
-        return f'iif("{col}" IS NULL, NULL, json(printf(\'%!.15g\', "{col}")))'
+        return f'CASE WHEN "{col}" IS NULL THEN NULL ELSE json(printf(\'%!.15g\', "{col}")) END'
     return _json_expr(col)
 
 
@@ -124,42 +124,50 @@ def csv_header() -> str:
     return ",".join(EXPORT_COLUMNS) + "\r\n"
 
 
-def export_batches(
-    conn: sqlite3.Connection, flt: RequestFilter, fmt: str, batch: int = 20_000
-) -> Iterator[str]:
-    """Yield the export as text chunks of up to ``batch`` lines, oldest first.
-
-    Rows are read lazily: the generator holds one cursor and fetches one batch
-    per step, so memory stays bounded whatever the range.
-    """
-    line = _CSV_LINE if fmt == "csv" else _JSON_LINE
-    end = "\r\n" if fmt == "csv" else "\n"
-    where, params = flt.where()
-    conn.row_factory = None
-    cur = conn.execute(f"SELECT {line} FROM requests WHERE {where} ORDER BY ts, id", params)
-    while rows := cur.fetchmany(batch):
-        yield end.join([r[0] for r in rows]) + end
+def _pg_csv_field(col: str) -> str:
+    q = f'"{col}"'
+    if col in _BOOL:
+        return f"CASE WHEN {q} <> 0 THEN 'true' ELSE 'false' END"
+    if col in _INTEGER or col in _NUMBER_TEXT:
+        return f"COALESCE(CAST({q} AS text), '')"
+    return f"'\"' || replace(COALESCE({q}, ''), '\"', '\"\"') || '\"'"
 
 
-def pg_slice(conn: sqlite3.Connection, flt: RequestFilter, fmt: str) -> bytes:
+def _pg_json_expr(col: str) -> str:
+    q = f'"{col}"'
+    if col in _BOOL:
+        return f"({q} <> 0)"
+    if col in _NUMBER_TEXT or col in _JSON_TEXT:
+        return f"CAST({q} AS json)"
+    return q
+
+
+#: The same lines in PostgreSQL's SQL, terminator included (its JSON spaces separators differently).
+PG_LINE_SQL = {
+    "csv": " || ',' || ".join(_pg_csv_field(c) for c in EXPORT_COLUMNS) + " || E'\\r\\n'",
+    "jsonl": "CAST(json_build_object("
+    + ", ".join(f"'{c}', {_pg_json_expr(c)}" for c in EXPORT_COLUMNS)
+    + ") AS text) || E'\\n'",
+}
+
+
+def pg_slice(conn: Db, flt: RequestFilter, fmt: str) -> bytes:
     """PostgreSQL: one slice as one value, ``string_agg`` of the ordered lines built in the server.
 
-    One round trip and one string per slice, instead of a Python row object per row
-    fetched into memory (what `export_batches` does through the client-side cursor).
+    One round trip and one string per slice, instead of a Python row object per row.
     """
-    line = _CSV_LINE if fmt == "csv" else _JSON_LINE
-    end = "\r\n" if fmt == "csv" else "\n"
-    where, params = flt.where()
+    p = Params()
+    where = flt.where(p, conn.dialect)
     row = conn.execute(
         f"SELECT string_agg(line, '' ORDER BY ts, id) FROM "
-        f"(SELECT {line} || '{end}' AS line, ts, id FROM requests WHERE {where}) AS lines",
-        params,
+        f"(SELECT {PG_LINE_SQL[fmt]} AS line, ts, id FROM requests WHERE {where}) AS lines",
+        p.values,
     ).fetchone()
     return row[0].encode() if row is not None and row[0] else b""
 
 
 def time_slices(
-    conn: sqlite3.Connection, since: str | None, until: str | None, width: timedelta = timedelta(hours=6)
+    conn: Db, since: str | None, until: str | None, width: timedelta = timedelta(hours=6)
 ) -> list[tuple[str, str]]:
     """Cut ``[since, until)`` (open ends: the stored range) into consecutive time slices."""
     lo, hi = conn.execute("SELECT min(ts), max(ts) FROM requests").fetchone()
@@ -197,7 +205,7 @@ class SlicedExport:
 
     def __init__(
         self,
-        connect: Callable[[], sqlite3.Connection],
+        connect: Callable[[], Db],
         flt: RequestFilter,
         fmt: str,
         slices: list[tuple[str, str]],
@@ -211,7 +219,7 @@ class SlicedExport:
             queue.Queue(maxsize=depth) for _ in range(max(1, workers))
         ]
         self._next = 0
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[Db] = []
         self._threads = [
             threading.Thread(
                 target=self._work,
@@ -233,11 +241,9 @@ class SlicedExport:
                 continue
         return False
 
-    def _work(
-        self, index: int, connect: Callable[[], sqlite3.Connection], flt: RequestFilter, fmt: str
-    ) -> None:
+    def _work(self, index: int, connect: Callable[[], Db], flt: RequestFilter, fmt: str) -> None:
         q = self._queues[index]
-        conn: sqlite3.Connection | None = None
+        conn: Db | None = None
         try:
             conn = connect()
             self._conns.append(conn)
@@ -277,12 +283,10 @@ class SlicedExport:
         self._stop.set()
         # A worker may be deep inside one large batch; interrupt its query rather than wait.
         for conn in list(self._conns):
-            interrupt = getattr(conn, "interrupt", None)
-            if interrupt is not None:
-                try:
-                    interrupt()
-                except Exception:  # a closed connection needs no interrupt
-                    pass
+            try:
+                conn.interrupt()
+            except Exception:  # a closed connection needs no interrupt
+                pass
 
     def close(self) -> None:
         """Stop the workers and wait (bounded) for them to exit; this blocks."""

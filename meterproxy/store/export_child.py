@@ -50,7 +50,8 @@ class Job(TypedDict):
     #: The time range, ``[since, until)``; None: open.
     since: str | None
     until: str | None
-    #: The other filters (``RequestFilter.where`` without the range): a SQL condition and its parameters.
+    #: The other filters (``RequestFilter.where`` without the range): a SQL condition with
+    #: placeholders ``$1..$n`` and the n parameters.
     where: str
     params: list[Any]
     workers: int
@@ -59,7 +60,7 @@ class Job(TypedDict):
     driver: str
 
 
-Query = Callable[[str, list[Any]], Iterator[tuple[Any, ...]]]
+Query = Callable[[str, dict[str, Any]], Iterator[tuple[Any, ...]]]
 
 _configured = threading.Lock()
 
@@ -92,39 +93,57 @@ def _connect(db: str, driver: str) -> tuple[Query, Callable[[], None]]:
     return (lambda sql, params: iter(std.execute(sql, params))), std.close
 
 
-def _range(lo: str | None, hi: str | None) -> tuple[str, list[str]]:
+class _Params:
+    """The job's parameters, then this process's own: ``p(value)`` gives its ``$n`` placeholder."""
+
+    def __init__(self, values: list[Any]) -> None:
+        self.values = list(values)
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+    def bound(self) -> dict[str, Any]:
+        """``$n`` is SQLite's parameter named ``n``: bind by name (either driver)."""
+        return {str(i): v for i, v in enumerate(self.values, 1)}
+
+
+def _range(p: _Params, lo: str | None, hi: str | None) -> str:
     """``ts`` conditions for ``[lo, hi)``: one bound each side, so the index range is the slice."""
-    cond, args = [], []
+    cond = []
     if lo is not None:
-        cond.append("ts >= ?")
-        args.append(lo)
+        cond.append(f"ts >= {p(lo)}")
     if hi is not None:
-        cond.append("ts < ?")
-        args.append(hi)
-    return " AND ".join(cond) or "1", args
+        cond.append(f"ts < {p(hi)}")
+    return " AND ".join(cond) or "1 = 1"
 
 
 def _bounds(query: Query, job: Job) -> Iterator[tuple[str | None, str | None]]:
     """Consecutive ``[lo, hi)`` ts ranges of about ``slice_rows`` matching rows (None: open end)."""
-    where, params, until = job["where"], job["params"], job["until"]
-    cond, args = _range(job["since"], until)
-    first = next(query(f"SELECT min(ts) FROM requests WHERE ({where}) AND {cond}", [*params, *args]))[0]
+    where, until = job["where"], job["until"]
+    p = _Params(job["params"])
+    cond = _range(p, job["since"], until)
+    first = next(query(f"SELECT min(ts) FROM requests WHERE ({where}) AND {cond}", p.bound()))[0]
     if first is None:
         return
     lo: str = first
     start = job["since"]
     while True:
-        cond, args = _range(lo, until)
-        nth = f"SELECT ts FROM requests WHERE ({where}) AND {cond} ORDER BY ts LIMIT 1 OFFSET ?"
-        row = next(query(nth, [*params, *args, job["slice_rows"]]), None)
+        p = _Params(job["params"])
+        cond = _range(p, lo, until)
+        offset = p(job["slice_rows"])
+        nth = f"SELECT ts FROM requests WHERE ({where}) AND {cond} ORDER BY ts LIMIT 1 OFFSET {offset}"
+        row = next(query(nth, p.bound()), None)
         if row is None:
             yield start, until
             return
         hi: str | None = row[0]
         if hi == lo:  # more than slice_rows rows share one ts: this slice takes them all
-            cond, args = _range(None, until)
-            after = f"SELECT min(ts) FROM requests WHERE ({where}) AND ts > ? AND {cond}"
-            hi = next(query(after, [*params, lo, *args]))[0]
+            p = _Params(job["params"])
+            after = (
+                f"SELECT min(ts) FROM requests WHERE ({where}) AND ts > {p(lo)} AND {_range(p, None, until)}"
+            )
+            hi = next(query(after, p.bound()))[0]
             if hi is None:
                 yield start, until
                 return
@@ -133,15 +152,16 @@ def _bounds(query: Query, job: Job) -> Iterator[tuple[str | None, str | None]]:
         start = lo = hi
 
 
-def _slice_sql(line: str, where: str, lo: str | None, hi: str | None) -> tuple[str, list[str]]:
-    cond, args = _range(lo, hi)
+def _slice_sql(job: Job, lo: str | None, hi: str | None) -> tuple[str, dict[str, Any]]:
+    p = _Params(job["params"])
+    cond = _range(p, lo, hi)
     # The subquery's ORDER BY is kept: SQLite does not flatten an ordered subquery into an
     # aggregate, so group_concat sees the lines in (ts, id) order (tests check ties too).
     sql = (
         f"SELECT CAST(group_concat(line, '') AS BLOB) FROM "
-        f"(SELECT {line} AS line FROM requests WHERE ({where}) AND {cond} ORDER BY ts, id)"
+        f"(SELECT {job['line']} AS line FROM requests WHERE ({job['where']}) AND {cond} ORDER BY ts, id)"
     )
-    return sql, args
+    return sql, p.bound()
 
 
 class _Stop(Exception):
@@ -197,8 +217,8 @@ def run(job: Job, write: Callable[[bytes], None]) -> None:
 
     def work(i: int, query: Query) -> None:
         while (bounds := get(todo[i])) is not None:
-            sql, args = _slice_sql(job["line"], job["where"], *bounds)
-            put(done[i], next(query(sql, [*job["params"], *args]))[0] or b"")
+            sql, bound = _slice_sql(job, *bounds)
+            put(done[i], next(query(sql, bound))[0] or b"")
         put(done[i], None)
 
     threads = [threading.Thread(target=guarded(plan), name="export-plan", daemon=True)]

@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from meterproxy.store.db import Params
+from meterproxy.store.dialect import SQLITE
 from meterproxy.store.export import LINE_SQL
 from meterproxy.store.export_child import Job
 from meterproxy.store.queries import RequestFilter
@@ -55,14 +57,15 @@ class ExportProcess:
         slice_rows: int = 8192,
         driver: str = "auto",
     ) -> ExportProcess:
-        where, params = dataclasses.replace(flt, since=None, until=None).where()
+        p = Params()
+        where = dataclasses.replace(flt, since=None, until=None).where(p, SQLITE)
         job: Job = {
             "db": db,
             "line": LINE_SQL[fmt],
             "since": flt.since,
             "until": flt.until,
             "where": where,
-            "params": params,
+            "params": p.values,
             "workers": workers,
             "slice_rows": slice_rows,
             "driver": driver,

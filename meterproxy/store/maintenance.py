@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
 from meterproxy.app_state import SETTINGS, WRITER
+from meterproxy.store.db import Db
 from meterproxy.store.rollups import compact, roll_up
 from meterproxy.store.writer import StoreWriter
 
@@ -38,7 +38,7 @@ ROLLUP_BATCH = 20_000
 COMPACT_BATCH = 2_000
 
 
-async def _call(writer: StoreWriter, fn: Callable[[sqlite3.Connection], int]) -> int:
+async def _call(writer: StoreWriter, fn: Callable[[Db], int]) -> int:
     # Shielded: a cancelled pass (shutdown) lets the batch already queued finish on its own.
     return await asyncio.shield(asyncio.wrap_future(writer.call(fn)))
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
 from meterproxy.store import backend
+from meterproxy.store.db import Db, Params
+from meterproxy.store.dialect import Dialect
 from meterproxy.store.schema import COLUMNS
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "count_requests",
     "decode_cursor",
     "encode_cursor",
-    "iter_rows",
     "list_requests",
     "match_clause",
     "read_connection",
@@ -60,12 +60,12 @@ REQUEST_SORTS = {
 }
 
 
-def match_clause(column: str, value: str) -> tuple[str, list[Any]]:
-    """``column = ?``, or a prefix match when `value` ends with ``*`` (see module docstring)."""
+def match_clause(column: str, value: str, p: Params) -> str:
+    """``column = $n``, or a prefix match when `value` ends with ``*`` (see module docstring)."""
     if value.endswith("*"):
         prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return f"{column} LIKE ? ESCAPE '\\'", [prefix + "%"]
-    return f"{column} = ?", [value]
+        return f"{column} LIKE {p(prefix + '%')} ESCAPE '\\'"
+    return f"{column} = {p(value)}"
 
 
 @dataclass(slots=True)
@@ -81,18 +81,16 @@ class RequestFilter:
     source: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
-    def where(self) -> tuple[str, list[Any]]:
+    def where(self, p: Params, dialect: Dialect) -> str:
+        """The condition over ``requests`` (``1 = 1`` for none); ``p`` collects its values."""
         clauses: list[str] = []
-        params: list[Any] = []
         if self.since:
-            clauses.append("ts >= ?")
-            params.append(self.since)
+            clauses.append(f"ts >= {p(self.since)}")
         if self.until:
-            clauses.append("ts < ?")
-            params.append(self.until)
+            clauses.append(f"ts < {p(self.until)}")
         for column, value in (
             ("session", self.session),
-            ("user", self.user),
+            ('"user"', self.user),
             ("model", self.model),
             ("provider", self.provider),
             ("upstream", self.upstream),
@@ -100,21 +98,18 @@ class RequestFilter:
             ("source", self.source),
         ):
             if value is not None:
-                clause, args = match_clause('"user"' if column == "user" else column, value)
-                clauses.append(clause)
-                params.extend(args)
+                clauses.append(match_clause(column, value, p))
         for tag, value in self.tags.items():
-            clauses.append("json_extract(tags, ?) = ?")
-            params.extend([f'$."{tag}"', value])
-        return (" AND ".join(clauses) or "1"), params
+            clauses.append(f"{dialect.json_text('tags', p, tag)} = {p(value)}")
+        return " AND ".join(clauses) or "1 = 1"
 
 
-def read_connection(path: str | Path) -> sqlite3.Connection:
+def read_connection(path: str | Path) -> Db:
     """A read-only connection with rows by name, on the store's backend (`meterproxy.store.backend`)."""
     return backend.read_connection(path)
 
 
-def row_to_api(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+def row_to_api(row: Any) -> dict[str, Any]:
     get = row.__getitem__
     out: dict[str, Any] = {}
     for name in API_FIELDS:
@@ -145,13 +140,14 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return ts, rid
 
 
-def count_requests(conn: sqlite3.Connection, flt: RequestFilter) -> int:
-    where, params = flt.where()
-    return int(conn.execute(f"SELECT count(*) FROM requests WHERE {where}", params).fetchone()[0])
+def count_requests(conn: Db, flt: RequestFilter) -> int:
+    p = Params()
+    where = flt.where(p, conn.dialect)
+    return int(conn.execute(f"SELECT count(*) FROM requests WHERE {where}", p.values).fetchone()[0])
 
 
 def list_requests(
-    conn: sqlite3.Connection,
+    conn: Db,
     flt: RequestFilter,
     limit: int = 100,
     cursor: str | None = None,
@@ -160,44 +156,32 @@ def list_requests(
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of rows: by time with a keyset `cursor`, or by another `REQUEST_SORTS` key and `offset`."""
-    where, params = flt.where()
+    p = Params()
+    where = flt.where(p, conn.dialect)
     if sort != "time" or offset or not desc:
         direction = "DESC" if desc else "ASC"
         sql = (
             f"SELECT * FROM requests WHERE {where} "
-            f"ORDER BY {REQUEST_SORTS[sort]} {direction}, ts {direction}, id {direction} LIMIT ? OFFSET ?"
+            f"ORDER BY {REQUEST_SORTS[sort]} {direction}, ts {direction}, id {direction} "
+            f"LIMIT {p(limit)} OFFSET {p(offset)}"
         )
-        rows = conn.execute(sql, [*params, limit, offset]).fetchall()
+        rows = conn.execute(sql, p.values).fetchall()
         return [row_to_api(r) for r in rows], None
     if cursor:
         ts, rid = decode_cursor(cursor)
-        where += " AND (ts < ? OR (ts = ? AND id < ?))"
-        params += [ts, ts, rid]
-    sql = f"SELECT * FROM requests WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
-    rows = conn.execute(sql, [*params, limit + 1]).fetchall()
+        where += f" AND (ts < {p(ts)} OR (ts = {p(ts)} AND id < {p(rid)}))"
+    sql = f"SELECT * FROM requests WHERE {where} ORDER BY ts DESC, id DESC LIMIT {p(limit + 1)}"
+    rows = conn.execute(sql, p.values).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1]["ts"], rows[-1]["id"]) if more and rows else None
     return [row_to_api(r) for r in rows], next_cursor
 
 
-def iter_rows(
-    conn: sqlite3.Connection, flt: RequestFilter, columns: Sequence[str] = API_FIELDS, batch: int = 5000
-) -> Iterator[sqlite3.Row]:
-    """Stream rows oldest first without loading them all (for exports)."""
-    where, params = flt.where()
-    cur = conn.execute(f"SELECT {', '.join(columns)} FROM requests WHERE {where} ORDER BY ts, id", params)
-    while True:
-        chunk = cur.fetchmany(batch)
-        if not chunk:
-            return
-        yield from chunk
-
-
 T = TypeVar("T")
 
 
-async def run_read(db: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+async def run_read(db: str, fn: Callable[[Db], T]) -> T:
     """``fn(conn)`` on a fresh read-only connection, in a worker thread (the event loop never waits)."""
 
     def work() -> T:

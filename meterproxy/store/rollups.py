@@ -35,13 +35,10 @@ watermark). Both run as ``StoreWriter.call`` work, never on the event loop.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
-import sqlite_utils
-from sqlite_utils import Migrations
-
-from meterproxy.store import register_migrations
+from meterproxy.store.db import Db, Params
+from meterproxy.store.migrations import Migrations, register_migrations
 
 __all__ = [
     "COARSE_DIMENSIONS",
@@ -75,11 +72,14 @@ MEASURES: dict[str, str] = {
     "output_tokens": "sum(output_tokens)",
     "reasoning_tokens": "sum(reasoning_tokens)",
     "web_search_requests": "sum(web_search_requests)",
-    "cost_pico": "ifnull(sum(cost_pico), 0)",
-    "unpriced_requests": "sum(cost_pico IS NULL AND usage_source = 'reported')",
-    "unmetered_requests": "sum(usage_source != 'reported')",
-    "errors": "sum(ifnull(status, 0) >= 400 OR error IS NOT NULL)",
+    "cost_pico": "COALESCE(sum(cost_pico), 0)",
+    "unpriced_requests": "SUM(CASE WHEN cost_pico IS NULL AND usage_source = 'reported' THEN 1 ELSE 0 END)",
+    "unmetered_requests": "SUM(CASE WHEN usage_source <> 'reported' THEN 1 ELSE 0 END)",
+    "errors": "SUM(CASE WHEN COALESCE(status, 0) >= 400 OR error IS NOT NULL THEN 1 ELSE 0 END)",
 }
+
+#: Dimension -> its column in ``requests`` as SQL (``user`` is a reserved word in PostgreSQL).
+DIMENSION_SQL: dict[str, str] = {d: '"user"' if c == "user" else c for d, c in DIMENSIONS.items()}
 
 #: Rollup table -> width of the ``ts`` prefix that is its bucket.
 TABLES = {"rollup_hour": 13, "rollup_day": 10}
@@ -88,36 +88,43 @@ rollup_migrations = register_migrations(Migrations("meterproxy.rollups"))
 
 
 @rollup_migrations()
-def m001_rollups(db: sqlite_utils.Database) -> None:
-    dims = ", ".join(f"{d} TEXT NOT NULL" for d in DIMENSIONS)
-    measures = ", ".join(f"{m} INTEGER NOT NULL DEFAULT 0" for m in MEASURES)
+def m001_rollups(db: Db) -> None:
+    t = db.dialect.text
+    dims = ", ".join(f"{_q(d)} {t} NOT NULL" for d in DIMENSIONS)
+    measures = ", ".join(f"{m} BIGINT NOT NULL DEFAULT 0" for m in MEASURES)
     for table in TABLES:
         db.execute(
-            f"CREATE TABLE {table} (bucket TEXT NOT NULL, {dims}, {measures}, "
-            f"PRIMARY KEY (bucket, {', '.join(DIMENSIONS)})) WITHOUT ROWID"
+            f"CREATE TABLE {table} (bucket {t} NOT NULL, {dims}, {measures}, "
+            f"PRIMARY KEY (bucket, {', '.join(map(_q, DIMENSIONS))})){db.dialect.table_options}"
         )
     db.execute(
-        "CREATE TABLE rollup_state (id INTEGER PRIMARY KEY CHECK (id = 1), "
-        "watermark INTEGER NOT NULL, compacted_before TEXT)"
+        "CREATE TABLE rollup_state (id BIGINT PRIMARY KEY CHECK (id = 1), "
+        f"watermark BIGINT NOT NULL, compacted_before {t})"
     )
     # Rows already present when the feature is installed are folded in by the first pass.
-    db.execute("INSERT INTO rollup_state VALUES (1, 0, NULL)")
+    db.execute("INSERT INTO rollup_state (id, watermark, compacted_before) VALUES (1, 0, NULL)")
+
+
+def _q(name: str) -> str:
+    """A rollup column name as SQL (``user`` is reserved in PostgreSQL)."""
+    return '"user"' if name == "user" else name
 
 
 #: ``rollup_day_model``: days by these dimensions only, derived from ``rollup_day`` by triggers.
 COARSE_DIMENSIONS = ("model", "provider", "upstream", "source")
 
 
-def _coarse_table(db: sqlite_utils.Database, fine: str, coarse: str) -> None:
+def _coarse_table(db: Db, fine: str, coarse: str) -> None:
     """Create ``coarse`` = ``fine`` summed over user and key, kept equal by triggers on ``fine``."""
     # Triggers, not the roll-up itself: whoever writes the fine table (the roll-up's
     # upserts, an importer taking a replaced row out) keeps the coarse one right.
+    t = db.dialect.text
     dims = ", ".join(COARSE_DIMENSIONS)
-    measures = ", ".join(f"{m} INTEGER NOT NULL DEFAULT 0" for m in MEASURES)
+    measures = ", ".join(f"{m} BIGINT NOT NULL DEFAULT 0" for m in MEASURES)
     db.execute(
-        f"CREATE TABLE {coarse} (bucket TEXT NOT NULL, "
-        f"{', '.join(f'{d} TEXT NOT NULL' for d in COARSE_DIMENSIONS)}, {measures}, "
-        f"PRIMARY KEY (bucket, {dims})) WITHOUT ROWID"
+        f"CREATE TABLE {coarse} (bucket {t} NOT NULL, "
+        f"{', '.join(f'{d} {t} NOT NULL' for d in COARSE_DIMENSIONS)}, {measures}, "
+        f"PRIMARY KEY (bucket, {dims})){db.dialect.table_options}"
     )
     key = ("bucket", *COARSE_DIMENSIONS)
     match = " AND ".join(f"{d} = {{row}}.{d}" for d in key)
@@ -125,15 +132,18 @@ def _coarse_table(db: sqlite_utils.Database, fine: str, coarse: str) -> None:
         f"INSERT INTO {coarse} ({', '.join([*key, *MEASURES])}) "
         f"VALUES ({', '.join(f'NEW.{c}' for c in [*key, *MEASURES])}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
-        f"{', '.join(f'{m} = {m} + excluded.{m}' for m in MEASURES)};"
+        f"{', '.join(f'{m} = {coarse}.{m} + excluded.{m}' for m in MEASURES)}"
     )
     take_old = (
         f"UPDATE {coarse} SET {', '.join(f'{m} = {m} - OLD.{m}' for m in MEASURES)} "
-        f"WHERE {match.format(row='OLD')};"
+        f"WHERE {match.format(row='OLD')}"
     )
-    db.execute(f"CREATE TRIGGER {fine}_ai AFTER INSERT ON {fine} BEGIN {add_new} END")
-    db.execute(f"CREATE TRIGGER {fine}_au AFTER UPDATE ON {fine} BEGIN {take_old} {add_new} END")
-    db.execute(f"CREATE TRIGGER {fine}_ad AFTER DELETE ON {fine} BEGIN {take_old} END")
+    for statement in [
+        *db.dialect.trigger(f"{fine}_ai", "AFTER INSERT", fine, [add_new]),
+        *db.dialect.trigger(f"{fine}_au", "AFTER UPDATE", fine, [take_old, add_new]),
+        *db.dialect.trigger(f"{fine}_ad", "AFTER DELETE", fine, [take_old]),
+    ]:
+        db.execute(statement)
     db.execute(
         f"INSERT INTO {coarse} ({', '.join([*key, *MEASURES])}) "
         f"SELECT {', '.join(key)}, {', '.join(f'sum({m})' for m in MEASURES)} FROM {fine} "
@@ -142,13 +152,13 @@ def _coarse_table(db: sqlite_utils.Database, fine: str, coarse: str) -> None:
 
 
 @rollup_migrations()
-def m002_rollup_day_model(db: sqlite_utils.Database) -> None:
+def m002_rollup_day_model(db: Db) -> None:
     # A month by model reads ~30 x 12 rows here instead of ~30 x (models x users x keys).
     _coarse_table(db, "rollup_day", "rollup_day_model")
 
 
 @rollup_migrations()
-def m003_rollup_hour_model(db: sqlite_utils.Database) -> None:
+def m003_rollup_hour_model(db: Db) -> None:
     # The whole hours at the ends of an unaligned range, by model: ~12 rows an hour, not ~600.
     _coarse_table(db, "rollup_hour", "rollup_hour_model")
 
@@ -161,31 +171,32 @@ class RollupState:
     compacted_before: str | None
 
 
-def rollup_state(conn: sqlite3.Connection) -> RollupState:
+def rollup_state(conn: Db) -> RollupState:
     row = conn.execute("SELECT watermark, compacted_before FROM rollup_state WHERE id = 1").fetchone()
     return RollupState(int(row[0]), row[1])
 
 
 def _upsert_sql(table: str, width: int) -> str:
     dims = list(DIMENSIONS)
-    cols = ["bucket", *dims, *MEASURES]
     select = [
         f"substr(ts, 1, {width})",
-        *(f"ifnull({DIMENSIONS[d]}, '')" for d in dims),
+        *(f"COALESCE({DIMENSION_SQL[d]}, '')" for d in dims),
         *MEASURES.values(),
     ]
-    updates = ", ".join(f"{m} = {m} + excluded.{m}" for m in MEASURES)
+    updates = ", ".join(f"{m} = {table}.{m} + excluded.{m}" for m in MEASURES)
+    names = ", ".join(map(_q, dims))
     return (
-        f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(select)} FROM requests "
-        f"WHERE rowid > ? AND rowid <= ? GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))} "
-        f"ON CONFLICT (bucket, {', '.join(dims)}) DO UPDATE SET {updates}"
+        f"INSERT INTO {table} (bucket, {names}, {', '.join(MEASURES)}) SELECT {', '.join(select)} "
+        f"FROM requests WHERE rowid > $1 AND rowid <= $2 "
+        f"GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))} "
+        f"ON CONFLICT (bucket, {names}) DO UPDATE SET {updates}"
     )
 
 
 _UPSERTS = [_upsert_sql(table, width) for table, width in TABLES.items()]
 
 
-def roll_up(conn: sqlite3.Connection, batch: int = 50_000) -> int:
+def roll_up(conn: Db, batch: int = 50_000) -> int:
     """Fold up to ``batch`` rows above the watermark into the rollups; returns how many.
 
     Call inside a write transaction (``StoreWriter.call`` provides one).
@@ -193,7 +204,7 @@ def roll_up(conn: sqlite3.Connection, batch: int = 50_000) -> int:
     low = rollup_state(conn).watermark
     row = conn.execute(
         "SELECT count(*), max(rowid) FROM "
-        "(SELECT rowid FROM requests WHERE rowid > ? ORDER BY rowid LIMIT ?)",
+        "(SELECT rowid FROM requests WHERE rowid > $1 ORDER BY rowid LIMIT $2) AS batch",
         [low, batch],
     ).fetchone()
     count, high = int(row[0]), row[1]
@@ -201,11 +212,11 @@ def roll_up(conn: sqlite3.Connection, batch: int = 50_000) -> int:
         return 0
     for sql in _UPSERTS:
         conn.execute(sql, [low, high])
-    conn.execute("UPDATE rollup_state SET watermark = ? WHERE id = 1", [high])
+    conn.execute("UPDATE rollup_state SET watermark = $1 WHERE id = 1", [high])
     return count
 
 
-def compact(conn: sqlite3.Connection, cutoff: str, batch: int = 5_000) -> int:
+def compact(conn: Db, cutoff: str, batch: int = 5_000) -> int:
     """Delete up to ``batch`` raw rows with ``ts < cutoff`` that are already rolled up.
 
     Call inside a write transaction; repeat until it returns 0. Records the
@@ -218,15 +229,15 @@ def compact(conn: sqlite3.Connection, cutoff: str, batch: int = 5_000) -> int:
     limit = min(state.watermark, int(top) - 1)
     deleted = conn.execute(
         "DELETE FROM requests WHERE rowid IN "
-        "(SELECT rowid FROM requests WHERE ts < ? AND rowid <= ? ORDER BY ts LIMIT ?)",
+        "(SELECT rowid FROM requests WHERE ts < $1 AND rowid <= $2 ORDER BY ts LIMIT $3)",
         [cutoff, limit, batch],
     ).rowcount
     if deleted and (state.compacted_before is None or cutoff > state.compacted_before):
-        conn.execute("UPDATE rollup_state SET compacted_before = ? WHERE id = 1", [cutoff])
+        conn.execute("UPDATE rollup_state SET compacted_before = $1 WHERE id = 1", [cutoff])
     return int(deleted)
 
 
-def unroll_row(conn: sqlite3.Connection, rid: str) -> None:
+def unroll_row(conn: Db, rid: str) -> None:
     """Take one already rolled-up row back out of the rollups, before it is replaced or deleted.
 
     Rollups fold a row in once, by rowid; a row replaced after that would count
@@ -234,17 +245,19 @@ def unroll_row(conn: sqlite3.Connection, rid: str) -> None:
     would still count. Rows above the watermark are not in the rollups yet: nothing
     to do. Call inside the write transaction that changes the row.
     """
-    found = conn.execute("SELECT rowid FROM requests WHERE id = ?", [rid]).fetchone()
+    found = conn.execute("SELECT rowid FROM requests WHERE id = $1", [rid]).fetchone()
     if found is None or int(found[0]) > rollup_state(conn).watermark:
         return
-    dims = [f"COALESCE({column}, '')" for column in DIMENSIONS.values()]
+    dims = [f"COALESCE({column}, '')" for column in DIMENSION_SQL.values()]
     for table, width in TABLES.items():
         values = conn.execute(
             f"SELECT substr(ts, 1, {width}), {', '.join(dims)}, {', '.join(MEASURES.values())} "
-            f"FROM requests WHERE rowid = ? GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))}",
+            f"FROM requests WHERE rowid = $1 GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))}",
             [found[0]],
         ).fetchone()
-        bucket_and_dims, measures = values[: len(dims) + 1], values[len(dims) + 1 :]
-        where = " AND ".join(f"{d} = ?" for d in ("bucket", *DIMENSIONS))
-        sets = ", ".join(f"{m} = {m} - ?" for m in MEASURES)
-        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", [*measures, *bucket_and_dims])
+        bucket_and_dims, measures = list(values[: len(dims) + 1]), list(values[len(dims) + 1 :])
+        p = Params(*measures)
+        sets = ", ".join(f"{m} = {m} - ${i}" for i, m in enumerate(MEASURES, 1))
+        keys = zip(("bucket", *DIMENSIONS), bucket_and_dims, strict=True)
+        where = " AND ".join(f"{_q(d)} = {p(v)}" for d, v in keys)
+        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", p.values)

@@ -1,7 +1,7 @@
 """The requests table, its migrations, and how a `RequestRecord` becomes a row.
 
-Migrations are named, ordered functions in sqlite-utils' `Migrations` set
-``meterproxy.core``; one applied is never edited (add a new one instead). Other
+Migrations are named, ordered functions in the `Migrations` set
+``meterproxy.core`` (``store/migrations.py``); one applied is never edited (add a new one instead). Other
 features (budgets, imports, rollups) keep their own migration sets, so their
 histories never interleave with this one.
 
@@ -16,94 +16,124 @@ half-even and the rounding is the one place precision is lost.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import sqlite3
-from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-from sqlite_utils import Migrations
-
 from meterproxy.money import stored_cost_text, to_pico
+from meterproxy.store.db import Db
+from meterproxy.store.migrations import Migrations, register_migrations
 from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord
 
 __all__ = [
     "COLUMNS",
-    "apply_migrations",
-    "connect",
     "core_migrations",
     "record_to_row",
 ]
 
-
-core_migrations = Migrations("meterproxy.core")
+core_migrations = register_migrations(Migrations("meterproxy.core"))
 
 
 @core_migrations()
-def m001_requests(db: sqlite_utils.Database) -> None:
+def m001_requests(db: Db) -> None:
+    t = db.dialect.text
     db.execute(
-        """
+        f"""
         CREATE TABLE requests (
-            id TEXT PRIMARY KEY,
-            ts TEXT NOT NULL,
-            source TEXT NOT NULL DEFAULT 'proxy',
-            upstream TEXT,
-            provider TEXT,
-            endpoint TEXT,
-            method TEXT,
-            requested_model TEXT,
-            model TEXT,
-            priced_model TEXT,
-            status INTEGER,
-            streamed INTEGER NOT NULL DEFAULT 0,
-            input_tokens INTEGER NOT NULL DEFAULT 0,
-            cache_read_tokens INTEGER NOT NULL DEFAULT 0,
-            cache_write_tokens INTEGER NOT NULL DEFAULT 0,
-            cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0,
-            output_tokens INTEGER NOT NULL DEFAULT 0,
-            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
-            web_search_requests INTEGER NOT NULL DEFAULT 0,
-            cost_usd TEXT,
-            cost_pico INTEGER,
-            provider_cost_usd TEXT,
-            usage_source TEXT NOT NULL,
-            service_tier TEXT,
-            duration_ms REAL,
-            ttfb_ms REAL,
-            upstream_ms REAL,
-            user TEXT,
-            session TEXT,
-            tags TEXT NOT NULL DEFAULT '{}',
-            key_fingerprint TEXT,
-            error TEXT,
-            client_disconnected INTEGER NOT NULL DEFAULT 0,
-            usage_injected INTEGER NOT NULL DEFAULT 0,
-            extra TEXT
+            id {t} PRIMARY KEY,
+            ts {t} NOT NULL,
+            source {t} NOT NULL DEFAULT 'proxy',
+            upstream {t},
+            provider {t},
+            endpoint {t},
+            method {t},
+            requested_model {t},
+            model {t},
+            priced_model {t},
+            status BIGINT,
+            streamed BIGINT NOT NULL DEFAULT 0,
+            input_tokens BIGINT NOT NULL DEFAULT 0,
+            cache_read_tokens BIGINT NOT NULL DEFAULT 0,
+            cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+            cache_write_1h_tokens BIGINT NOT NULL DEFAULT 0,
+            output_tokens BIGINT NOT NULL DEFAULT 0,
+            reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+            web_search_requests BIGINT NOT NULL DEFAULT 0,
+            cost_usd {t},
+            cost_pico BIGINT,
+            provider_cost_usd {t},
+            usage_source {t} NOT NULL,
+            service_tier {t},
+            duration_ms DOUBLE PRECISION,
+            ttfb_ms DOUBLE PRECISION,
+            upstream_ms DOUBLE PRECISION,
+            "user" {t},
+            session {t},
+            tags {t} NOT NULL DEFAULT '{{}}',
+            key_fingerprint {t},
+            error {t},
+            client_disconnected BIGINT NOT NULL DEFAULT 0,
+            usage_injected BIGINT NOT NULL DEFAULT 0,
+            extra {t}
+            {db.dialect.rowid_column}
         )
         """
     )
     db.execute("CREATE INDEX requests_ts ON requests (ts)")
     db.execute("CREATE INDEX requests_session_ts ON requests (session, ts)")
-    db.execute("CREATE INDEX requests_user_ts ON requests (user, ts)")
+    db.execute('CREATE INDEX requests_user_ts ON requests ("user", ts)')
     db.execute("CREATE INDEX requests_model_ts ON requests (model, ts)")
 
 
 @core_migrations()
-def m002_meta(db: sqlite_utils.Database) -> None:
+def m002_meta(db: Db) -> None:
     # Installation-wide values; the key-fingerprint salt lives here so every
     # process (and every replica on a shared store) fingerprints alike.
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    db.execute("INSERT INTO meta VALUES ('fingerprint_salt', ?)", [secrets.token_hex(16)])
+    db.execute(f"CREATE TABLE meta (key {db.dialect.text} PRIMARY KEY, value {db.dialect.text} NOT NULL)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('fingerprint_salt', $1)", [secrets.token_hex(16)])
 
 
 @core_migrations()
-def m003_provider_request_id(db: sqlite_utils.Database) -> None:
+def m003_provider_request_id(db: Db) -> None:
     # Which provider request a row is: an imported agent log entry whose request id a
     # proxied row already has is the same request, counted once (meterproxy.imports).
-    db.execute("ALTER TABLE requests ADD COLUMN provider_request_id TEXT")
+    db.execute(f"ALTER TABLE requests ADD COLUMN provider_request_id {db.dialect.text}")
     db.execute("CREATE INDEX requests_provider_request_id ON requests (provider_request_id)")
+
+
+#: What earlier versions installed into a PostgreSQL schema to emulate SQLite there (functions,
+#: aggregates, a view, the requests insert-order trigger). Queries no longer need any of it.
+_EMULATION = (
+    "DROP VIEW IF EXISTS sqlite_master",
+    "DROP AGGREGATE IF EXISTS sum(boolean)",
+    "DROP AGGREGATE IF EXISTS json_group_array(anycompatible)",
+    "DROP FUNCTION IF EXISTS sqlite_bool_sum(bigint, boolean)",
+    "DROP FUNCTION IF EXISTS sqlite_json_array(anycompatiblearray)",
+    "DROP FUNCTION IF EXISTS ifnull(anycompatible, anycompatible)",
+    "DROP FUNCTION IF EXISTS ifnull(text, text)",
+    "DROP FUNCTION IF EXISTS ifnull(bigint, text)",
+    "DROP FUNCTION IF EXISTS ifnull(double precision, text)",
+    "DROP FUNCTION IF EXISTS ifnull(numeric, text)",
+    "DROP FUNCTION IF EXISTS json_extract(text, text)",
+    "DROP FUNCTION IF EXISTS strftime(text, text)",
+    "DROP FUNCTION IF EXISTS sqlite_ts(text)",
+    "DROP FUNCTION IF EXISTS json(text)",
+    "DROP FUNCTION IF EXISTS iif(boolean, anycompatible, anycompatible)",
+    "DROP FUNCTION IF EXISTS iif(bigint, anycompatible, anycompatible)",
+    # Its trigger goes with it (CASCADE); writers now take the same lock themselves.
+    "DROP FUNCTION IF EXISTS meterproxy_requests_insert_lock() CASCADE",
+    # Where they recorded applied migrations (adopted into meterproxy_migrations by now).
+    "DROP TABLE IF EXISTS _migrations",
+)
+
+
+@core_migrations()
+def m004_no_sqlite_emulation(db: Db) -> None:
+    if db.dialect.name == "postgresql":
+        for statement in _EMULATION:
+            db.execute(statement)
+    else:
+        db.execute("DROP TABLE IF EXISTS _sqlite_migrations")
 
 
 COLUMNS = [
@@ -188,30 +218,3 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         json.dumps(record.extra, default=str) if record.extra else None,
         record.provider_request_id,
     )
-
-
-def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection with the pragmas every meterproxy connection uses."""
-    path = str(path)
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    else:
-        fresh = path != ":memory:" and not os.path.exists(path)
-        if fresh:
-            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Owner-only from the first byte: create the file before SQLite does.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
-def apply_migrations(conn: sqlite3.Connection) -> None:
-    """Apply every registered migration set (core first, then features')."""
-    from meterproxy.store import migration_sets
-
-    db = sqlite_utils.Database(conn)
-    for migrations in migration_sets():
-        migrations.apply(db)

@@ -8,10 +8,10 @@ the expensive part of a session list is the grouping, done once by the caller.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import RequestFilter
 
 __all__ = ["SessionFacts", "session_facts"]
@@ -25,16 +25,15 @@ class SessionFacts:
     models: set[str] = field(default_factory=set)
 
 
-def session_facts(
-    conn: sqlite3.Connection, flt: RequestFilter, sessions: Sequence[str]
-) -> dict[str, SessionFacts]:
+def session_facts(conn: Db, flt: RequestFilter, sessions: Sequence[str]) -> dict[str, SessionFacts]:
     """First and last request, users and models of each of `sessions`, within `flt`'s range and filters."""
     out = {s: SessionFacts() for s in sessions}
     if not sessions:
         return out
-    where, params = flt.where()
-    marks = ", ".join("?" for _ in sessions)
-    args = [*sessions, *params]
+    p = Params()
+    marks = p.many(sessions)
+    where = flt.where(p, conn.dialect)
+    args = p.values
     scope = f"FROM requests WHERE session IN ({marks}) AND {where}"
     for session, first, last in conn.execute(
         f"SELECT session, min(ts), max(ts) {scope} GROUP BY session", args

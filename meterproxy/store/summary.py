@@ -1,8 +1,8 @@
 """Summaries: totals and groups over a time range, from rollups where they can answer, raw rows elsewhere.
 
 `summarize` answers one `SummaryQuery` (a `RequestFilter`, up to two group-by
-dimensions, a time zone for calendar buckets) inside ONE read transaction, so
-the rollup watermark, the rollup tables and the raw rows are one snapshot and
+dimensions, a time zone for calendar buckets) with ONE statement, so the
+rollup watermark, the rollup tables and the raw rows are one snapshot and
 every stored request counts exactly once:
 
 - raw rows above the watermark (not rolled up yet: the last few seconds) are
@@ -30,14 +30,22 @@ Costs are summed as integer picodollars (``cost_pico``); nothing here is a float
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
+from meterproxy.store.db import Db, Params
+from meterproxy.store.dialect import Dialect
 from meterproxy.store.queries import RequestFilter, match_clause
-from meterproxy.store.rollups import COARSE_DIMENSIONS, DIMENSIONS, MEASURES, RollupState, rollup_state
+from meterproxy.store.rollups import (
+    COARSE_DIMENSIONS,
+    DIMENSION_SQL,
+    DIMENSIONS,
+    MEASURES,
+    RollupState,
+    rollup_state,
+)
 from meterproxy.timestamps import format_ts, parse_ts
 
 __all__ = [
@@ -190,70 +198,77 @@ def _plan(q: SummaryQuery, state: RollupState, notes: list[str], minute: bool) -
 # -- SQL -------------------------------------------------------------------------
 
 
-def _dim_filters(flt: RequestFilter, raw: bool) -> tuple[list[str], list[Any]]:
-    clauses, params = [], []
-    for dim, column in DIMENSIONS.items():
+def _dim_filters(flt: RequestFilter, raw: bool, p: Params, dialect: Dialect) -> list[str]:
+    clauses = []
+    for dim, column in DIMENSION_SQL.items():
         value = getattr(flt, dim)
         if value is not None:
-            name = column if raw else dim
-            clause, args = match_clause('"user"' if name == "user" else name, value)
-            clauses.append(clause)
-            params.extend(args)
+            clauses.append(match_clause(column if raw else _quoted(dim), value, p))
     if raw:
         if flt.session is not None:
-            clauses.append("session = ?")
-            params.append(flt.session)
+            clauses.append(f"session = {p(flt.session)}")
         for tag, value in flt.tags.items():
-            clauses.append("json_extract(tags, ?) = ?")
-            params.extend([f'$."{tag}"', value])
-    return clauses, params
+            clauses.append(f"{dialect.json_text('tags', p, tag)} = {p(value)}")
+    return clauses
 
 
-def _raw_sql(q: SummaryQuery, seg: _Raw, watermark: int, minute: bool) -> tuple[str, list[Any]]:
+def _quoted(dim: str) -> str:
+    return '"user"' if dim == "user" else dim
+
+
+#: The watermark, read by the same statement as the rows it splits (one snapshot).
+_WATERMARK = "(SELECT watermark FROM rollup_state WHERE id = 1)"
+
+
+def _raw_sql(q: SummaryQuery, seg: _Raw, minute: bool, p: Params, dialect: Dialect) -> str:
     select: list[str] = []
-    sel_params: list[Any] = []
     for g in q.group_by:
         if g in TIME_DIMENSIONS:
             select.append(f"substr(ts, 1, {16 if minute else 13})")
         elif g.startswith("tag:"):
-            select.append("ifnull(json_extract(tags, ?), '')")
-            sel_params.append(f'$."{g[4:]}"')
+            select.append(f"COALESCE({dialect.json_text('tags', p, g[4:])}, '')")
         else:
-            select.append(f"ifnull({_RAW_ONLY_COLUMNS.get(g) or DIMENSIONS[g]}, '')")
-    clauses, params = _dim_filters(q.filter, raw=True)
-    # Above the watermark the rowid range is the small, selective one: keep the ts index out of it.
-    ts = "+ts" if seg.rowid_op == ">" else "ts"
+            select.append(f"COALESCE({_RAW_ONLY_COLUMNS.get(g) or DIMENSION_SQL[g]}, '')")
+    clauses = _dim_filters(q.filter, True, p, dialect)
+    # Above the watermark the rowid range is the small, selective one: an expression over ts
+    # keeps SQLite's planner off the ts index there.
+    ts = "(ts || '')" if seg.rowid_op == ">" else "ts"
     if seg.since is not None:
-        clauses.append(f"{ts} >= ?")
-        params.append(seg.since)
+        clauses.append(f"{ts} >= {p(seg.since)}")
     if seg.until is not None:
-        clauses.append(f"{ts} < ?")
-        params.append(seg.until)
+        clauses.append(f"{ts} < {p(seg.until)}")
     if seg.rowid_op is not None:
-        clauses.append(f"rowid {seg.rowid_op} ?")
-        params.append(watermark)
-    where = " AND ".join(clauses) or "1"
-    sql = f"SELECT {', '.join([*select, *MEASURES.values()])} FROM requests WHERE {where}"
+        clauses.append(f"rowid {seg.rowid_op} {_WATERMARK}")
+    where = " AND ".join(clauses) or "1 = 1"
+    sql = f"SELECT 0, {', '.join([*select, *MEASURES.values()])} FROM requests WHERE {where}"
     if select:
-        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(select)))
-    return sql, sel_params + params
+        sql += " GROUP BY " + ", ".join(str(i + 2) for i in range(len(select)))
+    return sql
 
 
-def _rollup_sql(q: SummaryQuery, seg: _Rollup) -> tuple[str, list[Any]]:
+def _rollup_sql(q: SummaryQuery, seg: _Rollup, p: Params, dialect: Dialect) -> str:
     width = 13 if seg.table.startswith("rollup_hour") else 10
-    select = ["bucket" if g in TIME_DIMENSIONS else g for g in q.group_by]
-    clauses, params = _dim_filters(q.filter, raw=False)
+    select = ["bucket" if g in TIME_DIMENSIONS else _quoted(g) for g in q.group_by]
+    clauses = _dim_filters(q.filter, False, p, dialect)
     if seg.since is not None:
-        clauses.append("bucket >= ?")
-        params.append(seg.since[:width])
+        clauses.append(f"bucket >= {p(seg.since[:width])}")
     if seg.until is not None:
-        clauses.append("bucket < ?")
-        params.append(seg.until[:width])
+        clauses.append(f"bucket < {p(seg.until[:width])}")
     sums = [f"sum({m})" for m in MEASURES]
-    sql = f"SELECT {', '.join([*select, *sums])} FROM {seg.table} WHERE {' AND '.join(clauses) or '1'}"
+    where = " AND ".join(clauses) or "1 = 1"
+    sql = f"SELECT 0, {', '.join([*select, *sums])} FROM {seg.table} WHERE {where}"
     if select:
-        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(select)))
-    return sql, params
+        sql += " GROUP BY " + ", ".join(str(i + 2) for i in range(len(select)))
+    return sql
+
+
+def _moved_sql(q: SummaryQuery, state: RollupState, p: Params) -> str:
+    """A row marked 1 if retention moved since `state` was read (the plan is then stale)."""
+    blanks = ["NULL"] * len(q.group_by) + ["0"] * len(MEASURES)
+    return (
+        f"SELECT 1, {', '.join(blanks)} FROM rollup_state "
+        f"WHERE id = 1 AND COALESCE(compacted_before, '') <> {p(state.compacted_before or '')}"
+    )
 
 
 # -- buckets -----------------------------------------------------------------------
@@ -291,17 +306,18 @@ def bucket_start(label: str, kind: str, tz: tzinfo) -> datetime:
 
 def _accumulate(
     acc: dict[tuple[Any, ...], list[int]],
-    rows: Iterable[tuple[Any, ...]],
+    rows: Iterable[Sequence[Any]],
     q: SummaryQuery,
     labels: dict[str, str],
 ) -> None:
-    n = len(q.group_by)
+    """Fold rows ``(marker, *group, *measures)`` into ``acc`` (the marker is already checked)."""
+    n = len(q.group_by) + 1
     for row in rows:
         measures = row[n:]
         if not measures[0]:
             continue
         key_parts: list[Any] = []
-        for g, value in zip(q.group_by, row[:n], strict=True):
+        for g, value in zip(q.group_by, row[1:n], strict=True):
             if g in TIME_DIMENSIONS:
                 label = labels.get(value)
                 if label is None:
@@ -330,23 +346,32 @@ def _sort_key(q: SummaryQuery) -> Any:
     return key
 
 
-def summarize(conn: sqlite3.Connection, q: SummaryQuery) -> Summary:
-    """Totals and groups for ``q`` (see module docstring). ``conn`` is a read connection."""
-    notes: list[str] = []
+def summarize(conn: Db, q: SummaryQuery) -> Summary:
+    """Totals and groups for ``q`` (see module docstring). ``conn`` is a read connection.
+
+    One statement (a ``UNION ALL`` of the plan's pieces) reads the rows, so it
+    is one snapshot on either engine and one round trip on PostgreSQL. The plan
+    depends on the retention horizon read just before; the statement also
+    returns a marked row if that horizon moved meanwhile, and is then re-planned.
+    """
+    minute = any(g in TIME_DIMENSIONS for g in q.group_by) and not _whole_hour_zone(q.tz, q.filter)
+    while True:
+        notes: list[str] = []
+        state = rollup_state(conn)
+        p = Params()
+        parts = [
+            _raw_sql(q, seg, minute, p, conn.dialect)
+            if isinstance(seg, _Raw)
+            else _rollup_sql(q, seg, p, conn.dialect)
+            for seg in _plan(q, state, notes, minute)
+        ]
+        parts.append(_moved_sql(q, state, p))
+        rows = conn.execute(" UNION ALL ".join(parts), p.values).fetchall()
+        if not any(row[0] for row in rows):
+            break
     acc: dict[tuple[Any, ...], list[int]] = {}
     labels: dict[str, str] = {}
-    minute = any(g in TIME_DIMENSIONS for g in q.group_by) and not _whole_hour_zone(q.tz, q.filter)
-    conn.execute("BEGIN")
-    try:
-        state = rollup_state(conn)
-        for seg in _plan(q, state, notes, minute):
-            if isinstance(seg, _Raw):
-                sql, params = _raw_sql(q, seg, state.watermark, minute)
-            else:
-                sql, params = _rollup_sql(q, seg)
-            _accumulate(acc, conn.execute(sql, params), q, labels)
-    finally:
-        conn.execute("COMMIT")
+    _accumulate(acc, rows, q, labels)
     totals = [0] * len(MEASURE_NAMES)
     for measures in acc.values():
         for i, v in enumerate(measures):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.db import Db, db_errors, placeholders
 from meterproxy.store.schema import COLUMNS, record_to_row
 from meterproxy.usage import RequestRecord
 
@@ -44,12 +44,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STOP = object()
-_INSERT = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+#: One record; a record already stored is left as it is (``user`` is reserved in PostgreSQL).
+INSERT_REQUEST = (
+    f"INSERT INTO requests ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in COLUMNS)}) "
+    f"VALUES ({placeholders(len(COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
 
 
 @dataclass(slots=True)
 class _Call:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[Db], Any]
     future: Future[Any]
 
 
@@ -84,7 +88,7 @@ class StoreWriter:
         # Set by `call` and `close` (after their item is queued): stop lingering, write now.
         self._flush_now = threading.Event()
         self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Db | None = None
         self.written = 0
         self.dropped = 0
         self.last_error: str | None = None
@@ -125,7 +129,7 @@ class StoreWriter:
         self._queue.put_nowait(record)
         return True
 
-    def call(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+    def call(self, fn: Callable[[Db], T]) -> Future[T]:
         """Run ``fn(conn)`` on the writer thread, in its own transaction."""
         future: Future[T] = Future()
         self._queue.put(_Call(fn, future))
@@ -189,14 +193,11 @@ class StoreWriter:
         assert self._conn is not None
         while True:
             try:
-                with _transaction(self._conn):
-                    # PostgreSQL: one executemany (one pipelined round trip); the GIL is free
-                    # while it waits on the network anyway.
-                    sqlite = isinstance(self._conn, sqlite3.Connection)
-                    for part in _gil_slices(rows) if sqlite else [rows]:
-                        self._conn.executemany(_INSERT, part)
+                with self._conn.transaction():
+                    self._conn.lock_request_order()
+                    _insert_rows(self._conn, rows)
                 break
-            except sqlite3.Error as exc:
+            except db_errors() as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("database write failed (%d rows kept, retrying): %s", len(rows), exc)
                 if give_up and delay > self._retry_max_s:
@@ -221,14 +222,14 @@ class StoreWriter:
             return  # the caller gave up (e.g. a task cancelled at shutdown): nothing to run or report
         for attempt in range(_CALL_RETRIES + 1):
             try:
-                with _transaction(self._conn):
+                with self._conn.transaction():
                     result = call.fn(self._conn)
                 call.future.set_result(result)
                 return
             except BaseException as exc:
                 # PostgreSQL: a concurrent replica's transaction won; the rolled-back work is rerun
                 # (SQLite never gets here: BEGIN IMMEDIATE already serialized the writers).
-                if attempt < _CALL_RETRIES and _is_serialization_failure(exc):
+                if attempt < _CALL_RETRIES and self._conn.is_serialization_failure(exc):
                     time.sleep(0.005 * (attempt + 1))
                     continue
                 self._reopen_if_broken()
@@ -237,14 +238,14 @@ class StoreWriter:
 
     def _reopen_if_broken(self) -> None:
         """PostgreSQL: a connection the server dropped is replaced (SQLite connections don't break)."""
-        if self._conn is not None and getattr(self._conn, "broken", False):
+        if self._conn is not None and self._conn.broken:
             try:
                 self._conn.close()
             except Exception:
                 pass
             try:
                 self._conn = connect(self.path)
-            except sqlite3.Error as exc:
+            except db_errors() as exc:
                 log.error("database reconnect failed: %s", exc)
 
 
@@ -271,26 +272,11 @@ def _gil_slices(items: list[T]) -> Iterator[list[T]]:
         yield items[i : i + _ROWS_PER_SLICE]
 
 
-def _is_serialization_failure(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.Error):
-        return False
-    from meterproxy.store.pg import is_serialization_failure
+def _insert_rows(conn: Db, rows: list[tuple[Any, ...]]) -> None:
+    """The batch into ``requests``, ignoring ids already stored (a batch retried after a lost commit).
 
-    return is_serialization_failure(exc)
-
-
-class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK on an autocommit connection."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+    An engine that runs in this process (SQLite) gets small slices with the GIL
+    released between them (see `_gil_slices`); PostgreSQL gets the batch whole.
+    """
+    for part in _gil_slices(rows) if conn.dialect.in_process else [rows]:
+        conn.insert_many("requests", COLUMNS, part, key="id")

@@ -15,7 +15,8 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from meterproxy.budgets.webhooks import verify
-from meterproxy.store.schema import apply_migrations, connect, record_to_row
+from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.schema import record_to_row
 from meterproxy.usage import RequestRecord
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -104,11 +105,11 @@ def query(db: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any
 
 def insert_records(db: Path, records: list[RequestRecord]) -> None:
     """Rows stored before the proxy starts (as if recorded by an earlier run)."""
-    from meterproxy.store.writer import _INSERT
+    from meterproxy.store.writer import INSERT_REQUEST
 
     conn = connect(db)
     try:
         apply_migrations(conn)
-        conn.executemany(_INSERT, [record_to_row(r) for r in records])
+        conn.executemany(INSERT_REQUEST, [record_to_row(r) for r in records])
     finally:
         conn.close()

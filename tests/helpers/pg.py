@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from meterproxy.store.pg import close_pools
+from meterproxy.store import backend
 
 __all__ = ["PG_ADMIN", "fresh_database", "pg_or_skip", "pg_url_for"]
 
@@ -56,6 +56,6 @@ def fresh_database() -> Iterator[str]:
     try:
         yield url
     finally:
-        close_pools(url)
+        backend.close(url)
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
