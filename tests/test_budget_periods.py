@@ -28,8 +28,7 @@ from meterproxy.cli import main
 from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, make_record
 from tests.conftest import ProxyFactory, ProxyHarness
-from tests.helpers.budgets import SECRET, Receiver, insert_records, query, wait_for
-from tests.test_budget_webhooks import api_get
+from tests.helpers.budgets import SECRET, Receiver, api_get, insert_records, query, wait_for
 
 NY = ZoneInfo("America/New_York")
 

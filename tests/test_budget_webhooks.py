@@ -25,7 +25,7 @@ from meterproxy.money import from_pico
 from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from tests.conftest import ProxyFactory, ProxyHarness
-from tests.helpers.budgets import SECRET, Receiver, insert_records, query, wait_for
+from tests.helpers.budgets import SECRET, Receiver, api_get, insert_records, query, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,14 +166,6 @@ async def test_outbox_survives_outage_and_restart_exactly_once(
     assert [a["status"] for a in fifty["attempt_log"]][:3] == [503, 503, 503]
     assert fifty["attempt_log"][-1]["status"] == 204
     assert SECRET not in str(deliveries) and SECRET.removeprefix("whsec_") not in str(deliveries)
-
-
-async def api_get(proxy: ProxyHarness, path: str) -> Any:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session, session.get(proxy.url + path) as response:
-        assert response.status == 200
-        return await response.json()
 
 
 async def test_crossing_while_down_is_raised_at_start(

@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -18,6 +19,7 @@ from meterproxy.budgets.webhooks import verify
 from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.schema import record_to_row
 from meterproxy.usage import RequestRecord
+from tests.conftest import ProxyHarness
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -113,3 +115,10 @@ def insert_records(db: Path, records: list[RequestRecord]) -> None:
         conn.executemany(INSERT_REQUEST, [record_to_row(r) for r in records])
     finally:
         conn.close()
+
+
+async def api_get(proxy: ProxyHarness, path: str) -> Any:
+    """GET a proxy's JSON API path; it must answer 200."""
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + path) as response:
+        assert response.status == 200
+        return await response.json()
