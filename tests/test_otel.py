@@ -20,7 +20,8 @@ from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from meterproxy.otel import otel_configured, span_attributes
+from meterproxy.otel import otel_configured, record_fields
+from meterproxy.otel_export import span_attributes
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
@@ -105,7 +106,7 @@ def test_span_attributes_follow_the_genai_conventions() -> None:
         model="gpt-4o-mini", usage=Usage(input_tokens=100, cache_read_tokens=40, output_tokens=7)
     )
     record.cost_usd = Decimal("0.000123")
-    attrs = span_attributes(record)
+    attrs = span_attributes(record_fields(record))
     assert attrs["gen_ai.operation.name"] == "chat"
     assert attrs["gen_ai.provider.name"] == "openai"
     assert attrs["gen_ai.usage.input_tokens"] == 100
@@ -115,13 +116,13 @@ def test_span_attributes_follow_the_genai_conventions() -> None:
     assert attrs["gen_ai.usage.cost.source"] == "local"
     # The provider's own figure wins and says so.
     record.provider_cost_usd = Decimal("0.0002")
-    attrs = span_attributes(record)
+    attrs = span_attributes(record_fields(record))
     assert attrs["gen_ai.usage.cost.amount"] == pytest.approx(0.0002)
     assert attrs["gen_ai.usage.cost.source"] == "provider"
     # Unpriced: no invented zero.
     record.provider_cost_usd = None
     record.cost_usd = None
-    assert "gen_ai.usage.cost.amount" not in span_attributes(record)
+    assert "gen_ai.usage.cost.amount" not in span_attributes(record_fields(record))
 
 
 async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
