@@ -31,7 +31,7 @@ from meterproxy.app_state import WRITER
 from meterproxy.pricing import PriceBook
 from meterproxy.store.rollups import roll_up
 from meterproxy.store.schema import record_to_row
-from meterproxy.store.writer import _INSERT as INSERT_ROW
+from meterproxy.store.writer import INSERT_REQUEST as INSERT_ROW
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory
@@ -411,7 +411,7 @@ async def test_proxied_row_replaces_an_already_rolled_up_import_without_double_c
         def import_one(conn: sqlite3.Connection) -> int:
             # What `meterproxy import` leaves (on PostgreSQL via `meterproxy migrate`): the row
             # and the file it came from; then the rollups take the row in.
-            conn.execute(INSERT_ROW, record_to_row(imported))
+            conn.execute(INSERT_ROW, list(record_to_row(imported)))
             conn.execute(
                 "INSERT INTO import_files (source, path, \"offset\") VALUES ('claude-code', 's.jsonl', 1)"
             )

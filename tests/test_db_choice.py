@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from meterproxy.cli import main
 from meterproxy.serving import running, serving_dir
 from meterproxy.settings import default_db_path
-from meterproxy.store.schema import apply_migrations, connect, record_to_row
+from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.schema import COLUMNS, record_to_row
 from meterproxy.testing import free_port, make_record, wait_healthy
 
 
@@ -31,13 +32,11 @@ def _run(*args: str, env: dict[str, str] | None = None) -> tuple[str, str, int]:
 def _db_with_rows(path: Path, n: int) -> None:
     conn = connect(path)
     apply_migrations(conn)
-    with conn:
+    with conn.transaction():
         for _ in range(n):
-            record = make_record()
-            conn.execute(
-                f"INSERT INTO requests VALUES ({', '.join('?' * len(record_to_row(record)))})",
-                record_to_row(record),
-            )
+            row = record_to_row(make_record())
+            marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+            conn.execute(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({marks})", list(row))
     conn.close()
 
 
