@@ -29,6 +29,7 @@ from meterproxy import __version__
 from meterproxy.access_log import log_request
 from meterproxy.api.me import ME_PREFIX
 from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.aws_sigv4 import AwsSigner
 from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.meter import Meter, price_record_with
 from meterproxy.pricing import PriceBook
@@ -151,6 +152,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         max_body_bytes=settings.max_body_bytes,
         durable=_commit_barrier(app[WRITER]) if settings.durability == "strict" else None,
         content_limit=settings.content_max_bytes if settings.store_content else 0,
+        signers={name: AwsSigner(region) for name, region in settings.aws_sigv4.items()},
     )
     yield
     # Streams whose clients left may still be draining for usage: let them finish (bounded).

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -57,6 +57,7 @@ from meterproxy.attribution import (
     fingerprint,
     parse_tags,
 )
+from meterproxy.aws_sigv4 import AwsSigner
 from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
 from meterproxy.logs import redact
@@ -168,8 +169,11 @@ class Proxy:
         durable: Callable[[], Awaitable[object]] | None = None,
         content_limit: int = 0,
         registry: providers.ProviderRegistry | None = None,
+        signers: Mapping[str, AwsSigner] | None = None,
     ) -> None:
         self.upstreams = upstreams
+        # aws_sigv4: upstreams whose requests are re-signed with the operator's AWS credentials.
+        self.signers = dict(signers or {})
         self.providers = registry or providers.ProviderRegistry.builtin()
         self.meter = meter
         self.client = client
@@ -373,6 +377,9 @@ class Proxy:
             if lower == "accept-encoding" and provider is not None:
                 value = "identity" if injected else _filter_accept_encoding(value)
             out.append((name, value))
+        signer = self.signers.get(exchange.target.upstream.name)
+        if signer is not None:
+            out = signer.sign(exchange.method, exchange.target.url, out, exchange.body)
         exchange.headers = out
 
     async def _forward(self, exchange: Exchange, client: ClientSide) -> None:
@@ -418,6 +425,9 @@ class Proxy:
             return
         sse = "text/event-stream" in upstream.headers.get("content-type", "").lower()
         parser = provider.new_parser(exchange.target.url.path or "", exchange.info, record.usage_injected)
+        on_headers = getattr(parser, "on_headers", None)
+        if on_headers is not None:  # usage in the answer's head (Bedrock's token-count headers)
+            on_headers(upstream.headers)
         exchange.tap = ResponseTap(
             parser,
             sse=sse,

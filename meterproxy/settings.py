@@ -110,6 +110,12 @@ class Settings(BaseModel):
         "(also [upstreams.NAME] prices = ..., or NAME=URL#prices=LIST in --upstream / "
         "METERPROXY_UPSTREAMS). Without either, an upstream named after no provider prices nothing.",
     )
+    aws_sigv4: dict[str, str] = Field(
+        default_factory=dict,
+        description="Upstream name -> AWS region: requests to that upstream (Amazon Bedrock) are "
+        "re-signed with SigV4 using the operator's AWS credentials (standard env/profile chain); the "
+        "client's own signature is dropped (env: METERPROXY_AWS_SIGV4='bedrock=us-east-1').",
+    )
     admin_token: str | None = Field(
         None, description="When set, /api/* and the dashboard require 'Authorization: Bearer <token>'."
     )
@@ -285,6 +291,15 @@ class Settings(BaseModel):
             make_upstream(name, url)
         return value
 
+    @model_validator(mode="after")
+    def _check_aws_sigv4(self) -> Settings:
+        for name, region in self.aws_sigv4.items():
+            if name not in self.upstreams:
+                raise ValueError(f"aws_sigv4: {name!r} is not a configured upstream")
+            if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d+", region):
+                raise ValueError(f"aws_sigv4: {region!r} is not an AWS region (e.g. us-east-1)")
+        return self
+
     @field_validator("content_redact_patterns")
     @classmethod
     def _check_patterns(cls, value: list[str]) -> list[str]:
@@ -319,7 +334,7 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
         raw = env.get(f"METERPROXY_{name.upper()}")
         if raw is None:
             continue
-        if name in ("upstreams", "upstream_prices"):
+        if name in ("upstreams", "upstream_prices", "aws_sigv4"):
             values[name] = dict(_split_pair(item) for item in raw.split(",") if item.strip())
         elif name == "pricing":
             values[name] = [p for p in raw.split(os.pathsep) if p]

@@ -87,6 +87,7 @@ class ResponseTap:
         "_decomp",
         "_head",
         "_notes",
+        "_on_chunk",
         "_parser",
         "_rewrite",
         "_size",
@@ -121,6 +122,9 @@ class ResponseTap:
         # Rewriting needs plain text; the proxy never injects into a compressed stream.
         self._rewrite = rewrite and sse and self._decomp is None and not self._broken
         self._decoder = SSEDecoder() if sse else None
+        # A parser of a binary stream (Bedrock's event-stream) reads each chunk as it
+        # arrives instead of a body kept whole; `on_body` then only marks the end.
+        self._on_chunk = None if sse else getattr(parser, "on_chunk", None)
         self._body = bytearray()
         self._head = b""
         self._size = 0
@@ -163,6 +167,8 @@ class ResponseTap:
         if self._decoder is not None:
             for event in self._decoder.feed(data):
                 self._parser.on_event(event)
+        elif self._on_chunk is not None:
+            self._on_chunk(data)
         else:
             self._collect(data)
 

@@ -1,0 +1,225 @@
+"""Amazon Bedrock through the proxy with boto3's own ``bedrock-runtime`` client.
+
+The proxy re-signs each request (SigV4) with the operator's credentials; the fake
+upstream checks that signature the way AWS would, then replays real Bedrock answers
+(``tests/fixtures/bedrock``, event streams fed one byte at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.eventstream import EventStreamBuffer
+
+from meterproxy.providers.bedrock import BedrockParser, vendor_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bedrock"
+MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+OPERATOR = Credentials("AKIDOPERATOR0000", "operator-secret", "operator-session-token")
+
+
+def body(name: str) -> bytes:
+    return (FIXTURES / f"{name}.body").read_bytes()
+
+
+def signature_ok(request: web.Request, payload: bytes, creds: Credentials) -> bool:
+    """Recompute the request's SigV4 signature as AWS does, from what arrived."""
+    auth = request.headers.get("authorization", "")
+    signed = auth.split("SignedHeaders=", 1)[1].split(",", 1)[0].split(";")
+    sent = auth.rsplit("Signature=", 1)[1]
+    scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/")
+    url = f"http://{request.headers['host']}{request.raw_path}"
+    headers = {name: request.headers[name] for name in signed if name != "host"}
+    check = AWSRequest(method=request.method, url=url, data=payload, headers=headers)
+    check.context["timestamp"] = request.headers["x-amz-date"]
+    signer = SigV4Auth(creds, scope[3], scope[2])
+    expected = signer.signature(signer.string_to_sign(check, signer.canonical_request(check)), check)
+    return scope[0] == creds.access_key and expected == sent
+
+
+def bedrock_upstream(upstream: Any, replies: dict[str, tuple[bytes, str, dict[str, str]]]) -> list[Any]:
+    seen: list[tuple[web.Request, bytes]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        payload = await request.read()
+        seen.append((request, payload))
+        if not signature_ok(request, payload, OPERATOR):
+            return web.json_response(
+                {"message": "The request signature we calculated does not match"}, status=403
+            )
+        data, content_type, headers = replies[request.raw_path.rsplit("/", 1)[1]]
+        response = web.StreamResponse(headers={"Content-Type": content_type, **headers})
+        await response.prepare(request)
+        for i in range(len(data)):  # one byte at a time
+            await response.write(data[i : i + 1])
+        await response.write_eof()
+        return response
+
+    prefix = f"/model/{MODEL.replace(':', '%3A')}"
+    for operation in replies:
+        upstream.replies[f"{prefix}/{operation}".replace("%3A", ":")] = handle
+    return seen
+
+
+@pytest.fixture
+def operator_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", OPERATOR.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", OPERATOR.secret_key)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", OPERATOR.token)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def client_for(proxy_url: str) -> Any:
+    # What a client sets: the proxy as endpoint_url; its own credentials are only used to
+    # sign the hop to the proxy, which drops that signature.
+    return boto3.client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        endpoint_url=f"{proxy_url}/bedrock",
+        aws_access_key_id="AKIDCLIENT000000",
+        aws_secret_access_key="client-secret",
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+async def test_all_four_operations_resigned_and_metered(make_proxy, upstream, operator_env) -> None:
+    seen = bedrock_upstream(
+        upstream,
+        {
+            "converse": (body("converse"), "application/json", {}),
+            "converse-stream": (body("converse_stream"), "application/vnd.amazon.eventstream", {}),
+            "invoke": (
+                body("invoke"),
+                "application/json",
+                {"X-Amzn-Bedrock-Input-Token-Count": "13", "X-Amzn-Bedrock-Output-Token-Count": "35"},
+            ),
+            "invoke-with-response-stream": (
+                body("invoke_stream"),
+                "application/vnd.amazon.eventstream",
+                {"X-Amzn-Bedrock-Content-Type": "application/json"},
+            ),
+        },
+    )
+    proxy = await make_proxy(
+        upstreams={"bedrock": upstream.url, "openai": upstream.url}, aws_sigv4={"bedrock": "us-east-1"}
+    )
+    client = client_for(proxy.url)
+    messages = [{"role": "user", "content": [{"text": "Hello, how are you?"}]}]
+
+    def calls() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        out["converse"] = client.converse(modelId=MODEL, messages=messages)
+        stream = client.converse_stream(modelId=MODEL, messages=messages)
+        out["converse_stream"] = [event for event in stream["stream"]]
+        invoke_body = json.dumps(
+            {
+                "anthropic_version": "bedrock-2023-05-31",
+                "max_tokens": 100,
+                "messages": [{"role": "user", "content": "Hi"}],
+            }
+        )
+        out["invoke"] = json.loads(client.invoke_model(modelId=MODEL, body=invoke_body)["body"].read())
+        stream = client.invoke_model_with_response_stream(modelId=MODEL, body=invoke_body)
+        out["invoke_stream"] = [event for event in stream["body"]]
+        return out
+
+    got = await asyncio.to_thread(calls)
+    # boto3 read every answer whole: the same usage it would have had from AWS.
+    assert got["converse"]["usage"]["outputTokens"] == 100
+    assert got["converse_stream"][-1]["metadata"]["usage"] == {
+        "inputTokens": 13,
+        "outputTokens": 35,
+        "totalTokens": 48,
+    }
+    assert got["invoke"]["usage"] == {"input_tokens": 13, "output_tokens": 35}
+    assert len(got["invoke_stream"]) == 3
+    rows = await proxy.rows(4)
+    by_endpoint = {r["endpoint"]: r for r in rows}
+    expected = {
+        "converse": (57, 100, 0),
+        "converse_stream": (13, 35, 1),
+        "invoke": (13, 35, 0),
+        "invoke_stream": (12, 100, 1),
+    }
+    for endpoint, (tokens_in, tokens_out, streamed) in expected.items():
+        row = by_endpoint[endpoint]
+        assert (row["input_tokens"], row["output_tokens"], row["streamed"]) == (
+            tokens_in,
+            tokens_out,
+            streamed,
+        )
+        assert row["provider"] == "bedrock" and row["usage_source"] == "reported", row
+        assert row["requested_model"] == MODEL and row["model"] == "claude-3-5-sonnet-20240620"
+        assert row["cost_usd"] is not None  # Claude 3.5 Sonnet, priced as the vendor lists it
+    # Every request reached AWS signed by the operator, none with the client's signature.
+    assert len(seen) == 4
+    for request, _ in seen:
+        assert "AKIDCLIENT" not in request.headers["authorization"]
+        assert request.headers["x-amz-security-token"] == OPERATOR.token
+    # The client's key is fingerprinted, never stored.
+    assert all(r["key_fingerprint"] for r in rows) and "AKIDCLIENT" not in json.dumps(rows)
+
+
+async def test_without_resigning_the_client_signature_is_forwarded_and_refused(
+    make_proxy, upstream, operator_env
+) -> None:
+    bedrock_upstream(upstream, {"converse": (body("converse"), "application/json", {})})
+    proxy = await make_proxy(upstreams={"bedrock": upstream.url, "openai": upstream.url})
+    client = client_for(proxy.url)
+    with pytest.raises(Exception) as refused:
+        await asyncio.to_thread(
+            client.converse, modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+        )
+    assert "signature" in str(refused.value).lower()
+    [row] = await proxy.rows(1)
+    assert row["status"] == 403 and row["endpoint"] == "converse"
+
+
+@pytest.mark.parametrize("name", ["converse_stream", "invoke_stream"])
+def test_event_streams_whole_and_byte_by_byte(name: str) -> None:
+    data = body(name)
+    results = []
+    for step in (len(data), 1, 7):
+        parser = BedrockParser(
+            name.replace("_", "-").replace("invoke-stream", "invoke-with-response-stream"), MODEL
+        )
+        parser.on_headers({"content-type": "application/vnd.amazon.eventstream"})
+        for i in range(0, len(data), step):
+            parser.on_chunk(data[i : i + step])
+        parser.on_body(b"", False)
+        result = parser.result()
+        results.append((result.usage, result.usage_source, result.model))
+    assert results[0] == results[1] == results[2]
+    assert results[0][1] == "reported"
+
+
+def test_a_cut_event_stream_is_partial_and_a_corrupt_one_is_flagged() -> None:
+    data = body("invoke_stream")
+    frames = EventStreamBuffer()
+    frames.add_data(data)
+    assert len(list(frames)) == 3  # the fixture's frames and CRCs are whole
+    cut = BedrockParser("invoke-with-response-stream", MODEL)
+    cut.on_headers({"content-type": "application/vnd.amazon.eventstream"})
+    cut.on_chunk(data[: len(data) // 2])  # message_start read; the metrics never arrive
+    assert cut.result().usage_source == "partial" and cut.result().usage.input_tokens == 12
+    corrupt = BedrockParser("converse-stream", MODEL)
+    corrupt.on_headers({"content-type": "application/vnd.amazon.eventstream"})
+    corrupt.on_chunk(data[:20] + b"\x00" + data[21:])
+    assert corrupt.result().usage is None and corrupt.result().notes
+
+
+def test_vendor_model_names() -> None:
+    assert vendor_model("us.anthropic.claude-3-7-sonnet-20250219-v1:0") == "claude-3-7-sonnet-20250219"
+    assert vendor_model("anthropic.claude-3-5-sonnet-20240620-v1:0") == "claude-3-5-sonnet-20240620"
+    assert vendor_model("amazon.nova-lite-v1:0") == "nova-lite"
+    assert vendor_model("global.anthropic.claude-sonnet-4-5-20250929-v1:0") == "claude-sonnet-4-5-20250929"
