@@ -578,3 +578,5 @@ class Proxy:
             record.error = result.error
         if result.notes:
             record.extra["notes"] = result.notes[:10]
+        if result.details:
+            record.extra["usage_details"] = result.details

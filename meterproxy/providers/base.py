@@ -144,6 +144,9 @@ class ParseResult:
     provider_cost_usd: Decimal | None = None
     service_tier: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: Token counts by modality when the provider splits them (``input_audio_tokens``,
+    #: ``output_image_tokens``...), kept on the record as ``extra.usage_details``.
+    details: dict[str, int] = field(default_factory=dict)
 
 
 class UsageParser(Protocol):

@@ -13,6 +13,14 @@ Chat Completions, Completions, Responses and Embeddings. Usage arrives:
 - in a Responses stream, only on ``response.completed`` / ``response.incomplete``
   / ``response.failed``.
 
+Images (``/images/generations``, ``/images/edits``: gpt-image-1's ``usage`` with the
+text/image input split) and audio (``/audio/transcriptions`` and ``/translations``:
+``usage`` of type ``tokens``; ``/audio/speech`` with ``stream_format: "sse"``: the
+``speech.audio.done`` event) report usage in the same shape; the modality split is kept in
+``extra.usage_details``. Image edits and transcriptions are multipart forms: the model and
+stream flag are read from the form's fields. whisper-1 reports ``{"type": "duration"}``,
+billed by the second: no token usage (``usage_source = "none"``, the seconds in a note).
+
 Azure's first chunk (``prompt_filter_results`` with empty choices and no usage)
 is not a usage chunk and passes untouched.
 
@@ -51,7 +59,43 @@ _SUFFIXES = {
     "/completions": "completions",
     "/responses": "responses",
     "/embeddings": "embeddings",
+    "/images/generations": "images",
+    "/images/edits": "image_edits",
+    "/audio/transcriptions": "transcriptions",
+    "/audio/translations": "translations",
+    "/audio/speech": "speech",
 }
+# Streams of these endpoints end with one event that carries the usage.
+_FINAL_EVENTS = (
+    b'"speech.audio.done"',
+    b'"transcript.text.done"',
+    b'"image_generation.completed"',
+    b'"image_edit.completed"',
+)
+_FORM_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*;\s*name="([^"]*)"')
+_FORM_FIELDS = (b"model", b"stream", b"user")
+
+
+def form_fields(body: bytes, limit: int = 1 << 20) -> dict[bytes, bytes]:
+    """The small text fields of a multipart/form-data body (model, stream, user).
+
+    Split at the boundary the body opens with, so a file's bytes are never read as a
+    field; parts are looked at only within the first ``limit`` bytes.
+    """
+    boundary, _, _ = body[:200].partition(b"\r\n")
+    if not boundary.startswith(b"--") or len(boundary) < 3:
+        return {}
+    fields: dict[bytes, bytes] = {}
+    for part in body[:limit].split(b"\r\n" + boundary):
+        head, sep, value = part.lstrip(b"-").lstrip(b"\r\n").partition(b"\r\n\r\n")
+        if not sep or b"filename=" in head:
+            continue
+        match = _FORM_NAME.search(head)
+        if match and match.group(1) in _FORM_FIELDS:
+            fields[match.group(1)] = value.strip()
+    return fields
+
+
 _USAGE_NULL = b',"usage":null'
 # The same member written with any JSON whitespace (some compatible servers pretty-print or
 # write ``", "usage": null``), or as the first member. A string value cannot hold an
@@ -70,6 +114,27 @@ def _strip_usage_null(raw: bytes) -> bytes:
     return _USAGE_NULL_RE.sub(b"", raw, count=1)
 
 
+def modality_details(usage: Any) -> dict[str, int]:
+    """The text/audio/image split of an images, audio or realtime ``usage`` (empty if none)."""
+    details: dict[str, int] = {}
+    if not isinstance(usage, dict):
+        return details
+    sides = (
+        ("input", usage.get("input_tokens_details") or usage.get("input_token_details")),
+        ("input", usage.get("prompt_tokens_details")),
+        ("output", usage.get("output_tokens_details") or usage.get("output_token_details")),
+        ("output", usage.get("completion_tokens_details")),
+    )
+    for side, split in sides:
+        if not isinstance(split, dict):
+            continue
+        for modality in ("text", "audio", "image"):
+            value = split.get(f"{modality}_tokens")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                details[f"{side}_{modality}_tokens"] = value
+    return details
+
+
 def normalize_openai_usage(usage: Any) -> Usage:
     """Chat/Completions/Embeddings (``prompt_tokens``) or Responses (``input_tokens``) usage."""
     if not isinstance(usage, dict):
@@ -86,6 +151,8 @@ def normalize_openai_usage(usage: Any) -> Usage:
         out_details = usage.get("output_tokens_details")
     else:
         raise BadUsage("usage has no token counts")
+    if in_details is None:
+        in_details = usage.get("input_token_details")  # audio transcriptions' spelling
     cache_read = count(in_details, "cached_tokens")
     if "prompt_cache_hit_tokens" in usage:  # DeepSeek
         cache_read = max(cache_read, count(usage, "prompt_cache_hit_tokens"))
@@ -114,6 +181,11 @@ class OpenAIParser:
         self._final = False
 
     def _take_usage(self, usage: Any, container: Any) -> None:
+        if isinstance(usage, dict) and usage.get("type") == "duration":
+            # whisper-1 bills by the second, not by token: no token usage to record.
+            self._result.notes.append(f"billed by duration: {usage.get('seconds')} s")
+            self._result.usage_source = "none"
+            return
         try:
             self._result.usage = normalize_openai_usage(usage)
             self._result.usage_source = "reported"
@@ -123,6 +195,7 @@ class OpenAIParser:
             self._result.notes.append(str(exc))
             return
         if isinstance(usage, dict):
+            self._result.details = modality_details(usage)
             cost = to_decimal(usage.get("cost"))  # OpenRouter
             if cost is not None:
                 self._result.provider_cost_usd = cost
@@ -146,6 +219,8 @@ class OpenAIParser:
             self._final = True
             return event.raw
         if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+            self._final = True
+        if any(name in data for name in _FINAL_EVENTS):
             self._final = True
         # Content text cannot contain an unescaped '"usage"', so these byte checks are
         # exact, and most chunks (content deltas) skip JSON parsing entirely.
@@ -260,6 +335,13 @@ class OpenAIProvider:
     def inspect_request(self, path: str, body: bytes) -> RequestInfo:
         obj = loads(body) if body else None
         info = RequestInfo(body=obj)
+        if obj is None and body.startswith(b"--"):
+            # multipart/form-data (image edits, transcriptions): model and stream are fields.
+            fields = form_fields(body)
+            info.model = fields.get(b"model", b"").decode("utf-8", "replace") or None
+            info.stream = fields.get(b"stream", b"").strip().lower() == b"true"
+            info.user = fields.get(b"user", b"").decode("utf-8", "replace") or None
+            return info
         if isinstance(obj, dict):
             info.model = _str(obj.get("model"))
             info.stream = obj.get("stream") is True
