@@ -146,6 +146,10 @@ def unmetered_reason(record: RequestRecord) -> str | None:
     """Why a request has no trusted usage, or None when it was metered. A bounded set."""
     if record.usage_source == "reported":
         return None
+    if record.extra.get("budget") and record.status == 429:
+        return "blocked"  # refused by a budget before it went upstream
+    if record.usage_source == "partial":
+        return "partial"  # a stream cut before its final usage: counted, but a lower bound
     if record.usage_source == "none":
         return "not_applicable"  # not an LLM endpoint we parse (e.g. GET /v1/models)
     if record.usage_source == "invalid":
@@ -232,7 +236,8 @@ class Metrics:
         self.unmetered = counter(
             "meterproxy_unmetered_requests_total",
             "Requests without trusted usage, by reason "
-            "(missing, invalid, not_applicable, client_disconnected, upstream_error, error_status).",
+            "(missing, invalid, partial, blocked, not_applicable, client_disconnected, upstream_error, "
+            "error_status).",
             ["upstream", "reason"],
         )
         self.duration = Histogram(

@@ -99,6 +99,17 @@ _PROBE_METHODS = frozenset({"HEAD", "OPTIONS"})
 _REQUEST_ID_HEADERS = ("request-id", "x-request-id")
 
 
+#: The built-in upstreams' wire family: the provider of their rows that no parser meters
+#: (``GET /v1/models``), so rows of one provider look alike whatever the path.
+_UPSTREAM_FAMILY = {"openai": "openai", "anthropic": "anthropic", "gemini": "gemini", "bedrock": "bedrock"}
+
+
+def _unmetered_endpoint(path: str) -> str:
+    """A bounded name for a path no provider meters: ``models`` for model listings, else ``other``."""
+    tail = path.rstrip("/").rsplit("/", 1)[-1]
+    return "models" if tail == "models" or path.rstrip("/").endswith("/models") else "other"
+
+
 def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     """Header names listed in ``Connection``: hop-by-hop for this hop only (RFC 9110 7.6.1)."""
     return {
@@ -291,8 +302,8 @@ class Proxy:
         user, body_session = agent_user(info.user)
         return RequestRecord(
             upstream=target.upstream.name,
-            provider=provider.name if provider else "",
-            endpoint=provider.endpoint(target.path) if provider else "other",
+            provider=provider.name if provider else _UPSTREAM_FAMILY.get(target.upstream.name, ""),
+            endpoint=provider.endpoint(target.path) if provider else _unmetered_endpoint(target.path),
             method=method,
             requested_model=info.model,
             streamed=info.stream,

@@ -96,6 +96,8 @@ def test_unpriced_and_unmetered_requests_are_counted_apart() -> None:
     [
         ({"usage_source": "reported"}, None),
         ({"usage_source": "none"}, "not_applicable"),
+        ({"usage_source": "none", "status": 429, "extra": {"budget": "cap"}}, "blocked"),
+        ({"usage_source": "partial"}, "partial"),
         ({"usage_source": "invalid"}, "invalid"),
         ({"usage_source": "missing", "client_disconnected": True}, "client_disconnected"),
         ({"usage_source": "missing", "status": None, "error": "upstream unreachable"}, "upstream_error"),

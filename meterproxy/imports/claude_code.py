@@ -139,7 +139,7 @@ def parse_entry(entry: Any, project: str) -> RequestRecord | None:
         source=SOURCE,
         upstream=SOURCE,
         provider="anthropic",
-        endpoint="/v1/messages",
+        endpoint="messages",  # what a proxied /v1/messages row says
         requested_model=model,
         model=model,
         status=200,

@@ -41,6 +41,10 @@ from meterproxy.pricing import PriceBook
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
 
+#: An agent's log rarely names the API it called: the one its provider's chat calls use,
+#: the endpoint name a proxied row of the same call has.
+_ENDPOINT_BY_PROVIDER = {"anthropic": "messages", "gemini": "generate_content", "openai": "chat"}
+
 __all__ = ["FIELDS", "PRESETS", "LineMapping", "follow", "read_new"]
 
 FIELDS = (
@@ -159,7 +163,7 @@ class LineMapping:
             source=self.source,
             upstream=self.source,
             provider=provider,
-            endpoint="",
+            endpoint=str(got.get("endpoint") or "") or _ENDPOINT_BY_PROVIDER.get(provider, "chat"),
             requested_model=model,
             model=model,
             status=200,

@@ -136,6 +136,18 @@ def m004_no_sqlite_emulation(db: Db) -> None:
         db.execute("DROP TABLE IF EXISTS _sqlite_migrations")
 
 
+@core_migrations()
+def m005_import_endpoints(db: Db) -> None:
+    # Imported rows name their endpoint as proxied rows of the same call do ("messages",
+    # not "/v1/messages"; an agent log's calls by their provider's chat endpoint, not "").
+    db.execute("UPDATE requests SET endpoint = 'messages' WHERE endpoint = '/v1/messages'")
+    db.execute(
+        "UPDATE requests SET endpoint = CASE provider WHEN 'anthropic' THEN 'messages' "
+        "WHEN 'gemini' THEN 'generate_content' ELSE 'chat' END "
+        "WHERE endpoint = '' AND source <> 'proxy'"
+    )
+
+
 COLUMNS = [
     "id",
     "ts",
