@@ -215,7 +215,8 @@ async def test_unmetered_paths_are_forwarded_and_recorded_without_usage(
         assert resp.status == 200
         assert await resp.read() == b'{"object":"list","data":[]}'
     [row] = await proxy.rows(1)
-    assert row["usage_source"] == "none" and row["endpoint"] == "other" and row["method"] == "GET"
+    assert row["usage_source"] == "none" and row["endpoint"] == "models" and row["method"] == "GET"
+    assert row["provider"] == "openai"
 
 
 async def test_concurrent_streams_are_each_recorded_exactly(
