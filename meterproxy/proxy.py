@@ -104,6 +104,9 @@ _REQUEST_ID_HEADERS = ("request-id", "x-request-id")
 _UPSTREAM_FAMILY = {"openai": "openai", "anthropic": "anthropic", "gemini": "gemini", "bedrock": "bedrock"}
 
 
+_UNMETERED_ENDPOINTS = frozenset({"models", "other"})
+
+
 def _unmetered_endpoint(path: str) -> str:
     """A bounded name for a path no provider meters: ``models`` for model listings, else ``other``."""
     tail = path.rstrip("/").rsplit("/", 1)[-1]
@@ -547,7 +550,7 @@ class Proxy:
         await client.end()
 
     def _finish(self, record: RequestRecord) -> None:
-        if record.method in _PROBE_METHODS and not record.provider:
+        if record.method in _PROBE_METHODS and record.endpoint in _UNMETERED_ENDPOINTS:
             return  # a probe, not LLM usage: neither an error nor an unmetered request
         # Error texts come from the upstream or the network and may echo a credential.
         if record.error:

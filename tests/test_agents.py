@@ -467,7 +467,7 @@ async def test_claude_code_start_up_probe_is_forwarded_but_not_recorded(
         rows = await served.wait_rows(2)
     probes = [r for r in providers.upstream.received if r.method == "HEAD"]
     assert [(r.method, r.path_qs) for r in probes] == [("HEAD", "/")], "the probe reached the provider"
-    assert [(r["method"], r["endpoint"]) for r in rows] == [("POST", "messages"), ("GET", "other")], (
+    assert [(r["method"], r["endpoint"]) for r in rows] == [("POST", "messages"), ("GET", "models")], (
         "the probe left no row"
     )
 
