@@ -317,6 +317,7 @@ class Proxy:
             service_tier=info.service_tier,
             usage_source="missing" if provider else "none",
             max_output_tokens=info.max_output_tokens,
+            output_choices=info.choices,
         )
 
     def refuse(

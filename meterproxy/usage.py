@@ -127,9 +127,11 @@ class RequestRecord:
     usage_injected: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     #: Known before forwarding, for budgets that reserve a worst case; never stored:
-    #: the size of the client's body and the output limit it asked for.
+    #: the size of the client's body, the output limit it asked for and how many answers
+    #: (each up to that limit) it asked the model to generate.
     request_bytes: int = 0
     max_output_tokens: int | None = None
+    output_choices: int = 1
     #: Only with ``store_content``: the client's request body and the answer's (decoded)
     #: bytes, each capped; stored apart from the row by `meterproxy.content`.
     content: CapturedContent | None = None

@@ -12,7 +12,9 @@ size in tokens (a tokenizer never makes more tokens than bytes of text), and
 its output is at most what it asked for (``max_tokens``,
 ``max_completion_tokens``, ``max_output_tokens``, ``generationConfig.
 maxOutputTokens``) or, when it asked for nothing, ``budget_reserve_output_tokens``
-(a setting: providers' own output limits range from 4k to 128k tokens). Both
+(a setting: providers' own output limits range from 4k to 128k tokens), times
+the answers it asks for (OpenAI ``n`` or ``best_of``, Gemini ``candidateCount``:
+each answer may reach the limit and all are billed). Both
 are priced with the requested model's current prices, without cache discounts.
 A request whose model has no price reserves nothing: its cost would not count
 against the budget either (it is recorded as unpriced), and it is logged.
@@ -78,6 +80,7 @@ _RETRIES = 50
 def worst_case(record: RequestRecord, book: PriceBook, default_output: int, now: datetime) -> int | None:
     """The most this request can cost, in picodollars (None when its model has no price)."""
     output = record.max_output_tokens if record.max_output_tokens is not None else default_output
+    output *= max(record.output_choices, 1)  # n=4 generates (and bills) up to four answers
     usage = Usage(input_tokens=max(record.request_bytes, 1), output_tokens=output)
     result = book.price(
         model=record.requested_model,

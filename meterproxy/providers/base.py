@@ -128,6 +128,14 @@ class RequestInfo:
     body: Any = None
     #: The output limit the request asked for (max_tokens and its spellings), if any.
     max_output_tokens: int | None = None
+    #: How many answers it asks the model to generate (OpenAI ``n``/``best_of``, Gemini
+    #: ``candidateCount``): each may reach the output limit, and every one is billed.
+    choices: int = 1
+
+
+def choices_asked(*values: Any) -> int:
+    """The number of generated answers a request asks for (at least 1), from its counts."""
+    return max([1, *(n for v in values if (n := int_or_none(v)) is not None)])
 
 
 def int_or_none(value: Any) -> int | None:

@@ -22,6 +22,7 @@ from meterproxy.providers.base import (
     BadUsage,
     ParseResult,
     RequestInfo,
+    choices_asked,
     count,
     find_json_value,
     int_or_none,
@@ -136,6 +137,7 @@ class GeminiProvider:
             stream=path.endswith(":streamGenerateContent"),
             body=obj,
             max_output_tokens=limit,
+            choices=choices_asked(config.get("candidateCount")) if isinstance(config, dict) else 1,
         )
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:

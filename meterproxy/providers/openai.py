@@ -42,6 +42,7 @@ from meterproxy.providers.base import (
     BadUsage,
     ParseResult,
     RequestInfo,
+    choices_asked,
     count,
     error_text,
     find_json_value,
@@ -351,6 +352,7 @@ class OpenAIProvider:
                 if (limit := int_or_none(obj.get(name))) is not None:
                     info.max_output_tokens = limit
                     break
+            info.choices = choices_asked(obj.get("n"), obj.get("best_of"))
         return info
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
