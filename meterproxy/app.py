@@ -28,11 +28,13 @@ from aiohttp import web
 from meterproxy import __version__
 from meterproxy.access_log import log_request
 from meterproxy.api.me import ME_PREFIX
-from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PROXY, SETTINGS, WRITER
+from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PRICES, PROXY, SETTINGS, WRITER
 from meterproxy.aws_sigv4 import AwsSigner
 from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.meter import Meter, price_record_with
-from meterproxy.pricing import PriceBook
+from meterproxy.prices_update import load_book
+from meterproxy.prices_watch import prices_ctx
+from meterproxy.pricing import LivePrices, PriceBook
 from meterproxy.proxy import Proxy
 from meterproxy.settings import Settings
 from meterproxy.store import backend as store_backend
@@ -125,12 +127,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    book = PriceBook.load(overrides=[Path(p) for p in settings.pricing])
+    book = load_book([Path(p) for p in settings.pricing], Path(settings.prices_dir))
     for problem in book.check():
         log.warning("pricing table problem: %s", problem)
     for problem in unpriced_upstreams(book, settings):
         log.warning("%s", problem)
     app[PRICEBOOK] = book
+    app[PRICES] = LivePrices(book)
     meter = app[METER]
     meter.set_pricer(price_record_with(book, settings.upstream_prices))
     meter.add_sink("store", app[WRITER].submit)
@@ -219,6 +222,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METER] = Meter()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_proxy_ctx)
+    app.cleanup_ctx.append(prices_ctx)
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/healthz", healthz)
     for name in FEATURES:

@@ -17,12 +17,22 @@ from aiohttp import web
 if TYPE_CHECKING:
     from meterproxy.meter import Meter
     from meterproxy.metrics import Metrics
-    from meterproxy.pricing import PriceBook
+    from meterproxy.pricing import LivePrices, PriceBook
     from meterproxy.proxy import Proxy
     from meterproxy.settings import Settings
     from meterproxy.store.writer import StoreWriter
 
-__all__ = ["API_DOCS", "FINGERPRINT_SALT", "METER", "METRICS", "PRICEBOOK", "PROXY", "SETTINGS", "WRITER"]
+__all__ = [
+    "API_DOCS",
+    "FINGERPRINT_SALT",
+    "METER",
+    "METRICS",
+    "PRICEBOOK",
+    "PRICES",
+    "PROXY",
+    "SETTINGS",
+    "WRITER",
+]
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 #: Routes features added to the app's OpenAPI document (`meterproxy.api.openapi.document`).
@@ -31,6 +41,8 @@ WRITER: web.AppKey[StoreWriter] = web.AppKey("writer")
 METER: web.AppKey[Meter] = web.AppKey("meter")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
+#: The price book loaded at start-up; `PRICES` holds the one in force now (``prices update``).
 PRICEBOOK: web.AppKey[PriceBook] = web.AppKey("pricebook")
+PRICES: web.AppKey[LivePrices] = web.AppKey("prices")
 #: The database's key-fingerprint salt (read once at start-up; the proxy and /api/me use it).
 FINGERPRINT_SALT: web.AppKey[bytes] = web.AppKey("fingerprint_salt")

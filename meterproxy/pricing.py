@@ -41,7 +41,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -70,6 +70,7 @@ __all__ = [
     "DEFAULT_BASE_FILE",
     "DEFAULT_PRICING_DIR",
     "BaseLayer",
+    "LivePrices",
     "LongContext",
     "ModelInfo",
     "Multiplier",
@@ -100,6 +101,8 @@ _STANDARD_TIERS = frozenset({"", "default", "standard", "auto", "on_demand"})
 _SNAPSHOT_RE = re.compile(r"(?:[-@](?:\d{4}-\d{2}-\d{2}|\d{8})|-\d{3})$")
 _CACHE_MAX = 16_384  # resolved (list, name) pairs kept; cleared when full
 _MAX_REDIRECTS = 4
+_TOLERANCE = Decimal("1e-9")
+_DAY = timedelta(days=1)
 
 #: One base data file and when it was applied (None: the shipped file, in force for all time).
 BaseLayer = tuple[BaseData, datetime | None]
@@ -130,6 +133,15 @@ class Resolved:
     multipliers: tuple[Multiplier, ...] = ()
     redirects: tuple[Redirect, ...] = ()
     base_id: str | None = None  # "provider/model" in genai-prices, when the base layer knows it
+
+
+@dataclass(slots=True)
+class LivePrices:
+    """The price book a running server prices with now. `meterproxy.prices_watch` replaces
+    `book` when ``prices update`` installs a file and counts `generation` up (tests wait on it)."""
+
+    book: PriceBook
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,19 +436,7 @@ class PriceBook:
         entry = _latest(found.entries, when)
         if entry is None:
             return None
-        tier = (service_tier or "").strip().lower()
-        rates, long_context, tier_used = entry.select(None if tier in _STANDARD_TIERS else tier)
-        if long_context is not None and usage.input_tokens > long_context.threshold:
-            rates = long_context.rates
-        # Windows price the standard tier only; `check` rejects windows beside long_context.
-        window = entry.window_at(when) if tier_used is None else None
-        if window is not None:
-            rates = window.rates
-        cost = rates.token_cost(usage).scaleb(-_MILLION)
-        if entry.web_search is not None and usage.web_search_requests:
-            cost += (usage.web_search_requests * entry.web_search).scaleb(-3)
-        if entry.requests is not None:
-            cost += entry.requests.scaleb(-3)
+        cost, tier_used, window = _entry_cost(entry, usage, when, service_tier)
         prov = self._providers.get(found.provider)
         mult = _latest(found.multipliers, when) or (_latest(prov.multipliers, when) if prov else None)
         factor = mult.multiplier if mult is not None else None
@@ -514,6 +514,45 @@ class PriceBook:
         """Validation problems found while loading; an empty list means the tables are sound."""
         return list(self._problems)
 
+    def disagreements(self, usages: Sequence[Usage], also_at: Sequence[datetime]) -> list[str]:
+        """Where a curated or operator model bills differently from the base layer, by more than 1e-9.
+
+        Compared at noon the day after each of the model's own entries and at `also_at`
+        (each from the model's first entry on), for each of `usages`, standard tier.
+        One line per model: the first difference found, and the model's stated reason
+        (an entry's ``correction`` or ``note``) when it gives one.
+        """
+        out = []
+        for m in sorted(self._models.values(), key=lambda m: (m.provider, m.id)):
+            plist = self.price_list(m.provider)
+            if not m.entries or plist is None or self._base_id(m.id.lower(), plist) is None:
+                continue
+            base = self._layered(m.id.lower(), plist, ())
+            first = m.entries[0].effective_from
+            points = [e.effective_from.replace(hour=12, minute=0, second=0) + _DAY for e in m.entries]
+            points = sorted({p for p in (*points, *also_at) if p >= first})
+            diff = next(
+                (
+                    (at, a, b)
+                    for at in points
+                    for u in usages
+                    if (mine := _latest(m.entries, at)) is not None
+                    and (theirs := _latest(base, at)) is not None
+                    and abs(
+                        (a := _entry_cost(mine, u, at, None)[0]) - (b := _entry_cost(theirs, u, at, None)[0])
+                    )
+                    > _TOLERANCE
+                ),
+                None,
+            )
+            if diff is None:
+                continue
+            at, a, b = diff
+            why = next((e.correction or e.note for e in reversed(m.entries) if e.correction or e.note), None)
+            reason = f"; {why}" if why else ""
+            out.append(f"{m.provider}/{m.id} at {at.isoformat()}: {m.entries[0].layer} {a}, base {b}{reason}")
+        return out
+
     def _validate(self) -> Iterable[str]:
         for m in self._models.values():
             if m.same_as is not None:
@@ -540,6 +579,26 @@ class PriceBook:
         return plist is not None and self._base_id(m.id.lower(), plist) is not None
 
 
+def _entry_cost(
+    entry: PriceEntry, usage: Usage, when: datetime, service_tier: str | None
+) -> tuple[Decimal, str | None, TimeWindow | None]:
+    """The one formula: `usage` at `entry`'s rates for the tier, prompt size and time of day."""
+    tier = (service_tier or "").strip().lower()
+    rates, long_context, tier_used = entry.select(None if tier in _STANDARD_TIERS else tier)
+    if long_context is not None and usage.input_tokens > long_context.threshold:
+        rates = long_context.rates
+    # Windows price the standard tier only; `check` rejects windows beside long_context.
+    window = entry.window_at(when) if tier_used is None else None
+    if window is not None:
+        rates = window.rates
+    cost = rates.token_cost(usage).scaleb(-_MILLION)
+    if entry.web_search is not None and usage.web_search_requests:
+        cost += (usage.web_search_requests * entry.web_search).scaleb(-3)
+    if entry.requests is not None:
+        cost += entry.requests.scaleb(-3)
+    return cost, tier_used, window
+
+
 def _find_base(data: BaseData, name: str, provider_ids: Sequence[str]) -> BaseModel | None:
     for pid in provider_ids:
         prov = data.providers.get(pid)
@@ -559,12 +618,12 @@ def _cover(lower: Sequence[PriceEntry], upper: Sequence[PriceEntry]) -> tuple[Pr
 def _changes(old: Sequence[PriceEntry], new: Sequence[PriceEntry], at: datetime) -> bool:
     """Whether `new` prices anything from `at` on differently from `old`."""
     a, b = _latest(old, at), _latest(new, at)
-    if (a is None) != (b is None) or (a is not None and b is not None and not _same_rates(a, b)):
+    if (a is None) != (b is None) or (a is not None and b is not None and not a.same_prices(b)):
         return True
     later_old = [e for e in old if e.effective_from > at]
     later_new = [e for e in new if e.effective_from > at]
     return len(later_old) != len(later_new) or any(
-        x.effective_from != y.effective_from or not _same_rates(x, y)
+        x.effective_from != y.effective_from or not x.same_prices(y)
         for x, y in zip(later_old, later_new, strict=True)
     )
 
@@ -577,17 +636,6 @@ def _apply_update(
     current = _latest(new, applied_at)
     at_update = [dataclasses.replace(current, effective_from=applied_at)] if current is not None else []
     return (*before, *at_update, *(e for e in new if e.effective_from > applied_at))
-
-
-def _same_rates(a: PriceEntry, b: PriceEntry) -> bool:
-    return (a.rates, a.long_context, a.web_search, a.requests, dict(a.tiers), a.windows) == (
-        b.rates,
-        b.long_context,
-        b.web_search,
-        b.requests,
-        dict(b.tiers),
-        b.windows,
-    )
 
 
 @lru_cache(maxsize=4)

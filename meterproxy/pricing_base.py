@@ -252,20 +252,9 @@ def _entries(model: Mapping[str, Any]) -> tuple[PriceEntry, ...]:
     for day in [None, *sorted(starts)]:
         at = BASE_EPOCH if day is None else datetime.combine(day, time(), UTC)
         entry = _entry_at(conds, variants, day, at)
-        if not entries or not _same(entries[-1], entry):
+        if not entries or not entries[-1].same_prices(entry):
             entries.append(entry)
     return tuple(entries)
-
-
-def _same(a: PriceEntry, b: PriceEntry) -> bool:
-    return (a.rates, a.long_context, a.web_search, a.requests, dict(a.tiers), a.windows) == (
-        b.rates,
-        b.long_context,
-        b.web_search,
-        b.requests,
-        dict(b.tiers),
-        b.windows,
-    )
 
 
 def _conditional(raw: Mapping[str, Any]) -> _Conditional:

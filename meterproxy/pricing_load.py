@@ -223,6 +223,12 @@ class PriceEntry:
         assert chosen.rates is not None
         return chosen.rates, chosen.long_context, tier
 
+    def same_prices(self, other: PriceEntry) -> bool:
+        """Whether `other` bills every request exactly as this entry does (dates and notes aside)."""
+        mine = (self.rates, self.long_context, self.web_search, self.requests, dict(self.tiers), self.windows)
+        theirs = (other.rates, other.long_context, other.web_search, other.requests, dict(other.tiers))
+        return mine == (*theirs, other.windows)
+
     def window_at(self, when: datetime) -> TimeWindow | None:
         """The time-of-day window in force at `when` (aware, UTC), if any."""
         return next((w for w in self.windows if w.contains(when)), None)

@@ -36,6 +36,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "default_db_path",
+    "default_prices_dir",
     "load_settings",
     "split_upstream_value",
 ]
@@ -75,6 +76,12 @@ def split_upstream_value(value: Any) -> tuple[str, str | None]:
 
 class SettingsError(ValueError):
     """Configuration that cannot be used; the message says which setting and why."""
+
+
+def default_prices_dir() -> Path:
+    """``$XDG_DATA_HOME/meterproxy/prices``: where ``prices update`` installs newer base prices."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "meterproxy" / "prices"
 
 
 def default_db_path() -> Path:
@@ -121,6 +128,14 @@ class Settings(BaseModel):
     )
     pricing: list[str] = Field(
         default_factory=list, description="Extra pricing TOML files (private models, negotiated rates)."
+    )
+    prices_dir: str = Field(
+        default_factory=lambda: str(default_prices_dir()),
+        description="Directory of base-price updates installed by 'meterproxy prices update'; serve "
+        "loads them and picks up new ones while running.",
+    )
+    prices_reload_interval: float = Field(
+        2.0, gt=0, le=3600, description="Seconds between checks of prices_dir for a newly installed update."
     )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get a 413."

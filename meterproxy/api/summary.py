@@ -27,7 +27,7 @@ from multidict import MultiMapping
 from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.requests import filter_from_query
-from meterproxy.app_state import PRICEBOOK, WRITER
+from meterproxy.app_state import PRICES, WRITER
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import cache_savings
 from meterproxy.store.queries import RequestFilter, run_read
@@ -158,7 +158,8 @@ async def summary_handler(request: web.Request) -> web.Response:
         )
 
     summary, models, days = await run_read(request.app[WRITER].path, read)
-    book = request.app.get(PRICEBOOK) or PriceBook.default()
+    live = request.app.get(PRICES)
+    book = live.book if live is not None else PriceBook.default()
     return json_response(
         {
             "since": q.filter.since,

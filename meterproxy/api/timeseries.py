@@ -29,7 +29,7 @@ from meterproxy.api.summary import (
     parse_tz,
     priced_models,
 )
-from meterproxy.app_state import PRICEBOOK, WRITER
+from meterproxy.app_state import PRICES, WRITER
 from meterproxy.pricing import PriceBook
 from meterproxy.store.queries import run_read
 from meterproxy.store.summary import (
@@ -129,7 +129,7 @@ async def timeseries_handler(request: web.Request) -> web.Response:
             "split": split[0] if split else None,
             "series": out,
             "truncated": len(ranked) > limit,
-            "priced_models": priced_models(request.app.get(PRICEBOOK) or PriceBook.default(), [summary]),
+            "priced_models": priced_models(_book(request.app), [summary]),
             "notes": summary.notes,
         },
         request=request,
@@ -138,3 +138,8 @@ async def timeseries_handler(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/api/timeseries", timeseries_handler)
+
+
+def _book(app: web.Application) -> PriceBook:
+    live = app.get(PRICES)
+    return live.book if live is not None else PriceBook.default()

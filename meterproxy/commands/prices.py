@@ -30,9 +30,15 @@ from typing import Any
 import click
 
 from meterproxy.exact_json import dumps
+from meterproxy.prices_update import DEFAULT_URL, fetch, install, installed, plan, stage
+from meterproxy.prices_update import base_layers as installed_layers
+from meterproxy.prices_update import load_book as load_with_updates
 from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates, TimeWindow
+from meterproxy.pricing_base import parse_base
 from meterproxy.pricing_load import DAY_NAMES
 from meterproxy.pricing_names import PRICE_LISTS, canonical
+from meterproxy.settings import default_prices_dir
+from meterproxy.usage import Usage
 
 __all__ = ["command", "format_price", "load_book"]
 
@@ -45,10 +51,23 @@ _PRICING = click.option(
 )
 
 
-def load_book(pricing: Sequence[Path]) -> PriceBook:
-    """The shipped tables plus `pricing`; a file that cannot be used exits with its message."""
+_PRICES_DIR = click.option(
+    "--prices-dir",
+    "prices_dir",
+    envvar="METERPROXY_PRICES_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Installed base-price updates, as for 'serve' [default: $XDG_DATA_HOME/meterproxy/prices].",
+)
+
+
+def load_book(pricing: Sequence[Path], prices_dir: Path | None = None) -> PriceBook:
+    """The shipped layers, installed updates and `pricing`; an unusable file exits with its message."""
+    prices_dir = prices_dir or default_prices_dir()
     try:
-        return PriceBook.load(overrides=list(pricing)) if pricing else PriceBook.default()
+        if not pricing and not installed(prices_dir):
+            return PriceBook.default()
+        return load_with_updates(list(pricing), prices_dir)
     except PricingError as exc:
         raise click.ClickException(f"invalid pricing file: {exc}") from exc
 
@@ -157,9 +176,12 @@ def command() -> None:
 @click.option("--provider", default=None, help="Only this provider's table (openai, anthropic, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_PRICING
-def list_command(provider: str | None, as_json: bool, pricing: tuple[Path, ...]) -> None:
+@_PRICES_DIR
+def list_command(
+    provider: str | None, as_json: bool, pricing: tuple[Path, ...], prices_dir: Path | None
+) -> None:
     """Every model with the prices in force now."""
-    book = load_book(pricing)
+    book = load_book(pricing, prices_dir)
     rows = _list_rows(book, provider, datetime.now(UTC))
     if as_json:
         click.echo(dumps(rows))
@@ -229,9 +251,12 @@ def _entry_lines(entry: PriceEntry) -> list[str]:
     "--provider", default=None, help="The price list to resolve on (openai, together, ...) [default: any]."
 )
 @_PRICING
-def show_command(model: str, provider: str | None, pricing: tuple[Path, ...]) -> None:
+@_PRICES_DIR
+def show_command(
+    model: str, provider: str | None, pricing: tuple[Path, ...], prices_dir: Path | None
+) -> None:
     """One model's dated price history, each entry with the layer and source that priced it."""
-    book = load_book(pricing)
+    book = load_book(pricing, prices_dir)
     found = book.lookup(model, provider)
     if found is None:
         where = f"on the {provider!r} price list" if provider else "in any price list"
@@ -275,12 +300,32 @@ def show_command(model: str, provider: str | None, pricing: tuple[Path, ...]) ->
         )
 
 
+# Usages the layer comparison prices: every kind of token, and one over every context threshold.
+_CHECK_USAGES = (
+    Usage(
+        input_tokens=20_000,
+        cache_read_tokens=6_000,
+        cache_write_tokens=3_000,
+        cache_write_1h_tokens=1_000,
+        output_tokens=4_000,
+        reasoning_tokens=1_500,
+    ),
+    Usage(input_tokens=1_100_000, cache_read_tokens=50_000, cache_write_tokens=10_000, output_tokens=8_000),
+)
+
+
 @command.command("check")
 @_PRICING
-def check_command(pricing: tuple[Path, ...]) -> None:
-    """Validate the shipped tables and any --pricing files; exit 1 on any problem."""
+@_PRICES_DIR
+def check_command(pricing: tuple[Path, ...], prices_dir: Path | None) -> None:
+    """Validate every layer; exit 1 on any problem. Also lists where layers disagree.
+
+    A disagreement (a curated or operator model billing differently from the base layer by
+    more than 1e-9) is reported, with the model's stated reason, but is not a failure: that
+    is what a correction is. Review the list after 'prices update'.
+    """
     try:
-        book = PriceBook.load(overrides=list(pricing))
+        book = load_with_updates(list(pricing), prices_dir or default_prices_dir())
     except PricingError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -290,5 +335,88 @@ def check_command(pricing: tuple[Path, ...]) -> None:
         for p in problems:
             click.echo(f"  - {p}", err=True)
         sys.exit(1)
+    differ = book.disagreements(_CHECK_USAGES, [datetime.now(UTC)])
     extra = f" + {len(pricing)} override(s)" if pricing else ""
-    click.echo(f"ok: {len(book.models())} models{extra}, no problems")
+    layers = book.base_layers()
+    click.echo(
+        f"ok: {len(book.models())} curated models{extra} over {layers[-1][0].model_count()} base models "
+        f"({len(layers) - 1} update(s) installed), no problems"
+    )
+    if differ:
+        click.echo(f"{len(differ)} model(s) where a higher layer disagrees with the base by more than 1e-9:")
+        for line in differ:
+            click.echo(f"  - {line}")
+
+
+def _change_text(before: PriceEntry | None, after: PriceEntry | None) -> str:
+    if before is None or after is None:
+        entry = after or before
+        return _rates_text(entry.rates) if entry is not None else ""
+    parts = []
+    for key, old in _rates_dict(before.rates).items():
+        new = getattr(after.rates, key)
+        if old != new:
+            parts.append(f"{key} {format_price(old)} -> {format_price(new)}")
+    if before.long_context != after.long_context:
+        parts.append("long-context rates")
+    if dict(before.tiers) != dict(after.tiers):
+        parts.append("tier rates")
+    if before.windows != after.windows:
+        parts.append("time-of-day windows")
+    if (before.web_search, before.requests) != (after.web_search, after.requests):
+        parts.append("per-request fees")
+    return ", ".join(parts) or "later dated prices"
+
+
+@command.command("update")
+@click.argument("source", required=False, default=DEFAULT_URL)
+@_PRICES_DIR
+@click.option("--dry-run", is_flag=True, help="Validate and print what would change; install nothing.")
+def update_command(source: str, prices_dir: Path | None, dry_run: bool) -> None:
+    """Refresh the base layer from a newer genai-prices data file (SOURCE: a path or URL).
+
+    SOURCE defaults to genai-prices' published file; offline machines pass a file. The new
+    prices are in force from now on, and only where they differ: requests already made keep
+    their prices (and reprice to the same). A running 'serve' with the same prices directory
+    picks the update up within prices_reload_interval seconds.
+    """
+    prices_dir = prices_dir or default_prices_dir()
+    try:
+        raw, origin = fetch(source)
+        data = parse_base(raw, origin)
+    except (PricingError, OSError) as exc:
+        raise click.ClickException(f"cannot use {source}: {exc}") from exc
+    at = datetime.now(UTC)
+    planned = plan(data, installed_layers(prices_dir), at)
+    skipped = f" ({len(data.skipped)} skipped: not representable exactly)" if data.skipped else ""
+    click.echo(f"{origin}: {len(data.providers)} providers, {data.model_count()} models{skipped}")
+    for problem in planned.problems:
+        click.echo(f"error: {problem}", err=True)
+    if planned.problems:
+        raise click.ClickException("not installed: the file does not look like a full genai-prices data file")
+    for label, changes in (
+        ("changed", planned.changed),
+        ("added", planned.added),
+        ("removed", planned.removed),
+    ):
+        click.echo(f"{label} {len(changes)}")
+        for c in changes:
+            click.echo(f"  {c.model}: {_change_text(c.before, c.after)}")
+    click.echo(f"unchanged {planned.unchanged}")
+    if planned.removed:
+        click.echo("(removed models keep the prices of the layer below)")
+    if dry_run:
+        click.echo("dry run: nothing installed")
+        return
+    if planned.empty:
+        click.echo("nothing changes: not installed")
+        return
+    staged = stage(raw, prices_dir)
+    try:
+        target = install(staged, planned, prices_dir)
+    finally:
+        staged.unlink(missing_ok=True)
+    click.echo(
+        f"installed {target}: in force from {at.isoformat()} (earlier requests keep their prices); "
+        "a running serve with this prices directory picks it up within seconds"
+    )

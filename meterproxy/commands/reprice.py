@@ -17,7 +17,8 @@ import click
 from meterproxy.api import ParamError, parse_time
 from meterproxy.commands.database import announce_db
 from meterproxy.money import usd_text
-from meterproxy.pricing import PriceBook, PricingError
+from meterproxy.prices_update import load_book
+from meterproxy.pricing import PricingError
 from meterproxy.reprice import RepriceReport, reprice
 from meterproxy.settings import SettingsError, load_settings
 
@@ -79,7 +80,7 @@ def command(
     if not Path(settings.db).exists():
         raise click.ClickException(f"database {settings.db} does not exist")
     try:
-        book = PriceBook.load(overrides=[Path(p) for p in settings.pricing])
+        book = load_book([Path(p) for p in settings.pricing], Path(settings.prices_dir))
     except PricingError as exc:
         raise click.ClickException(f"invalid pricing file: {exc}") from exc
     for problem in book.check():
