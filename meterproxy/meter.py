@@ -50,9 +50,10 @@ def price_list_of(record: RequestRecord, upstream_prices: Mapping[str, str]) -> 
 
     ``groq``, ``openrouter``, ``deepseek`` say who bills; the wire protocol does not
     (``openai`` for every compatible API), so it is only used for rows that came
-    through no upstream (imports, whose source names its provider).
+    through no upstream: imports, whose ``upstream`` is the log they came from and
+    whose ``provider`` is the one the agent's log (or its model) names.
     """
-    if record.upstream:
+    if record.upstream and record.source == "proxy":
         return upstream_prices.get(record.upstream) or record.upstream
     return record.provider or None
 

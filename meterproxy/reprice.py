@@ -21,6 +21,7 @@ lock. The proxy only ever inserts, so there is nothing to merge.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from meterproxy.money import from_pico, stored_cost_text, to_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import connect
 from meterproxy.store.db import Db, db_errors
+from meterproxy.store.rollups import reprice_row
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, RequestRecord, Usage
 
@@ -40,12 +42,12 @@ __all__ = ["ModelChange", "RepriceReport", "reprice"]
 
 _TOKEN_COLUMNS = USAGE_FIELDS
 _SELECT = (
-    "SELECT id, ts, provider, upstream, model, requested_model, service_tier, cost_pico, priced_model, "
-    f"{', '.join(_TOKEN_COLUMNS)} FROM requests "
+    "SELECT id, ts, source, provider, upstream, model, requested_model, service_tier, cost_pico, "
+    f"priced_model, extra, {', '.join(_TOKEN_COLUMNS)} FROM requests "
     "WHERE usage_source = 'reported' AND ts >= $1 AND ts < $2 AND (ts > $3 OR (ts = $3 AND id > $4)) "
     "ORDER BY ts, id LIMIT $5"
 )
-_UPDATE = "UPDATE requests SET cost_usd = $1, cost_pico = $2, priced_model = $3 WHERE id = $4"
+_UPDATE = "UPDATE requests SET cost_usd = $1, cost_pico = $2, priced_model = $3, extra = $4 WHERE id = $5"
 _END_OF_TIME = "9999-12-31T23:59:59.999999Z"
 _LOCK_RETRIES = 8
 
@@ -78,6 +80,7 @@ class RepriceReport:
     new_total: Decimal = Decimal(0)
     by_model: dict[str, ModelChange] = field(default_factory=dict)
     dry_run: bool = False
+    kept_source_cost: int = 0  # imported rows whose cost the source reported, left as they were
 
     @property
     def difference(self) -> Decimal:
@@ -93,11 +96,14 @@ def reprice(
     dry_run: bool = False,
     batch_size: int = 500,
     upstream_prices: Mapping[str, str] | None = None,
+    source_costs: bool = False,
 ) -> RepriceReport:
     """Reprice reported rows with ``since <= ts < until`` (stored ``ts`` text form).
 
     `upstream_prices` is the ``serve`` setting of the same name: rows are repriced
-    from the same price list the proxy chose for them.
+    from the same price list the proxy chose for them. Imported rows whose cost came
+    from the agent's own log (``extra.cost_from = "source"``) keep it unless
+    `source_costs` is set; then our price replaces it where we have one.
     """
     price = price_record_with(book, upstream_prices)
     report = RepriceReport(dry_run=dry_run)
@@ -108,15 +114,25 @@ def reprice(
         for batch in _batches(conn, since, until or _END_OF_TIME, batch_size):
             updates = []
             for row in batch:
+                extra = json.loads(row["extra"] or "{}")
+                from_source = extra.get("cost_from") == "source"
+                if from_source and not source_costs:
+                    report.kept_source_cost += 1
+                    continue
                 record = _record(row)
                 price(record)
+                if from_source and record.cost_usd is None:
+                    report.kept_source_cost += 1  # asked, but our tables cannot price it either
+                    continue
                 new_pico = to_pico(record.cost_usd) if record.cost_usd is not None else None
                 old_pico = row["cost_pico"]
                 differs = new_pico != old_pico or record.priced_model != row["priced_model"]
                 _count(report, row, old_pico, new_pico, differs)
-                if differs:
-                    new_text = stored_cost_text(new_pico)
-                    updates.append((new_text, new_pico, record.priced_model, row["id"]))
+                if differs or from_source:
+                    extra.pop("cost_from", None)
+                    new_extra = json.dumps(extra, default=str) if extra else None
+                    text = stored_cost_text(new_pico)
+                    updates.append((text, new_pico, record.priced_model, new_extra, row["id"], old_pico))
             if updates and not dry_run:
                 _write(conn, updates)
     finally:
@@ -141,6 +157,7 @@ def _record(row: Any) -> RequestRecord:
     return RequestRecord(
         id=row["id"],
         ts=parse_ts(row["ts"]),
+        source=row["source"] or "proxy",
         provider=row["provider"] or "",
         upstream=row["upstream"] or "",
         model=row["model"],
@@ -175,7 +192,13 @@ def _write(conn: Db, updates: list[tuple[Any, ...]]) -> None:
     for attempt in range(_LOCK_RETRIES):
         try:
             with conn.transaction():
-                conn.executemany(_UPDATE, updates)
+                # The rollups move with the rows, in the same transaction (the writer's roll-up
+                # pass cannot run in between: the transaction holds the write lock).
+                rolled = conn.execute(conn.dialect.table_exists, ["rollup_state"]).fetchone() is not None
+                for *values, old_pico in updates:
+                    if rolled:
+                        reprice_row(conn, values[4], old_pico, values[1])
+                    conn.execute(_UPDATE, values)
             return
         except db_errors():
             if attempt == _LOCK_RETRIES - 1:

@@ -30,6 +30,11 @@ def format_report(report: RepriceReport) -> str:
         f"scanned {report.scanned} rows with reported usage",
         f"changed {report.changed} rows ({report.newly_priced} newly priced, "
         f"{report.now_unpriced} now unpriced)",
+        *(
+            [f"kept {report.kept_source_cost} imported rows' own costs (--source-costs reprices them)"]
+            if report.kept_source_cost
+            else []
+        ),
         f"old total  {usd_text(report.old_total)} USD",
         f"new total  {usd_text(report.new_total)} USD",
         f"difference {usd_text(report.difference, sign=True)} USD",
@@ -58,6 +63,11 @@ def format_report(report: RepriceReport) -> str:
 )
 @click.option("--pricing", "pricing", multiple=True, help="Extra pricing TOML file (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option(
+    "--source-costs",
+    is_flag=True,
+    help="Also reprice imported rows whose cost came from the agent's own log (kept by default).",
+)
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
 def command(
     since: str,
@@ -66,6 +76,7 @@ def command(
     config_file: str | None,
     pricing: tuple[str, ...],
     dry_run: bool,
+    source_costs: bool,
     batch_size: int,
 ) -> None:
     """Recompute stored costs (after a price fix) and report what changed."""
@@ -94,6 +105,7 @@ def command(
             dry_run=dry_run,
             batch_size=batch_size,
             upstream_prices=settings.upstream_prices,
+            source_costs=source_costs,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

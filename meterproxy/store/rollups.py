@@ -46,6 +46,7 @@ __all__ = [
     "MEASURES",
     "RollupState",
     "compact",
+    "reprice_row",
     "roll_up",
     "rollup_migrations",
     "rollup_state",
@@ -261,3 +262,33 @@ def unroll_row(conn: Db, rid: str) -> None:
         keys = zip(("bucket", *DIMENSIONS), bucket_and_dims, strict=True)
         where = " AND ".join(f"{_q(d)} = {p(v)}" for d, v in keys)
         conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", p.values)
+
+
+def reprice_row(conn: Db, rid: str, old_pico: int | None, new_pico: int | None) -> None:
+    """Move one rolled-up row's cost from `old_pico` to `new_pico` in the rollups (``reprice``).
+
+    Only ``cost_pico`` and ``unpriced_requests`` depend on the price (a repriced row has
+    reported usage, and no rolled-up dimension changes), so both are shifted by the
+    difference in the row's hour and day buckets; the by-model tables follow through
+    their triggers. Rows above the watermark are not rolled up yet: nothing to do. Call
+    inside the write transaction that updates the row.
+    """
+    found = conn.execute("SELECT rowid FROM requests WHERE id = $1", [rid]).fetchone()
+    if found is None or int(found[0]) > rollup_state(conn).watermark:
+        return
+    cost = (new_pico or 0) - (old_pico or 0)
+    unpriced = int(new_pico is None) - int(old_pico is None)
+    if not cost and not unpriced:
+        return
+    dims = [f"COALESCE({column}, '')" for column in DIMENSION_SQL.values()]
+    for table, width in TABLES.items():
+        key = conn.execute(
+            f"SELECT substr(ts, 1, {width}), {', '.join(dims)} FROM requests WHERE rowid = $1", [found[0]]
+        ).fetchone()
+        p = Params(cost, unpriced)
+        where = " AND ".join(f"{_q(d)} = {p(v)}" for d, v in zip(("bucket", *DIMENSIONS), key, strict=True))
+        conn.execute(
+            f"UPDATE {table} SET cost_pico = cost_pico + $1, unpriced_requests = unpriced_requests + $2 "
+            f"WHERE {where}",
+            p.values,
+        )
