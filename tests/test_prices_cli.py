@@ -10,6 +10,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from meterproxy.budgets.definition import BudgetScope
 from meterproxy.cli import main
 from meterproxy.pricing import PriceBook
 
@@ -188,3 +189,12 @@ def test_check_reports_overlapping_windows(tmp_path: Path) -> None:
     code, _, err = run("prices", "check", "--pricing", str(bad))
     assert code == 1
     assert "windows[0] (16:30-00:30 UTC) overlaps windows[1] (00:00-01:00 UTC)" in err
+
+
+def test_one_provider_vocabulary_with_aliases() -> None:
+    code, out, _ = run("prices", "list", "--provider", "google", "--json")
+    assert code == 0
+    rows = json.loads(out, parse_float=Decimal)
+    assert rows and {r["provider"] for r in rows} == {"gemini"}  # rows, metrics and budgets say gemini
+    assert BudgetScope(provider="google").provider == "gemini"
+    assert BudgetScope(provider="x-ai").provider == "xai"

@@ -37,6 +37,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from meterproxy.pricing_names import canonical
+
 __all__ = [
     "BudgetScope",
     "BudgetSpec",
@@ -102,11 +104,17 @@ class BudgetScope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     upstream: str | None = Field(None, description="Route prefix, e.g. openai or groq.")
-    provider: str | None = Field(None, description="openai, anthropic or gemini.")
+    provider: str | None = Field(None, description="openai, anthropic or gemini (google is an alias).")
     model: str | None = Field(None, description="Answered or requested model id.")
     user: str | None = Field(None, description="X-Meter-User (or the body's user field).")
     key: str | None = Field(None, description="API key fingerprint (as in /api/requests).")
     tags: dict[str, str] = Field(default_factory=dict, description="Every pair must be on the request.")
+
+    @field_validator("provider")
+    @classmethod
+    def _one_vocabulary(cls, value: str | None) -> str | None:
+        """Rows say ``gemini``; a budget written with ``google`` (or ``x-ai``) means the same."""
+        return canonical(value) if value is not None else None
 
     def is_global(self) -> bool:
         return not (self.upstream or self.provider or self.model or self.user or self.key or self.tags)
