@@ -144,3 +144,19 @@ async def test_a_running_proxy_uses_an_update_within_seconds(
     again = {r["id"]: r for r in await proxy.rows(2)}
     assert again[first["id"]]["cost_usd"] == first["cost_usd"]
     assert again[second["id"]]["cost_usd"] == second["cost_usd"]
+
+
+async def test_update_from_a_url(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The same file served over HTTP by a real server on 127.0.0.1 (genai-prices publishes it so)."""
+    upstream.reply("/prices/new_data/v2/data.json", Reply(body=_newer_file(tmp_path).read_bytes()))
+    prices_dir = tmp_path / "prices"
+    url = f"{upstream.url}/prices/new_data/v2/data.json"
+    code, out = await asyncio.to_thread(_update, url, "--prices-dir", str(prices_dir))
+    assert code == 0, out
+    assert out.startswith(f"{url}: ") and "openai/gpt-4o: input 2.5 -> 3" in out
+    assert len(installed(prices_dir)) == 1
+    upstream.reply("/missing.json", Reply(body=b"not found", status=404))
+    code, out = await asyncio.to_thread(
+        _update, f"{upstream.url}/missing.json", "--prices-dir", str(prices_dir)
+    )
+    assert code != 0 and "cannot use" in out and len(installed(prices_dir)) == 1
