@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,15 @@ __all__ = ["Replica", "metric_sum"]
 
 class Replica:
     def __init__(
-        self, db: str, upstream_url: str, workdir: Path, name: str, config: Path | None = None
+        self,
+        db: str,
+        upstream_url: str,
+        workdir: Path,
+        name: str,
+        config: Path | None = None,
+        upstreams: Sequence[str] | None = None,
     ) -> None:
+        """``upstreams`` (``NAME=URL`` each) replaces openai, anthropic and gemini at ``upstream_url``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{name}.log"
@@ -45,7 +53,10 @@ class Replica:
                 "--db",
                 db,
                 *(["--config", str(config)] if config else []),
-                *(f"--upstream={n}={upstream_url}" for n in ("openai", "anthropic", "gemini")),
+                *(
+                    f"--upstream={u}"
+                    for u in (upstreams or [f"{n}={upstream_url}" for n in ("openai", "anthropic", "gemini")])
+                ),
             ],
             env=environ,
             stdout=self._log,

@@ -1,0 +1,228 @@
+"""Acceptance: issue 14's adversarial probes, replayed against ``meterproxy serve`` as an attacker would.
+
+The proxy runs as a subprocess (``python -m meterproxy serve``) in front of a
+fake upstream on 127.0.0.1; the probes are raw sockets and aiohttp. Each test
+is one numbered item of issue 14. Items whose fix had not landed when these
+tests were written are marked ``xfail`` (not strict, so they do not block the
+suite): an XPASS means the fix landed and the marker should go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from meterproxy.testing import FakeUpstream, Reply, load_fixture
+from meterproxy.testing_raw import RawConnection, RawUpstream, respond
+from tests.helpers.replicas import Replica
+
+KEY = "sk-proj-AcceptanceKey0123456789abcdefABCDEF"
+CHAT = load_fixture("openai_chat_json")
+NOT_YET = "issue 14: not fixed on main when written (h1's area)"
+
+
+@dataclass
+class Served:
+    proxy: Replica
+    upstream: FakeUpstream
+    db: Path
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with FakeUpstream() as upstream:
+        upstream.replay(CHAT)
+        upstream.reply("/base/v1/chat/completions", Reply(body=CHAT.body))
+        db = tmp_path / "meter.db"
+        # openai, and an upstream with a base path for the dot-segment probes
+        proxy = serve(db, tmp_path, f"openai={upstream.url}", f"based={upstream.url}/base")
+        try:
+            await proxy.ready()
+            yield Served(proxy, upstream, db)
+        finally:
+            proxy.stop()
+
+
+def serve(db: Path, workdir: Path, *upstreams: str) -> Replica:
+    return Replica(str(db), "", workdir, "serve", upstreams=upstreams)
+
+
+async def chat(served: Served, headers: dict[str, str], path: str = "/v1/chat/completions") -> int:
+    body = CHAT.meta["request_body"].encode()
+    hdrs = {"Content-Type": "application/json", **headers}
+    async with aiohttp.ClientSession() as s, s.post(served.proxy.url + path, data=body, headers=hdrs) as r:
+        await r.read()
+        return r.status
+
+
+async def rows(served: Served, n: int) -> list[sqlite3.Row]:
+    """The stored rows, once ``n`` are committed (polled with a deadline, not slept for)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        with sqlite3.connect(served.db) as conn:
+            conn.row_factory = sqlite3.Row
+            found = conn.execute("SELECT * FROM requests ORDER BY id").fetchall()
+        if len(found) >= n:
+            return found
+        assert loop.time() < deadline, f"{len(found)} of {n} rows"
+        await asyncio.sleep(0.05)
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+
+
+ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-desync",
+        "object": "chat.completion",
+        "created": 1764720000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+).encode()
+
+
+@pytest.mark.parametrize(
+    "trailing",
+    [
+        respond(418, b"I'm a teapot", content_type="text/plain"),  # a second whole response
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",  # the start of one
+    ],
+    ids=["two-responses", "trailing-partial"],
+)
+async def test_1_bytes_after_a_complete_answer_never_reach_any_client(
+    tmp_path: Path, trailing: bytes
+) -> None:
+    async def script(conn: RawConnection) -> None:
+        extra = trailing
+        while True:
+            await conn.send(respond(200, ANSWER) + extra)
+            extra = b""
+            if await conn.next_request() is None:
+                return
+
+    async with RawUpstream(script) as upstream:
+        proxy = serve(tmp_path / "meter.db", tmp_path, f"openai={upstream.url}")
+        try:
+            await proxy.ready()
+            async with aiohttp.ClientSession() as s:
+                for _ in range(3):  # the next, unrelated clients get their own whole answer
+                    async with s.post(
+                        proxy.url + "/v1/chat/completions",
+                        data=b'{"model":"gpt-4o-mini","messages":[]}',
+                        timeout=aiohttp.ClientTimeout(total=20),
+                    ) as r:
+                        assert r.status == 200
+                        assert r.headers.getall("Content-Length") == [str(len(ANSWER))]
+                        assert await r.read() == ANSWER
+        finally:
+            proxy.stop()
+
+
+@pytest.mark.xfail(reason=NOT_YET, strict=False)
+async def test_2_a_malformed_request_never_logs_its_key(served: Served) -> None:
+    port = served.proxy.port
+    bare_lf = (
+        f"POST /v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer {KEY}\nContent-Length: 2\n\n{{}}"
+    )
+    for probe in (
+        bare_lf.encode(),
+        f"GET /v1/models?key={KEY} HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".encode(),
+    ):
+        answer = await raw_exchange(port, probe)
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    assert await served.proxy.terminate() == 0
+    log = served.proxy.log.read_text(errors="replace")
+    assert KEY not in log
+    assert KEY[8:] not in log
+
+
+async def test_3_a_key_echoed_by_the_upstream_is_stored_nowhere(served: Served) -> None:
+    echo = json.dumps(
+        {"error": {"message": f"invalid subscription key {KEY}", "type": "invalid_request_error"}}
+    )
+    served.upstream.reply("/v1/chat/completions", Reply(status=401, body=echo.encode()))
+    assert await chat(served, {"Authorization": f"Bearer {KEY}"}) == 401
+    (row,) = await rows(served, 1)
+    assert row["status"] == 401
+    async with aiohttp.ClientSession() as s:
+        for path in ("/api/requests", "/api/export?format=csv", "/api/export?format=jsonl"):
+            async with s.get(served.proxy.url + path) as r:
+                assert KEY not in await r.text(), path
+    assert await served.proxy.terminate() == 0
+    for f in served.db.parent.iterdir():
+        if f.name.startswith("meter.db"):
+            assert KEY.encode() not in f.read_bytes(), f.name
+
+
+DANGEROUS = ('=HYPERLINK("http://evil.example","x")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3")
+
+
+@pytest.mark.xfail(reason=NOT_YET, strict=False)
+async def test_4_csv_cells_never_start_a_formula(served: Served) -> None:
+    for i, value in enumerate(DANGEROUS):
+        headers = {"X-Meter-User": value, "X-Meter-Session": value, "X-Meter-Tags": f"team={value}"}
+        assert await chat(served, {"Authorization": f"Bearer sk-{i}", **headers}) == 200
+    await rows(served, len(DANGEROUS))
+    async with aiohttp.ClientSession() as s, s.get(served.proxy.url + "/api/export?format=csv") as r:
+        exported = await r.text()
+    report = subprocess.run(
+        [sys.executable, "-m", "meterproxy", "report", "session", "--db", str(served.db), "--csv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 0, report.stderr
+    for name, text in (("export", exported), ("report", report.stdout)):
+        cells = [c for row in csv.reader(io.StringIO(text)) for c in row]
+        assert any("HYPERLINK" in c for c in cells), name  # the value is kept, only neutralised
+        bad = [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not _number(c))]
+        assert bad == [], name
+
+
+def _number(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.xfail(reason=NOT_YET, strict=False)
+async def test_11_dot_segments_below_a_base_path_never_reach_the_upstream(served: Served) -> None:
+    for path in ("/based/v1/..;/x", "/based/v1/%252e%252e/x", "/based/v1/%2e%2e/x", "/based/v1/.%2E/x"):
+        before = len(served.upstream.received)
+        answer = await raw_exchange(
+            served.proxy.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert answer.split(b"\r\n")[0][9:12] in (b"400", b"404"), (path, answer[:80])
+        assert [r.path_qs for r in served.upstream.received[before:]] == [], path
+
+
+@pytest.mark.xfail(reason=NOT_YET, strict=False)
+async def test_11_oversized_user_and_session_headers_are_capped(served: Served) -> None:
+    headers = {"X-Meter-User": "u" * 8000, "X-Meter-Session": "s" * 8000, "Authorization": "Bearer sk-x"}
+    assert await chat(served, headers) == 200  # the client still gets its answer
+    (row,) = await rows(served, 1)
+    assert 0 < len(row["user"]) <= 256
+    assert 0 < len(row["session"]) <= 256
