@@ -23,6 +23,7 @@ import pytest
 from meterproxy.app_state import METER, WRITER
 from meterproxy.reports import compact, money
 from meterproxy.testing import make_record
+from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord, Usage
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -470,8 +471,8 @@ async def test_reserve_budget_shows_what_requests_in_flight_hold(make_proxy: Any
     budgets = [{"name": "hard-cap", "period": "month", "limit_usd": "5", "action": "reserve"}]
     proxy = await seeded_proxy(make_proxy, budgets=budgets)
     # A request in flight on another replica holds $1.25 of the budget (a row in the shared store).
-    expires = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    hold = "INSERT INTO budget_reservations VALUES ('in-flight-1', 'hard-cap', 1250000000000, ?, ?)"
+    expires = format_ts(datetime.now(UTC) + timedelta(minutes=1))
+    hold = "INSERT INTO budget_reservations VALUES ('in-flight-1', 'hard-cap', 1250000000000, $1, $2)"
     proxy.app[WRITER].call(lambda conn: conn.execute(hold, [expires, expires])).result(10)
     [view] = (await api_json(proxy, "/api/budgets"))["budgets"]
     assert Decimal(str(view["reserved_usd"])) == Decimal("1.25")
