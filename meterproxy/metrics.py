@@ -174,9 +174,11 @@ class _ModelLabel:
         self.unknown = BoundedLabel(max_unknown)
         self._cache: dict[tuple[str, str], str] = {}
 
-    def __call__(self, model: str, provider: str) -> str:
+    def __call__(self, model: str, provider: str, priced: bool = False) -> str:
         if not model:
             return "none"
+        if priced:  # the meter found it on the request's price list (whichever list that was)
+            return model
         key = (model, provider)
         label = self._cache.get(key)
         if label is None:
@@ -331,7 +333,8 @@ class Metrics:
     def request_finished(self, record: RequestRecord) -> None:
         """Meter sink: count one finished (and priced) request."""
         upstream, provider = record.upstream, record.provider
-        model = self.model_label(record.model or record.requested_model or "", provider)
+        name = record.model or record.requested_model or ""
+        model = self.model_label(name, provider, priced=record.priced_model is not None)
         tags = [self._tag_values[k](record.tags.get(k, "")) for k in self.tag_keys]
         child = self._child
         child(self.requests, upstream, provider, model, status_class(record.status), *tags).inc()

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterproxy.app_state import METRICS
+from meterproxy.meter import price_record_with
 from meterproxy.metrics import (
     METRIC_NAMES,
     TOKEN_TYPES,
@@ -144,6 +145,18 @@ def test_model_label_is_bounded_but_known_models_pass() -> None:
     labels = {"upstream": "openai", "provider": "", "status_class": "2xx"}
     assert value(m, "meterproxy_requests_total", **labels, model="other") == 2
     assert value(m, "meterproxy_requests_total", **labels, model="unknown-a") == 2
+
+
+def test_a_model_priced_on_its_upstreams_list_keeps_its_label() -> None:
+    """Groq's models are on Groq's list, not on the wire protocol's (openai): priced means known."""
+    m = new_metrics(max_unknown_models=0)
+    for model in ("llama-3.3-70b-versatile", "not-on-any-list"):
+        record = make_record(model=model, upstream="groq", provider="openai", usage=Usage(input_tokens=1000))
+        price_record_with(PriceBook.default())(record)
+        m.request_finished(record)
+    labels = {"upstream": "groq", "provider": "openai", "status_class": "2xx"}
+    assert value(m, "meterproxy_requests_total", **labels, model="llama-3.3-70b-versatile") == 1
+    assert value(m, "meterproxy_requests_total", **labels, model="other") == 1
 
 
 def test_bounded_label() -> None:
