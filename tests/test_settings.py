@@ -54,3 +54,19 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`{name}`" not in readme]
     assert not missing, f"README.md does not document settings: {missing}"
+
+
+def test_an_upstream_names_its_price_list_in_every_syntax(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[upstreams.tgt]\nurl = "https://api.together.xyz"\nprices = "together"\n')
+    env = {"METERPROXY_UPSTREAMS": "fw=https://api.fireworks.ai/inference#prices=fireworks"}
+    s = load_settings(
+        config, cli={"upstreams": {"pp": "https://api.perplexity.ai#prices=Perplexity"}}, env=env
+    )
+    assert s.upstreams["tgt"] == "https://api.together.xyz"
+    assert s.upstreams["fw"] == "https://api.fireworks.ai/inference"
+    assert s.upstream_prices == {"tgt": "together", "fw": "fireworks", "pp": "perplexity"}
+    with pytest.raises(SettingsError, match="prices"):
+        load_settings(None, cli={"upstreams": {"x": "https://example.com#prices="}}, env={})
+    with pytest.raises(SettingsError, match="url"):
+        load_settings(None, cli={"upstreams": {"x": {"prices": "together"}}}, env={})
