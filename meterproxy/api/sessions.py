@@ -45,7 +45,9 @@ SORTS = {
     "first_seen": "first_ts",
     "cost": "cost_pico",
     "requests": "requests",
-    "tokens": "input_tokens + output_tokens",
+    # The group's sums, spelled out: an alias inside an expression names the row's column
+    # (PostgreSQL refuses it in a GROUP BY query; SQLite silently took one row's value).
+    "tokens": "COALESCE(sum(input_tokens), 0) + COALESCE(sum(output_tokens), 0)",
 }
 
 _AGGREGATES = ", ".join(f"{sql} AS {name}" for name, sql in MEASURES.items())
