@@ -75,13 +75,14 @@ def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None
     def price(record: RequestRecord) -> None:
         record.cost_usd = None
         record.priced_model = None
+        record.cost_source = None
         # "partial": a stream cut before its final usage; priced as the lower bound it is.
         if record.usage is None or record.usage_source not in ("reported", "partial"):
             return
         plist = price_list_of(record, lists)
-        if plist is None:
-            return
         for model in dict.fromkeys(m for m in (record.model, record.requested_model) if m):
+            if plist is None:
+                break
             result = book.price(
                 model=model,
                 usage=record.usage,
@@ -92,7 +93,13 @@ def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None
             if result is not None:
                 record.cost_usd = result.cost_usd
                 record.priced_model = result.model
+                record.cost_source = "partial" if record.usage_source == "partial" else "computed"
                 return
+        # The tables cannot price it, but the answer carried its own cost (OpenRouter's
+        # usage.cost): that figure, labelled as the provider's, rather than no cost at all.
+        if record.provider_cost_usd is not None:
+            record.cost_usd = record.provider_cost_usd
+            record.cost_source = "provider"
 
     return price
 

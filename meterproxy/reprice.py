@@ -43,11 +43,14 @@ __all__ = ["ModelChange", "RepriceReport", "reprice"]
 _TOKEN_COLUMNS = USAGE_FIELDS
 _SELECT = (
     "SELECT id, ts, source, provider, upstream, model, requested_model, service_tier, cost_pico, "
-    f"priced_model, extra, {', '.join(_TOKEN_COLUMNS)} FROM requests "
-    "WHERE usage_source = 'reported' AND ts >= $1 AND ts < $2 AND (ts > $3 OR (ts = $3 AND id > $4)) "
-    "ORDER BY ts, id LIMIT $5"
+    f"priced_model, extra, usage_source, provider_cost_usd, cost_source, {', '.join(_TOKEN_COLUMNS)} "
+    "FROM requests WHERE usage_source IN ('reported', 'partial') AND ts >= $1 AND ts < $2 "
+    "AND (ts > $3 OR (ts = $3 AND id > $4)) ORDER BY ts, id LIMIT $5"
 )
-_UPDATE = "UPDATE requests SET cost_usd = $1, cost_pico = $2, priced_model = $3, extra = $4 WHERE id = $5"
+_UPDATE = (
+    "UPDATE requests SET cost_usd = $1, cost_pico = $2, priced_model = $3, extra = $4, cost_source = $6 "
+    "WHERE id = $5"
+)
 _END_OF_TIME = "9999-12-31T23:59:59.999999Z"
 _LOCK_RETRIES = 8
 
@@ -126,13 +129,21 @@ def reprice(
                     continue
                 new_pico = to_pico(record.cost_usd) if record.cost_usd is not None else None
                 old_pico = row["cost_pico"]
-                differs = new_pico != old_pico or record.priced_model != row["priced_model"]
+                source = record.cost_source if new_pico is not None else None
+                differs = (
+                    new_pico != old_pico
+                    or record.priced_model != row["priced_model"]
+                    or source != row["cost_source"]
+                )
                 _count(report, row, old_pico, new_pico, differs)
                 if differs or from_source:
-                    extra.pop("cost_from", None)
+                    if source != "provider":
+                        extra.pop("cost_from", None)
                     new_extra = json.dumps(extra, default=str) if extra else None
                     text = stored_cost_text(new_pico)
-                    updates.append((text, new_pico, record.priced_model, new_extra, row["id"], old_pico))
+                    updates.append(
+                        (text, new_pico, record.priced_model, new_extra, row["id"], source, old_pico)
+                    )
             if updates and not dry_run:
                 _write(conn, updates)
     finally:
@@ -164,7 +175,9 @@ def _record(row: Any) -> RequestRecord:
         requested_model=row["requested_model"],
         service_tier=row["service_tier"],
         usage=usage,
-        usage_source="reported",
+        usage_source=row["usage_source"],
+        # A provider's own figure is kept where the tables still cannot price the row.
+        provider_cost_usd=Decimal(row["provider_cost_usd"]) if row["provider_cost_usd"] is not None else None,
     )
 
 

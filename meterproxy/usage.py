@@ -28,7 +28,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["RequestRecord", "Usage", "new_request_id", "utcnow"]
+__all__ = ["COST_SOURCES", "RequestRecord", "Usage", "new_request_id", "utcnow"]
+
+#: Where a row's cost came from:
+#: ``computed``: reported usage x the price tables (the normal case);
+#: ``partial``: usage from a stream cut before its final report, priced as the lower bound it is;
+#: ``provider``: the provider's (or agent log's) own figure, used where the tables cannot price;
+#: ``estimated``: counted by meterproxy, not reported (reserved: no estimator ships yet).
+COST_SOURCES = ("computed", "partial", "provider", "estimated")
 
 
 @dataclass(slots=True)
@@ -110,6 +117,8 @@ class RequestRecord:
     priced_model: str | None = None
     # Cost as the provider itself reported it (OpenRouter `usage.cost`), for comparison.
     provider_cost_usd: Decimal | None = None
+    #: Where ``cost_usd`` came from (None while unpriced), see `COST_SOURCES`.
+    cost_source: str | None = None
     service_tier: str | None = None
     duration_ms: float | None = None
     ttfb_ms: float | None = None

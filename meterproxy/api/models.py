@@ -72,6 +72,13 @@ class Totals(_Model):
     unpriced_requests: int = Field(description="Usage reported, but the model is not in the price tables.")
     unmetered_requests: int = Field(description="No trusted usage (missing, invalid or none).")
     errors: int = Field(description="Status >= 400 or an error recorded.")
+    partial_requests: int = Field(
+        0, description="Usage from a stream cut before its final report: counted and priced as a lower bound."
+    )
+    provider_cost_requests: int = Field(
+        0, description="Cost is the provider's (or agent log's) own figure; the tables could not price them."
+    )
+    estimated_requests: int = Field(0, description="Cost estimated by meterproxy, not reported (none yet).")
 
 
 class Group(Totals):
@@ -191,6 +198,12 @@ class RequestRow(_Model):
     client_disconnected: bool
     provider_request_id: str | None = Field(
         None, description="The provider's own request id (request-id, x-request-id; an import's requestId)."
+    )
+    cost_source: str | None = Field(
+        None,
+        description="Where cost_usd came from: computed (reported usage x price tables), partial (a stream "
+        "cut before its final usage: a lower bound), provider (the provider's own figure), estimated; "
+        "null while unpriced.",
     )
 
 

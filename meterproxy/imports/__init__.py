@@ -109,11 +109,13 @@ def price_imported(book: PriceBook, record: RequestRecord, reported_cost: Decima
         if result is not None:
             record.cost_usd = result.cost_usd
             record.priced_model = result.model
+            record.cost_source = "computed"
             if not record.provider:
                 record.provider = result.provider
             return
     if reported_cost is not None:
         record.cost_usd = reported_cost
+        record.cost_source = "provider"
         record.extra["cost_from"] = "source"
 
 

@@ -60,6 +60,10 @@ class Dialect:
         """DDL for a row trigger running ``body`` (statements using ``NEW``/``OLD``) on ``event``."""
         raise NotImplementedError
 
+    def drop_trigger(self, name: str, table: str) -> str:
+        """DDL dropping a trigger made by `trigger` (and, on PostgreSQL, its function)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<Dialect {self.name}>"
 
@@ -82,6 +86,9 @@ class _Sqlite(Dialect):
 
     def trigger(self, name: str, event: str, table: str, body: list[str]) -> list[str]:
         return [f"CREATE TRIGGER {name} {event} ON {table} BEGIN {'; '.join(body)}; END"]
+
+    def drop_trigger(self, name: str, table: str) -> str:
+        return f"DROP TRIGGER IF EXISTS {name}"
 
 
 def _json_path(key: str) -> str:
@@ -116,6 +123,10 @@ class _Postgresql(Dialect):
             f"BEGIN {'; '.join(body)}; RETURN NULL; END $trigger$",
             f"CREATE TRIGGER {name} {event} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}_fn()",
         ]
+
+    def drop_trigger(self, name: str, table: str) -> str:
+        # CASCADE: the trigger goes with its function.
+        return f"DROP FUNCTION IF EXISTS {name}_fn() CASCADE"
 
 
 SQLITE: Dialect = _Sqlite()

@@ -77,7 +77,13 @@ MEASURES: dict[str, str] = {
     "unpriced_requests": "SUM(CASE WHEN cost_pico IS NULL AND usage_source = 'reported' THEN 1 ELSE 0 END)",
     "unmetered_requests": "SUM(CASE WHEN usage_source <> 'reported' THEN 1 ELSE 0 END)",
     "errors": "SUM(CASE WHEN COALESCE(status, 0) >= 400 OR error IS NOT NULL THEN 1 ELSE 0 END)",
+    # Where costs came from (usage.COST_SOURCES), so summaries count each kind (rollups m004).
+    "partial_requests": "SUM(CASE WHEN usage_source = 'partial' THEN 1 ELSE 0 END)",
+    "provider_cost_requests": "SUM(CASE WHEN cost_source = 'provider' THEN 1 ELSE 0 END)",
+    "estimated_requests": "SUM(CASE WHEN cost_source = 'estimated' THEN 1 ELSE 0 END)",
 }
+#: The measures the first rollup migrations created (a migration never changes once applied).
+_M001_MEASURES = tuple(MEASURES)[:12]
 
 #: Dimension -> its column in ``requests`` as SQL (``user`` is a reserved word in PostgreSQL).
 DIMENSION_SQL: dict[str, str] = {d: '"user"' if c == "user" else c for d, c in DIMENSIONS.items()}
@@ -92,7 +98,7 @@ rollup_migrations = register_migrations(Migrations("meterproxy.rollups"))
 def m001_rollups(db: Db) -> None:
     t = db.dialect.text
     dims = ", ".join(f"{_q(d)} {t} NOT NULL" for d in DIMENSIONS)
-    measures = ", ".join(f"{m} BIGINT NOT NULL DEFAULT 0" for m in MEASURES)
+    measures = ", ".join(f"{m} BIGINT NOT NULL DEFAULT 0" for m in _M001_MEASURES)
     for table in TABLES:
         db.execute(
             f"CREATE TABLE {table} (bucket {t} NOT NULL, {dims}, {measures}, "
@@ -121,22 +127,33 @@ def _coarse_table(db: Db, fine: str, coarse: str) -> None:
     # upserts, an importer taking a replaced row out) keeps the coarse one right.
     t = db.dialect.text
     dims = ", ".join(COARSE_DIMENSIONS)
-    measures = ", ".join(f"{m} BIGINT NOT NULL DEFAULT 0" for m in MEASURES)
+    measures = ", ".join(f"{m} BIGINT NOT NULL DEFAULT 0" for m in _M001_MEASURES)
     db.execute(
         f"CREATE TABLE {coarse} (bucket {t} NOT NULL, "
         f"{', '.join(f'{d} {t} NOT NULL' for d in COARSE_DIMENSIONS)}, {measures}, "
         f"PRIMARY KEY (bucket, {dims})){db.dialect.table_options}"
     )
+    _coarse_triggers(db, fine, coarse, _M001_MEASURES)
+    key = ("bucket", *COARSE_DIMENSIONS)
+    db.execute(
+        f"INSERT INTO {coarse} ({', '.join([*key, *_M001_MEASURES])}) "
+        f"SELECT {', '.join(key)}, {', '.join(f'sum({m})' for m in _M001_MEASURES)} FROM {fine} "
+        f"GROUP BY {', '.join(key)}"
+    )
+
+
+def _coarse_triggers(db: Db, fine: str, coarse: str, measures: tuple[str, ...]) -> None:
+    """The triggers that keep ``coarse`` equal to ``fine`` summed, for these measures."""
     key = ("bucket", *COARSE_DIMENSIONS)
     match = " AND ".join(f"{d} = {{row}}.{d}" for d in key)
     add_new = (
-        f"INSERT INTO {coarse} ({', '.join([*key, *MEASURES])}) "
-        f"VALUES ({', '.join(f'NEW.{c}' for c in [*key, *MEASURES])}) "
+        f"INSERT INTO {coarse} ({', '.join([*key, *measures])}) "
+        f"VALUES ({', '.join(f'NEW.{c}' for c in [*key, *measures])}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
-        f"{', '.join(f'{m} = {coarse}.{m} + excluded.{m}' for m in MEASURES)}"
+        f"{', '.join(f'{m} = {coarse}.{m} + excluded.{m}' for m in measures)}"
     )
     take_old = (
-        f"UPDATE {coarse} SET {', '.join(f'{m} = {m} - OLD.{m}' for m in MEASURES)} "
+        f"UPDATE {coarse} SET {', '.join(f'{m} = {m} - OLD.{m}' for m in measures)} "
         f"WHERE {match.format(row='OLD')}"
     )
     for statement in [
@@ -145,11 +162,6 @@ def _coarse_table(db: Db, fine: str, coarse: str) -> None:
         *db.dialect.trigger(f"{fine}_ad", "AFTER DELETE", fine, [take_old]),
     ]:
         db.execute(statement)
-    db.execute(
-        f"INSERT INTO {coarse} ({', '.join([*key, *MEASURES])}) "
-        f"SELECT {', '.join(key)}, {', '.join(f'sum({m})' for m in MEASURES)} FROM {fine} "
-        f"GROUP BY {', '.join(key)}"
-    )
 
 
 @rollup_migrations()
@@ -162,6 +174,21 @@ def m002_rollup_day_model(db: Db) -> None:
 def m003_rollup_hour_model(db: Db) -> None:
     # The whole hours at the ends of an unaligned range, by model: ~12 rows an hour, not ~600.
     _coarse_table(db, "rollup_hour", "rollup_hour_model")
+
+
+@rollup_migrations()
+def m004_cost_source_counts(db: Db) -> None:
+    # Summaries count each kind of cost (usage.COST_SOURCES): new measures in every rollup table,
+    # and the coarse tables' triggers rebuilt to maintain them. Rows rolled up before this count 0
+    # in the new measures (before it, every cost but an import's agent figure was computed).
+    added = [m for m in MEASURES if m not in _M001_MEASURES]
+    for table in (*TABLES, "rollup_day_model", "rollup_hour_model"):
+        for m in added:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {m} BIGINT NOT NULL DEFAULT 0")
+    for fine, coarse in (("rollup_day", "rollup_day_model"), ("rollup_hour", "rollup_hour_model")):
+        for suffix in ("ai", "au", "ad"):
+            db.execute(db.dialect.drop_trigger(f"{fine}_{suffix}", fine))
+        _coarse_triggers(db, fine, coarse, tuple(MEASURES))
 
 
 @dataclass(slots=True, frozen=True)

@@ -148,6 +148,20 @@ def m005_import_endpoints(db: Db) -> None:
     )
 
 
+@core_migrations()
+def m006_cost_source(db: Db) -> None:
+    # Where each row's cost came from (usage.COST_SOURCES). Rows before this were computed from
+    # reported or partial usage, or (imports) taken from the agent log where our tables could not.
+    db.execute(f"ALTER TABLE requests ADD COLUMN cost_source {db.dialect.text}")
+    db.execute(
+        "UPDATE requests SET cost_source = CASE "
+        "WHEN cost_pico IS NULL THEN NULL "
+        "WHEN usage_source = 'partial' THEN 'partial' "
+        "WHEN priced_model IS NULL AND provider_cost_usd IS NOT NULL THEN 'provider' "
+        "ELSE 'computed' END"
+    )
+
+
 COLUMNS = [
     "id",
     "ts",
@@ -185,6 +199,7 @@ COLUMNS = [
     "usage_injected",
     "extra",
     "provider_request_id",
+    "cost_source",
 ]
 
 
@@ -229,4 +244,5 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         int(record.usage_injected),
         json.dumps(record.extra, default=str) if record.extra else None,
         record.provider_request_id,
+        record.cost_source if cost is not None else None,
     )
