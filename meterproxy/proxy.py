@@ -41,6 +41,8 @@ by a test listed in docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -62,7 +64,8 @@ from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
 from meterproxy.logs import redact
 from meterproxy.meter import Meter
-from meterproxy.providers.base import RequestInfo
+from meterproxy.providers.base import ParseResult, RequestInfo
+from meterproxy.providers.batches import result_id
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
 from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError
@@ -105,6 +108,8 @@ _UPSTREAM_FAMILY = {"openai": "openai", "anthropic": "anthropic", "gemini": "gem
 
 
 _UNMETERED_ENDPOINTS = frozenset({"models", "other"})
+#: Batch result ids remembered per process, so a results file downloaded twice is metered once.
+_BATCH_SEEN_MAX = 200_000
 
 
 def _unmetered_endpoint(path: str) -> str:
@@ -186,6 +191,8 @@ class Proxy:
         signers: Mapping[str, AwsSigner] | None = None,
     ) -> None:
         self.upstreams = upstreams
+        # Batch results already metered by this process (a second download adds nothing).
+        self._batch_seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         # aws_sigv4: upstreams whose requests are re-signed with the operator's AWS credentials.
         self.signers = dict(signers or {})
         self.providers = registry or providers.ProviderRegistry.builtin()
@@ -573,8 +580,7 @@ class Proxy:
             # Availability wins past the bound: the answer goes out, the record stays queued.
             log.error("record %s not committed within %g s: %r", record.id, STRICT_COMMIT_WAIT, exc)
 
-    @staticmethod
-    def _take_result(exchange: Exchange) -> None:
+    def _take_result(self, exchange: Exchange) -> None:
         tap, record = exchange.tap, exchange.record
         assert tap is not None
         exchange.tap = None
@@ -595,3 +601,37 @@ class Proxy:
             record.extra["notes"] = result.notes[:10]
         if result.details:
             record.extra["usage_details"] = result.details
+        if result.children:
+            self._batch_results(record, result.children)
+
+    def _batch_results(self, download: RequestRecord, children: list[tuple[str, ParseResult]]) -> None:
+        """One row per batch result, each with a stable id (`meterproxy.providers.batches`)."""
+        for key, child in children:
+            rid = result_id(download.upstream, key)
+            container, _, item = key.partition("/")
+            if rid in self._batch_seen:
+                continue  # downloaded before: metered once
+            self._batch_seen[rid] = None
+            if len(self._batch_seen) > _BATCH_SEEN_MAX:
+                self._batch_seen.popitem(last=False)
+            record = dataclasses.replace(
+                download,
+                id=rid,
+                endpoint="batch",
+                status=child.status,
+                streamed=False,
+                usage=child.usage,
+                usage_source=child.usage_source,
+                requested_model=child.model,
+                model=child.model,
+                service_tier=child.service_tier,
+                error=child.error,
+                content=None,
+                tags=dict(download.tags),
+                extra={"batch": container, "result": item},
+                duration_ms=None,
+                ttfb_ms=None,
+                upstream_ms=None,
+                provider_request_id=None,
+            )
+            self._finish(record)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from meterproxy.providers.anthropic import AnthropicProvider
 from meterproxy.providers.base import ParseResult, Provider, RequestInfo, UsageParser
+from meterproxy.providers.batches import BatchResultsProvider
 from meterproxy.providers.bedrock import BedrockProvider
 from meterproxy.providers.gemini import GeminiProvider
 from meterproxy.providers.openai import OpenAIProvider
@@ -37,7 +38,16 @@ class ProviderRegistry:
         # Order matters only where paths overlap: "/messages" is Anthropic, the OpenAI
         # suffixes never end in "/messages", Gemini's ":generateContent" is unique, Bedrock's
         # "/model/ID/converse" and "/invoke" are its own.
-        return cls((OpenAIProvider(), GeminiProvider(), AnthropicProvider(), BedrockProvider()))
+        return cls(
+            (
+                OpenAIProvider(),
+                GeminiProvider(),
+                AnthropicProvider(),
+                BedrockProvider(),
+                BatchResultsProvider("openai"),
+                BatchResultsProvider("anthropic"),
+            )
+        )
 
     def register(self, provider: Provider) -> None:
         self._providers.insert(0, provider)

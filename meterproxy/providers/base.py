@@ -155,6 +155,11 @@ class ParseResult:
     #: Token counts by modality when the provider splits them (``input_audio_tokens``,
     #: ``output_image_tokens``...), kept on the record as ``extra.usage_details``.
     details: dict[str, int] = field(default_factory=dict)
+    #: A result's own HTTP status, when it is one of several in an answer (a batch result).
+    status: int | None = None
+    #: Requests billed inside this answer, each recorded as a row of its own: (stable key,
+    #: result). A batch's results file holds one per request the batch ran.
+    children: list[tuple[str, ParseResult]] = field(default_factory=list)
 
 
 class UsageParser(Protocol):
