@@ -45,7 +45,19 @@ __all__ = [
     "toml_files",
 ]
 
-_RATE_KEYS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
+_RATE_KEYS = (
+    "input",
+    "output",
+    "cache_read",
+    "cache_write",
+    "cache_write_1h",
+    "reasoning",
+    "input_audio",
+    "cache_read_audio",
+    "output_audio",
+    "input_image",
+    "output_image",
+)
 _ENTRY_KEYS = frozenset(
     {*_RATE_KEYS, "effective_from", "web_search", "requests", "long_context", "tiers", "windows"}
     | {"correction", "source", "note"}
@@ -77,27 +89,54 @@ class Rates:
     cache_write: Decimal | None = None
     cache_write_1h: Decimal | None = None
     reasoning: Decimal | None = None
+    # Audio and image tokens (OpenAI realtime, images, audio); unlisted: the text rate.
+    input_audio: Decimal | None = None
+    cache_read_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+    input_image: Decimal | None = None
+    output_image: Decimal | None = None
 
     def token_cost(self, usage: Usage) -> Decimal:
         """USD times one million for the tokens in `usage` (exact, not divided yet).
 
         Missing cache prices fall back to the input price (a 1h write falls back
         to the 5-minute write price first); a missing reasoning price means
-        reasoning tokens bill as ordinary output.
+        reasoning tokens bill as ordinary output. Audio and image tokens (subsets
+        of input and output) bill at their own rates when the entry lists them,
+        else as text; cached audio falls back to the audio input rate.
         """
         cache_read = self.cache_read if self.cache_read is not None else self.input
         write_5m = self.cache_write if self.cache_write is not None else self.input
         write_1h = self.cache_write_1h if self.cache_write_1h is not None else write_5m
         reasoning = self.reasoning if self.reasoning is not None else self.output
-        reasoning_tokens = min(usage.reasoning_tokens, usage.output_tokens)
+        input_audio = self.input_audio if self.input_audio is not None else self.input
+        cached_audio = self.cache_read_audio if self.cache_read_audio is not None else input_audio
+        input_image = self.input_image if self.input_image is not None else self.input
+        output_audio = self.output_audio if self.output_audio is not None else self.output
+        output_image = self.output_image if self.output_image is not None else self.output
+        # Each modality clamped inside its total, so odd counts never price below zero.
+        audio_in = min(usage.audio_input_tokens, usage.input_tokens)
+        audio_cached = min(usage.audio_cache_read_tokens, audio_in, usage.cache_read_tokens)
+        image_in = min(usage.image_input_tokens, usage.input_tokens - audio_in)
+        text_uncached = max(usage.uncached_input_tokens - (audio_in - audio_cached) - image_in, 0)
+        text_cached = usage.cache_read_tokens - audio_cached
+        audio_out = min(usage.audio_output_tokens, usage.output_tokens)
+        image_out = min(usage.image_output_tokens, usage.output_tokens - audio_out)
+        text_out = usage.output_tokens - audio_out - image_out
+        reasoning_tokens = min(usage.reasoning_tokens, text_out)
         write_1h_tokens = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
         return (
-            usage.uncached_input_tokens * self.input
-            + usage.cache_read_tokens * cache_read
+            text_uncached * self.input
+            + text_cached * cache_read
             + (usage.cache_write_tokens - write_1h_tokens) * write_5m
             + write_1h_tokens * write_1h
-            + (usage.output_tokens - reasoning_tokens) * self.output
+            + (audio_in - audio_cached) * input_audio
+            + audio_cached * cached_audio
+            + image_in * input_image
+            + (text_out - reasoning_tokens) * self.output
             + reasoning_tokens * reasoning
+            + audio_out * output_audio
+            + image_out * output_image
         )
 
     def scaled(self, factor: Decimal) -> Rates:
@@ -109,10 +148,7 @@ class Rates:
         return Rates(
             self.input * factor,
             self.output * factor,
-            mul(self.cache_read),
-            mul(self.cache_write),
-            mul(self.cache_write_1h),
-            mul(self.reasoning),
+            *(mul(getattr(self, k)) for k in _RATE_KEYS[2:]),
         )
 
     def _values(self) -> tuple[Decimal | None, ...]:
@@ -400,14 +436,7 @@ def _when(raw: Mapping[str, Any], where: str) -> datetime:
 def _rates(raw: Mapping[str, Any], where: str) -> Rates:
     input_, output = _num(raw, "input", where, required=True), _num(raw, "output", where, required=True)
     assert input_ is not None and output is not None
-    return Rates(
-        input_,
-        output,
-        _num(raw, "cache_read", where),
-        _num(raw, "cache_write", where),
-        _num(raw, "cache_write_1h", where),
-        _num(raw, "reasoning", where),
-    )
+    return Rates(input_, output, *(_num(raw, k, where) for k in _RATE_KEYS[2:]))
 
 
 def _long_context(raw: Any, where: str) -> LongContext | None:

@@ -12,6 +12,9 @@ format again:
   Anthropic's one-hour TTL (the rest is the 5-minute default).
 - ``output_tokens``: every generated token, reasoning included.
 - ``reasoning_tokens``: a subset of ``output_tokens``.
+- ``audio_input_tokens`` / ``image_input_tokens`` and ``audio_output_tokens`` /
+  ``image_output_tokens``: the parts of input and output in another modality, which
+  the price tables may rate apart (``audio_cache_read_tokens``: cached audio input).
 
 A `RequestRecord` is built by the proxy while a request is in flight and is
 frozen in spirit once the meter receives it: sinks (store, metrics, budgets)
@@ -50,6 +53,14 @@ class Usage:
     reasoning_tokens: int = 0
     # Per-request fees some providers report next to tokens (e.g. web search calls).
     web_search_requests: int = 0
+    # Modalities billed at their own rates (OpenAI realtime, images, audio): subsets of
+    # input_tokens / output_tokens; ``audio_cache_read_tokens`` is also part of
+    # cache_read_tokens. Zero everywhere else, where every token is text.
+    audio_input_tokens: int = 0
+    audio_cache_read_tokens: int = 0
+    image_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_output_tokens: int = 0
 
     @property
     def uncached_input_tokens(self) -> int:

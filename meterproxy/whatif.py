@@ -210,6 +210,10 @@ def _add_cache_saving(
         output_tokens=usage.output_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         web_search_requests=usage.web_search_requests,
+        audio_input_tokens=usage.audio_input_tokens,
+        image_input_tokens=usage.image_input_tokens,
+        audio_output_tokens=usage.audio_output_tokens,
+        image_output_tokens=usage.image_output_tokens,
     )
     provider = row["upstream"] or row["provider"] or None
     for model in dict.fromkeys(m for m in (row["model"], row["requested_model"]) if m):

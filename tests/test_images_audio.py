@@ -9,6 +9,7 @@ transcription: the ``usage`` of type ``tokens`` example, 14 audio in, 45 out; sp
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
 from openai import AsyncOpenAI
@@ -67,6 +68,9 @@ async def test_image_generation_and_its_stream(make_proxy, upstream, chunk) -> N
         assert (row["input_tokens"], row["output_tokens"]) == (50, 50)
         details = json.loads(row["extra"])["usage_details"]
         assert details == {"input_text_tokens": 10, "input_image_tokens": 40}
+        # gpt-image-1: 10 text in x $5 + 40 image in x $10 + 50 image out x $40 per million.
+        assert Decimal(row["cost_usd"]) == Decimal("0.00245")
+        assert (row["image_input_tokens"], row["image_output_tokens"]) == (40, 50)
     assert [r["streamed"] for r in rows] == [0, 1]
 
 
@@ -95,6 +99,8 @@ async def test_transcription_tokens_and_whisper_duration(make_proxy, upstream) -
     assert (first["endpoint"], first["requested_model"]) == ("transcriptions", "gpt-4o-transcribe")
     assert (first["input_tokens"], first["output_tokens"], first["usage_source"]) == (14, 45, "reported")
     assert json.loads(first["extra"])["usage_details"] == {"input_audio_tokens": 14}
+    # gpt-4o-transcribe: 14 audio in x $6 + 45 text out x $10 per million.
+    assert Decimal(first["cost_usd"]) == Decimal("0.000534")
     assert second["usage_source"] == "none" and second["cost_usd"] is None
     assert "billed by duration: 3 s" in json.loads(second["extra"])["notes"]
 
@@ -111,6 +117,8 @@ async def test_speech_as_server_sent_events(make_proxy, upstream) -> None:
     [row] = await proxy.rows(1)
     assert (row["endpoint"], row["requested_model"], row["streamed"]) == ("speech", "gpt-4o-mini-tts", 1)
     assert (row["input_tokens"], row["output_tokens"], row["usage_source"]) == (14, 101, "reported")
+    # gpt-4o-mini-tts: 14 text in x $0.60 + 101 audio out x $12 per million.
+    assert Decimal(row["cost_usd"]) == Decimal("0.0012204")
 
 
 def test_multipart_fields_are_read_without_touching_the_file() -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import zlib
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,11 @@ async def test_openai_realtime_sdk_through_the_proxy_one_row_per_response(make_p
     assert first["requested_model"] == "gpt-realtime"
     assert (first["input_tokens"], first["output_tokens"], first["usage_source"]) == (72, 79, "reported")
     assert (second["input_tokens"], second["cache_read_tokens"], second["output_tokens"]) == (132, 64, 121)
+    # gpt-4o-realtime-preview's text, cached and audio rates, each on its part:
+    # 55 text in x $5 + 64 cached x $2.50 + 13 audio in x $40 + 30 text out x $20 + 91 audio out x $80.
+    assert Decimal(first["cost_usd"]) == (72 * Decimal(5) + 79 * Decimal(20)) / 10**6
+    assert Decimal(second["cost_usd"]) == Decimal("0.008835")
+    assert (second["audio_input_tokens"], second["audio_output_tokens"]) == (13, 91)
     details = json.loads(second["extra"])["usage_details"]
     assert details["input_audio_tokens"] == 13 and details["output_audio_tokens"] == 91
     assert json.loads(first["extra"])["ws_session"] == json.loads(second["extra"])["ws_session"]

@@ -127,7 +127,15 @@ def normalize_realtime_usage(usage: Any) -> tuple[Usage, dict[str, int]]:
         for key in _REALTIME_DETAIL_KEYS:
             if key in cached_details:
                 details[f"cached_{key.removesuffix('_tokens')}_tokens"] = count(cached_details, key)
-    out = Usage(input_tokens=input_tokens, cache_read_tokens=cached, output_tokens=output_tokens)
+    out = Usage(
+        input_tokens=input_tokens,
+        cache_read_tokens=cached,
+        output_tokens=output_tokens,
+        audio_input_tokens=min(details.get("input_audio_tokens", 0), input_tokens),
+        audio_cache_read_tokens=min(details.get("cached_audio_tokens", 0), cached),
+        image_input_tokens=min(details.get("input_image_tokens", 0), input_tokens),
+        audio_output_tokens=min(details.get("output_audio_tokens", 0), output_tokens),
+    )
     return out, details
 
 

@@ -160,22 +160,30 @@ def normalize_openai_usage(usage: Any) -> Usage:
     reasoning = count(out_details, "reasoning_tokens")
     if cache_read > input_tokens or reasoning > output_tokens:
         raise BadUsage("cached or reasoning tokens exceed their total")
+    cached_details = in_details.get("cached_tokens_details") if isinstance(in_details, dict) else None
     return Usage(
         input_tokens=input_tokens,
         cache_read_tokens=cache_read,
         output_tokens=output_tokens,
         reasoning_tokens=reasoning,
+        audio_input_tokens=min(count(in_details, "audio_tokens"), input_tokens),
+        audio_cache_read_tokens=min(count(cached_details, "audio_tokens"), cache_read),
+        image_input_tokens=min(count(in_details, "image_tokens"), input_tokens),
+        audio_output_tokens=min(count(out_details, "audio_tokens"), output_tokens),
+        image_output_tokens=min(count(out_details, "image_tokens"), output_tokens),
     )
 
 
 class OpenAIParser:
-    __slots__ = ("_final", "_injected", "_responses", "_result", "_seen_model", "_streamed")
+    __slots__ = ("_endpoint", "_final", "_injected", "_responses", "_result", "_seen_model", "_streamed")
 
-    def __init__(self, injected: bool, responses: bool) -> None:
+    def __init__(self, injected: bool, responses: bool, endpoint: str = "") -> None:
         self._result = ParseResult()
         self._injected = injected
         self._seen_model = False
         self._responses = responses
+        # images / speech: output is all image / audio tokens unless the usage splits it.
+        self._endpoint = endpoint
         # A chat stream's usage (vLLM's running totals) is complete once the stream says it
         # ended ([DONE], a finish_reason, the usage-only chunk); cut before, a lower bound.
         self._streamed = False
@@ -188,8 +196,13 @@ class OpenAIParser:
             self._result.usage_source = "none"
             return
         try:
-            self._result.usage = normalize_openai_usage(usage)
+            self._result.usage = normalized = normalize_openai_usage(usage)
             self._result.usage_source = "reported"
+            if not (normalized.audio_output_tokens or normalized.image_output_tokens):
+                if self._endpoint in ("images", "image_edits"):
+                    normalized.image_output_tokens = normalized.output_tokens
+                elif self._endpoint == "speech":
+                    normalized.audio_output_tokens = normalized.output_tokens
         except BadUsage as exc:
             self._result.usage = None
             self._result.usage_source = "invalid"
@@ -374,4 +387,5 @@ class OpenAIProvider:
         return body, False
 
     def new_parser(self, path: str, info: RequestInfo, injected: bool) -> OpenAIParser:
-        return OpenAIParser(injected, responses=self.endpoint(path) == "responses")
+        endpoint = self.endpoint(path)
+        return OpenAIParser(injected, responses=endpoint == "responses", endpoint=endpoint)

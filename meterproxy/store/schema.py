@@ -34,6 +34,16 @@ __all__ = [
 core_migrations = register_migrations(Migrations("meterproxy.core"))
 
 
+#: The per-modality token columns m007 adds, in `Usage`'s field order.
+MODALITY_COLUMNS = (
+    "audio_input_tokens",
+    "audio_cache_read_tokens",
+    "image_input_tokens",
+    "audio_output_tokens",
+    "image_output_tokens",
+)
+
+
 @core_migrations()
 def m001_requests(db: Db) -> None:
     t = db.dialect.text
@@ -162,6 +172,14 @@ def m006_cost_source(db: Db) -> None:
     )
 
 
+@core_migrations()
+def m007_modality_tokens(db: Db) -> None:
+    # Audio and image tokens, billed at their own rates (OpenAI realtime, images, audio):
+    # subsets of input_tokens / output_tokens, zero for text-only rows (see usage.py).
+    for column in MODALITY_COLUMNS:
+        db.execute(f"ALTER TABLE requests ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")
+
+
 COLUMNS = [
     "id",
     "ts",
@@ -200,6 +218,7 @@ COLUMNS = [
     "extra",
     "provider_request_id",
     "cost_source",
+    *MODALITY_COLUMNS,
 ]
 
 
@@ -245,4 +264,9 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         json.dumps(record.extra, default=str) if record.extra else None,
         record.provider_request_id,
         record.cost_source if cost is not None else None,
+        u.audio_input_tokens,
+        u.audio_cache_read_tokens,
+        u.image_input_tokens,
+        u.audio_output_tokens,
+        u.image_output_tokens,
     )
