@@ -180,6 +180,11 @@ class RequestRow(_Model):
     output_tokens: int
     reasoning_tokens: int
     web_search_requests: int
+    audio_input_tokens: int = Field(0, description="Audio part of input_tokens (realtime, audio).")
+    audio_cache_read_tokens: int = Field(0, description="Cached part of audio_input_tokens.")
+    image_input_tokens: int = Field(0, description="Image part of input_tokens (images, realtime).")
+    audio_output_tokens: int = Field(0, description="Audio part of output_tokens (realtime, speech).")
+    image_output_tokens: int = Field(0, description="Image part of output_tokens (images).")
     cost_usd: Cost | None
     provider_cost_usd: Cost | None
     cost_difference_usd: Cost | None = Field(
