@@ -173,9 +173,14 @@ class MeterProxy(Target):
     name = "meterproxy"
     path = "/bench/v1/chat/completions"
 
-    def __init__(self, port: int, upstream: int, cores: str, workers: int) -> None:
+    def __init__(
+        self, port: int, upstream: int, cores: str, workers: int, src: str | None = None, name: str = ""
+    ) -> None:
         super().__init__(port)
         self.upstream, self.cores, self.workers = upstream, cores, workers
+        # Another checkout's meterproxy (``--baseline DIR``), run side by side with this one.
+        self.src = src
+        self.name = name or self.name
         self.dir = tempfile.mkdtemp(prefix="bench-meterproxy-")
         self.db = os.path.join(self.dir, "bench.db")
 
@@ -195,7 +200,10 @@ class MeterProxy(Target):
         ]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
-        self._spawn(cmd, self.cores, env={"METERPROXY_LOG_LEVEL": "warning"})
+        env = {"METERPROXY_LOG_LEVEL": "warning"}
+        if self.src:
+            env["PYTHONPATH"] = self.src
+        self._spawn(cmd, self.cores, env=env, cwd=self.src)
 
     def rows(self) -> int:
         import sqlite3
@@ -205,6 +213,19 @@ class MeterProxy(Target):
             return int(conn.execute("SELECT count(*) FROM requests").fetchone()[0])
         finally:
             conn.close()
+
+
+class Ceiling(Target):
+    """The leanest Python forwarder, no metering (``--ceiling FILE``: ../shared/ceiling/raw_forwarder.py)."""
+
+    name = "ceiling"
+
+    def __init__(self, port: int, upstream: int, cores: str, script: str) -> None:
+        super().__init__(port)
+        self.upstream, self.cores, self.script = upstream, cores, script
+
+    def start(self) -> None:
+        self._spawn([sys.executable, self.script, str(self.port), str(self.upstream)], self.cores)
 
 
 class LiteLLM(Target):
@@ -295,6 +316,8 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         d = by.get(("direct", scenario, conc))
         ll = by.get(("litellm", scenario, conc))
+        base = by.get(("baseline", scenario, conc))
+        ceiling = by.get(("ceiling", scenario, conc))
         row: dict[str, Any] = {"scenario": scenario, "concurrency": conc, "meterproxy_rps": mp["rps"]}
         if d and d["requests"] and mp["requests"]:
             row["direct_rps"] = d["rps"]
@@ -308,6 +331,15 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["litellm_added_p50_ms"] = (
                 round(ll["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3) if d and d["requests"] else None
             )
+        if base and base["requests"]:
+            row["baseline_rps"] = base["rps"]
+            row["baseline_cpu_s_per_1k"] = base.get("proxy_cpu_s_per_1k")
+            if base.get("proxy_cpu_s_per_1k") and mp.get("proxy_cpu_s_per_1k"):
+                row["cpu_vs_baseline"] = round(mp["proxy_cpu_s_per_1k"] / base["proxy_cpu_s_per_1k"], 3)
+        if ceiling and ceiling["requests"] and d and d["rps"]:
+            row["ceiling_vs_direct"] = round(ceiling["rps"] / d["rps"], 3)
+            row["ceiling_cpu_s_per_1k"] = ceiling.get("proxy_cpu_s_per_1k")
+        row["loadavg_1m"] = mp.get("loadavg_1m")
         row["cpu_s_per_1k"] = mp.get("proxy_cpu_s_per_1k")
         row["rss_mb"] = mp.get("proxy_rss_mb")
         row["errors"] = mp["errors"]
@@ -341,6 +373,11 @@ def tables(result: dict[str, Any]) -> str:
         ("added_ttfb_p50_ms", "added TTFB p50 ms"),
         ("litellm_added_p50_ms", "LiteLLM added p50 ms"),
         ("cpu_s_per_1k", "mp CPU s/1k req"),
+        ("baseline_cpu_s_per_1k", "baseline CPU s/1k req"),
+        ("cpu_vs_baseline", "mp CPU / baseline"),
+        ("ceiling_vs_direct", "ceiling/direct"),
+        ("ceiling_cpu_s_per_1k", "ceiling CPU s/1k req"),
+        ("loadavg_1m", "load avg"),
         ("rss_mb", "mp RSS MB"),
         ("errors", "mp errors"),
     ]
@@ -403,6 +440,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default=None, help="comma list, e.g. 1,64")
     ap.add_argument("--duration", type=float, default=None, help="seconds per cell after warm-up")
     ap.add_argument("--workers", type=int, default=1, help="meterproxy serve --workers N")
+    ap.add_argument("--baseline", default=None, metavar="DIR", help="also run the meterproxy of checkout DIR")
+    ap.add_argument("--ceiling", default=None, metavar="FILE", help="also run this raw forwarder script")
     ap.add_argument("--proxy-cores", default="1", help="taskset cores for the proxy under test")
     ap.add_argument("--load-cores", default="0", help="taskset cores for upstream + load generator")
     ap.add_argument("--memory", type=int, default=0, metavar="N", help="soak: N requests, RSS sampled")
@@ -440,6 +479,15 @@ def main() -> None:
                 target = upstream
             elif name == "meterproxy":
                 target = MeterProxy(free_port(), up_port, args.proxy_cores, args.workers)
+            elif name == "baseline":
+                if not args.baseline:
+                    raise SystemExit("--targets baseline needs --baseline DIR")
+                src = str(Path(args.baseline).resolve())
+                target = MeterProxy(free_port(), up_port, args.proxy_cores, args.workers, src, "baseline")
+            elif name == "ceiling":
+                if not args.ceiling:
+                    raise SystemExit("--targets ceiling needs --ceiling FILE")
+                target = Ceiling(free_port(), up_port, args.proxy_cores, str(Path(args.ceiling).resolve()))
             elif name == "litellm":
                 why = install_litellm() if not LITELLM.exists() else None
                 if why:
@@ -476,8 +524,8 @@ def main() -> None:
         for target in running:
             if isinstance(target, MeterProxy):
                 time.sleep(1.0)
-                sent = sum(c["completed_total"] for c in cells if c["target"] == "meterproxy")
-                notes.append(f"meterproxy answered {sent} requests and recorded {target.rows()} rows")
+                sent = sum(c["completed_total"] for c in cells if c["target"] == target.name)
+                notes.append(f"{target.name} answered {sent} requests and recorded {target.rows()} rows")
     finally:
         for target in running:
             if target is not upstream:

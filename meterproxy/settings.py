@@ -230,6 +230,12 @@ class Settings(BaseModel):
         description="batch: records are committed within milliseconds of the answer (a crash can lose "
         "the last moment's); strict: an answer's last byte waits for its record's commit.",
     )
+    http_server: Literal["lean", "aiohttp"] = Field(
+        "lean",
+        description="lean: the proxy routes are served by meterproxy's own llhttp protocol and every "
+        "other path by the aiohttp application on the same port; aiohttp: aiohttp serves everything "
+        "(slower, the fallback).",
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish."
     )

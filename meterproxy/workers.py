@@ -70,11 +70,22 @@ def worker_main(settings: Settings) -> None:
     from meterproxy.app import create_app
     from meterproxy.logs import configure_logging
     from meterproxy.runtime import freeze_after_startup, install_uvloop
+    from meterproxy.server import run as serve_lean
 
     configure_logging(settings.log_level)
     install_uvloop()
+    app = freeze_after_startup(create_app(settings))
+    if settings.http_server == "lean":
+        serve_lean(
+            app,
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout,
+            reuse_port=True,
+        )
+        return
     web.run_app(
-        freeze_after_startup(create_app(settings)),
+        app,
         host=settings.host,
         port=settings.port,
         reuse_port=True,

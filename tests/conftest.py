@@ -8,6 +8,7 @@ SDKs at it exactly as a user would.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from meterproxy.app import create_app
 from meterproxy.app_state import WRITER
+from meterproxy.server import LeanServer
 from meterproxy.settings import load_settings
 from meterproxy.testing import FakeUpstream
 
@@ -49,7 +51,7 @@ class ProxyHarness:
     once everything queued before it is committed) settles work queued as calls.
     """
 
-    def __init__(self, server: TestServer, app: web.Application, db: Path) -> None:
+    def __init__(self, server: TestServer | LeanServer, app: web.Application, db: Path) -> None:
         self.server = server
         self.app = app
         self.db = db
@@ -114,18 +116,31 @@ ProxyFactory = Callable[..., Awaitable[ProxyHarness]]
 @pytest.fixture
 async def make_proxy(
     aiohttp_server: Callable[..., Awaitable[TestServer]], upstream: FakeUpstream, tmp_path: Path
-) -> ProxyFactory:
+) -> AsyncIterator[ProxyFactory]:
+    """A real meterproxy on 127.0.0.1: the lean server by default (as ``meterproxy serve``);
+    ``METERPROXY_HTTP_SERVER=aiohttp`` in the environment runs the suite on the aiohttp one."""
+    lean: list[LeanServer] = []
+
     async def factory(**overrides: Any) -> ProxyHarness:
         db = tmp_path / "meter.db"
         names = ("openai", "anthropic", "gemini", "groq", "azure", "deepseek", "openrouter", "vllm", "vertex")
         cli: dict[str, Any] = {"db": str(db), "upstreams": {n: upstream.url for n in names}}
+        cli["http_server"] = os.environ.get("METERPROXY_HTTP_SERVER", "lean")
         cli.update(overrides)
         settings = load_settings(None, cli=cli, env={})
         app = create_app(settings)
-        server = await aiohttp_server(app)
+        server: TestServer | LeanServer
+        if settings.http_server == "lean":
+            server = LeanServer(app, shutdown_timeout=settings.shutdown_timeout)
+            await server.start("127.0.0.1", 0)
+            lean.append(server)
+        else:
+            server = await aiohttp_server(app)
         return ProxyHarness(server, app, db)
 
-    return factory
+    yield factory
+    for server in lean:
+        await server.close()
 
 
 @pytest.fixture

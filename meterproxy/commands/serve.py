@@ -120,6 +120,7 @@ def command(
     if settings.metrics_multiproc_dir:  # several single-worker servers sharing one metrics directory
         use_metrics_dir(settings.metrics_multiproc_dir)
     from meterproxy.app import create_app
+    from meterproxy.server import run as serve_lean
 
     install_uvloop()
     app = freeze_after_startup(create_app(settings))
@@ -131,15 +132,19 @@ def command(
         ", ".join(f"{k}={v}" for k, v in settings.upstreams.items()),
     )
     with serving_file(settings):  # lets `report`, `status` & co. warn when they use another database
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout,
-            access_log=None,
-            print=None,
-            handle_signals=True,
-        )
+        if settings.http_server == "lean":
+            timeout = settings.shutdown_timeout
+            serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout)
+        else:
+            web.run_app(
+                app,
+                host=settings.host,
+                port=settings.port,
+                shutdown_timeout=settings.shutdown_timeout,
+                access_log=None,
+                print=None,
+                handle_signals=True,
+            )
     sys.exit(0)
 
 
