@@ -52,7 +52,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from meterproxy.app_state import PROXY
-from meterproxy.proxy import Proxy, json_error
+from meterproxy.http_errors import json_error
+from meterproxy.proxy import Proxy
 from meterproxy.routing import RouteError, route
 
 __all__ = ["KEEPALIVE_TIMEOUT", "MAX_HEADERS", "MAX_HEAD_BYTES", "LeanServer", "app_path_matcher", "run"]
@@ -490,6 +491,9 @@ class _Conn(asyncio.Protocol):
         request.complete = True
         self._parsing = None
         self._cancel_body_timer()
+        if self._closing and self.active is None:
+            self.close()  # the rest of a refused body is in: the answer went out before it
+            return
         if request is self.active:
             if request.for_app:
                 if request.chunked:
@@ -627,10 +631,20 @@ class _Conn(asyncio.Protocol):
         _Answer(self, request).send_whole(request.refusal)
 
     def _bad_request(self, status: int, code: str, message: str) -> None:
-        """The request cannot be parsed: answer it (after any answer still going) and close."""
+        """The input cannot be parsed: answer it (unless an earlier answer is still going) and close.
+
+        Nothing of it is forwarded or recorded (as with aiohttp's own parser): the
+        request never became one.
+        """
         self._closing = True
         self._parsing = None
-        if self.active is None and not self.gone:
+        active = self.active
+        if active is not None and active.complete:
+            return  # an earlier request's answer is going out; the close follows it
+        if active is not None and active.for_app:
+            self.close()  # the application was mid-request: nothing sensible to add
+            return
+        if not self.gone:
             body = json_error(status, code, message).body
             assert isinstance(body, bytes)
             reason = _REASONS.get(status, b"Error")

@@ -1,0 +1,247 @@
+"""The lean server (meterproxy.server) on the wire: what its docstring promises, byte by byte.
+
+Raw sockets, so every framing case is exactly what a client could send:
+pipelined requests answered in order (proxy routes and the application's own
+paths mixed on one connection), request smuggling shapes refused and never
+forwarded, head limits, HTTP/1.0 clients, HEAD, chunked request bodies (whole
+and over the limit), an upgrade request handed to the application, and idle
+keep-alive connections closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httptools
+import pytest
+
+from meterproxy import server as lean
+from meterproxy.testing import FakeUpstream, load_fixture
+from tests.conftest import ProxyFactory, ProxyHarness
+
+CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+
+
+class _Answers:
+    """Parses answers off a raw connection (llhttp callbacks)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: list[dict[str, Any]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        headers = dict(self._headers)
+        self.done.append({"status": self.parser.get_status_code(), "headers": headers, "body": self._body})
+        self._headers, self._body = [], b""
+
+
+async def _exchange(proxy: ProxyHarness, data: bytes, answers: int) -> tuple[list[dict[str, Any]], bool]:
+    """Send ``data`` at once; read until ``answers`` answers are complete. Returns them and
+    whether the proxy then closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    parsed = _Answers()
+    try:
+        writer.write(data)
+        await writer.drain()
+        while len(parsed.done) < answers:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+            if not chunk:
+                break
+            parsed.parser.feed_data(chunk)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), timeout=0.5) == b""
+        except TimeoutError:
+            closed = False
+        return parsed.done, closed
+    finally:
+        writer.transport.abort()
+
+
+def _post(path: str, body: bytes = CHAT, extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def test_pipelined_requests_are_answered_in_order_across_proxy_and_app_paths(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx)
+    proxy = await make_proxy()
+    data = (
+        _post("/v1/chat/completions")
+        + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        + _post("/v1/chat/completions")
+        + b"GET /nowhere/x HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    answers, closed = await _exchange(proxy, data, 4)
+    assert [a["status"] for a in answers] == [200, 200, 200, 404]
+    assert answers[0]["body"] == fx.body and answers[2]["body"] == fx.body
+    assert json.loads(answers[1]["body"])["status"] in ("ok", "degraded")
+    assert json.loads(answers[3]["body"])["error"]["code"] == "no_route"
+    assert not closed  # keep-alive across both kinds of path
+    assert len(await proxy.rows(2)) == 2
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length : 4\r\n\r\nabcd",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+        b"4\r\nabcd\r\n0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\nHost: x\nContent-Length: 4\n\nabcd",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4;\x00\r\nabcd\r\n0\r\n\r\n",
+    ],
+    ids=["cl-and-te", "two-lengths", "space-before-colon", "te-not-final-chunked", "bare-lf", "bad-chunk"],
+)
+async def test_smuggling_shapes_get_400_close_and_reach_no_upstream(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, head: bytes
+) -> None:
+    proxy = await make_proxy()
+    answers, closed = await _exchange(proxy, head, 1)
+    assert [a["status"] for a in answers] == [400]
+    assert closed
+    assert upstream.received == []
+
+
+async def test_a_head_past_the_limit_gets_431_and_is_never_forwarded(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy()
+    many = "".join(f"X-Pad-{i}: {'v' * 60}\r\n" for i in range(lean.MAX_HEADERS + 1))
+    answers, closed = await _exchange(proxy, _post("/v1/chat/completions", extra=many), 1)
+    assert [a["status"] for a in answers] == [431] and closed
+    long_value = f"X-Long: {'v' * (lean.MAX_HEAD_BYTES + 1)}\r\n"
+    answers, closed = await _exchange(proxy, _post("/v1/chat/completions", extra=long_value), 1)
+    assert [a["status"] for a in answers] == [431] and closed
+    assert upstream.received == []
+
+
+async def test_http10_client_gets_the_stream_ended_by_the_close(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    fx = load_fixture("openai_chat_stream_usage")
+    upstream.replay(fx)  # the fake upstream answers chunked: HTTP/1.0 cannot carry that
+    proxy = await make_proxy(inject_stream_usage=False)
+    request = _post("/v1/chat/completions").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(request)
+    raw = await asyncio.wait_for(reader.read(), timeout=10)  # to the close
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+    assert body == fx.body
+    (row,) = await proxy.rows(1)
+    assert row["usage_source"] == "reported"
+
+
+async def test_head_request_gets_headers_only_and_keeps_the_connection(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    upstream.replay(load_fixture("openai_chat_json"), path="/v1/models")
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    try:
+        writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\nHEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while raw.count(b"\r\n\r\n") < 2:  # two heads and not a byte of body
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+            assert chunk, raw
+            raw += chunk
+        heads = raw.split(b"\r\n\r\n")
+        assert heads[2] == b"" and all(h.startswith(b"HTTP/1.1 200") for h in heads[:2])
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # still open, still in step
+        chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+        assert chunk.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.transport.abort()
+    assert [r.method for r in upstream.received] == ["HEAD"]
+
+
+async def test_chunked_request_body_is_forwarded_whole_with_a_length(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx)
+    proxy = await make_proxy()
+    pieces = [CHAT[:10], CHAT[10:11], CHAT[11:]]
+    chunked = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answers, _ = await _exchange(proxy, head + chunked, 1)
+    assert answers[0]["status"] == 200 and answers[0]["body"] == fx.body
+    (received,) = upstream.received
+    assert received.body == CHAT
+    assert received.headers["Content-Length"] == str(len(CHAT))
+    assert "Transfer-Encoding" not in received.headers
+
+
+async def test_chunked_body_over_the_limit_is_413_recorded_and_never_forwarded(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(max_body_bytes=1000)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Meter-Session: big\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunks = b"".join(b"%x\r\n%b\r\n" % (300, b"a" * 300) for _ in range(5)) + b"0\r\n\r\n"
+    answers, closed = await _exchange(proxy, head + chunks, 1)
+    assert answers[0]["status"] == 413 and closed
+    assert json.loads(answers[0]["body"])["error"]["code"] == "body_too_large"
+    assert upstream.received == []
+    (row,) = await proxy.rows(1)
+    assert row["status"] == 413 and row["session"] == "big"
+
+
+async def test_upgrade_request_goes_to_the_application(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx, path="/v1/models")
+    proxy = await make_proxy()
+    request = (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    answers, _ = await _exchange(proxy, request, 1)
+    # The application's catch-all proxies it; Upgrade is hop-by-hop, so the upstream
+    # sees a plain GET and the client gets its plain answer (never a 101 from nowhere).
+    assert answers[0]["status"] == 200 and answers[0]["body"] == fx.body
+    (received,) = upstream.received
+    assert "Upgrade" not in received.headers
+
+
+async def test_idle_keepalive_connections_are_closed(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lean, "KEEPALIVE_TIMEOUT", 0.3)
+    monkeypatch.setattr(lean, "SWEEP_INTERVAL", 0.1)
+    upstream.replay(load_fixture("openai_chat_json"))
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    try:
+        while True:  # the answer, then the close (well within the deadline)
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=5)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        writer.transport.abort()
+    assert got.startswith(b"HTTP/1.1 200")
