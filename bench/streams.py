@@ -1,0 +1,126 @@
+"""Realistic load: thousands of concurrent slow streams through one meterproxy worker.
+
+``python bench/streams.py`` (defaults: 2,000 concurrent streams of 200 events
+20 ms apart, i.e. ~4 s each, for 12 s after a 1 s warm-up). The same load
+generator runs against the fake upstream directly, then through ``meterproxy
+serve`` (one worker, pinned like `run.py`), and reports:
+
+- time to first byte (TTFB) and whole-stream latency percentiles, direct and
+  through the proxy, and what the proxy adds at p50 and p99;
+- the proxy's peak RSS (sampled every 0.2 s from ``/proc``) and its CPU;
+- whether every usage is exact: every stream the load generator completed has
+  a stored row with ``usage_source = 'reported'``, the 200 output tokens and
+  12 input tokens the fake upstream reported, and the stream itself (checked by
+  the load generator) carried every content event and ``[DONE]``.
+
+Results go to ``results/streams-<stamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from run import BENCH, RESULTS, Direct, MeterProxy, cpu_seconds, free_port, rss_mb  # type: ignore[import-not-found]
+
+__all__ = ["main"]
+
+
+def _load(port: int, path: str, args: argparse.Namespace, cores: str) -> dict[str, Any]:
+    cmd = ["taskset", "-c", cores, sys.executable, str(BENCH / "loadgen.py"), "--port", str(port)]
+    cmd += ["--path", path, "--stream", "--chunks", str(args.events), "--delay-ms", str(args.delay_ms)]
+    cmd += ["--concurrency", str(args.streams), "--duration", str(args.duration), "--warmup", "1"]
+    out = subprocess.run(cmd, capture_output=True, timeout=args.duration + 300, check=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def _peak_rss(pids: list[int], stop: threading.Event, peak: list[float]) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], sum(rss_mb(pids)))
+        stop.wait(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=2000)
+    ap.add_argument("--events", type=int, default=200)
+    ap.add_argument("--delay-ms", type=int, default=20)
+    ap.add_argument("--duration", type=float, default=12.0)
+    ap.add_argument("--proxy-cores", default="1")
+    ap.add_argument("--load-cores", default="0")
+    ap.add_argument(
+        "--baseline", default=None, metavar="DIR", help="run the meterproxy of checkout DIR instead"
+    )
+    args = ap.parse_args()
+
+    up_port = free_port()
+    upstream = Direct(up_port)
+    upstream._spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], args.load_cores)
+    src = str(Path(args.baseline).resolve()) if args.baseline else None
+    proxy = MeterProxy(free_port(), up_port, args.proxy_cores, 1, src, "baseline" if src else "meterproxy")
+    result: dict[str, Any] = {"command": "python bench/streams.py " + " ".join(sys.argv[1:])}
+    try:
+        proxy.start()
+        result["direct"] = _load(up_port, "/v1/chat/completions", args, args.load_cores)
+        result["loadavg_after_direct"] = os.getloadavg()[0]
+        pids = proxy.pids()
+        cpu0, peak, stop = cpu_seconds(pids), [0.0], threading.Event()
+        sampler = threading.Thread(target=_peak_rss, args=(pids, stop, peak), daemon=True)
+        sampler.start()
+        result["meterproxy"] = _load(proxy.port, proxy.path, args, args.load_cores)
+        stop.set()
+        sampler.join()
+        result["proxy_cpu_s"] = round(cpu_seconds(pids) - cpu0, 2)
+        result["proxy_peak_rss_mb"] = peak[0]
+        result["loadavg_after_proxy"] = os.getloadavg()[0]
+        time.sleep(2.0)  # the writer's last batch
+        conn = sqlite3.connect(proxy.db)
+        try:
+            rows = conn.execute(
+                "SELECT COUNT(*), SUM(CASE WHEN usage_source = 'reported' AND output_tokens = ? "
+                "AND input_tokens = 12 THEN 1 ELSE 0 END) FROM requests",
+                (args.events,),
+            ).fetchone()
+        finally:
+            conn.close()
+        completed = result["meterproxy"]["completed_total"]
+        result["rows"], result["rows_with_exact_usage"] = rows[0], rows[1] or 0
+        result["usage_exact"] = rows[0] == completed == (rows[1] or 0) and result["meterproxy"]["errors"] == 0
+    finally:
+        proxy.stop()
+        upstream.stop()
+    d, m = result["direct"], result["meterproxy"]
+    result["added_ttfb_ms"] = {k: round(m["ttfb_ms"][k] - d["ttfb_ms"][k], 3) for k in ("p50", "p99")}
+    result["added_latency_ms"] = {
+        k: round(m["latency_ms"][k] - d["latency_ms"][k], 3) for k in ("p50", "p99")
+    }
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"streams-{stamp}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("direct", "meterproxy")}, indent=1))
+    for name in ("direct", "meterproxy"):
+        r = result[name]
+        print(
+            name,
+            r["completed_total"],
+            "streams",
+            r["errors"],
+            "errors",
+            "ttfb",
+            r["ttfb_ms"],
+            "lat",
+            r["latency_ms"],
+        )
+
+
+if __name__ == "__main__":
+    main()
