@@ -451,19 +451,21 @@ class _Conn(asyncio.Protocol):
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         path = request.url.partition(b"?")[0].decode("utf-8", "surrogateescape")
+        length = -1
         upgrade = parser.should_upgrade()
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"content-length" and value.strip().isdigit():
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                request.chunked = b"chunked" in value.lower()
+            elif lower == b"upgrade":
+                upgrade = True  # with or without "Connection: upgrade": the application decides
         request.for_app = upgrade or self._server.is_app_path(path)
         if upgrade:
             request.keep_alive = False  # unless the application answers 101 (then it is a tunnel)
-        if request.for_app:
-            request.chunked = any(
-                n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in request.headers
-            )
-        else:
-            limit = self._proxy.max_body_bytes
-            for name, value in request.headers:
-                if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > limit:
-                    self._too_large(request)
+        if not request.for_app and length > self._proxy.max_body_bytes:
+            self._too_large(request)
         self._queue.append(request)
         if self.active is None:
             self._next()

@@ -208,22 +208,25 @@ async def test_chunked_body_over_the_limit_is_413_recorded_and_never_forwarded(
     assert row["status"] == 413 and row["session"] == "big"
 
 
+@pytest.mark.parametrize(
+    "connection", ["Connection: Upgrade\r\n", ""], ids=["upgrade", "upgrade-header-only"]
+)
 async def test_upgrade_request_goes_to_the_application(
-    upstream: FakeUpstream, make_proxy: ProxyFactory
+    upstream: FakeUpstream, make_proxy: ProxyFactory, connection: str
 ) -> None:
-    fx = load_fixture("openai_chat_json")
-    upstream.replay(fx, path="/v1/models")
+    upstream.replay(load_fixture("openai_chat_json"), path="/v1/responses")
     proxy = await make_proxy()
     request = (
-        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    answers, _ = await _exchange(proxy, request, 1)
-    # The application's catch-all proxies it; Upgrade is hop-by-hop, so the upstream
-    # sees a plain GET and the client gets its plain answer (never a 101 from nowhere).
-    assert answers[0]["status"] == 200 and answers[0]["body"] == fx.body
-    (received,) = upstream.received
-    assert "Upgrade" not in received.headers
+        f"GET /v1/responses HTTP/1.1\r\nHost: x\r\n{connection}Upgrade: websocket\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode()
+    answers, closed = await _exchange(proxy, request, 1)
+    # The application answers upgrades exactly as before: a 426 (never a 101 from nowhere),
+    # nothing forwarded; the connection is not kept for another request.
+    assert answers[0]["status"] == 426
+    assert json.loads(answers[0]["body"])["error"]["code"] == "websocket_unsupported"
+    assert upstream.received == []
+    assert closed
 
 
 async def test_idle_keepalive_connections_are_closed(
