@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -76,6 +77,8 @@ from meterproxy.wsproxy import LiveSessions
 __all__ = ["HOP_BY_HOP", "STRICT_COMMIT_WAIT", "AiohttpClient", "Proxy"]
 
 log = logging.getLogger(__name__)
+
+_V = TypeVar("_V")
 
 #: durability="strict": longest wait for a record's commit before the answer is finished anyway.
 STRICT_COMMIT_WAIT = 30.0
@@ -138,6 +141,16 @@ def _first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
     for name, value in reversed(headers):
         found[name.lower()] = value
     return found
+
+
+#: Entries a per-proxy memo holds before it starts over (paths and keys in use are few).
+_MEMO_MAX = 1024
+
+
+def _remember(memo: dict[str, _V], key: str, value: _V) -> None:
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[key] = value
 
 
 class AiohttpClient:
@@ -219,6 +232,39 @@ class Proxy:
             connect_timeout=client.connect_timeout,
             read_timeout=client.read_timeout,
         )
+        # Per-request work that depends only on a few repeating values, memoized (bounded):
+        # routes of query-less paths, the provider of an upstream path, a key's fingerprint.
+        self._routes: dict[str, Target] = {}
+        self._providers: dict[str, providers.Provider | None] = {}
+        self._fingerprints: dict[str, str | None] = {}
+
+    def route(self, raw_path: str, raw_query: str) -> Target:
+        """`routing.route` for this proxy's upstreams (raises `RouteError`), memoized by path."""
+        if raw_query:
+            return route(raw_path, raw_query, self.upstreams)  # queries may carry keys: never kept
+        target = self._routes.get(raw_path)
+        if target is None:
+            target = route(raw_path, raw_query, self.upstreams)
+            _remember(self._routes, raw_path, target)
+        return target
+
+    def _detect(self, path: str) -> providers.Provider | None:
+        try:
+            return self._providers[path]
+        except KeyError:
+            provider = self.providers.detect(path)
+            _remember(self._providers, path, provider)
+            return provider
+
+    def _fingerprint(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        try:
+            return self._fingerprints[key]
+        except KeyError:
+            value = fingerprint(key, self._salt)
+            _remember(self._fingerprints, key, value)
+            return value
 
     # -- aiohttp's server ----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -227,7 +273,7 @@ class Proxy:
         try:
             # Raw (still percent-encoded) path and query: the upstream gets them as sent.
             raw_path, _, raw_query = request.raw_path.partition("?")
-            target = route(raw_path, raw_query, self.upstreams)
+            target = self.route(raw_path, raw_query)
         except RouteError as exc:
             return json_error(404, "no_route", str(exc))
         headers = list(request.headers.items())
@@ -289,7 +335,7 @@ class Proxy:
         started: float,
     ) -> Exchange:
         """The request is routed and read whole: inspect it and open its record."""
-        provider = self.providers.detect(target.path)
+        provider = self._detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
         record = self._new_record(method, target, provider, info, _first_values(headers), raw_query)
         record.request_bytes = len(body)
@@ -320,7 +366,7 @@ class Proxy:
             user=headers.get("x-meter-user") or user,
             session=headers.get("x-meter-session") or agent_session(headers) or body_session,
             tags=parse_tags(headers.get("x-meter-tags")),
-            key_fingerprint=fingerprint(api_key(headers, raw_query), self._salt),
+            key_fingerprint=self._fingerprint(api_key(headers, raw_query)),
             service_tier=info.service_tier,
             usage_source="missing" if provider else "none",
             max_output_tokens=info.max_output_tokens,
@@ -339,7 +385,7 @@ class Proxy:
         gone: bool = False,
     ) -> web.Response:
         """A request we answer ourselves before forwarding (413, 408): recorded, never sent on."""
-        provider = self.providers.detect(target.path)
+        provider = self._detect(target.path)
         record = self._new_record(method, target, provider, RequestInfo(), _first_values(headers), raw_query)
         record.status, record.error, record.usage_source = (None if gone else status), message, "none"
         record.client_disconnected = gone
@@ -434,7 +480,7 @@ class Proxy:
         except ConnectionResetError:
             pass
 
-    def _open_tap(self, exchange: Exchange) -> None:
+    def _open_tap(self, exchange: Exchange, content_type: str, content_encoding: str | None) -> None:
         """Answer headers are in: a tap to read usage from the body, if a provider speaks here."""
         upstream, record, provider = exchange.upstream, exchange.record, exchange.provider
         assert upstream is not None
@@ -445,7 +491,7 @@ class Proxy:
                 break
         if provider is None:
             return
-        sse = "text/event-stream" in upstream.headers.get("content-type", "").lower()
+        sse = "text/event-stream" in content_type.lower()
         parser = provider.new_parser(exchange.target.url.path or "", exchange.info, record.usage_injected)
         on_headers = getattr(parser, "on_headers", None)
         if on_headers is not None:  # usage in the answer's head (Bedrock's token-count headers)
@@ -454,30 +500,36 @@ class Proxy:
             parser,
             sse=sse,
             rewrite=record.usage_injected,
-            content_encoding=upstream.headers.get("content-encoding"),
+            content_encoding=content_encoding,
             capture_limit=self._content_limit if record.content is not None else 0,
         )
         record.streamed = record.streamed or sse
 
     def _answer_headers(self, exchange: Exchange) -> list[tuple[str, str]]:
-        """The upstream's headers minus hop-by-hop ones (and a length the tap's rewrite voids)."""
+        """Open the tap; the upstream's headers minus hop-by-hop ones (and a length the tap voids)."""
         assert exchange.upstream is not None
-        headers = exchange.upstream.headers
-        connection = _connection_tokens(headers.items())
-        drop_length = exchange.tap is not None and exchange.tap.rewriting
-        out: list[tuple[str, str]] = []
-        for name, value in headers.items():
+        headers = exchange.upstream.header_list
+        content_type, content_encoding, connection = "", None, ""
+        for name, value in headers:
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in connection or (drop_length and lower == "content-length"):
-                continue
-            out.append((name, value))
-        return out
+            if lower == "content-type" and not content_type:
+                content_type = value
+            elif lower == "content-encoding" and content_encoding is None:
+                content_encoding = value
+            elif lower == "connection":
+                connection += "," + value
+        self._open_tap(exchange, content_type, content_encoding)
+        drop = HOP_BY_HOP
+        if connection:
+            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        if exchange.tap is not None and exchange.tap.rewriting:
+            drop = drop | {"content-length"}
+        return [(name, value) for name, value in headers if name.lower() not in drop]
 
     async def _relay(self, exchange: Exchange, client: ClientSide) -> None:
         """Stream the answer to the client through the tap; cut, drain or finish as things go."""
         upstream, record = exchange.upstream, exchange.record
         assert upstream is not None
-        self._open_tap(exchange)
         headers = self._answer_headers(exchange)
         # Strict durability: the client must not see the end of the answer before the
         # record is committed. A chunked answer ends with `end`; one with a

@@ -54,7 +54,7 @@ from aiohttp.web_protocol import RequestHandler
 from meterproxy.app_state import PROXY
 from meterproxy.http_errors import json_error
 from meterproxy.proxy import Proxy
-from meterproxy.routing import RouteError, route
+from meterproxy.routing import RouteError
 
 __all__ = ["KEEPALIVE_TIMEOUT", "MAX_HEADERS", "MAX_HEAD_BYTES", "LeanServer", "app_path_matcher", "run"]
 
@@ -524,7 +524,7 @@ class _Conn(asyncio.Protocol):
         raw_path, raw_query = request.raw_target()
         answer = _Answer(self, request)
         try:
-            target = route(raw_path, raw_query, proxy.upstreams)
+            target = proxy.route(raw_path, raw_query)
         except RouteError as exc:
             answer.send_whole(json_error(404, "no_route", str(exc)))
             return
@@ -597,7 +597,7 @@ class _Conn(asyncio.Protocol):
         """Record the refusal of a proxy request (413, 408, client gone) and build its answer."""
         raw_path, raw_query = request.raw_target()
         try:
-            target = route(raw_path, raw_query, self._proxy.upstreams)
+            target = self._proxy.route(raw_path, raw_query)
         except RouteError as exc:
             response = json_error(404, "no_route", str(exc))
         else:

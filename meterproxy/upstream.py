@@ -90,20 +90,25 @@ class _BytesAfterAnswer(Exception):
     """Raised from a parser callback to stop llhttp at bytes that follow a complete answer."""
 
 
-def _has_pending_bytes(transport: asyncio.Transport) -> bool:
+def _poller(transport: asyncio.BaseTransport) -> select.poll | None:
+    """A ``poll`` object watching the connection's socket for input (None: no socket)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
+
+
+def _has_pending_bytes(poller: select.poll | None) -> bool:
     """True if an idle connection has unread bytes (or its FIN) waiting in the kernel.
 
     An idle keep-alive connection must have nothing to read; anything there is
     left over from the previous answer and would be taken for the next one. A
-    zero-timeout ``poll`` (not ``select``: file descriptors go past 1024) costs
-    one system call per reuse.
+    zero-timeout ``poll`` (not ``select``: file descriptors go past 1024) on the
+    connection's own poller, made once, costs one system call per reuse.
     """
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
+    return poller is not None and bool(poller.poll(0))
 
 
 _Origin = tuple[str, str, int]
@@ -116,6 +121,7 @@ class _Connection(asyncio.Protocol):
         self._client = client
         self.origin = origin
         self.transport: asyncio.Transport | None = None
+        self.poller: select.poll | None = None
         self.closed = False
         self.idle_since = 0.0
         #: Bytes came after a complete answer: the connection was closed, never to be reused.
@@ -147,6 +153,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.poller = _poller(transport)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
@@ -292,11 +299,11 @@ class _Connection(asyncio.Protocol):
             self.transport.write(body)
         return self._headers_done
 
-    def header_items(self) -> CIMultiDict[str]:
-        return CIMultiDict(
+    def header_items(self) -> list[tuple[str, str]]:
+        return [
             (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
             for n, v in self._header_list
-        )
+        ]
 
     @property
     def reason(self) -> str:
@@ -341,14 +348,23 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """An upstream's answer: status, reason and headers now, the body by `read`."""
 
-    __slots__ = ("_conn", "_released", "headers", "reason", "status")
+    __slots__ = ("_conn", "_headers", "_released", "header_list", "reason", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self._released = False
         self.status = conn.status
         self.reason = conn.reason
-        self.headers = conn.header_items()
+        #: The headers in order as sent (the proxy's one pass over them needs no multidict).
+        self.header_list = conn.header_items()
+        self._headers: CIMultiDict[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The headers as a case-insensitive multidict (built on first use)."""
+        if self._headers is None:
+            self._headers = CIMultiDict(self.header_list)
+        return self._headers
 
     async def read(self) -> bytes:
         """The body bytes that have arrived since the last call; b"" once it is complete.
@@ -423,7 +439,7 @@ class UpstreamClient:
             transport = conn.transport
             if conn.closed or transport is None or transport.is_closing():
                 continue
-            if now - conn.idle_since > self.keepalive_timeout or _has_pending_bytes(transport):
+            if now - conn.idle_since > self.keepalive_timeout or _has_pending_bytes(conn.poller):
                 conn.close()
                 continue
             return conn
