@@ -485,10 +485,6 @@ class Proxy:
         upstream, record, provider = exchange.upstream, exchange.record, exchange.provider
         assert upstream is not None
         record.status = upstream.status
-        for name in _REQUEST_ID_HEADERS:
-            if value := upstream.headers.get(name):
-                record.provider_request_id = value[:200]
-                break
         if provider is None:
             return
         sse = "text/event-stream" in content_type.lower()
@@ -510,6 +506,7 @@ class Proxy:
         assert exchange.upstream is not None
         headers = exchange.upstream.header_list
         content_type, content_encoding, connection = "", None, ""
+        request_ids: dict[str, str] = {}
         for name, value in headers:
             lower = name.lower()
             if lower == "content-type" and not content_type:
@@ -518,6 +515,12 @@ class Proxy:
                 content_encoding = value
             elif lower == "connection":
                 connection += "," + value
+            elif lower in _REQUEST_ID_HEADERS and value:
+                request_ids.setdefault(lower, value)
+        for name in _REQUEST_ID_HEADERS:
+            if name in request_ids:
+                exchange.record.provider_request_id = request_ids[name][:200]
+                break
         self._open_tap(exchange, content_type, content_encoding)
         drop = HOP_BY_HOP
         if connection:
