@@ -102,6 +102,10 @@ class SSEDecoder:
             self._consumed = 0
         return events
 
+    def idle(self) -> bool:
+        """Nothing is pending: the next byte fed starts a new event (or a blank/comment line)."""
+        return not self._buf and self._at_boundary()
+
     def _at_boundary(self) -> bool:
         """Nothing of the pending event has been scanned yet."""
         return not self._has_data and self._event is None and self._consumed == self._raw_start

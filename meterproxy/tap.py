@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from meterproxy.providers.base import ParseResult, UsageParser
@@ -89,6 +90,7 @@ class ResponseTap:
         "_notes",
         "_on_chunk",
         "_parser",
+        "_quiet",
         "_rewrite",
         "_size",
         "_sse",
@@ -125,6 +127,10 @@ class ResponseTap:
         # A parser of a binary stream (Bedrock's event-stream) reads each chunk as it
         # arrives instead of a body kept whole; `on_body` then only marks the end.
         self._on_chunk = None if sse else getattr(parser, "on_chunk", None)
+        # A parser may take whole events it has no use for in bulk (``quiet(events)``: the
+        # bytes its on_event would have returned for them, or None); those skip the decoder,
+        # so a content delta costs a few byte searches per read, not an event object.
+        self._quiet: Callable[[bytes], bytes | None] | None = getattr(parser, "quiet", None)
         self._body = bytearray()
         self._head = b""
         self._size = 0
@@ -165,12 +171,26 @@ class ResponseTap:
 
     def _observe(self, data: bytes) -> None:
         if self._decoder is not None:
-            for event in self._decoder.feed(data):
+            skipped, _ = self._quiet_prefix(data)
+            for event in self._decoder.feed(data[skipped:] if skipped else data):
                 self._parser.on_event(event)
         elif self._on_chunk is not None:
             self._on_chunk(data)
         else:
             self._collect(data)
+
+    def _quiet_prefix(self, data: bytes) -> tuple[int, bytes]:
+        """How many leading bytes of ``data`` are whole events the parser need not see,
+        and what the client gets for them (in rewrite mode)."""
+        quiet = self._quiet
+        if quiet is None or self._decoder is None or not self._decoder.idle():
+            return 0, b""
+        end = data.rfind(b"\n\n") + 2
+        # LF line endings only (every provider's), like the decoder's own fast path.
+        if end < 2 or data.find(b"\r", 0, end) >= 0:
+            return 0, b""
+        out = quiet(data[:end])
+        return (0, b"") if out is None else (end, out)
 
     def _collect(self, data: bytes) -> None:
         self._size += len(data)
@@ -185,6 +205,10 @@ class ResponseTap:
         assert self._decoder is not None
         out: list[bytes] = []
         try:
+            skipped, emitted = self._quiet_prefix(chunk)
+            if skipped:
+                out.append(emitted)
+                chunk = chunk[skipped:]
             for event in self._decoder.feed(chunk):
                 kept = self._parser.on_event(event)
                 if kept is not None:

@@ -223,6 +223,29 @@ class OpenAIParser:
             self._result.model = model
             self._seen_model = True
 
+    def quiet(self, events: bytes) -> bytes | None:
+        """Whole events (``data:`` blocks ending in a blank line) none of which matters here:
+        the bytes `on_event` would have returned for them, or None to see them one by one.
+
+        The same byte checks as `on_event`'s ``interesting``, over many events at once: once
+        the model is known, a content delta carries no usage but ``"usage":null``, no error.
+        """
+        if not self._seen_model or self._responses:
+            return None
+        if b'"error"' in events or b'"x_groq"' in events:
+            return None
+        usage = events.count(b'"usage"')
+        if usage == 0:
+            return events
+        if usage != events.count(b'"usage":null'):
+            return None
+        if not self._injected:
+            return events
+        blocks = events.split(b"\n\n")
+        if any(block[:5] != b"data:" for block in blocks[:-1]):
+            return None  # comments or blank lines would join a neighbour's raw bytes
+        return b"\n\n".join([block.replace(_USAGE_NULL, b"", 1) for block in blocks])
+
     def on_event(self, event: SSEEvent) -> bytes | None:
         data = event.data
         if self._responses:

@@ -1,0 +1,85 @@
+"""The tap's quiet-event skip (`ResponseTap._quiet_prefix`) changes nothing but the cost.
+
+Every OpenAI-style stream fixture, in pass-through and in rewrite mode, fed whole,
+byte by byte, event by event and at random cuts, gives the client exactly the same
+bytes and the record exactly the same result as the same tap with the skip turned
+off (a parser without ``quiet``, so every event goes through the decoder).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from meterproxy.providers.base import ParseResult
+from meterproxy.providers.openai import OpenAIParser
+from meterproxy.tap import ResponseTap
+from meterproxy.testing import FIXTURES_DIR, load_fixture
+
+STREAMS = sorted(
+    p.stem
+    for p in FIXTURES_DIR.glob("openai*.toml")
+    if "event-stream" in load_fixture(p.stem).content_type and "responses" not in p.stem
+)
+
+
+class _Loud(OpenAIParser):
+    """The same parser without `quiet`: every event reaches `on_event`."""
+
+    __slots__ = ()
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "quiet":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def _run(parser: OpenAIParser, chunks: list[bytes], injected: bool) -> tuple[bytes, ParseResult]:
+    tap = ResponseTap(parser, sse=True, rewrite=injected)
+    out = b"".join(tap.feed(c) for c in chunks) + tap.finish()
+    return out, tap.result()
+
+
+def _chunkings(body: bytes) -> list[list[bytes]]:
+    rng = random.Random(len(body))
+    events = [e + b"\n\n" for e in body.split(b"\n\n")[:-1]]
+    events[-1:] = [events[-1] + body[len(b"".join(events)) :]] if events else [body]
+    cuts = [sorted(rng.sample(range(1, len(body)), min(8, len(body) - 1))) for _ in range(20)]
+    splits = [[body[a:b] for a, b in itertools.pairwise([0, *c, len(body)])] for c in cuts]
+    return [[body], [body[i : i + 1] for i in range(len(body))], events, *splits]
+
+
+@pytest.mark.parametrize("injected", [False, True], ids=["pass-through", "rewrite"])
+@pytest.mark.parametrize("name", STREAMS)
+def test_skipping_quiet_events_changes_no_byte_and_no_result(name: str, injected: bool) -> None:
+    body = load_fixture(name).body
+    assert STREAMS
+    for chunks in _chunkings(body):
+        out, result = _run(OpenAIParser(injected, responses=False), chunks, injected)
+        loud_out, loud = _run(_Loud(injected, responses=False), chunks, injected)
+        assert out == loud_out
+        assert (result.usage, result.usage_source, result.model, result.error, result.notes) == (
+            loud.usage,
+            loud.usage_source,
+            loud.model,
+            loud.error,
+            loud.notes,
+        )
+
+
+def test_quiet_takes_content_deltas_once_the_model_is_known() -> None:
+    parser = OpenAIParser(injected=True, responses=False)
+    delta = b'data: {"model":"m","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+    assert parser.quiet(delta) is None  # the model is not known yet
+    tap = ResponseTap(parser, sse=True, rewrite=True)
+    assert tap.feed(delta) == delta.replace(b',"usage":null', b"")
+    assert parser.quiet(delta * 3) == delta.replace(b',"usage":null', b"") * 3
+    usage = b'data: {"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    assert parser.quiet(delta + usage) is None
+    assert parser.quiet(b": ping\n\n" + delta) is None
+    assert tap.feed(delta * 3 + usage) == delta.replace(b',"usage":null', b"") * 3  # usage chunk dropped
+    tap.finish()
+    result = tap.result()
+    assert result.usage is not None and result.usage.output_tokens == 2
