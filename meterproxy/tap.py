@@ -171,6 +171,11 @@ class ResponseTap:
 
     def _observe(self, data: bytes) -> None:
         if self._decoder is not None:
+            head = self._pending_end(data)
+            if head:
+                for event in self._decoder.feed(data[:head]):
+                    self._parser.on_event(event)
+                data = data[head:]
             skipped, _ = self._quiet_prefix(data)
             for event in self._decoder.feed(data[skipped:] if skipped else data):
                 self._parser.on_event(event)
@@ -178,6 +183,13 @@ class ResponseTap:
             self._on_chunk(data)
         else:
             self._collect(data)
+
+    def _pending_end(self, data: bytes) -> int:
+        """With an event pending in the decoder: how much of ``data`` it needs to finish it
+        (up to the first blank line; 0 when nothing is pending or no blank line comes)."""
+        if self._quiet is None or self._decoder is None or self._decoder.idle():
+            return 0
+        return data.find(b"\n\n") + 2 if b"\n\n" in data else 0
 
     def _quiet_prefix(self, data: bytes) -> tuple[int, bytes]:
         """How many leading bytes of ``data`` are whole events the parser need not see,
@@ -202,31 +214,43 @@ class ResponseTap:
                 del self._body[: len(self._body) - _TAIL_BYTES]
 
     def _feed_rewrite(self, chunk: bytes) -> bytes:
-        assert self._decoder is not None
         out: list[bytes] = []
+        rest = chunk  # not yet handed to the decoder or the parser
         try:
-            skipped, emitted = self._quiet_prefix(chunk)
+            head = self._pending_end(rest)
+            if head:
+                self._rewrite_events(rest[:head], out)
+                rest = rest[head:]
+            skipped, emitted = self._quiet_prefix(rest)
             if skipped:
                 out.append(emitted)
-                chunk = chunk[skipped:]
-            for event in self._decoder.feed(chunk):
-                kept = self._parser.on_event(event)
-                if kept is not None:
-                    out.append(kept)
-            if self._decoder.dropped_raw:
-                out.append(self._decoder.dropped_raw)
+                rest = rest[skipped:]
+            self._rewrite_events(rest, out)
+            rest = b""
         except Exception as exc:
             # Stop rewriting; hand over what the decoder holds so no byte is lost.
+            assert self._decoder is not None
             log.warning("usage tap stopped while rewriting: %s", exc)
             self._fail(f"tap error: {exc}")
             self._rewrite = False
             events, tail = self._decoder.finish()
             out.extend(e.raw for e in events)
             out.append(tail)
+            out.append(rest)
         emitted = b"".join(out)
         if self._capture is not None:
             self._keep(emitted)
         return emitted
+
+    def _rewrite_events(self, data: bytes, out: list[bytes]) -> None:
+        """Decode ``data``; what the parser keeps of each event (and any dropped raw) to ``out``."""
+        assert self._decoder is not None
+        for event in self._decoder.feed(data):
+            kept = self._parser.on_event(event)
+            if kept is not None:
+                out.append(kept)
+        if self._decoder.dropped_raw:
+            out.append(self._decoder.dropped_raw)
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoders; return bytes still owed to the client."""
