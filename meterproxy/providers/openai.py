@@ -228,18 +228,19 @@ class OpenAIParser:
         the bytes `on_event` would have returned for them, or None to see them one by one.
 
         The same byte checks as `on_event`'s ``interesting``, over many events at once: once
-        the model is known, a content delta carries no usage but ``"usage":null``, no error.
+        the model is known, a content delta carries no usage but ``,"usage":null``, no error.
         """
-        if not self._seen_model or self._responses:
+        if not self._seen_model or self._responses or b"[DONE]" in events:
             return None
         if b'"error"' in events or b'"x_groq"' in events:
             return None
         usage = events.count(b'"usage"')
-        if usage == 0:
-            return events
-        if usage != events.count(b'"usage":null'):
-            return None
-        if not self._injected:
+        if usage and usage != events.count(_USAGE_NULL):
+            return None  # any other spelling of it: event by event
+        self._streamed = True
+        if b'"finish_reason":"' in events or b'"finish_reason": "' in events:
+            self._final = True
+        if not usage or not self._injected:
             return events
         blocks = events.split(b"\n\n")
         if any(block[:5] != b"data:" for block in blocks[:-1]):
