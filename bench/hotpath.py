@@ -8,9 +8,11 @@ pricing, the row conversion the writer does, and the tap over a whole
 ``include_usage``). Each figure is the best of several rounds of CPU time
 (``time.process_time``), so other load on the machine inflates it less.
 
-The SSE lines compare the decoder's whole-event fast path with the line-by-line
-scanner it falls back to (the decoder before the fast path existed), so the
-lever's effect is re-measured on every run.
+The SSE lines compare three ways through the tap, so each lever's effect is
+re-measured on every run: content deltas taken in bulk (`OpenAIParser.quiet`:
+whole events that carry no usage skip the decoder), every event decoded with the
+decoder's whole-event fast path, and every event through the line-by-line
+scanner (the decoder before its fast path existed).
 
 Run ``python bench/hotpath.py``; prints and saves ``results/hotpath-latest.json``.
 """
@@ -27,7 +29,7 @@ from upstream import _stream_events  # type: ignore[import-not-found]
 
 from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
-from meterproxy.providers.openai import OpenAIProvider
+from meterproxy.providers.openai import OpenAIParser, OpenAIProvider
 from meterproxy.sse import SSEDecoder, SSEEvent
 from meterproxy.store.schema import record_to_row
 from meterproxy.tap import ResponseTap
@@ -62,12 +64,23 @@ def best_us(fn: Callable[[], object], n: int, rounds: int = 7) -> float:
     return round(best / n * 1e6, 2)
 
 
-def _tap_stream(chunks: list[bytes], injected: bool, decoder: type[SSEDecoder]) -> Callable[[], object]:
-    prov = OpenAIProvider()
-    info = prov.inspect_request(PATH, BODY)
+class _NoQuiet(OpenAIParser):
+    """The parser without `quiet`: every event through the decoder (before the bulk skip)."""
 
+    __slots__ = ()
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "quiet":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def _tap_stream(
+    chunks: list[bytes], injected: bool, decoder: type[SSEDecoder], quiet: bool = True
+) -> Callable[[], object]:
     def run() -> object:
-        tap = ResponseTap(prov.new_parser(PATH, info, injected), sse=True, rewrite=injected)
+        parser = OpenAIParser(injected, responses=False) if quiet else _NoQuiet(injected, responses=False)
+        tap = ResponseTap(parser, sse=True, rewrite=injected)
         tap._decoder = decoder()
         for c in chunks:
             tap.feed(c)
@@ -111,11 +124,16 @@ def main() -> None:
         body = b"".join(events)
         for chunking, chunks in (
             ("one event per read", events),
+            ("whole stream in one read", [body]),
             ("1400-byte reads", [body[i : i + 1400] for i in range(0, len(body), 1400)]),
         ):
             mode = "rewrite" if injected else "pass-through"
-            for name, decoder in (("fast path", SSEDecoder), ("line scanner", _LineOnly)):
-                us = best_us(_tap_stream(chunks, injected, decoder), 100) / len(events)
+            for name, decoder, quiet in (
+                ("quiet deltas in bulk", SSEDecoder, True),
+                ("every event decoded, fast path", SSEDecoder, False),
+                ("every event decoded, line scanner", _LineOnly, False),
+            ):
+                us = best_us(_tap_stream(chunks, injected, decoder, quiet), 100) / len(events)
                 per_event[f"{mode}, {chunking}, {name}"] = round(us, 2)
     result = {"per_request_us": per_request, "per_sse_event_us": per_event}
     out = Path(__file__).resolve().parent / "results"

@@ -127,10 +127,11 @@ class ResponseTap:
         # A parser of a binary stream (Bedrock's event-stream) reads each chunk as it
         # arrives instead of a body kept whole; `on_body` then only marks the end.
         self._on_chunk = None if sse else getattr(parser, "on_chunk", None)
-        # A parser may take whole events it has no use for in bulk (``quiet(events)``: the
-        # bytes its on_event would have returned for them, or None); those skip the decoder,
-        # so a content delta costs a few byte searches per read, not an event object.
-        self._quiet: Callable[[bytes], bytes | None] | None = getattr(parser, "quiet", None)
+        # A parser may take whole events it has no use for in bulk (``quiet(events)``: how many
+        # leading bytes it took, and what its on_event would have returned for them); those
+        # skip the decoder, so a content delta costs a few byte searches per read, not an
+        # event object.
+        self._quiet: Callable[[bytes], tuple[int, bytes]] | None = getattr(parser, "quiet", None)
         self._body = bytearray()
         self._head = b""
         self._size = 0
@@ -171,38 +172,56 @@ class ResponseTap:
 
     def _observe(self, data: bytes) -> None:
         if self._decoder is not None:
-            head = self._pending_end(data)
-            if head:
-                for event in self._decoder.feed(data[:head]):
-                    self._parser.on_event(event)
-                data = data[head:]
-            skipped, _ = self._quiet_prefix(data)
-            for event in self._decoder.feed(data[skipped:] if skipped else data):
-                self._parser.on_event(event)
+            self._events(data, None)
         elif self._on_chunk is not None:
             self._on_chunk(data)
         else:
             self._collect(data)
 
-    def _pending_end(self, data: bytes) -> int:
-        """With an event pending in the decoder: how much of ``data`` it needs to finish it
-        (up to the first blank line; 0 when nothing is pending or no blank line comes)."""
-        if self._quiet is None or self._decoder is None or self._decoder.idle():
-            return 0
-        return data.find(b"\n\n") + 2 if b"\n\n" in data else 0
+    def _events(self, data: bytes, out: list[bytes] | None) -> None:
+        """SSE bytes to the parser; with ``out`` (rewrite mode) what the client gets, in order.
 
-    def _quiet_prefix(self, data: bytes) -> tuple[int, bytes]:
-        """How many leading bytes of ``data`` are whole events the parser need not see,
-        and what the client gets for them (in rewrite mode)."""
+        Runs of whole events the parser declares quiet (`quiet(events) -> (taken, bytes)`)
+        are taken in bulk; each other event goes through the decoder and `on_event`.
+        """
         quiet = self._quiet
-        if quiet is None or self._decoder is None or not self._decoder.idle():
-            return 0, b""
-        end = data.rfind(b"\n\n") + 2
-        # LF line endings only (every provider's), like the decoder's own fast path.
-        if end < 2 or data.find(b"\r", 0, end) >= 0:
-            return 0, b""
-        out = quiet(data[:end])
-        return (0, b"") if out is None else (end, out)
+        decoder = self._decoder
+        assert decoder is not None
+        pos = 0
+        misses = 0  # quiet runs that took nothing, in a row: after two, decode the rest
+        if quiet is not None:
+            while misses < 2:
+                if not decoder.idle():  # finish the pending event first
+                    i = data.find(b"\n\n", pos)
+                    if i < 0:
+                        break
+                    self._decode(data[pos : i + 2], out)
+                    pos = i + 2
+                    continue
+                end = data.rfind(b"\n\n", pos) + 2
+                # LF line endings only (every provider's), like the decoder's own fast path.
+                if end < pos + 2 or data.find(b"\r", pos, end) >= 0:
+                    break
+                taken, emitted = quiet(data[pos:end])
+                if taken and out is not None:
+                    out.append(emitted)
+                pos += taken
+                misses = 0 if taken else misses + 1
+                if pos >= end:
+                    break
+                i = data.find(b"\n\n", pos)  # an event the parser must see, on its own
+                self._decode(data[pos : i + 2], out)
+                pos = i + 2
+        self._decode(data[pos:] if pos else data, out)
+
+    def _decode(self, data: bytes, out: list[bytes] | None) -> None:
+        assert self._decoder is not None
+        for event in self._decoder.feed(data):
+            kept = self._parser.on_event(event)
+            if out is not None and kept is not None:
+                out.append(kept)
+        if out is not None and self._decoder.dropped_raw:
+            out.append(self._decoder.dropped_raw)
 
     def _collect(self, data: bytes) -> None:
         self._size += len(data)
@@ -215,18 +234,8 @@ class ResponseTap:
 
     def _feed_rewrite(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
-        rest = chunk  # not yet handed to the decoder or the parser
         try:
-            head = self._pending_end(rest)
-            if head:
-                self._rewrite_events(rest[:head], out)
-                rest = rest[head:]
-            skipped, emitted = self._quiet_prefix(rest)
-            if skipped:
-                out.append(emitted)
-                rest = rest[skipped:]
-            self._rewrite_events(rest, out)
-            rest = b""
+            self._events(chunk, out)
         except Exception as exc:
             # Stop rewriting; hand over what the decoder holds so no byte is lost.
             assert self._decoder is not None
@@ -236,21 +245,10 @@ class ResponseTap:
             events, tail = self._decoder.finish()
             out.extend(e.raw for e in events)
             out.append(tail)
-            out.append(rest)
         emitted = b"".join(out)
         if self._capture is not None:
             self._keep(emitted)
         return emitted
-
-    def _rewrite_events(self, data: bytes, out: list[bytes]) -> None:
-        """Decode ``data``; what the parser keeps of each event (and any dropped raw) to ``out``."""
-        assert self._decoder is not None
-        for event in self._decoder.feed(data):
-            kept = self._parser.on_event(event)
-            if kept is not None:
-                out.append(kept)
-        if self._decoder.dropped_raw:
-            out.append(self._decoder.dropped_raw)
 
     def finish(self) -> bytes:
         """End of the upstream body: flush the decoders; return bytes still owed to the client."""

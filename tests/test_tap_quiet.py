@@ -68,14 +68,15 @@ def test_skipping_quiet_events_changes_no_byte_and_no_result(name: str, injected
 def test_quiet_takes_content_deltas_once_the_model_is_known() -> None:
     parser = OpenAIParser(injected=True, responses=False)
     delta = b'data: {"model":"m","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
-    assert parser.quiet(delta) is None  # the model is not known yet
+    stripped = delta.replace(b',"usage":null', b"")
+    assert parser.quiet(delta) == (0, b"")  # the model is not known yet
     tap = ResponseTap(parser, sse=True, rewrite=True)
-    assert tap.feed(delta) == delta.replace(b',"usage":null', b"")
-    assert parser.quiet(delta * 3) == delta.replace(b',"usage":null', b"") * 3
+    assert tap.feed(delta) == stripped
+    assert parser.quiet(delta * 3) == (len(delta) * 3, stripped * 3)
     usage = b'data: {"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
-    assert parser.quiet(delta + usage) is None
-    assert parser.quiet(b": ping\n\n" + delta) is None
-    assert tap.feed(delta * 3 + usage) == delta.replace(b',"usage":null', b"") * 3  # usage chunk dropped
+    assert parser.quiet(delta * 2 + usage + delta) == (len(delta) * 2, stripped * 2)  # up to the usage
+    assert parser.quiet(b": ping\n\n" + delta) == (0, b"")
+    assert tap.feed(delta * 3 + usage + b"data: [DONE]\n\n") == stripped * 3 + b"data: [DONE]\n\n"
     tap.finish()
     result = tap.result()
     assert result.usage is not None and result.usage.output_tokens == 2

@@ -223,29 +223,39 @@ class OpenAIParser:
             self._result.model = model
             self._seen_model = True
 
-    def quiet(self, events: bytes) -> bytes | None:
-        """Whole events (``data:`` blocks ending in a blank line) none of which matters here:
-        the bytes `on_event` would have returned for them, or None to see them one by one.
+    def quiet(self, events: bytes) -> tuple[int, bytes]:
+        """Whole events (``data:`` blocks, each ending in a blank line): how many leading
+        bytes of them matter nothing here, and the bytes `on_event` would have returned.
 
         The same byte checks as `on_event`'s ``interesting``, over many events at once: once
-        the model is known, a content delta carries no usage but ``,"usage":null``, no error.
+        the model is known, a content delta carries no usage but ``,"usage":null``, no
+        error. The run stops before the first event that could be more (a usage object,
+        an error, Groq's ``x_groq``, ``[DONE]``); that one goes through `on_event`.
         """
-        if not self._seen_model or self._responses or b"[DONE]" in events:
-            return None
-        if b'"error"' in events or b'"x_groq"' in events:
-            return None
-        usage = events.count(b'"usage"')
-        if usage and usage != events.count(_USAGE_NULL):
-            return None  # any other spelling of it: event by event
+        if not self._seen_model or self._responses:
+            return 0, b""
+        cut = len(events)
+        for marker in (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]"):
+            i = events.find(marker, 0, cut)
+            if i >= 0:
+                cut = i
+        if cut < len(events):
+            cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
+            if cut < 2:
+                return 0, b""
+        usage = events.count(b'"usage"', 0, cut)
+        if usage and usage != events.count(_USAGE_NULL, 0, cut):
+            return 0, b""  # any other spelling of it: event by event
+        taken = events[:cut] if cut < len(events) else events
         self._streamed = True
-        if b'"finish_reason":"' in events or b'"finish_reason": "' in events:
+        if b'"finish_reason":"' in taken or b'"finish_reason": "' in taken:
             self._final = True
         if not usage or not self._injected:
-            return events
-        blocks = events.split(b"\n\n")
+            return cut, taken
+        blocks = taken.split(b"\n\n")
         if any(block[:5] != b"data:" for block in blocks[:-1]):
-            return None  # comments or blank lines would join a neighbour's raw bytes
-        return b"\n\n".join([block.replace(_USAGE_NULL, b"", 1) for block in blocks])
+            return 0, b""  # comments or blank lines would join a neighbour's raw bytes
+        return cut, b"\n\n".join([block.replace(_USAGE_NULL, b"", 1) for block in blocks])
 
     def on_event(self, event: SSEEvent) -> bytes | None:
         data = event.data
