@@ -99,10 +99,12 @@ def main() -> None:
         proxy.stop()
         upstream.stop()
     d, m = result["direct"], result["meterproxy"]
-    result["added_ttfb_ms"] = {k: round(m["ttfb_ms"][k] - d["ttfb_ms"][k], 3) for k in ("p50", "p99")}
-    result["added_latency_ms"] = {
-        k: round(m["latency_ms"][k] - d["latency_ms"][k], 3) for k in ("p50", "p99")
-    }
+
+    def added(key: str) -> dict[str, float | None]:
+        pairs = ((k, m[key][k], d[key][k]) for k in ("p50", "p99"))
+        return {k: None if a is None or b is None else round(a - b, 3) for k, a, b in pairs}
+
+    result["added_ttfb_ms"], result["added_latency_ms"] = added("ttfb_ms"), added("latency_ms")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"streams-{stamp}.json").write_text(json.dumps(result, indent=1))
