@@ -230,12 +230,13 @@ class OpenAIParser:
         The same byte checks as `on_event`'s ``interesting``, over many events at once: once
         the model is known, a content delta carries no usage but ``,"usage":null``, no
         error. The run stops before the first event that could be more (a usage object,
-        an error, Groq's ``x_groq``, ``[DONE]``); that one goes through `on_event`.
+        an error, Groq's ``x_groq``, ``[DONE]``, a final event of audio or images); that one
+        goes through `on_event`.
         """
         if not self._seen_model or self._responses:
             return 0, b""
         cut = len(events)
-        for marker in (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]"):
+        for marker in (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]", *_FINAL_EVENTS):
             i = events.find(marker, 0, cut)
             if i >= 0:
                 cut = i
