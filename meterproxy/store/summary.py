@@ -44,7 +44,6 @@ from meterproxy.store.rollups import (
     DIMENSIONS,
     MEASURES,
     RollupState,
-    rollup_state,
 )
 from meterproxy.timestamps import format_ts, parse_ts
 
@@ -216,11 +215,9 @@ def _quoted(dim: str) -> str:
     return '"user"' if dim == "user" else dim
 
 
-#: The watermark, read by the same statement as the rows it splits (one snapshot).
-_WATERMARK = "(SELECT watermark FROM rollup_state WHERE id = 1)"
-
-
-def _raw_sql(q: SummaryQuery, seg: _Raw, minute: bool, p: Params, dialect: Dialect) -> str:
+def _raw_sql(
+    q: SummaryQuery, seg: _Raw, rowids: tuple[str, str], minute: bool, p: Params, dialect: Dialect
+) -> str:
     select: list[str] = []
     for g in q.group_by:
         if g in TIME_DIMENSIONS:
@@ -238,7 +235,12 @@ def _raw_sql(q: SummaryQuery, seg: _Raw, minute: bool, p: Params, dialect: Diale
     if seg.until is not None:
         clauses.append(f"{ts} < {p(seg.until)}")
     if seg.rowid_op is not None:
-        clauses.append(f"rowid {seg.rowid_op} {_WATERMARK}")
+        # Bound parameters, not subqueries, and a closed range above the watermark: the planner
+        # sees how few rows lie there even before the table has statistics (PostgreSQL).
+        watermark, top = rowids
+        clauses.append(f"rowid {seg.rowid_op} {watermark}")
+        if seg.rowid_op == ">":
+            clauses.append(f"rowid <= {top}")
     where = " AND ".join(clauses) or "1 = 1"
     sql = f"SELECT 0, {', '.join([*select, *MEASURES.values()])} FROM requests WHERE {where}"
     if select:
@@ -262,12 +264,12 @@ def _rollup_sql(q: SummaryQuery, seg: _Rollup, p: Params, dialect: Dialect) -> s
     return sql
 
 
-def _moved_sql(q: SummaryQuery, state: RollupState, p: Params) -> str:
-    """A row marked 1 if retention moved since `state` was read (the plan is then stale)."""
+def _moved_sql(q: SummaryQuery, state: RollupState, watermark: str, p: Params) -> str:
+    """A row marked 1 if a roll-up or retention ran since `state` was read (the plan is stale)."""
     blanks = ["NULL"] * len(q.group_by) + ["0"] * len(MEASURES)
     return (
-        f"SELECT 1, {', '.join(blanks)} FROM rollup_state "
-        f"WHERE id = 1 AND COALESCE(compacted_before, '') <> {p(state.compacted_before or '')}"
+        f"SELECT 1, {', '.join(blanks)} FROM rollup_state WHERE id = 1 AND "
+        f"(watermark <> {watermark} OR COALESCE(compacted_before, '') <> {p(state.compacted_before or '')})"
     )
 
 
@@ -346,26 +348,40 @@ def _sort_key(q: SummaryQuery) -> Any:
     return key
 
 
+def _state_and_top(conn: Db) -> tuple[RollupState, int]:
+    """The rollup state and the newest rowid: rows committed after this read are left out."""
+    row = conn.execute(
+        "SELECT watermark, compacted_before, (SELECT max(rowid) FROM requests) FROM rollup_state WHERE id = 1"
+    ).fetchone()
+    watermark = int(row[0])
+    return RollupState(watermark, row[1]), max(watermark, int(row[2] or 0))
+
+
 def summarize(conn: Db, q: SummaryQuery) -> Summary:
     """Totals and groups for ``q`` (see module docstring). ``conn`` is a read connection.
 
     One statement (a ``UNION ALL`` of the plan's pieces) reads the rows, so it
     is one snapshot on either engine and one round trip on PostgreSQL. The plan
-    depends on the retention horizon read just before; the statement also
-    returns a marked row if that horizon moved meanwhile, and is then re-planned.
+    depends on the rollup state read just before (the watermark splits raw rows
+    from rolled-up ones, the retention horizon decides the edges); the statement
+    also returns a marked row if either moved meanwhile, and is then re-planned.
+    The newest rowid read with the state closes the raw range: the summary is as
+    of that read (rowids follow commit order on both engines).
     """
     minute = any(g in TIME_DIMENSIONS for g in q.group_by) and not _whole_hour_zone(q.tz, q.filter)
     while True:
         notes: list[str] = []
-        state = rollup_state(conn)
+        state, top = _state_and_top(conn)
         p = Params()
+        watermark = p(state.watermark)
+        rowids = (watermark, p(top))
         parts = [
-            _raw_sql(q, seg, minute, p, conn.dialect)
+            _raw_sql(q, seg, rowids, minute, p, conn.dialect)
             if isinstance(seg, _Raw)
             else _rollup_sql(q, seg, p, conn.dialect)
             for seg in _plan(q, state, notes, minute)
         ]
-        parts.append(_moved_sql(q, state, p))
+        parts.append(_moved_sql(q, state, watermark, p))
         rows = conn.execute(" UNION ALL ".join(parts), p.values).fetchall()
         if not any(row[0] for row in rows):
             break
