@@ -488,3 +488,30 @@ async def test_an_unroutable_websocket_goes_nowhere(make_proxy) -> None:
                     pass
             assert refused.value.response.status_code in (400, 404)
         assert evil.connections == 0
+
+
+def test_realtime_input_transcription_is_its_own_row_at_the_transcription_model() -> None:
+    from meterproxy.providers.live import RealtimeParser
+
+    parser = RealtimeParser("gpt-realtime")
+    session = {
+        "type": "session.updated",
+        "session": {
+            "type": "realtime",
+            "model": "gpt-realtime",
+            "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+        },
+    }
+    assert parser.on_server_message(json.dumps(session).encode()) == []
+    # The event as the Realtime reference documents it (GA shape, usage of type tokens).
+    event = (
+        b'{"type":"conversation.item.input_audio_transcription.completed","event_id":"event_CCXGRvtUVrax5SJAnNOWZ",'
+        b'"item_id":"item_CCXGQ4e1ht4cOraEYcuR2","content_index":0,"transcript":"Hey, can you hear me?",'
+        b'"usage":{"type":"tokens","total_tokens":22,"input_tokens":13,'
+        b'"input_token_details":{"text_tokens":0,"audio_tokens":13},"output_tokens":9}}'
+    )
+    [row] = parser.on_server_message(event)
+    assert row.result.model == "gpt-4o-transcribe" and row.result.usage_source == "reported"
+    assert row.result.usage is not None
+    assert (row.result.usage.input_tokens, row.result.usage.audio_input_tokens) == (13, 13)
+    assert row.result.usage.output_tokens == 9

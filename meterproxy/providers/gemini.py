@@ -59,10 +59,14 @@ def _has_counts(meta: Any) -> bool:
 
 
 class GeminiParser:
-    __slots__ = ("_result",)
+    __slots__ = ("_final", "_result", "_streamed")
 
     def __init__(self) -> None:
         self._result = ParseResult()
+        # An SSE stream's running total is final once a candidate says why it finished;
+        # cut before, it is a lower bound ("partial").
+        self._streamed = False
+        self._final = False
 
     def _take(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -88,7 +92,10 @@ class GeminiParser:
                 self._result.notes.append(str(exc))
 
     def on_event(self, event: SSEEvent) -> bytes | None:
+        self._streamed = True
         data = event.data
+        if b'"finishReason"' in data:
+            self._final = True
         if b'"usageMetadata"' in data or b'"error"' in data or self._result.model is None:
             chunk = loads(data)
             if chunk is None and b'"usageMetadata"' in data:
@@ -115,6 +122,8 @@ class GeminiParser:
             self._result.notes.append("answer is not valid JSON")
 
     def result(self) -> ParseResult:
+        if self._streamed and not self._final and self._result.usage_source == "reported":
+            self._result.usage_source = "partial"
         return self._result
 
 

@@ -10,7 +10,9 @@ connection is visible.
 
 The events, per dialect (the JSON messages a `wsframes.MessageDecoder` hands us):
 
-- **OpenAI Realtime** (``/v1/realtime``): ``response.created`` opens a response,
+- **OpenAI Realtime** (``/v1/realtime``): a transcribed input item
+  (``conversation.item.input_audio_transcription.completed``) is billed to the session's
+  transcription model and gets a row of its own; ``response.created`` opens a response,
   ``response.done`` closes it with ``response.usage`` (``input_tokens``,
   ``output_tokens``, ``input_token_details`` with ``cached_tokens`` and the
   text/audio/image split). The model is the ``?model=`` of the handshake or the
@@ -38,7 +40,7 @@ from urllib.parse import parse_qsl
 
 from meterproxy.providers.base import BadUsage, ParseResult, count, error_text, loads
 from meterproxy.providers.gemini import normalize_gemini_usage
-from meterproxy.providers.openai import normalize_openai_usage
+from meterproxy.providers.openai import modality_details, normalize_openai_usage
 from meterproxy.usage import Usage
 
 __all__ = [
@@ -152,13 +154,17 @@ class RealtimeParser:
         self._open: dict[str, float] = {}
         self._last_end = time.monotonic()
         self._session_error: str | None = None
+        # The session's input transcription model (billed apart, per transcribed item).
+        self._transcriber: str | None = None
 
     def on_client_message(self, payload: bytes) -> None:
         return None
 
     def on_server_message(self, payload: bytes) -> list[LiveResponse]:
         # Audio deltas are most of the traffic: skip them without parsing.
-        head = payload[:64]
+        head = payload[:96]
+        if b"input_audio_transcription.completed" in head:
+            return self._transcription(payload)
         if b'"response.done"' not in payload and b'"session.' not in head and b"response.created" not in head:
             if b'"error"' in head:
                 event = _event(payload)
@@ -174,6 +180,9 @@ class RealtimeParser:
             model = session.get("model") if isinstance(session, dict) else None
             if isinstance(model, str) and model:
                 self.model = model
+            transcriber = _transcription_model(session)
+            if transcriber:
+                self._transcriber = transcriber
             return []
         response = event.get("response")
         if not isinstance(response, dict):
@@ -206,11 +215,48 @@ class RealtimeParser:
             result.notes.append(f"response {status}")
         return [LiveResponse(result, started, now, details)]
 
+    def _transcription(self, payload: bytes) -> list[LiveResponse]:
+        """A transcribed input item: billed to the transcription model, a row of its own."""
+        event = _event(payload)
+        if event is None or not str(event.get("type", "")).endswith("input_audio_transcription.completed"):
+            return []
+        usage = event.get("usage")
+        now = time.monotonic()
+        result = ParseResult(model=self._transcriber)
+        details: dict[str, int] = {}
+        if isinstance(usage, dict) and usage.get("type") == "duration":
+            result.usage_source = "none"
+            result.notes.append(f"billed by duration: {usage.get('seconds')} s")
+        elif usage is not None:
+            try:
+                result.usage = normalize_openai_usage(usage)
+                result.usage_source = "reported"
+                details = modality_details(usage)
+            except BadUsage as exc:
+                result.usage_source = "invalid"
+                result.notes.append(str(exc))
+        result.notes.append("input audio transcription")
+        return [LiveResponse(result, now, now, details)]
+
     def finish(self) -> list[LiveResponse]:
         now = time.monotonic()
         cut = [_cut(self.model, started, now, self._session_error) for started in self._open.values()]
         self._open.clear()
         return cut
+
+
+def _transcription_model(session: Any) -> str | None:
+    """The input transcription model a session names (GA ``audio.input.transcription``,
+    beta ``input_audio_transcription``)."""
+    if not isinstance(session, dict):
+        return None
+    audio = session.get("audio")
+    inp = audio.get("input") if isinstance(audio, dict) else None
+    config = inp.get("transcription") if isinstance(inp, dict) else None
+    if not isinstance(config, dict):
+        config = session.get("input_audio_transcription")
+    model = config.get("model") if isinstance(config, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 def _cut(model: str | None, started: float, now: float, why: str | None) -> LiveResponse:
