@@ -113,7 +113,7 @@ def _exact(measures: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _ensure_schema(db: str) -> None:
+def ensure_schema(db: str) -> None:
     """Apply pending migrations first (the summary engine reads the rollup tables).
 
     A database only the importer has written, or one last opened by an older
@@ -147,7 +147,7 @@ class DbReader:
 
         q = self.query
         flt = RequestFilter(since=q.since, until=q.until, source=q.source, session=q.session)
-        _ensure_schema(self.db)
+        ensure_schema(self.db)
         conn = read_connection(self.db)
         try:
             result = summarize(conn, SummaryQuery(flt, list(group_by), q.tz))

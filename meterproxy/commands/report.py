@@ -23,6 +23,7 @@ from meterproxy.reports import (
     Query,
     SummaryReader,
     build_report,
+    ensure_schema,
     parse_bound,
     render_csv,
     render_json,
@@ -174,8 +175,10 @@ def _what_if(
     if book.resolve(as_model, as_provider) is None:
         where = f" in the {as_provider} price list" if as_provider else ""
         raise click.BadParameter(f"{as_model!r} has no price{where} (see `meterproxy prices list`)")
+    db = resolve_db(db)
+    ensure_schema(db)  # a database last written by an older version lacks newer columns
     result = what_if(
-        resolve_db(db),
+        db,
         RequestFilter(since=since, until=until, source=source),
         book,
         as_model,

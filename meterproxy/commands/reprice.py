@@ -19,6 +19,7 @@ from meterproxy.commands.database import announce_db
 from meterproxy.money import usd_text
 from meterproxy.prices_update import load_book
 from meterproxy.pricing import PricingError
+from meterproxy.reports import ensure_schema
 from meterproxy.reprice import RepriceReport, reprice
 from meterproxy.settings import SettingsError, load_settings
 
@@ -96,6 +97,7 @@ def command(
         raise click.ClickException(f"invalid pricing file: {exc}") from exc
     for problem in book.check():
         click.echo(f"warning: {problem}", err=True)
+    ensure_schema(settings.db)  # a database last written by an older version lacks newer columns
     try:
         report = reprice(
             settings.db,
