@@ -42,7 +42,7 @@ GENAI = {
     "bedrock": "aws",
     "xai": "x-ai",
 }
-MIN_PRICED = Decimal("0.93")
+MIN_PRICED = Decimal("0.97")
 LISTS = sorted({plist for plist, _ in NAMES})
 
 
