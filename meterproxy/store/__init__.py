@@ -4,7 +4,7 @@ How to write a query (both engines run it exactly as written)
 ------------------------------------------------------------
 Take a `Db` (``meterproxy.store.db``): the writer's (``StoreWriter.call(fn)``
 runs ``fn(db)`` in a write transaction on the writer thread) or a reader's
-(``backend.read_connection(url)``; ``api.run_read`` does it off the loop)::
+(``backend.read_connection(url)``; ``store.queries.run_read`` does it off the loop)::
 
     db.execute("SELECT count(*) FROM requests WHERE model = $1 AND ts >= $2", [model, since])
 
@@ -14,6 +14,10 @@ runs ``fn(db)`` in a write transaction on the writer thread) or a reader's
       p = Params()
       where = f"ts >= {p(since)} AND {db.dialect.json_text('tags', p, 'team')} = {p(team)}"
       db.execute(f"SELECT ... WHERE {where}", p.values)
+
+  ``p.many(ids)`` gives an ``IN (...)`` list; `placeholders(n)` the VALUES of a
+  fixed INSERT. A ``?`` fails on SQLite with a hint (and never worked on
+  PostgreSQL). Rows read by index and by name (``row["ts"]``) on both.
 
 - Write SQL the engines share: ``COALESCE`` (not ``ifnull``), ``CASE`` (not
   ``iif``), ``INSERT ... ON CONFLICT (key) DO NOTHING | DO UPDATE SET c =
@@ -26,8 +30,12 @@ runs ``fn(db)`` in a write transaction on the writer thread) or a reader's
   ``streamed = 1``, never a bare column as a condition.
 - Where the engines differ, use the named piece of ``db.dialect``
   (`meterproxy.store.dialect`): ``json_text`` (a JSON tag), ``epoch_seconds``,
-  ``table_exists``, and in DDL ``text``, ``serial_key``, ``rowid_column``,
-  ``table_options``. Add a piece there rather than branching on the engine.
+  ``table_exists``, ``list_tables``, ``trigger``, and in DDL ``text``,
+  ``serial_key``, ``rowid_column``, ``table_options``; integers are ``BIGINT``
+  and floats ``DOUBLE PRECISION`` on both. Add a piece there rather than
+  branching on the engine.
+- Bulk loads: ``db.insert_many(table, columns, rows, key=...)`` (``COPY`` on
+  PostgreSQL), skipping rows whose key is already there.
 - Transactions: ``with db.transaction():`` (writes, serialized; on PostgreSQL
   rerun the work when ``db.is_serialization_failure(exc)``; the writer does);
   ``with db.snapshot():`` (several reads that must agree). Inserts into
