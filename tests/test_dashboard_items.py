@@ -103,12 +103,17 @@ async def shot(page: Any, name: str, width: int) -> None:
 NO_PAGE_SCROLL = "document.documentElement.scrollWidth <= window.innerWidth"
 
 
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width", [360, *WIDTHS, 1920])
 async def test_1_layout_fits_the_width(demo_proxy: Any, browser: Any, width: int) -> None:
     page = await open_page(browser, demo_proxy, width)
     assert await page.evaluate(NO_PAGE_SCROLL), await page.evaluate("document.documentElement.scrollWidth")
     header = await page.evaluate("document.querySelector('header').getBoundingClientRect().height")
     assert header <= 60
+    # every range button is on screen, none scrolled out of the header
+    ends = await page.eval_on_selector_all(
+        "#ranges button", "els => els.map(e => e.getBoundingClientRect().right)"
+    )
+    assert max(ends) <= width
     # burn-chart axis text is drawn at its real size, not scaled down with the chart
     sizes = await page.eval_on_selector_all(
         "#burn svg text.axis", "els => els.map(e => e.getBoundingClientRect().height)"

@@ -159,14 +159,29 @@ def list_requests(
     p = Params()
     where = flt.where(p, conn.dialect)
     if sort != "time" or offset or not desc:
+        # Two phases: the order is found on the covering ts index (no table read for
+        # the range's other rows), then only the page's rows are read whole.
         direction = "DESC" if desc else "ASC"
-        sql = (
-            f"SELECT * FROM requests WHERE {where} "
-            f"ORDER BY {REQUEST_SORTS[sort]} {direction}, ts {direction}, id {direction} "
-            f"LIMIT {p(limit)} OFFSET {p(offset)}"
-        )
-        rows = conn.execute(sql, p.values).fetchall()
-        return [row_to_api(r) for r in rows], None
+        ids = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT rowid FROM requests WHERE {where} "
+                f"ORDER BY {REQUEST_SORTS[sort]} {direction}, ts {direction}, rowid {direction} "
+                f"LIMIT {p(limit)} OFFSET {p(offset)}",
+                p.values,
+            )
+        ]
+        if not ids:
+            return [], None
+        picked = Params()
+        marks = ", ".join(picked(i) for i in ids)
+        by_rowid = {
+            r["page_rowid"]: r
+            for r in conn.execute(
+                f"SELECT rowid AS page_rowid, * FROM requests WHERE rowid IN ({marks})", picked.values
+            )
+        }
+        return [row_to_api(by_rowid[i]) for i in ids], None
     if cursor:
         ts, rid = decode_cursor(cursor)
         where += f" AND (ts < {p(ts)} OR (ts = {p(ts)} AND id < {p(rid)}))"

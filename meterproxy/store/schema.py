@@ -180,6 +180,19 @@ def m007_modality_tokens(db: Db) -> None:
         db.execute(f"ALTER TABLE requests ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")
 
 
+@core_migrations()
+def m008_ts_covering_index(db: Db) -> None:
+    # The page's session list and "most expensive requests" group or sort a whole
+    # range: with these columns in the ts index they read the index alone (80,000
+    # rows over 30 days: ~150 ms of table reads become ~15 ms, bench/sessions_bench.py).
+    # It replaces requests_ts (its prefix), so the writer still maintains one index here.
+    db.execute(
+        "CREATE INDEX requests_ts_cover ON requests "
+        "(ts, session, cost_pico, input_tokens, output_tokens, duration_ms)"
+    )
+    db.execute("DROP INDEX requests_ts")
+
+
 COLUMNS = [
     "id",
     "ts",
