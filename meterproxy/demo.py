@@ -202,6 +202,12 @@ def _failures(rng: random.Random, record: RequestRecord, i: int, n: int) -> None
         record.status, record.error = 500, "upstream error"
     elif roll < 0.025:
         record.status, record.error = None, "upstream timeout after 120 s"
+    elif roll < 0.028 and record.streamed and record.usage is not None:
+        # A stream the client cut before the final usage event: a lower bound, still priced.
+        record.usage_source, record.client_disconnected = "partial", True
+        record.usage.output_tokens //= 3
+        record.usage.reasoning_tokens //= 3
+        return
     elif roll < 0.03 and record.tags.get("team") == "data" and i > n * 0.8:
         record.status, record.error = 429, "blocked by budget 'data-team-day'"
         record.extra = {"budget": "data-team-day"}

@@ -55,6 +55,8 @@ def _long_session(now: datetime) -> list[Any]:
             r.status, r.error, r.usage, r.usage_source = None, "upstream timeout after 120 s", None, "none"
         if i == 5:
             r.status, r.error, r.usage, r.usage_source = 429, "blocked by budget 'team-cap'", None, "none"
+        if i == 6:
+            r.usage_source = "partial"  # a stream cut before its final usage: a priced lower bound
         out.append(r)
     return out
 
@@ -246,9 +248,16 @@ async def test_4_and_5_session_dialog_pages_and_outcomes(demo_proxy: Any, browse
             assert text == "error 500"
         elif r["error"]:
             assert text == "error: timeout"
+        elif r["usage_source"] == "partial":
+            assert text == "partial usage"
         else:
             assert text == "ok 200"
-    assert {"blocked by budget team-cap", "error 500", "error: timeout"} <= set(outcomes)
+    assert {"blocked by budget team-cap", "error 500", "error: timeout", "partial usage"} <= set(outcomes)
+    partial = next(r for r in detail["requests"] if r["usage_source"] == "partial")
+    cost = await page.eval_on_selector(
+        f"#session-requests tr[data-id='{partial['id']}'] td[data-label=Cost]", "e => e.textContent"
+    )
+    assert cost == "≥ " + money(Decimal(str(partial["cost_usd"])))
     assert "unpriced model" not in outcomes
     await page.click("#session-pager button:last-child")
     await page.wait_for_function(

@@ -13,16 +13,17 @@ export function outcome(r) {
     const timeout = /timeout|timed out/i.test(r.error || "");
     return { text: r.status ? `error ${r.status}` : timeout ? "error: timeout" : "error", kind: "error", title: r.error || "" };
   }
-  if (r.usage_source === "partial") return { text: "partial usage", kind: "partial" };
+  // A stream cut before its final usage: what was counted is a lower bound (priced as such).
+  if (r.usage_source === "partial") return { text: "partial usage", kind: "partial", title: "stream cut before its final usage: a lower bound" };
   if (r.usage_source !== "reported") return { text: "no usage reported", kind: "unmetered" };
   if (r.cost_usd == null) return { text: "unpriced model", kind: "unpriced" };
   return { text: r.status ? `ok ${r.status}` : "ok", kind: "ok" };
 }
 
 export function costCell(r) {
-  if (r.cost_usd != null) return money(r.cost_usd);
+  if (r.cost_usd != null) return (r.usage_source === "partial" ? "≥ " : "") + money(r.cost_usd);
   const o = outcome(r);
-  return o.kind === "unpriced" ? "unpriced" : "–";
+  return o.kind === "unpriced" || o.kind === "partial" ? "unpriced" : "–";
 }
 
 // A cell that names its column, so a phone can reflow a row into labelled lines (style.css).
@@ -73,7 +74,7 @@ export function renderCards(cur, before, sessions, prevSessions, label) {
   if (t.errors) notes.push(`${integer(t.errors)} errors or blocked`);
   if (t.unpriced_requests) notes.push(`${integer(t.unpriced_requests)} unpriced`);
   const unmetered = t.unmetered_requests - (t.errors || 0);
-  if (unmetered > 0) notes.push(`${integer(unmetered)} without usage`);
+  if (unmetered > 0) notes.push(`${integer(unmetered)} with no or partial usage`);
   card("requests").querySelector(".sub").textContent = notes.join(" · ");
   delta(card("requests").querySelector(".delta"), t.requests, p.requests, label, p.requests);
   card("sessions").querySelector(".value").textContent = integer(sessions.total);
