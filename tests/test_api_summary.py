@@ -442,9 +442,17 @@ async def test_background_pass_rolls_up_and_applies_retention(make_proxy: ProxyF
     old = random_records(50, seed=11, start=now - timedelta(days=90), span=timedelta(days=10))
     recent = random_records(50, seed=12, start=now - timedelta(days=2), span=timedelta(days=1))
     expected = expected_groups(old + recent, ["model"], ZoneInfo("UTC"))
-    await submit(proxy, old + recent)
+    # Wait on the writer's commits, not on a row count: retention may delete old rows
+    # before all 100 are visible at once (the race made this test fail under load).
+    committed: list[int] = []
+    proxy.app[WRITER].on_commit(lambda batch: committed.append(len(batch)))
+    for record in old + recent:
+        assert proxy.app[WRITER].submit(record)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
+    while sum(committed) < 100:
+        assert loop.time() < deadline, "the writer never committed the records"
+        await asyncio.sleep(0.02)
     while len(await proxy.rows()) > 51:  # all old rows but (at most) the newest rowid go
         assert loop.time() < deadline, "retention never ran"
         await asyncio.sleep(0.05)

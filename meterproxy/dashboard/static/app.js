@@ -251,8 +251,12 @@ function showOnboarding() {
 }
 
 // Suggestions for the filter boxes: the values the range holds (names from the data, not guesses).
+// Read once per range, not on every refresh.
+let suggested = "";
 async function loadSuggestions(base) {
   const since = base.since, until = base.until;
+  if (suggested === `${since}/${until}`) return;
+  suggested = `${since}/${until}`;
   const [byModel, byUser, byProject] = await Promise.all([
     api("/api/summary", { since, until, group_by: "model,provider" }),
     api("/api/summary", { since, until, group_by: "user" }),
@@ -292,7 +296,8 @@ async function loadBurn(base, bucket) {
   series.forEach((sr, k) => { sr.color = k === BURN_SERIES ? "#868e96" : PALETTE[k % PALETTE.length]; });
   const first = ts.series[0];
   const labels = first ? first.points.map((p) => p.t) : [];
-  lastBurn = { labels, series, bucket };
+  const unpriced = ts.series.reduce((a, sr) => a + sr.totals.unpriced_requests, 0);
+  lastBurn = { labels, series, bucket, unpriced };
   drawBurn();
 }
 
@@ -309,6 +314,10 @@ function drawBurn() {
   };
   const axis = (v) => (v === 0 || v >= 0.01 ? `$${v.toFixed(v >= 100 ? 0 : 2)}` : money(v));
   stackedBars($("#burn"), { labels, series, format: money, axisFormat: axis, xLabel: fmt });
+  if (lastBurn.unpriced) {
+    $("#burn").append(h("p", { class: "muted small unpriced-note" },
+      `${integer(lastBurn.unpriced)} unpriced requests are not drawn (their cost is unknown; see Unpriced spend).`));
+  }
 }
 
 async function loadDistribution(base) {

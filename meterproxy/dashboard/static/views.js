@@ -176,7 +176,8 @@ export function sessionRows(sessions, open) {
     cell("Models", { class: "wide", title: (s.models || []).join(", ") }, (s.models || []).join(", ")),
     cell("Requests", { class: "num" }, integer(s.requests)),
     cell("Tokens", { class: "num" }, compact(s.input_tokens + s.output_tokens)),
-    cell("Cost", { class: "num cost" }, money(s.cost_usd))));
+    cell("Cost", { class: "num cost" }, money(s.cost_usd),
+      s.unpriced_requests ? h("span", { class: "unpriced-note" }, ` +${integer(s.unpriced_requests)} unpriced`) : null)));
 }
 
 export function requestRows(rows, open) {
