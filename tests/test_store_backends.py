@@ -182,6 +182,16 @@ async def test_summaries_match_and_are_exact_before_and_after_rollups(pair: Pair
     await pair.get_both("/api/sessions", limit=100)
     await pair.get_both("/api/sessions/s4")
     await pair.get_both("/api/models/unpriced")
+    # The page's server-side sorts and prefix filters: the same portable SQL, the same answers.
+    for sort in ("cost", "tokens", "latency"):
+        await pair.get_both("/api/requests", sort=sort, limit=25, offset=10)
+    await pair.get_both("/api/requests", sort="cost", order="asc", model="gpt-4o*", limit=20)
+    for sort in ("cost", "tokens", "requests", "first_seen", "last_seen"):
+        await pair.get_both("/api/sessions", sort=sort, limit=5, offset=1)
+    prefixed = await pair.get_both("/api/sessions", user="an*", limit=20)
+    assert prefixed["total"] > 0 and all(s["users"] == ["ana"] for s in prefixed["sessions"])
+    await pair.get_both("/api/summary", model="claude*", group_by="model")
+    await pair.get_both("/api/sessions/s4", limit=2, offset=1)
 
 
 async def test_exports_match(pair: Pair) -> None:
