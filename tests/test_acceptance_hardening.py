@@ -287,3 +287,61 @@ def test_10_start_up_faults_say_one_clear_line(tmp_path: Path, fault: str) -> No
     said = done.stdout + done.stderr
     assert done.returncode != 0, said
     assert "Traceback" not in said and "pydantic.dev" not in said, said
+
+
+ODD_KEY = "AIzaSyOddShapedKey_0123456789abcdefghijk"
+
+
+async def test_3_keys_of_every_shape_echoed_by_the_upstream_are_stored_nowhere(tmp_path: Path) -> None:
+    said = f"API key not valid: {ODD_KEY}. Please pass a valid API key."
+    gemini = {"error": {"code": 400, "message": said, "status": "INVALID_ARGUMENT"}}
+    claude = {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": f"invalid x-api-key {ODD_KEY}"},
+    }
+    azure = {"error": {"code": "401", "message": f"Access denied due to invalid subscription key {ODD_KEY}"}}
+    async with FakeUpstream() as upstream:
+        upstream.reply(
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            Reply(status=400, body=json.dumps(gemini).encode()),
+        )
+        upstream.reply("/v1/messages", Reply(status=401, body=json.dumps(claude).encode()))
+        upstream.reply(
+            "/openai/deployments/d/chat/completions", Reply(status=401, body=json.dumps(azure).encode())
+        )
+        names = ("gemini", "anthropic", "azure")
+        proxy = serve(tmp_path / "meter.db", tmp_path, *(f"{n}={upstream.url}" for n in names))
+        gem = "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
+        probes = [
+            (f"{gem}?key={ODD_KEY}", {}),
+            (gem, {"x-goog-api-key": ODD_KEY}),
+            ("/anthropic/v1/messages", {"x-api-key": ODD_KEY}),
+            ("/azure/openai/deployments/d/chat/completions?api-version=2024-10-21", {"api-key": ODD_KEY}),
+        ]
+        try:
+            await proxy.ready()
+            async with aiohttp.ClientSession() as s:
+                for path, headers in probes:
+                    hdrs = {"Content-Type": "application/json", **headers}
+                    async with s.post(
+                        proxy.url + path, data=b'{"model":"m","contents":[]}', headers=hdrs
+                    ) as r:
+                        assert ODD_KEY in await r.text()  # the client still gets what the upstream sent
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while True:  # until the writer has committed every row
+                    async with s.get(proxy.url + "/api/export?format=jsonl") as r:
+                        exported = await r.text()
+                    if len(exported.splitlines()) >= len(probes):
+                        break
+                    assert loop.time() < deadline, exported
+                    await asyncio.sleep(0.05)
+            assert await proxy.terminate() == 0
+        finally:
+            proxy.stop()
+    assert len(exported.splitlines()) == len(probes) and ODD_KEY not in exported
+    assert exported.count("[REDACTED]") == len(probes)
+    assert ODD_KEY not in proxy.log.read_text(errors="replace")
+    for f in tmp_path.iterdir():
+        if f.name.startswith("meter.db"):
+            assert ODD_KEY.encode() not in f.read_bytes(), f.name
