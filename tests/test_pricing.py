@@ -89,6 +89,18 @@ def test_default_is_cached() -> None:
         ("openai/gpt-oss-120b", "groq", "openai/gpt-oss-120b"),
         ("anthropic/claude-3.7-sonnet:thinking", "openrouter", "anthropic/claude-3.7-sonnet"),
         ("deepseek-chat", "deepseek", "deepseek-chat"),
+        # Vertex AI's OpenAI-compatible endpoint and resource names (same model, same list).
+        ("google/gemini-2.5-flash", "vertex", "gemini-2.5-flash"),
+        ("publishers/google/models/gemini-2.5-pro", "vertex", "gemini-2.5-pro"),
+        # Curated entries for models genai-prices lacks, on their own provider's list only.
+        (
+            "accounts/fireworks/models/llama-v3p3-70b-instruct",
+            "fireworks",
+            "accounts/fireworks/models/llama-v3p3-70b-instruct",
+        ),
+        ("deepseek-ai/DeepSeek-R1", "together", "deepseek-ai/DeepSeek-R1"),
+        ("devstral-medium-latest", "mistral", "devstral-medium-2507"),
+        ("grok-beta", "xai", "grok-beta"),
     ],
 )
 def test_resolve(name: str, provider: str | None, expected: str) -> None:
@@ -104,6 +116,8 @@ def test_resolve(name: str, provider: str | None, expected: str) -> None:
         ("openai/gpt-4o", "anthropic"),  # vendor prefix of another provider
         ("gpt-4o", "local"),  # a list nobody publishes: never another provider's price
         ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "local"),
+        ("deepseek-ai/DeepSeek-R1", "fireworks"),  # Together's curated entry stays on Together's list
+        ("google/gemini-2.5-flash", "openai"),  # the Vertex spelling is tried on the Vertex list only
     ],
 )
 def test_resolve_unknown(name: str | None, provider: str | None) -> None:
