@@ -26,7 +26,7 @@ from meterproxy.money import from_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.providers.gemini import GeminiProvider
 from meterproxy.providers.openai import OpenAIProvider
-from meterproxy.testing import FakeUpstream
+from meterproxy.testing import FakeUpstream, Reply
 from meterproxy.usage import Usage
 from tests.helpers.replicas import Replica
 
@@ -158,3 +158,53 @@ def test_the_answers_a_request_asks_for_are_read_from_its_body() -> None:
     body = b'{"generationConfig":{"candidateCount":3,"maxOutputTokens":100}}'
     info = gemini.inspect_request("/v1beta/models/gemini-2.5-flash:generateContent", body)
     assert (info.choices, info.max_output_tokens) == (3, 100)
+
+
+async def test_a_request_naming_no_model_is_refused_once_the_reserve_budget_is_spent(tmp_path: Path) -> None:
+    # Azure OpenAI: the deployment is in the path, the body names no model, the answer does.
+    answer = {
+        "id": "chatcmpl-azure",
+        "object": "chat.completion",
+        "created": 1764720000,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}
+        ],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 4_000, "total_tokens": 4_100},
+    }
+    config = tmp_path / "meterproxy.toml"
+    config.write_text('[[budgets]]\nname = "cap"\nlimit_usd = "0.2"\nperiod = "month"\naction = "reserve"\n')
+    path = "/openai/deployments/prod/chat/completions"
+    async with FakeUpstream() as upstream:
+        upstream.reply(path, Reply(body=json.dumps(answer).encode()))
+        proxy = Replica(
+            str(tmp_path / "meter.db"),
+            "",
+            tmp_path,
+            "serve",
+            config=config,
+            upstreams=[f"azure={upstream.url}"],
+        )
+        try:
+            await proxy.ready()
+            client = openai.AsyncAzureOpenAI(
+                azure_endpoint=f"{proxy.url}/azure",
+                api_key="azure-key",
+                api_version="2024-10-21",
+                max_retries=0,
+            )
+            outcomes = []
+            for _ in range(20):  # one after the other: each costs $0.04025
+                try:
+                    await client.chat.completions.create(
+                        model="prod", max_tokens=4_000, messages=[{"role": "user", "content": "x"}]
+                    )
+                    outcomes.append("ok")
+                except openai.RateLimitError:
+                    outcomes.append("refused")
+        finally:
+            proxy.stop()
+    admitted = outcomes.count("ok")
+    assert outcomes == ["ok"] * admitted + ["refused"] * (20 - admitted)
+    # $0.2 is passed by the 5th; a request or two more may pass before its record commits
+    assert 5 <= admitted <= 7, outcomes

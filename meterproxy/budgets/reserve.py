@@ -16,8 +16,10 @@ maxOutputTokens``) or, when it asked for nothing, ``budget_reserve_output_tokens
 the answers it asks for (OpenAI ``n`` or ``best_of``, Gemini ``candidateCount``:
 each answer may reach the limit and all are billed). Both
 are priced with the requested model's current prices, without cache discounts.
-A request whose model has no price reserves nothing: its cost would not count
-against the budget either (it is recorded as unpriced), and it is logged.
+A request whose model has no price (or that names none: an Azure deployment
+path) reserves nothing and is logged; it is still refused once the budget's
+spend and holds reach the limit, since its answer may name a priced model
+whose cost does count.
 
 **Reservations are rows** (``budget_reservations``: request id, budget,
 amount, expiry) in the shared store, so every replica on one PostgreSQL
@@ -265,12 +267,15 @@ class ReservationLedger:
         now = self._clock()
         amount = worst_case(record, self._book(), self._default_output, now)
         if amount is None:
+            # No bound (an Azure deployment path names no model; an alias the tables miss), yet
+            # the answer may name a priced model: reserve nothing, but never admit it past a
+            # budget whose spend and holds already reach the limit (what `block` would do).
             log.warning(
-                "reserve budgets: %r has no price; request %s admitted without a reservation",
-                record.requested_model,
+                "reserve budgets: %s; request %s reserves nothing",
+                f"{record.requested_model!r} has no price" if record.requested_model else "no model named",
                 record.id,
             )
-            return None
+            amount = 0
         loop = asyncio.get_running_loop()
         refusal = await loop.run_in_executor(self._pool, self._admit, record, states, amount)
         if refusal is None:
