@@ -173,7 +173,9 @@ def _frame(kind: str, a: Any, b: Any) -> tuple[bytes, bool]:
             b"event: message_delta\ndata: " + _dumps(delta) + b"\n\n"
         ), True
     meta = {"promptTokenCount": a, "candidatesTokenCount": b, "totalTokenCount": 1}
-    return b"data: " + _dumps({"modelVersion": "m", "usageMetadata": meta}) + b"\n\n", True
+    # As Gemini's last stream chunk: the candidate says why it finished (without it, a lower bound).
+    last = {"candidates": [{"finishReason": "STOP", "index": 0}], "modelVersion": "m", "usageMetadata": meta}
+    return b"data: " + _dumps(last) + b"\n\n", True
 
 
 def _dumps(obj: Any) -> bytes:
