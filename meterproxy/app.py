@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 FEATURES = [
     "meterproxy.api.requests",
     "meterproxy.metrics",
+    "meterproxy.bad_requests",
     "meterproxy.store.maintenance",
     "meterproxy.api.summary",
     "meterproxy.api.timeseries",

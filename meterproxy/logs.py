@@ -27,12 +27,29 @@ def redact(text: str) -> str:
     return text
 
 
+_FORMATTER = logging.Formatter()
+
+
 class RedactingFilter(logging.Filter):
+    """Redacts the whole record: message, arguments, attached exception and stack.
+
+    An exception's text often quotes the raw input (aiohttp's parse errors quote
+    the offending request line or header), so the traceback is formatted here,
+    redacted, and left in ``exc_text``, which formatters use instead of
+    formatting ``exc_info`` again.
+    """
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 

@@ -108,6 +108,7 @@ METRIC_NAMES = (
     "meterproxy_writer_written_records_total",
     "meterproxy_writer_dropped_records_total",
     "meterproxy_store_up",
+    "meterproxy_bad_requests_total",
     "meterproxy_budget_spend_usd",
     "meterproxy_budget_limit_usd",
     "meterproxy_budget_reserved_usd",
@@ -288,6 +289,11 @@ class Metrics:
         self.writer_dropped = counter(
             "meterproxy_writer_dropped_records_total",
             "Records lost because the writer queue was full or the database kept failing.",
+            [],
+        )
+        self.bad_requests = counter(
+            "meterproxy_bad_requests_total",
+            "Requests the server could not parse as HTTP (answered 400, never forwarded).",
             [],
         )
         self.store_up = Gauge(

@@ -61,6 +61,7 @@ from meterproxy.attribution import (
     parse_tags,
 )
 from meterproxy.aws_sigv4 import AwsSigner
+from meterproxy.credentials import carried, scrub_record
 from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
 from meterproxy.logs import redact
@@ -424,7 +425,7 @@ class Proxy:
             self.in_flight -= 1
             if not exchange.recorded:
                 record.duration_ms = (time.perf_counter() - exchange.started) * 1000
-                self._finish(record)
+                self._finish(exchange)
 
     def _prepare_upstream_request(self, exchange: Exchange) -> None:
         """Usage injection into the body, and the headers that go upstream."""
@@ -612,10 +613,16 @@ class Proxy:
             await client.write(tail)
         await client.end()
 
-    def _finish(self, record: RequestRecord) -> None:
+    def _finish(self, exchange: Exchange) -> None:
+        record = exchange.record
         if record.method in _PROBE_METHODS and record.endpoint in _UNMETERED_ENDPOINTS:
             return  # a probe, not LLM usage: neither an error nor an unmetered request
-        # Error texts come from the upstream or the network and may echo a credential.
+        # Error texts come from the upstream or the network and may echo a credential:
+        # first the exact ones this request carried (whatever their shape), then known shapes.
+        if record.error or record.extra or record.content is not None:
+            # The credential headers go upstream unchanged, so they are still in the exchange.
+            secrets = carried(exchange.headers, exchange.target.url.raw_query_string)
+            scrub_record(record, secrets)
         if record.error:
             record.error = redact(record.error)
         self.meter.request_finished(record)
@@ -628,7 +635,7 @@ class Proxy:
         record.upstream_ms = (now - exchange.sent_at) * 1000
         record.duration_ms = (now - exchange.started) * 1000
         exchange.recorded = True
-        self._finish(record)
+        self._finish(exchange)
         try:
             await asyncio.wait_for(self._durable(), STRICT_COMMIT_WAIT)
         except Exception as exc:
