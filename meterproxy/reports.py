@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+from meterproxy.csv_cells import safe_cell
 from meterproxy.money import from_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
@@ -502,8 +503,14 @@ def render_json(report: Report) -> str:
 
 def render_csv(report: Report) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, [*report.group_by, *_COUNTS, "cost_usd"], lineterminator="\n")
+    # CRLF (RFC 4180): csv quotes a field holding a line terminator's character, so a CR
+    # in a name cannot start a new row with a formula in its first cell.
+    writer = csv.DictWriter(buffer, [*report.group_by, *_COUNTS, "cost_usd"], lineterminator="\r\n")
     writer.writeheader()
     for row in report.rows:
-        writer.writerow({k: "" if v is None else v for k, v in _flat(row, report.group_by).items()})
+        flat = _flat(row, report.group_by)
+        for d in report.group_by:  # model names, users, sessions, tags: client or upstream text
+            if isinstance(flat[d], str):
+                flat[d] = safe_cell(flat[d])
+        writer.writerow({k: "" if v is None else v for k, v in flat.items()})
     return buffer.getvalue()

@@ -38,6 +38,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+from meterproxy.csv_cells import safe_cell
 from meterproxy.money import from_pico, to_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import compact, money
@@ -242,7 +243,9 @@ def whatif_json(result: WhatIf) -> str:
 
 def whatif_csv(result: WhatIf) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    # CRLF (RFC 4180): csv quotes a field holding a line terminator's character, so a CR
+    # in a name cannot start a new row with a formula in its first cell.
+    writer = csv.writer(out, lineterminator="\r\n")
     doc = result.as_dict()
     columns = [
         "requests",
@@ -258,7 +261,10 @@ def whatif_csv(result: WhatIf) -> str:
     writer.writerow(["model", *columns])
     for row in [*doc["models"], {"model": "TOTAL", **doc["totals"]}]:
         writer.writerow(
-            [row["model"], *(usd_text(row[c]) if isinstance(row[c], Decimal) else row[c] for c in columns)]
+            [
+                safe_cell(str(row["model"])),
+                *(usd_text(row[c]) if isinstance(row[c], Decimal) else row[c] for c in columns),
+            ]
         )
     return out.getvalue()
 

@@ -22,6 +22,10 @@ One engine per database, each formatting in the database's own SQL:
   lines' CR, LF and backslashes, CSV COPY cannot end lines with CRLF, and
   binary COPY is one message per row (bench/README.md, "PostgreSQL store's export").
 
+Text cells of the CSV that a spreadsheet would evaluate as a formula (starting
+with ``= + - @``, tab or CR) get a leading ``'`` (`meterproxy.csv_cells`);
+JSON Lines keep the text exactly.
+
 Columns are `EXPORT_COLUMNS`: the API's request fields, in a fixed order (a
 contract for spreadsheets and finance scripts). Internal columns
 (``cost_pico``, ``extra``, ``usage_injected``) are not exported; prompt text is
@@ -36,6 +40,7 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
+from meterproxy.csv_cells import safe_cell_sql
 from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import API_FIELDS, RequestFilter
 from meterproxy.timestamps import format_ts, parse_ts
@@ -85,7 +90,8 @@ def _csv_field(col: str) -> tuple[str, str]:
     if col in _INTEGER or col in _NUMBER_TEXT:
         return "%s", f"COALESCE({q}, '')"
     # %w doubles every double quote: RFC 4180 quoting in C. NULL and '' both give "".
-    return '"%w"', f"COALESCE({q}, '')"
+    # Text may come from clients: a cell a spreadsheet would run gets a leading quote.
+    return '"%w"', f"COALESCE({safe_cell_sql(q)}, '')"
 
 
 def _json_expr(col: str) -> str:
@@ -135,7 +141,7 @@ def _pg_csv_field(col: str) -> str:
         return f"CASE WHEN {q} <> 0 THEN 'true' ELSE 'false' END"
     if col in _INTEGER or col in _NUMBER_TEXT:
         return f"COALESCE(CAST({q} AS text), '')"
-    return f"'\"' || replace(COALESCE({q}, ''), '\"', '\"\"') || '\"'"
+    return f"'\"' || replace(COALESCE({safe_cell_sql(q)}, ''), '\"', '\"\"') || '\"'"
 
 
 def _pg_json_expr(col: str) -> str:
