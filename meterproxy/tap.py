@@ -12,6 +12,15 @@ Nothing a parser does can break forwarding: any exception inside the tap is
 caught, recorded as a note, and metering of that response stops while its
 bytes keep flowing.
 
+A compressed answer is inflated (a copy, for metering) only up to
+`INFLATE_RATIO` times the compressed bytes seen so far plus `INFLATE_ALLOWANCE`:
+each call asks zlib for no more than that (``max_length``), so a decompression
+bomb (1 MB inflating to 1 GiB) costs at most a few tens of MiB of work and
+memory, never seconds of a blocked event loop. Past the bound metering stops,
+the result is flagged ``usage_source="invalid"`` with a note, and the original
+bytes keep flowing. Real answers never come near it: the allowance alone covers
+16 MiB of text, and JSON or SSE compresses 5 to 30 times, not 100.
+
 JSON answers are kept whole up to `MAX_JSON_BYTES` and parsed at the end;
 beyond that only the head and a rolling tail are kept (usage and model sit at
 the ends of every provider's body), so memory stays bounded for any answer.
@@ -21,19 +30,30 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from meterproxy.providers.base import ParseResult, UsageParser
 from meterproxy.sse import SSEDecoder
 
-__all__ = ["MAX_JSON_BYTES", "ResponseTap", "decodable_encodings"]
+__all__ = ["INFLATE_ALLOWANCE", "INFLATE_RATIO", "MAX_JSON_BYTES", "ResponseTap", "decodable_encodings"]
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 8 * 1024 * 1024
 _HEAD_BYTES = 64 * 1024
 _TAIL_BYTES = 1024 * 1024
+
+#: Metering inflates at most this many times the compressed bytes seen so far ...
+INFLATE_RATIO = 100
+#: ... plus this much (so small, highly compressible answers are never cut).
+INFLATE_ALLOWANCE = 16 * 1024 * 1024
+#: Inflated in pieces of at most this, each passed on before the next is made.
+_PIECE = 1024 * 1024
+
+
+class InflateLimitExceeded(Exception):
+    """The answer inflates past the bound: a decompression bomb, or near enough."""
 
 
 def _brotli() -> Any:
@@ -56,6 +76,8 @@ def decodable_encodings() -> set[str]:
 class _Decompressor:
     def __init__(self, coding: str) -> None:
         self._coding = coding
+        self._in = 0
+        self._out = 0
         self._obj: Any
         if coding in ("gzip", "x-gzip"):
             self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -69,18 +91,45 @@ class _Decompressor:
         else:
             raise ValueError(f"content-encoding {coding!r} cannot be read")
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """The inflated bytes of ``chunk``, in pieces of at most `_PIECE` (memory stays flat)."""
         if self._coding == "deflate" and self._obj is None:
             wrapped = len(chunk) >= 2 and (chunk[0] & 0x0F) == 8 and ((chunk[0] << 8) | chunk[1]) % 31 == 0
             self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        self._in += len(chunk)
+        limit = INFLATE_RATIO * self._in + INFLATE_ALLOWANCE
         if self._coding == "br":
-            return bytes(self._obj.process(chunk))
-        return bytes(self._obj.decompress(chunk))
+            # brotli's Python binding has no output limit: checked after the fact.
+            data = bytes(self._obj.process(chunk))
+            self._out += len(data)
+            if self._out > limit:
+                raise self._exceeded()
+            yield data
+            return
+        data = chunk
+        while True:
+            ask = min(limit - self._out, _PIECE)
+            if ask <= 0:
+                raise self._exceeded()
+            piece = self._obj.decompress(data, ask)
+            self._out += len(piece)
+            if piece:
+                yield piece
+            data = self._obj.unconsumed_tail
+            if not data and len(piece) < ask:
+                return  # all input consumed and nothing held back by the output limit
+
+    def _exceeded(self) -> InflateLimitExceeded:
+        return InflateLimitExceeded(
+            f"decompression bomb: {self._in} compressed bytes inflate past {self._out}; "
+            "metering stopped, the original bytes were relayed"
+        )
 
 
 class ResponseTap:
     __slots__ = (
         "_body",
+        "_bomb",
         "_broken",
         "_capture",
         "_capture_limit",
@@ -116,6 +165,7 @@ class ResponseTap:
         coding = (content_encoding or "identity").strip().lower()
         self._decomp: _Decompressor | None = None
         self._broken = False
+        self._bomb = False
         if coding != "identity":
             try:
                 self._decomp = _Decompressor(coding)
@@ -149,10 +199,14 @@ class ResponseTap:
             return self._feed_rewrite(chunk)
         if not self._broken:
             try:
-                data = self._decomp.feed(chunk) if self._decomp else chunk
-                if self._capture is not None:
-                    self._keep(data)
-                self._observe(data)
+                for data in self._decomp.feed(chunk) if self._decomp else (chunk,):
+                    if self._capture is not None:
+                        self._keep(data)
+                    self._observe(data)
+            except InflateLimitExceeded as exc:
+                log.warning("usage tap stopped: %s", exc)
+                self._bomb = True
+                self._fail(str(exc))
             except Exception as exc:
                 log.warning("usage tap stopped: %s", exc)
                 self._fail(f"tap error: {exc}")
@@ -278,4 +332,7 @@ class ResponseTap:
     def result(self) -> ParseResult:
         result = self._parser.result()
         result.notes.extend(self._notes)
+        if self._bomb:
+            # Whatever was read before the bound came from an answer we refused to inflate.
+            result.usage, result.usage_source = None, "invalid"
         return result
