@@ -154,6 +154,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         max_draining=settings.max_draining,
         body_timeout=settings.request_body_timeout,
         max_body_bytes=settings.max_body_bytes,
+        max_buffered_body_bytes=settings.max_buffered_body_bytes,
         durable=_commit_barrier(app[WRITER]) if settings.durability == "strict" else None,
         content_limit=settings.content_max_bytes if settings.store_content else 0,
         signers={name: AwsSigner(region) for name, region in settings.aws_sigv4.items()},

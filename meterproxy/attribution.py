@@ -30,9 +30,11 @@ import orjson
 __all__ = [
     "ATTRIBUTION_HEADERS",
     "KEY_HEADERS",
+    "MAX_VALUE_LEN",
     "agent_session",
     "agent_user",
     "api_key",
+    "bounded",
     "fingerprint",
     "parse_tags",
 ]
@@ -42,9 +44,16 @@ ATTRIBUTION_HEADERS = ("x-meter-user", "x-meter-session", "x-meter-tags")
 KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 
 _MAX_TAGS = 20
-_MAX_LEN = 200
+#: Longest user, session, tag key or tag value kept (characters); the rest is cut.
+MAX_VALUE_LEN = 200
+_MAX_LEN = MAX_VALUE_LEN
 #: Session headers coding agents send, in the order they are trusted.
 AGENT_SESSION_HEADERS = ("x-claude-code-session-id", "session-id", "session_id")
+
+
+def bounded(value: str | None) -> str | None:
+    """A client-chosen attribution value (user, session), cut to `MAX_VALUE_LEN`."""
+    return value[:MAX_VALUE_LEN] if value else value
 
 
 def parse_tags(value: str | None) -> dict[str, str]:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from meterproxy.plausibility import flag_implausible
 from meterproxy.pricing import PriceBook
 from meterproxy.usage import RequestRecord
 
@@ -78,6 +79,8 @@ def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None
         record.cost_source = None
         # "partial": a stream cut before its final usage; priced as the lower bound it is.
         if record.usage is None or record.usage_source not in ("reported", "partial"):
+            return
+        if flag_implausible(record):
             return
         plist = price_list_of(record, lists)
         for model in dict.fromkeys(m for m in (record.model, record.requested_model) if m):

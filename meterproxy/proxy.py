@@ -12,7 +12,8 @@ The stages of one request, in the order they fire:
    client gets a 404 and nothing is sent anywhere.
 2. **request read**: the body is read whole (bounded by ``max_body_bytes``, 413
    beyond) because the model, stream flag and user live in it; LLM request
-   bodies are small next to their answers.
+   bodies are small next to their answers. All bodies held at once are bounded
+   too (`meterproxy.body_budget`, 503 beyond).
 3. **gated** (`Meter.check_gates`): budgets may answer instead of the upstream.
    After this point the request is on its way and will be recorded whatever
    happens.
@@ -57,10 +58,12 @@ from meterproxy.attribution import (
     agent_session,
     agent_user,
     api_key,
+    bounded,
     fingerprint,
     parse_tags,
 )
 from meterproxy.aws_sigv4 import AwsSigner
+from meterproxy.body_budget import RETRY_AFTER_SECONDS, BodyBudget, OverBudget, read_body
 from meterproxy.credentials import carried, scrub_record
 from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
@@ -199,6 +202,7 @@ class Proxy:
         max_draining: int = 64,
         body_timeout: float = 60.0,
         max_body_bytes: int = 32 * 1024 * 1024,
+        max_buffered_body_bytes: int = 256 * 1024 * 1024,
         durable: Callable[[], Awaitable[object]] | None = None,
         content_limit: int = 0,
         registry: providers.ProviderRegistry | None = None,
@@ -218,6 +222,7 @@ class Proxy:
         self._max_draining = max_draining
         self.body_timeout = body_timeout
         self.max_body_bytes = max_body_bytes
+        self.body_budget = BodyBudget(max_buffered_body_bytes)
         # durability="strict": awaited (bounded) before an answer's last byte goes out; it
         # returns once every record submitted so far is committed.
         self._durable = durable
@@ -286,11 +291,9 @@ class Proxy:
             record = self._new_record(method, target, None, RequestInfo(), _first_values(headers), raw_query)
             return await self.sessions.handle(request, target, record, drop)
         try:
-            if request.content.is_eof():
-                body = await request.read()  # all of it is here already (the usual small body)
-            else:
-                async with asyncio.timeout(self.body_timeout):
-                    body = await request.read()
+            body, held = await read_body(request, self.body_budget, self.max_body_bytes, self.body_timeout)
+        except OverBudget as exc:
+            return self.refuse_busy(method, target, headers, raw_query, str(exc))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             message = "client hung up before sending its whole body"
             return self.refuse(method, target, headers, raw_query, 400, "client_gone", message, gone=True)
@@ -309,7 +312,10 @@ class Proxy:
         # The exchange runs in its own task, shielded: if the server cancels this
         # handler because the client hung up, the task keeps reading the upstream
         # (bounded drain) and still records the request.
-        await asyncio.shield(self.spawn(exchange, client))
+        task = self.spawn(exchange, client)
+        # The body is held until the exchange is over (whoever waits for it).
+        task.add_done_callback(lambda _: self.body_budget.give_back(held))
+        await asyncio.shield(task)
         assert client.response is not None
         return client.response
 
@@ -364,8 +370,8 @@ class Proxy:
             method=method,
             requested_model=info.model,
             streamed=info.stream,
-            user=headers.get("x-meter-user") or user,
-            session=headers.get("x-meter-session") or agent_session(headers) or body_session,
+            user=bounded(headers.get("x-meter-user") or user),
+            session=bounded(headers.get("x-meter-session") or agent_session(headers) or body_session),
             tags=parse_tags(headers.get("x-meter-tags")),
             key_fingerprint=self._fingerprint(api_key(headers, raw_query)),
             service_tier=info.service_tier,
@@ -398,6 +404,14 @@ class Proxy:
     ) -> web.Response:
         message = f"request body is larger than the {self.max_body_bytes}-byte limit"
         return self.refuse(method, target, headers, raw_query, 413, "body_too_large", message)
+
+    def refuse_busy(
+        self, method: str, target: Target, headers: list[tuple[str, str]], raw_query: str, why: str
+    ) -> web.Response:
+        message = f"too many request bodies in memory right now ({why}); retry shortly"
+        response = self.refuse(method, target, headers, raw_query, 503, "bodies_over_budget", message)
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
 
     def refuse_slow_body(
         self, method: str, target: Target, headers: list[tuple[str, str]], raw_query: str

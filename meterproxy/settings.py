@@ -140,6 +140,12 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get a 413."
     )
+    max_buffered_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Most request-body bytes held in memory at once, all requests together; "
+        "a request that does not fit gets a 503 with Retry-After.",
+    )
     request_body_timeout: float = Field(
         60.0, gt=0, description="Seconds a client may take to send its whole request body; slower gets a 408."
     )

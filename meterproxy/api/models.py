@@ -105,7 +105,9 @@ class SummaryResponse(_Model):
     totals: Totals
     groups: list[Group]
     truncated: bool = Field(description="True when more groups exist than `limit`.")
-    unpriced_models: list[UnpricedModel]
+    unpriced_models: list[UnpricedModel] = Field(
+        description="The 100 with most unpriced requests; all of them: /api/models/unpriced."
+    )
     priced_models: dict[str, str | None] = Field(
         description="Each model name in the groups -> the price-table id it is priced as (null: unknown).",
     )
@@ -118,7 +120,9 @@ class SummaryResponse(_Model):
 class UnpricedModelsResponse(_Model):
     since: str | None
     until: str | None
-    models: list[UnpricedModel]
+    models: list[UnpricedModel] = Field(description="One page, most unpriced requests first.")
+    total: int = Field(description="Unpriced models in the range, all pages.")
+    next_offset: int | None = Field(description="offset of the next page; null on the last.")
 
 
 class TimeseriesPoint(Totals):

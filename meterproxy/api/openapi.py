@@ -106,8 +106,8 @@ CORE_PATHS: Final[Operations] = {
     },
     "/api/models/unpriced": {
         "get": {
-            "summary": "Models whose requests could not be priced (not in the price tables).",
-            "parameters": _FILTERS,
+            "summary": "Models whose requests could not be priced (not in the price tables), paged.",
+            "parameters": ["limit", "offset", *_FILTERS],
             "response": UnpricedModelsResponse,
         }
     },

@@ -101,6 +101,10 @@ def parse_group_by(query: MultiMapping[str], param: str = "group_by", most: int 
     return names
 
 
+#: Unpriced models per page (``/api/models/unpriced``), and the most ``/api/summary`` lists.
+UNPRICED_PAGE = 100
+
+
 def unpriced_models(summary: Summary) -> list[dict[str, Any]]:
     """Models with unpriced requests, from a summary grouped by model and provider."""
     return [
@@ -169,7 +173,8 @@ async def summary_handler(request: web.Request) -> web.Response:
             "totals": measures_to_api(summary.totals),
             "groups": [{"key": key, **measures_to_api(m)} for key, m in summary.groups[:limit]],
             "truncated": len(summary.groups) > limit,
-            "unpriced_models": unpriced_models(models),
+            # The first page only: the full, paged list is /api/models/unpriced.
+            "unpriced_models": unpriced_models(models)[:UNPRICED_PAGE],
             "priced_models": priced_models(book, [summary, models]),
             "cache_savings_usd": _savings(book, days),
             "notes": summary.notes,
@@ -179,15 +184,27 @@ async def summary_handler(request: web.Request) -> web.Response:
 
 
 async def unpriced_handler(request: web.Request) -> web.Response:
+    """Paged (``limit`` 1..1000, default 100; ``offset``): model names are client-chosen, so unbounded."""
     query = request.query
     try:
-        check_known(query, FILTER_PARAMS)
+        check_known(query, (*FILTER_PARAMS, "limit", "offset"))
         q = SummaryQuery(parse_filter(query), ["model", "provider"])
+        limit = parse_int("limit", query.get("limit"), UNPRICED_PAGE, 1, 1000)
+        offset = parse_int("offset", query.get("offset"), 0, 0, 10**9)
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     summary = await run_read(request.app[WRITER].path, lambda conn: summarize(conn, q))
+    models = unpriced_models(summary)
+    page = models[offset : offset + limit]
+    more = offset + len(page) < len(models)
     return json_response(
-        {"since": q.filter.since, "until": q.filter.until, "models": unpriced_models(summary)},
+        {
+            "since": q.filter.since,
+            "until": q.filter.until,
+            "models": page,
+            "total": len(models),
+            "next_offset": offset + len(page) if more else None,
+        },
         request=request,
     )
 
