@@ -27,9 +27,14 @@ from meterproxy.testing import FakeUpstream
 
 @pytest.fixture(autouse=True)
 def _isolate_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never touch the real user's data dir or config."""
+    """Never touch the real user's home: data dir, config, caches (Chromium's crash reports too)."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     for name in ("METERPROXY_DB", "METERPROXY_ADMIN_TOKEN", "METERPROXY_CONFIG", "METERPROXY_UPSTREAMS"):
         monkeypatch.delenv(name, raising=False)
 

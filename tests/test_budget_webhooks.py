@@ -310,3 +310,45 @@ def test_a_secret_the_reference_library_cannot_use_is_refused_at_start(secret: s
         load_settings(
             None, cli={"webhooks": {"hook": {"url": "http://127.0.0.1:9/x", "secret": secret}}}, env={}
         )
+
+
+async def test_clean_shutdown_mid_attempt_releases_the_claim(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A delivery in flight when the proxy stops is due again at once, not after its lease.
+
+    The claim (a lease of ``webhook_timeout`` + 60 s) exists for a process that
+    dies mid-attempt; one that stops cleanly gives it back, so the next process
+    retries immediately (this made the restart test above flaky under load).
+    """
+    db = tmp_path / "meter.db"
+    insert_records(db, [make_record(user="hang", cost_usd=Decimal("0.6"))])
+    arrived, stopped = asyncio.Event(), asyncio.Event()
+
+    receiver = Receiver()
+
+    async def hang_first(request: Any) -> Any:
+        if not arrived.is_set():
+            arrived.set()
+            await stopped.wait()  # no answer before the proxy has stopped (its attempt is cancelled)
+        return await Receiver._handle(receiver, request)
+
+    receiver._handle = hang_first  # type: ignore[method-assign]
+    async with receiver:
+        settings = hook_settings(
+            receiver,
+            budgets=[{"name": "h", "limit_usd": "1", "scope": {"user": "hang"}, "period": "rolling:1h"}],
+            webhook_timeout=30,
+        )
+        first = await make_proxy(**settings)
+        await wait_for(arrived.is_set, what="the first attempt to reach the receiver")
+        await first.server.close()
+        stopped.set()
+        [(next_at,)] = query(db, "SELECT next_attempt_at FROM webhook_outbox")
+        due = datetime.fromisoformat(next_at.replace("Z", "+00:00"))
+        assert due <= datetime.now(UTC), f"claim kept until {next_at}: the next process would wait for it"
+
+        second = await make_proxy(**settings)
+        await wait_for(lambda: len(receiver.accepted) >= 1, what="the delivery after the restart")
+        await second.server.close()
+    assert query(db, "SELECT state FROM webhook_outbox") == [("delivered",)]

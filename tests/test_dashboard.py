@@ -570,3 +570,29 @@ async def test_sdk_traffic_through_the_proxy_shows_on_the_page(
     assert session == ["e2e"]
     await shot(page, "sdk-traffic")
     assert page.js_errors == []
+
+
+def _chromium_traces(home: Path) -> list[str]:
+    """Files Chromium keeps under a home directory (config, caches, certificate store)."""
+    roots = [home / ".config" / "chromium", home / ".cache", home / ".pki"]
+    return sorted(str(p) for root in roots if root.exists() for p in root.rglob("*") if "chrom" in str(p))
+
+
+async def test_the_browser_writes_to_the_test_home_not_the_real_one() -> None:
+    """The suite's Chromium keeps its crash reports and caches in the test's temp dir (issue 14.12).
+
+    (Compared by where it writes, not by the real home staying unchanged: other
+    processes on a shared machine may run Chromium there at the same time.)
+    """
+    import pwd
+
+    home = Path(os.environ["HOME"])
+    assert home != Path(pwd.getpwuid(os.getuid()).pw_dir)
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await new_page(b)
+            await page.goto("about:blank")
+        finally:
+            await b.close()
+    assert (home / ".config" / "chromium" / "Crash Reports").is_dir(), _chromium_traces(home)

@@ -230,6 +230,23 @@ def claim_due(conn: Db, ids: list[int], now: datetime, lease_until: datetime) ->
     return claimed
 
 
+def release_claims(conn: sqlite3.Connection, claims: dict[int, datetime], now: datetime) -> int:
+    """Give back claims whose attempt never ran to its end (a clean shutdown): due again at ``now``.
+
+    Only a row still holding exactly our lease is touched: one whose attempt
+    was recorded after all (pending with a new time, or delivered) is left alone.
+    """
+    released = 0
+    for outbox_id, lease_until in claims.items():
+        cur = conn.execute(
+            "UPDATE webhook_outbox SET next_attempt_at = ? "
+            "WHERE id = ? AND state = 'pending' AND next_attempt_at = ?",
+            [format_ts(now), outbox_id, format_ts(lease_until)],
+        )
+        released += cur.rowcount
+    return released
+
+
 def record_attempt(
     conn: Db,
     outbox_id: int,

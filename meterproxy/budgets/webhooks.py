@@ -49,7 +49,7 @@ from typing import Any
 import aiohttp
 
 from meterproxy.budgets.definition import WebhookEndpoint, signing_key
-from meterproxy.budgets.store import claim_due, record_attempt
+from meterproxy.budgets.store import claim_due, record_attempt, release_claims
 from meterproxy.exact_json import dumps
 from meterproxy.store.db import Db
 from meterproxy.store.queries import run_read
@@ -138,6 +138,8 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._sending: set[int] = set()
+        # Rows claimed whose attempt is not recorded yet -> the lease they hold (given back on stop).
+        self._claims: dict[int, datetime] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
@@ -148,7 +150,7 @@ class Deliverer:
         self._wake.set()
 
     def stop(self) -> None:
-        """Ask `run` to return (in-flight attempts are cancelled and stay pending)."""
+        """Ask `run` to return (in-flight attempts are cancelled, stay pending and are due at once)."""
         self._stopping = True
         self._wake.set()
 
@@ -175,6 +177,26 @@ class Deliverer:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._session.close()
+            await self._release_claims()
+
+    async def _release_claims(self) -> None:
+        """A clean stop: the attempts cut short are due again now, not when their lease ends.
+
+        The lease is for a process that dies mid-attempt; one that stops cleanly
+        must not make the next process wait ``webhook_timeout`` + 60 s to retry.
+        """
+        claims, self._claims = self._claims, {}
+        if not claims:
+            return
+        now = self.clock()
+        try:
+            released = await asyncio.wait_for(
+                asyncio.wrap_future(self.writer.call(lambda c: release_claims(c, claims, now))), 5.0
+            )
+        except Exception as exc:  # the writer is failing: the leases end on their own
+            log.warning("could not release %d webhook claim(s) at shutdown: %r", len(claims), exc)
+            return
+        log.info("released %d webhook claim(s) cut short by shutdown", released)
 
     async def _dispatch_due(self) -> None:
         now = self.clock()
@@ -190,6 +212,7 @@ class Deliverer:
             if outbox_id not in claimed:
                 continue
             self._sending.add(outbox_id)
+            self._claims[outbox_id] = lease
             task = asyncio.create_task(self._deliver(outbox_id, row[1], row[2], int(row[3]), row[4], row[5]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -259,6 +282,9 @@ class Deliverer:
             self.failed_attempts += 1
             log.warning("webhook %s to %s failed (%s); attempt %d", event_id, endpoint_name, error, attempts)
         duration = (time.perf_counter() - started) * 1000
+        # Submitted to the writer here, so it runs even if this task is cancelled while waiting
+        # (and before any release of the claim queued after it): no longer ours to give back.
+        self._claims.pop(outbox_id, None)
         await asyncio.wrap_future(
             self.writer.call(
                 lambda conn: record_attempt(
