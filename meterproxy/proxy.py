@@ -480,6 +480,12 @@ class Proxy:
             record.status, record.error = 502, f"upstream unreachable: {exc}"
             await self._respond(client, json_error(502, "upstream_unreachable", record.error))
             return
+        if upstream.status == 101 and not self._upgrade_expected(exchange):
+            upstream.release()  # its answer never "ends": the connection is closed, not pooled
+            record.status = 502
+            record.error = "upstream answered 101 Switching Protocols though no switch was asked for"
+            await self._respond(client, json_error(502, "upstream_switched_protocols", record.error))
+            return
         exchange.upstream = upstream
         try:
             await self._relay(exchange, client)
@@ -487,6 +493,16 @@ class Proxy:
             if not exchange.recorded:
                 record.upstream_ms = (time.perf_counter() - exchange.sent_at) * 1000
             upstream.release()
+
+    @staticmethod
+    def _upgrade_expected(exchange: Exchange) -> bool:
+        """Did this exchange ask the upstream to switch protocols? Never, for now.
+
+        ``Upgrade`` is hop-by-hop and never forwarded, and a client's WebSocket
+        upgrade is answered before forwarding, so any 101 is the upstream's fault
+        (answered 502). The one place to change when upgrades are relayed.
+        """
+        return False
 
     @staticmethod
     async def _respond(client: ClientSide, response: web.Response) -> None:
