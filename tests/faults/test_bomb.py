@@ -80,7 +80,7 @@ def test_a_compressed_answer_within_the_ratio_is_metered_exactly() -> None:
     """The bound leaves real answers alone: a gzip stream fed in 7-byte pieces is metered."""
     fx = load_fixture("openai_chat_stream_usage")
     body = fx.body
-    provider = providers.detect("/v1/chat/completions")
+    provider = providers.ProviderRegistry.builtin().detect("/v1/chat/completions")
     assert provider is not None
     parser = provider.new_parser("/v1/chat/completions", RequestInfo(model="gpt-4o-mini", stream=True), False)
     tap = ResponseTap(parser, sse=True, content_encoding="gzip")
