@@ -117,8 +117,14 @@ class Meter:
     def set_pricer(self, price: PriceFunction) -> None:
         self._price = price
 
-    def add_sink(self, name: str, sink: Sink) -> None:
-        self._sinks.append((name, sink))
+    def add_sink(self, name: str, sink: Sink, *, before: str | None = None) -> None:
+        """Add ``sink`` last, or just before the sink named ``before`` (if there is one)."""
+        names = [n for n, _ in self._sinks]
+        at = names.index(before) if before in names else len(self._sinks)
+        self._sinks.insert(at, (name, sink))
+
+    def remove_sink(self, name: str) -> None:
+        self._sinks = [(n, s) for n, s in self._sinks if n != name]
 
     def request_finished(self, record: RequestRecord) -> None:
         try:

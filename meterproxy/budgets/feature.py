@@ -324,6 +324,8 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     engine.meter = meter
     meter.request_gates.append(engine.gate)
     meter.add_sink("reservations", engine.ledger.finished)
+    # Before the store sink: a record counts as pending before it can possibly commit.
+    meter.add_sink("budgets", engine.tracker.record_finished, before="store")
     tasks = [
         asyncio.create_task(engine.deliverer.run(), name="meterproxy-webhooks"),
         asyncio.create_task(engine.tick(), name="meterproxy-budget-ticker"),
@@ -333,6 +335,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     engine.close()
     if engine.gate in meter.request_gates:
         meter.request_gates.remove(engine.gate)
+    meter.remove_sink("budgets")
     engine.deliverer.stop()
     tasks[1].cancel()
     tasks[2].cancel()

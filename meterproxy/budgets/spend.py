@@ -16,6 +16,16 @@ so they are ordered with the commits themselves:
 - `SpendTracker.records_committed` (a ``StoreWriter.on_commit`` listener),
   which adds each priced record in scope; no record is counted twice or missed.
 
+A third keeps the block gate exact between a request's end and its commit
+(the writer may linger, and in ``batch`` mode nothing waits for it):
+`SpendTracker.record_finished` (a meter sink that runs on the event loop
+before the store sink, when the request finishes) adds the record's cost to
+each budget in scope as *pending*; `records_committed` moves it from pending
+to the buckets. The gate checks committed plus pending, so sequential requests
+stop exactly at the limit in every durability mode. A record the writer drops
+(queue full) stays pending until the next restart or resync: counted, never
+missed.
+
 The clock moves windows forward: `SpendTracker.advance` drops buckets older
 than the window start (a rolling window's tail, or the whole previous calendar
 period at rollover). Readers on the event loop (the gate, the API) take
@@ -105,6 +115,8 @@ class BudgetState:
     seen_period: datetime | None = None
     #: Events already raised for the current windows: (type, period_start, threshold).
     fired: set[tuple[str, str, str]] = field(default_factory=set)
+    #: Cost of finished records in scope not committed yet (picodollars); the gate counts it.
+    pending_pico: int = 0
 
     def add(self, second: int, pico: int) -> None:
         if self.buckets and self.buckets[-1][0] == second:
@@ -142,9 +154,9 @@ class BudgetState:
         return to_pico(self.spec.limit_usd)
 
     def spent(self, now: datetime) -> bool:
-        """Whether spend has reached the limit (the gate's cheap check)."""
+        """Whether spend, finished-but-uncommitted requests included, has reached the limit."""
         self.advance(now)
-        return self.total_pico >= self.limit_pico
+        return self.total_pico + self.pending_pico >= self.limit_pico
 
     def snapshot(self, now: datetime) -> Snapshot:
         start, end = self.advance(now)
@@ -172,6 +184,8 @@ class SpendTracker:
         self.default_tz = zone(default_timezone)
         self._lock = threading.Lock()
         self._budgets: dict[str, BudgetState] = {}
+        # record id -> (budget, picodollars) counted as pending, until the record commits.
+        self._pending: dict[str, list[tuple[BudgetState, int]]] = {}
 
     def new_state(self, spec: BudgetSpec, source: str) -> BudgetState:
         tz = zone(spec.timezone) if spec.timezone else self.default_tz
@@ -204,6 +218,23 @@ class SpendTracker:
         """Like `states`, for a caller already holding `locked`."""
         return [self._budgets[n] for n in sorted(self._budgets)]
 
+    def record_finished(self, record: RequestRecord) -> None:
+        """A request just finished (before its commit): count its cost as pending (meter sink)."""
+        if record.cost_usd is None:
+            return
+        pico = to_pico(record.cost_usd)
+        with self._lock:
+            counted = []
+            for state in self._budgets.values():
+                if not in_scope(state.spec.scope, record):
+                    continue
+                if state.window_start is not None and record.ts < state.window_start:
+                    continue
+                state.pending_pico += pico
+                counted.append((state, pico))
+            if counted:
+                self._pending[record.id] = counted
+
     def records_committed(
         self, records: list[RequestRecord], on_added: Callable[[BudgetState, RequestRecord], None]
     ) -> None:
@@ -214,6 +245,8 @@ class SpendTracker:
         """
         with self._lock:
             for record in records:
+                for state, pending in self._pending.pop(record.id, ()):
+                    state.pending_pico -= pending
                 if record.cost_usd is None:
                     continue
                 pico = to_pico(record.cost_usd)
