@@ -645,14 +645,18 @@ class Proxy:
 
     def _finish(self, exchange: Exchange) -> None:
         record = exchange.record
+        secrets: tuple[str, ...] = ()
+        if record.error or record.extra or record.content is not None:
+            # The credential headers go upstream unchanged, so they are still in the exchange.
+            secrets = carried(exchange.headers, exchange.target.url.raw_query_string)
+        self._finish_record(record, secrets)
+
+    def _finish_record(self, record: RequestRecord, secrets: tuple[str, ...] = ()) -> None:
         if record.method in _PROBE_METHODS and record.endpoint in _UNMETERED_ENDPOINTS:
             return  # a probe, not LLM usage: neither an error nor an unmetered request
         # Error texts come from the upstream or the network and may echo a credential:
         # first the exact ones this request carried (whatever their shape), then known shapes.
-        if record.error or record.extra or record.content is not None:
-            # The credential headers go upstream unchanged, so they are still in the exchange.
-            secrets = carried(exchange.headers, exchange.target.url.raw_query_string)
-            scrub_record(record, secrets)
+        scrub_record(record, secrets)
         if record.error:
             record.error = redact(record.error)
         self.meter.request_finished(record)
@@ -726,4 +730,4 @@ class Proxy:
                 upstream_ms=None,
                 provider_request_id=None,
             )
-            self._finish(record)
+            self._finish_record(record)

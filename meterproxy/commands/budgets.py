@@ -35,6 +35,52 @@ from meterproxy.reports import money
 __all__ = ["command", "render_budgets"]
 
 
+class _Amount(click.ParamType[Decimal]):
+    """A decimal amount (USD, percent) with a message a person can act on, not a parser's."""
+
+    name = "amount"
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Decimal:
+        if isinstance(value, Decimal):
+            return value
+        try:
+            amount = Decimal(str(value).strip().lstrip("$"))
+        except ArithmeticError:
+            amount = None
+        if amount is None or not amount.is_finite() or amount <= 0:
+            self.fail(f"{value!r} is not {self.what} (a positive number, e.g. 100 or 12.50)", param, ctx)
+        return amount
+
+
+#: BudgetSpec field -> the option that sets it, to name it in error messages.
+_OPTION_OF = {
+    "limit_usd": "--limit",
+    "period": "--period",
+    "timezone": "--timezone",
+    "thresholds": "--threshold",
+    "action": "--action",
+    "webhooks": "--webhook",
+    "name": "NAME",
+    "scope": "the scope options",
+}
+
+
+def _explain(exc: ValidationError) -> str:
+    """Pydantic's errors as ``--option: what is wrong`` lines (no type codes, no URLs)."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        option = _OPTION_OF.get(loc[0], "--" + loc[-1]) if loc else "budget"
+        if loc[:1] == ["scope"] and len(loc) > 1:
+            option = "--tag" if loc[1] == "tags" else "--" + loc[1]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{option}: {message}")
+    return "; ".join(lines)
+
+
 def _api(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
     data = None if body is None else json.dumps(body, default=str).encode()
     request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
@@ -191,7 +237,13 @@ def render_budgets(views: list[dict[str, Any]]) -> str:
 
 @command.command("add")
 @click.argument("name")
-@click.option("--limit", "limit_usd", required=True, help="Limit in USD, e.g. 100 or 12.50.")
+@click.option(
+    "--limit",
+    "limit_usd",
+    required=True,
+    type=_Amount("an amount in USD"),
+    help="Limit in USD, e.g. 100 or 12.50.",
+)
 @click.option("--period", default="month", show_default=True, help="day, week, month or rolling:<dur>.")
 @click.option("--timezone", default=None, help="IANA timezone for calendar periods.")
 @click.option("--upstream", default=None, help="Scope: route prefix.")
@@ -200,7 +252,9 @@ def render_budgets(views: list[dict[str, Any]]) -> str:
 @click.option("--user", default=None, help="Scope: user.")
 @click.option("--key", default=None, help="Scope: API key fingerprint.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Scope: tag (repeatable).")
-@click.option("--threshold", "thresholds", multiple=True, type=Decimal, help="Alert at this percent.")
+@click.option(
+    "--threshold", "thresholds", multiple=True, type=_Amount("a percentage"), help="Alert at this percent."
+)
 @click.option(
     "--action", type=click.Choice(["alert", "block", "reserve"]), default="alert", show_default=True
 )
@@ -231,7 +285,7 @@ def add_command(name: str, db: str | None, url: str | None, token: str | None, *
     try:
         spec = BudgetSpec.model_validate(body)
     except ValidationError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(_explain(exc)) from None
     if url:
         _api(url, token, "POST", "/api/budgets", json.loads(spec.model_dump_json(exclude_none=True)))
     else:

@@ -20,6 +20,7 @@ from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.routing import parse_upstream
 from meterproxy.serving import serving_file
 from meterproxy.settings import SettingsError, load_settings, split_upstream_value
+from meterproxy.startup import StartupError, bind_listener, check_database
 from meterproxy.store.backend import describe as describe_db
 from meterproxy.store.backend import require_driver
 
@@ -107,9 +108,16 @@ def command(
             raise click.UsageError(message)
         log.warning("!!! %s", message.replace("refusing to listen", "listening"))
 
+    if settings.workers > 1 and settings.port == 0:
+        raise click.UsageError("--workers needs a fixed --port (each worker binds it)")
+    try:
+        check_database(settings.db)
+        # Workers bind the port themselves (SO_REUSEPORT): this one only proves it is free.
+        sock = bind_listener(settings.host, settings.port, reuse_port=settings.workers > 1)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
     if settings.workers > 1:
-        if settings.port == 0:
-            raise click.UsageError("--workers needs a fixed --port (each worker binds it)")
+        sock.close()
         from meterproxy.workers import run_workers
 
         with serving_file(settings):
@@ -127,19 +135,19 @@ def command(
     log.info(
         "meterproxy listening on http://%s:%d (db %s; upstreams: %s)",
         settings.host,
-        settings.port,
+        sock.getsockname()[1],
         describe_db(settings.db),  # a PostgreSQL password never reaches the log
         ", ".join(f"{k}={v}" for k, v in settings.upstreams.items()),
     )
     with serving_file(settings):  # lets `report`, `status` & co. warn when they use another database
         if settings.http_server == "lean":
+            sock.close()  # the lean server binds it again (it was free a moment ago)
             timeout = settings.shutdown_timeout
             serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout)
         else:
             web.run_app(
                 app,
-                host=settings.host,
-                port=settings.port,
+                sock=sock,
                 shutdown_timeout=settings.shutdown_timeout,
                 access_log=None,
                 print=None,
