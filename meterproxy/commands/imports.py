@@ -1,7 +1,8 @@
 """``meterproxy import``: bring usage that never went through the proxy into the database.
 
-Subcommands: ``claude-code [PATH...]`` (Claude Code transcripts) and
-``jsonl FILE --format zeroclaw|generic [--map FIELD=PATH] [--follow]``. Both are
+Subcommands: ``claude-code [PATH...]`` (Claude Code transcripts),
+``spill FILE...`` (records a shutdown could not write to a failing database) and
+``jsonl FILE --format zeroclaw|generic [--map FIELD=PATH] [--follow]``. All are
 idempotent (see `meterproxy.imports`); malformed lines are listed on stderr and
 skipped, and a progress bar is shown when stderr is a terminal.
 """
@@ -21,6 +22,8 @@ from meterproxy.imports import ImportStats, ImportStore
 from meterproxy.imports import claude_code as cc
 from meterproxy.imports.jsonl import FIELDS, PRESETS, LineMapping, follow, read_new
 from meterproxy.pricing import PriceBook
+from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.spill import insert_spilled, read_spill
 
 __all__ = ["command", "sqlite_db"]
 
@@ -161,3 +164,24 @@ def jsonl(
         stats = follow(store, book, file, mapping, stop, interval=interval, on_pass=on_pass)
         stats.files = 1
         _report(stats)
+
+
+@command.command("spill")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@db_option
+def spill(files: tuple[Path, ...], db: str | None) -> None:
+    """Insert records a shutdown could not write (``<db>.spill-*.jsonl``); rows already there are skipped."""
+    conn = connect(sqlite_db(db))
+    try:
+        apply_migrations(conn)
+        for file in files:
+            try:
+                rows = list(read_spill(file))
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
+            inserted, present = insert_spilled(conn, rows)
+            click.echo(f"{file}: {inserted} record(s) imported, {present} already present")
+    finally:
+        conn.close()

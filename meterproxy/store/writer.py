@@ -18,7 +18,11 @@ are counted as dropped rather than growing memory without bound. `health`
 reports the fault until a commit succeeds again.
 
 `close` puts a sentinel on the queue and waits: everything submitted before it
-is committed (that is what a clean SIGTERM relies on).
+is committed (that is what a clean SIGTERM relies on). If the database is
+failing then, the writer retries for half of close's timeout at most; what it
+still cannot commit is spilled to a file (`meterproxy.store.spill`, re-imported
+with ``meterproxy import spill``), counted in ``dropped`` and logged with its
+count, never lost silently.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, TypeVar
 from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.db import Db, db_errors, placeholders
 from meterproxy.store.schema import COLUMNS, record_to_row
+from meterproxy.store.spill import write_spill
 from meterproxy.usage import RequestRecord
 
 __all__ = ["StoreWriter", "WriterHealth"]
@@ -94,6 +99,11 @@ class StoreWriter:
         self.last_error: str | None = None
         self._last_commit: float | None = None
         self._listeners: list[Callable[[list[RequestRecord]], None]] = []
+        # Set by `close`: past this monotonic time a failing write is spilled, not retried.
+        self._give_up_at: float | None = None
+        #: Records spilled to a file at shutdown (also counted in ``dropped``), and where.
+        self.spilled = 0
+        self.spill_path: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -105,16 +115,51 @@ class StoreWriter:
         self._thread.start()
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Commit everything submitted so far, then stop. False if it timed out."""
+        """Commit everything submitted so far, then stop. False if it timed out.
+
+        A database that keeps failing is retried for half of ``timeout``; the
+        records it still refuses are spilled to a file and counted as dropped.
+        """
         if self._thread is None:
             return True
+        self._give_up_at = time.monotonic() + (timeout / 2 if timeout is not None else 15.0)
         self._queue.put(_STOP)
         self._flush_now.set()
         self._thread.join(timeout)
         alive = self._thread.is_alive()
         if not alive:
             self._thread = None
+        else:
+            # The thread is stuck (a lock wait, a hung disk): spill what it never took.
+            left = []
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, RequestRecord):
+                    left.append(item)
+            self._give_up(left, "the writer did not finish in time")
+        if self.dropped:
+            log.error(
+                "shutdown: %d record(s) not written to the database; %d spilled to %s "
+                "(meterproxy import spill FILE re-imports them)",
+                self.dropped,
+                self.spilled,
+                self.spill_path or "nowhere (no spill file could be written)",
+            )
         return not alive
+
+    def _give_up(self, records: list[RequestRecord], why: str) -> None:
+        """Records the database will not take before shutdown: to a spill file, counted as dropped."""
+        if not records:
+            return
+        self.dropped += len(records)
+        path = write_spill(self.path, (record_to_row(r) for r in records))
+        if path is not None:
+            self.spilled += len(records)
+            self.spill_path = path
+        log.error("%s: %d record(s) spilled to %s", why, len(records), path or "nowhere")
 
     def on_commit(self, listener: Callable[[list[RequestRecord]], None]) -> None:
         """Call ``listener`` (on the writer thread) with each batch once it is durable."""
@@ -180,14 +225,14 @@ class StoreWriter:
                 except queue.Empty:
                     break
             if records:
-                self._write_records(records, give_up=stopping)
+                self._write_records(records)
             for call in calls:
                 self._run_call(call)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
-    def _write_records(self, records: list[RequestRecord], give_up: bool) -> None:
+    def _write_records(self, records: list[RequestRecord]) -> None:
         rows = [record_to_row(r) for part in _gil_slices(records) for r in part]
         delay = 0.05
         assert self._conn is not None
@@ -200,10 +245,12 @@ class StoreWriter:
             except db_errors() as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("database write failed (%d rows kept, retrying): %s", len(rows), exc)
-                if give_up and delay > self._retry_max_s:
-                    self.dropped += len(rows)
-                    log.error("shutting down with %d unwritten rows", len(rows))
+                give_up_at = self._give_up_at
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    self._give_up(records, "shutting down with the database failing")
                     return
+                if give_up_at is not None:  # closing: never sleep past the point of giving up
+                    delay = min(delay, max(give_up_at - time.monotonic(), 0.0) + 0.001)
                 time.sleep(delay)
                 delay = min(delay * 2, self._retry_max_s * 1.01)
                 self._reopen_if_broken()
