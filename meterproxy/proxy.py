@@ -496,11 +496,11 @@ class Proxy:
 
     @staticmethod
     def _upgrade_expected(exchange: Exchange) -> bool:
-        """Did this exchange ask the upstream to switch protocols? Never, for now.
+        """Did this exchange ask the upstream to switch protocols? Never, on this path.
 
-        ``Upgrade`` is hop-by-hop and never forwarded, and a client's WebSocket
-        upgrade is answered before forwarding, so any 101 is the upstream's fault
-        (answered 502). The one place to change when upgrades are relayed.
+        A client's WebSocket upgrade is tunnelled by `meterproxy.wsproxy` before any
+        exchange exists, and ``Upgrade`` is hop-by-hop, never forwarded from here; so
+        a 101 answering a forwarded request is the upstream's fault (answered 502).
         """
         return False
 
