@@ -230,7 +230,7 @@ def claim_due(conn: Db, ids: list[int], now: datetime, lease_until: datetime) ->
     return claimed
 
 
-def release_claims(conn: sqlite3.Connection, claims: dict[int, datetime], now: datetime) -> int:
+def release_claims(conn: Db, claims: dict[int, datetime], now: datetime) -> int:
     """Give back claims whose attempt never ran to its end (a clean shutdown): due again at ``now``.
 
     Only a row still holding exactly our lease is touched: one whose attempt
@@ -239,8 +239,8 @@ def release_claims(conn: sqlite3.Connection, claims: dict[int, datetime], now: d
     released = 0
     for outbox_id, lease_until in claims.items():
         cur = conn.execute(
-            "UPDATE webhook_outbox SET next_attempt_at = ? "
-            "WHERE id = ? AND state = 'pending' AND next_attempt_at = ?",
+            "UPDATE webhook_outbox SET next_attempt_at = $1 "
+            "WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3",
             [format_ts(now), outbox_id, format_ts(lease_until)],
         )
         released += cur.rowcount

@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from meterproxy.store.db import Db, placeholders
 from meterproxy.store.schema import COLUMNS
 
 __all__ = ["SPILL_MARKER", "insert_spilled", "read_spill", "write_spill"]
@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 #: Key on every spilled line, so an import can tell a spill file from any other JSON lines.
 SPILL_MARKER = "meterproxy_spill"
 
+#: Like the writer's insert; no conflict target, so a row whose provider request id is
+#: already stored (its import counted it) is skipped too.
 _INSERT_NEW = (
-    f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
-    "ON CONFLICT DO NOTHING"
+    f"INSERT INTO requests ({', '.join(chr(34) + c + chr(34) for c in COLUMNS)}) "
+    f"VALUES ({placeholders(len(COLUMNS))}) ON CONFLICT DO NOTHING"
 )
 
 
@@ -89,19 +91,15 @@ def read_spill(path: Path) -> Iterator[tuple[Any, ...]]:
             yield tuple(item.get(column) for column in COLUMNS)
 
 
-def insert_spilled(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> tuple[int, int]:
+def insert_spilled(db: Db, rows: Iterable[tuple[Any, ...]]) -> tuple[int, int]:
     """Insert spilled rows (one transaction); (inserted, already present)."""
     inserted = seen = 0
-    conn.execute("BEGIN")
-    try:
+    with db.transaction():
+        db.lock_request_order()
         for row in rows:
-            cur = conn.execute(_INSERT_NEW, row)
+            cur = db.execute(_INSERT_NEW, row)
             if cur.rowcount == 1:
                 inserted += 1
             else:
                 seen += 1
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return inserted, seen
