@@ -33,9 +33,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from meterproxy.app_state import METRICS
 from meterproxy.logs import redact
 
-__all__ = ["SERVER_LOGGER", "BadRequestLog", "setup"]
+__all__ = ["BAD_REQUESTS", "SERVER_LOGGER", "BadRequestLog", "setup"]
 
 SERVER_LOGGER = "aiohttp.server"
+_MESSAGE = "bad request from %s: %s (%d more from this client in the last %g s not logged)"
+#: The app's limiter, for a server of our own to report its parse errors through.
+BAD_REQUESTS: web.AppKey[BadRequestLog] = web.AppKey("bad_requests")
 
 
 class BadRequestLog(logging.Filter):
@@ -61,29 +64,48 @@ class BadRequestLog(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
-        self._count()
         client = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "unknown"
+        held_back = self._admit(client)
+        if held_back is None:
+            return False
+        reason = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+        record.msg, record.args = _MESSAGE, (client, redact(reason)[:200], held_back, self._interval)
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.exc_info, record.exc_text = None, None
+        return True
+
+    def report(self, client: str, reason: str) -> None:
+        """The same for a server that parses requests itself (`meterproxy.server`)."""
+        held_back = self._admit(client)
+        if held_back is not None:
+            logging.getLogger(SERVER_LOGGER).warning(
+                _MESSAGE,
+                client,
+                redact(reason.strip().splitlines()[0] if reason.strip() else "?")[:200],
+                held_back,
+                self._interval,
+            )
+
+    def _admit(self, client: str) -> int | None:
+        """Count one bad request; None if its line is held back, else how many were since the last."""
+        self._count()
         now = self._clock()
         seen = self._clients.get(client)
         if seen is not None and now - seen[0] < self._interval:
             seen[1] += 1
-            return False
+            return None
         held_back = int(seen[1]) if seen is not None else 0
         self._clients[client] = [now, 0]
         self._clients.move_to_end(client)
         while len(self._clients) > self._max_clients:
             self._clients.popitem(last=False)
-        reason = redact(str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__)
-        record.msg = "bad request from %s: %s (%d more from this client in the last %g s not logged)"
-        record.args = (client, reason[:200], held_back, self._interval)
-        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-        record.exc_info, record.exc_text = None, None
-        return True
+        return held_back
 
 
 async def _installed(app: web.Application) -> AsyncIterator[None]:
     logger = logging.getLogger(SERVER_LOGGER)
     limiter = BadRequestLog(app[METRICS].bad_requests.inc)
+    app[BAD_REQUESTS] = limiter
     logger.addFilter(limiter)
     yield
     logger.removeFilter(limiter)

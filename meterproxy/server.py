@@ -52,6 +52,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from meterproxy.app_state import PROXY
+from meterproxy.bad_requests import BAD_REQUESTS
 from meterproxy.http_errors import json_error
 from meterproxy.proxy import Proxy
 from meterproxy.routing import RouteError
@@ -640,6 +641,7 @@ class _Conn(asyncio.Protocol):
         """
         self._closing = True
         self._parsing = None
+        self._report_bad_request(message)
         active = self.active
         if active is not None and active.complete:
             return  # an earlier request's answer is going out; the close follows it
@@ -655,6 +657,13 @@ class _Conn(asyncio.Protocol):
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (status, reason, len(body), body)
             )
             self.close()
+
+    def _report_bad_request(self, message: str) -> None:
+        """Counted in ``meterproxy_bad_requests_total``, logged once per client per interval."""
+        limiter = self._server.app.get(BAD_REQUESTS)
+        if limiter is not None:
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            limiter.report(str(peer[0]) if peer else "unknown", message)
 
     def _cancel_body_timer(self) -> None:
         if self._body_timer is not None:

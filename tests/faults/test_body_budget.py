@@ -16,6 +16,7 @@ import json
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 
 from meterproxy.app_state import PROXY
 from meterproxy.testing import FakeUpstream
@@ -28,8 +29,13 @@ BODY = b'{"model":"gpt-4o-mini","messages":[],"pad":"' + b"x" * (3 * MIB // 2) +
 
 
 async def test_bodies_over_the_global_budget_get_503_retry_after(
-    upstream: FakeUpstream, make_proxy: ProxyFactory, raw_upstream: RawFactory
+    upstream: FakeUpstream,
+    make_proxy: ProxyFactory,
+    raw_upstream: RawFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # aiohttp's server (http_server="aiohttp"): the lean server reads bodies on its own path.
+    monkeypatch.setenv("METERPROXY_HTTP_SERVER", "aiohttp")
     release = asyncio.Event()
 
     async def script(conn: RawConnection) -> None:
