@@ -350,5 +350,8 @@ async def test_clean_shutdown_mid_attempt_releases_the_claim(
 
         second = await make_proxy(**settings)
         await wait_for(lambda: len(receiver.accepted) >= 1, what="the delivery after the restart")
+        # Accepted is not yet recorded: wait for the outbox row itself.
+        delivered = [("delivered",)]
+        await wait_for(lambda: query(db, "SELECT state FROM webhook_outbox") == delivered, what="delivered")
         await second.server.close()
     assert query(db, "SELECT state FROM webhook_outbox") == [("delivered",)]
