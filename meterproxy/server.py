@@ -53,6 +53,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from meterproxy.app_state import PROXY
 from meterproxy.bad_requests import BAD_REQUESTS
+from meterproxy.body_budget import RETRY_AFTER_SECONDS, OverBudget
 from meterproxy.http_errors import json_error
 from meterproxy.proxy import Proxy
 from meterproxy.routing import RouteError
@@ -114,6 +115,7 @@ class _Request:
     """One request as llhttp parses it, until it is answered."""
 
     __slots__ = (
+        "announced",
         "body",
         "body_size",
         "chunked",
@@ -122,6 +124,7 @@ class _Request:
         "head_done",
         "head_size",
         "headers",
+        "held",
         "keep_alive",
         "method",
         "refusal",
@@ -145,6 +148,10 @@ class _Request:
         self.for_app = False
         #: Our own answer (413, 408), recorded already; sent when it is this request's turn.
         self.refusal: web.Response | None = None
+        #: Bytes reserved for this body in the proxy's `BodyBudget` (given back exactly once),
+        #: and whether they were reserved whole from Content-Length (else chunk by chunk).
+        self.held = 0
+        self.announced = False
         self.started = time.perf_counter()
 
     def str_headers(self) -> list[tuple[str, str]]:
@@ -403,6 +410,12 @@ class _Conn(asyncio.Protocol):
         if request is not None and request.head_done and not request.for_app and request.refusal is None:
             message = "client hung up before sending its whole body"
             self._refuse(request, 400, "client_gone", message)
+        # Bodies read but never forwarded give their bytes back (a forwarded one does when its
+        # exchange ends).
+        for queued in self._queue:
+            self._release(queued)
+        if request is not None and request is not self.active:
+            self._release(request)
         waiter = self._write_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -467,6 +480,10 @@ class _Conn(asyncio.Protocol):
             request.keep_alive = False  # unless the application answers 101 (then it is a tunnel)
         if not request.for_app and length > self._proxy.max_body_bytes:
             self._too_large(request)
+        elif not request.for_app and length > 0:
+            # Reserved whole before a byte of it is read: a body that cannot fit is never read.
+            request.announced = True
+            self._take(request, length)
         self._queue.append(request)
         if self.active is None:
             self._next()
@@ -483,10 +500,13 @@ class _Conn(asyncio.Protocol):
             else:
                 request.body.append(body)
             return
-        request.body.append(body)
         if request.body_size > self._proxy.max_body_bytes:
             request.body.clear()
             self._too_large(request)
+            return
+        if not request.announced and not self._take(request, len(body)):
+            return  # over the budget: refused, what it held given back
+        request.body.append(body)
 
     def on_message_complete(self) -> None:
         request = self._parsing
@@ -527,6 +547,7 @@ class _Conn(asyncio.Protocol):
         try:
             target = proxy.route(raw_path, raw_query)
         except RouteError as exc:
+            self._release(request)
             answer.send_whole(json_error(404, "no_route", str(exc)))
             return
         body = request.body[0] if len(request.body) == 1 else b"".join(request.body)
@@ -535,7 +556,13 @@ class _Conn(asyncio.Protocol):
             request.method, target, request.str_headers(), raw_query, body, request.started
         )
         task = proxy.spawn(exchange, answer)
-        task.add_done_callback(lambda _: None if answer.done else self.abort())
+
+        def done(_: object) -> None:
+            self._release(request)  # the exchange kept the body until it ended
+            if not answer.done:
+                self.abort()
+
+        task.add_done_callback(done)
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -610,7 +637,30 @@ class _Conn(asyncio.Protocol):
         request.refusal = response
         request.keep_alive = False
         request.body = []
+        self._release(request)
         return response
+
+    # -- the proxy's budget of request bodies held in memory (issue 14.7) ---------------
+    def _take(self, request: _Request, n: int) -> bool:
+        """Reserve ``n`` more bytes for this body, or refuse it with 503 + Retry-After."""
+        try:
+            self._proxy.body_budget.take(n)
+        except OverBudget as exc:
+            message = f"too many request bodies in memory right now ({exc}); retry shortly"
+            response = self._refuse(request, 503, "bodies_over_budget", message)
+            if response.status == 503:
+                response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            self._cancel_body_timer()
+            if request is self.active:
+                self._next_refusal(request)
+            return False
+        request.held += n
+        return True
+
+    def _release(self, request: _Request) -> None:
+        if request.held:
+            self._proxy.body_budget.give_back(request.held)
+            request.held = 0
 
     def _too_large(self, request: _Request) -> None:
         if request.refusal is None:

@@ -2,9 +2,8 @@
 
 The proxy runs as a subprocess (``python -m meterproxy serve``) in front of a
 fake upstream on 127.0.0.1; the probes are raw sockets and aiohttp. Each test
-is one numbered item of issue 14. Items whose fix had not landed when these
-tests were written are marked ``xfail`` (not strict, so they do not block the
-suite): an XPASS means the fix landed and the marker should go.
+is one numbered item of issue 14; every one holds on main (they were written as
+expected failures before the fixes landed, and now guard them).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from tests.helpers.replicas import Replica
 
 KEY = "sk-proj-AcceptanceKey0123456789abcdefABCDEF"
 CHAT = load_fixture("openai_chat_json")
-NOT_YET = "issue 14: not fixed on main when written (h1's area)"
 
 
 @dataclass
@@ -179,7 +177,6 @@ async def test_3_a_key_echoed_by_the_upstream_is_stored_nowhere(served: Served) 
 DANGEROUS = ('=HYPERLINK("http://evil.example","x")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3")
 
 
-@pytest.mark.xfail(reason=NOT_YET, strict=False)
 async def test_4_csv_cells_never_start_a_formula(served: Served) -> None:
     for i, value in enumerate(DANGEROUS):
         headers = {"X-Meter-User": value, "X-Meter-Session": value, "X-Meter-Tags": f"team={value}"}
@@ -209,7 +206,6 @@ def _number(cell: str) -> bool:
         return False
 
 
-@pytest.mark.xfail(reason=NOT_YET, strict=False)
 async def test_11_dot_segments_below_a_base_path_never_reach_the_upstream(served: Served) -> None:
     for path in ("/based/v1/..;/x", "/based/v1/%252e%252e/x", "/based/v1/%2e%2e/x", "/based/v1/.%2E/x"):
         before = len(served.upstream.received)
@@ -220,7 +216,6 @@ async def test_11_dot_segments_below_a_base_path_never_reach_the_upstream(served
         assert [r.path_qs for r in served.upstream.received[before:]] == [], path
 
 
-@pytest.mark.xfail(reason=NOT_YET, strict=False)
 async def test_11_oversized_user_and_session_headers_are_capped(served: Served) -> None:
     headers = {"X-Meter-User": "u" * 8000, "X-Meter-Session": "s" * 8000, "Authorization": "Bearer sk-x"}
     assert await chat(served, headers) == 200  # the client still gets its answer
@@ -236,7 +231,6 @@ def _answer_costing_15_cents() -> bytes:
     return json.dumps(body, indent=2).encode()
 
 
-@pytest.mark.xfail(reason=NOT_YET, strict=False)
 async def test_5_a_block_budget_stops_sequential_requests_at_its_limit(tmp_path: Path) -> None:
     config = tmp_path / "meterproxy.toml"
     config.write_text('[[budgets]]\nname = "cap"\nlimit_usd = "1"\nperiod = "month"\naction = "block"\n')
@@ -261,7 +255,6 @@ async def test_5_a_block_budget_stops_sequential_requests_at_its_limit(tmp_path:
     assert statuses == [200] * 7 + [429] * 9
 
 
-@pytest.mark.xfail(reason=NOT_YET, strict=False)
 @pytest.mark.parametrize("fault", ["port-in-use", "db-parent-is-a-file", "not-a-database", "limit-abc"])
 def test_10_start_up_faults_say_one_clear_line(tmp_path: Path, fault: str) -> None:
     (tmp_path / "afile").write_text("")

@@ -3,7 +3,8 @@
 Each body is read whole, bounded per request by ``max_body_bytes``; all bodies
 together are bounded by ``max_buffered_body_bytes``. Two clients hold 1.5 MiB
 bodies in flight (their upstream answers slowly); a third announcing 1.5 MiB
-does not fit in a 3 MiB budget and gets ``503`` with ``Retry-After`` at once,
+does not fit in a 3 MiB budget and gets ``503`` with ``Retry-After`` at once
+(on the lean server, the default, and on aiohttp's),
 is recorded, and never reaches the upstream. A chunked body (no length
 announced) is reserved as it arrives and refused the same way. Once the two
 are answered, the budget is free again.
@@ -28,14 +29,16 @@ MIB = 1024 * 1024
 BODY = b'{"model":"gpt-4o-mini","messages":[],"pad":"' + b"x" * (3 * MIB // 2) + b'"}'
 
 
+@pytest.mark.parametrize("server", ["lean", "aiohttp"])
 async def test_bodies_over_the_global_budget_get_503_retry_after(
+    server: str,
     upstream: FakeUpstream,
     make_proxy: ProxyFactory,
     raw_upstream: RawFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # aiohttp's server (http_server="aiohttp"): the lean server reads bodies on its own path.
-    monkeypatch.setenv("METERPROXY_HTTP_SERVER", "aiohttp")
+    # Both servers: the lean one (the default) reads proxy bodies on its own path, aiohttp's in read_body.
+    monkeypatch.setenv("METERPROXY_HTTP_SERVER", server)
     release = asyncio.Event()
 
     async def script(conn: RawConnection) -> None:
