@@ -67,6 +67,7 @@ from meterproxy.body_budget import RETRY_AFTER_SECONDS, BodyBudget, OverBudget, 
 from meterproxy.credentials import carried, scrub_record
 from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
+from meterproxy.http_headers import HOP_BY_HOP
 from meterproxy.logs import redact
 from meterproxy.meter import Meter
 from meterproxy.providers.base import ParseResult, RequestInfo
@@ -87,20 +88,6 @@ _V = TypeVar("_V")
 #: durability="strict": longest wait for a record's commit before the answer is finished anyway.
 STRICT_COMMIT_WAIT = 30.0
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", *ATTRIBUTION_HEADERS}
 #: Methods that only probe a server (Claude Code sends ``HEAD`` to its base URL at start-up):
 #: on a path no provider meters they are forwarded but not recorded, being no LLM usage.

@@ -47,6 +47,8 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from meterproxy.http_headers import HOP_BY_HOP
+
 __all__ = [
     "AiohttpClientSide",
     "ClientSide",
@@ -66,23 +68,9 @@ MAX_REFUSAL_BODY = 1024 * 1024
 HIGH_WATER = 256 * 1024
 READ_SIZE = 64 * 1024
 
-# Request headers that never travel upstream: hop-by-hop ones other than the upgrade's own.
-_DROP = frozenset(
-    {
-        "host",
-        "content-length",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-    }
-)
+# Client headers never copied upstream: every hop-by-hop one (`upgrade_headers` writes the
+# upgrade's own Upgrade and Connection), Host (set by `handshake`) and Content-Length.
+_DROP = HOP_BY_HOP | {"host", "content-length"}
 
 
 def is_upgrade(method: str, headers: MultiMapping[str]) -> bool:
