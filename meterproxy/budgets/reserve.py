@@ -66,7 +66,7 @@ from meterproxy.budgets.store import scope_where
 from meterproxy.money import from_pico, to_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
-from meterproxy.store.db import Db, Params, db_errors
+from meterproxy.store.db import Db, Params
 from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord, Usage
 
@@ -122,17 +122,10 @@ class _Running:
     pico: int
 
 
-def _retryable(exc: BaseException) -> bool:
-    for e in (exc, exc.__cause__, exc.__context__):
-        if e is None:
-            continue
-        if getattr(e, "sqlstate", None) in ("40001", "40P01"):
-            return True
-        if isinstance(e, db_errors()) and ("locked" in str(e) or "busy" in str(e)):  # SQLite
-            return True
-        if "could not serialize" in str(e) or "deadlock detected" in str(e):
-            return True
-    return False
+def _retryable(conn: Db, exc: BaseException) -> bool:
+    """PostgreSQL: a concurrent admission won (the store's own test); SQLite: the write lock stayed
+    taken past the busy timeout."""
+    return conn.is_serialization_failure(exc) or (conn.dialect.name == "sqlite" and "locked" in str(exc))
 
 
 class _Refused(Exception):
@@ -210,7 +203,7 @@ class ReservationLedger:
                 return refused.refusal
             except Exception as exc:
                 self._running = saved  # the failed attempt's reads did not happen
-                if not _retryable(exc) or attempt == _RETRIES - 1:
+                if not _retryable(conn, exc) or attempt == _RETRIES - 1:
                     raise
                 time.sleep(min(0.001 * 2**attempt, 0.05))
         return None  # pragma: no cover - the loop returns or raises
