@@ -44,8 +44,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from meterproxy.money import from_pico
+from meterproxy.money import from_pico, usd_text
 from meterproxy.pricing import PriceBook
+from meterproxy.reports import money
 from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.store.summary import SummaryQuery, summarize
 from meterproxy.timestamps import format_ts, parse_ts
@@ -85,7 +86,7 @@ class DayModel:
                 "requests": s.requests,
                 "input_tokens": s.input_tokens,
                 "output_tokens": s.output_tokens,
-                "cost_usd": None if s.cost_usd is None else _usd(s.cost_usd),
+                "cost_usd": None if s.cost_usd is None else usd_text(s.cost_usd),
             }
 
         return {
@@ -120,13 +121,9 @@ class Reconciliation:
             "until": self.until,
             "tolerance": str(self.tolerance),
             "verdicts": self.counts(),
-            "totals": {"meterproxy_cost_usd": _usd(ours), "provider_cost_usd": _usd(theirs)},
+            "totals": {"meterproxy_cost_usd": usd_text(ours), "provider_cost_usd": usd_text(theirs)},
             "rows": [r.as_dict() for r in self.rows],
         }
-
-
-def _usd(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value else "0"
 
 
 # -- the provider's side --------------------------------------------------------------------
@@ -371,13 +368,10 @@ def render_json(result: Reconciliation) -> str:
 
 
 def render_table(result: Reconciliation) -> str:
-    def money(value: Decimal | None) -> str:
-        if value is None:
-            return "unpriced"
-        return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.4f}" if value else "$0"
-
     def cost(side: Side) -> str:
-        return money(side.cost_usd) if side.has_usage else "-"
+        if not side.has_usage:
+            return "-"
+        return "unpriced" if side.cost_usd is None else money(side.cost_usd)
 
     header = ["Day", "Model", "Verdict", "Requests", "Input tok", "Output tok", "Cost"]
     rows = [

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from meterproxy.csv_cells import safe_cell
-from meterproxy.money import from_pico, to_pico, usd_text
+from meterproxy.money import pico_to_usd, to_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import compact, money
 from meterproxy.store.db import Db, Params
@@ -115,20 +115,15 @@ class WhatIf:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        def money(pico: int) -> Decimal:
-            value = from_pico(pico)
-            assert value is not None
-            return value
-
         def one(m: ModelWhatIf) -> dict[str, Any]:
             return {
                 "requests": m.requests,
                 "input_tokens": m.input_tokens,
                 "output_tokens": m.output_tokens,
                 "compared_requests": m.compared,
-                "actual_cost_usd": money(m.actual_pico),
-                "as_model_cost_usd": money(m.as_target_pico),
-                "difference_usd": money(m.difference_pico),
+                "actual_cost_usd": pico_to_usd(m.actual_pico),
+                "as_model_cost_usd": pico_to_usd(m.as_target_pico),
+                "difference_usd": pico_to_usd(m.difference_pico),
                 "as_model_unpriced_requests": m.target_unpriced,
                 "actual_unpriced_requests": m.actual_unpriced,
             }
@@ -143,9 +138,9 @@ class WhatIf:
             "cache_savings": {
                 "cache_read_tokens": self.cache.cache_read_tokens,
                 "cache_write_tokens": self.cache.cache_write_tokens,
-                "cost_without_cache_usd": money(self.cache.without_cache_pico),
-                "actual_cost_usd": money(self.cache.actual_pico),
-                "saved_usd": money(self.cache.saved_pico),
+                "cost_without_cache_usd": pico_to_usd(self.cache.without_cache_pico),
+                "actual_cost_usd": pico_to_usd(self.cache.actual_pico),
+                "saved_usd": pico_to_usd(self.cache.saved_pico),
             },
         }
 
