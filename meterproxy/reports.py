@@ -12,12 +12,9 @@ through `meterproxy.store.summary.summarize`, or from a running proxy's
   names, so scripts can rely on them; the table uses compact units
   (``1.2K``, ``3.4M``), thousands separators and ``$0.0123`` for small costs.
 
-Cache savings are what the cache reads would have cost at each model's plain
-input price minus what they cost at its cache-read price, priced per model and
-per UTC day with `PriceBook` (so a price change mid-range is honoured). Models
-the tables do not know add nothing (their savings are unknown, not zero).
-Cache *writes* cost more than plain input on some providers; that premium is
-part of the cost shown, not subtracted from the savings.
+Cache savings are `meterproxy.savings.cache_savings` over the summary by model
+and UTC day: the same definition ``/api/summary``, ``/api/whatif`` and the page
+use (net of cache-write premiums; see that module).
 """
 
 from __future__ import annotations
@@ -38,12 +35,12 @@ from zoneinfo import ZoneInfo
 from meterproxy.csv_cells import safe_cell
 from meterproxy.money import from_pico, usd_text
 from meterproxy.pricing import PriceBook
+from meterproxy.savings import cache_savings
 from meterproxy.store.backend import apply_migrations, connect, parse_db, read_connection
 from meterproxy.store.migrations import pending_migrations
 from meterproxy.store.queries import RequestFilter
 from meterproxy.store.sessions import session_facts
 from meterproxy.timestamps import format_ts, parse_ts
-from meterproxy.usage import Usage
 
 __all__ = [
     "KINDS",
@@ -53,7 +50,6 @@ __all__ = [
     "Report",
     "SummaryReader",
     "build_report",
-    "cache_savings",
     "compact",
     "money",
     "parse_bound",
@@ -241,22 +237,6 @@ class Report:
     total_rows: int = 0
 
 
-def cache_savings(by_model_day: Summary, book: PriceBook) -> Decimal:
-    """Input price minus cache-read price for every cache-read token (see module docstring)."""
-    total = Decimal(0)
-    for group in by_model_day["groups"]:
-        read = int(group.get("cache_read_tokens") or 0)
-        model, day = group["key"].get("model"), group["key"].get("day")
-        if not read or not model or not day:
-            continue
-        at = datetime.combine(date.fromisoformat(day[:10]), time(12), UTC)
-        plain = book.price(model=model, usage=Usage(input_tokens=read), at=at)
-        cached = book.price(model=model, usage=Usage(input_tokens=read, cache_read_tokens=read), at=at)
-        if plain is not None and cached is not None:
-            total += plain.cost_usd - cached.cost_usd
-    return total
-
-
 def _merge_models(rows: list[dict[str, Any]], book: PriceBook) -> list[dict[str, Any]]:
     """Rows keyed by model -> rows keyed by the price-table id each name prices as, raw names kept.
 
@@ -327,7 +307,7 @@ def build_report(
         group_by=group_by,
         rows=rows,
         totals=_exact(main["totals"]),
-        cache_savings_usd=cache_savings(by_model_day, book),
+        cache_savings_usd=cache_savings(book, ((g["key"], g) for g in by_model_day["groups"])).saved_usd,
         since=getattr(query, "since", None),
         until=getattr(query, "until", None),
         tz=str(getattr(query, "tz", UTC)),

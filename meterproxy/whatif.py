@@ -20,10 +20,10 @@ without trusted tokens has nothing to reprice. Rows the target cannot price
 never folded into the difference as zeros: the difference is over rows priced
 both ways.
 
-Cache savings (`CacheSavings`): for the same rows as stored, the cost if every
-cached input token (read or written) had been plain input, minus the actual
-cost. That is net of cache-write premiums: a write that costs 1.25x input and
-is never read again shows as a negative saving.
+Cache savings come with it: `meterproxy.savings.cache_savings` over the same
+filter's summary by model and day, the one definition the report, ``/api/summary``
+and the page use too (net of cache-write premiums), so the what-if panel and the
+page's savings card show the same figure for the same selection.
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from meterproxy.csv_cells import safe_cell
 from meterproxy.money import pico_to_usd, to_pico, usd_text
 from meterproxy.pricing import PriceBook
 from meterproxy.reports import compact, money
+from meterproxy.savings import CacheSavings, cache_savings
 from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import RequestFilter, read_connection
+from meterproxy.store.summary import SummaryQuery, summarize
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, Usage
 
 __all__ = [
-    "CacheSavings",
     "ModelWhatIf",
     "PriceMoment",
     "WhatIf",
@@ -81,20 +82,6 @@ class ModelWhatIf:
     @property
     def difference_pico(self) -> int:
         return self.as_target_pico - self.actual_pico
-
-
-@dataclass(slots=True)
-class CacheSavings:
-    """What prompt caching saved on the selected rows, net of cache-write premiums."""
-
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    without_cache_pico: int = 0
-    actual_pico: int = 0
-
-    @property
-    def saved_pico(self) -> int:
-        return self.without_cache_pico - self.actual_pico
 
 
 @dataclass(slots=True)
@@ -135,13 +122,7 @@ class WhatIf:
             "prices": self.prices,
             "models": [{"model": k, **one(v)} for k, v in sorted(self.by_model.items())],
             "totals": one(self.totals),
-            "cache_savings": {
-                "cache_read_tokens": self.cache.cache_read_tokens,
-                "cache_write_tokens": self.cache.cache_write_tokens,
-                "cost_without_cache_usd": pico_to_usd(self.cache.without_cache_pico),
-                "actual_cost_usd": pico_to_usd(self.cache.actual_pico),
-                "saved_usd": pico_to_usd(self.cache.saved_pico),
-            },
+            "cache_savings": self.cache.as_dict(),
         }
 
 
@@ -191,37 +172,10 @@ def what_if(
                 m.compared += 1
                 m.actual_pico += actual
                 m.as_target_pico += to_pico(priced.cost_usd)
-            if actual is not None and (usage.cache_read_tokens or usage.cache_write_tokens):
-                _add_cache_saving(result.cache, book, row, usage, ts, actual)
+        result.cache = cache_savings(book, summarize(conn, SummaryQuery(flt, ["model", "day"])).groups)
     finally:
         conn.close()
     return result
-
-
-def _add_cache_saving(
-    cache: CacheSavings, book: PriceBook, row: Any, usage: Usage, ts: datetime, actual: int
-) -> None:
-    plain = Usage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
-        web_search_requests=usage.web_search_requests,
-        audio_input_tokens=usage.audio_input_tokens,
-        image_input_tokens=usage.image_input_tokens,
-        audio_output_tokens=usage.audio_output_tokens,
-        image_output_tokens=usage.image_output_tokens,
-    )
-    provider = row["upstream"] or row["provider"] or None
-    for model in dict.fromkeys(m for m in (row["model"], row["requested_model"]) if m):
-        priced = book.price(
-            model=model, usage=plain, at=ts, provider=provider, service_tier=row["service_tier"]
-        )
-        if priced is not None:
-            cache.cache_read_tokens += usage.cache_read_tokens
-            cache.cache_write_tokens += usage.cache_write_tokens
-            cache.without_cache_pico += to_pico(priced.cost_usd)
-            cache.actual_pico += actual
-            return
 
 
 # -- rendering (the report command and the API share the JSON shape) ------------------------

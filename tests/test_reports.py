@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from meterproxy.app_state import METER
 from meterproxy.cli import main
 from meterproxy.pricing import PriceBook
-from meterproxy.reports import cache_savings, compact, money
+from meterproxy.reports import compact, money
+from meterproxy.savings import cache_savings
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
 
@@ -215,8 +216,8 @@ def test_money(value: str, text: str) -> None:
 
 def test_cache_savings_ignores_unknown_models() -> None:
     book = PriceBook.default()
-    summary = {"groups": [{"key": {"model": "mystery", "day": "2026-11-10"}, "cache_read_tokens": 10**6}]}
-    assert cache_savings(summary, book) == 0
+    groups = [({"model": "mystery", "day": "2026-11-10"}, {"cache_read_tokens": 10**6})]
+    assert cache_savings(book, groups).saved_usd == 0
 
 
 async def test_status_colored_by_the_worst_budget(make_proxy: Any) -> None:

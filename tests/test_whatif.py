@@ -163,3 +163,76 @@ def _seed_into(proxy: Any) -> None:
         price(r)
         assert writer.submit(r)
     writer.call(lambda conn: None).result(30)
+
+
+async def test_cache_savings_are_one_figure_in_report_summary_whatif(make_proxy: Any) -> None:
+    """Report, /api/summary and /api/whatif (the page's card and panel) give the same net savings."""
+    proxy = await make_proxy()
+    book = PriceBook.default()
+    price = price_record_with(book)
+    spec = [
+        # (day offset, model, upstream, input, read, write, write_1h)
+        (0, "claude-haiku-4-5", "anthropic", 9000, 6000, 2000, 0),
+        (0, "claude-haiku-4-5", "anthropic", 4000, 0, 3000, 3000),  # writes only: a negative saving
+        (1, "claude-sonnet-4-5", "anthropic", 20_000, 15_000, 4000, 1000),
+        (1, "gpt-4o-mini", "openai", 5000, 4096, 0, 0),
+        (1, "my-private-llm", "vllm", 5000, 4000, 0, 0),  # unknown: saves nothing, not zero-priced
+    ]
+    records = []
+    for day, model, upstream, inp, read, write, hour in spec:
+        r = make_record(
+            model=model,
+            provider="openai" if upstream != "anthropic" else "anthropic",
+            upstream=upstream,
+            ts=T0 + timedelta(days=day),
+            usage=Usage(
+                input_tokens=inp,
+                cache_read_tokens=read,
+                cache_write_tokens=write,
+                cache_write_1h_tokens=hour,
+                output_tokens=50,
+            ),
+        )
+        price(r)
+        records.append(r)
+        assert proxy.app[WRITER].submit(r)
+    proxy.app[WRITER].call(lambda conn: None).result(30)
+
+    # By hand, per row: the same tokens as plain input, minus the row's cost as billed.
+    expected = Decimal(0)
+    reads_only = Decimal(0)
+    for r in records:
+        u = r.tokens
+        plain = Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens)
+        no_cache = book.price(model=r.model or "", usage=plain, at=r.ts, provider=r.upstream)
+        if no_cache is None:
+            continue
+        assert r.cost_usd is not None
+        expected += no_cache.cost_usd - r.cost_usd
+        read_only = Usage(
+            input_tokens=u.input_tokens, cache_read_tokens=u.cache_read_tokens, output_tokens=50
+        )
+        billed_reads = book.price(model=r.model or "", usage=read_only, at=r.ts, provider=r.upstream)
+        assert billed_reads is not None
+        reads_only += no_cache.cost_usd - billed_reads.cost_usd
+    assert 0 < expected < reads_only  # the write premiums are netted out
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{proxy.url}/api/summary") as r:
+            summary = json.loads(await r.text(), parse_float=Decimal)
+        async with http.get(f"{proxy.url}/api/whatif?as_model={TARGET}") as r:
+            whatif = json.loads(await r.text(), parse_float=Decimal)
+    report = json.loads(
+        (
+            await asyncio.to_thread(
+                CliRunner().invoke, main, ["report", "daily", "--db", str(proxy.db), "--json"]
+            )
+        ).output
+    )
+    figures = {
+        "summary": Decimal(str(summary["cache_savings_usd"])),
+        "whatif": Decimal(str(whatif["cache_savings"]["saved_usd"])),
+        "report": Decimal(report["cache_savings_usd"]),
+    }
+    assert figures == dict.fromkeys(figures, expected)
+    assert whatif["cache_savings"]["cache_write_tokens"] == 9000

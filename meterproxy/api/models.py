@@ -112,7 +112,8 @@ class SummaryResponse(_Model):
         description="Each model name in the groups -> the price-table id it is priced as (null: unknown).",
     )
     cache_savings_usd: Cost = Field(
-        description="What cache reads saved against plain input prices (known models only)."
+        description="What cached input saved against plain input prices, net of cache-write premiums "
+        "(known models only; meterproxy.savings)."
     )
     notes: list[str] = Field(description="Caveats, e.g. retention-deleted raw rows.")
 

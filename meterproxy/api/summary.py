@@ -17,7 +17,6 @@ shared with the timeseries, sessions and export endpoints.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -29,7 +28,7 @@ from meterproxy.api.models import measures_to_api
 from meterproxy.api.requests import filter_from_query
 from meterproxy.app_state import PRICES, WRITER
 from meterproxy.pricing import PriceBook
-from meterproxy.reports import cache_savings
+from meterproxy.savings import cache_savings
 from meterproxy.store.queries import RequestFilter, run_read
 from meterproxy.store.summary import (
     GROUPABLE,
@@ -140,11 +139,6 @@ def _by_model(q: SummaryQuery, *extra: str) -> SummaryQuery:
     return SummaryQuery(q.filter, ["model", *extra], q.tz)
 
 
-def _savings(book: PriceBook, by_model_day: Summary) -> Decimal:
-    groups = [{"key": key, "cache_read_tokens": m["cache_read_tokens"]} for key, m in by_model_day.groups]
-    return cache_savings({"groups": groups}, book)
-
-
 async def summary_handler(request: web.Request) -> web.Response:
     query = request.query
     try:
@@ -176,7 +170,7 @@ async def summary_handler(request: web.Request) -> web.Response:
             # The first page only: the full, paged list is /api/models/unpriced.
             "unpriced_models": unpriced_models(models)[:UNPRICED_PAGE],
             "priced_models": priced_models(book, [summary, models]),
-            "cache_savings_usd": _savings(book, days),
+            "cache_savings_usd": cache_savings(book, days.groups).saved_usd,
             "notes": summary.notes,
         },
         request=request,
