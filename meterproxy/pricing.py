@@ -430,7 +430,9 @@ class PriceBook:
         hops = 0
         while found is not None and (redirect := _latest(found.redirects, when)) is not None:
             hops += 1
-            found = self.lookup(redirect.to, found.provider) if hops <= _MAX_REDIRECTS else None
+            # An alias whose target at `when` no source gives (`unknown`) prices nothing.
+            known = redirect.to and hops <= _MAX_REDIRECTS
+            found = self.lookup(redirect.to, found.provider) if known else None
         if found is None:
             return None
         entry = _latest(found.entries, when)
@@ -525,7 +527,10 @@ class PriceBook:
         out = []
         for m in sorted(self._models.values(), key=lambda m: (m.provider, m.id)):
             plist = self.price_list(m.provider)
-            if not m.entries or plist is None or self._base_id(m.id.lower(), plist) is None:
+            if plist is None or self._base_id(m.id.lower(), plist) is None:
+                continue
+            if not m.entries:
+                out += self._alias_disagreement(m, plist, usages, also_at)
                 continue
             base = self._layered(m.id.lower(), plist, ())
             first = m.entries[0].effective_from
@@ -553,6 +558,35 @@ class PriceBook:
             out.append(f"{m.provider}/{m.id} at {at.isoformat()}: {m.entries[0].layer} {a}, base {b}{reason}")
         return out
 
+    def _alias_disagreement(
+        self, m: _Model, plist: PriceList, usages: Sequence[Usage], also_at: Sequence[datetime]
+    ) -> list[str]:
+        """An alias priced through dated redirects vs the base's own history for the name.
+
+        Compared at noon the day after each move and at `also_at` (from the first move on);
+        a span whose target is unknown (unpriced here) is not a disagreement.
+        """
+        if not m.redirects:
+            return []
+        base = self._layered(m.id.lower(), plist, ())
+        first = m.redirects[0].effective_from
+        points = [r.effective_from.replace(hour=12, minute=0, second=0) + _DAY for r in m.redirects]
+        for at in sorted({p for p in (*points, *also_at) if p >= first}):
+            move = _latest(m.redirects, at)
+            theirs = _latest(base, at)
+            for u in usages:
+                mine = self.price(model=m.id, usage=u, at=at, provider=m.provider)
+                if mine is None or theirs is None or move is None:
+                    continue
+                b = _entry_cost(theirs, u, at, None)[0]
+                if abs(mine.cost_usd - b) > _TOLERANCE:
+                    why = f"; {move.note}" if move.note else ""
+                    return [
+                        f"{m.provider}/{m.id} at {at.isoformat()}: alias -> {mine.model} "
+                        f"({mine.layer}) {mine.cost_usd}, base {b}{why}"
+                    ]
+        return []
+
     def _validate(self) -> Iterable[str]:
         for m in self._models.values():
             if m.same_as is not None:
@@ -570,6 +604,8 @@ class PriceBook:
             for r in m.redirects:
                 if r.to.lower() == m.id.lower():
                     yield f"{m.origin}: redirects to itself"
+                elif r.to and self.lookup(r.to, m.provider) is None:
+                    yield f"{m.origin}: redirect target {r.to!r} is not on the {m.provider!r} list"
         for prov in self._providers.values():
             if any(x.multiplier <= 0 for x in prov.multipliers):
                 yield f"provider {prov.name!r}: multiplier must be positive"

@@ -71,7 +71,7 @@ _LC_KEYS = frozenset({*_RATE_KEYS, "threshold"})
 _MODEL_KEYS = frozenset(
     {"id", "aliases", "prices", "same_as", "multipliers", "redirects", "source", "note", "deprecated"}
 )
-_REDIRECT_KEYS = frozenset({"effective_from", "to", "source", "note"})
+_REDIRECT_KEYS = frozenset({"effective_from", "to", "unknown", "source", "note"})
 _FILE_KEYS = frozenset({"provider", "prefixes", "aggregator", "models", "multipliers", "source", "note"})
 
 
@@ -281,12 +281,18 @@ class Multiplier:
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    """From `effective_from` on, the model is billed as model `to` (a retired name, an alias)."""
+    """From `effective_from` on, the model is billed as model `to` (a retired name, an alias).
+
+    A moving alias (``mistral-large-latest``) is a list of these, one per move. Where no
+    source says what the alias pointed at, the redirect has no `to` and `unknown` says
+    why: requests in that span stay unpriced rather than priced as a guess.
+    """
 
     effective_from: datetime
-    to: str
+    to: str  # "" when `unknown`
     source: str | None = None
     note: str | None = None
+    unknown: str | None = None
 
 
 @dataclass(slots=True)
@@ -369,11 +375,13 @@ def _redirects(raw: Any, where: str, problems: list[str]) -> list[Redirect]:
     for i, r in enumerate(raw):
         rw = f"{where} redirects[{i}]"
         problems.extend(_unknown(r, _REDIRECT_KEYS, rw))
-        to = _req_str(r, "to", rw)
-        notes = {k: r.get(k) for k in ("source", "note")}
+        notes = {k: r.get(k) for k in ("source", "note", "unknown")}
         if any(v is not None and not isinstance(v, str) for v in notes.values()):
-            raise PricingError(f"{rw}: 'source' and 'note' must be strings")
-        out.append(Redirect(_when(r, rw), to, notes["source"], notes["note"]))
+            raise PricingError(f"{rw}: 'source', 'note' and 'unknown' must be strings")
+        if ("to" in r) == bool(notes["unknown"]):
+            raise PricingError(f"{rw}: needs exactly one of 'to' (the target) or 'unknown' (why not known)")
+        to = _req_str(r, "to", rw) if "to" in r else ""
+        out.append(Redirect(_when(r, rw), to, notes["source"], notes["note"], notes["unknown"]))
     return sorted(out, key=lambda r: r.effective_from)
 
 

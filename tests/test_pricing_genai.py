@@ -133,6 +133,17 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "launched with cache reads at $0.20 and Anthropic cut them to $0.10 on 2026-10-07 (ours is "
         "right; platform.claude.com/docs/en/release-notes/overview, September 28 and October 7, 2026)"
     ),
+    "mistral-large-latest": (
+        "from 2025-12-02 the alias serves Mistral Large 3 (mistral-large-2512, $0.50 / $1.50); "
+        "genai-prices still bills it as Large 2 ($2 / $6) at every date (ours is right: Mistral 3 "
+        "release 2025-12-02; mistral-large-2411 retired 2026-05-31; sources in pricing/mistral.toml)"
+    ),
+    "gemini-flash-latest": (
+        "genai-prices bills the alias as Gemini 3.8 Flash at every date; from 2025-09-25 it pointed "
+        "at Gemini 2.5 Flash Preview 09-2025 (2.5 Flash rates), and before 2026-10-12 no source "
+        "dates its later moves, so we leave that span unpriced (developers.googleblog.com "
+        "2025-09-25; sources in pricing/gemini.toml)"
+    ),
     "deepseek-flash": (
         "weekends: DeepSeek bills them off-peak all day, genai-prices at peak (upper bound, its "
         "issue #582); ours is right (api-docs.deepseek.com/quick_start/pricing)"
@@ -146,7 +157,9 @@ WEEKDAY = date(2026, 11, 18)  # a Wednesday, not a Chinese public holiday
 
 def _dates(book: PriceBook, model: str) -> list[datetime]:
     entries = book.history(model)
-    days = [e.effective_from + timedelta(days=1) for e in entries]
+    info = book.info(model)
+    moves = [r.effective_from for r in info.redirects] if info is not None else []
+    days = [d + timedelta(days=1) for d in (*(e.effective_from for e in entries), *moves)]
     noon = [d.replace(hour=12, minute=0, second=0) for d in days]
     edges = [t for e in entries for t in _window_edges(e)]
     return sorted({*noon, *edges, RECENT})

@@ -282,7 +282,9 @@ def show_command(
     now = datetime.now(UTC)
     current = _in_force(found.entries, now)
     redirect = next((r for r in reversed(found.redirects) if r.effective_from <= now), None)
-    if redirect is not None:
+    if redirect is not None and not redirect.to:
+        click.echo("in force now: not known what it points at, unpriced (curated layer)")
+    elif redirect is not None:
         click.echo(f"in force now: billed as {redirect.to} (redirect, curated layer)")
     elif current is not None:
         click.echo(f"in force now: {current.layer} layer, {current.source or current.origin}")
@@ -290,7 +292,8 @@ def show_command(
         click.echo("\n".join(_entry_lines(entry)))
     for r in found.redirects:
         note = f" ({r.source})" if r.source else ""
-        click.echo(f"from {r.effective_from.isoformat()} billed as {r.to}{note}")
+        what = f"billed as {r.to}" if r.to else f"unpriced: {r.unknown}"
+        click.echo(f"from {r.effective_from.isoformat()} {what}{note}")
     mults = [(m, "model") for m in found.multipliers]
     mults += [(m, f"provider {found.provider}") for m in book.provider_multipliers(found.provider)]
     for m, scope in sorted(mults, key=lambda pair: pair[0].effective_from):
