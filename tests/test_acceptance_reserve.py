@@ -162,6 +162,7 @@ def test_the_answers_a_request_asks_for_are_read_from_its_body() -> None:
 
 async def test_a_request_naming_no_model_is_refused_once_the_reserve_budget_is_spent(tmp_path: Path) -> None:
     # Azure OpenAI: the deployment is in the path, the body names no model, the answer does.
+    # With unpriced = "allow" (the default refuses it outright: tests/test_budget_reserve.py).
     answer = {
         "id": "chatcmpl-azure",
         "object": "chat.completion",
@@ -173,7 +174,10 @@ async def test_a_request_naming_no_model_is_refused_once_the_reserve_budget_is_s
         "usage": {"prompt_tokens": 100, "completion_tokens": 4_000, "total_tokens": 4_100},
     }
     config = tmp_path / "meterproxy.toml"
-    config.write_text('[[budgets]]\nname = "cap"\nlimit_usd = "0.2"\nperiod = "month"\naction = "reserve"\n')
+    config.write_text(
+        '[[budgets]]\nname = "cap"\nlimit_usd = "0.2"\nperiod = "month"\naction = "reserve"\n'
+        'unpriced = "allow"\n'
+    )
     path = "/openai/deployments/prod/chat/completions"
     async with FakeUpstream() as upstream:
         upstream.reply(path, Reply(body=json.dumps(answer).encode()))

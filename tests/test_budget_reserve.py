@@ -118,7 +118,7 @@ async def test_reserve_budget_never_spends_past_its_limit_under_100_concurrent_r
     # Every reservation is settled once the rows are committed: nothing stays held.
     async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/api/budgets/team") as r:
         view = json.loads(await r.text(), parse_float=Decimal)
-    assert view["action"] == "reserve"
+    assert view["action"] == "reserve" and view["unpriced"] == "refuse"
     assert Decimal(view["reserved_usd"]) == 0
     assert Decimal(view["spend_usd"]) == spent
 
@@ -169,6 +169,68 @@ def test_reserve_needs_a_calendar_period() -> None:
         BudgetSpec.model_validate(
             {"name": "x", "limit_usd": "1", "period": "rolling:1h", "action": "reserve"}
         )
+
+
+def test_unpriced_policy_is_checked() -> None:
+    base = {"name": "x", "limit_usd": "1", "period": "month"}
+    assert BudgetSpec.model_validate({**base, "action": "reserve"}).unpriced_policy == "refuse"
+    with pytest.raises(ValueError, match="action 'reserve' only"):
+        BudgetSpec.model_validate({**base, "action": "block", "unpriced": "allow"})
+    with pytest.raises(ValueError, match="go together"):
+        BudgetSpec.model_validate({**base, "action": "reserve", "unpriced": "reserve"})
+    with pytest.raises(ValueError, match="go together"):
+        BudgetSpec.model_validate({**base, "action": "reserve", "unpriced_reserve_usd": "0.01"})
+
+
+#: A name the price tables do not know (an Azure deployment, a private alias); the answer
+#: names gpt-4o-mini, which is priced, so what the request really costs counts as spend.
+DEPLOYMENT = "our-mini-deployment"
+
+
+async def call_unpriced(client: openai.AsyncOpenAI) -> str:
+    try:
+        await client.chat.completions.create(
+            model=DEPLOYMENT, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PROMPT}]
+        )
+        return "admitted"
+    except openai.RateLimitError as exc:
+        if "cannot bound this request" in exc.message:
+            assert f"'{DEPLOYMENT}' has no price" in exc.message and 'unpriced = "reserve"' in exc.message
+            return "unpriced"
+        assert "cannot cover this request" in exc.message
+        return "limit"
+
+
+@pytest.mark.parametrize("policy", ["refuse", "reserve", "allow"])
+async def test_unpriced_requests_under_a_reserve_budget_follow_its_policy(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, policy: str
+) -> None:
+    """100 concurrent requests for a model without a price, each answered by a priced model."""
+    serve_answer(upstream, stall=0.5)
+    hold = per_request_worst()  # covers one answer (the answer is well within the request's limits)
+    limit = (hold * Decimal("7.5")).quantize(Decimal("1e-9"))
+    budget: dict[str, Any] = {"name": "team", "limit_usd": str(limit), "period": "month", "action": "reserve"}
+    if policy != "refuse":
+        budget["unpriced"] = policy
+    if policy == "reserve":
+        budget["unpriced_reserve_usd"] = str(hold)
+    proxy = await make_proxy(budgets=[budget])
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    results = await asyncio.gather(*(call_unpriced(client) for _ in range(100)))
+    await proxy.rows(100)
+    spent = from_pico(query(proxy.db, "SELECT COALESCE(SUM(cost_pico), 0) FROM requests")[0][0]) or Decimal(0)
+    admitted = results.count("admitted")
+    assert len(upstream.received) == admitted, "a refused request must never reach the upstream"
+    if policy == "refuse":
+        # The default: a hard limit refuses what it cannot bound, and says how to change that.
+        assert results.count("unpriced") == 100 and spent == 0
+    elif policy == "reserve":
+        assert spent <= limit, f"spent {spent} of {limit}"
+        assert 7 <= admitted < 100, admitted
+    else:
+        # "allow" holds nothing: every request in flight at once gets through, past the limit.
+        # This is the overshoot the other two policies exist to prevent (documented in README).
+        assert spent > limit, f"spent {spent} of {limit} with {admitted} admitted"
 
 
 @pytest.fixture

@@ -56,6 +56,9 @@ def budget_view(state: BudgetState, request: web.Request) -> dict[str, Any]:
         "notify_reset": spec.notify_reset,
         "webhooks": spec.webhooks,
     }
+    if spec.action == "reserve":
+        view["unpriced"] = spec.unpriced_policy
+        view["unpriced_reserve_usd"] = spec.unpriced_reserve_usd
     if snap is None:  # deleted meanwhile
         return view
     if spec.action == "reserve":

@@ -13,7 +13,9 @@ config file (``[[budgets]]``) or from ``POST /api/budgets``:
   ``rolling:<duration>`` such as ``rolling:24h``, ``rolling:30m``,
   ``rolling:7d`` (the last N, sliding with the clock).
 - ``limit_usd`` (exact Decimal), ``thresholds`` in percent of the limit (default
-  50, 80, 100) and ``action`` at the limit: ``alert`` or ``block``.
+  50, 80, 100) and ``action`` at the limit: ``alert``, ``block`` or ``reserve``;
+  ``unpriced`` (with ``unpriced_reserve_usd``) says what a ``reserve`` budget does
+  with a request it cannot price (`meterproxy.budgets.reserve`).
 - ``projected``: also alert when the projected spend at the current burn rate
   exceeds the limit before the period ends (calendar periods only).
 
@@ -141,6 +143,16 @@ class BudgetSpec(BaseModel):
         description="At the limit: alert; block (spend recorded so far); or reserve (admit a request only "
         "if its worst-case cost fits, so requests in flight can never pass the limit).",
     )
+    unpriced: Literal["refuse", "reserve", "allow"] | None = Field(
+        None,
+        description="reserve budgets, for a request whose worst case has no price (its model is not in "
+        "the tables, or it names none): refuse it (the default: a hard limit cannot bound it); reserve "
+        "unpriced_reserve_usd for it; or allow it holding nothing (the limit can then be passed by what "
+        "such requests cost).",
+    )
+    unpriced_reserve_usd: Decimal | None = Field(
+        None, gt=0, description="With unpriced = 'reserve': the USD held for each unpriced request."
+    )
     projected: bool = Field(False, description="Alert when the projected spend exceeds the limit.")
     notify_reset: bool = Field(False, description="Send budget.reset when a new calendar period starts.")
     webhooks: list[str] | None = Field(None, description="Endpoint names to alert (default: all).")
@@ -173,12 +185,21 @@ class BudgetSpec(BaseModel):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _check_reserve_period(self) -> BudgetSpec:
+    def _check_reserve(self) -> BudgetSpec:
         if self.action == "reserve" and Period.parse(self.period).rolling:
             raise ValueError(
                 "action 'reserve' needs a calendar period (day, week or month), not a rolling one"
             )
+        if self.unpriced is not None and self.action != "reserve":
+            raise ValueError("'unpriced' applies to action 'reserve' only")
+        if (self.unpriced == "reserve") != (self.unpriced_reserve_usd is not None):
+            raise ValueError("unpriced = 'reserve' and unpriced_reserve_usd go together")
         return self
+
+    @property
+    def unpriced_policy(self) -> Literal["refuse", "reserve", "allow"]:
+        """What a reserve budget does with a request it cannot price (default: refuse)."""
+        return self.unpriced or "refuse"
 
 
 @dataclass(frozen=True, slots=True)

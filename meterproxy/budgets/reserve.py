@@ -16,10 +16,16 @@ maxOutputTokens``) or, when it asked for nothing, ``budget_reserve_output_tokens
 the answers it asks for (OpenAI ``n`` or ``best_of``, Gemini ``candidateCount``:
 each answer may reach the limit and all are billed). Both
 are priced with the requested model's current prices, without cache discounts.
-A request whose model has no price (or that names none: an Azure deployment
-path) reserves nothing and is logged; it is still refused once the budget's
-spend and holds reach the limit, since its answer may name a priced model
-whose cost does count.
+
+**Requests without a worst case**: a model the tables do not price, or none
+named (an Azure deployment path). Their answer may still name a priced model,
+or carry the provider's own cost, which then counts as spend: reserving nothing
+for them let many at once pass the limit. Each budget says what to do
+(``unpriced``): ``refuse`` (the default: a hard limit refuses what it cannot
+bound, with a 429 that names the model and this setting), ``reserve`` (hold
+``unpriced_reserve_usd`` for each: the limit holds as long as that amount covers
+one such request) or ``allow`` (hold nothing, as before: such requests are still
+refused once spend and holds reach the limit, but those in flight can pass it).
 
 **Reservations are rows** (``budget_reservations``: request id, budget,
 amount, expiry) in the shared store, so every replica on one PostgreSQL
@@ -100,12 +106,20 @@ class Refusal:
     spent_pico: int
     held_pico: int
     asked_pico: int
+    #: Set when the request was refused for having no worst case (``unpriced = "refuse"``).
+    unpriced: str | None = None
 
     def message(self) -> str:
         def usd(pico: int) -> Decimal:
             return from_pico(pico) or Decimal(0)
 
         spec = self.state.spec
+        if self.unpriced is not None:
+            return (
+                f"meterproxy: budget '{spec.name}' is a hard limit and cannot bound this request: "
+                f'{self.unpriced}. Price the model, or set unpriced = "reserve" (with '
+                f'unpriced_reserve_usd) or "allow" on the budget'
+            )
         return (
             f"meterproxy: budget '{spec.name}' cannot cover this request: ${usd(self.spent_pico)} spent "
             f"+ ${usd(self.held_pico)} reserved by requests in flight + up to ${usd(self.asked_pico)} for "
@@ -188,14 +202,14 @@ class ReservationLedger:
         ).fetchone()
         return int(row[0])
 
-    def _admit(self, record: RequestRecord, states: list[BudgetState], amount: int) -> Refusal | None:
+    def _admit(self, record: RequestRecord, states: list[BudgetState], amounts: list[int]) -> Refusal | None:
         conn = self._connection()
         for attempt in range(_RETRIES):
             now = self._clock()
             saved = {n: _Running(r.period_start, r.rowid, r.pico) for n, r in self._running.items()}
             try:
                 with conn.transaction():
-                    refusal = self._check_and_insert(conn, record, states, amount, now)
+                    refusal = self._check_and_insert(conn, record, states, amounts, now)
                     if refusal is not None:
                         raise _Refused(refusal)  # rolls the reads' transaction back
                 return None
@@ -213,18 +227,18 @@ class ReservationLedger:
         conn: Db,
         record: RequestRecord,
         states: list[BudgetState],
-        amount: int,
+        amounts: list[int],
         now: datetime,
     ) -> Refusal | None:
         expires = format_ts(now + timedelta(seconds=_TTL_S))
-        for state in states:
+        for state, amount in zip(states, amounts, strict=True):
             start, _ = period_bounds(state.period, state.tz, now)
             spent = self._spent(conn, state, start)
             held = self._held(conn, state.spec.name, now)
             self.held_pico[state.spec.name] = held
             if spent + held + amount > state.limit_pico:
                 return Refusal(state, spent, held, amount)
-        for state in states:
+        for state, amount in zip(states, amounts, strict=True):
             conn.execute(
                 "INSERT INTO budget_reservations (request_id, budget, amount_pico, created_at, expires_at) "
                 "VALUES ($1, $2, $3, $4, $5)",
@@ -260,21 +274,31 @@ class ReservationLedger:
         now = self._clock()
         amount = worst_case(record, self._book(), self._default_output, now)
         if amount is None:
-            # No bound (an Azure deployment path names no model; an alias the tables miss), yet
-            # the answer may name a priced model: reserve nothing, but never admit it past a
-            # budget whose spend and holds already reach the limit (what `block` would do).
-            log.warning(
-                "reserve budgets: %s; request %s reserves nothing",
-                f"{record.requested_model!r} has no price" if record.requested_model else "no model named",
-                record.id,
+            why = (
+                f"{record.requested_model!r} has no price" if record.requested_model else "it names no model"
             )
-            amount = 0
+            for state in states:
+                if state.spec.unpriced_policy == "refuse":
+                    self.refused += 1
+                    return Refusal(state, 0, 0, 0, unpriced=why)
+            # Each budget's own policy: its fixed hold, or nothing ("allow": still refused once
+            # spend and holds reach the limit, as `block` would).
+            amounts = [
+                to_pico(state.spec.unpriced_reserve_usd or Decimal(0))
+                if state.spec.unpriced_policy == "reserve"
+                else 0
+                for state in states
+            ]
+            log.warning("reserve budgets: %s; request %s holds %s", why, record.id, amounts)
+        else:
+            amounts = [amount] * len(states)
         loop = asyncio.get_running_loop()
-        refusal = await loop.run_in_executor(self._pool, self._admit, record, states, amount)
+        refusal = await loop.run_in_executor(self._pool, self._admit, record, states, amounts)
         if refusal is None:
             with self._lock:
                 self._in_flight[record.id] = [s.spec.name for s in states]
-            record.extra["reserved_usd"] = str(from_pico(amount))
+            # The largest hold (budgets hold the same worst case; unpriced ones their own amounts).
+            record.extra["reserved_usd"] = str(from_pico(max(amounts, default=0)))
         else:
             self.refused += 1
         return refusal

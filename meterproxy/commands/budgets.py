@@ -258,6 +258,19 @@ def render_budgets(views: list[dict[str, Any]]) -> str:
 @click.option(
     "--action", type=click.Choice(["alert", "block", "reserve"]), default="alert", show_default=True
 )
+@click.option(
+    "--unpriced",
+    type=click.Choice(["refuse", "reserve", "allow"]),
+    default=None,
+    help="reserve: a request without a price is refused (default), holds --unpriced-reserve, or is allowed.",
+)
+@click.option(
+    "--unpriced-reserve",
+    "unpriced_reserve_usd",
+    type=_Amount("an amount in USD"),
+    default=None,
+    help="With --unpriced reserve: USD held for each unpriced request.",
+)
 @click.option("--projected", is_flag=True, help="Alert when the projection exceeds the limit.")
 @click.option("--webhook", "webhooks", multiple=True, help="Endpoint name to alert (repeatable).")
 @_target_options
