@@ -28,7 +28,7 @@ from aiohttp import web
 from meterproxy.api import api_error, json_response
 from meterproxy.app_state import METER, SETTINGS, WRITER
 from meterproxy.logs import redact
-from meterproxy.store import Db, Migrations, register_migrations
+from meterproxy.store import Db, Migrations
 from meterproxy.store.queries import run_read
 from meterproxy.usage import RequestRecord
 
@@ -36,7 +36,7 @@ __all__ = ["Redactor", "content_migrations", "setup"]
 
 log = logging.getLogger(__name__)
 
-content_migrations = register_migrations(Migrations("meterproxy.content"))
+content_migrations = Migrations("meterproxy.content")
 
 
 @content_migrations()

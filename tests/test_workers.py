@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from meterproxy.store.migrations import migration_sets
 from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
 from tests.test_metrics_workers import _wait_for_files
 
@@ -108,11 +109,19 @@ def test_supervisor_applies_every_migration_set_before_workers_start(tmp_path: P
 
     Otherwise the workers each find a set pending and race to create its tables.
     """
-    from meterproxy.store.migrations import BUILTIN_MIGRATION_SETS
-
     db = tmp_path / "fresh.db"
     code = f"from meterproxy.workers import prepare_database; prepare_database({str(db)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     conn = sqlite3.connect(db)
     applied = {row[0] for row in conn.execute("SELECT DISTINCT migration_set FROM meterproxy_migrations")}
-    assert applied == {name for _, name in BUILTIN_MIGRATION_SETS}
+    assert (
+        applied
+        == {m.name for m in migration_sets()}
+        == {
+            "meterproxy.core",
+            "meterproxy.rollups",
+            "meterproxy.budgets",
+            "meterproxy.imports",
+            "meterproxy.content",
+        }
+    )

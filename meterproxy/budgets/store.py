@@ -28,7 +28,7 @@ from typing import Any
 
 from meterproxy.budgets.definition import BudgetScope, BudgetSpec
 from meterproxy.exact_json import dumps
-from meterproxy.store import Db, Migrations, Params, register_migrations
+from meterproxy.store import Db, Migrations, Params
 from meterproxy.store.dialect import Dialect
 from meterproxy.timestamps import format_ts
 
@@ -46,7 +46,7 @@ __all__ = [
     "spend_buckets",
 ]
 
-budget_migrations = register_migrations(Migrations("meterproxy.budgets"))
+budget_migrations = Migrations("meterproxy.budgets")
 
 
 @budget_migrations()

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Literal
 
 from meterproxy.pricing import PriceBook
-from meterproxy.store import Db, Migrations, Params, register_migrations
+from meterproxy.store import Db, Migrations, Params
 from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.rollups import unroll_row
 from meterproxy.store.schema import record_to_row
@@ -61,7 +61,7 @@ __all__ = [
     "stable_id",
 ]
 
-import_migrations = register_migrations(Migrations("meterproxy.imports"))
+import_migrations = Migrations("meterproxy.imports")
 
 
 @import_migrations()

@@ -41,7 +41,7 @@ runs ``fn(db)`` in a write transaction on the writer thread) or a reader's
   ``with db.snapshot():`` (several reads that must agree). Inserts into
   ``requests`` call ``db.lock_request_order()`` first.
 - Errors are the driver's own: ``except db_errors():``.
-- Tables: register a `Migrations` set with `register_migrations`
+- Tables: a feature's `Migrations` set, named in ``MIGRATION_SETS``
   (``meterproxy.store.migrations``); one runner applies every set on both
   engines and records names in ``meterproxy_migrations``.
 
@@ -69,7 +69,7 @@ for a ``postgresql://`` URL.
 from __future__ import annotations
 
 from meterproxy.store.db import Db, Params, db_errors, placeholders
-from meterproxy.store.migrations import Migrations, apply_migrations, migration_sets, register_migrations
+from meterproxy.store.migrations import Migrations, apply_migrations, migration_sets
 
 __all__ = [
     "Db",
@@ -79,5 +79,4 @@ __all__ = [
     "db_errors",
     "migration_sets",
     "placeholders",
-    "register_migrations",
 ]

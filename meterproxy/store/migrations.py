@@ -1,10 +1,18 @@
 """Named, ordered migrations and the one runner that applies them to either engine.
 
 A feature that owns tables keeps its own `Migrations` set (``meterproxy.core``,
-``meterproxy.rollups``, ...) and registers it with `register_migrations`; each
+``meterproxy.rollups``, ...) in its module, and `MIGRATION_SETS` names it
+(``module:attribute``, like an entry point), in the order the sets apply. Each
 migration is a function ``fn(db)`` taking a `meterproxy.store.db.Db`, written
 once for both engines with the dialect's named pieces (``db.dialect.text``,
 ...). A migration once released is never edited: add another.
+
+There is no registry that importing a module fills: which sets a process
+applies would then depend on what it happened to import (``serve --workers``
+migrates once in the supervisor, and a set first seen in the workers would make
+them race to create its tables). `migration_sets` imports exactly the declared
+sets; an extension passes its own to `apply_migrations` (``extra=``), after
+the built-in ones.
 
 `apply_migrations` applies what is missing and records each name in
 ``meterproxy_migrations (migration_set, name, applied_at)``, in the same
@@ -21,7 +29,7 @@ runner adopts those names the first time it runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import import_module
@@ -30,13 +38,12 @@ from typing import TypeVar
 from meterproxy.store.db import Db
 
 __all__ = [
-    "BUILTIN_MIGRATION_SETS",
+    "MIGRATION_SETS",
     "Migration",
     "Migrations",
     "apply_migrations",
     "migration_sets",
     "pending_migrations",
-    "register_migrations",
 ]
 
 MigrationFn = Callable[[Db], None]
@@ -71,38 +78,36 @@ class Migrations:
         return add
 
 
-_REGISTERED: list[Migrations] = []
-
-
-def register_migrations(migrations: Migrations) -> Migrations:
-    if all(m.name != migrations.name for m in _REGISTERED):
-        _REGISTERED.append(migrations)
-    return migrations
-
-
-#: Built-in sets: (module that registers the set, set name), in the order they apply. They are
-#: imported before migrating so that every process applies the same complete set whatever it
-#: happened to import: `serve --workers` migrates once in the supervisor, and a set first
-#: registered in the workers would make them race to create its tables.
-BUILTIN_MIGRATION_SETS = (
-    ("meterproxy.store.schema", "meterproxy.core"),
-    ("meterproxy.store.rollups", "meterproxy.rollups"),
-    ("meterproxy.budgets.store", "meterproxy.budgets"),
-    ("meterproxy.imports", "meterproxy.imports"),
-    ("meterproxy.content", "meterproxy.content"),
+#: The built-in sets, ``module:attribute``, in the order they apply (the store's core first:
+#: the others' tables refer to it).
+MIGRATION_SETS = (
+    "meterproxy.store.schema:core_migrations",
+    "meterproxy.store.rollups:rollup_migrations",
+    "meterproxy.budgets.store:budget_migrations",
+    "meterproxy.imports:import_migrations",
+    "meterproxy.content:content_migrations",
 )
 
 
-def migration_sets() -> list[Migrations]:
-    """The built-in sets in their fixed order, then any extension's in registration order."""
-    for module, _ in BUILTIN_MIGRATION_SETS:
-        import_module(module)
-    order = {name: i for i, (_, name) in enumerate(BUILTIN_MIGRATION_SETS)}
-    return sorted(_REGISTERED, key=lambda m: order.get(m.name, len(order)))  # stable for extensions
+def migration_sets(extra: Sequence[Migrations] = ()) -> list[Migrations]:
+    """The built-in sets in their fixed order, then ``extra`` (an extension's) in the order given."""
+    sets: list[Migrations] = []
+    for ref in MIGRATION_SETS:
+        module, _, attribute = ref.partition(":")
+        found = getattr(import_module(module), attribute)
+        if not isinstance(found, Migrations):
+            raise TypeError(f"{ref} is not a Migrations set")
+        sets.append(found)
+    for migrations in extra:
+        if any(m.name == migrations.name for m in sets):
+            raise ValueError(f"migration set {migrations.name!r} is declared twice")
+        sets.append(migrations)
+    return sets
 
 
-def apply_migrations(db: Db, sets: list[Migrations] | None = None) -> list[str]:
-    """Apply every pending migration; returns ``set:name`` of each one this call applied."""
+def apply_migrations(db: Db, extra: Sequence[Migrations] = ()) -> list[str]:
+    """Apply every pending migration of the built-in sets and ``extra``; returns ``set:name`` of
+    each one this call applied."""
     applied: list[str] = []
     with db.migration_lock():
         text = db.dialect.text
@@ -112,7 +117,7 @@ def apply_migrations(db: Db, sets: list[Migrations] | None = None) -> list[str]:
         )
         _adopt_legacy(db)
         done = {(r[0], r[1]) for r in db.execute(f"SELECT migration_set, name FROM {TABLE}").fetchall()}
-        for migrations in migration_sets() if sets is None else sets:
+        for migrations in migration_sets(extra):
             for step in migrations.steps:
                 if (migrations.name, step.name) in done:
                     continue
@@ -126,7 +131,7 @@ def apply_migrations(db: Db, sets: list[Migrations] | None = None) -> list[str]:
     return applied
 
 
-def pending_migrations(db: Db) -> list[str]:
+def pending_migrations(db: Db, extra: Sequence[Migrations] = ()) -> list[str]:
     """``set:name`` of each migration not applied yet (read-only)."""
     done: set[tuple[str, str]] = set()
     for table in (TABLE, _LEGACY[db.dialect.name]):
@@ -134,7 +139,7 @@ def pending_migrations(db: Db) -> list[str]:
             done |= {(r[0], r[1]) for r in db.execute(f"SELECT migration_set, name FROM {table}").fetchall()}
     return [
         f"{m.name}:{step.name}"
-        for m in migration_sets()
+        for m in migration_sets(extra)
         for step in m.steps
         if (m.name, step.name) not in done
     ]

@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meterproxy.store.db import Db, Params
-from meterproxy.store.migrations import Migrations, register_migrations
+from meterproxy.store.migrations import Migrations
 
 __all__ = [
     "COARSE_DIMENSIONS",
@@ -91,7 +91,7 @@ DIMENSION_SQL: dict[str, str] = {d: '"user"' if c == "user" else c for d, c in D
 #: Rollup table -> width of the ``ts`` prefix that is its bucket.
 TABLES = {"rollup_hour": 13, "rollup_day": 10}
 
-rollup_migrations = register_migrations(Migrations("meterproxy.rollups"))
+rollup_migrations = Migrations("meterproxy.rollups")
 
 
 @rollup_migrations()

@@ -21,7 +21,7 @@ from typing import Any
 
 from meterproxy.money import stored_cost_text, to_pico
 from meterproxy.store.db import Db
-from meterproxy.store.migrations import Migrations, register_migrations
+from meterproxy.store.migrations import Migrations
 from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord
 
@@ -31,7 +31,7 @@ __all__ = [
     "record_to_row",
 ]
 
-core_migrations = register_migrations(Migrations("meterproxy.core"))
+core_migrations = Migrations("meterproxy.core")
 
 
 #: The per-modality token columns m007 adds, in `Usage`'s field order.
