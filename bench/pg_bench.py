@@ -8,7 +8,7 @@
    insert batch taking the rowid-order lock).
 2. **Roll up**: the rollup pass the proxy's maintenance runs, timed.
 3. **Summaries** (median and worst of ``--repeat`` after one warm-up), through
-   the real read path (`read_connection` + `summarize`): totals, by model, by
+   the real read path (the app's `Readers` + `summarize`): totals, by model, by
    user and day, by ``tag:team``; before the rollup (raw rows) and after it.
 4. **Check**: on both stores the totals equal the records' own sums.
 
@@ -119,12 +119,12 @@ def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
     return {"median_ms": round(statistics.median(runs), 2), "max_ms": round(max(runs), 2)}
 
 
-def summaries(db: str, repeat: int) -> dict[str, dict[str, float]]:
+def summaries(readers: backend.Readers, repeat: int) -> dict[str, dict[str, float]]:
     out = {}
     for name, group_by in QUERIES.items():
 
         def run(group_by: list[str] = group_by) -> None:
-            conn = backend.read_connection(db)
+            conn = readers.connection()
             try:
                 summarize(conn, SummaryQuery(RequestFilter(), group_by))
             finally:
@@ -159,14 +159,15 @@ def totals(db: str) -> dict[str, int]:
 def run_store(db: str, records: list[RequestRecord], repeat: int, writers: int) -> dict[str, Any]:
     open_target(db).close()  # schema first, so migration time is not ingest time
     seconds = ingest(db, records, writers)
-    result: dict[str, Any] = {
-        "writers": writers,
-        "ingest_s": round(seconds, 2),
-        "rows_per_s": round(len(records) / seconds),
-        "summary_raw": summaries(db, repeat),
-    }
-    result["rollup_s"] = round(rollup(db), 2)
-    result["summary_rolled_up"] = summaries(db, repeat)
+    with backend.Readers(db) as readers:  # the app's read side: pooled on PostgreSQL
+        result: dict[str, Any] = {
+            "writers": writers,
+            "ingest_s": round(seconds, 2),
+            "rows_per_s": round(len(records) / seconds),
+            "summary_raw": summaries(readers, repeat),
+        }
+        result["rollup_s"] = round(rollup(db), 2)
+        result["summary_rolled_up"] = summaries(readers, repeat)
     got = totals(db)
     assert got["requests"] == len(records), got
     assert got["cost_pico"] == sum(int(r.cost_usd.scaleb(12)) for r in records if r.cost_usd), got
@@ -179,7 +180,6 @@ def pg_database(admin: str) -> tuple[str, Callable[[], None]]:
         conn.execute(f'CREATE DATABASE "{name}"')
 
     def drop() -> None:
-        backend.close(url)
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

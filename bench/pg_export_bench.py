@@ -67,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             fill.execute(_FILL, [args.rows])
             fill.execute("ANALYZE requests")
         width = timedelta(hours=args.slice_hours)
+        readers = backend.Readers(url)
         for fmt in ("csv", "jsonl"):
             for _ in range(args.repeat):
                 conn = read_connection(url)
                 slices = time_slices(conn, None, None, width)
                 conn.close()
                 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                export = SlicedExport(lambda: read_connection(url), RequestFilter(), fmt, slices, workers=2)
+                export = SlicedExport(readers.connection, RequestFilter(), fmt, slices, workers=2)
                 size = lines = 0
                 try:
                     while (chunk := export.next_chunk()) is not None:
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 out["runs"].append(run)  # type: ignore[attr-defined]
                 print(json.dumps(run), flush=True)
+        readers.close()
     finally:
-        backend.close(url)
         with psycopg.connect(args.pg, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     return 0

@@ -6,7 +6,7 @@ under a typed `web.AppKey`, never a module global, so tests can run several
 apps in one process:
 
 - the store writer (opened first, closed last, so a shutdown flushes every
-  record the proxy finished);
+  record the proxy finished) and the store's readers (PostgreSQL's read pool);
 - the price book and the meter with its sinks;
 - the upstream HTTP client session (connection pool, keep-alive).
 
@@ -28,7 +28,7 @@ from aiohttp import web
 from meterproxy import __version__
 from meterproxy.access_log import log_request
 from meterproxy.api.me import ME_PREFIX
-from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PRICES, PROXY, SETTINGS, WRITER
+from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PRICES, PROXY, READERS, SETTINGS, WRITER
 from meterproxy.aws_sigv4 import AwsSigner
 from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.meter import Meter, price_record_with
@@ -110,6 +110,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     writer = StoreWriter(settings.db, queue_max=settings.writer_queue_max)
     writer.start()
     app[WRITER] = writer
+    app[READERS] = store_backend.Readers(settings.db)
     yield
     queued = writer.depth
     if writer.close(timeout=max(settings.shutdown_timeout, 5.0)):
@@ -123,7 +124,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     else:
         log.error("writer did not finish flushing in time (%d records were queued)", queued)
-    store_backend.close(settings.db)  # PostgreSQL: this process's read pool
+    app[READERS].close()
 
 
 async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -140,7 +141,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     meter.add_sink("store", app[WRITER].submit)
     if settings.access_log:
         meter.add_sink("access_log", log_request)
-    app[FINGERPRINT_SALT] = _read_salt(app[WRITER].path)
+    app[FINGERPRINT_SALT] = _read_salt(app[READERS])
     client = UpstreamClient(
         connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout, keepalive_timeout=60
     )
@@ -185,8 +186,8 @@ def _commit_barrier(writer: StoreWriter) -> Callable[[], Awaitable[object]]:
     return barrier
 
 
-def _read_salt(db_path: str) -> bytes:
-    conn = store_backend.read_connection(db_path)
+def _read_salt(readers: store_backend.Readers) -> bytes:
+    conn = readers.connection()
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint_salt'").fetchone()
     finally:

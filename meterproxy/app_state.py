@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from meterproxy.pricing import LivePrices, PriceBook
     from meterproxy.proxy import Proxy
     from meterproxy.settings import Settings
+    from meterproxy.store.backend import Readers
     from meterproxy.store.writer import StoreWriter
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "PRICEBOOK",
     "PRICES",
     "PROXY",
+    "READERS",
     "SETTINGS",
     "WRITER",
 ]
@@ -38,6 +40,8 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 #: Routes features added to the app's OpenAPI document (`meterproxy.api.openapi.document`).
 API_DOCS: web.AppKey[dict[str, dict[str, dict[str, Any]]]] = web.AppKey("api_docs")
 WRITER: web.AppKey[StoreWriter] = web.AppKey("writer")
+#: The read side of the same database (`meterproxy.store.queries.run_read` borrows from it).
+READERS: web.AppKey[Readers] = web.AppKey("readers")
 METER: web.AppKey[Meter] = web.AppKey("meter")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from meterproxy.api import api_error, json_response
-from meterproxy.app_state import METER, SETTINGS, WRITER
+from meterproxy.app_state import METER, READERS, SETTINGS, WRITER
 from meterproxy.logs import redact
 from meterproxy.store import Db, Migrations
 from meterproxy.store.queries import run_read
@@ -106,7 +106,7 @@ async def content_handler(request: web.Request) -> web.Response:
             "SELECT request, response, truncated FROM request_content WHERE id = $1", [rid]
         ).fetchone()
 
-    row = await run_read(request.app[WRITER].path, read)
+    row = await run_read(request.app[READERS], read)
     if row is None:
         why = "content storage is off" if not request.app[SETTINGS].store_content else "no content stored"
         return api_error(404, "not_found", f"request {rid}: {why}")

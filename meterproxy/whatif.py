@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Literal
 
 from meterproxy.csv_cells import safe_cell
@@ -44,7 +43,7 @@ from meterproxy.pricing import PriceBook
 from meterproxy.reports import compact, money
 from meterproxy.savings import CacheSavings, cache_savings
 from meterproxy.store.db import Db, Params
-from meterproxy.store.queries import RequestFilter, read_connection
+from meterproxy.store.queries import RequestFilter
 from meterproxy.store.summary import SummaryQuery, summarize
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import USAGE_FIELDS, Usage
@@ -137,7 +136,7 @@ def _rows(conn: Db, flt: RequestFilter, batch: int = 2000) -> Iterator[Any]:
 
 
 def what_if(
-    db: str | Path,
+    conn: Db,
     flt: RequestFilter,
     book: PriceBook,
     target: str,
@@ -149,32 +148,28 @@ def what_if(
     """Price the rows `flt` selects as `target` (see the module docstring)."""
     moment = now or datetime.now().astimezone()
     result = WhatIf(target, target_provider, book.resolve(target, target_provider), prices)
-    conn = read_connection(db)
-    try:
-        for row in _rows(conn, flt):
-            usage = Usage(**{name: row[name] or 0 for name in USAGE_FIELDS})
-            ts = parse_ts(row["ts"])
-            model = row["model"] or row["requested_model"] or "(unknown)"
-            m = result.by_model.setdefault(model, ModelWhatIf())
-            m.requests += 1
-            m.input_tokens += usage.input_tokens
-            m.output_tokens += usage.output_tokens
-            at = ts if prices == "dated" else moment
-            priced = book.price(
-                model=target, usage=usage, at=at, provider=target_provider, service_tier=row["service_tier"]
-            )
-            actual = row["cost_pico"]
-            if priced is None:
-                m.target_unpriced += 1
-            if actual is None:
-                m.actual_unpriced += 1
-            if priced is not None and actual is not None:
-                m.compared += 1
-                m.actual_pico += actual
-                m.as_target_pico += to_pico(priced.cost_usd)
-        result.cache = cache_savings(book, summarize(conn, SummaryQuery(flt, ["model", "day"])).groups)
-    finally:
-        conn.close()
+    for row in _rows(conn, flt):
+        usage = Usage(**{name: row[name] or 0 for name in USAGE_FIELDS})
+        ts = parse_ts(row["ts"])
+        model = row["model"] or row["requested_model"] or "(unknown)"
+        m = result.by_model.setdefault(model, ModelWhatIf())
+        m.requests += 1
+        m.input_tokens += usage.input_tokens
+        m.output_tokens += usage.output_tokens
+        at = ts if prices == "dated" else moment
+        priced = book.price(
+            model=target, usage=usage, at=at, provider=target_provider, service_tier=row["service_tier"]
+        )
+        actual = row["cost_pico"]
+        if priced is None:
+            m.target_unpriced += 1
+        if actual is None:
+            m.actual_unpriced += 1
+        if priced is not None and actual is not None:
+            m.compared += 1
+            m.actual_pico += actual
+            m.as_target_pico += to_pico(priced.cost_usd)
+    result.cache = cache_savings(book, summarize(conn, SummaryQuery(flt, ["model", "day"])).groups)
     return result
 
 

@@ -16,22 +16,24 @@ import asyncio
 import copy
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 
-from meterproxy.app_state import METER, WRITER
+from meterproxy.app_state import METER, READERS, WRITER
 from meterproxy.store import backend
 from meterproxy.store.maintenance import run_pass
+from meterproxy.store.postgres import READ_POOL_APPLICATION
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory, ProxyHarness
-from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.pg import PG_ADMIN, fresh_database, pg_or_skip
 
 START = datetime(2026, 10, 1, tzinfo=UTC)
 MODELS = [("gpt-4o-mini", "openai"), ("gpt-4o", "openai"), ("claude-sonnet-4-5", "anthropic")]
@@ -234,9 +236,6 @@ async def test_postgres_connections_dropped_by_the_server_are_replaced(
 ) -> None:
     """A PostgreSQL restart or failover drops every connection: writes and reads carry on after it."""
     pg_or_skip()
-    import psycopg
-
-    from tests.helpers.pg import PG_ADMIN
 
     with fresh_database() as url:
         proxy = await make_proxy(db=url)
@@ -264,6 +263,40 @@ async def test_postgres_connections_dropped_by_the_server_are_replaced(
         body = await get_json(proxy, "/api/requests", {"limit": 100})
         assert {r["id"] for r in body["requests"]} == {r.id for r in first + later}
         await proxy.server.close()
+
+
+async def test_each_app_owns_its_read_pool_and_closes_it_at_shutdown(make_proxy: ProxyFactory) -> None:
+    """Two apps on one database in one process (replicas, as tests run them) never share a read
+    pool: stopping one closes its own and leaves the other answering; stopping both leaves none."""
+    pg_or_skip()
+
+    def readers_open(name: str) -> int:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                (name, READ_POOL_APPLICATION),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def until(check: Callable[[int], bool], name: str) -> int:
+        # The server lists a backend until it has exited, a moment after its client hung up.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not check(count := readers_open(name)):
+            assert asyncio.get_running_loop().time() < deadline, f"{count} read connections open"
+            await asyncio.sleep(0.05)
+        return count
+
+    with fresh_database() as url:
+        name = url.rsplit("/", 1)[1]
+        a, b = await make_proxy(db=url), await make_proxy(db=url)
+        assert a.app[READERS] is not b.app[READERS]
+        for proxy in (a, b):
+            assert (await get_json(proxy, "/api/requests", {}))["requests"] == []
+        await until(lambda n: n >= 2, name)  # one pool each (min_size 1)
+        await a.server.close()
+        assert (await get_json(b, "/api/summary", {}))["totals"]["requests"] == 0
+        await b.server.close()
+        await until(lambda n: n == 0, name)
 
 
 async def test_concurrent_writers_and_rollup_passes_on_postgres_count_every_row_once() -> None:

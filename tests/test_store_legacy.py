@@ -85,7 +85,6 @@ def check_store(url: str) -> None:
         assert [b[0] for b in budgets] == ["monthly"]
     finally:
         conn.close()
-        backend.close(url)
 
 
 def test_a_sqlite_store_from_the_previous_version(tmp_path: Path) -> None:

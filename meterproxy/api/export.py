@@ -28,11 +28,11 @@ from aiohttp import web
 
 from meterproxy.api import ParamError, api_error
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
-from meterproxy.app_state import WRITER
-from meterproxy.store.backend import parse_db
+from meterproxy.app_state import READERS
+from meterproxy.store.backend import Readers
 from meterproxy.store.export import FORMATS, SlicedExport, csv_header, time_slices
 from meterproxy.store.export_process import ExportFailed, ExportProcess
-from meterproxy.store.queries import RequestFilter, read_connection, run_read
+from meterproxy.store.queries import RequestFilter, run_read
 
 __all__ = ["setup"]
 
@@ -56,11 +56,10 @@ async def export_handler(request: web.Request) -> web.StreamResponse:
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
 
-    path = request.app[WRITER].path
-    db = parse_db(path)
-    if db.is_postgres:
-        return await _export_in_threads(request, path, flt, fmt)
-    export = await ExportProcess.start(db.target, flt, fmt, workers=EXPORT_WORKERS)
+    readers = request.app[READERS]
+    if readers.db.is_postgres:
+        return await _export_in_threads(request, readers, flt, fmt)
+    export = await ExportProcess.start(readers.db.target, flt, fmt, workers=EXPORT_WORKERS)
     try:
         try:
             first = await export.read()  # the child opened the database and formatted a slice
@@ -91,10 +90,10 @@ def _stream_response(fmt: str) -> web.StreamResponse:
 
 
 async def _export_in_threads(
-    request: web.Request, path: str, flt: RequestFilter, fmt: str
+    request: web.Request, readers: Readers, flt: RequestFilter, fmt: str
 ) -> web.StreamResponse:
-    slices = await run_read(path, lambda conn: time_slices(conn, flt.since, flt.until, PG_SLICE))
-    export = SlicedExport(lambda: read_connection(path), flt, fmt, slices, workers=EXPORT_WORKERS)
+    slices = await run_read(readers, lambda conn: time_slices(conn, flt.since, flt.until, PG_SLICE))
+    export = SlicedExport(readers.connection, flt, fmt, slices, workers=EXPORT_WORKERS)
     try:
         response = _stream_response(fmt)
         await response.prepare(request)

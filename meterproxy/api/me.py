@@ -23,7 +23,7 @@ from aiohttp import web
 
 from meterproxy.api import ParamError, api_error, json_response, parse_time
 from meterproxy.api.models import measures_to_api
-from meterproxy.app_state import FINGERPRINT_SALT, WRITER
+from meterproxy.app_state import FINGERPRINT_SALT, READERS
 from meterproxy.attribution import api_key, fingerprint
 from meterproxy.store.queries import RequestFilter, run_read
 from meterproxy.store.summary import SummaryQuery, summarize
@@ -66,7 +66,7 @@ async def my_usage_handler(request: web.Request) -> web.Response:
 
     fp = fingerprint(key, request.app[FINGERPRINT_SALT])
     q = SummaryQuery(RequestFilter(since=since, until=until, key=fp), [group])
-    summary = await run_read(request.app[WRITER].path, lambda conn: summarize(conn, q))
+    summary = await run_read(request.app[READERS], lambda conn: summarize(conn, q))
     groups: list[dict[str, Any]] = [{"key": k, **measures_to_api(m)} for k, m in summary.groups]
     return json_response(
         {

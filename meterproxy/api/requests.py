@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from meterproxy.api import ParamError, api_error, json_response, parse_int, parse_time
-from meterproxy.app_state import WRITER
+from meterproxy.app_state import READERS
 from meterproxy.store.queries import REQUEST_SORTS, RequestFilter, count_requests, list_requests, run_read
 
 __all__ = ["filter_from_query", "setup"]
@@ -65,7 +65,7 @@ async def list_requests_handler(request: web.Request) -> web.Response:
         offset = parse_int("offset", query.get("offset"), 0, 0, 10**9)
         if sort == "time" and order == "desc":
             rows, next_cursor = await run_read(
-                request.app[WRITER].path, lambda conn: list_requests(conn, flt, limit, cursor)
+                request.app[READERS], lambda conn: list_requests(conn, flt, limit, cursor)
             )
             return json_response({"requests": rows, "next_cursor": next_cursor}, request=request)
 
@@ -73,7 +73,7 @@ async def list_requests_handler(request: web.Request) -> web.Response:
             page, _ = list_requests(conn, flt, limit, None, sort, order == "desc", offset)
             return page, count_requests(conn, flt)
 
-        rows, total = await run_read(request.app[WRITER].path, read)
+        rows, total = await run_read(request.app[READERS], read)
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     except ValueError as exc:  # bad cursor

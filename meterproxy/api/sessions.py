@@ -31,7 +31,7 @@ from aiohttp import web
 from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
-from meterproxy.app_state import WRITER
+from meterproxy.app_state import READERS
 from meterproxy.money import pico_to_usd
 from meterproxy.store.db import Db, Params
 from meterproxy.store.queries import RequestFilter, decode_cursor, encode_cursor, list_requests, run_read
@@ -180,7 +180,7 @@ async def sessions_handler(request: web.Request) -> web.Response:
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     sessions, total, all_cost = await run_read(
-        request.app[WRITER].path,
+        request.app[READERS],
         lambda conn: list_sessions(conn, flt, sort, order == "desc", limit, offset),
     )
     more = offset + len(sessions) < total
@@ -206,7 +206,7 @@ async def session_handler(request: web.Request) -> web.Response:
         if cursor:
             decode_cursor(cursor)
         detail = await run_read(
-            request.app[WRITER].path, lambda conn: session_detail(conn, flt, limit, offset, cursor)
+            request.app[READERS], lambda conn: session_detail(conn, flt, limit, offset, cursor)
         )
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)

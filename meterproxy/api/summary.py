@@ -26,7 +26,7 @@ from multidict import MultiMapping
 from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import measures_to_api
 from meterproxy.api.requests import filter_from_query
-from meterproxy.app_state import PRICES, WRITER
+from meterproxy.app_state import PRICES, READERS
 from meterproxy.pricing import PriceBook
 from meterproxy.savings import cache_savings
 from meterproxy.store.queries import RequestFilter, run_read
@@ -155,7 +155,7 @@ async def summary_handler(request: web.Request) -> web.Response:
             summarize(conn, _by_model(q, "day")),
         )
 
-    summary, models, days = await run_read(request.app[WRITER].path, read)
+    summary, models, days = await run_read(request.app[READERS], read)
     live = request.app.get(PRICES)
     book = live.book if live is not None else PriceBook.default()
     return json_response(
@@ -187,7 +187,7 @@ async def unpriced_handler(request: web.Request) -> web.Response:
         offset = parse_int("offset", query.get("offset"), 0, 0, 10**9)
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
-    summary = await run_read(request.app[WRITER].path, lambda conn: summarize(conn, q))
+    summary = await run_read(request.app[READERS], lambda conn: summarize(conn, q))
     models = unpriced_models(summary)
     page = models[offset : offset + limit]
     more = offset + len(page) < len(models)

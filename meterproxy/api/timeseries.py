@@ -29,7 +29,7 @@ from meterproxy.api.summary import (
     parse_tz,
     priced_models,
 )
-from meterproxy.app_state import PRICES, WRITER
+from meterproxy.app_state import PRICES, READERS
 from meterproxy.pricing import PriceBook
 from meterproxy.store.queries import run_read
 from meterproxy.store.summary import (
@@ -93,7 +93,7 @@ async def timeseries_handler(request: web.Request) -> web.Response:
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     q = SummaryQuery(flt, [kind, *split], tz)
-    summary = await run_read(request.app[WRITER].path, lambda conn: summarize(conn, q))
+    summary = await run_read(request.app[READERS], lambda conn: summarize(conn, q))
 
     series: dict[tuple[Any, ...], dict[str, Any]] = {}
     for key, measures in summary.groups:

@@ -11,14 +11,13 @@ costs. It reads raw rows (see `meterproxy.whatif`), on a worker thread.
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from meterproxy.api import ParamError, api_error, json_response
 from meterproxy.api.openapi import document
 from meterproxy.api.summary import FILTER_PARAMS, check_known, parse_filter
-from meterproxy.app_state import PRICEBOOK, WRITER
+from meterproxy.app_state import PRICEBOOK, READERS
+from meterproxy.store.queries import run_read
 from meterproxy.whatif import PriceMoment, what_if
 
 __all__ = ["setup"]
@@ -45,8 +44,10 @@ async def whatif_handler(request: web.Request) -> web.Response:
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     moment: PriceMoment = "today" if prices == "today" else "dated"
-    db = request.app[WRITER].path
-    result = await asyncio.to_thread(what_if, db, flt, book, target, target_provider=provider, prices=moment)
+    result = await run_read(
+        request.app[READERS],
+        lambda conn: what_if(conn, flt, book, target, target_provider=provider, prices=moment),
+    )
     return json_response(result.as_dict())
 
 

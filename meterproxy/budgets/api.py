@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from meterproxy.api import ParamError, api_error, json_response, parse_int
 from meterproxy.api.models import Cost
 from meterproxy.api.openapi import document
-from meterproxy.app_state import WRITER
+from meterproxy.app_state import READERS
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.feature import BUDGETS, BudgetEngine, BudgetError
 from meterproxy.budgets.spend import BudgetState
@@ -174,7 +174,7 @@ async def budget_events(request: web.Request) -> web.Response:
         limit = parse_int("limit", request.query.get("limit"), 100, 1, 1000)
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
-    events = await run_read(request.app[WRITER].path, lambda c: _events(c, name, limit))
+    events = await run_read(request.app[READERS], lambda c: _events(c, name, limit))
     return json_response({"events": events})
 
 
@@ -217,7 +217,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
     filters = {k: query[k] for k in ("state", "event_id", "budget") if query.get(k)}
-    rows = await run_read(request.app[WRITER].path, lambda c: _deliveries(c, filters, limit))
+    rows = await run_read(request.app[READERS], lambda c: _deliveries(c, filters, limit))
     return json_response({"deliveries": rows})
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meterproxy.app_state import METER, METRICS, PRICEBOOK, SETTINGS, WRITER
+from meterproxy.app_state import METER, METRICS, PRICEBOOK, READERS, SETTINGS, WRITER
 from meterproxy.budgets.alerts import AlertDetector
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.gate import make_gate
@@ -47,6 +47,7 @@ from meterproxy.budgets.webhooks import Deliverer, RetryPolicy
 from meterproxy.meter import Meter
 from meterproxy.pricing import PriceBook
 from meterproxy.settings import Settings
+from meterproxy.store.backend import Readers
 from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
 from meterproxy.usage import RequestRecord, utcnow
@@ -69,6 +70,7 @@ class BudgetEngine:
         self,
         settings: Settings,
         writer: StoreWriter,
+        readers: Readers,
         clock: Callable[[], datetime],
         publish: Callable[[str, Decimal | None, Decimal | None], None] = lambda name, spend, limit: None,
         book: Callable[[], PriceBook] = PriceBook.default,
@@ -78,11 +80,13 @@ class BudgetEngine:
         self.settings = settings
         self._publish = publish
         self.writer = writer
+        self.readers = readers
         self.clock = clock
         self.tracker = SpendTracker(settings.budget_timezone)
         self.detector = AlertDetector(self.tracker, self._emit)
         self.deliverer = Deliverer(
             writer=writer,
+            readers=readers,
             endpoints=dict(settings.webhooks),
             policy=RetryPolicy(
                 settings.webhook_retry_base, settings.webhook_retry_max, settings.webhook_give_up_after
@@ -172,7 +176,7 @@ class BudgetEngine:
 
     async def sync_table(self) -> None:
         """Follow changes another process (``meterproxy budgets add --db``) made to the table."""
-        specs = {s.name: s for s in await run_read(self.writer.path, load_api_budgets)}
+        specs = {s.name: s for s in await run_read(self.readers, load_api_budgets)}
         for state in self.tracker.states():
             if state.source == "api" and state.spec.name not in specs:
                 self.tracker.remove(state.spec.name)
@@ -313,6 +317,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = BudgetEngine(
         app[SETTINGS],
         app[WRITER],
+        app[READERS],
         app.get(BUDGET_CLOCK, utcnow),
         publish,
         book=lambda: app[PRICEBOOK],

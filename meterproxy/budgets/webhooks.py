@@ -51,6 +51,7 @@ import aiohttp
 from meterproxy.budgets.definition import WebhookEndpoint, signing_key
 from meterproxy.budgets.store import claim_due, record_attempt, release_claims
 from meterproxy.exact_json import dumps
+from meterproxy.store.backend import Readers
 from meterproxy.store.db import Db
 from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
@@ -122,6 +123,7 @@ class Deliverer:
         self,
         *,
         writer: StoreWriter,
+        readers: Readers,
         endpoints: dict[str, WebhookEndpoint],
         policy: RetryPolicy,
         timeout_s: float,
@@ -129,6 +131,7 @@ class Deliverer:
         concurrency: int = 16,
     ) -> None:
         self.writer = writer
+        self.readers = readers
         self.endpoints = endpoints
         self.policy = policy
         self.clock = clock
@@ -200,7 +203,7 @@ class Deliverer:
 
     async def _dispatch_due(self) -> None:
         now = self.clock()
-        rows = await run_read(self.writer.path, lambda c: c.execute(_DUE, [format_ts(now)]).fetchall())
+        rows = await run_read(self.readers, lambda c: c.execute(_DUE, [format_ts(now)]).fetchall())
         rows = [r for r in rows if int(r[0]) not in self._sending]
         if not rows:
             return
@@ -224,7 +227,7 @@ class Deliverer:
             ).fetchone()
             return None if row is None else row[0]
 
-        nxt = await run_read(self.writer.path, query)
+        nxt = await run_read(self.readers, query)
         if nxt is None:
             return 5.0
         due = parse_ts(nxt)

@@ -29,7 +29,7 @@ from meterproxy.reports import (
     render_json,
     render_table,
 )
-from meterproxy.store.queries import RequestFilter
+from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.whatif import what_if, whatif_csv, whatif_json, whatif_table
 
 __all__ = ["command", "make_reader", "source_options", "zone"]
@@ -177,14 +177,18 @@ def _what_if(
         raise click.BadParameter(f"{as_model!r} has no price{where} (see `meterproxy prices list`)")
     db = resolve_db(db)
     ensure_schema(db)  # a database last written by an older version lacks newer columns
-    result = what_if(
-        db,
-        RequestFilter(since=since, until=until, source=source),
-        book,
-        as_model,
-        target_provider=as_provider,
-        prices="today" if prices == "today" else "dated",
-    )
+    conn = read_connection(db)
+    try:
+        result = what_if(
+            conn,
+            RequestFilter(since=since, until=until, source=source),
+            book,
+            as_model,
+            target_provider=as_provider,
+            prices="today" if prices == "today" else "dated",
+        )
+    finally:
+        conn.close()
     if as_json:
         click.echo(whatif_json(result))
     elif as_csv:

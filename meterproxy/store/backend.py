@@ -7,20 +7,26 @@ database; needs the ``meterproxy[postgres]`` extra). `parse_db` reads it;
 everything else asks this module for a `Db` and never looks at the URL itself:
 
 - `connect` (the writer's connection, or a one-off command's);
-- `read_connection` (the read side: a fresh read-only SQLite connection, or a
-  read-only connection borrowed from a pool on PostgreSQL; ``close()`` returns it);
-- `apply_migrations` (every registered migration set, on either engine);
-- `close` (the process's read pool for that database, at shutdown).
+- `Readers` (the read side of a long-lived owner, the app: read-only
+  connections, borrowed from a pool it opens and closes on PostgreSQL);
+- `read_connection` (one read-only connection of its own: a command's);
+- `apply_migrations` (every migration set, on either engine).
+
+Nothing here is a module global: a pool is opened by the `Readers` that holds
+it and closed with it (the app opens one at start-up and closes it at
+shutdown), so tests that run several apps in one process, or one app after
+another on databases they then drop, never share a pool or leave one open.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Self
 
 from meterproxy.store.db import Db
 from meterproxy.store.dialect import DialectName
@@ -30,8 +36,8 @@ from meterproxy.store.sqlite import connect_sqlite
 __all__ = [
     "DbUrl",
     "MissingDriver",
+    "Readers",
     "apply_migrations",
-    "close",
     "connect",
     "describe",
     "parse_db",
@@ -108,17 +114,50 @@ def connect(value: str | Path, *, readonly: bool = False) -> Db:
 
 
 def read_connection(value: str | Path) -> Db:
-    """A read-only connection (a pooled one on PostgreSQL: ``close()`` gives it back)."""
-    url = parse_db(value)
-    if url.is_postgres:
-        db: Db = postgres().POOLS.connection(url.target)
+    """A read-only connection of its own (a command's; long-lived owners use `Readers`)."""
+    return connect(value, readonly=True)
+
+
+class Readers:
+    """Read-only connections to one database, for one owner (the app), closed with it.
+
+    SQLite: each `connection` is a fresh read-only connection (opening one is
+    cheaper than a pool's bookkeeping, and WAL readers need nothing shared).
+    PostgreSQL: connections are borrowed from a pool opened on first use, since
+    each new one costs a server process and a round trip or three;
+    ``close()`` on the borrowed connection gives it back, `close` here closes
+    the pool. Thread-safe: `meterproxy.store.queries.run_read` borrows from
+    worker threads.
+    """
+
+    def __init__(self, value: str | Path, *, max_size: int = 8) -> None:
+        self.db = parse_db(value)
+        self._max_size = max_size
+        self._pool: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def connection(self) -> Db:
+        if not self.db.is_postgres:
+            return connect_sqlite(self.db.target, readonly=True)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"the readers of {describe(self.db.target)} are closed")
+            if self._pool is None:
+                self._pool = postgres().ReadPool(self.db.target, self._max_size)
+            pool = self._pool
+        db: Db = pool.connection()
         return db
-    return connect_sqlite(url.target, readonly=True)
 
+    def close(self) -> None:
+        """Close the pool (PostgreSQL); connections still borrowed are closed as they come back."""
+        with self._lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None:
+            pool.close()
 
-def close(value: str | Path) -> None:
-    """Release what this process holds for the database (PostgreSQL's read pool)."""
-    url = parse_db(value)
-    if url.is_postgres:
-        pools: Any = postgres().POOLS
-        pools.close(url.target)
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

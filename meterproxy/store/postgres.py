@@ -15,14 +15,15 @@ is written once for both engines), so this module only connects and adapts:
   ``REPEATABLE READ READ ONLY`` one;
 - `insert_many` loads a large batch with ``COPY ... FROM STDIN``.
 
-Reads borrow connections from a `psycopg_pool.ConnectionPool`
-(`ReadPools`), opened read-only (``default_transaction_read_only``); ``close()``
-gives the connection back.
+Reads borrow connections from a `psycopg_pool.ConnectionPool` (`ReadPool`),
+opened read-only (``default_transaction_read_only``); ``close()`` gives the
+connection back. A pool belongs to its owner (the app's
+`meterproxy.store.backend.Readers`), which closes it: none lives in a module
+global, so several apps in one process (tests, workers) never share or leak one.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
@@ -42,11 +43,13 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
 from meterproxy.store.db import Cursor, Db
 from meterproxy.store.dialect import POSTGRESQL, Dialect
 
-__all__ = ["PgDb", "PgRow", "ReadPools", "connect_pg"]
+__all__ = ["READ_POOL_APPLICATION", "PgDb", "PgRow", "ReadPool", "connect_pg"]
 
 #: ``pg_advisory_xact_lock`` key inserts into ``requests`` take (the same key the trigger of
 #: earlier versions took, so old and new replicas agree during an upgrade).
 _REQUEST_ORDER_LOCK = "meterproxy.requests.insert"
+#: ``application_name`` of the read pools' connections.
+READ_POOL_APPLICATION = "meterproxy-read"
 #: Bulk loads above this many rows go through ``COPY`` (`PgDb.insert_many`).
 _COPY_MIN_ROWS = 256
 #: ``pg_advisory_lock`` key for "migrations running" (the one earlier versions used).
@@ -236,45 +239,33 @@ def connect_pg(url: str, *, readonly: bool = False) -> PgDb:
     return PgDb(conn, url)
 
 
-class ReadPools:
-    """The read-only connection pools of one process, one per database URL (an app owns one)."""
+class ReadPool:
+    """Read-only connections to one database, borrowed from a pool (`meterproxy.store.backend.Readers`
+    owns one, and closes it with itself)."""
 
-    def __init__(self, max_size: int = 8) -> None:
-        self._pools: dict[str, ConnectionPool[Any]] = {}
-        self._lock = threading.Lock()
-        self._max_size = max_size
+    def __init__(self, url: str, max_size: int = 8) -> None:
+        self.url = url
+        self._pool: ConnectionPool[Any] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            kwargs={
+                "autocommit": True,
+                "options": "-c default_transaction_read_only=on",
+                # So an operator (and a test) tells them apart in pg_stat_activity.
+                "application_name": READ_POOL_APPLICATION,
+            },
+            configure=_configure,
+            name=READ_POOL_APPLICATION,
+            # A pooled connection the server dropped (restart, failover) is replaced.
+            check=ConnectionPool.check_connection,
+            open=True,
+        )
 
-    def pool(self, url: str) -> ConnectionPool[Any]:
-        with self._lock:
-            pool = self._pools.get(url)
-            if pool is None or pool.closed:
-                pool = ConnectionPool(
-                    url,
-                    min_size=1,
-                    max_size=self._max_size,
-                    kwargs={"autocommit": True, "options": "-c default_transaction_read_only=on"},
-                    configure=_configure,
-                    name="meterproxy-read",
-                    # A pooled connection the server dropped (restart, failover) is replaced.
-                    check=ConnectionPool.check_connection,
-                    open=True,
-                )
-                self._pools[url] = pool
-            return pool
-
-    def connection(self, url: str) -> PgDb:
-        pool = self.pool(url)
+    def connection(self) -> PgDb:
+        pool = self._pool
         conn = pool.getconn(timeout=30)
-        return PgDb(conn, url, release=lambda: pool.putconn(conn))
+        return PgDb(conn, self.url, release=lambda: pool.putconn(conn))
 
-    def close(self, url: str | None = None) -> None:
-        """Close the pool for ``url`` (every pool when None)."""
-        with self._lock:
-            names = [url] if url is not None else list(self._pools)
-            pools = [self._pools.pop(n) for n in names if n in self._pools]
-        for pool in pools:
-            pool.close()
-
-
-#: The pools `meterproxy.store.backend.read_connection` borrows from.
-POOLS = ReadPools()
+    def close(self) -> None:
+        self._pool.close()

@@ -105,7 +105,7 @@ class RequestFilter:
 
 
 def read_connection(path: str | Path) -> Db:
-    """A read-only connection with rows by name, on the store's backend (`meterproxy.store.backend`)."""
+    """A read-only connection of its own, rows by name (`meterproxy.store.backend.read_connection`)."""
     return backend.read_connection(path)
 
 
@@ -196,11 +196,12 @@ def list_requests(
 T = TypeVar("T")
 
 
-async def run_read(db: str, fn: Callable[[Db], T]) -> T:
-    """``fn(conn)`` on a fresh read-only connection, in a worker thread (the event loop never waits)."""
+async def run_read(readers: backend.Readers, fn: Callable[[Db], T]) -> T:
+    """``fn(conn)`` on a read-only connection from ``readers`` (the app's `READERS`), in a worker
+    thread (the event loop never waits)."""
 
     def work() -> T:
-        conn = read_connection(db)
+        conn = readers.connection()
         try:
             return fn(conn)
         finally:

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from meterproxy.store import backend
-
 __all__ = ["PG_ADMIN", "fresh_database", "pg_or_skip", "pg_url_for"]
 
 PG_ADMIN = os.environ.get("METERPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -56,6 +54,5 @@ def fresh_database() -> Iterator[str]:
     try:
         yield url
     finally:
-        backend.close(url)
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
