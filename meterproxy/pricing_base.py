@@ -23,6 +23,9 @@ in `meterproxy.pricing` prices base and curated models alike:
 - ``price_variants`` for ``service_tier`` / ``processing: batch`` become our
   tiers (partial overrides of the standard rates, first matching variant
   wins per rate, as in genai-prices);
+- audio and image token rates (``input_audio_mtok``, ``output_image_mtok``, ...)
+  price the modality parts of the usage, as in genai-prices; its separate cached
+  *image* rate has no usage count here (cached image tokens bill as cached text);
 - ``requests_kcount`` (Perplexity's per-request fee) and ``web_searches_kcount``
   are per-1000-request fees; rates for units we do not meter (audio hours,
   characters, pages) are left out, which prices those units at nothing, as
@@ -62,6 +65,12 @@ _RATE_KEYS = {
     "cache_write_mtok": "cache_write",
     "cache_write_1h_mtok": "cache_write_1h",
     "output_reasoning_mtok": "reasoning",
+    # Audio and image parts of the token counts (subsets of input / output, as in our Usage).
+    "input_audio_mtok": "input_audio",
+    "cache_audio_read_mtok": "cache_read_audio",
+    "output_audio_mtok": "output_audio",
+    "input_image_mtok": "input_image",
+    "output_image_mtok": "output_image",
 }
 _FEE_KEYS = {"web_searches_kcount": "web_search", "requests_kcount": "requests"}
 # Variant contexts that select one of our service tiers.
@@ -379,6 +388,11 @@ def _make_rates(values: Mapping[str, Decimal]) -> Rates:
         values.get("cache_write"),
         values.get("cache_write_1h"),
         values.get("reasoning"),
+        values.get("input_audio"),
+        values.get("cache_read_audio"),
+        values.get("output_audio"),
+        values.get("input_image"),
+        values.get("output_image"),
     )
 
 

@@ -103,14 +103,23 @@ class Rates:
         to the 5-minute write price first); a missing reasoning price means
         reasoning tokens bill as ordinary output. Audio and image tokens (subsets
         of input and output) bill at their own rates when the entry lists them,
-        else as text; cached audio falls back to the audio input rate.
+        else as text; cached audio falls back to the audio input rate (to the cached
+        text rate when the entry lists no audio rates).
         """
         cache_read = self.cache_read if self.cache_read is not None else self.input
         write_5m = self.cache_write if self.cache_write is not None else self.input
         write_1h = self.cache_write_1h if self.cache_write_1h is not None else write_5m
         reasoning = self.reasoning if self.reasoning is not None else self.output
         input_audio = self.input_audio if self.input_audio is not None else self.input
-        cached_audio = self.cache_read_audio if self.cache_read_audio is not None else input_audio
+        # Cached audio: its own rate, else the audio input rate, else (no audio rates: all
+        # tokens are text) the cached text rate, as genai-prices bills it.
+        cached_audio = (
+            self.cache_read_audio
+            if self.cache_read_audio is not None
+            else self.input_audio
+            if self.input_audio is not None
+            else cache_read
+        )
         input_image = self.input_image if self.input_image is not None else self.input
         output_audio = self.output_audio if self.output_audio is not None else self.output
         output_image = self.output_image if self.output_image is not None else self.output

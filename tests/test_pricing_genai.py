@@ -250,3 +250,74 @@ def test_deepseek_window_edges_agree_on_weekdays() -> None:
                 assert ours.cost_usd == theirs, f"{model} at {at}"
                 compared += 1
     assert compared == len(DEEPSEEK_WINDOWED) * 2 * 6 * len(USAGES)
+
+
+# Usages with audio and image parts (subsets of the totals), for the realtime, audio and image models.
+MODALITY_USAGES = (
+    Usage(
+        input_tokens=1000,
+        audio_input_tokens=400,
+        cache_read_tokens=200,
+        audio_cache_read_tokens=50,
+        output_tokens=100,
+        audio_output_tokens=60,
+    ),
+    Usage(input_tokens=1000, image_input_tokens=300, output_tokens=500, image_output_tokens=400),
+)
+MODALITY_MODELS = (
+    "gpt-realtime",
+    "gpt-realtime-1.5",
+    "gpt-realtime-mini",
+    "gpt-realtime-2",
+    "gpt-4o-realtime-preview",
+    "gpt-4o-mini-realtime-preview",
+    "gpt-audio",
+    "gpt-audio-mini",
+    "gpt-image-1",
+    "gpt-image-1-mini",
+    "gpt-image-1.5",
+    "gpt-image-2",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
+    "gpt-4o-mini-tts",
+)
+
+
+def _genai_modality_cost(model: str, usage: Usage, at: datetime) -> Decimal:
+    gusage = genai_prices.Usage(
+        input_tokens=usage.input_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        output_tokens=usage.output_tokens,
+        input_audio_tokens=usage.audio_input_tokens,
+        cache_audio_read_tokens=usage.audio_cache_read_tokens,
+        output_audio_tokens=usage.audio_output_tokens,
+        input_image_tokens=usage.image_input_tokens,
+        output_image_tokens=usage.image_output_tokens,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = genai_prices.calc_price(gusage, model, provider_id="openai", genai_request_timestamp=at)
+    return Decimal(calc.total_price)
+
+
+@pytest.mark.parametrize("model", MODALITY_MODELS)
+def test_audio_and_image_tokens_agree_with_genai_prices(model: str) -> None:
+    """Base and curated entries bill audio and image tokens at their own rates, as genai-prices does.
+
+    Not compared: gpt-4o-audio-preview and gpt-4o-mini-audio-preview, whose audio rates
+    genai-prices lacks (it bills their audio as text; ours are OpenAI's model pages, see
+    pricing/openai.toml).
+    """
+    book = PriceBook.default()
+    for usage in MODALITY_USAGES:
+        ours = book.price(model=model, usage=usage, at=RECENT, provider="openai")
+        assert ours is not None, model
+        assert ours.cost_usd == _genai_modality_cost(model, usage, RECENT), (model, usage)
+
+
+def test_chat_audio_models_bill_audio_at_openais_audio_rates() -> None:
+    book = PriceBook.default()
+    usage = Usage(input_tokens=1_000_000, audio_input_tokens=1_000_000, output_tokens=0)
+    for model, rate in (("gpt-4o-audio-preview", 40), ("gpt-4o-mini-audio-preview", 10)):
+        ours = book.price(model=model, usage=usage, at=RECENT, provider="openai")
+        assert ours is not None and ours.cost_usd == rate
