@@ -35,6 +35,7 @@ def main() -> None:
     )
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--multiprocess", action="store_true", help="prometheus_client multi-process mode")
+    parser.add_argument("--uniform", action="store_true", help="every request alike, as in run.py")
     args = parser.parse_args()
     if args.multiprocess:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-bench-")
@@ -51,10 +52,10 @@ def main() -> None:
     statuses = [200, 200, 200, 200, 200, 400, 429, 500, 502, None]
     records = []
     for i in range(2_000):
-        model = models[i % len(models)]
+        model = models[0 if args.uniform else i % len(models)]
         record = make_record(
             model=model,
-            upstream=rng.choice(upstreams),
+            upstream=upstreams[0] if args.uniform else rng.choice(upstreams),
             usage=Usage(
                 input_tokens=rng.randint(10, 5000),
                 cache_read_tokens=rng.randint(0, 10),
@@ -63,7 +64,7 @@ def main() -> None:
                 reasoning_tokens=rng.randint(0, 1),
             ),
         )
-        record.status = rng.choice(statuses)
+        record.status = 200 if args.uniform else rng.choice(statuses)
         record.cost_usd = None if model.startswith("unknown") else Decimal("0.000123")
         record.duration_ms, record.ttfb_ms, record.upstream_ms = 800.0, 150.0, 798.5
         records.append(record)
@@ -83,6 +84,7 @@ def main() -> None:
         size = len(body)
     series = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
     mode = "multi-process" if args.multiprocess else "single-process"
+    mode += ", uniform requests" if args.uniform else ""
     print(f"mode: {mode}; python {sys.version.split()[0]}")
     print(f"sink: {per_record_us:.1f} us per request ({n} requests)")
     print(

@@ -6,8 +6,14 @@ table is in the README's "Metrics and Grafana" section and in `METRIC_NAMES`.
 When it fires: `Metrics.request_finished` is a meter sink, so it runs once per
 request on the event loop, right after pricing and before (or beside) the
 store writer. By then the client has its answer; a failure here is logged by
-the meter and never reaches the request. It only increments in-memory
-counters through cached label children, so it is cheap (``bench/metrics_bench.py``).
+the meter and never reaches the request. It only queues the record; `Metrics.flush`
+counts every `FLUSH_EVERY` requests, summing requests that share their labels
+first (one locked increment per series and batch instead of a dozen per request;
+histogram buckets counted in one pass, ``bench/metrics_bench.py``). Every read of
+the registry flushes first (`_FlushFirst`, the registry's first collector), so
+``/metrics`` and ``get_sample_value`` are exact at any moment. With several
+worker processes another worker may answer the scrape, so there each request is
+counted at once.
 A scrape renders in a worker thread, so a large exposition never stalls the
 streams on the event loop.
 
@@ -54,6 +60,8 @@ Budgets publish ``meterproxy_budget_spend_usd{budget}`` and
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
 import logging
 import os
@@ -120,6 +128,49 @@ OTHER = "other"
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+#: Finished requests counted together (`Metrics.flush`); every read of the registry flushes first.
+FLUSH_EVERY = 256
+
+
+class _FlushFirst(Collector):
+    """Registered first: every collection of the registry (a scrape, ``get_sample_value``)
+    counts the pending requests before the families are read, so reads are exact."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self._metrics.flush()
+        return []
+
+
+def _observe_all(histogram: Any, amounts: list[float]) -> None:
+    """``histogram.observe(a)`` for each amount: bucket counts and the sum added once each.
+
+    Uses the child's own bucket bounds and values (prometheus_client keeps per-bucket,
+    non-cumulative counts and ``observe`` adds to the first bucket whose bound is
+    >= the amount, which is `bisect_left`); a client without them gets plain ``observe``.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    where = bisect.bisect_left
+    for amount in amounts:
+        counts[where(bounds, amount)] += 1
+    total.inc(sum(amounts))
+    for i, count in enumerate(counts):
+        if count:
+            buckets[i].inc(count)
 
 
 class BoundedLabel:
@@ -204,6 +255,11 @@ class Metrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.multiprocess = values.ValueClass is not values.MutexValue
+        # Finished requests not counted yet (see `flush`). With several workers another
+        # process may answer the scrape and cannot flush this one's: count at once there.
+        self._pending: collections.deque[RequestRecord] = collections.deque()
+        self._flush_every = 1 if self.multiprocess else FLUSH_EVERY
+        self.registry.register(_FlushFirst(self))
         self.model_label = _ModelLabel(book, max_unknown_models)
         self.tag_keys = list(dict.fromkeys(tag_labels))
         self._tag_values = {key: BoundedLabel(max_tag_values) for key in self.tag_keys}
@@ -337,51 +393,107 @@ class Metrics:
         return child
 
     def request_finished(self, record: RequestRecord) -> None:
-        """Meter sink: count one finished (and priced) request."""
-        upstream, provider = record.upstream, record.provider
-        name = record.model or record.requested_model or ""
-        model = self.model_label(name, provider, priced=record.priced_model is not None)
-        tags = [self._tag_values[k](record.tags.get(k, "")) for k in self.tag_keys]
+        """Meter sink: count one finished (and priced) request (in the next `flush`)."""
+        pending = self._pending
+        pending.append(record)
+        if len(pending) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count the requests finished since the last flush.
+
+        Called every `FLUSH_EVERY` requests and before every read of the registry
+        (`_FlushFirst`), so a scrape is exact. Requests that share their labels are
+        summed first and added with one ``inc`` per series: a batch of a few hundred
+        similar requests costs a few hundred tuple keys and a dozen locked
+        increments, not a dozen locked increments each. Safe from any thread: records
+        are taken with ``popleft`` (atomic), each by exactly one flush.
+        """
+        pending = self._pending
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        timings: dict[str, tuple[list[float], list[float], list[float], list[float]]] = {}
+        tag_keys = self.tag_keys
+        while True:
+            try:
+                r = pending.popleft()
+            except IndexError:
+                break
+            cost = r.cost_usd
+            key = (
+                r.upstream,
+                r.provider,
+                r.model or r.requested_model or "",
+                r.priced_model is not None,
+                r.status,
+                cost is not None,
+                r.usage_source == "reported",
+                unmetered_reason(r),
+                tuple([r.tags.get(k, "") for k in tag_keys]) if tag_keys else (),
+            )
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = [0, 0, 0, 0, 0, 0, 0.0]
+            group[0] += 1
+            u = r.usage
+            if u is not None:
+                group[1] += u.input_tokens
+                group[2] += u.cache_read_tokens
+                group[3] += u.cache_write_tokens
+                group[4] += u.output_tokens
+                group[5] += u.reasoning_tokens
+            if cost is not None:
+                group[6] += float(cost)
+            times = timings.get(r.upstream)
+            if times is None:
+                times = timings[r.upstream] = ([], [], [], [])
+            duration_ms, upstream_ms = r.duration_ms, r.upstream_ms
+            if duration_ms is not None:
+                times[0].append(duration_ms / 1000)
+            if r.ttfb_ms is not None:
+                times[1].append(r.ttfb_ms / 1000)
+            if upstream_ms is not None:
+                times[2].append(upstream_ms / 1000)
+                if duration_ms is not None:
+                    times[3].append(max(duration_ms - upstream_ms, 0.0) / 1000)
+        # Groups in order of first appearance: bounded labels see new values in arrival order.
+        for key, group in groups.items():
+            try:
+                self._count(key, group)
+            except Exception:  # one bad series (a negative amount) must not lose the others
+                log.exception("metrics: counting %d request(s) failed", group[0])
+        for upstream, series in timings.items():
+            for metric, values_s in zip(
+                (self.duration, self.ttfb, self.upstream_duration, self.overhead), series, strict=True
+            ):
+                if values_s:
+                    _observe_all(self._child(metric, upstream), values_s)
+
+    def _count(self, key: tuple[Any, ...], group: list[Any]) -> None:
+        """Add one group of `flush` (requests sharing every label) to the counters."""
         child = self._child
-        child(self.requests, upstream, provider, model, status_class(record.status), *tags).inc()
-        u = record.tokens
-        counts = (
-            u.input_tokens,
-            u.cache_read_tokens,
-            u.cache_write_tokens,
-            u.output_tokens,
-            u.reasoning_tokens,
-        )
+        tag_keys = self.tag_keys
+        n, counts, cost_sum = group[0], group[1:6], group[6]
+        upstream, provider, name, priced, status, has_cost, reported, reason, raw_tags = key
+        model = self.model_label(name, provider, priced=priced)
+        tags = [self._tag_values[k](v) for k, v in zip(tag_keys, raw_tags, strict=True)]
+        child(self.requests, upstream, provider, model, status_class(status), *tags).inc(n)
         for kind, count in zip(TOKEN_TYPES, counts, strict=True):
             if count > 0:
                 child(self.tokens, upstream, provider, model, kind, *tags).inc(count)
-        if record.cost_usd is not None:
-            child(self.cost, upstream, provider, model, *tags).inc(float(record.cost_usd))
-        elif record.usage_source == "reported":
-            child(self.unpriced, model).inc()
+        if has_cost:
+            child(self.cost, upstream, provider, model, *tags).inc(cost_sum)
+        elif reported:
+            child(self.unpriced, model).inc(n)
             for kind, count in zip(TOKEN_TYPES, counts, strict=True):
                 if count > 0:
                     child(self.unpriced_tokens, model, kind).inc(count)
-        reason = unmetered_reason(record)
         if reason is not None:
-            child(self.unmetered, upstream, reason).inc()
-        self._observe_timings(record)
-
-    def _observe_timings(self, record: RequestRecord) -> None:
-        upstream, child = record.upstream, self._child
-        if record.duration_ms is not None:
-            child(self.duration, upstream).observe(record.duration_ms / 1000)
-        if record.ttfb_ms is not None:
-            child(self.ttfb, upstream).observe(record.ttfb_ms / 1000)
-        if record.upstream_ms is not None:
-            child(self.upstream_duration, upstream).observe(record.upstream_ms / 1000)
-            if record.duration_ms is not None:
-                overhead = max(record.duration_ms - record.upstream_ms, 0.0) / 1000
-                child(self.overhead, upstream).observe(overhead)
+            child(self.unmetered, upstream, reason).inc(n)
 
     # -- process state -----------------------------------------------------
     def refresh(self, app: web.Application) -> None:
         """Copy this process's writer and proxy state into the gauges and counters."""
+        self.flush()
         writer = app.get(WRITER)
         if writer is not None:
             health = writer.health()
