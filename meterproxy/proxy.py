@@ -88,7 +88,9 @@ _V = TypeVar("_V")
 #: durability="strict": longest wait for a record's commit before the answer is finished anyway.
 STRICT_COMMIT_WAIT = 30.0
 
-_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", *ATTRIBUTION_HEADERS}
+#: ``Expect`` too: the body is read whole before it goes upstream, so there is nothing to wait for
+#: (and an upstream that does not know the expectation would answer 417).
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", *ATTRIBUTION_HEADERS}
 #: Methods that only probe a server (Claude Code sends ``HEAD`` to its base URL at start-up):
 #: on a path no provider meters they are forwarded but not recorded, being no LLM usage.
 _PROBE_METHODS = frozenset({"HEAD", "OPTIONS"})

@@ -26,6 +26,12 @@ Why this is safe:
   body is read and dropped, then the connection is closed) and in time by
   ``request_body_timeout`` (408, recorded). A client gone mid-body is recorded.
   Idle keep-alive connections are closed after `KEEPALIVE_TIMEOUT`.
+- **Expect.** ``Expect: 100-continue`` gets its ``100 Continue`` only when the
+  request's turn comes and nothing refused it; a body refused from its head
+  (413 declared too large, 503 over the body budget) gets that final answer
+  instead and the connection is closed, no body having been sent. Any other
+  expectation gets 417. ``Expect`` is not forwarded: the upstream gets the body
+  whole with the head.
 - **Pipelining.** Requests on one connection are answered strictly in order: the
   next one is not started until the answer before it has ended; while one is
   waiting, the socket is not read (the client's own window bounds our memory).
@@ -79,6 +85,7 @@ _REASONS = {
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Payload Too Large",
+    417: b"Expectation Failed",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
@@ -120,6 +127,8 @@ class _Request:
         "body_size",
         "chunked",
         "complete",
+        "continued",
+        "expect",
         "for_app",
         "head_done",
         "head_size",
@@ -145,6 +154,10 @@ class _Request:
         self.keep_alive = True
         self.chunked = False
         self.complete = False
+        #: ``Expect: 100-continue``: the client waits for our ``100 Continue`` before its body;
+        #: ``continued`` once we sent it.
+        self.expect = False
+        self.continued = False
         self.for_app = False
         #: Our own answer (413, 408), recorded already; sent when it is this request's turn.
         self.refusal: web.Response | None = None
@@ -467,6 +480,7 @@ class _Conn(asyncio.Protocol):
         path = request.url.partition(b"?")[0].decode("utf-8", "surrogateescape")
         length = -1
         upgrade = parser.should_upgrade()
+        expect: bytes | None = None
         for name, value in request.headers:
             lower = name.lower()
             if lower == b"content-length" and value.strip().isdigit():
@@ -475,15 +489,25 @@ class _Conn(asyncio.Protocol):
                 request.chunked = b"chunked" in value.lower()
             elif lower == b"upgrade":
                 upgrade = True  # with or without "Connection: upgrade": the application decides
+            elif lower == b"expect":
+                expect = value.strip().lower()
         request.for_app = upgrade or self._server.is_app_path(path)
         if upgrade:
             request.keep_alive = False  # unless the application answers 101 (then it is a tunnel)
-        if not request.for_app and length > self._proxy.max_body_bytes:
+        if request.for_app:
+            pass  # the application answers Expect itself (aiohttp sends its own 100 Continue)
+        elif expect is not None and request.version != "1.0" and expect != b"100-continue":
+            # RFC 9110 10.1.1: an expectation we cannot meet (there is no other) gets 417.
+            message = "the only expectation this server meets is 100-continue"
+            self._refuse(request, 417, "expectation_failed", message)
+        elif length > self._proxy.max_body_bytes:
             self._too_large(request)
-        elif not request.for_app and length > 0:
+        elif length > 0:
             # Reserved whole before a byte of it is read: a body that cannot fit is never read.
             request.announced = True
             self._take(request, length)
+        # HTTP/1.0 clients never wait for a 100 (RFC 9110 10.1.1); the application sends its own.
+        request.expect = expect == b"100-continue" and request.version != "1.0" and not request.for_app
         self._queue.append(request)
         if self.active is None:
             self._next()
@@ -539,6 +563,11 @@ class _Conn(asyncio.Protocol):
             self._start_app(request)
         elif request.complete:
             self._start_exchange(request)
+        elif request.expect and request.body_size == 0 and (request.chunked or request.announced):
+            # Its turn, and nothing refused it (413, 417, 503 went out above as the final
+            # answer instead, and the client never sends the body): now we want the body.
+            request.continued = True
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start_exchange(self, request: _Request) -> None:
         proxy = self._proxy
@@ -591,7 +620,10 @@ class _Conn(asyncio.Protocol):
     def _close_soon(self) -> None:
         """Close, but let a client still sending (a refused body) read our answer first."""
         self._closing = True
-        if self._parsing is not None and not self._parsing.complete:
+        request = self._parsing
+        if request is not None and request.expect and not request.continued and not request.body_size:
+            self.close()  # the client waits for a 100 Continue that will not come: no body follows
+        elif request is not None and not request.complete:
             # Closing with unread input would reset the connection, and the client could
             # lose our answer; drop its bytes for a moment instead.
             self.resume_reading("pipelined")

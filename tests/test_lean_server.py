@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -250,3 +252,99 @@ async def test_idle_keepalive_connections_are_closed(
     finally:
         writer.transport.abort()
     assert got.startswith(b"HTTP/1.1 200")
+
+
+async def _read_answers(reader: asyncio.StreamReader, parsed: _Answers, n: int) -> None:
+    while len(parsed.done) < n:
+        chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+        if not chunk:
+            return
+        parsed.parser.feed_data(chunk)
+
+
+async def test_expect_100_continue_gets_100_before_the_body_is_sent(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx)
+    proxy = await make_proxy()
+    head = _post("/v1/chat/completions", extra="Expect: 100-continue\r\n")[: -len(CHAT)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    parsed = _Answers()
+    try:
+        writer.write(head)  # the head alone: a client that waits for 100 Continue
+        await _read_answers(reader, parsed, 1)
+        assert [a["status"] for a in parsed.done] == [100]
+        assert upstream.received == []
+        writer.write(CHAT)
+        await _read_answers(reader, parsed, 2)
+    finally:
+        writer.transport.abort()
+    assert [a["status"] for a in parsed.done] == [100, 200]
+    assert parsed.done[1]["body"] == fx.body
+    (received,) = upstream.received
+    assert received.body == CHAT
+    assert "Expect" not in received.headers  # the body was read whole: nothing to wait for upstream
+    assert len(await proxy.rows(1)) == 1
+
+
+async def test_expect_100_continue_for_a_body_over_the_limit_gets_413_not_100(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(max_body_bytes=1000)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5000\r\n\r\n"
+    )
+    answers, closed = await _exchange(proxy, head, 1)  # the body is never sent
+    assert [a["status"] for a in answers] == [413]
+    assert closed
+    assert upstream.received == []
+    (row,) = await proxy.rows(1)
+    assert row["status"] == 413
+
+
+async def test_an_expectation_other_than_100_continue_gets_417(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy()
+    answers, closed = await _exchange(proxy, _post("/v1/chat/completions", extra="Expect: teapot\r\n"), 1)
+    assert [a["status"] for a in answers] == [417]
+    assert json.loads(answers[0]["body"])["error"]["code"] == "expectation_failed"
+    assert closed
+    assert upstream.received == []
+
+
+async def test_curl_sends_a_large_body_on_our_100_continue(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """curl asks for 100 Continue before a body over 1 MiB (and waits 1 s without one)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    fx = load_fixture("openai_chat_json")
+    upstream.replay(fx)
+    proxy = await make_proxy()
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"' + b"a" * 2_000_000 + b'"}]}'
+    payload = tmp_path / "body.json"
+    payload.write_bytes(body)
+    url = f"http://127.0.0.1:{proxy.server.port}/v1/chat/completions"
+    process = await asyncio.create_subprocess_exec(
+        curl,
+        "-sS",
+        "-v",
+        "--data-binary",
+        f"@{payload}",
+        "-H",
+        "Content-Type: application/json",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    assert out == fx.body
+    assert b"Expect: 100-continue" in err  # curl asked ...
+    assert b"HTTP/1.1 100 Continue" in err  # ... and we answered, rather than curl giving up waiting
+    (received,) = upstream.received
+    assert received.body == body
