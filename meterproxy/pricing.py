@@ -344,6 +344,8 @@ class PriceBook:
             # OpenRouter bills vendor models at the vendor's list price; used only when
             # OpenRouter's own list (the base layer) does not have the slug.
             curated = self._follow(self._curated(name, scope, routed=True))
+            if curated is None:
+                return self._vendor_list(name)
         if curated is None and base_id is None:
             return None
         m = self._models[curated] if curated is not None else None
@@ -352,6 +354,19 @@ class PriceBook:
             assert base_id is not None
             return Resolved(base_id.split("/", 1)[1], plist.name, entries, base_id=base_id)
         return Resolved(m.id, m.provider, entries, tuple(m.multipliers), tuple(m.redirects), base_id)
+
+    def _vendor_list(self, name: str) -> Resolved | None:
+        """An aggregator's ``vendor/model`` slug on the vendor's own list (base layer included).
+
+        Only plain slugs: a ``:free`` / ``:online`` / ``:nitro`` variant is priced by the
+        aggregator differently from the vendor, so it stays unpriced rather than guessed.
+        """
+        head, sep, rest = name.partition("/")
+        vendor = self._prefix.get(head) if sep else None
+        plist = self.price_list(vendor) if vendor else None
+        if plist is None or not rest or ":" in rest:
+            return None
+        return self._on_list(rest, plist)
 
     def _curated(self, name: str, scope: str | None, *, routed: bool = True) -> str | None:
         index = self._providers[scope].index if scope else self._global
@@ -366,6 +381,10 @@ class PriceBook:
                 scope is None or scope == vendor or (routed and self._providers[scope].aggregator)
             ):
                 return self._curated(rest, vendor, routed=routed)
+        if name.startswith("ft:") and (base := name[3:].split(":", 1)[0]) and name != f"ft:{base}":
+            # An OpenAI fine-tune, ft:<base model>:<org>:<suffix>:<id>, bills at its base
+            # model's fine-tuned rates: the curated id is ft:<base> (snapshot date stripped next).
+            return self._curated(f"ft:{base}", scope, routed=routed)
         stripped = _SNAPSHOT_RE.sub("", name)
         return self._curated(stripped, scope, routed=routed) if stripped != name else None
 

@@ -12,7 +12,8 @@ files join the list their ``provider =`` names (aliases included).
 name as sent matches nothing on the list: the Gemini API's ``models/`` prefix,
 Bedrock's cross-region inference profiles (``us.``, ``eu.``, ``apac.``,
 ``global.`` ...), Vertex AI's ``google/`` (its OpenAI-compatible endpoint) and
-``publishers/google/models/`` (resource names), Azure's ``gpt-35-turbo`` for ``gpt-3.5-turbo``, Mistral's
+``publishers/google/models/`` (resource names), Azure's ``gpt-35-turbo`` for ``gpt-3.5-turbo``
+(and ``azure/`` or ``openai/`` before a deployment's model name), Mistral's
 ``-YYMM`` versions and ``-latest`` for the family (``pixtral-12b-2409``). Only
 spellings of the *same* model on the *same* list: nothing here moves a name to
 another provider's prices.
@@ -79,6 +80,8 @@ def price_list(name: str | None, base_ids: frozenset[str], files: frozenset[str]
 
 _BEDROCK_PROFILE = re.compile(r"^(?:us|eu|apac|global|us-gov|ca|jp|au|sa)\.(?=[a-z0-9-]+\.)")
 _AZURE = (("gpt-35-", "gpt-3.5-"),)
+# LiteLLM-style clients prefix the provider ("azure/gpt-4o", "openai/gpt-4o") on an Azure upstream.
+_AZURE_PREFIXES = ("azure/", "openai/")
 # Vertex AI's OpenAI-compatible endpoint names Gemini models "google/<model>"; its REST resource
 # names are "publishers/google/models/<model>". Both mean <model> on the same list.
 _VERTEX_PREFIXES = ("publishers/google/models/", "google/")
@@ -97,6 +100,8 @@ def client_spellings(name: str, price_list_name: str) -> list[str]:
             out.append(stripped.rsplit("/", 1)[-1])
     if price_list_name == "vertex":
         out += [name[len(p) :] for p in _VERTEX_PREFIXES if name.startswith(p)]
+    if price_list_name == "azure":
+        out += [name[len(p) :] for p in _AZURE_PREFIXES if name.startswith(p)]
     if price_list_name in ("azure", "openai"):
         for azure, openai in _AZURE:
             if name.startswith(azure):

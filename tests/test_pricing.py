@@ -101,6 +101,18 @@ def test_default_is_cached() -> None:
         ("deepseek-ai/DeepSeek-R1", "together", "deepseek-ai/DeepSeek-R1"),
         ("devstral-medium-latest", "mistral", "devstral-medium-2507"),
         ("grok-beta", "xai", "grok-beta"),
+        # OpenAI fine-tunes bill at their base model's fine-tuned rates.
+        ("ft:gpt-4.1-2025-04-14:acme::B1c2D3e4", "openai", "ft:gpt-4.1"),
+        ("ft:gpt-4.1-mini-2025-04-14:acme:exp:ckpt-step-100:Zz9", "openai", "ft:gpt-4.1-mini"),
+        ("ft:gpt-4o-mini-2024-07-18:my-org::9xYzAbC1", "openai", "ft:gpt-4o-mini-2024-07-18"),
+        ("ft:gpt-4o-2024-11-20:org::x", "openai", "ft:gpt-4o-2024-08-06"),
+        ("ft:o4-mini-2025-04-16:org::x", "openai", "ft:o4-mini"),
+        ("ft:gpt-3.5-turbo-0125:personal::8qWeRtY9", "openai", "ft:gpt-3.5-turbo-"),  # genai-prices' id
+        # An OpenRouter slug its own list lacks: the vendor's list, base layer included.
+        ("google/gemini-2.5-flash-preview-05-20", "openrouter", "gemini-2.5-flash-preview"),
+        # A LiteLLM-style provider prefix on an Azure upstream.
+        ("azure/gpt-4o", "azure", "gpt-4o"),
+        ("openai/gpt-4o-mini", "azure", "gpt-4o-mini"),
     ],
 )
 def test_resolve(name: str, provider: str | None, expected: str) -> None:
@@ -118,6 +130,10 @@ def test_resolve(name: str, provider: str | None, expected: str) -> None:
         ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "local"),
         ("deepseek-ai/DeepSeek-R1", "fireworks"),  # Together's curated entry stays on Together's list
         ("google/gemini-2.5-flash", "openai"),  # the Vertex spelling is tried on the Vertex list only
+        ("ft:gpt-4.1-2025-04-14:acme::x", "azure"),  # OpenAI's fine-tune rates are OpenAI's list only
+        ("azure/gpt-4o", "openai"),
+        ("google/gemini-2.5-flash-preview-05-20:online", "openrouter"),  # a variant OpenRouter prices itself
+        ("ft:davinci-002:org::x", "openai"),  # no fine-tuned rate recorded for davinci-002
     ],
 )
 def test_resolve_unknown(name: str | None, provider: str | None) -> None:
@@ -338,3 +354,22 @@ def test_bad_window_raises_naming_file_and_model(tmp_path: Path, window: str, me
         PriceBook.load(dirs=[tmp_path])
     assert str(bad) in str(info.value) and "model 'm'" in str(info.value)
     assert "windows[0]" in str(info.value)
+
+
+def test_a_fine_tune_bills_at_its_base_models_fine_tuned_rates() -> None:
+    usage = Usage(input_tokens=1_000_000, cache_read_tokens=400_000, output_tokens=1_000_000)
+    at = datetime(2026, 12, 3, tzinfo=UTC)
+    result = PriceBook.default().price(
+        model="ft:gpt-4.1-2025-04-14:acme:support:B1c2D3e4", usage=usage, at=at, provider="openai"
+    )
+    assert result is not None and result.model == "ft:gpt-4.1"
+    # 600k uncached at $3, 400k cached at $0.75, 1M out at $12 (per 1M).
+    assert result.cost_usd == Decimal("1.8") + Decimal("0.3") + Decimal(12)
+    # Before fine-tuning of GPT-4.1 opened there is no such model: unpriced, not guessed.
+    early = datetime(2025, 4, 1, tzinfo=UTC)
+    assert (
+        PriceBook.default().price(
+            model="ft:gpt-4.1-2025-04-14:a::b", usage=usage, at=early, provider="openai"
+        )
+        is None
+    )

@@ -31,11 +31,19 @@ from tests.test_pricing_genai import KNOWN_DISAGREEMENTS
 
 genai_prices = pytest.importorskip("genai_prices")
 
-NAMES = [
-    tuple(line.split(None, 1))
-    for line in (Path(__file__).parent / "data" / "client_model_names.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
-]
+
+def _names(file: str) -> list[tuple[str, str]]:
+    lines = (Path(__file__).parent / "data" / file).read_text().splitlines()
+    return [
+        (p, m)
+        for p, m in (line.split(None, 1) for line in lines if line.strip() and not line.startswith("#"))
+    ]
+
+
+NAMES = _names("client_model_names.txt")
+# A broader list (fine-tunes, Azure and Bedrock spellings, catalogue names) collected to find
+# resolution gaps; its floor is lower because it holds more third-party catalogue models.
+MORE_NAMES = _names("client_model_names_more.txt")
 # Our price list -> genai-prices provider id.
 GENAI = {
     "gemini": "google",
@@ -44,7 +52,8 @@ GENAI = {
     "xai": "x-ai",
 }
 MIN_PRICED = Decimal("0.97")
-LISTS = sorted({plist for plist, _ in NAMES})
+MIN_PRICED_MORE = Decimal("0.90")
+LISTS = sorted({plist for plist, _ in NAMES + MORE_NAMES})
 
 
 def _answer_naming_the_model() -> web.Request:
@@ -83,8 +92,11 @@ def upstream_for_all(upstream: FakeUpstream) -> FakeUpstream:
     return upstream
 
 
+@pytest.mark.parametrize(
+    ("names", "floor"), [(NAMES, MIN_PRICED), (MORE_NAMES, MIN_PRICED_MORE)], ids=["main", "more"]
+)
 async def test_client_names_are_priced_through_the_proxy_and_agree_with_genai_prices(
-    upstream_for_all: FakeUpstream, make_proxy: ProxyFactory
+    upstream_for_all: FakeUpstream, make_proxy: ProxyFactory, names: list[tuple[str, str]], floor: Decimal
 ) -> None:
     upstreams = {plist: upstream_for_all.url for plist in LISTS}
     proxy = await make_proxy(upstreams=upstreams)
@@ -99,16 +111,16 @@ async def test_client_names_are_priced_through_the_proxy_and_agree_with_genai_pr
             model=model, messages=[{"role": "user", "content": "hi"}]
         )
 
-    for i in range(0, len(NAMES), 16):
-        batch = NAMES[i : i + 16]
+    for i in range(0, len(names), 16):
+        batch = names[i : i + 16]
         await asyncio.gather(*(send(p, m) for p, m in batch))
         order += batch
-    rows = await proxy.rows(len(NAMES))
-    assert len(rows) == len(NAMES)
+    rows = await proxy.rows(len(names))
+    assert len(rows) == len(names)
     by_request = {(r["upstream"], r["requested_model"]): r for r in rows}
 
     unpriced, wrong = [], []
-    for plist, model in NAMES:
+    for plist, model in names:
         row = by_request[(plist, model)]
         if row["cost_usd"] is None:
             unpriced.append(f"{plist} {model}")
@@ -125,9 +137,9 @@ async def test_client_names_are_priced_through_the_proxy_and_agree_with_genai_pr
         )
         if theirs is not None and abs(ours - theirs) > Decimal("1e-9") and not documented:
             wrong.append(f"{plist} {model}: ours {ours} ({row['priced_model']}) genai-prices {theirs}")
-    priced = Decimal(len(NAMES) - len(unpriced)) / len(NAMES)
+    priced = Decimal(len(names) - len(unpriced)) / len(names)
     assert not wrong, "\n".join(wrong)
-    assert priced >= MIN_PRICED, f"{priced:.3f} priced; unpriced:\n" + "\n".join(unpriced)
+    assert priced >= floor, f"{priced:.3f} priced; unpriced:\n" + "\n".join(unpriced)
 
 
 async def test_an_upstream_is_priced_only_from_the_list_the_operator_chose(

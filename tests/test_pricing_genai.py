@@ -144,6 +144,15 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "dates its later moves, so we leave that span unpriced (developers.googleblog.com "
         "2025-09-25; sources in pricing/gemini.toml)"
     ),
+    "ft:gpt-4o-2024-08-06": (
+        "genai-prices has no cached-input rate for fine-tuned GPT-4o and bills cached tokens at the "
+        "full $3.75; fine-tuned models cache like their base, at $1.875 (ours; LiteLLM's price map, "
+        "OpenAI's pricing page Fine-tuning table)"
+    ),
+    "ft:gpt-4o-mini-2024-07-18": (
+        "as ft:gpt-4o-2024-08-06: genai-prices bills cached tokens of fine-tuned GPT-4o mini at $0.30, "
+        "not $0.15 (ours; LiteLLM's price map)"
+    ),
     "deepseek-flash": (
         "weekends: DeepSeek bills them off-peak all day, genai-prices at peak (upper bound, its "
         "issue #582); ours is right (api-docs.deepseek.com/quick_start/pricing)"
