@@ -144,6 +144,11 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "dates its later moves, so we leave that span unpriced (developers.googleblog.com "
         "2025-09-25; sources in pricing/gemini.toml)"
     ),
+    "mistral-medium-2505": (
+        "the name mistral-medium-3: genai-prices' Mistral Medium 3.5 rule (starts_with "
+        "'mistral-medium-3') catches it and bills $1.50 / $7.50; Mistral Medium 3 is $0.40 / $2 "
+        "(ours: the alias of mistral-medium-2505, Mistral's model card mistral-medium-3-1-25-08)"
+    ),
     "ft:gpt-4o-2024-08-06": (
         "genai-prices has no cached-input rate for fine-tuned GPT-4o and bills cached tokens at the "
         "full $3.75; fine-tuned models cache like their base, at $1.875 (ours; LiteLLM's price map, "
@@ -220,18 +225,21 @@ def _disagreements() -> tuple[dict[str, list[str]], int]:
     compared = 0
     for model in book.models():
         provider = GENAI_PROVIDER.get(book.provider_of(model) or "")
-        if provider is None:
+        info = book.info(model)
+        if provider is None or info is None:
             continue
-        for at in _dates(book, model):
+        # The table id and every alias: an alias is a name clients send, and genai-prices
+        # may match it to another model than ours does (recorded under the table id).
+        for spelling, at in ((s, at) for s in (model, *info.aliases) for at in _dates(book, model)):
             for name, usage in USAGES.items():
-                theirs = _genai_cost(model, provider, usage, at)
-                ours = book.price(model=model, usage=usage, at=at)
+                theirs = _genai_cost(spelling, provider, usage, at)
+                ours = book.price(model=spelling, usage=usage, at=at, provider=book.provider_of(model))
                 if theirs is None or ours is None:
                     continue
                 compared += 1
                 if ours.cost_usd != theirs:
                     found.setdefault(model, []).append(
-                        f"{at.isoformat()} {name}: ours {ours.cost_usd} theirs {theirs}"
+                        f"{spelling} {at.isoformat()} {name}: ours {ours.cost_usd} theirs {theirs}"
                     )
     return found, compared
 
