@@ -30,6 +30,7 @@ from meterproxy.access_log import log_request
 from meterproxy.api.me import ME_PREFIX
 from meterproxy.app_state import FINGERPRINT_SALT, METER, PRICEBOOK, PRICES, PROXY, READERS, SETTINGS, WRITER
 from meterproxy.aws_sigv4 import AwsSigner
+from meterproxy.estimate import Estimator, load_tokenizer
 from meterproxy.http_errors import bearer_matches, unauthorized
 from meterproxy.meter import Meter, price_record_with
 from meterproxy.prices_update import load_book
@@ -139,6 +140,17 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     meter = app[METER]
     meter.set_pricer(price_record_with(book, settings.upstream_prices))
     meter.add_sink("store", app[WRITER].submit)
+    estimate_limit = 0
+    if settings.estimate_usage:
+        tokenizer = load_tokenizer(settings.estimate_tokenizer_file)
+        live = app[PRICES]
+        app[WRITER].prepare = Estimator(
+            tokenizer, lambda: price_record_with(live.book, settings.upstream_prices)
+        ).prepare
+        estimate_limit = settings.estimate_max_bytes
+        log.info(
+            "estimate_usage: answers without usage are counted with %s (estimates, apart)", tokenizer.name
+        )
     if settings.access_log:
         meter.add_sink("access_log", log_request)
     app[FINGERPRINT_SALT] = _read_salt(app[READERS])
@@ -158,6 +170,7 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
         max_buffered_body_bytes=settings.max_buffered_body_bytes,
         durable=_commit_barrier(app[WRITER]) if settings.durability == "strict" else None,
         content_limit=settings.content_max_bytes if settings.store_content else 0,
+        estimate_limit=estimate_limit,
         signers={name: AwsSigner(region) for name, region in settings.aws_sigv4.items()},
     )
     yield

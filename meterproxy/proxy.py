@@ -75,7 +75,7 @@ from meterproxy.providers.batches import result_id
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
 from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError
-from meterproxy.usage import CapturedContent, RequestRecord
+from meterproxy.usage import CapturedContent, EstimateSource, RequestRecord
 from meterproxy.websocket import is_upgrade
 from meterproxy.wsproxy import LiveSessions
 
@@ -194,6 +194,7 @@ class Proxy:
         max_buffered_body_bytes: int = 256 * 1024 * 1024,
         durable: Callable[[], Awaitable[object]] | None = None,
         content_limit: int = 0,
+        estimate_limit: int = 0,
         registry: providers.ProviderRegistry | None = None,
         signers: Mapping[str, AwsSigner] | None = None,
     ) -> None:
@@ -217,6 +218,8 @@ class Proxy:
         self._durable = durable
         # store_content: bytes kept of each request body and answer (0: nothing kept).
         self._content_limit = content_limit
+        # estimate_usage: bytes of each answer held (in memory only) to count if it has no usage.
+        self._estimate_limit = estimate_limit
         self.draining = 0
         self.in_flight = 0
         self._tasks: set[asyncio.Future[None]] = set()
@@ -517,7 +520,7 @@ class Proxy:
             sse=sse,
             rewrite=record.usage_injected,
             content_encoding=content_encoding,
-            capture_limit=self._content_limit if record.content is not None else 0,
+            capture_limit=max(self._content_limit if record.content is not None else 0, self._estimate_limit),
         )
         record.streamed = record.streamed or sse
 
@@ -672,8 +675,13 @@ class Proxy:
         result = tap.result()
         captured = tap.captured
         if captured is not None and record.content is not None:
-            record.content.response = captured
-            record.content.truncated = record.content.truncated or tap.capture_truncated
+            record.content.response = captured[: self._content_limit]
+            record.content.truncated = (
+                record.content.truncated or tap.capture_truncated or len(captured) > self._content_limit
+            )
+        if captured is not None and self._estimate_limit and result.usage is None:
+            # Counted (and dropped) on the writer thread: `meterproxy.estimate`.
+            record.estimate_source = EstimateSource(exchange.body, captured, tap.capture_truncated)
         record.usage = result.usage
         record.usage_source = result.usage_source
         record.model = result.model or record.requested_model
@@ -712,6 +720,7 @@ class Proxy:
                 service_tier=child.service_tier,
                 error=child.error,
                 content=None,
+                estimate_source=None,
                 tags=dict(download.tags),
                 extra={"batch": container, "result": item},
                 duration_ms=None,

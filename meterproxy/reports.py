@@ -107,6 +107,9 @@ def parse_bound(value: str | None, tz: tzinfo, *, end: bool) -> str | None:
 def _exact(measures: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {name: int(measures.get(name) or 0) for name in _COUNTS}
     out["cost_usd"] = Decimal(str(measures.get("cost_usd") or 0))
+    # Estimates of answers without usage (estimate_usage): carried apart, never added to cost_usd.
+    out["estimated_requests"] = int(measures.get("estimated_requests") or 0)
+    out["estimated_cost_usd"] = Decimal(str(measures.get("estimated_cost_usd") or 0))
     return out
 
 
@@ -152,8 +155,9 @@ class DbReader:
             conn.close()
 
         def api(measures: Mapping[str, int]) -> dict[str, Any]:
-            out: dict[str, Any] = {k: v for k, v in measures.items() if k != "cost_pico"}
+            out: dict[str, Any] = {k: v for k, v in measures.items() if not k.endswith("cost_pico")}
             out["cost_usd"] = from_pico(measures["cost_pico"])
+            out["estimated_cost_usd"] = from_pico(measures.get("estimated_cost_pico", 0))
             return out
 
         return {
@@ -257,6 +261,8 @@ def _merge_models(rows: list[dict[str, Any]], book: PriceBook) -> list[dict[str,
         for name in _COUNTS:
             into[name] += row[name]
         into["cost_usd"] += row["cost_usd"]
+        into["estimated_requests"] += row["estimated_requests"]
+        into["estimated_cost_usd"] += row["estimated_cost_usd"]
         if raw and raw not in into["names"]:
             into["names"].append(raw)
     return list(merged.values())
@@ -442,6 +448,12 @@ def render_table(report: Report) -> str:
                 f"{compact(m['input_tokens'])} input / {compact(m['output_tokens'])} output tokens"
             )
         out.append(f"  To count them, {PRICING_HINT}.")
+    if t["estimated_requests"]:
+        n = t["estimated_requests"]
+        out.append(
+            f"Estimated (no usage reported, not in the totals): {n:,} request{'s' if n > 1 else ''}, "
+            f"{money(t['estimated_cost_usd'])} by meterproxy's own token count (estimate_usage)."
+        )
     return "\n".join(out)
 
 
@@ -464,6 +476,7 @@ def _json_row(row: Mapping[str, Any], report: Report) -> dict[str, Any]:
 def render_json(report: Report) -> str:
     totals = dict(report.totals)
     totals["cost_usd"] = usd_text(totals["cost_usd"])
+    totals["estimated_cost_usd"] = usd_text(totals["estimated_cost_usd"])
     doc = {
         "report": report.kind,
         "since": report.since,

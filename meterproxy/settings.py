@@ -258,6 +258,24 @@ class Settings(BaseModel):
         description="With store_content: regular expressions whose matches are replaced by [REDACTED] "
         "before storing (e.g. emails, card numbers).",
     )
+    estimate_usage: bool = Field(
+        False,
+        description="Count the tokens of answers that report no usage (a stream without include_usage, "
+        "an answer cut off) and price them as estimates: labelled cost_source estimated, shown apart, "
+        "never part of spend. The texts are counted in memory, never stored.",
+    )
+    estimate_tokenizer_file: str | None = Field(
+        None,
+        description="With estimate_usage: a local tiktoken encoding file (o200k_base.tiktoken or "
+        "cl100k_base.tiktoken, optionally gzipped; needs meterproxy[estimate]). Without it: 1 token per "
+        "4 bytes of UTF-8 text, labelled heuristic.",
+    )
+    estimate_max_bytes: int = Field(
+        1_048_576,
+        gt=0,
+        description="With estimate_usage: bytes of each answer held in memory while it streams, to "
+        "count if it ends without usage (a longer answer is counted up to there, and says so).",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     access_log: bool = Field(
         False,

@@ -31,13 +31,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["COST_SOURCES", "RequestRecord", "Usage", "new_request_id", "utcnow"]
+__all__ = ["COST_SOURCES", "Estimate", "EstimateSource", "RequestRecord", "Usage", "new_request_id", "utcnow"]
 
 #: Where a row's cost came from:
 #: ``computed``: reported usage x the price tables (the normal case);
 #: ``partial``: usage from a stream cut before its final report, priced as the lower bound it is;
 #: ``provider``: the provider's (or agent log's) own figure, used where the tables cannot price;
-#: ``estimated``: counted by meterproxy, not reported (reserved: no estimator ships yet).
+#: ``estimated``: no usage was reported; meterproxy counted the tokens itself (``estimate_usage``).
+#: Such a row's cost is in ``estimated_cost_pico``, never in ``cost_usd`` (`meterproxy.estimate`).
 COST_SOURCES = ("computed", "partial", "provider", "estimated")
 
 
@@ -104,6 +105,37 @@ class CapturedContent:
     truncated: bool = False
 
 
+@dataclass(slots=True, frozen=True)
+class Estimate:
+    """Tokens meterproxy counted for an answer without usage, and their price (`meterproxy.estimate`)."""
+
+    input_tokens: int
+    output_tokens: int
+    #: How they were counted: ``tiktoken:o200k_base``, ``heuristic:utf8_bytes/4``...
+    method: str
+    cost_usd: Decimal | None
+    priced_model: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "method": self.method,
+            "cost_usd": None if self.cost_usd is None else str(self.cost_usd),
+            "priced_model": self.priced_model,
+        }
+
+
+@dataclass(slots=True)
+class EstimateSource:
+    """The texts an estimate is counted from; held only until the row is written, never stored."""
+
+    request: bytes
+    response: bytes
+    #: The answer was longer than what was kept of it.
+    truncated: bool = False
+
+
 @dataclass(slots=True)
 class RequestRecord:
     """One proxied (or imported) request, as stored. Field names are the API's names."""
@@ -155,6 +187,10 @@ class RequestRecord:
     #: Only with ``store_content``: the client's request body and the answer's (decoded)
     #: bytes, each capped; stored apart from the row by `meterproxy.content`.
     content: CapturedContent | None = None
+    #: Only with ``estimate_usage``, for an answer that may come without usage: what to count.
+    #: Set by the proxy; consumed (and dropped) on the writer thread, which fills ``estimate``.
+    estimate_source: EstimateSource | None = None
+    estimate: Estimate | None = None
 
     # Convenience accessors so sinks need not care whether usage is None.
     @property

@@ -100,6 +100,8 @@ async def test_daily_json_matches_records_in_utc_and_in_a_zone(make_proxy: Any) 
             "reasoning_tokens",
             "unpriced_requests",
             "cost_usd",
+            "estimated_requests",  # apart from cost_usd: tests/test_estimate.py
+            "estimated_cost_usd",
         ]
 
 

@@ -50,6 +50,8 @@ def measures_to_api(measures: dict[str, int]) -> dict[str, Any]:
     for name, value in measures.items():
         if name == "cost_pico":
             out["cost_usd"] = pico_to_usd(value)
+        elif name == "estimated_cost_pico":
+            out["estimated_cost_usd"] = pico_to_usd(value)
         else:
             out[name] = value
     return out
@@ -78,7 +80,13 @@ class Totals(_Model):
     provider_cost_requests: int = Field(
         0, description="Cost is the provider's (or agent log's) own figure; the tables could not price them."
     )
-    estimated_requests: int = Field(0, description="Cost estimated by meterproxy, not reported (none yet).")
+    estimated_requests: int = Field(
+        0,
+        description="No usage reported: tokens counted by meterproxy (estimate_usage), priced as estimates.",
+    )
+    estimated_cost_usd: Cost = Field(
+        description="The estimated requests' cost: apart from cost_usd, never part of reported spend.",
+    )
 
 
 class Group(Totals):
@@ -212,8 +220,13 @@ class RequestRow(_Model):
     cost_source: str | None = Field(
         None,
         description="Where cost_usd came from: computed (reported usage x price tables), partial (a stream "
-        "cut before its final usage: a lower bound), provider (the provider's own figure), estimated; "
-        "null while unpriced.",
+        "cut before its final usage: a lower bound), provider (the provider's own figure), estimated "
+        "(no usage reported: the cost is in estimated_cost_usd, cost_usd stays null); null while unpriced.",
+    )
+    estimated_cost_usd: Cost | None = Field(
+        None,
+        description="estimate_usage: the answer reported no usage; meterproxy counted its tokens and priced "
+        "them. Never part of cost_usd or of any spend total.",
     )
 
 

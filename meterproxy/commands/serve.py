@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
+from meterproxy.estimate import check_tokenizer_file
 from meterproxy.logs import configure_logging
 from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.routing import parse_upstream
@@ -110,6 +111,11 @@ def command(
 
     if settings.workers > 1 and settings.port == 0:
         raise click.UsageError("--workers needs a fixed --port (each worker binds it)")
+    if settings.estimate_usage:
+        try:
+            check_tokenizer_file(settings.estimate_tokenizer_file)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     try:
         check_database(settings.db)
         # Workers bind the port themselves (SO_REUSEPORT): this one only proves it is free.

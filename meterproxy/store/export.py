@@ -78,7 +78,11 @@ _INTEGER = {
     "upstream_ms",
 }
 _BOOL = {"streamed", "client_disconnected"}
-_NUMBER_TEXT = {"cost_usd", "provider_cost_usd"}  # exact decimal text, a bare number in CSV
+_NUMBER_TEXT = {
+    "cost_usd",
+    "provider_cost_usd",
+    "estimated_cost_usd",
+}  # exact decimal text, a bare number in CSV
 _JSON_TEXT = {"tags"}
 
 

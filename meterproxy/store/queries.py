@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 # Columns the API shows, in stored order; internal ones stay inside.
-_INTERNAL_COLUMNS = frozenset({"cost_pico", "usage_injected", "extra"})
+_INTERNAL_COLUMNS = frozenset({"cost_pico", "estimated_cost_pico", "usage_injected", "extra"})
 API_FIELDS = [c for c in COLUMNS if c not in _INTERNAL_COLUMNS]
 _BOOLS = {"streamed", "client_disconnected"}
 
@@ -118,7 +118,7 @@ def row_to_api(row: Any) -> dict[str, Any]:
             value = bool(value)
         elif name == "tags":
             value = json.loads(value) if value else {}
-        elif name in ("cost_usd", "provider_cost_usd") and value is not None:
+        elif name in ("cost_usd", "provider_cost_usd", "estimated_cost_usd") and value is not None:
             value = Decimal(value)
         out[name] = value
     # The provider's own figure (OpenRouter usage.cost) minus ours; positive: they billed more.

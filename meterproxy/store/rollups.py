@@ -81,9 +81,14 @@ MEASURES: dict[str, str] = {
     "partial_requests": "SUM(CASE WHEN usage_source = 'partial' THEN 1 ELSE 0 END)",
     "provider_cost_requests": "SUM(CASE WHEN cost_source = 'provider' THEN 1 ELSE 0 END)",
     "estimated_requests": "SUM(CASE WHEN cost_source = 'estimated' THEN 1 ELSE 0 END)",
+    # Estimates of answers without usage (estimate_usage): never part of cost_pico (rollups m005).
+    "estimated_cost_pico": "COALESCE(sum(estimated_cost_pico), 0)",
 }
-#: The measures the first rollup migrations created (a migration never changes once applied).
+#: The measures the first rollup migrations created (a migration never changes once applied),
+#: and those m004 and m005 added.
 _M001_MEASURES = tuple(MEASURES)[:12]
+_M004_MEASURES = tuple(MEASURES)[12:15]
+_M005_MEASURES = tuple(MEASURES)[15:16]
 
 #: Dimension -> its column in ``requests`` as SQL (``user`` is a reserved word in PostgreSQL).
 DIMENSION_SQL: dict[str, str] = {d: '"user"' if c == "user" else c for d, c in DIMENSIONS.items()}
@@ -181,14 +186,24 @@ def m004_cost_source_counts(db: Db) -> None:
     # Summaries count each kind of cost (usage.COST_SOURCES): new measures in every rollup table,
     # and the coarse tables' triggers rebuilt to maintain them. Rows rolled up before this count 0
     # in the new measures (before it, every cost but an import's agent figure was computed).
-    added = [m for m in MEASURES if m not in _M001_MEASURES]
+    _add_measures(db, _M004_MEASURES, (*_M001_MEASURES, *_M004_MEASURES))
+
+
+@rollup_migrations()
+def m005_estimated_cost(db: Db) -> None:
+    # The estimated cost of answers without usage, summed apart from spend (meterproxy/estimate.py).
+    _add_measures(db, _M005_MEASURES, (*_M001_MEASURES, *_M004_MEASURES, *_M005_MEASURES))
+
+
+def _add_measures(db: Db, added: tuple[str, ...], all_measures: tuple[str, ...]) -> None:
+    """New measure columns in every rollup table; the coarse tables' triggers rebuilt to keep them."""
     for table in (*TABLES, "rollup_day_model", "rollup_hour_model"):
         for m in added:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {m} BIGINT NOT NULL DEFAULT 0")
     for fine, coarse in (("rollup_day", "rollup_day_model"), ("rollup_hour", "rollup_hour_model")):
         for suffix in ("ai", "au", "ad"):
             db.execute(db.dialect.drop_trigger(f"{fine}_{suffix}", fine))
-        _coarse_triggers(db, fine, coarse, tuple(MEASURES))
+        _coarse_triggers(db, fine, coarse, all_measures)
 
 
 @dataclass(slots=True, frozen=True)

@@ -193,6 +193,14 @@ def m008_ts_covering_index(db: Db) -> None:
     db.execute("DROP INDEX requests_ts")
 
 
+@core_migrations()
+def m009_estimated_cost(db: Db) -> None:
+    # estimate_usage: the priced estimate of an answer that reported no usage, apart from cost_pico
+    # so that no sum of spend can include it (meterproxy/estimate.py). NULL on every other row.
+    db.execute(f"ALTER TABLE requests ADD COLUMN estimated_cost_usd {db.dialect.text}")
+    db.execute("ALTER TABLE requests ADD COLUMN estimated_cost_pico BIGINT")
+
+
 COLUMNS = [
     "id",
     "ts",
@@ -232,6 +240,8 @@ COLUMNS = [
     "provider_request_id",
     "cost_source",
     *MODALITY_COLUMNS,
+    "estimated_cost_usd",
+    "estimated_cost_pico",
 ]
 
 
@@ -239,6 +249,13 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
     u = record.tokens
     cost = record.cost_usd
     pico = to_pico(cost) if cost is not None else None
+    extra, source = record.extra, record.cost_source if cost is not None else None
+    estimate = record.estimate if cost is None else None
+    estimated = None
+    if estimate is not None:
+        extra = {**extra, "estimate": estimate.as_dict()}
+        if estimate.cost_usd is not None:
+            estimated, source = to_pico(estimate.cost_usd), "estimated"
     return (
         record.id,
         format_ts(record.ts),
@@ -274,12 +291,14 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         record.error,
         int(record.client_disconnected),
         int(record.usage_injected),
-        json.dumps(record.extra, default=str) if record.extra else None,
+        json.dumps(extra, default=str) if extra else None,
         record.provider_request_id,
-        record.cost_source if cost is not None else None,
+        source,
         u.audio_input_tokens,
         u.audio_cache_read_tokens,
         u.image_input_tokens,
         u.audio_output_tokens,
         u.image_output_tokens,
+        stored_cost_text(estimated),
+        estimated,
     )

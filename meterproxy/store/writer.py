@@ -99,6 +99,9 @@ class StoreWriter:
         self.last_error: str | None = None
         self._last_commit: float | None = None
         self._listeners: list[Callable[[list[RequestRecord]], None]] = []
+        #: Called on this thread with each record just before its row is made (estimate_usage fills
+        #: ``record.estimate`` here, off the event loop); a failure is logged, the row still written.
+        self.prepare: Callable[[RequestRecord], None] | None = None
         # Set by `close`: past this monotonic time a failing write is spilled, not retried.
         self._give_up_at: float | None = None
         #: Records spilled to a file at shutdown (also counted in ``dropped``), and where.
@@ -233,6 +236,12 @@ class StoreWriter:
             self._conn = None
 
     def _write_records(self, records: list[RequestRecord]) -> None:
+        if self.prepare is not None:
+            for record in records:
+                try:
+                    self.prepare(record)
+                except Exception:
+                    log.exception("preparing record %s failed", record.id)
         rows = [record_to_row(r) for part in _gil_slices(records) for r in part]
         delay = 0.05
         assert self._conn is not None

@@ -62,6 +62,11 @@ export function renderCards(cur, before, sessions, prevSessions, label) {
   const unpricedTokens = (cur.unpriced_models || []).reduce((a, m) => a + m.input_tokens + m.output_tokens, 0);
   card("cost").querySelector(".sub").textContent = t.unpriced_requests
     ? `+ ${integer(t.unpriced_requests)} unpriced requests (${compact(unpricedTokens)} tokens) not in this total` : "every request priced";
+  if (t.estimated_requests) {
+    // Estimates (estimate_usage) are never spend: shown beside the total, not in it.
+    card("cost").querySelector(".sub").textContent +=
+      ` · ${money(t.estimated_cost_usd)} estimated for ${integer(t.estimated_requests)} without usage, not in this total`;
+  }
   card("cost").classList.toggle("has-unpriced", Boolean(t.unpriced_requests));
   delta(card("cost").querySelector(".delta"), Number(t.cost_usd), Number(p.cost_usd), label, p.requests);
   const tokens = t.input_tokens + t.output_tokens;
