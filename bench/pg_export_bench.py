@@ -5,7 +5,10 @@ migrations, generates ``--rows`` requests one second apart inside PostgreSQL
 (``generate_series``: no Python per row), then runs the export path the API
 runs on PostgreSQL (`time_slices` + `SlicedExport`, two threads, pooled
 read-only connections) for CSV and JSON Lines ``--repeat`` times, reading every
-chunk. Prints wall time, this process's CPU seconds and peak RSS per run; the
+chunk. Prints wall time, this process's CPU seconds, the CPU seconds of the
+server processes that ran the export (``server_cpu_s``: from ``/proc`` of the
+read pool's backends, so the server must run on this machine; unlike wall time
+it barely moves when other work shares the cores) and peak RSS per run; the
 database is dropped at the end. No HTTP: what the proxy's process spends.
 
     python bench/pg_export_bench.py --rows 300000
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meterproxy.store import backend
 from meterproxy.store.export import SlicedExport, time_slices
+from meterproxy.store.postgres import READ_POOL_APPLICATION
 from meterproxy.store.queries import RequestFilter, read_connection
 
 _FILL = """
@@ -44,6 +48,27 @@ SELECT 'b' || lpad(x::text, 12, '0'),
        '{"team":"ads"}', 'abc'
 FROM generate_series(1, %s) AS x
 """
+
+
+def _backend_cpu(admin: str, database: str) -> dict[int, float]:
+    """CPU seconds so far of each read-pool backend serving ``database`` (by pid, from /proc)."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        pids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                (database, READ_POOL_APPLICATION),
+            )
+        ]
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 conn = read_connection(url)
                 slices = time_slices(conn, None, None, width)
                 conn.close()
+                s0 = _backend_cpu(args.pg, name)
                 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 export = SlicedExport(readers.connection, RequestFilter(), fmt, slices, workers=2)
                 size = lines = 0
@@ -83,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     export.close()
                 r1 = resource.getrusage(resource.RUSAGE_SELF)
+                s1 = _backend_cpu(args.pg, name)
                 run = {
                     "format": fmt,
                     "wall_s": round(time.perf_counter() - t0, 2),
                     "cpu_s_this_process": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),
+                    "server_cpu_s": round(sum(v - s0.get(pid, 0.0) for pid, v in s1.items()), 2),
                     "peak_rss_mb": round(r1.ru_maxrss / 1024),
                     "rows": lines,
                     "mb": round(size / 1e6, 1),

@@ -39,7 +39,7 @@ __all__ = ["setup"]
 #: Threads formatting rows (alternate slices); formatting is CPU-bound, one per core helps.
 EXPORT_WORKERS = 2
 
-#: PostgreSQL: each slice comes back as one string (`pg_slice`), so its size bounds memory.
+#: PostgreSQL: each slice comes back as one value (`pg_slice`), so its size bounds memory.
 PG_SLICE = timedelta(hours=1)
 
 _CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}

@@ -20,6 +20,11 @@ A `Db` is one connection to either engine (`meterproxy.store.sqlite.SqliteDb`,
 - ``db.insert_many(table, columns, rows, key=...)``: bulk load, skipping rows
   whose key is already there; returns how many were added (PostgreSQL: ``COPY``
   into a temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``).
+- ``db.bulk_read(compose)``: bulk read, the text column of one-column rows as
+  raw bytes, for exports (PostgreSQL: ``COPY (SELECT ...) TO STDOUT`` in binary
+  format, straight off the wire; ``compose(p)`` writes the SELECT with
+  ``p(value)`` as for `Params`, which there quotes the value into the SQL since
+  ``COPY`` takes no parameters).
 
 `Params` builds the parameter list of a composed query: ``p(value)`` appends
 the value and returns its placeholder. Errors are the driver's own;
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -103,6 +108,8 @@ class Db(Protocol):
     ) -> int: ...
 
     def identity_after_copy(self, table: str) -> None: ...
+
+    def bulk_read(self, compose: Callable[[Params], str]) -> Iterator[bytes]: ...
 
     def is_serialization_failure(self, exc: BaseException) -> bool: ...
 

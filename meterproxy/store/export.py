@@ -16,11 +16,15 @@ One engine per database, each formatting in the database's own SQL:
   run a newer SQLite than this process: it spells floats out as ``%!.15g``
   (what SQLite 3.40 wrote for a bare REAL; 3.43+ writes 17 digits) so the bytes
   do not depend on the library.
-- PostgreSQL: `PG_LINE_SQL` (``||`` and ``json_build_object``), run by
-  `SlicedExport`: threads in this process, hour-long `time_slices`, each slice
-  one `pg_slice` value. Not ``COPY ... TO STDOUT``: text COPY escapes the
-  lines' CR, LF and backslashes, CSV COPY cannot end lines with CRLF, and
-  binary COPY is one message per row (bench/README.md, "PostgreSQL store's export").
+- PostgreSQL: `PG_LINE_SQL` (``||``, ``to_json`` for text, floats spelled as
+  SQLite spells them: `_pg_real`), the same bytes as SQLite's lines (tested on
+  both engines), run by `SlicedExport`: threads in this process, hour-long
+  `time_slices`, each slice one `pg_slice` value read with ``COPY (SELECT
+  string_agg(...)) TO STDOUT (FORMAT binary)`` (`Db.bulk_read`): the bytes
+  arrive as the server built them, one message per slice. Not ``COPY`` of one
+  row per line: text COPY escapes the lines' CR, LF and backslashes (to undo
+  here), CSV COPY cannot end lines with CRLF, and either is one message per row
+  (bench/README.md, "PostgreSQL store's export").
 
 Text cells of the CSV that a spreadsheet would evaluate as a formula (starting
 with ``= + - @``, tab or CR) get a leading ``'`` (`meterproxy.csv_cells`);
@@ -139,46 +143,90 @@ def csv_header() -> str:
     return ",".join(EXPORT_COLUMNS) + "\r\n"
 
 
+def _pg_real(q: str) -> str:
+    """PostgreSQL: a float's text as SQLite's ``printf('%!.15g', x)`` writes it (NULL stays NULL).
+
+    ``CAST(x AS numeric)`` keeps 15 significant digits (PostgreSQL converts with
+    the C library's ``%.15g``), and its text is the fixed notation; ``%!.15g``
+    adds ``.0`` to a whole number, and writes ``d.ddde+XX`` below 1e-4 and from
+    1e15. A cheap float test keeps the common case to two conversions; only values
+    near those bounds take the exact (numeric, ``log``) branch. Equal to SQLite's
+    text except on exact decimal ties at the 16th digit (SQLite rounds half away
+    from zero, the C library half to even: a tie needs a double whose whole
+    expansion is 16 digits, which a measured duration is not) and beyond 1e100,
+    where SQLite's own last digit is off.
+    """
+    n = f"CAST({q} AS numeric)"
+    t = f"CAST({n} AS text)"
+    fixed = f"CASE WHEN strpos({t}, '.') = 0 THEN {t} || '.0' ELSE {t} END"
+    e = f"CAST(floor(log(abs({n}))) AS int)"
+    mantissa = (
+        f"CAST(trim_scale(CASE WHEN {e} >= 0 THEN {n} / power(CAST(10 AS numeric), {e}) "
+        f"ELSE {n} * power(CAST(10 AS numeric), -{e}) END) AS text)"
+    )
+    exponent = (
+        f"CASE WHEN strpos({mantissa}, '.') = 0 THEN {mantissa} || '.0' ELSE {mantissa} END || 'e' || "
+        f"CASE WHEN {e} < 0 THEN '-' ELSE '+' END || CASE WHEN abs({e}) < 10 THEN '0' ELSE '' END || "
+        f"CAST(abs({e}) AS text)"
+    )
+    return (
+        f"CASE WHEN {q} IS NULL THEN NULL WHEN {q} = 0 THEN '0.0' "
+        f"WHEN abs({q}) >= 9.9999999999e14 OR abs({q}) < 1.00000000001e-4 THEN "
+        f"CASE WHEN abs({n}) >= 1e15 OR abs({n}) < 1e-4 THEN {exponent} ELSE {fixed} END "
+        f"ELSE {fixed} END"
+    )
+
+
 def _pg_csv_field(col: str) -> str:
     q = f'"{col}"'
     if col in _BOOL:
         return f"CASE WHEN {q} <> 0 THEN 'true' ELSE 'false' END"
+    if col in _REAL:
+        return f"COALESCE({_pg_real(q)}, '')"
     if col in _INTEGER or col in _NUMBER_TEXT:
         return f"COALESCE(CAST({q} AS text), '')"
     return f"'\"' || replace(COALESCE({safe_cell_sql(q)}, ''), '\"', '\"\"') || '\"'"
 
 
-def _pg_json_expr(col: str) -> str:
+def _pg_json_value(col: str) -> str:
+    """One JSON value as SQLite's ``json_object`` writes it (``to_json`` escapes text the same way)."""
     q = f'"{col}"'
     if col in _BOOL:
-        return f"({q} <> 0)"
-    if col in _NUMBER_TEXT or col in _JSON_TEXT:
-        return f"CAST({q} AS json)"
-    return q
+        return f"CASE WHEN {q} <> 0 THEN 'true' ELSE 'false' END"
+    if col in _REAL:
+        return f"COALESCE({_pg_real(q)}, 'null')"
+    if col in _NUMBER_TEXT or col in _JSON_TEXT:  # stored as JSON text already (tags: compact)
+        return f"COALESCE({q}, 'null')"
+    if col in _INTEGER:
+        return f"COALESCE(CAST({q} AS text), 'null')"
+    return f"COALESCE(CAST(to_json({q}) AS text), 'null')"
 
 
-#: The same lines in PostgreSQL's SQL, terminator included (its JSON spaces separators differently).
+#: The same lines, byte for byte, in PostgreSQL's SQL, terminator included: JSON is spelled out
+#: (``json_build_object`` spaces its separators) and floats as SQLite writes them (`_pg_real`).
 PG_LINE_SQL = {
     "csv": " || ',' || ".join(_pg_csv_field(c) for c in EXPORT_COLUMNS) + " || E'\\r\\n'",
-    "jsonl": "CAST(json_build_object("
-    + ", ".join(f"'{c}', {_pg_json_expr(c)}" for c in EXPORT_COLUMNS)
-    + ") AS text) || E'\\n'",
+    "jsonl": "'{' || "
+    + " || ',' || ".join(f"'\"{c}\":' || {_pg_json_value(c)}" for c in EXPORT_COLUMNS)
+    + " || E'}\\n'",
 }
 
 
 def pg_slice(conn: Db, flt: RequestFilter, fmt: str) -> bytes:
-    """PostgreSQL: one slice as one value, ``string_agg`` of the ordered lines built in the server.
+    """PostgreSQL: one slice as one value, ``string_agg`` of the ordered lines built in the server,
+    read with ``COPY ... TO STDOUT`` in binary (`Db.bulk_read`): its bytes as the server holds them.
 
-    One round trip and one string per slice, instead of a Python row object per row.
+    One round trip and one value per slice, instead of a Python row object per row.
     """
-    p = Params()
-    where = flt.where(p, conn.dialect)
-    row = conn.execute(
-        f"SELECT string_agg(line, '' ORDER BY ts, id) FROM "
-        f"(SELECT {PG_LINE_SQL[fmt]} AS line, ts, id FROM requests WHERE {where}) AS lines",
-        p.values,
-    ).fetchone()
-    return row[0].encode() if row is not None and row[0] else b""
+
+    def select(p: Params) -> str:
+        where = flt.where(p, conn.dialect)
+        return (
+            f"SELECT string_agg(line, '' ORDER BY ts, id) FROM "
+            f"(SELECT {PG_LINE_SQL[fmt]} AS line, ts, id FROM requests WHERE {where}) AS lines"
+        )
+
+    return b"".join(conn.bulk_read(select))
 
 
 def time_slices(

@@ -13,7 +13,12 @@ is written once for both engines), so this module only connects and adapts:
   one (the engine's guarantee that concurrent replicas' writes behave as if
   serial; `is_serialization_failure` tells the caller to rerun), `snapshot` a
   ``REPEATABLE READ READ ONLY`` one;
-- `insert_many` loads a large batch with ``COPY ... FROM STDIN``.
+- `insert_many` loads a large batch with ``COPY ... FROM STDIN``; `bulk_read`
+  reads an export with ``COPY (SELECT ...) TO STDOUT (FORMAT binary)``: the
+  binary form of a ``text`` value is its UTF-8 bytes, so they come off the wire
+  untouched (no str decode and re-encode, no text-COPY escaping to undo); measured
+  in bench/README.md ("PostgreSQL store's export"). ``COPY`` takes no parameters,
+  so `Literals` writes the values into the SQL, quoted by the driver.
 
 Reads borrow connections from a `psycopg_pool.ConnectionPool` (`ReadPool`),
 opened read-only (``default_transaction_read_only``); ``close()`` gives the
@@ -32,6 +37,7 @@ from typing import Any
 try:
     import psycopg
     from psycopg import errors as pg_errors
+    from psycopg import sql
     from psycopg.adapt import Loader
     from psycopg.rows import RowMaker
     from psycopg_pool import ConnectionPool
@@ -40,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
         "a postgresql:// database needs the PostgreSQL driver: pip install 'meterproxy[postgres]'"
     ) from exc
 
-from meterproxy.store.db import Cursor, Db
+from meterproxy.store.db import Cursor, Db, Params
 from meterproxy.store.dialect import POSTGRESQL, Dialect
 
 __all__ = ["READ_POOL_APPLICATION", "PgDb", "PgRow", "ReadPool", "connect_pg"]
@@ -99,6 +105,20 @@ class _AggregateLoader(Loader):
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.adapters.register_loader("numeric", _AggregateLoader)
+
+
+class Literals(Params):
+    """`Params` for a statement that takes none (``COPY``): each value goes into the SQL as a
+    literal, quoted by psycopg for this connection (its encoding and quoting rules)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def __call__(self, value: Any) -> str:
+        return sql.Literal(value).as_string(self._conn)
 
 
 class PgDb:
@@ -188,6 +208,15 @@ class PgDb:
             added = self.raw.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {load} {conflict}")
             self.raw.execute(f"TRUNCATE {load}")
         return max(added.rowcount, 0)
+
+    def bulk_read(self, compose: Callable[[Params], str]) -> Iterator[bytes]:
+        """The one text column of ``compose``'s rows, as bytes, through one binary ``COPY``."""
+        select = compose(Literals(self.raw))
+        with self.raw.cursor().copy(f"COPY ({select}) TO STDOUT (FORMAT binary)") as copy:
+            copy.set_types(["bytea"])  # a text value's binary form is its bytes: load them as such
+            for (value,) in copy.rows():
+                if value:
+                    yield value
 
     def identity_after_copy(self, table: str) -> None:
         """After explicit ids went into an identity column, new rows must number past them."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from meterproxy.store.db import Cursor, Db
+from meterproxy.store.db import Cursor, Db, Params
 from meterproxy.store.dialect import SQLITE, Dialect
 
 __all__ = ["SqliteDb", "connect_sqlite"]
@@ -101,6 +101,13 @@ class SqliteDb:
         conflict = f"ON CONFLICT ({key}) DO NOTHING" if key else "ON CONFLICT DO NOTHING"
         sql = f"INSERT INTO {table} ({names}) VALUES ({values}) {conflict}"
         return max(self.raw.executemany(sql, rows).rowcount, 0)
+
+    def bulk_read(self, compose: Callable[[Params], str]) -> Iterator[bytes]:
+        """An ordinary query here (the SQLite export runs in its own process: ``export_child.py``)."""
+        p = Params()
+        for (value,) in self.execute(compose(p), p.values):
+            if value:
+                yield value.encode()
 
     def identity_after_copy(self, table: str) -> None:
         """Nothing: an ``INTEGER PRIMARY KEY`` always numbers past the largest id present."""
