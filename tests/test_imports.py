@@ -8,6 +8,7 @@ changes the figures and fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,12 +23,14 @@ import pytest
 from click.testing import CliRunner
 
 from meterproxy.cli import main
-from meterproxy.imports import ImportStore
+from meterproxy.imports import ImportStats, ImportStore
 from meterproxy.imports.jsonl import LineMapping, follow, read_new
 from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
+from meterproxy.testing import make_record
 from meterproxy.timestamps import parse_ts
-from meterproxy.usage import Usage
+from meterproxy.usage import RequestRecord, Usage
+from tests.helpers.pg import fresh_database, pg_or_skip
 
 LOGS = Path(__file__).parent / "fixtures" / "agent_logs"
 WEBAPP = "5b2c1f0e-8d3a-4c61-9e2f-0a7d4b1c9e33"
@@ -325,3 +328,36 @@ def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "2 new" in out, (out, err)
     assert len(rows(db)) == 4
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_large_batch_goes_in_as_one_bulk_load_on_either_engine(engine: str, tmp_path: Path) -> None:
+    """600 entries (PostgreSQL: ``COPY``, past insert_many's 256-row threshold), with repeats: the
+    first of an id wins, a larger later one replaces it whether stored earlier or in this batch."""
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            db = str(tmp_path / "m.db")
+        else:
+            pg_or_skip()
+            db = stack.enter_context(fresh_database())
+
+        def entry(n: int, output_tokens: int) -> RequestRecord:
+            usage = Usage(input_tokens=10 + n, output_tokens=output_tokens)
+            return make_record(id=f"imp-{n:04d}", source="zeroclaw", usage=usage)
+
+        with ImportStore(db) as store:
+            first = ImportStats()
+            store.write([entry(n, 5) for n in range(0, 600, 100)], first, keep="largest")
+            batch = [entry(n, 5) for n in range(600)]
+            # A repeat; a larger one of an id new in this batch; a larger one of a stored id.
+            batch += [entry(7, 5), entry(8, 50), entry(200, 99)]
+            stats = ImportStats()
+            store.write(batch, stats, keep="largest")
+            assert (first.inserted, stats.inserted, stats.replaced, stats.duplicates) == (6, 594, 2, 7)
+            got = store.conn.execute(
+                "SELECT id, input_tokens, output_tokens FROM requests ORDER BY id"
+            ).fetchall()
+        assert len(got) == 600
+        assert [tuple(r) for r in got] == [
+            (f"imp-{n:04d}", 10 + n, {8: 50, 200: 99}.get(n, 5)) for n in range(600)
+        ]

@@ -41,14 +41,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from meterproxy.pricing import PriceBook
 from meterproxy.store import Db, Migrations, Params
 from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.rollups import unroll_row
-from meterproxy.store.schema import record_to_row
-from meterproxy.store.writer import INSERT_REQUEST
+from meterproxy.store.schema import COLUMNS, record_to_row
 from meterproxy.usage import RequestRecord
 
 __all__ = [
@@ -187,28 +186,37 @@ class ImportStore:
         keep: Literal["first", "largest"] = "first",
         file: tuple[str, str, FileState] | None = None,
     ) -> None:
-        """Store `records` (and a file's new state) in one transaction."""
+        """Store `records` (and a file's new state) in one transaction.
+
+        The rows to insert are gathered first and go in as one bulk load
+        (`Db.insert_many`: ``COPY`` on PostgreSQL, one ``executemany`` on SQLite),
+        not one statement per row; a later entry of the same id that wins
+        (``keep="largest"``) replaces the gathered row, or the stored one.
+        """
         with self.conn.transaction():
             self.conn.lock_request_order()
             existing = self._existing([r.id for r in records])
             proxied = proxied_request_ids(self.conn, [r.provider_request_id for r in records])
+            new: dict[str, tuple[Any, ...]] = {}
             for record in records:
                 if record.provider_request_id in proxied:
                     stats.proxied += 1
                     continue
-                row = record_to_row(record)
                 if record.id not in existing:
-                    self.conn.execute(INSERT_REQUEST, row)
+                    new[record.id] = record_to_row(record)
                     stats.inserted += 1
                 elif keep == "largest" and _size(record) > existing[record.id]:
-                    # Deleted and inserted again (a new rowid), so the rollups fold it in anew.
-                    unroll_row(self.conn, record.id)
-                    self.conn.execute("DELETE FROM requests WHERE id = $1", [record.id])
-                    self.conn.execute(INSERT_REQUEST, row)
+                    if record.id not in new:
+                        # Deleted and inserted again (a new rowid), so the rollups fold it in anew.
+                        unroll_row(self.conn, record.id)
+                        self.conn.execute("DELETE FROM requests WHERE id = $1", [record.id])
+                    new[record.id] = record_to_row(record)
                     stats.replaced += 1
                 else:
                     stats.duplicates += 1
                 existing[record.id] = max(existing.get(record.id, (0, 0)), _size(record))
+            if new:
+                self.conn.insert_many("requests", COLUMNS, list(new.values()), key="id")
             if file is not None:
                 self._save_state(*file)
 
