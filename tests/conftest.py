@@ -11,6 +11,7 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,25 +24,25 @@ from meterproxy.app_state import WRITER
 from meterproxy.server import LeanServer
 from meterproxy.settings import load_settings
 from meterproxy.testing import FakeUpstream
+from tests.helpers.browser import browser, chromium, chromium_home  # noqa: F401 - one Chromium for the suite
+from tests.helpers.userdirs import isolate_user_dirs
 
 
 @pytest.fixture(autouse=True)
 def _isolate_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the real user's home: data dir, config, caches (Chromium's crash reports too)."""
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
-    for name in ("METERPROXY_DB", "METERPROXY_ADMIN_TOKEN", "METERPROXY_CONFIG", "METERPROXY_UPSTREAMS"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_user_dirs(monkeypatch, tmp_path)
+
+
+@asynccontextmanager
+async def running_upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as up:
+        yield up
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as up:
+    async with running_upstream() as up:
         yield up
 
 
@@ -118,13 +119,13 @@ def read_rows(db: Path) -> list[dict[str, Any]]:
 ProxyFactory = Callable[..., Awaitable[ProxyHarness]]
 
 
-@pytest.fixture
-async def make_proxy(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], upstream: FakeUpstream, tmp_path: Path
-) -> AsyncIterator[ProxyFactory]:
-    """A real meterproxy on 127.0.0.1: the lean server by default (as ``meterproxy serve``);
-    ``METERPROXY_HTTP_SERVER=aiohttp`` in the environment runs the suite on the aiohttp one."""
-    lean: list[LeanServer] = []
+@asynccontextmanager
+async def proxy_factory(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Starts real meterproxies on 127.0.0.1 (the lean server by default, as ``meterproxy serve``;
+    ``METERPROXY_HTTP_SERVER=aiohttp`` in the environment runs the suite on the aiohttp one), and
+    closes them on exit. The fixtures below and the browser tests' own (`tests.helpers.browser`)
+    share it."""
+    servers: list[TestServer | LeanServer] = []
 
     async def factory(**overrides: Any) -> ProxyHarness:
         db = tmp_path / "meter.db"
@@ -138,14 +139,24 @@ async def make_proxy(
         if settings.http_server == "lean":
             server = LeanServer(app, shutdown_timeout=settings.shutdown_timeout)
             await server.start("127.0.0.1", 0)
-            lean.append(server)
         else:
-            server = await aiohttp_server(app)
+            server = TestServer(app, host="127.0.0.1")
+            await server.start_server()
+        servers.append(server)
         return ProxyHarness(server, app, db)
 
-    yield factory
-    for server in lean:
-        await server.close()
+    try:
+        yield factory
+    finally:
+        for server in reversed(servers):
+            await server.close()
+
+
+@pytest.fixture
+async def make_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """A real meterproxy on 127.0.0.1 in front of the test's `upstream` (see `proxy_factory`)."""
+    async with proxy_factory(upstream, tmp_path) as factory:
+        yield factory
 
 
 @pytest.fixture

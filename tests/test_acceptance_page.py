@@ -14,18 +14,18 @@ from __future__ import annotations
 import subprocess
 import sys
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from meterproxy.reports import compact, money
 from tests import test_dashboard as dashboard
 from tests.helpers.replicas import Replica
+from tests.helpers.userdirs import isolate_user_dirs
 
-pytestmark = dashboard.pytestmark  # slow, and only where Debian's chromium is installed
-browser = dashboard.browser  # Chromium with $HOME in the test's directory
+pytestmark = dashboard.pytestmark  # slow, only where Debian's chromium is installed, in the session loop
 
 RANGES = ["today", "7d", "30d", "month"]
 READY = "document.body.dataset.state === 'ready'"
@@ -37,14 +37,18 @@ OFF_SCREEN = """() => [...document.querySelectorAll('body *')].filter(e => {
 }).map(e => `${e.tagName.toLowerCase()}#${e.id}.${e.className} ${e.textContent.trim().slice(0, 20)}`)"""
 
 
-@pytest.fixture
-async def demo_serve(tmp_path: Path) -> Any:
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def demo_serve(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``meterproxy demo`` served by ``meterproxy serve``, once for the module (the tests only read)."""
+    tmp_path = tmp_path_factory.mktemp("demo-serve")
     db = tmp_path / "demo.db"
-    made = subprocess.run(
-        [sys.executable, "-m", "meterproxy", "demo", str(db)], capture_output=True, text=True, timeout=120
-    )
-    assert made.returncode == 0, made.stderr
-    proxy = Replica(str(db), "http://127.0.0.1:9", tmp_path, "serve")
+    with pytest.MonkeyPatch.context() as mp:  # set up before the tests' own isolation
+        isolate_user_dirs(mp, tmp_path)
+        made = subprocess.run(
+            [sys.executable, "-m", "meterproxy", "demo", str(db)], capture_output=True, text=True, timeout=120
+        )
+        assert made.returncode == 0, made.stderr
+        proxy = Replica(str(db), "http://127.0.0.1:9", tmp_path, "serve")
     try:
         await proxy.ready()
         yield proxy

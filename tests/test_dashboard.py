@@ -11,6 +11,7 @@ screenshots to ``tmp/artifacts/``.
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,50 +20,44 @@ from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from meterproxy.app_state import METER, WRITER
 from meterproxy.reports import compact, money
-from meterproxy.testing import make_record
+from meterproxy.testing import FakeUpstream, make_record
 from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord, Usage
+from tests.conftest import ProxyFactory, proxy_factory, running_upstream
+from tests.helpers.browser import CHROMIUM, SESSION_LOOP
 
-playwright_api = pytest.importorskip("playwright.async_api")
-
-CHROMIUM = "/usr/bin/chromium"
 # Screenshots are test artifacts: tmp/artifacts/ in the checkout (ignored by git), or $METERPROXY_ARTIFACTS.
 ARTIFACTS = Path(
     os.environ.get("METERPROXY_ARTIFACTS") or Path(__file__).resolve().parent.parent / "tmp" / "artifacts"
 )
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TIMEOUT_MS = 20_000
 
+# Every test here (and in the modules that take this mark) runs in the session's event loop, with
+# the session's one Chromium (tests.helpers.browser) and these session-loop twins of the suite's
+# async fixtures.
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run does it)"
     ),
+    SESSION_LOOP,
 ]
 
 
-@pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Any]:
-    # Chromium writes its crash and font caches under $HOME: give it the test's own directory.
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / ".config")}
-    env["XDG_CACHE_HOME"] = str(tmp_path / ".cache")
-    async with playwright_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, env=env)
-        try:
-            yield b
-        finally:
-            await b.close()
+@pytest_asyncio.fixture(loop_scope="session")
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with running_upstream() as up:
+        yield up
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    async with proxy_factory(upstream, tmp_path) as factory:
+        yield factory
 
 
 async def new_page(browser: Any) -> Any:
@@ -578,21 +573,17 @@ def _chromium_traces(home: Path) -> list[str]:
     return sorted(str(p) for root in roots if root.exists() for p in root.rglob("*") if "chrom" in str(p))
 
 
-async def test_the_browser_writes_to_the_test_home_not_the_real_one() -> None:
-    """The suite's Chromium keeps its crash reports and caches in the test's temp dir (issue 14.12).
+async def test_the_browser_writes_to_the_test_home_not_the_real_one(
+    browser: Any, chromium_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The suite's Chromium keeps its crash reports and caches in the session's temp dir (issue 14.12).
 
     (Compared by where it writes, not by the real home staying unchanged: other
     processes on a shared machine may run Chromium there at the same time.)
     """
-    import pwd
-
-    home = Path(os.environ["HOME"])
-    assert home != Path(pwd.getpwuid(os.getuid()).pw_dir)
-    async with playwright_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = await new_page(b)
-            await page.goto("about:blank")
-        finally:
-            await b.close()
-    assert (home / ".config" / "chromium" / "Crash Reports").is_dir(), _chromium_traces(home)
+    assert chromium_home.is_relative_to(tmp_path_factory.getbasetemp())
+    assert chromium_home != Path(pwd.getpwuid(os.getuid()).pw_dir)
+    page = await new_page(browser)
+    await page.goto("about:blank")
+    crash_reports = chromium_home / ".config" / "chromium" / "Crash Reports"
+    assert crash_reports.is_dir(), _chromium_traces(chromium_home)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from meterproxy.demo import DemoShape, write_demo
 from meterproxy.meter import price_record_with
@@ -30,8 +33,8 @@ from meterproxy.usage import Usage
 from tests import test_dashboard as dashboard
 from tests.test_dashboard import ARTIFACTS, api_json, by_priced_model, ready, shown
 
-pytestmark = dashboard.pytestmark  # slow, and only where Debian's chromium is installed
-browser = dashboard.browser  # the fixture: Chromium with $HOME in the test's directory
+pytestmark = dashboard.pytestmark  # slow, only where Debian's chromium is installed, in the session loop
+upstream, make_proxy = dashboard.upstream, dashboard.make_proxy  # their session-loop twins
 
 WIDTHS = [390, 1440]
 LONG = "sess-long"
@@ -61,9 +64,10 @@ def _long_session(now: datetime) -> list[Any]:
     return out
 
 
-@pytest.fixture
-async def demo_proxy(make_proxy: Any, tmp_path: Path) -> Any:
-    db = tmp_path / "meter.db"  # the path make_proxy serves
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo database, written once for the module (each test serves its own copy)."""
+    db = tmp_path_factory.mktemp("demo") / "meter.db"
     now = datetime.now(UTC)
     write_demo(db, DemoShape(requests=900, days=38, sessions=60, seed=7), now)
     writer = StoreWriter(str(db))
@@ -73,6 +77,14 @@ async def demo_proxy(make_proxy: Any, tmp_path: Path) -> Any:
         price(r)
         writer.submit(r)
     writer.close()
+    return db
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def demo_proxy(make_proxy: Any, tmp_path: Path, demo_db: Path) -> Any:
+    # A copy per test: some tests add budgets. SQLite's backup API copies a consistent database.
+    with closing(sqlite3.connect(demo_db)) as source, closing(sqlite3.connect(tmp_path / "meter.db")) as copy:
+        source.backup(copy)  # to the path make_proxy serves
     return await make_proxy()
 
 

@@ -4,4 +4,6 @@
 - `prom`: a real Prometheus server scraping the in-process proxy.
 - `budgets`: a real webhook receiver, record insertion and polling for the budget tests.
 - `replicas`: several real ``meterproxy serve`` processes sharing one store.
+- `browser`: one Chromium for the session, a fresh context per test.
+- `userdirs`: the real user's home and XDG directories kept out of every test.
 """
