@@ -3,9 +3,10 @@
 Starts the bench upstream (core 0), a discarding OTLP/HTTP receiver (core 0, a thread of this
 process), and ``meterproxy serve`` (core 1) alternately without and with
 ``OTEL_EXPORTER_OTLP_ENDPOINT``; each round measures direct and proxied latency at concurrency 1
-(JSON, then 20-event SSE) with ``bench/loadgen.py``. Rounds alternate off/on so that drift in the
-machine's load hits both alike. Prints one JSON line per cell and a summary; writes
-``bench/results/otel-latest.json``.
+(JSON, then 20-event SSE) with ``bench/loadgen.py``, and the CPU the proxy and its exporter child
+used per proxied request (from /proc: unlike a p99, hardly moved by other load on the machine).
+Rounds alternate off/on so that drift in the machine's load hits both alike. Prints one JSON line
+per cell and a summary; writes ``bench/results/otel-latest.json``.
 
     python bench/otel_overhead.py [--rounds 3] [--duration 5]
 
@@ -82,6 +83,24 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def load(port: int, path: str, stream: bool, duration: float) -> dict[str, Any]:
     cmd = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port), "--path", path]
     cmd += ["--concurrency", "1", "--duration", str(duration)]
@@ -122,7 +141,12 @@ def main() -> None:
                     wait_port(port)
                     for scenario, stream in (("json", False), ("sse20", True)):
                         direct = load(up_port, "/v1/chat/completions", stream, args.duration)
+                        # CPU per request: unlike latency percentiles, barely moved by other load.
+                        helpers = children(proxy.pid)
+                        before = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
                         through = load(port, "/bench/v1/chat/completions", stream, args.duration)
+                        after = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
+                        n = max(through["requests"], 1)
                         cell = {
                             "round": round_,
                             "otel": mode,
@@ -133,6 +157,8 @@ def main() -> None:
                             "added_p99_ms": round(
                                 through["latency_ms"]["p99"] - direct["latency_ms"]["p99"], 3
                             ),
+                            "proxy_cpu_us_per_request": round((after[0] - before[0]) * 1e6 / n, 1),
+                            "exporter_cpu_us_per_request": round((after[1] - before[1]) * 1e6 / n, 1),
                             "errors": through["errors"],
                             "requests": through["requests"],
                         }
@@ -150,6 +176,10 @@ def main() -> None:
             picked = [c for c in cells if c["scenario"] == scenario and c["otel"] == mode]
             summary[f"{scenario}_{mode}_added_p50_ms"] = statistics.median(c["added_p50_ms"] for c in picked)
             summary[f"{scenario}_{mode}_added_p99_ms"] = statistics.median(c["added_p99_ms"] for c in picked)
+            for what in ("proxy", "exporter"):
+                summary[f"{scenario}_{mode}_{what}_cpu_us_per_request"] = statistics.median(
+                    c[f"{what}_cpu_us_per_request"] for c in picked
+                )
     print(json.dumps(summary, indent=2))
     out = BENCH / "results" / "otel-latest.json"
     out.write_text(json.dumps({"cells": cells, "summary": summary}, indent=2) + "\n")

@@ -14,9 +14,11 @@ would hold the GIL the event loop needs: measured with a thread, the proxy's
 added latency at concurrency 1 grew by 2-3 ms (``bench/otel_overhead.py``), a
 GIL hand-off per request. So the SDK runs in its own process
 (``python -m meterproxy.otel_export``, started with the app, inheriting the
-environment). On the event loop a finished record costs one small dict
-(`record_fields`); every ``_FLUSH_S`` the batch is written to the child's stdin
-as one JSON line (orjson, in C). If the child cannot keep up, batches beyond
+environment). On the event loop a finished record costs one tuple
+(`record_fields`, in `meterproxy.otel_export.FIELDS` order: no per-request dict, no
+pickling); every ``_FLUSH_S`` the batch is written to the child's stdin as one
+JSON line (orjson, in C), one write per batch. The child runs at ``SCHED_IDLE``
+(see `meterproxy.otel_export`). If the child cannot keep up, batches beyond
 ``_MAX_BUFFERED`` bytes in the pipe are dropped from *telemetry only* (the
 records are still stored and in Prometheus) and counted; if the child dies,
 export stops with one error line. At shutdown the last batch is sent, stdin is
@@ -61,39 +63,34 @@ def otel_configured(env: Mapping[str, str] | None = None) -> bool:
     )
 
 
-def record_fields(record: RequestRecord) -> dict[str, Any]:
-    """What the exporter needs of a finished record, as plain JSON values (no keys, no content)."""
+def record_fields(record: RequestRecord) -> tuple[Any, ...]:
+    """What the exporter needs of a finished record, as plain JSON values in `FIELDS` order
+    (no keys, no content): a tuple, cheaper to build and to encode than a dict by name."""
     u = record.usage
-    metered = u is not None and record.usage_source in ("reported", "partial")
-    return {
-        "id": record.id,
-        "start_ns": int(record.ts.timestamp() * 1e9),
-        "duration_s": (record.duration_ms or 0.0) / 1000.0,
-        "endpoint": record.endpoint,
-        "upstream": record.upstream,
-        "provider": record.provider,
-        "requested_model": record.requested_model,
-        "model": record.model,
-        "status": record.status,
-        "usage_source": record.usage_source,
-        "streamed": record.streamed,
-        "tokens": [
-            u.input_tokens,
-            u.output_tokens,
-            u.cache_read_tokens,
-            u.cache_write_tokens,
-            u.reasoning_tokens,
-        ]
-        if metered and u is not None
+    cost, theirs = record.cost_usd, record.provider_cost_usd
+    return (
+        record.id,
+        int(record.ts.timestamp() * 1e9),
+        (record.duration_ms or 0.0) / 1000.0,
+        record.endpoint,
+        record.upstream,
+        record.provider,
+        record.requested_model,
+        record.model,
+        record.status,
+        record.usage_source,
+        record.streamed,
+        (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens)
+        if u is not None and record.usage_source in ("reported", "partial")
         else None,
-        "cost_usd": None if record.cost_usd is None else str(record.cost_usd),
-        "provider_cost_usd": None if record.provider_cost_usd is None else str(record.provider_cost_usd),
-        "user": record.user,
-        "session": record.session,
-        "key_fingerprint": record.key_fingerprint,
-        "error": bool(record.error),
-        "client_disconnected": record.client_disconnected,
-    }
+        None if cost is None else str(cost),
+        None if theirs is None else str(theirs),
+        record.user,
+        record.session,
+        record.key_fingerprint,
+        bool(record.error),
+        record.client_disconnected,
+    )
 
 
 class OtelSink:
@@ -101,12 +98,17 @@ class OtelSink:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
-        self._batch: list[dict[str, Any]] = []
+        self._batch: list[tuple[Any, ...]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._broken = False
         self.sent = 0
         self.dropped = 0
+
+    @property
+    def pid(self) -> int:
+        """The exporter child's process id."""
+        return int(self._proc.pid)
 
     def submit(self, record: RequestRecord) -> None:
         """The meter's sink: a small dict on the loop; the batch leaves every `_FLUSH_S`."""

@@ -10,6 +10,7 @@ them. Waits are on the receiver's state, never on a fixed time.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -20,8 +21,8 @@ from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from meterproxy.otel import otel_configured, record_fields
-from meterproxy.otel_export import span_attributes
+from meterproxy.otel import OTEL, otel_configured, record_fields
+from meterproxy.otel_export import as_fields, span_attributes
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
@@ -106,7 +107,7 @@ def test_span_attributes_follow_the_genai_conventions() -> None:
         model="gpt-4o-mini", usage=Usage(input_tokens=100, cache_read_tokens=40, output_tokens=7)
     )
     record.cost_usd = Decimal("0.000123")
-    attrs = span_attributes(record_fields(record))
+    attrs = span_attributes(as_fields(record_fields(record)))
     assert attrs["gen_ai.operation.name"] == "chat"
     assert attrs["gen_ai.provider.name"] == "openai"
     assert attrs["gen_ai.usage.input_tokens"] == 100
@@ -116,13 +117,13 @@ def test_span_attributes_follow_the_genai_conventions() -> None:
     assert attrs["gen_ai.usage.cost.source"] == "local"
     # The provider's own figure wins and says so.
     record.provider_cost_usd = Decimal("0.0002")
-    attrs = span_attributes(record_fields(record))
+    attrs = span_attributes(as_fields(record_fields(record)))
     assert attrs["gen_ai.usage.cost.amount"] == pytest.approx(0.0002)
     assert attrs["gen_ai.usage.cost.source"] == "provider"
     # Unpriced: no invented zero.
     record.provider_cost_usd = None
     record.cost_usd = None
-    assert "gen_ai.usage.cost.amount" not in span_attributes(record_fields(record))
+    assert "gen_ai.usage.cost.amount" not in span_attributes(as_fields(record_fields(record)))
 
 
 async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
@@ -140,6 +141,8 @@ async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
     rows = await proxy.rows(n)
 
     await receiver.wait_for(lambda: len(receiver.spans) >= n)
+    # The exporter yields every core to the proxy (it set this before reading its first batch).
+    assert os.sched_getscheduler(proxy.app[OTEL].pid) == os.SCHED_IDLE
     by_id = {_attrs(s)["meterproxy.request_id"]: (res, s) for res, s in receiver.spans}
     assert set(by_id) == {r["id"] for r in rows}
     for row in rows:
