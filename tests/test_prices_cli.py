@@ -198,3 +198,11 @@ def test_one_provider_vocabulary_with_aliases() -> None:
     assert rows and {r["provider"] for r in rows} == {"gemini"}  # rows, metrics and budgets say gemini
     assert BudgetScope(provider="google").provider == "gemini"
     assert BudgetScope(provider="x-ai").provider == "xai"
+
+
+def test_show_a_moving_alias_lists_its_moves_and_unknown_spans() -> None:
+    code, out, _ = run("prices", "show", "gemini-flash-latest", "--provider", "gemini")
+    assert code == 0
+    assert "in force now: billed as gemini-3.8-flash (redirect, curated layer)" in out
+    assert "from 2025-09-25T00:00:00+00:00 billed as gemini-2.5-flash-preview-09-2025 (" in out
+    assert "from 2025-12-17T00:00:00+00:00 unpriced: Gemini 3 Flash Preview (2025-12-17)" in out
