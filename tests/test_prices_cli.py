@@ -206,3 +206,13 @@ def test_show_a_moving_alias_lists_its_moves_and_unknown_spans() -> None:
     assert "in force now: billed as gemini-3.8-flash (redirect, curated layer)" in out
     assert "from 2025-09-25T00:00:00+00:00 billed as gemini-2.5-flash-preview-09-2025 (" in out
     assert "from 2025-12-17T00:00:00+00:00 unpriced: Gemini 3 Flash Preview (2025-12-17)" in out
+
+
+def test_list_shows_an_alias_and_a_retired_name_at_what_they_bill_as_now() -> None:
+    code, out, _ = run("prices", "list", "--provider", "mistral")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("mistral   mistral-large-latest "))
+    assert line.split()[2:4] == ["0.5", "1.5"] and line.endswith("= mistral-large-2512")
+    code, out, _ = run("prices", "list", "--provider", "xai", "--json")
+    grok3 = next(r for r in json.loads(out) if r["model"] == "grok-3")
+    assert grok3["same_as"] == "grok-4.3" and grok3["input"] == 1.25

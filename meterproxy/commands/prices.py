@@ -33,7 +33,7 @@ from meterproxy.exact_json import dumps
 from meterproxy.prices_update import DEFAULT_URL, fetch, install, installed, plan, stage
 from meterproxy.prices_update import base_layers as installed_layers
 from meterproxy.prices_update import load_book as load_with_updates
-from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates, TimeWindow
+from meterproxy.pricing import ModelInfo, PriceBook, PriceEntry, PricingError, Rates, Redirect, TimeWindow
 from meterproxy.pricing_base import parse_base
 from meterproxy.pricing_load import DAY_NAMES
 from meterproxy.pricing_names import PRICE_LISTS, canonical
@@ -88,6 +88,11 @@ def _in_force(entries: Sequence[PriceEntry], now: datetime) -> PriceEntry | None
     return current or (entries[0] if entries else None)
 
 
+def _redirect_now(redirects: Sequence[Redirect], now: datetime) -> Redirect | None:
+    """The redirect in force at `now` (redirects are sorted), or None."""
+    return next((r for r in reversed(redirects) if r.effective_from <= now), None)
+
+
 def _target(book: PriceBook, info: ModelInfo) -> ModelInfo:
     """Follow ``same_as`` to the row that holds the prices (bounded: no loops)."""
     seen = {info.id}
@@ -134,7 +139,13 @@ def _list_rows(book: PriceBook, provider: str | None, now: datetime) -> list[dic
         curated_ids.add((info.provider, info.id.lower()))
         priced = _target(book, info)
         entry = _in_force(priced.entries, now)
-        rows.append(_row(info.provider, info.id, list(info.aliases), info.same_as, entry))
+        same_as = info.same_as
+        redirect = _redirect_now(info.redirects, now)
+        if redirect is not None:
+            # A retired name or a moving alias: the prices of what it is billed as now.
+            same_as = redirect.to or "unknown (unpriced)"
+            entry = _in_force(book.history(redirect.to, info.provider), now) if redirect.to else None
+        rows.append(_row(info.provider, info.id, list(info.aliases), same_as, entry))
     for plist in PRICE_LISTS:
         if wanted and plist.name != wanted:
             continue
@@ -155,7 +166,9 @@ def _row(
         "layer": entry.layer if entry else None,
         "effective_from": entry.effective_from.isoformat() if entry else None,
     }
-    row.update(_rates_dict(entry.rates) if entry else dict.fromkeys(("input", "output")))
+    row.update(
+        _rates_dict(entry.rates) if entry else dict.fromkeys(_rates_dict(Rates(Decimal(0), Decimal(0))))
+    )
     row["windows"] = [_window_dict(w) for w in entry.windows] if entry else []
     return row
 
@@ -281,7 +294,7 @@ def show_command(
         click.echo(f"base layer: genai-prices {found.base_id}")
     now = datetime.now(UTC)
     current = _in_force(found.entries, now)
-    redirect = next((r for r in reversed(found.redirects) if r.effective_from <= now), None)
+    redirect = _redirect_now(found.redirects, now)
     if redirect is not None and not redirect.to:
         click.echo("in force now: not known what it points at, unpriced (curated layer)")
     elif redirect is not None:
