@@ -13,7 +13,11 @@ and the lean protocol of `meterproxy.server`. Its contract:
 - `respond` sends one whole answer of meterproxy's own (an error, a budget refusal);
 - `start` sends the status line and headers of the upstream's answer, then
   `write` each piece of body and `end` once. A client that is gone makes `write`
-  (and `start`) raise `ConnectionResetError`;
+  (and `start`) raise `ConnectionResetError`. `start` and `write` may hold
+  their bytes back to send them with the next ones (a whole small answer in
+  one system call instead of three); `flush` sends what is held, and the proxy
+  calls it before it waits for more of the answer, so nothing is held while the
+  upstream is silent;
 - `abort` cuts the connection (the upstream broke off mid-answer: the client
   must be able to tell the answer is incomplete).
 """
@@ -47,6 +51,8 @@ class ClientSide(Protocol):
     async def write(self, data: bytes) -> None: ...
 
     async def end(self) -> None: ...
+
+    def flush(self) -> None: ...
 
     def abort(self) -> None: ...
 

@@ -172,6 +172,9 @@ class AiohttpClient:
         assert self.response is not None
         await self.response.write_eof()
 
+    def flush(self) -> None:
+        pass  # aiohttp's writer sends each write itself
+
     def abort(self) -> None:
         transport = self.request.transport
         if transport is not None:
@@ -570,7 +573,16 @@ class Proxy:
             record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
             first_byte = True
             drain_until: float | None = None  # set once the client is gone and we read on for usage
-            while chunk := await upstream.read():
+            while True:
+                chunk = upstream.take()
+                if chunk is None:
+                    # Nothing more has arrived: what the client side holds back (the head,
+                    # the body so far) goes out before we wait. An answer that is all here
+                    # already (most JSON answers) leaves in one write, its end included.
+                    client.flush()
+                    chunk = await upstream.read()
+                if not chunk:
+                    break
                 out = exchange.tap.feed(chunk) if exchange.tap is not None else chunk
                 if exchange.client_gone:
                     if drain_until is None or time.monotonic() > drain_until:
@@ -629,6 +641,7 @@ class Proxy:
         if self._durable is not None:
             if tap is not None:
                 self._take_result(exchange)
+            client.flush()  # all but the held end goes out before the wait for the commit
             await self._record_durably(exchange)
         tail = held + tail
         if tail:

@@ -309,22 +309,29 @@ class _Connection(asyncio.Protocol):
     def reason(self) -> str:
         return self._reason.decode("utf-8", "surrogateescape").strip()
 
+    def take(self) -> bytes | None:
+        """Everything that has arrived since the last call; b"" at the end; None: nothing yet."""
+        if self._chunks:
+            chunks = self._chunks
+            data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
+            if self._paused and self.transport is not None and not self.closed:
+                self._paused = False
+                self.transport.resume_reading()
+            return data
+        if self._error is not None:
+            raise self._error
+        if self.complete:
+            return b""
+        return None
+
     async def read(self) -> bytes:
         """Everything that has arrived since the last call (waiting for some); b"" at the end."""
         while True:
-            if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                if self._paused and self.transport is not None and not self.closed:
-                    self._paused = False
-                    self.transport.resume_reading()
+            data = self.take()
+            if data is not None:
                 return data
-            if self._error is not None:
-                raise self._error
-            if self.complete:
-                return b""
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
@@ -372,6 +379,10 @@ class UpstreamResponse:
         Raises `UpstreamBroken` or `UpstreamTimeout` if the body does not end properly.
         """
         return await self._conn.read()
+
+    def take(self) -> bytes | None:
+        """`read` without waiting: None when nothing has arrived since the last call."""
+        return self._conn.take()
 
     def release(self) -> None:
         """Done with this answer: the connection is pooled if it was read to a clean end."""
