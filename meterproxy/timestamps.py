@@ -30,5 +30,12 @@ def parse_ts(text: str, naive: tzinfo = UTC) -> datetime:
 def format_ts(moment: datetime) -> str:
     """The stored form: ``2026-01-31T23:59:59.000123Z`` (naive means UTC)."""
     if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if moment.tzinfo is not UTC:
+            moment = moment.astimezone(UTC)
+        text = moment.isoformat(timespec="microseconds")[:-6]  # without its "+00:00"
+    else:
+        text = moment.isoformat(timespec="microseconds")
+    if moment.year < 1000:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # strftime does not pad such years
+    # isoformat writes exactly what the strftime above does, at under half its cost (every row).
+    return text + "Z"

@@ -286,7 +286,7 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         record.upstream_ms,
         record.user,
         record.session,
-        json.dumps(record.tags, sort_keys=True, separators=(",", ":")),
+        json.dumps(record.tags, sort_keys=True, separators=(",", ":")) if record.tags else "{}",
         record.key_fingerprint,
         record.error,
         int(record.client_disconnected),
