@@ -8,7 +8,8 @@ goes through a real meterproxy (official OpenAI SDK as the client) to a fake
 upstream on 127.0.0.1 that answers with a real-shaped chat completion naming the
 model; the stored rows are then compared with genai-prices, the independent oracle:
 each priced row must equal it to 1e-9 or be a documented correction
-(`KNOWN_DISAGREEMENTS` in test_pricing_genai.py, curated redirects).
+(`KNOWN_DISAGREEMENTS` in test_pricing_genai.py, which also lists the targets of curated
+redirects, under which such rows are priced).
 """
 
 from __future__ import annotations
@@ -127,14 +128,10 @@ async def test_client_names_are_priced_through_the_proxy_and_agree_with_genai_pr
             continue
         ours = Decimal(row["cost_usd"])
         theirs = _genai_cost(model, plist, row)
-        # A documented correction is listed under the priced table id, or under the requested
-        # name's own id when that is a moving alias billed as its target (mistral-large-latest).
+        # A documented correction is listed under the priced table id (a redirect's target
+        # included, such as grok-4.3), or under the requested name's own table id.
         alias = PriceBook.default().resolve(model, plist)
-        documented = (
-            row["priced_model"] in KNOWN_DISAGREEMENTS
-            or alias in KNOWN_DISAGREEMENTS
-            or row["priced_model"] == "grok-4.3"
-        )
+        documented = row["priced_model"] in KNOWN_DISAGREEMENTS or alias in KNOWN_DISAGREEMENTS
         if theirs is not None and abs(ours - theirs) > Decimal("1e-9") and not documented:
             wrong.append(f"{plist} {model}: ours {ours} ({row['priced_model']}) genai-prices {theirs}")
     priced = Decimal(len(names) - len(unpriced)) / len(names)
