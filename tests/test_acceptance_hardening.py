@@ -26,21 +26,21 @@ import pytest
 
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from meterproxy.testing_raw import RawConnection, RawUpstream, respond
-from tests.helpers.replicas import Replica
+from tests.helpers.served import Served
 
 KEY = "sk-proj-AcceptanceKey0123456789abcdefABCDEF"
 CHAT = load_fixture("openai_chat_json")
 
 
 @dataclass
-class Served:
-    proxy: Replica
+class Running:
+    proxy: Served
     upstream: FakeUpstream
     db: Path
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
+async def served(tmp_path: Path) -> AsyncIterator[Running]:
     async with FakeUpstream() as upstream:
         upstream.replay(CHAT)
         upstream.reply("/base/v1/chat/completions", Reply(body=CHAT.body))
@@ -49,16 +49,16 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         proxy = serve(db, tmp_path, f"openai={upstream.url}", f"based={upstream.url}/base")
         try:
             await proxy.ready()
-            yield Served(proxy, upstream, db)
+            yield Running(proxy, upstream, db)
         finally:
             proxy.stop()
 
 
-def serve(db: Path, workdir: Path, *upstreams: str) -> Replica:
-    return Replica(str(db), "", workdir, "serve", upstreams=upstreams)
+def serve(db: Path, workdir: Path, *upstreams: str) -> Served:
+    return Served(str(db), "", workdir, "serve", upstreams=upstreams)
 
 
-async def chat(served: Served, headers: dict[str, str], path: str = "/v1/chat/completions") -> int:
+async def chat(served: Running, headers: dict[str, str], path: str = "/v1/chat/completions") -> int:
     body = CHAT.meta["request_body"].encode()
     hdrs = {"Content-Type": "application/json", **headers}
     async with aiohttp.ClientSession() as s, s.post(served.proxy.url + path, data=body, headers=hdrs) as r:
@@ -66,7 +66,7 @@ async def chat(served: Served, headers: dict[str, str], path: str = "/v1/chat/co
         return r.status
 
 
-async def rows(served: Served, n: int) -> list[sqlite3.Row]:
+async def rows(served: Running, n: int) -> list[sqlite3.Row]:
     """The stored rows, once ``n`` are committed (polled with a deadline, not slept for)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
@@ -139,7 +139,7 @@ async def test_1_bytes_after_a_complete_answer_never_reach_any_client(
             proxy.stop()
 
 
-async def test_2_a_malformed_request_never_logs_its_key(served: Served) -> None:
+async def test_2_a_malformed_request_never_logs_its_key(served: Running) -> None:
     port = served.proxy.port
     bare_lf = (
         f"POST /v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer {KEY}\nContent-Length: 2\n\n{{}}"
@@ -156,7 +156,7 @@ async def test_2_a_malformed_request_never_logs_its_key(served: Served) -> None:
     assert KEY[8:] not in log
 
 
-async def test_3_a_key_echoed_by_the_upstream_is_stored_nowhere(served: Served) -> None:
+async def test_3_a_key_echoed_by_the_upstream_is_stored_nowhere(served: Running) -> None:
     echo = json.dumps(
         {"error": {"message": f"invalid subscription key {KEY}", "type": "invalid_request_error"}}
     )
@@ -177,7 +177,7 @@ async def test_3_a_key_echoed_by_the_upstream_is_stored_nowhere(served: Served) 
 DANGEROUS = ('=HYPERLINK("http://evil.example","x")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3")
 
 
-async def test_4_csv_cells_never_start_a_formula(served: Served) -> None:
+async def test_4_csv_cells_never_start_a_formula(served: Running) -> None:
     for i, value in enumerate(DANGEROUS):
         headers = {"X-Meter-User": value, "X-Meter-Session": value, "X-Meter-Tags": f"team={value}"}
         assert await chat(served, {"Authorization": f"Bearer sk-{i}", **headers}) == 200
@@ -206,7 +206,7 @@ def _number(cell: str) -> bool:
         return False
 
 
-async def test_11_dot_segments_below_a_base_path_never_reach_the_upstream(served: Served) -> None:
+async def test_11_dot_segments_below_a_base_path_never_reach_the_upstream(served: Running) -> None:
     for path in ("/based/v1/..;/x", "/based/v1/%252e%252e/x", "/based/v1/%2e%2e/x", "/based/v1/.%2E/x"):
         before = len(served.upstream.received)
         answer = await raw_exchange(
@@ -216,7 +216,7 @@ async def test_11_dot_segments_below_a_base_path_never_reach_the_upstream(served
         assert [r.path_qs for r in served.upstream.received[before:]] == [], path
 
 
-async def test_11_oversized_user_and_session_headers_are_capped(served: Served) -> None:
+async def test_11_oversized_user_and_session_headers_are_capped(served: Running) -> None:
     headers = {"X-Meter-User": "u" * 8000, "X-Meter-Session": "s" * 8000, "Authorization": "Bearer sk-x"}
     assert await chat(served, headers) == 200  # the client still gets its answer
     (row,) = await rows(served, 1)
@@ -236,7 +236,7 @@ async def test_5_a_block_budget_stops_sequential_requests_at_its_limit(tmp_path:
     config.write_text('[[budgets]]\nname = "cap"\nlimit_usd = "1"\nperiod = "month"\naction = "block"\n')
     async with FakeUpstream() as upstream:
         upstream.reply("/v1/chat/completions", Reply(body=_answer_costing_15_cents()))
-        proxy = Replica(str(tmp_path / "meter.db"), upstream.url, tmp_path, "serve", config=config)
+        proxy = Served(str(tmp_path / "meter.db"), upstream.url, tmp_path, "serve", config=config)
         try:
             await proxy.ready()
             statuses = []
@@ -339,7 +339,7 @@ async def test_3_keys_of_every_shape_echoed_by_the_upstream_are_stored_nowhere(t
             assert ODD_KEY.encode() not in f.read_bytes(), f.name
 
 
-async def test_8_a_flood_of_malformed_requests_logs_little(served: Served) -> None:
+async def test_8_a_flood_of_malformed_requests_logs_little(served: Running) -> None:
     for _ in range(50):
         answer = await raw_exchange(
             served.proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX: \x00\r\n\r\n"

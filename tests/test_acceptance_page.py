@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from meterproxy.reports import compact, money
 from tests import test_dashboard as dashboard
-from tests.helpers.replicas import Replica
+from tests.helpers.served import Served
 from tests.helpers.userdirs import isolate_user_dirs
 
 pytestmark = dashboard.pytestmark  # slow, only where Debian's chromium is installed, in the session loop
@@ -48,7 +48,7 @@ async def demo_serve(tmp_path_factory: pytest.TempPathFactory) -> Any:
             [sys.executable, "-m", "meterproxy", "demo", str(db)], capture_output=True, text=True, timeout=120
         )
         assert made.returncode == 0, made.stderr
-        proxy = Replica(str(db), "http://127.0.0.1:9", tmp_path, "serve")
+        proxy = Served(str(db), "http://127.0.0.1:9", tmp_path, "serve")
     try:
         await proxy.ready()
         yield proxy
@@ -56,7 +56,7 @@ async def demo_serve(tmp_path_factory: pytest.TempPathFactory) -> Any:
         proxy.stop()
 
 
-async def api(proxy: Replica, path: str, **params: str) -> Any:
+async def api(proxy: Served, path: str, **params: str) -> Any:
     async with aiohttp.ClientSession() as s, s.get(proxy.url + path, params=params) as r:
         assert r.status == 200, await r.text()
         return await r.json()
@@ -69,7 +69,7 @@ async def texts(page: Any, selector: str) -> list[str]:
     ]
 
 
-async def check_range(page: Any, proxy: Replica, width: int, name: str) -> None:
+async def check_range(page: Any, proxy: Served, width: int, name: str) -> None:
     assert await page.evaluate("document.documentElement.scrollWidth <= innerWidth"), f"{name} at {width}px"
     assert await page.evaluate(OFF_SCREEN) == [], f"{name} at {width}px"
     window = {
@@ -94,7 +94,7 @@ async def check_range(page: Any, proxy: Replica, width: int, name: str) -> None:
 
 @pytest.mark.parametrize("width", [360, 1440])
 async def test_demo_page_matches_the_api_at_every_range(
-    demo_serve: Replica, browser: Any, width: int
+    demo_serve: Served, browser: Any, width: int
 ) -> None:
     context = await browser.new_context(timezone_id="UTC", viewport={"width": width, "height": 800})
     page = await context.new_page()

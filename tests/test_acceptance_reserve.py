@@ -28,7 +28,7 @@ from meterproxy.providers.gemini import GeminiProvider
 from meterproxy.providers.openai import OpenAIProvider
 from meterproxy.testing import FakeUpstream, Reply
 from meterproxy.usage import Usage
-from tests.helpers.replicas import Replica
+from tests.helpers.served import Served
 
 MODEL = "gpt-4o-mini"
 PROMPT = "Name three rivers."
@@ -102,7 +102,7 @@ async def test_reserve_budget_counts_every_answer_a_request_asks_for(tmp_path: P
     db = tmp_path / "meter.db"
     async with FakeUpstream() as upstream:
         upstream.replies["/v1/chat/completions"] = chat
-        proxy = Replica(str(db), upstream.url, tmp_path, "serve", config=config)
+        proxy = Served(str(db), upstream.url, tmp_path, "serve", config=config)
         try:
             await proxy.ready()
             client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-acceptance", max_retries=0)
@@ -181,7 +181,7 @@ async def test_a_request_naming_no_model_is_refused_once_the_reserve_budget_is_s
     path = "/openai/deployments/prod/chat/completions"
     async with FakeUpstream() as upstream:
         upstream.reply(path, Reply(body=json.dumps(answer).encode()))
-        proxy = Replica(
+        proxy = Served(
             str(tmp_path / "meter.db"),
             "",
             tmp_path,

@@ -19,7 +19,7 @@ import pytest
 
 from meterproxy.logs import configure_logging
 from meterproxy.testing import FakeUpstream
-from tests.test_durability import Served
+from tests.helpers.served import Served
 
 KEY = "3f9c1e7a0b2d4c68a1e5f7b9c0d2e4f6-shapeless"
 GKEY = "AIzaSyD-SECRETgeminikey0123456789abcdef"
@@ -55,7 +55,7 @@ async def _metric(url: str, name: str) -> float:
 async def test_bad_requests_log_no_key_once_per_client_without_traceback_and_are_counted(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    proxy = Served(tmp_path / "m.db", upstream)
+    proxy = Served(tmp_path / "m.db", upstream.url)
     try:
         await proxy.ready()
         rounds = 20

@@ -33,7 +33,7 @@ from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
 from tests.helpers.budgets import query
 from tests.helpers.pg import fresh_database, pg_or_skip
-from tests.helpers.replicas import Replica
+from tests.helpers.served import Served
 
 MODEL = "gpt-4o-mini"
 PROMPT = "Summarise the causes of the French Revolution in two sentences. " * 3
@@ -251,7 +251,7 @@ async def test_reserve_budget_holds_across_three_postgresql_replicas(
     config.write_text(
         f'[[budgets]]\nname = "team"\nlimit_usd = "{limit}"\nperiod = "month"\naction = "reserve"\n'
     )
-    replicas = [Replica(pg_db, upstream.url, tmp_path, f"replica{i}", config=config) for i in range(3)]
+    replicas = [Served(pg_db, upstream.url, tmp_path, f"replica{i}", config=config) for i in range(3)]
     try:
         await asyncio.gather(*(r.ready() for r in replicas))
         clients = [

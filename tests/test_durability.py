@@ -11,11 +11,8 @@ query-only connection (what a read-only file returns; chmod would not stop root)
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,65 +22,12 @@ import aiohttp
 import pytest
 
 from meterproxy.app_state import WRITER
-from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture, wait_healthy
+from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.served import Served
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 CHAT_STREAM = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
-
-
-class Served:
-    """``meterproxy serve`` in a subprocess on a free port."""
-
-    def __init__(
-        self, db: Path, upstream: FakeUpstream, extra_upstreams: dict[str, str] | None = None, **env: str
-    ) -> None:
-        self.db = db
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("METERPROXY_")}
-        environ.update(env)
-        self.log = db.parent / "serve.log"
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meterproxy",
-                "serve",
-                "--port",
-                str(self.port),
-                "--db",
-                str(db),
-                # Every default name points at 127.0.0.1: nothing may reach a real provider.
-                *(f"--upstream={n}={upstream.url}" for n in ("openai", "anthropic", "gemini")),
-                *(f"--upstream={n}={u}" for n, u in (extra_upstreams or {}).items()),
-            ],
-            env=environ,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def ready(self, timeout: float = 30.0) -> None:
-        await wait_healthy(self.url, self.proc, timeout, output=self.log.read_text)
-
-    async def healthz(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as client, client.get(f"{self.url}/healthz") as r:
-            return dict(await r.json())
-
-    async def wait_exit(self, timeout: float = 60.0) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.proc.poll() is None:
-            assert loop.time() < deadline, "meterproxy serve did not exit"
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture
@@ -117,7 +61,7 @@ async def test_sigterm_under_load_finishes_and_records_every_request(
 ) -> None:
     fx = load_fixture("openai_chat_stream_usage")
     upstream.replay(fx, delay=0.1)  # ~2.5 s per answer: all of them are mid-stream at SIGTERM
-    proxy = Served(tmp_path / "m.db", upstream, METERPROXY_INJECT_STREAM_USAGE="false")
+    proxy = Served(tmp_path / "m.db", upstream.url, env={"METERPROXY_INJECT_STREAM_USAGE": "false"})
     served.append(proxy)
     await proxy.ready()
     n = 20
@@ -162,7 +106,7 @@ async def _kill_under_load(
     tmp_path: Path, upstream: FakeUpstream, durability: str
 ) -> tuple[dict[str, float], float, Path]:
     upstream.replay(load_fixture("openai_chat_json"))
-    proxy = Served(tmp_path / f"{durability}.db", upstream, METERPROXY_DURABILITY=durability)
+    proxy = Served(tmp_path / f"{durability}.db", upstream.url, env={"METERPROXY_DURABILITY": durability})
     try:
         await proxy.ready()
         stop = asyncio.Event()
@@ -350,7 +294,7 @@ async def test_sigterm_drain_is_bounded_and_cut_requests_are_still_recorded(
     fx = load_fixture("openai_chat_stream_usage")
     upstream.replay(fx, delay=2.0)  # ~50 s per answer: far beyond the 1 s shutdown timeout
     upstream.reply("/v1/quick/chat/completions", Reply(load_fixture("openai_chat_json").body))
-    proxy = Served(tmp_path / "b.db", upstream, METERPROXY_SHUTDOWN_TIMEOUT="1")
+    proxy = Served(tmp_path / "b.db", upstream.url, env={"METERPROXY_SHUTDOWN_TIMEOUT": "1"})
     served.append(proxy)
     await proxy.ready()
     quick = [uuid.uuid4().hex for _ in range(5)]

@@ -38,7 +38,7 @@ from meterproxy.store import backend
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.usage import Usage
 from tests.helpers.pg import fresh_database, pg_or_skip
-from tests.helpers.replicas import Replica, metric_sum
+from tests.helpers.served import Served, metric_sum
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +59,8 @@ async def pg_db() -> AsyncIterator[str]:
         yield url
 
 
-async def start_replicas(
-    n: int, db: str, upstream: FakeUpstream, tmp_path: Path, **kw: Path
-) -> list[Replica]:
-    replicas = [Replica(db, upstream.url, tmp_path, f"replica{i}", **kw) for i in range(n)]
+async def start_replicas(n: int, db: str, upstream: FakeUpstream, tmp_path: Path, **kw: Path) -> list[Served]:
+    replicas = [Served(db, upstream.url, tmp_path, f"replica{i}", **kw) for i in range(n)]
     try:
         await asyncio.gather(*(r.ready() for r in replicas))
     except BaseException:

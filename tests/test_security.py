@@ -24,7 +24,7 @@ from meterproxy import http_errors
 from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture
 from meterproxy.testing_raw import RawUpstream
 from tests.conftest import ProxyFactory
-from tests.test_durability import Served
+from tests.helpers.served import Served
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 
@@ -229,7 +229,7 @@ async def test_api_keys_never_reach_disk_logs_or_exports(tmp_path: Path, upstrea
     upstream.replies["/v1/echo/chat/completions"] = echo_key
     db = tmp_path / "keys.db"
     dead = f"http://127.0.0.1:{free_port()}"  # refuses connections
-    proxy = Served(db, upstream, {"dead": dead}, METERPROXY_LOG_LEVEL="debug")
+    proxy = Served(db, upstream.url, extra_upstreams={"dead": dead}, env={"METERPROXY_LOG_LEVEL": "debug"})
     try:
         await proxy.ready()
         gem = "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
