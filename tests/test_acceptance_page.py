@@ -93,9 +93,7 @@ async def check_range(page: Any, proxy: Served, width: int, name: str) -> None:
 
 
 @pytest.mark.parametrize("width", [360, 1440])
-async def test_demo_page_matches_the_api_at_every_range(
-    demo_serve: Served, browser: Any, width: int
-) -> None:
+async def test_demo_page_matches_the_api_at_every_range(demo_serve: Served, browser: Any, width: int) -> None:
     context = await browser.new_context(timezone_id="UTC", viewport={"width": width, "height": 800})
     page = await context.new_page()
     page.set_default_timeout(20_000)

@@ -27,8 +27,8 @@ from meterproxy.store.export import EXPORT_COLUMNS
 from meterproxy.testing import make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory, ProxyHarness
-from tests.test_api_summary import get_json, get_text, submit
-from tests.test_export import export_children
+from tests.helpers.api import get_json, get_text, submit
+from tests.helpers.processes import export_children
 
 T0 = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 

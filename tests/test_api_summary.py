@@ -23,18 +23,18 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiohttp
 import anthropic
 import openai
 import pytest
 
-from meterproxy.api.models import SummaryResponse, TimeseriesResponse, UnpricedModelsResponse
+from meterproxy.api.models import TimeseriesResponse, UnpricedModelsResponse
 from meterproxy.app_state import WRITER
 from meterproxy.money import to_pico
 from meterproxy.store.maintenance import run_pass
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.api import get_json, get_text, submit, summary
 
 TOKEN_FIELDS = (
     "input_tokens",
@@ -43,27 +43,6 @@ TOKEN_FIELDS = (
     "output_tokens",
     "reasoning_tokens",
 )
-
-
-async def get_json(proxy: ProxyHarness, path: str, **params: Any) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{proxy.url}{path}", params=params) as resp,
-    ):
-        return resp.status, json.loads(await resp.text(), parse_float=Decimal)
-
-
-async def get_text(proxy: ProxyHarness, path: str, **params: Any) -> str:
-    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}{path}", params=params) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.text()
-
-
-async def summary(proxy: ProxyHarness, **params: Any) -> dict[str, Any]:
-    status, body = await get_json(proxy, "/api/summary", **params)
-    assert status == 200, body
-    SummaryResponse.model_validate(body)
-    return dict(body)
 
 
 def sql_totals(proxy: ProxyHarness) -> dict[str, Any]:
@@ -78,15 +57,6 @@ def sql_totals(proxy: ProxyHarness) -> dict[str, Any]:
         conn.close()
     names = ("requests", *TOKEN_FIELDS, "cost_pico", "unpriced_requests")
     return dict(zip(names, row, strict=True))
-
-
-async def submit(proxy: ProxyHarness, records: list[RequestRecord]) -> None:
-    writer = proxy.app[WRITER]
-    for record in records:
-        assert writer.submit(record)
-    # The commit barrier, not a row count: a background retention pass may delete old rows
-    # between two commits, so the count could never reach "before + len(records)".
-    await proxy.settle()
 
 
 async def roll_up(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -204,18 +203,3 @@ def test_postgres_export_is_byte_identical_to_sqlite(
 async def test_a_child_that_fails_is_reported_not_taken_for_the_end(tmp_path: Path) -> None:
     with pytest.raises(ExportFailed, match="exited with"):
         await run_export(tmp_path / "missing.db", RequestFilter(), "csv", "auto")
-
-
-def export_children() -> list[int]:
-    """Processes started by this one that run the export's child script."""
-    me, found = os.getpid(), []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me and b"export_child" in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            found.append(int(pid))
-    return found

@@ -25,7 +25,7 @@ import pytest
 
 from meterproxy.metrics import TOKEN_TYPES
 from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
-from tests.helpers.prom import PrometheusServer, prometheus_binary
+from tests.helpers.prom import PrometheusServer, prometheus_binary, wait_for_files
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ async def test_two_workers_export_one_consistent_series_set(upstream: FakeUpstre
     try:
         await wait_healthy(url, proc)
         # Both workers have built their app (each creates its gauge file) before traffic starts.
-        await _wait_for_files(tmp_path / "metrics", "gauge_livesum_*.db", 2)
+        await wait_for_files(tmp_path / "metrics", "gauge_livesum_*.db", 2)
         await prom.start()
         connector = aiohttp.TCPConnector(force_close=True, limit=8)  # spread over both workers
         async with aiohttp.ClientSession(connector=connector) as client:
@@ -116,14 +116,6 @@ async def test_two_workers_export_one_consistent_series_set(upstream: FakeUpstre
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
-
-
-async def _wait_for_files(directory: Path, pattern: str, n: int, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(list(directory.glob(pattern))) < n:
-        assert loop.time() < deadline, sorted(p.name for p in directory.iterdir())
-        await asyncio.sleep(0.1)
 
 
 async def _wait_for_rows(db: Path, n: int, timeout: float = 30.0) -> dict[str, Any]:

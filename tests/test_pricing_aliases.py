@@ -20,7 +20,7 @@ from meterproxy.pricing import PriceBook, PricingError
 from meterproxy.reprice import reprice
 from meterproxy.testing import make_record
 from meterproxy.usage import Usage
-from tests.test_reprice import _rows, _store, _ts
+from tests.helpers.stores import rows_by_id, store_records, ts_text
 
 MILLION = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
 SECOND = timedelta(seconds=1)
@@ -156,11 +156,11 @@ def test_reprice_bills_each_row_as_what_the_alias_pointed_at_that_day(tmp_path: 
         assert r.cost_usd == Decimal("0.032")  # 10k * $2 + 2k * $6 per 1M
         records.append(r)
     db = tmp_path / "m.db"
-    _store(db, records)
+    store_records(db, records)
 
-    report = reprice(db, PriceBook.default(), since=_ts(LARGE3_MOVE - timedelta(days=1)))
+    report = reprice(db, PriceBook.default(), since=ts_text(LARGE3_MOVE - timedelta(days=1)))
 
-    rows = _rows(db)
+    rows = rows_by_id(db)
     before, after = records[:2], records[2:]
     for r in before:  # Large 24.11: same rate, now named
         assert Decimal(rows[r.id]["cost_usd"]) == Decimal("0.032")

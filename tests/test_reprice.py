@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,6 +19,7 @@ from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
+from tests.helpers.stores import rows_by_id, store_records, ts_text
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 # A "wrong" table: gpt-4o-mini at ten times its list input price (the bug being fixed).
@@ -60,32 +60,11 @@ def _records(
     return out
 
 
-def _store(db: Path, records: list[RequestRecord]) -> None:
-    writer = StoreWriter(db)
-    writer.start()
-    for r in records:
-        assert writer.submit(r)
-    assert writer.close(timeout=30)
-
-
-def _rows(db: Path) -> dict[str, dict[str, Any]]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM requests")}
-    finally:
-        conn.close()
-
-
 def _expected(book: PriceBook, row: dict[str, Any]) -> Decimal | None:
     usage = Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"])
     ts = parse_ts(row["ts"])
     result = book.price(model=row["model"], usage=usage, at=ts, provider=row["provider"])
     return None if result is None else result.cost_usd
-
-
-def _ts(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def test_reprice_fixes_costs_in_range_and_reports_the_difference(tmp_path: Path) -> None:
@@ -99,12 +78,12 @@ def test_reprice_fixes_costs_in_range_and_reports_the_difference(tmp_path: Path)
     untrusted = make_record(ts=T0 + timedelta(hours=2))
     untrusted.usage, untrusted.usage_source = None, "missing"
     unknown = _records(right, 2, T0 + timedelta(hours=3), model="no-such-model-9")
-    _store(db, [*before, *inside, untrusted, *unknown])
-    old = _rows(db)
+    store_records(db, [*before, *inside, untrusted, *unknown])
+    old = rows_by_id(db)
 
-    report = reprice(db, right, since=_ts(T0), batch_size=7)
+    report = reprice(db, right, since=ts_text(T0), batch_size=7)
 
-    new = _rows(db)
+    new = rows_by_id(db)
     assert report.scanned == 42  # 40 gpt-4o-mini + 2 unknown; 'missing' and older rows skipped
     assert report.changed == 40 and report.newly_priced == 0 and report.now_unpriced == 0
     assert report.old_total == sum(r.cost_usd for r in inside if r.cost_usd is not None)
@@ -128,9 +107,9 @@ def test_reprice_fixes_costs_in_range_and_reports_the_difference(tmp_path: Path)
         assert new[r.id]["priced_model"] is None and new[r.id]["input_tokens"] > 0
 
     # Repricing again with the same tables changes nothing: history is stable.
-    again = reprice(db, right, since=_ts(T0 - timedelta(days=30)))
+    again = reprice(db, right, since=ts_text(T0 - timedelta(days=30)))
     assert again.changed == 3  # only the older rows, still at the wrong price
-    assert reprice(db, right, since=_ts(T0 - timedelta(days=30))).changed == 0
+    assert reprice(db, right, since=ts_text(T0 - timedelta(days=30))).changed == 0
 
 
 def test_dry_run_reports_but_writes_nothing_and_until_is_exclusive(tmp_path: Path) -> None:
@@ -138,29 +117,29 @@ def test_dry_run_reports_but_writes_nothing_and_until_is_exclusive(tmp_path: Pat
     wrong_file.write_text(WRONG)
     db = tmp_path / "m.db"
     records = _records(PriceBook.load(overrides=[wrong_file]), 10, T0)
-    _store(db, records)
-    old = _rows(db)
+    store_records(db, records)
+    old = rows_by_id(db)
     report = reprice(
         db,
         PriceBook.default(),
-        since=_ts(T0),
+        since=ts_text(T0),
         until=records[5].ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         dry_run=True,
     )
     assert report.scanned == 5 and report.changed == 5 and report.dry_run
-    assert _rows(db) == old
+    assert rows_by_id(db) == old
 
 
 def test_newly_priced_rows_after_adding_an_override(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     records = _records(PriceBook.default(), 4, T0, model="my-llama", upstream="vllm")
     assert all(r.cost_usd is None for r in records)
-    _store(db, records)
+    store_records(db, records)
     llama = tmp_path / "llama.toml"
     llama.write_text(LLAMA)
     report = reprice(db, PriceBook.load(overrides=[llama]), since="2025-01-01")
     assert report.changed == 4 and report.newly_priced == 4
-    rows = _rows(db)
+    rows = rows_by_id(db)
     for r in records:
         row = rows[r.id]
         expected = (row["input_tokens"] * Decimal("0.02") + row["output_tokens"] * Decimal("0.06")) / 10**6
@@ -174,7 +153,7 @@ def test_reprice_beside_a_live_writer_loses_nothing(tmp_path: Path) -> None:
     wrong = PriceBook.load(overrides=[wrong_file])
     db = tmp_path / "m.db"
     seeded = _records(wrong, 600, T0)
-    _store(db, seeded)
+    store_records(db, seeded)
     writer = StoreWriter(db, queue_max=10_000)
     writer.start()
     live = _records(wrong, 400, T0 + timedelta(days=1))
@@ -190,14 +169,14 @@ def test_reprice_beside_a_live_writer_loses_nothing(tmp_path: Path) -> None:
     producer.start()
     try:
         report = reprice(
-            db, PriceBook.default(), since=_ts(T0), until=_ts(T0 + timedelta(days=1)), batch_size=25
+            db, PriceBook.default(), since=ts_text(T0), until=ts_text(T0 + timedelta(days=1)), batch_size=25
         )
     finally:
         producer.join(timeout=30)
         stop.set()
         assert writer.close(timeout=30)
     assert writer.health().dropped == 0 and writer.health().ok
-    rows = _rows(db)
+    rows = rows_by_id(db)
     assert len(rows) == 1000
     assert report.changed == 600
     right = PriceBook.default()
@@ -212,7 +191,7 @@ def test_cli_prints_totals_per_model_and_dry_run(tmp_path: Path) -> None:
     wrong_file.write_text(WRONG)
     db = tmp_path / "m.db"
     records = _records(PriceBook.load(overrides=[wrong_file]), 5, T0)
-    _store(db, records)
+    store_records(db, records)
     runner = CliRunner()
     dry = runner.invoke(main, ["reprice", "--since", "2025-06-01", "--db", str(db), "--dry-run"])
     assert dry.exit_code == 0, dry.output
@@ -236,7 +215,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "does not exist" in missing.stderr
     broken = tmp_path / "broken.toml"
     broken.write_text("provider = [")
-    _store(tmp_path / "m.db", [])
+    store_records(tmp_path / "m.db", [])
     bad_pricing = runner.invoke(
         main, ["reprice", "--since", "2025-01-01", "--db", str(tmp_path / "m.db"), "--pricing", str(broken)]
     )
@@ -275,14 +254,14 @@ def test_reprice_honours_time_of_day_windows(tmp_path: Path) -> None:
         price(r)
         records.append(r)
     db = tmp_path / "m.db"
-    _store(db, records)
-    before = _rows(db)
+    store_records(db, records)
+    before = rows_by_id(db)
 
-    report = reprice(db, PriceBook.default(), since=_ts(wednesday))
+    report = reprice(db, PriceBook.default(), since=ts_text(wednesday))
 
     peak_hours = {1, 2, 3, 6, 7, 8, 9}
     assert report.scanned == 24 and report.changed == len(peak_hours)
-    after = _rows(db)
+    after = rows_by_id(db)
     for r in records:
         old, new = Decimal(before[r.id]["cost_usd"]), Decimal(after[r.id]["cost_usd"])
         assert new == (2 * old if r.ts.hour in peak_hours else old), r.ts

@@ -25,8 +25,8 @@ from meterproxy.pricing import PriceBook
 from meterproxy.store.maintenance import run_pass
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
-from tests.conftest import ProxyFactory, ProxyHarness
-from tests.test_api_summary import summary
+from tests.conftest import ProxyFactory
+from tests.helpers.api import submit, summary
 
 WRONG = """
 provider = "openai"
@@ -53,13 +53,6 @@ def _records(book: PriceBook, n: int, start: datetime) -> list[RequestRecord]:
     return out
 
 
-async def _submit(proxy: ProxyHarness, records: list[RequestRecord]) -> None:
-    before = len(await proxy.rows())
-    for r in records:
-        assert proxy.app[WRITER].submit(r)
-    await proxy.rows(before + len(records))
-
-
 def _sql(db: Path, query: str) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(db)
     try:
@@ -75,16 +68,16 @@ async def test_summary_equals_the_repriced_rows_to_the_picodollar(
     wrong_file.write_text(WRONG)
     wrong = PriceBook.load(overrides=[wrong_file])
     proxy = await make_proxy(rollup_interval=3600)
-    await _submit(proxy, _records(wrong, 30, T0))
+    await submit(proxy, _records(wrong, 30, T0))
     rolled, _ = await run_pass(proxy.app[WRITER], 0)  # these 30 are now in the rollups
     assert rolled == 30
-    await _submit(proxy, _records(wrong, 20, T0 + timedelta(days=1)))  # above the watermark
+    await submit(proxy, _records(wrong, 20, T0 + timedelta(days=1)))  # above the watermark
 
     imported = make_record(model="gpt-4o-mini", ts=T0 + timedelta(hours=2), usage=Usage(5000, 0, 0, 0, 100))
     imported.upstream, imported.source = "zeroclaw", "zeroclaw"
     imported.cost_usd = Decimal("0.123")  # the agent's own figure
     imported.extra["cost_from"] = "source"
-    await _submit(proxy, [imported])
+    await submit(proxy, [imported])
     await run_pass(proxy.app[WRITER], 0)
 
     before = await summary(proxy)

@@ -19,7 +19,7 @@ import pytest
 
 from meterproxy.store.migrations import migration_sets
 from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
-from tests.test_metrics_workers import _wait_for_files
+from tests.helpers.prom import wait_for_files
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ async def test_two_workers_record_every_request(upstream: FakeUpstream, tmp_path
     try:
         await wait_healthy(url, proc)
         # Both workers have built their app (each creates its gauge file) before traffic starts.
-        await _wait_for_files(tmp_path / "metrics", "gauge_livesum_*.db", 2)
+        await wait_for_files(tmp_path / "metrics", "gauge_livesum_*.db", 2)
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
         # Fresh connections (no keep-alive) so the kernel spreads them over both workers.
         connector = aiohttp.TCPConnector(force_close=True, limit=16)

@@ -22,7 +22,7 @@ import pytest
 
 from meterproxy.testing import free_port
 
-__all__ = ["PromQLError", "PrometheusServer", "prometheus_binary"]
+__all__ = ["PromQLError", "PrometheusServer", "prometheus_binary", "wait_for_files"]
 
 
 class PromQLError(Exception):
@@ -141,3 +141,11 @@ class PrometheusServer:
             if got == expected or loop.time() > deadline:
                 return got
             await asyncio.sleep(0.2)
+
+
+async def wait_for_files(directory: Path, pattern: str, n: int, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(list(directory.glob(pattern))) < n:
+        assert loop.time() < deadline, sorted(p.name for p in directory.iterdir())
+        await asyncio.sleep(0.1)
