@@ -170,3 +170,17 @@ def test_reprice_bills_each_row_as_what_the_alias_pointed_at_that_day(tmp_path: 
         assert rows[r.id]["priced_model"] == "mistral-large-2512"
     assert report.scanned == 4
     assert report.difference == 2 * (Decimal("0.008") - Decimal("0.032"))
+
+
+def test_gemini_flash_lite_latest_follows_the_same_dated_moves() -> None:
+    book = PriceBook.default()
+    october_2025, gap, now = (
+        datetime(2025, 10, 1, tzinfo=UTC),
+        datetime(2026, 5, 1, tzinfo=UTC),
+        datetime(2026, 12, 3, tzinfo=UTC),
+    )
+    first = _priced(book, "gemini-flash-lite-latest", "gemini", october_2025)
+    assert first is not None and first[0] == "gemini-2.5-flash-lite"
+    assert _priced(book, "gemini-flash-lite-latest", "gemini", gap) is None
+    current = _priced(book, "gemini-flash-lite-latest", "gemini", now)
+    assert current == _priced(book, "gemini-3.5-flash-lite", "gemini", now)

@@ -165,6 +165,11 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {
         "as ft:gpt-4o-2024-08-06: genai-prices bills cached tokens of fine-tuned GPT-4o mini at $0.30, "
         "not $0.15 (ours; LiteLLM's price map)"
     ),
+    "gemini-flash-lite-latest": (
+        "as gemini-flash-latest: genai-prices bills it as Gemini 3.5 Flash-Lite at every date; from "
+        "2025-09-25 it pointed at 2.5 Flash-Lite Preview 09-2025 (2.5 Flash-Lite rates), and the "
+        "span without a dated move is unpriced (sources in pricing/gemini.toml)"
+    ),
     "deepseek-flash": (
         "weekends: DeepSeek bills them off-peak all day, genai-prices at peak (upper bound, its "
         "issue #582); ours is right (api-docs.deepseek.com/quick_start/pricing)"
