@@ -276,11 +276,14 @@ async def test_database_locked_by_another_process(upstream: FakeUpstream, make_p
     proxy = await make_proxy(writer_queue_max=20)
     await _one(proxy.url, CHAT, "warm")
     await proxy.rows(1)
+    # The writer waits busy_timeout (5 s) for a lock before it calls the store failed; a shorter wait
+    # on its connection reaches the same state sooner.
+    _writer_sql(proxy, "PRAGMA busy_timeout = 300")
     locker = sqlite3.connect(proxy.db, isolation_level=None)
     await _fault_cycle(
         proxy,
         upstream,
-        lambda: locker.execute("BEGIN IMMEDIATE"),  # holds the write lock past busy_timeout (5 s)
+        lambda: locker.execute("BEGIN IMMEDIATE"),  # holds the write lock past the writer's busy_timeout
         lambda: locker.execute("ROLLBACK"),
         sends=30,
     )

@@ -78,10 +78,12 @@ async def test_two_workers_export_one_consistent_series_set(upstream: FakeUpstre
                     assert resp.status == 200
                     await resp.read()
 
-            # In waves, so Prometheus scrapes between them and could see a counter go back.
-            for _ in range(4):
+            # In waves, with a scrape after each (its total seen), so a counter going back between
+            # scrapes would show.
+            for wave in range(1, 5):
                 await asyncio.gather(*(one(*rng.choice(TRAFFIC)) for _ in range(n // 4)))
-                await asyncio.sleep(1.2)
+                sent = wave * n // 4
+                assert await prom.wait_for("sum(meterproxy_requests_total)", sent) == sent
         totals = await _wait_for_rows(db, n)
         seen = await prom.wait_for("sum(meterproxy_requests_total)", n)
         assert seen == n, prom.log_text()[-2000:]

@@ -1,9 +1,11 @@
 """A real Prometheus server for tests: started on 127.0.0.1 with a temp config and storage.
 
 `PrometheusServer` runs ``/usr/bin/prometheus`` (Debian package ``prometheus``)
-as a subprocess scraping the given targets every second, and queries it over
-its HTTP API with aiohttp, so the event loop that serves the in-process proxy
-keeps running while a test waits for a scrape. `prometheus_binary` finds the
+as a subprocess scraping the given targets every half second (tests wait for a
+scrape that shows their traffic: the shorter the interval, the shorter the wait;
+the scrape timeout equals the interval, so not much shorter on a busy machine),
+and queries it over its HTTP API with aiohttp, so the event loop that serves the
+in-process proxy keeps running while a test waits for a scrape. `prometheus_binary` finds the
 binary or skips the test, except under ``CI=true`` where a missing binary is a
 failure (CI installs it in ``.ci/run``).
 """
@@ -41,8 +43,11 @@ def prometheus_binary() -> str:
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, targets: list[str], metrics_path: str = "/metrics") -> None:
+    def __init__(
+        self, workdir: Path, targets: list[str], metrics_path: str = "/metrics", scrape_interval_ms: int = 500
+    ) -> None:
         self.workdir = workdir
+        self.scrape_interval_ms = scrape_interval_ms
         self.targets = targets
         self.metrics_path = metrics_path
         self.port = free_port()
@@ -58,7 +63,7 @@ class PrometheusServer:
         config = self.workdir / "prometheus.yml"
         targets = ", ".join(f'"{t}"' for t in self.targets)
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"global:\n  scrape_interval: {self.scrape_interval_ms}ms\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: meterproxy\n"
             f"    metrics_path: {self.metrics_path}\n"
             f"    static_configs:\n      - targets: [{targets}]\n"
@@ -140,7 +145,7 @@ class PrometheusServer:
             got = await self.scalar(expr)
             if got == expected or loop.time() > deadline:
                 return got
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
 
 
 async def wait_for_files(directory: Path, pattern: str, n: int, timeout: float = 30.0) -> None:
