@@ -236,3 +236,30 @@ async def test_an_answer_with_usage_is_never_estimated(
     [row] = await proxy.rows(1)
     assert row["cost_source"] == "computed" and row["estimated_cost_usd"] is None
     assert row["extra"] is None or "estimate" not in json.loads(row["extra"])
+
+
+async def test_a_client_that_hangs_up_gets_an_estimate_of_what_was_relayed(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    # The client leaves after the first bytes; the proxy drains for 0.3 s only, while the
+    # upstream sends an event every 0.4 s: the usage chunk at the end never arrives.
+    fx = load_fixture("openai_chat_stream_usage")
+    upstream.replay(fx, delay=0.4)
+    proxy = await make_proxy(
+        estimate_usage=True,
+        estimate_tokenizer_file=CL100K,
+        inject_stream_usage=False,
+        disconnect_drain_timeout=0.3,
+    )
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{proxy.url}/v1/chat/completions", json=body)
+        assert resp.status == 200
+        await resp.content.readany()
+        resp.close()  # hang up mid-stream
+    [row] = await proxy.rows(1, timeout=15)
+    assert row["client_disconnected"] == 1 and row["usage_source"] == "missing"
+    assert row["cost_source"] == "estimated" and row["cost_usd"] is None
+    estimate = json.loads(row["extra"])["estimate"]
+    assert estimate["input_tokens"] == _cl100k().count(PROMPT)
+    assert estimate["output_tokens"] < 8  # a prefix of "The capital of the UK is London."
