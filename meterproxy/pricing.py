@@ -283,12 +283,17 @@ class PriceBook:
             prov = self._providers[model.provider]
             for name in (model.id, *model.aliases):
                 key = name.lower()
-                for index, scope in ((prov.index, prov.name), (self._global, "all providers")):
-                    other = index.setdefault(key, model.id)
-                    if other != model.id:
-                        self._problems.append(
-                            f"{model.origin}: name {name!r} collides with model {other!r} ({scope})"
-                        )
+                # A name means one model per price list. The same open-weight model id is
+                # legitimately on several lists at different prices (Groq's and Together's
+                # Kimi K2), and a request is only ever priced from its upstream's list, so
+                # names may repeat across lists; the first file (sorted) wins in the
+                # all-lists index that `prices show` without --provider uses.
+                other = prov.index.setdefault(key, model.id)
+                if other != model.id:
+                    self._problems.append(
+                        f"{model.origin}: name {name!r} collides with model {other!r} ({prov.name})"
+                    )
+                self._global.setdefault(key, model.id)
         self._problems.extend(self._validate())
 
     # ---- lookup -------------------------------------------------------

@@ -188,7 +188,7 @@ shade = 1
 
 [[models]]
 id = "collider"
-aliases = ["gpt-4o"]
+aliases = ["dup-dates"]
 [[models.prices]]
 effective_from = 2025-01-01
 input = 1
@@ -212,9 +212,39 @@ def test_check_finds_planted_problems(tmp_path: Path) -> None:
     assert "unknown key 'colour'" in text
     assert "unknown key 'surprise'" in text
     assert "unknown key long_context.'shade'" in text
-    assert "'gpt-4o' collides with model 'gpt-4o'" in text
+    assert "'dup-dates' collides with model 'dup-dates' (badco)" in text
     assert "tiers.batch.multiplier must be positive" in text
     assert "same_as 'no-such-model'" in text
+
+
+def test_a_name_may_be_on_several_lists_each_at_its_own_price(tmp_path: Path) -> None:
+    """One open-weight model id on two hosts: each list prices it, neither borrows the other's."""
+    book = PriceBook.default()
+    assert book.check() == []
+    # 1M prompt tokens, half from cache: Groq bills cache reads at $0.50, Together lists no cache rate.
+    usage = Usage(input_tokens=1_000_000, cache_read_tokens=500_000, output_tokens=1_000_000)
+    at = datetime(2026, 12, 3, 12, tzinfo=UTC)
+    groq = book.price(model="moonshotai/kimi-k2-instruct", usage=usage, at=at, provider="groq")
+    together = book.price(model="moonshotai/Kimi-K2-Instruct", usage=usage, at=at, provider="together")
+    assert groq is not None and together is not None
+    assert (together.model, together.provider) == ("moonshotai/Kimi-K2-Instruct", "together")
+    assert (groq.model, groq.provider) == ("moonshotai/kimi-k2-instruct", "groq")
+    assert (together.cost_usd, groq.cost_usd) == (4, Decimal("3.75"))
+    # The same spelling on each list still finds that list's own entry.
+    assert book.resolve("moonshotai/kimi-k2-instruct", "together") == "moonshotai/Kimi-K2-Instruct"
+    assert book.resolve("moonshotai/Kimi-K2-Instruct", "groq") == "moonshotai/kimi-k2-instruct"
+    # An operator list may reuse a name another list has; a clash inside one list is still a problem.
+    own = tmp_path / "host.toml"
+    own.write_text(
+        'provider = "myhost"\n[[models]]\nid = "my-gpt"\naliases = ["gpt-4o"]\n'
+        "[[models.prices]]\neffective_from = 2025-01-01\ninput = 1\noutput = 1\n"
+        '[[models]]\nid = "other"\naliases = ["GPT-4o"]\n'
+        "[[models.prices]]\neffective_from = 2025-01-01\ninput = 2\noutput = 2\n"
+    )
+    mine = PriceBook.load(overrides=[own])
+    assert mine.check() == [f"{own}: model 'other': name 'GPT-4o' collides with model 'my-gpt' (myhost)"]
+    assert mine.resolve("gpt-4o", "myhost") == "my-gpt"
+    assert mine.resolve("gpt-4o", "openai") == book.resolve("gpt-4o", "openai") == "gpt-4o"
 
 
 @pytest.mark.parametrize(
