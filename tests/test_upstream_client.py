@@ -26,6 +26,7 @@ from meterproxy.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from tests.helpers.budgets import wait_for
 
 
 async def _body(resp: UpstreamResponse) -> bytes:
@@ -261,9 +262,9 @@ async def test_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
     client = UpstreamClient()
     async with RawUpstream(script) as raw:
         resp = await client.request("GET", URL(raw.url + "/"), [])
-        await asyncio.sleep(0.3)  # the upstream keeps sending; we do not read
-        conn = resp._conn
-        assert conn._paused and conn._buffered <= HIGH_WATER + 256 * 1024
+        conn = resp._conn  # the upstream keeps sending; we do not read, so the socket gets paused
+        await wait_for(lambda: conn._paused, what="the socket paused past the high-water mark")
+        assert conn._buffered <= HIGH_WATER + 256 * 1024
         assert await _body(resp) == blob
         resp.release()
         await client.close()
@@ -278,7 +279,7 @@ async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
     client = UpstreamClient()
     async with RawUpstream(script) as raw:
         assert await _get(client, raw.url + "/") == (200, b"one")
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: not client._idle.get(("http", "127.0.0.1", raw.port)), what="the close seen")
         assert await _get(client, raw.url + "/") == (200, b"one")
         assert raw.connections == 2
         await client.close()
@@ -331,9 +332,10 @@ async def test_https_upstream_is_verified(tmp_path: Path) -> None:
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     connections = 0
+    handlers_done = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
+        nonlocal connections, handlers_done
         connections += 1
         try:
             while await reader.readuntil(b"\r\n\r\n"):
@@ -343,6 +345,7 @@ async def test_https_upstream_is_verified(tmp_path: Path) -> None:
             pass
         finally:
             writer.close()
+            handlers_done += 1
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
     url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/models"
@@ -357,7 +360,8 @@ async def test_https_upstream_is_verified(tmp_path: Path) -> None:
             assert await _get(trusting, url) == (200, b'{"tls":true}')
         await trusting.close()
         assert connections == 1  # three requests, one kept-alive connection (the refused one never got here)
-        await asyncio.sleep(0.1)  # let the handler see the close before the server goes
+        # The handler sees the client's close before the server goes.
+        await wait_for(lambda: handlers_done == connections, what="the handler to see the close")
     finally:
         server.close()
         await server.wait_closed()
