@@ -117,12 +117,16 @@ FILTERS = [
     RequestFilter(user="u1"),
     RequestFilter(tags={"team": 'x"y,z'}, since=(T0 + timedelta(minutes=30)).isoformat()),
     RequestFilter(until=T0.isoformat()),  # nothing before the first row
+    # Values with quotes, a backslash, CR LF: PostgreSQL's COPY writes them into the SQL as literals.
+    RequestFilter(user=WEIRD),
+    RequestFilter(session=FORMULA),
 ]
+FILTER_IDS = ["all", "range", "user", "tag", "empty", "quoted-user", "quoted-session"]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-@pytest.mark.parametrize("flt", FILTERS, ids=["all", "range", "user", "tag", "empty"])
+@pytest.mark.parametrize("flt", FILTERS, ids=FILTER_IDS)
 async def test_child_export_equals_one_ordered_query(
     db: Path, driver: str, fmt: str, flt: RequestFilter
 ) -> None:
@@ -186,7 +190,7 @@ def pg_export(url: str, flt: RequestFilter, fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-@pytest.mark.parametrize("flt", FILTERS, ids=["all", "range", "user", "tag", "empty"])
+@pytest.mark.parametrize("flt", FILTERS, ids=FILTER_IDS)
 def test_postgres_export_is_byte_identical_to_sqlite(
     db: Path, pg_db: str, fmt: str, flt: RequestFilter
 ) -> None:
