@@ -164,7 +164,7 @@ async def test_close_delimited_body_ends_on_fin_and_breaks_on_reset() -> None:
 
     async def reset(conn: RawConnection) -> None:
         await conn.send(b"HTTP/1.0 200 OK\r\n\r\npart")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the upstream's pacing: part of the body, then a reset
         conn.reset()
 
     client = UpstreamClient()
@@ -190,7 +190,7 @@ async def test_broken_chunked_framing_mid_body(tail: bytes) -> None:
     async def script(conn: RawConnection) -> None:
         await conn.send(respond(200, length=False, headers={"Transfer-Encoding": "chunked"}))
         await conn.send(b"4\r\ngood\r\n")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the upstream's pacing: a good chunk, then the broken one
         await conn.send(tail)
         conn.close()
 
@@ -233,12 +233,12 @@ async def test_close_before_answering_and_refused_connections() -> None:
 
 async def test_read_timeout_before_and_after_the_head() -> None:
     async def silent(conn: RawConnection) -> None:
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # the fault: no answer; the client's read timeout fires first
 
     async def stalls(conn: RawConnection) -> None:
         await conn.send(respond(200, length=False, headers={"Transfer-Encoding": "chunked"}))
         await conn.send(b"3\r\nabc\r\n")
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # the fault: a stall after the head
 
     client = UpstreamClient(read_timeout=0.3)
     async with RawUpstream(silent) as raw:
@@ -273,7 +273,7 @@ async def test_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
 async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
     async def script(conn: RawConnection) -> None:
         await conn.send(respond(200, b"one"))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the upstream's pacing: the connection goes idle, then closes
         conn.close()  # the server ends the idle keep-alive connection
 
     client = UpstreamClient()
@@ -289,7 +289,7 @@ async def test_close_fails_answers_in_flight() -> None:
     async def script(conn: RawConnection) -> None:
         await conn.send(respond(200, length=False, headers={"Transfer-Encoding": "chunked"}))
         await conn.send(b"2\r\nhi\r\n")
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # an answer still in flight when the client closes
 
     client = UpstreamClient()
     async with RawUpstream(script) as raw:

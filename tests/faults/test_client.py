@@ -184,7 +184,7 @@ async def test_client_gone_mid_body_is_recorded_and_not_forwarded(
         + CHAT
     )
     await writer.drain()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # the client's pacing: the head and part of the body, a pause, then gone
     writer.transport.abort()
     row = await row_for(proxy, sid)
     assert row["client_disconnected"] == 1 and row["status"] is None

@@ -38,17 +38,17 @@ async def test_memory_returns_to_baseline_after_faults(
         body = conn.request.body
         if b"reset" in body:
             await conn.send(respond(200, content_type="text/event-stream", length=False) + filler)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the fault: part of an answer, then a reset
             conn.reset()
         elif b"stall" in body:
             await conn.send(respond(200, content_type="text/event-stream", length=False) + filler)
-            await asyncio.sleep(5)
+            await asyncio.sleep(5)  # the fault: a stall past the proxy's read timeout
         elif b"leave" in body:
             await conn.send(respond(200, content_type="text/event-stream", length=False))
             for _ in range(200):
                 if not await conn.send(filler):
                     break
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # a stream that keeps coming after the client left
         else:
             await conn.send(respond(200, fx.body + filler, content_type="text/event-stream"))
 

@@ -103,7 +103,7 @@ async def test_reset_mid_stream_aborts_client_and_flags_record(
 
     async def script(conn: RawConnection) -> None:
         await conn.send(respond(200, content_type="text/event-stream", length=False) + half)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the upstream's pacing: half an answer, then a reset
         conn.reset()
 
     raw = await raw_upstream(script)
@@ -126,7 +126,7 @@ async def test_stall_mid_stream_beyond_read_timeout(
 
     async def script(conn: RawConnection) -> None:
         await conn.send(respond(200, content_type="text/event-stream", length=False) + fx.body[:300])
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # the fault: a stall mid-stream, past the proxy's read timeout
 
     raw = await raw_upstream(script)
     proxy = await proxy_for(make_proxy, raw, upstream, read_timeout=0.5, inject_stream_usage=False)
@@ -383,6 +383,7 @@ async def test_chunked_framing_odd_sizes_and_broken_framing(
             200, content_type="text/event-stream", headers={"Transfer-Encoding": "chunked"}, length=False
         )
         if b'"user":"broken"' in conn.request.body:
+            # The upstream's pacing: a good chunk, then garbage in its own read, then the close.
             await conn.send(head + b"6\r\n" + fx.body[:6] + b"\r\n")
             await asyncio.sleep(0.1)
             await conn.send(b"ZZZZ\r\nnot a chunk\r\n")
@@ -419,7 +420,7 @@ async def test_endless_stream_stops_when_client_leaves(
         for _ in range(1_000_000):  # bounded, but far longer than the test
             if not await conn.send(event * 50):
                 break
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # an endless stream, paced so the loop stays responsive
         stopped.set()
 
     raw = await raw_upstream(script)
