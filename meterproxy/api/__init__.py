@@ -2,7 +2,7 @@
 
 Shared pieces live here: the one error shape and parameter parsing that names
 the bad parameter. Handlers query through `meterproxy.store.queries.run_read`
-(a fresh read-only connection in a worker thread) and answer with
+(a read-only connection from the app's `READERS`, in a worker thread) and answer with
 `json_response`, whose Decimal costs are JSON numbers with their exact digits
 (`meterproxy.exact_json`, never through float).
 

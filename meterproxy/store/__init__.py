@@ -3,8 +3,10 @@
 How to write a query (both engines run it exactly as written)
 ------------------------------------------------------------
 Take a `Db` (``meterproxy.store.db``): the writer's (``StoreWriter.call(fn)``
-runs ``fn(db)`` in a write transaction on the writer thread) or a reader's
-(``backend.read_connection(url)``; ``store.queries.run_read`` does it off the loop)::
+runs ``fn(db)`` in a write transaction on the writer thread) or a reader's (the
+app's ``backend.Readers``, ``app[READERS]``, which owns PostgreSQL's read pool:
+``store.queries.run_read(readers, fn)`` runs ``fn(db)`` off the loop; a command
+opens its own with ``backend.read_connection(url)``)::
 
     db.execute("SELECT count(*) FROM requests WHERE model = $1 AND ts >= $2", [model, since])
 
