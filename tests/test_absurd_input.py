@@ -22,7 +22,7 @@ from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.testing_raw import RawConnection, RawUpstream, respond
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import CHAT, post, proxy_for, row_for, session_id
+from tests.helpers.faults import CHAT, post, proxy_for, row_for, session_id
 
 
 async def test_user_and_session_headers_are_capped(upstream: FakeUpstream, make_proxy: ProxyFactory) -> None:

@@ -23,7 +23,7 @@ from meterproxy.app_state import PROXY
 from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import RawFactory, proxy_for, row_for, session_id, still_serving
+from tests.helpers.faults import RawFactory, proxy_for, row_for, session_id, still_serving
 
 MIB = 1024 * 1024
 BODY = b'{"model":"gpt-4o-mini","messages":[],"pad":"' + b"x" * (3 * MIB // 2) + b'"}'

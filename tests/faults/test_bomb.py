@@ -24,7 +24,7 @@ from meterproxy.tap import INFLATE_ALLOWANCE, INFLATE_RATIO, ResponseTap
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import CHAT, RawFactory, proxy_for, row_for, session_id, still_serving
+from tests.helpers.faults import CHAT, RawFactory, proxy_for, row_for, session_id, still_serving
 
 INFLATED = 64 * 1024 * 1024
 

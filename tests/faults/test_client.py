@@ -15,7 +15,7 @@ import aiohttp
 
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import CHAT, CHAT_STREAM, post, row_for, session_id, still_serving
+from tests.helpers.faults import CHAT, CHAT_STREAM, post, row_for, session_id, still_serving
 
 
 async def _hang_up_after(proxy_url: str, path: str, body: bytes, sid: str, *, read_bytes: int) -> int:

@@ -20,7 +20,7 @@ from meterproxy.credentials import carried, scrub_text
 from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import CHAT, RawFactory, proxy_for, row_for, session_id
+from tests.helpers.faults import CHAT, RawFactory, proxy_for, row_for, session_id
 
 SHAPELESS = "3f9c1e7a0b2d4c68a1e5f7b9c0d2e4f6"  # an Azure-style 32-hex subscription key
 TOKEN = "tok_Zq8/Xy+w9==vP"  # characters that get percent-encoded

@@ -24,7 +24,7 @@ from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, respond
 from meterproxy.upstream import UpstreamClient
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import RawFactory, post, proxy_for, row_for, session_id, still_serving
+from tests.helpers.faults import RawFactory, post, proxy_for, row_for, session_id, still_serving
 
 CHAT_PATH = "/raw/v1/chat/completions"
 FIRST = respond(200, b'{"first":true}', headers={"X-Answer": "first"})

@@ -20,7 +20,7 @@ from meterproxy.app_state import PROXY
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import CHAT, CHAT_STREAM, RawFactory, post, proxy_for, session_id
+from tests.helpers.faults import CHAT, CHAT_STREAM, RawFactory, post, proxy_for, session_id
 
 ROUNDS = 12
 BIG = 256 * 1024  # each faulty answer carries this much, so a leak of one per fault is obvious

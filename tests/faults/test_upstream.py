@@ -19,7 +19,7 @@ import pytest
 from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import (
+from tests.helpers.faults import (
     CHAT,
     CHAT_STREAM,
     RawFactory,

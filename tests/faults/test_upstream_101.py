@@ -14,7 +14,7 @@ import json
 from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection
 from tests.conftest import ProxyFactory
-from tests.faults.conftest import CHAT, RawFactory, post, proxy_for, row_for, session_id, still_serving
+from tests.helpers.faults import CHAT, RawFactory, post, proxy_for, row_for, session_id, still_serving
 
 SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello"
 
