@@ -14,6 +14,7 @@ metrics and budget tests.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import subprocess
 import tomllib
@@ -225,10 +226,30 @@ def make_record(
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (for a server started in a subprocess)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 that was free a moment ago (for a server started in a subprocess).
+
+    Picked at random below the kernel's ephemeral range (``ip_local_port_range``,
+    32768-60999 by default), not with ``bind(0)``: a port from that range can be
+    handed to any outgoing connection (a test client, a fake upstream's peer)
+    in the time between this call and the subprocess's own bind, and the server
+    then fails to start with "address in use". No outgoing connection takes a
+    port below the range, so only another caller picking the same port at the
+    same moment can collide (1 in 10,000 per pick).
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_PORT_LOW, _PORT_HIGH)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in {_PORT_LOW}-{_PORT_HIGH}")
+
+
+# Below Linux's default ephemeral range, above the well-known services (see free_port).
+_PORT_LOW, _PORT_HIGH = 10240, 20480
 
 
 async def wait_healthy(
