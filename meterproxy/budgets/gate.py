@@ -106,6 +106,8 @@ def make_gate(
         return blocked_response(record.provider, state, snap, message)
 
     async def budget_gate(record: RequestRecord) -> web.StreamResponse | None:
+        if tracker.empty:
+            return None  # neither a block nor a reserve budget to consult
         now = clock()
         found = tracker.blocking(record, now)
         if found is not None:

@@ -187,6 +187,15 @@ class SpendTracker:
         # record id -> (budget, picodollars) counted as pending, until the record commits.
         self._pending: dict[str, list[tuple[BudgetState, int]]] = {}
 
+    @property
+    def empty(self) -> bool:
+        """No budget at all (the common case): nothing to check or count per request.
+
+        Read without the lock: a budget installed on another thread at this very moment
+        is seen by the next request, exactly as when the lock is taken a moment earlier.
+        """
+        return not self._budgets
+
     def new_state(self, spec: BudgetSpec, source: str) -> BudgetState:
         tz = zone(spec.timezone) if spec.timezone else self.default_tz
         return BudgetState(spec=spec, source=source, period=Period.parse(spec.period), tz=tz)
@@ -220,7 +229,7 @@ class SpendTracker:
 
     def record_finished(self, record: RequestRecord) -> None:
         """A request just finished (before its commit): count its cost as pending (meter sink)."""
-        if record.cost_usd is None:
+        if record.cost_usd is None or not self._budgets:
             return
         pico = to_pico(record.cost_usd)
         with self._lock:
