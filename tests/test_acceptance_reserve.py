@@ -8,6 +8,12 @@ subprocess with a config file and a SQLite file), the clients are the official
 openai SDK, and the fake upstream holds every answer until each of the 100
 requests is either in flight at the upstream or refused, so all admissions see
 every other request's reservation and none has settled yet.
+
+The same holds for each way a user sends a request: the openai SDK streamed and
+not, with and without ``max_tokens`` (the worst case then reserves
+``budget_reserve_output_tokens``), and the anthropic SDK on ``/anthropic``,
+streamed and not; every refusal is the SDK's ``RateLimitError``, and once the
+rows are committed ``/api/budgets`` shows the stored spend and nothing held.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import sqlite3
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import openai
+import pytest
 from aiohttp import web
 
 from meterproxy.money import from_pico
@@ -222,3 +231,274 @@ async def committed(db: Path, rows: int) -> None:
                 return
         assert loop.time() < deadline, f"fewer than {rows} rows committed"
         await asyncio.sleep(0.02)
+
+
+# -- #19 item 1 as a user runs it: both SDKs, streamed and not, with and without max_tokens ----------
+
+#: (user, SDK, stream, max_tokens): one reserve budget per variant, scoped by X-Meter-User, all in
+#: one ``serve`` at once, so every variant's admissions race every other's on the same store.
+VARIANTS = [
+    ("oa-json-max", "openai", False, 400),
+    ("oa-json-nomax", "openai", False, None),
+    ("oa-sse-max", "openai", True, 400),
+    ("oa-sse-nomax", "openai", True, None),
+    ("an-json-max", "anthropic", False, 400),
+    ("an-sse-max", "anthropic", True, 400),  # Anthropic's API requires max_tokens
+]
+VARIANT_OF = {(sdk, stream, max_tokens): user for user, sdk, stream, max_tokens in VARIANTS}
+#: Output tokens an answer uses when the request sets no limit (the worst case then reserves
+#: budget_reserve_output_tokens, 32,768).
+UNLIMITED_OUTPUT = 3_000
+
+
+def openai_answer(body: dict[str, Any], prompt_tokens: int) -> tuple[bytes, str]:
+    """api.openai.com's bytes for a gpt-4o-mini answer: pretty JSON, or chunks ending in usage."""
+    output = int(body.get("max_tokens") or UNLIMITED_OUTPUT)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": output,
+        "total_tokens": prompt_tokens + output,
+    }
+    head = {"id": "chatcmpl-accept", "created": 1764720000, "model": "gpt-4o-mini-2024-07-18"}
+    if not body.get("stream"):
+        message: dict[str, Any] = {"role": "assistant", "content": "Nile", "refusal": None, "annotations": []}
+        doc = {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}],
+            "usage": {**usage, "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0}},
+            "service_tier": "default",
+            "system_fingerprint": "fp_accept",
+        }
+        return json.dumps(doc, indent=2).encode() + b"\n", "application/json"
+    chunk = {
+        **head,
+        "object": "chat.completion.chunk",
+        "service_tier": "default",
+        "system_fingerprint": "fp_a",
+    }
+    deltas = [{"role": "assistant", "content": "", "refusal": None}, {"content": "Nile"}, {}]
+    events = [
+        {
+            **chunk,
+            "choices": [
+                {"index": 0, "delta": d, "logprobs": None, "finish_reason": "length" if not d else None}
+            ],
+        }
+        | {"usage": None}
+        for d in deltas
+    ]
+    if (body.get("stream_options") or {}).get("include_usage"):  # the proxy adds it (inject_stream_usage)
+        events.append({**chunk, "choices": [], "usage": usage})
+    text = "".join(f"data: {json.dumps(e, separators=(',', ':'))}\n\n" for e in events) + "data: [DONE]\n\n"
+    return text.encode(), "text/event-stream; charset=utf-8"
+
+
+def anthropic_answer(body: dict[str, Any], input_tokens: int) -> tuple[bytes, str]:
+    """api.anthropic.com's bytes for a claude-haiku-4-5 answer using all of max_tokens."""
+    output = int(body["max_tokens"])
+    message = {
+        "model": "claude-haiku-4-5-20251001",
+        "id": "msg_accept",
+        "type": "message",
+        "role": "assistant",
+    }
+    usage = {"input_tokens": input_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    if not body.get("stream"):
+        doc = {
+            **message,
+            "content": [{"type": "text", "text": "Nile"}],
+            "stop_reason": "max_tokens",
+            "stop_sequence": None,
+            "usage": {**usage, "output_tokens": output, "service_tier": "standard"},
+        }
+        return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
+    events = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    **message,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {**usage, "output_tokens": 1},
+                },
+            },
+        ),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Nile"}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                "usage": {"output_tokens": output},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    text = "".join(
+        f"event: {name}\ndata: {json.dumps(doc, separators=(',', ':'))}\n\n" for name, doc in events
+    )
+    return text.encode(), "text/event-stream; charset=utf-8"
+
+
+@pytest.mark.slow
+async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_without_max_tokens(
+    tmp_path: Path,
+) -> None:
+    release = asyncio.Event()
+    forwarded: dict[str, int] = {user: 0 for user, *_ in VARIANTS}
+
+    async def answer_for(request: web.Request, build: Any) -> web.StreamResponse:
+        raw = await request.read()
+        doc = json.loads(raw)
+        # The proxy strips X-Meter-User: the variant is known by its SDK's path and its body.
+        sdk = "anthropic" if request.path == "/v1/messages" else "openai"
+        forwarded[VARIANT_OF[sdk, bool(doc.get("stream")), doc.get("max_tokens")]] += 1
+        await release.wait()  # every admitted request stays in flight until all are decided
+        body, content_type = build(doc, len(raw) // 4)  # fewer tokens than body bytes
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await answer_for(request, openai_answer)
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await answer_for(request, anthropic_answer)
+
+    # Each limit fits a few worst cases of its variant: the no-max_tokens ones reserve 32,768
+    # output tokens each, the others 400, so their limits differ by the same factor.
+    limits = {
+        user: Decimal("0.05") if sdk == "openai" and max_tokens is None else Decimal("0.0012")
+        for user, sdk, _, max_tokens in VARIANTS
+    }
+    limits["an-json-max"] = limits["an-sse-max"] = Decimal("0.01")
+    config = tmp_path / "meterproxy.toml"
+    config.write_text(
+        "".join(
+            f'[[budgets]]\nname = "{user}"\nlimit_usd = "{limits[user]}"\nperiod = "month"\n'
+            f'action = "reserve"\nscope = {{ user = "{user}" }}\n'
+            for user, *_ in VARIANTS
+        )
+    )
+    db = tmp_path / "meter.db"
+    outcomes: dict[str, list[str]] = {user: [] for user, *_ in VARIANTS}
+    async with FakeUpstream() as upstream:
+        upstream.replies["/v1/chat/completions"] = chat
+        upstream.replies["/v1/messages"] = messages
+        proxy = Served(str(db), upstream.url, tmp_path, "serve", config=config)
+        try:
+            await proxy.ready()
+
+            async def call(user: str, sdk: str, stream: bool, max_tokens: int | None) -> None:
+                headers = {"X-Meter-User": user}
+                try:
+                    if sdk == "openai":
+                        oa = openai.AsyncOpenAI(
+                            base_url=f"{proxy.url}/v1",
+                            api_key="sk-accept",
+                            max_retries=0,
+                            default_headers=headers,
+                        )
+                        limit = openai.omit if max_tokens is None else max_tokens
+                        chat: list[openai.types.chat.ChatCompletionMessageParam] = [
+                            {"role": "user", "content": PROMPT}
+                        ]
+                        if stream:
+                            chunks = await oa.chat.completions.create(
+                                model=MODEL,
+                                messages=chat,
+                                max_tokens=limit,
+                                stream=True,
+                            )
+                            async for _ in chunks:
+                                pass
+                        else:
+                            await oa.chat.completions.create(model=MODEL, messages=chat, max_tokens=limit)
+                    else:
+                        an = anthropic.AsyncAnthropic(
+                            base_url=f"{proxy.url}/anthropic",
+                            api_key="sk-ant",
+                            max_retries=0,
+                            default_headers=headers,
+                        )
+                        assert max_tokens is not None
+                        said: list[anthropic.types.MessageParam] = [{"role": "user", "content": PROMPT}]
+                        if stream:
+                            events = await an.messages.create(
+                                model="claude-haiku-4-5", max_tokens=max_tokens, messages=said, stream=True
+                            )
+                            async for _ in events:
+                                pass
+                        else:
+                            await an.messages.create(
+                                model="claude-haiku-4-5", max_tokens=max_tokens, messages=said
+                            )
+                    outcomes[user].append("ok")
+                except (openai.RateLimitError, anthropic.RateLimitError) as exc:
+                    assert (
+                        exc.status_code == 429
+                        and "cannot cover this request" in str(exc)
+                        and user in str(exc)
+                    )
+                    outcomes[user].append("refused")
+
+            calls = [asyncio.ensure_future(call(*v)) for v in VARIANTS for _ in range(REQUESTS)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 120
+            while sum(o.count("refused") for o in outcomes.values()) + sum(forwarded.values()) < len(calls):
+                assert loop.time() < deadline, (outcomes, forwarded)
+                assert not any(c.done() and c.exception() for c in calls), [
+                    c.exception() for c in calls if c.done()
+                ]
+                await asyncio.sleep(0.02)
+            release.set()
+            await asyncio.gather(*calls)
+            views = await settled(proxy, len(calls))
+        finally:
+            release.set()
+            proxy.stop()
+
+    with sqlite3.connect(db) as conn:
+        spent = {
+            user: from_pico(pico) or Decimal(0)
+            for user, pico in conn.execute(
+                'SELECT "user", COALESCE(SUM(cost_pico), 0) FROM requests GROUP BY "user"'
+            )
+        }
+    for user, *_ in VARIANTS:
+        admitted = outcomes[user].count("ok")
+        assert admitted == forwarded[user], user
+        assert 1 <= admitted < REQUESTS, (user, admitted)
+        assert 0 < spent[user] <= limits[user], (user, spent[user], limits[user])
+        assert Decimal(views[user]["spend_usd"]) == spent[user], user
+        assert Decimal(views[user]["reserved_usd"]) == 0, user
+
+
+async def settled(proxy: Served, rows: int) -> dict[str, Any]:
+    """The budgets' views once every request's row is committed (bounded wait)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        with sqlite3.connect(proxy.db) as conn:
+            committed = conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+        if committed >= rows:
+            status, text = await proxy.get("/api/budgets")
+            assert status == 200, text
+            doc = json.loads(text, parse_float=Decimal)
+            return {b["name"]: b for b in (doc["budgets"] if isinstance(doc, dict) else doc)}
+        assert loop.time() < deadline, f"{committed} of {rows} rows committed"
+        await asyncio.sleep(0.05)
