@@ -241,31 +241,39 @@ async def pg_db() -> AsyncIterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy", ["priced", "refuse", "reserve"])
 async def test_reserve_budget_holds_across_three_postgresql_replicas(
-    upstream: FakeUpstream, pg_db: str, tmp_path: Path
+    upstream: FakeUpstream, pg_db: str, tmp_path: Path, policy: str
 ) -> None:
+    """The priced case, and the ``unpriced`` policies that hold the limit, across 3 processes."""
     serve_answer(upstream, stall=0.5)
     worst = per_request_worst()
     limit = (worst * Decimal("7.5")).quantize(Decimal("1e-9"))
+    budget = f'[[budgets]]\nname = "team"\nlimit_usd = "{limit}"\nperiod = "month"\naction = "reserve"\n'
+    if policy == "reserve":
+        budget += f'unpriced = "reserve"\nunpriced_reserve_usd = "{worst}"\n'
     config = tmp_path / "meterproxy.toml"
-    config.write_text(
-        f'[[budgets]]\nname = "team"\nlimit_usd = "{limit}"\nperiod = "month"\naction = "reserve"\n'
-    )
+    config.write_text(budget)
     replicas = [Served(pg_db, upstream.url, tmp_path, f"replica{i}", config=config) for i in range(3)]
     try:
         await asyncio.gather(*(r.ready() for r in replicas))
         clients = [
             openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="sk-reserve", max_retries=0) for r in replicas
         ]
-        results = await asyncio.gather(*(call(clients[i % 3]) for i in range(100)))
-        admitted = sum(results)
+        send = call if policy == "priced" else call_unpriced
+        results = await asyncio.gather(*(send(clients[i % 3]) for i in range(100)))
+        admitted = sum(1 for r in results if r in (True, "admitted"))
         for r in replicas:
             assert await r.terminate() == 0
         rows: list[Any] = await asyncio.to_thread(_stored, pg_db)
         spent = sum((Decimal(str(r[0])) for r in rows if r[0] is not None), Decimal(0))
-        assert spent <= limit, f"spent {spent} of {limit} across replicas"
-        assert 7 <= admitted < 100
-        assert len(upstream.received) == admitted
+        assert len(rows) == 100
+        assert len(upstream.received) == admitted, "a refused request must never reach the upstream"
+        if policy == "refuse":
+            assert results.count("unpriced") == 100 and spent == 0
+        else:
+            assert spent <= limit, f"spent {spent} of {limit} across replicas"
+            assert 7 <= admitted < 100, admitted
     finally:
         for r in replicas:
             r.stop()
