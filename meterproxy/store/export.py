@@ -143,21 +143,26 @@ def csv_header() -> str:
     return ",".join(EXPORT_COLUMNS) + "\r\n"
 
 
+def _pg_text_name(q: str) -> str:
+    return f'"{q.strip(chr(34))}__text"'
+
+
 def _pg_real(q: str) -> str:
     """PostgreSQL: a float's text as SQLite's ``printf('%!.15g', x)`` writes it (NULL stays NULL).
 
     ``CAST(x AS numeric)`` keeps 15 significant digits (PostgreSQL converts with
     the C library's ``%.15g``), and its text is the fixed notation; ``%!.15g``
     adds ``.0`` to a whole number, and writes ``d.ddde+XX`` below 1e-4 and from
-    1e15. A cheap float test keeps the common case to two conversions; only values
-    near those bounds take the exact (numeric, ``log``) branch. Equal to SQLite's
+    1e15. The text is computed once per row (`_PG_ROWS`), and a cheap float test
+    keeps the common case to it; only values near those bounds take the exact
+    (numeric, ``log``) branch. Equal to SQLite's
     text except on exact decimal ties at the 16th digit (SQLite rounds half away
     from zero, the C library half to even: a tie needs a double whose whole
     expansion is 16 digits, which a measured duration is not) and beyond 1e100,
     where SQLite's own last digit is off.
     """
     n = f"CAST({q} AS numeric)"
-    t = f"CAST({n} AS text)"
+    t = _pg_text_name(q)  # CAST(n AS text), computed once per row by `_PG_ROWS`
     fixed = f"CASE WHEN strpos({t}, '.') = 0 THEN {t} || '.0' ELSE {t} END"
     e = f"CAST(floor(log(abs({n}))) AS int)"
     mantissa = (
@@ -212,6 +217,15 @@ PG_LINE_SQL = {
 }
 
 
+#: The rows a slice formats, with each float's 15-digit text computed once (``OFFSET 0`` keeps
+#: the planner from folding the subquery into the line, which would convert every float twice).
+_PG_ROWS = (
+    "(SELECT *, "
+    + ", ".join(f'CAST(CAST("{c}" AS numeric) AS text) AS {_pg_text_name(c)}' for c in sorted(_REAL))
+    + " FROM requests WHERE {where} OFFSET 0) AS requests"
+)
+
+
 def pg_slice(conn: Db, flt: RequestFilter, fmt: str) -> bytes:
     """PostgreSQL: one slice as one value, ``string_agg`` of the ordered lines built in the server,
     read with ``COPY ... TO STDOUT`` in binary (`Db.bulk_read`): its bytes as the server holds them.
@@ -223,7 +237,7 @@ def pg_slice(conn: Db, flt: RequestFilter, fmt: str) -> bytes:
         where = flt.where(p, conn.dialect)
         return (
             f"SELECT string_agg(line, '' ORDER BY ts, id) FROM "
-            f"(SELECT {PG_LINE_SQL[fmt]} AS line, ts, id FROM requests WHERE {where}) AS lines"
+            f"(SELECT {PG_LINE_SQL[fmt]} AS line, ts, id FROM {_PG_ROWS.format(where=where)}) AS lines"
         )
 
     return b"".join(conn.bulk_read(select))
