@@ -18,14 +18,13 @@ provider request id header the way Anthropic (``request-id``) and OpenAI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
+from meterproxy.testing import FakeUpstream, load_fixture
+from tests.helpers.served import Served
 
 CLAUDE = shutil.which("claude")
 CODEX = shutil.which("codex")
@@ -239,10 +239,11 @@ class AgentProviders:
 
 
 @dataclass
-class Served:
+class AgentProxy:
+    """The `serve` an agent test points its CLI at: its URL and the store it writes."""
+
     url: str
     db: Path
-    proc: subprocess.Popen[bytes]
 
     def rows(self, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         if not self.db.exists():
@@ -309,48 +310,19 @@ class Served:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, upstream_url: str, config: str = "") -> AsyncIterator[Served]:
-    """``meterproxy serve`` as a user starts it, in front of the fake providers."""
-    db = tmp_path / "meter.db"
+async def serve(tmp_path: Path, upstream_url: str, config: str = "") -> AsyncIterator[AgentProxy]:
+    """``meterproxy serve`` as a user starts it, in front of the fake providers (the suite's one
+    launcher, `tests.helpers.served.Served`: its log goes to ``serve.log`` in ``tmp_path``)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "meterproxy.toml"
     cfg.write_text(config)
-    port = free_port()
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg")}
-    for name in ("METERPROXY_ADMIN_TOKEN", "METERPROXY_DB", "METERPROXY_URL"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meterproxy",
-            "serve",
-            "--port",
-            str(port),
-            "--db",
-            str(db),
-            "--config",
-            str(cfg),
-            "--upstream",
-            f"anthropic={upstream_url}",
-            "--upstream",
-            f"openai={upstream_url}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    db = tmp_path / "meter.db"
+    upstreams = [f"anthropic={upstream_url}", f"openai={upstream_url}"]
+    server = Served(db, upstream_url, tmp_path, "serve", config=cfg, upstreams=upstreams)
     try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_healthy(url, proc)
-        yield Served(url, db, proc)
+        await server.ready()
+        yield AgentProxy(server.url, db)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        with contextlib.suppress(AssertionError):  # not stopped within 30 s: killed below
+            await server.terminate(timeout=30)  # SIGTERM, a clean stop
+        server.stop()
