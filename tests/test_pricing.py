@@ -113,6 +113,13 @@ def test_default_is_cached() -> None:
         # A LiteLLM-style provider prefix on an Azure upstream.
         ("azure/gpt-4o", "azure", "gpt-4o"),
         ("openai/gpt-4o-mini", "azure", "gpt-4o-mini"),
+        # The list's own provider before a base-layer model (curated ones already resolved).
+        ("openai/gpt-4-turbo", "openai", "gpt-4-turbo"),
+        ("anthropic/claude-2.1", "anthropic", "claude-2"),
+        ("gemini/gemini-2.5-pro-preview-06-05", "gemini", "gemini-2.5-pro"),
+        ("mistralai/open-mistral-7b", "mistral", "mistral-7b"),
+        ("x-ai/grok-3-fast", "xai", "grok-3-fast"),
+        ("cohere/command-r", "cohere", "command-r"),
     ],
 )
 def test_resolve(name: str, provider: str | None, expected: str) -> None:
@@ -126,6 +133,8 @@ def test_resolve(name: str, provider: str | None, expected: str) -> None:
         ("", None),
         ("gpt-4o", "groq"),  # Groq does not serve gpt-4o
         ("openai/gpt-4o", "anthropic"),  # vendor prefix of another provider
+        ("openai/gpt-4-turbo", "groq"),  # Groq's slash ids are its own; not OpenAI's prices
+        ("perplexity/sonar-pro", "perplexity"),  # perplexity/<model> ids are models of their own
         ("gpt-4o", "local"),  # a list nobody publishes: never another provider's price
         ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "local"),
         ("deepseek-ai/DeepSeek-R1", "fireworks"),  # Together's curated entry stays on Together's list
