@@ -21,11 +21,11 @@ import pytest
 import pytest_asyncio
 
 from meterproxy.reports import compact, money
-from tests import test_dashboard as dashboard
+from tests.helpers import dashboard
 from tests.helpers.served import Served
 from tests.helpers.userdirs import isolate_user_dirs
 
-pytestmark = dashboard.pytestmark  # slow, only where Debian's chromium is installed, in the session loop
+pytestmark = dashboard.PAGE_TESTS  # slow, only where Debian's chromium is installed, in the session loop
 
 RANGES = ["today", "7d", "30d", "month"]
 READY = "document.body.dataset.state === 'ready'"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,44 +19,21 @@ from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from meterproxy.app_state import METER, WRITER
 from meterproxy.reports import compact, money
-from meterproxy.testing import FakeUpstream, make_record
+from meterproxy.testing import make_record
 from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord, Usage
-from tests.conftest import ProxyFactory, proxy_factory, running_upstream
-from tests.helpers.browser import CHROMIUM, SESSION_LOOP
+from tests.helpers import dashboard
+from tests.helpers.dashboard import ARTIFACTS, api_json, by_priced_model, ready, shown
 
-# Screenshots are test artifacts: tmp/artifacts/ in the checkout (ignored by git), or $METERPROXY_ARTIFACTS.
-ARTIFACTS = Path(
-    os.environ.get("METERPROXY_ARTIFACTS") or Path(__file__).resolve().parent.parent / "tmp" / "artifacts"
-)
 TIMEOUT_MS = 20_000
 
-# Every test here (and in the modules that take this mark) runs in the session's event loop, with
-# the session's one Chromium (tests.helpers.browser) and these session-loop twins of the suite's
-# async fixtures.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run does it)"
-    ),
-    SESSION_LOOP,
-]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with running_upstream() as up:
-        yield up
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def make_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    async with proxy_factory(upstream, tmp_path) as factory:
-        yield factory
+# Every test here runs in the session's event loop, with the session's one Chromium and the
+# session-loop twins of the suite's async fixtures (tests.helpers.dashboard).
+pytestmark = dashboard.PAGE_TESTS
+upstream, make_proxy = dashboard.upstream, dashboard.make_proxy
 
 
 async def new_page(browser: Any) -> Any:
@@ -73,10 +49,6 @@ async def new_page(browser: Any) -> Any:
 async def shot(page: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
-
-
-async def ready(page: Any) -> None:
-    await page.wait_for_function("document.body.dataset.state === 'ready'")
 
 
 def seed_records() -> list[RequestRecord]:
@@ -149,27 +121,6 @@ async def seeded_proxy(make_proxy: Any, **settings: Any) -> Any:
         proxy.app[METER].request_finished(r)
     await proxy.rows(len(records))
     return proxy
-
-
-async def api_json(proxy: Any, path: str, token: str | None = None, **params: str) -> Any:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as s, s.get(proxy.url + path, params=params, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json(loads=__import__("json").loads)
-
-
-def by_priced_model(summary: dict[str, Any]) -> list[tuple[str, Decimal]]:
-    """The API's model groups merged under the price-table id each name prices as, by cost."""
-    merged: dict[str, Decimal] = {}
-    for g in summary["groups"]:
-        raw = g["key"]["model"]
-        name = summary["priced_models"].get(raw) or raw
-        merged[name] = merged.get(name, Decimal(0)) + Decimal(str(g["cost_usd"]))
-    return sorted(merged.items(), key=lambda kv: -kv[1])
-
-
-async def shown(page: Any, selector: str) -> str:
-    return str(await page.locator(selector).inner_text()).strip()
 
 
 async def check_cards(page: Any, proxy: Any, token: str | None = None, source: str = "") -> dict[str, Any]:

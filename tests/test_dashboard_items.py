@@ -4,7 +4,7 @@ The database is what ``meterproxy demo`` writes (several providers, users,
 sessions, errors, a budget block, unpriced models, imports, budgets) plus one
 long session with failures, served by a real proxy; every figure read from
 the page is compared with the API's answer for the same range. Screenshots of
-both widths go to the artifacts directory (see ``test_dashboard.ARTIFACTS``).
+both widths go to the artifacts directory (see ``tests.helpers.dashboard.ARTIFACTS``).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from meterproxy.reports import money
 from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.usage import Usage
-from tests import test_dashboard as dashboard
-from tests.test_dashboard import ARTIFACTS, api_json, by_priced_model, ready, shown
+from tests.helpers import dashboard
+from tests.helpers.dashboard import ARTIFACTS, api_json, by_priced_model, ready, shown
 
-pytestmark = dashboard.pytestmark  # slow, only where Debian's chromium is installed, in the session loop
+pytestmark = dashboard.PAGE_TESTS  # slow, only where Debian's chromium is installed, in the session loop
 upstream, make_proxy = dashboard.upstream, dashboard.make_proxy  # their session-loop twins
 
 WIDTHS = [390, 1440]

@@ -9,7 +9,7 @@ closed when it ends, so no page of one test keeps polling while another runs.
 Playwright's connection belongs to the event loop that started it, so the browser
 tests run in pytest-asyncio's session loop (`SESSION_LOOP`, in their
 ``pytestmark``), and every async fixture they use must run in that loop too:
-``tests/test_dashboard.py`` has the session-loop twins of the suite's `upstream`
+``tests/helpers/dashboard.py`` has the session-loop twins of the suite's `upstream`
 and `make_proxy` (the same code, ``tests/conftest.py``'s `proxy_factory`).
 ``tests/conftest.py`` registers `chromium` and `browser` for the whole suite, so
 the one browser is shared by every module.
