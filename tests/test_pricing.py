@@ -120,6 +120,10 @@ def test_default_is_cached() -> None:
         ("mistralai/open-mistral-7b", "mistral", "mistral-7b"),
         ("x-ai/grok-3-fast", "xai", "grok-3-fast"),
         ("cohere/command-r", "cohere", "command-r"),
+        # Vertex's partner models: the same name is Mistral's own model on Mistral's list.
+        ("mistral-large-2411", "vertex", "mistral-large-2411@001"),
+        ("mistralai/mistral-large-2411@001", "vertex", "mistral-large-2411@001"),
+        ("mistral-large-2411", "mistral", "mistral-large-2411"),
     ],
 )
 def test_resolve(name: str, provider: str | None, expected: str) -> None:
@@ -135,6 +139,7 @@ def test_resolve(name: str, provider: str | None, expected: str) -> None:
         ("openai/gpt-4o", "anthropic"),  # vendor prefix of another provider
         ("openai/gpt-4-turbo", "groq"),  # Groq's slash ids are its own; not OpenAI's prices
         ("perplexity/sonar-pro", "perplexity"),  # perplexity/<model> ids are models of their own
+        ("mistral-medium-3@001", "mistral"),  # Vertex's version id, not on Mistral's own list
         ("gpt-4o", "local"),  # a list nobody publishes: never another provider's price
         ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "local"),
         ("deepseek-ai/DeepSeek-R1", "fireworks"),  # Together's curated entry stays on Together's list

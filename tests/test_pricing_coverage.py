@@ -56,7 +56,7 @@ GENAI = {
     "xai": "x-ai",
 }
 MIN_PRICED = Decimal("0.98")
-MIN_PRICED_MORE = Decimal("0.92")
+MIN_PRICED_MORE = Decimal("0.93")
 MIN_PRICED_2026 = Decimal("0.95")
 LISTS = sorted({plist for plist, _ in NAMES + MORE_NAMES + NAMES_2026})
 
