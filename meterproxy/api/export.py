@@ -57,9 +57,9 @@ async def export_handler(request: web.Request) -> web.StreamResponse:
         return api_error(400, "bad_parameter", str(exc), exc.param)
 
     readers = request.app[READERS]
-    if readers.db.is_postgres:
+    if readers.url.is_postgres:
         return await _export_in_threads(request, readers, flt, fmt)
-    export = await ExportProcess.start(readers.db.target, flt, fmt, workers=EXPORT_WORKERS)
+    export = await ExportProcess.start(readers.url.target, flt, fmt, workers=EXPORT_WORKERS)
     try:
         try:
             first = await export.read()  # the child opened the database and formatted a slice

@@ -131,20 +131,21 @@ class Readers:
     """
 
     def __init__(self, value: str | Path, *, max_size: int = 8) -> None:
-        self.db = parse_db(value)
+        #: Which database (engine and target), as `parse_db` reads it.
+        self.url = parse_db(value)
         self._max_size = max_size
         self._pool: Any = None
         self._lock = threading.Lock()
         self._closed = False
 
     def connection(self) -> Db:
-        if not self.db.is_postgres:
-            return connect_sqlite(self.db.target, readonly=True)
+        if not self.url.is_postgres:
+            return connect_sqlite(self.url.target, readonly=True)
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"the readers of {describe(self.db.target)} are closed")
+                raise RuntimeError(f"the readers of {describe(self.url.target)} are closed")
             if self._pool is None:
-                self._pool = postgres().ReadPool(self.db.target, self._max_size)
+                self._pool = postgres().ReadPool(self.url.target, self._max_size)
             pool = self._pool
         db: Db = pool.connection()
         return db
