@@ -14,11 +14,18 @@ each row's token counts twice with the same `PriceBook.price` the meter uses:
 So ``report --as-model M`` equals a ``reprice`` of the same rows, in a copy of
 the database whose rows name ``M`` (and M's provider), to the picodollar.
 
-Only rows with reported usage take part (``usage_source = 'reported'``): a row
-without trusted tokens has nothing to reprice. Rows the target cannot price
-(no price for it at that date) and rows unpriced as stored are counted apart,
-never folded into the difference as zeros: the difference is over rows priced
-both ways.
+Only rows with reported usage take part in the figures by model
+(``usage_source = 'reported'``): a row without trusted tokens has nothing to
+reprice. Rows the target cannot price (no price for it at that date) and rows
+unpriced as stored are counted apart, never folded into the difference as
+zeros: the difference is over rows priced both ways.
+
+Estimated rows (``estimate_usage``: no usage reported, meterproxy counted the
+tokens, `meterproxy.estimate`) are priced the same way from their counted
+tokens, as stored (``estimated_cost_pico``) and as the target, into a separate
+``estimated`` line that is never added to the totals: an estimate is not spend
+anywhere. It equals a ``reprice`` of those rows renamed to the target, whose
+estimates ``reprice`` moves in their own columns.
 
 Cache savings come with it: `meterproxy.savings.cache_savings` over the same
 filter's summary by model and day, the one definition the report, ``/api/summary``
@@ -60,7 +67,19 @@ __all__ = [
 
 PriceMoment = Literal["dated", "today"]
 
-_COLUMNS = ("id", "ts", "provider", "upstream", "model", "requested_model", "service_tier", "cost_pico")
+_COLUMNS = (
+    "id",
+    "ts",
+    "provider",
+    "upstream",
+    "model",
+    "requested_model",
+    "service_tier",
+    "cost_pico",
+    "usage_source",
+    "estimated_cost_pico",
+    "extra",
+)
 
 
 @dataclass(slots=True)
@@ -91,6 +110,8 @@ class WhatIf:
     prices: PriceMoment
     by_model: dict[str, ModelWhatIf] = field(default_factory=dict)
     cache: CacheSavings = field(default_factory=CacheSavings)
+    #: Estimated rows (their counted tokens; costs are estimates): apart, never in `totals`.
+    estimated: ModelWhatIf = field(default_factory=ModelWhatIf)
 
     @property
     def totals(self) -> ModelWhatIf:
@@ -121,15 +142,20 @@ class WhatIf:
             "prices": self.prices,
             "models": [{"model": k, **one(v)} for k, v in sorted(self.by_model.items())],
             "totals": one(self.totals),
+            "estimated": one(self.estimated),
             "cache_savings": self.cache.as_dict(),
         }
 
 
 def _rows(conn: Db, flt: RequestFilter, batch: int = 2000) -> Iterator[Any]:
     p = Params()
+    estimated = conn.dialect.json_text("extra", p, "estimate")
     where = flt.where(p, conn.dialect)
     columns = ", ".join((*_COLUMNS, *USAGE_FIELDS))
-    sql = f"SELECT {columns} FROM requests WHERE usage_source = 'reported' AND {where}"
+    sql = (
+        f"SELECT {columns} FROM requests WHERE (usage_source = 'reported' OR {estimated} IS NOT NULL) "
+        f"AND {where}"
+    )
     cursor = conn.execute(sql, p.values)
     while chunk := cursor.fetchmany(batch):
         yield from chunk
@@ -149,10 +175,21 @@ def what_if(
     moment = now or datetime.now().astimezone()
     result = WhatIf(target, target_provider, book.resolve(target, target_provider), prices)
     for row in _rows(conn, flt):
-        usage = Usage(**{name: row[name] or 0 for name in USAGE_FIELDS})
         ts = parse_ts(row["ts"])
-        model = row["model"] or row["requested_model"] or "(unknown)"
-        m = result.by_model.setdefault(model, ModelWhatIf())
+        if row["usage_source"] == "reported":
+            usage = Usage(**{name: row[name] or 0 for name in USAGE_FIELDS})
+            model = row["model"] or row["requested_model"] or "(unknown)"
+            m = result.by_model.setdefault(model, ModelWhatIf())
+            actual = row["cost_pico"]
+        else:
+            counted = json.loads(row["extra"]).get("estimate")
+            if not isinstance(counted, dict):
+                continue
+            usage = Usage(
+                input_tokens=int(counted.get("input_tokens") or 0),
+                output_tokens=int(counted.get("output_tokens") or 0),
+            )
+            m, actual = result.estimated, row["estimated_cost_pico"]
         m.requests += 1
         m.input_tokens += usage.input_tokens
         m.output_tokens += usage.output_tokens
@@ -160,7 +197,6 @@ def what_if(
         priced = book.price(
             model=target, usage=usage, at=at, provider=target_provider, service_tier=row["service_tier"]
         )
-        actual = row["cost_pico"]
         if priced is None:
             m.target_unpriced += 1
         if actual is None:
@@ -259,6 +295,18 @@ def whatif_table(result: WhatIf) -> str:
         left_out.append(f"{t['actual_unpriced_requests']:,} unpriced as stored")
     if left_out:
         lines.append(f"Compared {t['compared_requests']:,} requests; left out: " + "; ".join(left_out) + ".")
+    e = doc["estimated"]
+    if e["requests"]:
+        # Estimates never join the totals above: one line of their own, labelled.
+        priced = (
+            f"{money(e['actual_cost_usd'])} as stored, {money(e['as_model_cost_usd'])} as {result.target}"
+            if e["compared_requests"]
+            else "none priced both ways"
+        )
+        lines.append(
+            f"Estimated (no usage reported; meterproxy's token count, not in the totals): "
+            f"{e['requests']:,} requests, {priced}."
+        )
     c = doc["cache_savings"]
     lines.append(
         f"Cache savings as stored: {money(c['saved_usd'])} "

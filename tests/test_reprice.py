@@ -19,19 +19,9 @@ from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
-from tests.helpers.stores import rows_by_id, store_records, ts_text
+from tests.helpers.stores import WRONG, rows_by_id, store_records, ts_text
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
-# A "wrong" table: gpt-4o-mini at ten times its list input price (the bug being fixed).
-WRONG = """
-provider = "openai"
-[[models]]
-id = "gpt-4o-mini"
-[[models.prices]]
-effective_from = 2024-07-18T00:00:00Z
-input = 1.5
-output = 0.6
-"""
 LLAMA = """
 provider = "vllm"
 [[models]]

@@ -27,16 +27,8 @@ from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory
 from tests.helpers.api import submit, summary
+from tests.helpers.stores import WRONG
 
-WRONG = """
-provider = "openai"
-[[models]]
-id = "gpt-4o-mini"
-[[models.prices]]
-effective_from = 2024-07-18T00:00:00Z
-input = 1.5
-output = 0.6
-"""
 T0 = datetime(2026, 6, 1, 9, tzinfo=UTC)
 
 

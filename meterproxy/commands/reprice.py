@@ -3,7 +3,9 @@
 Thin wrapper around `meterproxy.reprice.reprice`: resolves the database and
 the pricing overrides the way ``serve`` does (``--db``/``METERPROXY_DB``,
 ``--config``, ``--pricing``), then prints what changed: rows scanned and
-changed, old and new totals, the difference, and a line per model. With
+changed, old and new totals, the difference, and a line per model; rows whose
+cost was estimated (``estimate_usage``) are re-estimated apart, on one line of
+their own. With
 ``--dry-run`` nothing is written. Safe to run while the proxy is serving the
 same database.
 """
@@ -40,6 +42,13 @@ def format_report(report: RepriceReport) -> str:
         f"new total  {usd_text(report.new_total)} USD",
         f"difference {usd_text(report.difference, sign=True)} USD",
     ]
+    if report.estimates_scanned:
+        # Estimates (estimate_usage) are repriced into their own columns, never into spend.
+        lines += [
+            f"re-estimated {report.estimates_scanned} rows without usage from meterproxy's token counts, "
+            f"changed {report.estimates_changed}: estimated {usd_text(report.old_estimated)} -> "
+            f"{usd_text(report.new_estimated)} USD (estimates, not spend)",
+        ]
     if report.by_model:
         rows = [
             (model, str(c.rows), usd_text(c.old_usd), usd_text(c.new_usd), usd_text(c.difference, sign=True))

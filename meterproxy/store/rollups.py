@@ -35,6 +35,8 @@ watermark). Both run as ``StoreWriter.call`` work, never on the event loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from meterproxy.store.db import Db, Params
@@ -45,8 +47,8 @@ __all__ = [
     "DIMENSIONS",
     "MEASURES",
     "RollupState",
+    "changing_row",
     "compact",
-    "reprice_row",
     "roll_up",
     "rollup_migrations",
     "rollup_state",
@@ -288,15 +290,47 @@ def unroll_row(conn: Db, rid: str) -> None:
     would still count. Rows above the watermark are not in the rollups yet: nothing
     to do. Call inside the write transaction that changes the row.
     """
+    rowid = _rolled_up(conn, rid)
+    if rowid is not None:
+        _take_out(conn, rowid)
+
+
+@contextmanager
+def changing_row(conn: Db, rid: str) -> Iterator[None]:
+    """Keep the rollups equal to their rows while one row is updated in place (``reprice``).
+
+    A rolled-up row is taken out of the rollups (its stored measures subtracted)
+    before the update and folded back in after it, so every measure that depends
+    on the changed columns follows (``cost_pico``, ``estimated_cost_pico``,
+    ``unpriced_requests``, the cost-source counts), not only those a caller
+    thought of. The update must not change a rolled-up dimension or ``ts``. Rows
+    above the watermark are not rolled up yet: nothing to do. Use inside the
+    write transaction that updates the row.
+    """
+    rowid = _rolled_up(conn, rid)
+    if rowid is not None:
+        _take_out(conn, rowid)
+    yield
+    if rowid is not None:
+        for sql in _UPSERTS:  # the roll-up's own upsert, over this one row
+            conn.execute(sql, [rowid - 1, rowid])
+
+
+def _rolled_up(conn: Db, rid: str) -> int | None:
+    """The rowid of request ``rid`` if the rollups hold it (at or below the watermark)."""
     found = conn.execute("SELECT rowid FROM requests WHERE id = $1", [rid]).fetchone()
     if found is None or int(found[0]) > rollup_state(conn).watermark:
-        return
+        return None
+    return int(found[0])
+
+
+def _take_out(conn: Db, rowid: int) -> None:
     dims = [f"COALESCE({column}, '')" for column in DIMENSION_SQL.values()]
     for table, width in TABLES.items():
         values = conn.execute(
             f"SELECT substr(ts, 1, {width}), {', '.join(dims)}, {', '.join(MEASURES.values())} "
             f"FROM requests WHERE rowid = $1 GROUP BY {', '.join(str(i + 1) for i in range(len(dims) + 1))}",
-            [found[0]],
+            [rowid],
         ).fetchone()
         bucket_and_dims, measures = list(values[: len(dims) + 1]), list(values[len(dims) + 1 :])
         p = Params(*measures)
@@ -304,33 +338,3 @@ def unroll_row(conn: Db, rid: str) -> None:
         keys = zip(("bucket", *DIMENSIONS), bucket_and_dims, strict=True)
         where = " AND ".join(f"{_q(d)} = {p(v)}" for d, v in keys)
         conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", p.values)
-
-
-def reprice_row(conn: Db, rid: str, old_pico: int | None, new_pico: int | None) -> None:
-    """Move one rolled-up row's cost from `old_pico` to `new_pico` in the rollups (``reprice``).
-
-    Only ``cost_pico`` and ``unpriced_requests`` depend on the price (a repriced row has
-    reported usage, and no rolled-up dimension changes), so both are shifted by the
-    difference in the row's hour and day buckets; the by-model tables follow through
-    their triggers. Rows above the watermark are not rolled up yet: nothing to do. Call
-    inside the write transaction that updates the row.
-    """
-    found = conn.execute("SELECT rowid FROM requests WHERE id = $1", [rid]).fetchone()
-    if found is None or int(found[0]) > rollup_state(conn).watermark:
-        return
-    cost = (new_pico or 0) - (old_pico or 0)
-    unpriced = int(new_pico is None) - int(old_pico is None)
-    if not cost and not unpriced:
-        return
-    dims = [f"COALESCE({column}, '')" for column in DIMENSION_SQL.values()]
-    for table, width in TABLES.items():
-        key = conn.execute(
-            f"SELECT substr(ts, 1, {width}), {', '.join(dims)} FROM requests WHERE rowid = $1", [found[0]]
-        ).fetchone()
-        p = Params(cost, unpriced)
-        where = " AND ".join(f"{_q(d)} = {p(v)}" for d, v in zip(("bucket", *DIMENSIONS), key, strict=True))
-        conn.execute(
-            f"UPDATE {table} SET cost_pico = cost_pico + $1, unpriced_requests = unpriced_requests + $2 "
-            f"WHERE {where}",
-            p.values,
-        )

@@ -10,7 +10,18 @@ from typing import Any
 from meterproxy.store.writer import StoreWriter
 from meterproxy.usage import RequestRecord
 
-__all__ = ["rows_by_id", "store_records", "ts_text"]
+__all__ = ["WRONG", "rows_by_id", "store_records", "ts_text"]
+
+#: A "wrong" price table: gpt-4o-mini at ten times its list input price (the bug a reprice fixes).
+WRONG = """
+provider = "openai"
+[[models]]
+id = "gpt-4o-mini"
+[[models.prices]]
+effective_from = 2024-07-18T00:00:00Z
+input = 1.5
+output = 0.6
+"""
 
 
 def store_records(db: Path, records: list[RequestRecord]) -> None:

@@ -442,7 +442,12 @@ async function runWhatIf(form) {
     if (t.actual_unpriced_requests) left.push(`${integer(t.actual_unpriced_requests)} unpriced as recorded`);
     note.textContent = `Priced as ${w.priced_as} ${w.prices === "today" ? "at today's prices" : "at each request's date"}; `
       + `compared ${integer(t.compared_requests)} requests${left.length ? ` (left out: ${left.join("; ")})` : ""}. `
-      + `Caching saved ${money(w.cache_savings.saved_usd)} on this traffic, net of cache-write premiums.`;
+      + `Caching saved ${money(w.cache_savings.saved_usd)} on this traffic, net of cache-write premiums.`
+      // Estimates (no usage reported) never join the table's totals: a sentence of their own.
+      + (w.estimated.compared_requests
+        ? ` Estimated (not in the totals): ${integer(w.estimated.requests)} requests without usage, `
+          + `${money(w.estimated.actual_cost_usd)} as recorded, ${money(w.estimated.as_model_cost_usd)} as ${w.as_model}.`
+        : "");
   } catch (err) {
     if (err instanceof AuthRequired) showLogin(true);
     table.hidden = true;
