@@ -12,6 +12,7 @@ and a second import adds nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -23,8 +24,14 @@ from click.testing import CliRunner
 
 from meterproxy.app_state import METRICS, WRITER
 from meterproxy.cli import main
-from meterproxy.testing import FakeUpstream, load_fixture
+from meterproxy.store.backend import apply_migrations, connect
+from meterproxy.store.schema import record_to_row
+from meterproxy.store.spill import insert_spilled, read_spill, write_spill
+from meterproxy.store.writer import INSERT_REQUEST
+from meterproxy.testing import FakeUpstream, load_fixture, make_record
+from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
+from tests.helpers.pg import fresh_database, pg_or_skip
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 
@@ -83,3 +90,31 @@ def test_a_file_that_is_not_a_spill_is_refused(tmp_path: Path) -> None:
     other.write_text('{"id": "x", "model": "gpt-4o"}\n')
     result = CliRunner().invoke(main, ["import", "spill", str(other), "--db", str(tmp_path / "m.db")])
     assert result.exit_code != 0 and "not a meterproxy spill line" in result.output
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_spill_goes_back_as_one_bulk_load_on_either_engine(engine: str, tmp_path: Path) -> None:
+    """300 spilled rows (PostgreSQL: ``COPY``, past insert_many's 256-row threshold), 5 of them
+    stored already: 295 go in, 5 are counted as present, and a second import adds nothing."""
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            db = str(tmp_path / "m.db")
+        else:
+            pg_or_skip()
+            db = stack.enter_context(fresh_database())
+        records = [make_record(id=f"spilled-{n:03d}", usage=Usage(input_tokens=n)) for n in range(300)]
+        rows = [record_to_row(r) for r in records]
+        conn = connect(db)
+        try:
+            apply_migrations(conn)
+            with conn.transaction():
+                conn.lock_request_order()
+                conn.executemany(INSERT_REQUEST, rows[::60])  # 5 already stored
+            spill = write_spill(str(tmp_path / "m.db"), rows)
+            assert spill is not None
+            assert insert_spilled(conn, read_spill(spill)) == (295, 5)
+            assert insert_spilled(conn, read_spill(spill)) == (0, 300)
+            stored = conn.execute("SELECT id, input_tokens FROM requests ORDER BY id").fetchall()
+        finally:
+            conn.close()
+    assert [tuple(r) for r in stored] == [(f"spilled-{n:03d}", n) for n in range(300)]

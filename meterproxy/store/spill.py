@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meterproxy.store.db import Db, placeholders
+from meterproxy.store.db import Db
 from meterproxy.store.schema import COLUMNS
 
 __all__ = ["SPILL_MARKER", "insert_spilled", "read_spill", "write_spill"]
@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Key on every spilled line, so an import can tell a spill file from any other JSON lines.
 SPILL_MARKER = "meterproxy_spill"
-
-#: Like the writer's insert; no conflict target, so a row whose provider request id is
-#: already stored (its import counted it) is skipped too.
-_INSERT_NEW = (
-    f"INSERT INTO requests ({', '.join(chr(34) + c + chr(34) for c in COLUMNS)}) "
-    f"VALUES ({placeholders(len(COLUMNS))}) ON CONFLICT DO NOTHING"
-)
 
 
 def _candidates(db_path: str) -> list[Path]:
@@ -92,14 +85,11 @@ def read_spill(path: Path) -> Iterator[tuple[Any, ...]]:
 
 
 def insert_spilled(db: Db, rows: Iterable[tuple[Any, ...]]) -> tuple[int, int]:
-    """Insert spilled rows (one transaction); (inserted, already present)."""
-    inserted = seen = 0
+    """Insert spilled rows in one transaction, as one bulk load (`Db.insert_many`: ``COPY`` on
+    PostgreSQL); a row whose id or provider request id is stored already is skipped.
+    Returns (inserted, already present)."""
+    batch = list(rows)
     with db.transaction():
         db.lock_request_order()
-        for row in rows:
-            cur = db.execute(_INSERT_NEW, row)
-            if cur.rowcount == 1:
-                inserted += 1
-            else:
-                seen += 1
-    return inserted, seen
+        inserted = db.insert_many("requests", COLUMNS, batch)  # no conflict target: any key skips
+    return inserted, len(batch) - inserted
