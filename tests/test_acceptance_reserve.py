@@ -448,13 +448,19 @@ async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_withou
                                 model="claude-haiku-4-5", max_tokens=max_tokens, messages=said
                             )
                     outcomes[user].append("ok")
-                except (openai.RateLimitError, anthropic.RateLimitError) as exc:
-                    assert (
-                        exc.status_code == 429
-                        and "cannot cover this request" in str(exc)
-                        and user in str(exc)
-                    )
-                    outcomes[user].append("refused")
+                except openai.RateLimitError as exc:
+                    # OpenAI's own "out of credit" error, which clients treat as final.
+                    assert sdk == "openai" and exc.code == "insufficient_quota", exc.body
+                    refused(exc, user)
+                except anthropic.RateLimitError as exc:
+                    assert sdk == "anthropic" and isinstance(exc.body, dict), exc.body
+                    assert exc.body["type"] == "error" and exc.body["error"]["type"] == "rate_limit_error"
+                    refused(exc, user)
+
+            def refused(exc: openai.APIStatusError | anthropic.APIStatusError, user: str) -> None:
+                assert exc.status_code == 429 and exc.response.headers["x-should-retry"] == "false"
+                assert "cannot cover this request" in str(exc) and f"'{user}'" in str(exc)
+                outcomes[user].append("refused")
 
             calls = [asyncio.ensure_future(call(*v)) for v in VARIANTS for _ in range(REQUESTS)]
             loop = asyncio.get_running_loop()

@@ -41,7 +41,17 @@ from tests.helpers.stores import WRONG
 
 T0 = datetime(2026, 6, 1, 9, tzinfo=UTC)
 #: Estimated rows of these models, and every fourth row reported gpt-4o-mini usage.
-ESTIMATED = ("gpt-4o-mini", "gpt-4.1-nano", "no-such-model")
+ESTIMATED = ("gpt-4o-mini", "gpt-4.1-nano", "our-private-llm")
+#: The fix also prices the private model, which the tables did not know when its rows were written.
+PRIVATE = """
+provider = "openai"
+[[models]]
+id = "our-private-llm"
+[[models.prices]]
+effective_from = 2024-01-01T00:00:00Z
+input = 0.5
+output = 2
+"""
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -98,10 +108,10 @@ def _summary(db: str) -> tuple[dict[str, int], dict[str | None, dict[str, int]]]
         conn.close()
 
 
-def _as_estimated_now(row: dict[str, Any]) -> int | None:
+def _as_estimated_now(book: PriceBook, row: dict[str, Any]) -> int | None:
     """What the right tables make of a row's counted tokens (None: they cannot price it)."""
     counted = json.loads(row["extra"])["estimate"]
-    priced = PriceBook.default().price(
+    priced = book.price(
         model=row["model"],
         usage=Usage(input_tokens=counted["input_tokens"], output_tokens=counted["output_tokens"]),
         at=T0,
@@ -114,6 +124,9 @@ def test_reprice_moves_estimates_in_their_own_columns_and_the_rollups_follow(db:
     wrong_file = tmp_path / "wrong.toml"
     wrong_file.write_text(WRONG)
     wrong = PriceBook.load(overrides=[wrong_file])
+    private_file = tmp_path / "private.toml"
+    private_file.write_text(PRIVATE)
+    right = PriceBook.load(overrides=[private_file])
     writer = StoreWriter(db)
     writer.start()
     try:
@@ -126,20 +139,22 @@ def test_reprice_moves_estimates_in_their_own_columns_and_the_rollups_follow(db:
     finally:
         assert writer.close(timeout=30)
     before = {r["id"]: r for r in _rows(db)}
+    assert _summary(db)[0]["estimated_requests"] == 20  # the private model's estimates had no price
 
-    report = reprice(db, PriceBook.default(), since="2026-01-01T00:00:00.000000Z")
+    report = reprice(db, right, since="2026-01-01T00:00:00.000000Z")
     text = format_report(report)
 
     rows = _rows(db)
     estimated = [r for r in rows if json.loads(r["extra"] or "{}").get("estimate")]
     assert len(estimated) == 30 and report.estimates_scanned == 30
     mini = [r for r in estimated if r["model"] == "gpt-4o-mini"]
-    assert report.estimates_changed == len(mini) == 10
-    assert "re-estimated 30 rows without usage" in text and "changed 10" in text
+    private = [r for r in estimated if r["model"] == "our-private-llm"]
+    assert report.estimates_changed == len(mini) + len(private) == 20
+    assert "re-estimated 30 rows without usage" in text and "changed 20" in text
     for r in estimated:
         # Never spend: no cost, no tokens; the estimate priced as the right tables price its tokens.
         assert (r["cost_usd"], r["cost_pico"], r["input_tokens"], r["output_tokens"]) == (None, None, 0, 0)
-        now = _as_estimated_now(r)
+        now = _as_estimated_now(right, r)
         assert r["estimated_cost_pico"] == now
         assert (Decimal(r["estimated_cost_usd"]) if r["estimated_cost_usd"] is not None else None) == (
             None if now is None else Decimal(now).scaleb(-12)
@@ -149,20 +164,21 @@ def test_reprice_moves_estimates_in_their_own_columns_and_the_rollups_follow(db:
         assert r["cost_source"] == ("estimated" if now is not None else None)
     for r in mini:
         assert r["estimated_cost_pico"] < before[r["id"]]["estimated_cost_pico"]
-    assert report.new_estimated < report.old_estimated
+    for r in private:  # newly priced: now an estimate, counted as one
+        assert before[r["id"]]["estimated_cost_pico"] is None and r["estimated_cost_pico"] > 0
     assert report.changed == 10  # the reported gpt-4o-mini rows, repriced as before
 
     totals, by_model = _summary(db)
     assert totals["estimated_cost_pico"] == sum(r["estimated_cost_pico"] or 0 for r in rows)
     assert totals["cost_pico"] == sum(r["cost_pico"] or 0 for r in rows)
-    assert totals["estimated_requests"] == sum(r["cost_source"] == "estimated" for r in rows) == 20
+    assert totals["estimated_requests"] == sum(r["cost_source"] == "estimated" for r in rows) == 30
     for model, measures in by_model.items():
         mine = [r for r in rows if r["model"] == model]
         assert measures["estimated_cost_pico"] == sum(r["estimated_cost_pico"] or 0 for r in mine), model
         assert measures["cost_pico"] == sum(r["cost_pico"] or 0 for r in mine), model
 
     # The right tables again: nothing left to change.
-    again = reprice(db, PriceBook.default(), since="2026-01-01T00:00:00.000000Z")
+    again = reprice(db, right, since="2026-01-01T00:00:00.000000Z")
     assert (again.changed, again.estimates_changed) == (0, 0)
     assert _summary(db)[0] == totals
 
@@ -185,7 +201,7 @@ def test_as_model_prices_estimates_apart_equal_to_a_reprice_of_renamed_rows(db: 
     # Estimates are a line of their own, never in the totals (which are reported spend only).
     assert doc["totals"]["requests"] == 6
     assert doc["estimated"]["requests"] == 18
-    assert doc["estimated"]["actual_unpriced_requests"] == 6  # no-such-model: left out, not a zero
+    assert doc["estimated"]["actual_unpriced_requests"] == 6  # the private model: left out, not a zero
     assert doc["estimated"]["compared_requests"] == 12
     assert "Estimated (no usage reported" in whatif_table(result)
 
