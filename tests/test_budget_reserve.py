@@ -285,3 +285,28 @@ def _stored(db: str) -> list[Any]:
         return list(conn.execute("SELECT cost_usd FROM requests").fetchall())
     finally:
         conn.close()
+
+
+async def test_budgets_api_shows_a_finished_request_as_spent_not_held_at_once(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    """Read right after each answer, as a script checking its run would: no linger in the view."""
+    serve_answer(upstream, stall=0)
+    proxy = await make_proxy(
+        budgets=[{"name": "team", "limit_usd": "5", "period": "month", "action": "reserve"}]
+    )
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    seen = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(10):
+            assert await call(client)
+            async with (
+                http.get(f"{proxy.url}/api/budgets/team") as one,
+                http.get(f"{proxy.url}/api/budgets") as every,
+            ):
+                listed = json.loads(await every.text(), parse_float=Decimal)["budgets"]
+                for view in (json.loads(await one.text(), parse_float=Decimal), *listed):
+                    seen.append((Decimal(view["reserved_usd"]), Decimal(view["spend_usd"])))
+    each = from_pico(query(proxy.db, "SELECT MIN(cost_pico) FROM requests")[0][0])
+    assert each is not None and each > 0
+    assert seen == [(Decimal(0), each * (i // 2 + 1)) for i in range(20)]

@@ -81,9 +81,7 @@ def _engine(request: web.Request) -> BudgetEngine:
 
 async def list_budgets(request: web.Request) -> web.Response:
     engine = _engine(request)
-    await engine.ledger.refresh_held(
-        [s.spec.name for s in engine.tracker.states() if s.spec.action == "reserve"]
-    )
+    await engine.refresh_held([s.spec.name for s in engine.tracker.states() if s.spec.action == "reserve"])
     return json_response({"budgets": [budget_view(s, request) for s in engine.tracker.states()]})
 
 
@@ -126,7 +124,7 @@ async def show_budget(request: web.Request) -> web.Response:
     if state is None:
         return api_error(404, "not_found", f"no budget named {request.match_info['name']!r}")
     if state.spec.action == "reserve":
-        await _engine(request).ledger.refresh_held([state.spec.name])
+        await _engine(request).refresh_held([state.spec.name])
     return json_response(budget_view(state, request))
 
 

@@ -109,6 +109,19 @@ class BudgetEngine:
     async def _write(self, fn: Callable[[Any], Any]) -> Any:
         return await asyncio.wrap_future(self.writer.call(fn))
 
+    async def refresh_held(self, names: list[str]) -> None:
+        """Re-read these reserve budgets' holds as of every request finished here, for the API.
+
+        A finished request's record waits in the writer's queue for up to its linger
+        (20 ms): until it commits, its cost is not in the spend and its hold still
+        counts. A barrier on the writer (`StoreWriter.call` cuts the linger short)
+        commits it first, so a view read right after the last answer shows the final
+        spend and nothing held for it. Other replicas' records commit on their own.
+        """
+        if names:
+            await self._write(lambda conn: None)
+            await self.ledger.refresh_held(names)
+
     def _load_on_writer(self, conn: Any, spec: BudgetSpec, source: str) -> BudgetState:
         now = self.clock()
         state = self.tracker.new_state(spec, source)
