@@ -21,6 +21,7 @@ import aiohttp
 import openai
 import pytest
 
+from meterproxy.app_state import METRICS
 from meterproxy.budgets.definition import BudgetSpec
 from meterproxy.budgets.reserve import ReservationLedger, worst_case
 from meterproxy.budgets.spend import SpendTracker
@@ -310,3 +311,24 @@ async def test_budgets_api_shows_a_finished_request_as_spent_not_held_at_once(
     each = from_pico(query(proxy.db, "SELECT MIN(cost_pico) FROM requests")[0][0])
     assert each is not None and each > 0
     assert seen == [(Decimal(0), each * (i // 2 + 1)) for i in range(20)]
+
+
+async def test_the_reserved_gauge_falls_back_to_zero_once_the_requests_settle(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    serve_answer(upstream, stall=0.3)
+    limit = (per_request_worst() * Decimal("7.5")).quantize(Decimal("1e-9"))
+    proxy = await make_proxy(
+        budgets=[{"name": "team", "limit_usd": str(limit), "period": "month", "action": "reserve"}]
+    )
+    registry = proxy.app[METRICS].registry
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    results = await asyncio.gather(*(call(client) for _ in range(20)))
+    assert 7 <= sum(results) < 20
+    await proxy.rows(20)
+    # Well before the ledger's own 30 s refresh: the commits that settled the holds re-read them.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (held := registry.get_sample_value("meterproxy_budget_reserved_usd", {"budget": "team"})) != 0:
+        assert loop.time() < deadline, f"the gauge still shows {held} held"
+        await asyncio.sleep(0.02)

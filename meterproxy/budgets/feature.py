@@ -98,6 +98,8 @@ class BudgetEngine:
         self.gate = make_gate(self.tracker, clock, self._blocked, self.ledger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        #: The re-read of held sums after commits that settled this process's reservations.
+        self._holds_reread: asyncio.Future[None] | None = None
         self.events_raised = 0
         #: Set when attached to an app; blocked requests are recorded through it.
         self.meter: Meter | None = None
@@ -210,6 +212,39 @@ class BudgetEngine:
         now = self.clock()
         self.tracker.records_committed(records, lambda s, r: self.detector.record_added(s, r, now))
         self.publish_all()
+        if any("reserved_usd" in r.extra for r in records):
+            self._holds_settled()
+
+    def _holds_settled(self) -> None:
+        """Committed records released holds of this process: re-read the holds for the gauges.
+
+        Between the ledger's refreshes (every 30 s) its held sums are those read at the
+        last admission, which still count requests that have settled since: after a
+        run the gauge kept showing them held. One re-read at a time, coalesced, on the
+        ledger's thread (writer thread here: hand it to the loop).
+        """
+        loop = self._loop
+        if loop is None or self._closed or self._holds_reread is not None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._start_holds_reread)
+        except RuntimeError:  # the loop is closing
+            pass
+
+    def _start_holds_reread(self) -> None:
+        if self._holds_reread is None and not self._closed:
+            self._holds_reread = asyncio.ensure_future(self._reread_holds())
+
+    async def _reread_holds(self) -> None:
+        names = [s.spec.name for s in self.tracker.states() if s.spec.action == "reserve"]
+        try:
+            await self.ledger.refresh_held(names)
+        except Exception:  # a side effect: never fails anything; the 30 s refresh catches up
+            log.exception("re-reading budget reservations failed")
+        finally:
+            self._holds_reread = None
+        for name in names:
+            self._publish_reserved(name, self.ledger.reserved_usd(name))
 
     def publish_all(self) -> None:
         """Copy every budget's spend and limit to the metrics gauges (if metrics are on)."""
@@ -305,6 +340,8 @@ class BudgetEngine:
 
     def close(self) -> None:
         self._closed = True
+        if self._holds_reread is not None:
+            self._holds_reread.cancel()
 
 
 BUDGETS: web.AppKey[BudgetEngine] = web.AppKey("budgets")
