@@ -314,9 +314,15 @@ class Proxy:
         assert client.response is not None
         return client.response
 
-    def spawn(self, exchange: Exchange, client: ClientSide) -> asyncio.Future[None]:
-        """Run ``exchange`` in a task of its own, tracked for `drain`."""
-        task = asyncio.ensure_future(self.run(exchange, client))
+    def spawn(
+        self, exchange: Exchange, client: ClientSide, loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Future[None]:
+        """Run ``exchange`` in a task of its own, tracked for `drain`.
+
+        A caller that holds its loop passes it: finding the running loop costs a
+        ``getpid`` system call on Python 3.11, once per request.
+        """
+        task = (loop or asyncio.get_running_loop()).create_task(self.run(exchange, client))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

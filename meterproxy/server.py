@@ -610,7 +610,7 @@ class _Conn(asyncio.Protocol):
         exchange = proxy.begin(
             request.method, target, request.str_headers(), raw_query, body, request.started
         )
-        task = proxy.spawn(exchange, answer)
+        task = proxy.spawn(exchange, answer, self._loop)
 
         def done(_: object) -> None:
             self._release(request)  # the exchange kept the body until it ended
