@@ -299,21 +299,39 @@ def unroll_row(conn: Db, rid: str) -> None:
 def changing_row(conn: Db, rid: str) -> Iterator[None]:
     """Keep the rollups equal to their rows while one row is updated in place (``reprice``).
 
-    A rolled-up row is taken out of the rollups (its stored measures subtracted)
-    before the update and folded back in after it, so every measure that depends
-    on the changed columns follows (``cost_pico``, ``estimated_cost_pico``,
-    ``unpriced_requests``, the cost-source counts), not only those a caller
-    thought of. The update must not change a rolled-up dimension or ``ts``. Rows
-    above the watermark are not rolled up yet: nothing to do. Use inside the
-    write transaction that updates the row.
+    The rolled-up row's measures are read before and after the update, and their
+    difference is added to its hour and day buckets (the by-model tables follow
+    through their triggers), so every measure that depends on the changed
+    columns follows (``cost_pico``, ``estimated_cost_pico``, ``unpriced_requests``,
+    the cost-source counts), not only those a caller thought of. The update must
+    not change a rolled-up dimension or ``ts``. Rows above the watermark are not
+    rolled up yet: nothing to do. Use inside the write transaction that updates
+    the row.
     """
     rowid = _rolled_up(conn, rid)
-    if rowid is not None:
-        _take_out(conn, rowid)
+    if rowid is None:
+        yield
+        return
+    dims = ", ".join(f"COALESCE({column}, '')" for column in DIMENSION_SQL.values())
+    ts, *key = conn.execute(f"SELECT ts, {dims} FROM requests WHERE rowid = $1", [rowid]).fetchone()
+    before = _measures(conn, rowid)
     yield
-    if rowid is not None:
-        for sql in _UPSERTS:  # the roll-up's own upsert, over this one row
-            conn.execute(sql, [rowid - 1, rowid])
+    delta = [new - old for new, old in zip(_measures(conn, rowid), before, strict=True)]
+    if not any(delta):
+        return
+    sets = ", ".join(f"{m} = {m} + ${i}" for i, m in enumerate(MEASURES, 1))
+    for table, width in TABLES.items():
+        p = Params(*delta)
+        where = " AND ".join(
+            f"{_q(d)} = {p(v)}" for d, v in zip(("bucket", *DIMENSIONS), (ts[:width], *key), strict=True)
+        )
+        conn.execute(f"UPDATE {table} SET {sets} WHERE {where}", p.values)
+
+
+def _measures(conn: Db, rowid: int) -> list[int]:
+    """One row's measures, as the roll-up sums them."""
+    row = conn.execute(f"SELECT {', '.join(MEASURES.values())} FROM requests WHERE rowid = $1", [rowid])
+    return [int(v or 0) for v in row.fetchone()]
 
 
 def _rolled_up(conn: Db, rid: str) -> int | None:
