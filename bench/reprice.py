@@ -7,7 +7,11 @@ them with the shipped tables, and reports rows/s. With ``--live`` the real
 runs; the report adds how many live rows were written meanwhile, that none
 were dropped, and the longest single writer commit gap seen by the producer.
 
-Run ``python bench/reprice.py --rows 100000 [--live] [--batch-size 500]``.
+With ``--rolled-up`` every row is folded into the hourly and daily rollups
+first (the state of a long-running server's older rows), so each changed row
+also moves its rollup buckets (`meterproxy.store.rollups.changing_row`).
+
+Run ``python bench/reprice.py --rows 100000 [--live] [--rolled-up] [--batch-size 500]``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
 from meterproxy.reprice import reprice
+from meterproxy.store.rollups import roll_up
 from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.usage import Usage
@@ -55,14 +60,20 @@ def _seed(db: Path, book: PriceBook, n: int, start: datetime) -> None:
     assert writer.close(timeout=600)
 
 
-def run(rows: int, batch_size: int, live: bool) -> dict[str, Any]:
+def run(rows: int, batch_size: int, live: bool, rolled_up: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
         wrong_file = Path(tmp) / "wrong.toml"
         wrong_file.write_text(WRONG)
         wrong = PriceBook.load(overrides=[wrong_file])
         _seed(db, wrong, rows, T0)
-        out: dict[str, Any] = {"rows": rows, "batch_size": batch_size, "live": live}
+        if rolled_up:
+            roller = StoreWriter(db)
+            roller.start()
+            while roller.call(lambda conn: roll_up(conn)).result(600):
+                pass
+            assert roller.close(timeout=60)
+        out: dict[str, Any] = {"rows": rows, "batch_size": batch_size, "live": live, "rolled_up": rolled_up}
         writer = None
         stop = threading.Event()
         live_count = [0]
@@ -116,8 +127,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--live", action="store_true")
+    ap.add_argument("--rolled-up", action="store_true", help="fold every row into the rollups first")
     args = ap.parse_args()
-    print(json.dumps(run(args.rows, args.batch_size, args.live)))
+    print(json.dumps(run(args.rows, args.batch_size, args.live, args.rolled_up)))
 
 
 if __name__ == "__main__":
