@@ -122,6 +122,10 @@ def command(
         sock = bind_listener(settings.host, settings.port, reuse_port=settings.workers > 1)
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
+    if settings.port == 0:
+        # The kernel chose the port: the log line, the serving file and the server that binds it
+        # again below all name that one (tests start servers this way, free of port races).
+        settings = settings.model_copy(update={"port": sock.getsockname()[1]})
     if settings.workers > 1:
         sock.close()
         from meterproxy.workers import run_workers

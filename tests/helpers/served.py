@@ -1,12 +1,18 @@
 """``meterproxy serve`` in its own process: the one launcher the subprocess tests share.
 
 The real command, as a user or a platform team runs it (one process, or
-several replicas sharing one store behind a load balancer), on its own free
-port, with every default upstream name pointing at a FakeUpstream on 127.0.0.1
+several replicas sharing one store behind a load balancer), with every default
+upstream name pointing at a FakeUpstream on 127.0.0.1
 (nothing may reach a real provider). The environment is the test's, without
 any ``METERPROXY_*`` variable (the command line says everything) and with
 ``XDG_DATA_HOME`` inside the test's directory. Output goes to a log file per
 process, shown when it fails to start.
+
+It listens on ``--port 0``: the kernel picks a free port as the server binds,
+and `Served.ready` reads it from the line the server logs once bound. (A port
+found free beforehand can be taken by another process before the server binds
+it, more often on a busy machine or with tests running side by side; then the
+server fails to start, or worse, the test talks to someone else's server.)
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from typing import Any
 
 import aiohttp
 
-from meterproxy.testing import free_port, wait_healthy
+from meterproxy.testing import wait_healthy
 
 __all__ = ["Served", "metric_sum"]
+
+#: The line ``meterproxy serve`` logs (at info) once its socket is bound, with the port it got.
+_LISTENING = re.compile(r"meterproxy listening on http://\S+?:(\d+) ")
 
 
 class Served:
@@ -46,8 +55,7 @@ class Served:
         ``workdir`` (for the log and XDG_DATA_HOME) defaults to the SQLite file's directory."""
         self.db = db
         workdir = workdir if workdir is not None else Path(db).parent
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._port = 0  # known once the server has bound it (`ready`)
         self.log = workdir / f"{name}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("METERPROXY_")}
         environ["XDG_DATA_HOME"] = str(workdir / "xdg")
@@ -61,7 +69,7 @@ class Served:
                 "meterproxy",
                 "serve",
                 "--port",
-                str(self.port),
+                "0",
                 "--db",
                 str(db),
                 *(["--config", str(config)] if config else []),
@@ -73,8 +81,28 @@ class Served:
             stderr=subprocess.STDOUT,
         )
 
+    @property
+    def port(self) -> int:
+        assert self._port, "the server's port is known once ready() has returned"
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     async def ready(self, timeout: float = 60.0) -> None:
-        await wait_healthy(self.url, self.proc, timeout, output=self.log.read_text)
+        """Wait for the port the server bound (from its log), then for ``/healthz`` to answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (bound := _LISTENING.search(self.log.read_text(errors="replace"))):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"meterproxy exited with {self.proc.returncode}: {self.log.read_text()}")
+            assert loop.time() < deadline, (
+                f"meterproxy did not listen within {timeout:g} s: {self.log.read_text()}"
+            )
+            await asyncio.sleep(0.02)
+        self._port = int(bound[1])
+        await wait_healthy(self.url, self.proc, max(deadline - loop.time(), 1.0), output=self.log.read_text)
 
     async def get(self, path: str, **params: Any) -> tuple[int, str]:
         async with aiohttp.ClientSession() as client, client.get(self.url + path, params=params) as r:
