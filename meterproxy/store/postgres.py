@@ -29,6 +29,7 @@ global, so several apps in one process (tests, workers) never share or leak one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
@@ -132,6 +133,11 @@ class PgDb:
         self.raw = conn
         self.url = url
         self._release = release
+        # A pooled connection's interrupt and its return to the pool exclude each other: a
+        # cancel must never reach a connection already lent to someone else (see interrupt).
+        self._lending = threading.Lock()
+        self._was_pooled = release is not None
+        self._interrupted = False
 
     def _cursor(self) -> psycopg.RawCursor[PgRow]:
         return psycopg.RawCursor(self.raw, row_factory=_row_factory)
@@ -246,16 +252,32 @@ class PgDb:
         return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def interrupt(self) -> None:
-        self.raw.cancel_safe()
+        """Cancel the running statement, from another thread.
+
+        PostgreSQL delivers a cancel to the server process, not to a statement: one
+        that lands after this statement ended cancels whatever that process runs
+        next. So an interrupted pooled connection never goes back to the pool (`close`
+        discards it), and one already returned is not interrupted at all: it may be
+        running another borrower's query (an export stopped just as its worker
+        finished cancelled the next test's export that way).
+        """
+        with self._lending:
+            if self.raw.closed or (self._release is None and self._was_pooled):
+                return
+            self._interrupted = True
+            self.raw.cancel_safe()
 
     def close(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            if self.in_transaction and not self.broken:
-                self.raw.execute("ROLLBACK")
-            release()
-        else:
-            self.raw.close()
+        with self._lending:
+            if self._release is not None:
+                release, self._release = self._release, None
+                if self._interrupted:
+                    self.raw.close()  # the pool replaces a closed connection
+                elif self.in_transaction and not self.broken:
+                    self.raw.execute("ROLLBACK")
+                release()
+            else:
+                self.raw.close()
 
 
 def connect_pg(url: str, *, readonly: bool = False) -> PgDb:
