@@ -17,7 +17,7 @@ GIL hand-off per request. So the SDK runs in its own process
 environment). On the event loop a finished record costs one tuple
 (`record_fields`, in `meterproxy.otel_export.FIELDS` order: no per-request dict, no
 pickling); every ``_FLUSH_S`` the batch is written to the child's stdin as one
-JSON line (orjson, in C), one write per batch. The child runs at ``SCHED_IDLE``
+JSON line (orjson, in C), one write per batch. The child runs at ``SCHED_BATCH``, nice 19
 (see `meterproxy.otel_export`). If the child cannot keep up, batches beyond
 ``_MAX_BUFFERED`` bytes in the pipe are dropped from *telemetry only* (the
 records are still stored and in Prometheus) and counted; if the child dies,

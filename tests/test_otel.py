@@ -141,8 +141,9 @@ async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
     rows = await proxy.rows(n)
 
     await receiver.wait_for(lambda: len(receiver.spans) >= n)
-    # The exporter yields every core to the proxy (it set this before reading its first batch).
-    assert os.sched_getscheduler(proxy.app[OTEL].pid) == os.SCHED_IDLE
+    # The exporter never preempts the proxy (it set this before reading its first batch).
+    assert os.sched_getscheduler(proxy.app[OTEL].pid) == os.SCHED_BATCH
+    assert os.getpriority(os.PRIO_PROCESS, proxy.app[OTEL].pid) == 19
     by_id = {_attrs(s)["meterproxy.request_id"]: (res, s) for res, s in receiver.spans}
     assert set(by_id) == {r["id"] for r in rows}
     for row in rows:
