@@ -53,6 +53,7 @@ from typing import Any, Protocol
 import orjson
 
 from meterproxy.meter import PriceFunction
+from meterproxy.sse import SSEDecoder
 from meterproxy.usage import Estimate, RequestRecord, Usage
 
 __all__ = [
@@ -293,14 +294,15 @@ def answer_text(body: bytes, sse: bool) -> str:
     """The generated text in what was relayed of an answer (SSE events, or one JSON body)."""
     parts: list[str] = []
     if sse:
-        for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
-            data = b"\n".join(
-                line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")
-            )
-            if not data or data == b"[DONE]":
+        # The proxy's own SSE decoder: every legal line ending, comments, a last event cut mid-way.
+        decoder = SSEDecoder()
+        events = decoder.feed(body)
+        events += decoder.finish()[0]
+        for event in events:
+            if not event.data or event.data == b"[DONE]":
                 continue
             try:
-                parts.extend(_event_text(orjson.loads(data)))
+                parts.extend(_event_text(orjson.loads(event.data)))
             except orjson.JSONDecodeError:
                 continue  # the last event, cut mid-way
     else:
