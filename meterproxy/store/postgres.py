@@ -136,8 +136,8 @@ class PgDb:
         # A pooled connection's interrupt and its return to the pool exclude each other: a
         # cancel must never reach a connection already lent to someone else (see interrupt).
         self._lending = threading.Lock()
-        self._was_pooled = release is not None
         self._interrupted = False
+        self._returned = False  # lent back to the pool: another borrower may be using it
 
     def _cursor(self) -> psycopg.RawCursor[PgRow]:
         return psycopg.RawCursor(self.raw, row_factory=_row_factory)
@@ -262,7 +262,7 @@ class PgDb:
         finished cancelled the next test's export that way).
         """
         with self._lending:
-            if self.raw.closed or (self._release is None and self._was_pooled):
+            if self.raw.closed or self._returned:
                 return
             self._interrupted = True
             self.raw.cancel_safe()
@@ -276,6 +276,7 @@ class PgDb:
                 elif self.in_transaction and not self.broken:
                     self.raw.execute("ROLLBACK")
                 release()
+                self._returned = True
             else:
                 self.raw.close()
 
