@@ -8,7 +8,6 @@ changes the figures and fails.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from meterproxy.store import backend
 from meterproxy.testing import make_record
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
-from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.pg import store_on
 
 LOGS = Path(__file__).parent / "fixtures" / "agent_logs"
 WEBAPP = "5b2c1f0e-8d3a-4c61-9e2f-0a7d4b1c9e33"
@@ -334,12 +333,7 @@ def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
 def test_a_large_batch_goes_in_as_one_bulk_load_on_either_engine(engine: str, tmp_path: Path) -> None:
     """600 entries (PostgreSQL: ``COPY``, past insert_many's 256-row threshold), with repeats: the
     first of an id wins, a larger later one replaces it whether stored earlier or in this batch."""
-    with contextlib.ExitStack() as stack:
-        if engine == "sqlite":
-            db = str(tmp_path / "m.db")
-        else:
-            pg_or_skip()
-            db = stack.enter_context(fresh_database())
+    with store_on(engine, tmp_path) as db:
 
         def entry(n: int, output_tokens: int) -> RequestRecord:
             usage = Usage(input_tokens=10 + n, output_tokens=output_tokens)

@@ -36,7 +36,7 @@ from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.usage import EstimateSource, RequestRecord, Usage
 from meterproxy.whatif import what_if, whatif_table
-from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.pg import store_on
 from tests.helpers.stores import WRONG
 
 T0 = datetime(2026, 6, 1, 9, tzinfo=UTC)
@@ -56,11 +56,7 @@ output = 2
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "m.db")
-        return
-    pg_or_skip()
-    with fresh_database() as url:
+    with store_on(request.param, tmp_path) as url:
         yield url
 
 

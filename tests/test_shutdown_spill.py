@@ -12,7 +12,6 @@ and a second import adds nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sqlite3
@@ -31,7 +30,7 @@ from meterproxy.store.writer import INSERT_REQUEST
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
-from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.pg import store_on
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 
@@ -96,12 +95,7 @@ def test_a_file_that_is_not_a_spill_is_refused(tmp_path: Path) -> None:
 def test_a_spill_goes_back_as_one_bulk_load_on_either_engine(engine: str, tmp_path: Path) -> None:
     """300 spilled rows (PostgreSQL: ``COPY``, past insert_many's 256-row threshold), 5 of them
     stored already: 295 go in, 5 are counted as present, and a second import adds nothing."""
-    with contextlib.ExitStack() as stack:
-        if engine == "sqlite":
-            db = str(tmp_path / "m.db")
-        else:
-            pg_or_skip()
-            db = stack.enter_context(fresh_database())
+    with store_on(engine, tmp_path) as db:
         records = [make_record(id=f"spilled-{n:03d}", usage=Usage(input_tokens=n)) for n in range(300)]
         rows = [record_to_row(r) for r in records]
         conn = connect(db)

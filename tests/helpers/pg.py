@@ -12,11 +12,12 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
 
-__all__ = ["PG_ADMIN", "fresh_database", "pg_or_skip", "pg_url_for"]
+__all__ = ["PG_ADMIN", "fresh_database", "pg_or_skip", "pg_url_for", "store_on"]
 
 PG_ADMIN = os.environ.get("METERPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -56,3 +57,15 @@ def fresh_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def store_on(engine: str, tmp_path: Path) -> Iterator[str]:
+    """A new, empty store on ``engine`` ("sqlite": a file under ``tmp_path``; "postgresql": a fresh
+    database, skipped or failed as `pg_or_skip` says when the server is unreachable)."""
+    if engine == "sqlite":
+        yield str(tmp_path / "m.db")
+        return
+    pg_or_skip()
+    with fresh_database() as url:
+        yield url
