@@ -18,8 +18,10 @@ Guarantees (documented in the README):
 - **Retries** on a non-2xx answer, a connection failure or a timeout, with
   exponential backoff (``webhook_retry_base`` doubling up to
   ``webhook_retry_max``) and jitter (each delay drawn from 50-100 % of that),
-  until ``webhook_give_up_after`` seconds after the event (default 24 h); then
-  the row is marked ``failed``.
+  until ``webhook_give_up_after`` seconds after the event (default 24 h) and
+  at least one retry (``MIN_ATTEMPTS``); then the row is marked ``failed``. The
+  retry floor matters after an outage of the proxy itself: an event older than
+  the window gets one retry, not a single attempt that any blip would fail.
 - **Never blocks a proxied request**: the request path only hands events to the
   writer queue; delivery runs in its own task with its own HTTP session.
 
@@ -96,6 +98,10 @@ def slack_text(event: dict[str, Any]) -> str:
     else:
         head = f"Budget *{budget}* starts a new period"
     return f"{head}: ${spend} of ${limit} ({event['percent']}%), period {event['period_start']}."
+
+
+# A delivery is never marked failed on its first attempt alone (see the module docstring).
+MIN_ATTEMPTS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +283,9 @@ class Deliverer:
         if error is None:
             state, nxt = "delivered", None
             self.delivered += 1
-        elif endpoint is None or (now - created_at).total_seconds() > self.policy.give_up_after_s:
+        elif endpoint is None or (
+            attempts >= MIN_ATTEMPTS and (now - created_at).total_seconds() > self.policy.give_up_after_s
+        ):
             state, nxt = "failed", None
             self.failed_attempts += 1
         else:
