@@ -68,6 +68,7 @@ TOKEN_FIELDS = (
     "reasoning_tokens",
 )
 _COUNTS = ("requests", *TOKEN_FIELDS, "unpriced_requests")
+_ESTIMATES = ("estimated_requests", "estimated_cost_usd")
 
 Summary = dict[str, Any]  # the /api/summary shape: {"totals": {...}, "groups": [{"key": {...}, ...}]}
 
@@ -461,6 +462,10 @@ def _flat(row: Mapping[str, Any], group_by: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {d: row["key"].get(d) for d in group_by}
     out.update({name: row[name] for name in _COUNTS})
     out["cost_usd"] = None if _unpriced_only(row) else usd_text(row["cost_usd"])
+    # Estimates (estimate_usage) in columns of their own, never in cost_usd: the table's
+    # "Estimated" line and the JSON totals, per row.
+    out["estimated_requests"] = row["estimated_requests"]
+    out["estimated_cost_usd"] = usd_text(row["estimated_cost_usd"])
     return out
 
 
@@ -498,7 +503,8 @@ def render_csv(report: Report) -> str:
     buffer = io.StringIO()
     # CRLF (RFC 4180): csv quotes a field holding a line terminator's character, so a CR
     # in a name cannot start a new row with a formula in its first cell.
-    writer = csv.DictWriter(buffer, [*report.group_by, *_COUNTS, "cost_usd"], lineterminator="\r\n")
+    fields = [*report.group_by, *_COUNTS, "cost_usd", *_ESTIMATES]
+    writer = csv.DictWriter(buffer, fields, lineterminator="\r\n")
     writer.writeheader()
     for row in report.rows:
         flat = _flat(row, report.group_by)

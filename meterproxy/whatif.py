@@ -239,7 +239,10 @@ def whatif_csv(result: WhatIf) -> str:
         "actual_unpriced_requests",
     ]
     writer.writerow(["model", *columns])
-    for row in [*doc["models"], {"model": "TOTAL", **doc["totals"]}]:
+    # TOTAL, then ESTIMATED (estimate_usage rows, never in TOTAL), as the table and the JSON
+    # show them; always both, so a script finds the same rows whatever the data.
+    totals = [{"model": "TOTAL", **doc["totals"]}, {"model": "ESTIMATED", **doc["estimated"]}]
+    for row in [*doc["models"], *totals]:
         writer.writerow(
             [
                 safe_cell(str(row["model"])),

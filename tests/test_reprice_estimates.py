@@ -219,3 +219,53 @@ def test_as_model_prices_estimates_apart_equal_to_a_reprice_of_renamed_rows(db: 
     assert len(renamed) == 12
     assert result.estimated.as_target_pico == sum(r["estimated_cost_pico"] for r in renamed)
     assert result.estimated.as_target_pico != stored
+
+
+def test_every_output_of_report_carries_the_estimates_apart(tmp_path: Path) -> None:
+    # The table, --json and --csv of `report` and of `report --as-model` say the same about
+    # estimated rows: a line (CSV: a row, or columns) of their own, never in the totals.
+    import csv
+    import io
+
+    from click.testing import CliRunner
+
+    from meterproxy.cli import main
+
+    db = str(tmp_path / "m.db")
+    writer = StoreWriter(db)
+    writer.start()
+    try:
+        for record in _records(PriceBook.default(), 24, T0):
+            assert writer.submit(record)
+    finally:
+        assert writer.close(timeout=30)
+    conn = backend.read_connection(db)
+    try:
+        result = what_if(conn, RequestFilter(), PriceBook.default(), "gpt-4.1-nano", target_provider="openai")
+    finally:
+        conn.close()
+    estimated = result.as_dict()["estimated"]
+
+    def cli(*args: str) -> str:
+        out = CliRunner().invoke(main, ["report", *args, "--db", db, "--since", "2026-06-01"])
+        assert out.exit_code == 0, out.output
+        return out.output
+
+    rows = list(csv.DictReader(io.StringIO(cli("model", "--as-model", "gpt-4.1-nano", "--csv"), newline="")))
+    assert [r["model"] for r in rows[-2:]] == ["TOTAL", "ESTIMATED"]
+    total, est = rows[-2], rows[-1]
+    assert int(total["requests"]) == 6 and int(est["requests"]) == estimated["requests"] == 18
+    assert int(est["compared_requests"]) == 12 and int(est["actual_unpriced_requests"]) == 6
+    assert Decimal(est["actual_cost_usd"]) == estimated["actual_cost_usd"] > 0
+    assert Decimal(est["as_model_cost_usd"]) == estimated["as_model_cost_usd"] > 0
+    doc = json.loads(cli("model", "--as-model", "gpt-4.1-nano", "--json"), parse_float=Decimal)
+    assert Decimal(doc["estimated"]["as_model_cost_usd"]) == Decimal(est["as_model_cost_usd"])
+
+    # The plain report: the JSON totals, the CSV rows' own columns and the table's line agree
+    # (the summaries count priced estimates: the private model's 6 have no price).
+    totals = json.loads(cli("model", "--json"))["totals"]
+    by_model = list(csv.DictReader(io.StringIO(cli("model", "--csv"), newline="")))
+    assert sum(int(r["estimated_requests"]) for r in by_model) == totals["estimated_requests"] == 12
+    assert sum(Decimal(r["estimated_cost_usd"]) for r in by_model) == Decimal(totals["estimated_cost_usd"])
+    assert sum(Decimal(r["cost_usd"] or 0) for r in by_model) == Decimal(totals["cost_usd"])
+    assert "Estimated (no usage reported, not in the totals): 12 requests" in cli("model")
