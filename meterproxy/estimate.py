@@ -51,10 +51,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+from botocore.eventstream import EventStreamBuffer, ParserError
 
 from meterproxy.meter import PriceFunction
 from meterproxy.sse import SSEDecoder
-from meterproxy.usage import Estimate, RequestRecord, Usage
+from meterproxy.usage import WS_MESSAGES, Estimate, EstimateSource, RequestRecord, Usage
 
 __all__ = [
     "HEURISTIC",
@@ -62,8 +63,11 @@ __all__ = [
     "Tokenizer",
     "answer_text",
     "check_tokenizer_file",
+    "eventstream_text",
     "load_tokenizer",
     "prompt_text",
+    "ws_frame",
+    "ws_prompt_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -187,6 +191,8 @@ _PROMPT_FIELDS = (
     "systemInstruction",
     "system_instruction",
     "tools",
+    "toolConfig",  # Bedrock Converse
+    "inputText",  # Bedrock InvokeModel, Amazon Titan
 )
 #: Keys whose values are no prompt text: structure, ids, and binary payloads (base64 images
 #: and audio would count as thousands of "tokens" the provider bills differently, if at all).
@@ -209,6 +215,7 @@ _NOT_TEXT = frozenset(
         "inlineData",
         "source",
         "detail",
+        "audio",  # Realtime input_audio content parts: base64
     }
 )
 
@@ -233,12 +240,65 @@ def prompt_text(body: bytes) -> str:
         return ""
     if not isinstance(doc, dict):
         return ""
-    parts: list[str] = []
+    return "\n".join(_prompt_parts(doc))
+
+
+def _prompt_parts(doc: dict[str, Any]) -> Iterator[str]:
     for name in _PROMPT_FIELDS:
         if name not in doc:
             continue
-        # Tool definitions are billed as prompt: their JSON text is what the model reads.
-        parts.extend([orjson.dumps(doc[name]).decode()] if name == "tools" else _strings(doc[name]))
+        if name in ("tools", "toolConfig"):
+            # Tool definitions are billed as prompt: their JSON text is what the model reads.
+            yield orjson.dumps(doc[name]).decode()
+        else:
+            yield from _strings(doc[name])
+
+
+#: What a WebSocket client's message holds for the model, by dialect: Realtime's
+#: ``session.update`` (instructions, tools), ``conversation.item.create`` (``item``) and
+#: ``response.create`` (``response``: instructions, input); Gemini Live's ``setup``
+#: (systemInstruction, tools), ``clientContent`` (``turns``) and ``realtimeInput`` text.
+#: Responses over WebSocket sends the HTTP body's own fields at the top level.
+_WS_NESTED = ("session", "response", "setup")
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """One WebSocket JSON message as one SSE event, for `EstimateSource` (``WS_MESSAGES``).
+
+    Raw CR and LF can only be whitespace between JSON tokens (inside strings they are
+    escaped), so blanking them keeps the JSON and the event whole.
+    """
+    return b"data: " + payload.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n\n"
+
+
+def _ws_messages(body: bytes) -> Iterator[Any]:
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(body), *decoder.finish()[0]]:
+        if event.data:
+            try:
+                yield orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                continue
+
+
+def ws_prompt_text(body: bytes) -> str:
+    """The text the model reads from a WebSocket client's messages (framed by `ws_frame`)."""
+    parts: list[str] = []
+    for doc in _ws_messages(body):
+        if not isinstance(doc, dict):
+            continue
+        parts.extend(_prompt_parts(doc))
+        for name in _WS_NESTED:
+            if isinstance(doc.get(name), dict):
+                parts.extend(_prompt_parts(doc[name]))
+        if isinstance(doc.get("item"), dict):
+            parts.extend(_strings(doc["item"].get("content")))
+        content = doc.get("clientContent")
+        if isinstance(content, dict):
+            parts.extend(_strings(content.get("turns")))
+        realtime = doc.get("realtimeInput")
+        if isinstance(realtime, dict) and isinstance(realtime.get("text"), str):
+            parts.append(realtime["text"])
     return "\n".join(parts)
 
 
@@ -248,9 +308,12 @@ def _event_text(doc: Any) -> Iterator[str]:
         return
     kind = doc.get("type")
     if isinstance(kind, str):
-        # OpenAI Responses: only the deltas (".done" events and response.completed repeat them).
-        if kind.startswith("response.") and kind.endswith(".delta") and isinstance(doc.get("delta"), str):
-            yield doc["delta"]
+        # OpenAI Responses and Realtime: only the deltas (".done" events and
+        # response.completed / response.done repeat them); audio deltas are base64 sound,
+        # their transcript deltas are the text.
+        if kind.startswith("response.") and kind.endswith(".delta"):
+            if isinstance(doc.get("delta"), str) and not kind.endswith("audio.delta"):
+                yield doc["delta"]
             return
         if kind == "content_block_delta":  # Anthropic: text, thinking, or tool input JSON
             delta = doc.get("delta") or {}
@@ -282,6 +345,14 @@ def _event_text(doc: Any) -> Iterator[str]:
                         yield part["text"]
                     if "functionCall" in part:
                         yield orjson.dumps(part["functionCall"]).decode()
+    content = doc.get("serverContent")  # Gemini Live: the turn's parts, or its transcription
+    if isinstance(content, dict):
+        for part in (content.get("modelTurn") or {}).get("parts") or ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
+        transcript = content.get("outputTranscription")
+        if isinstance(transcript, dict) and isinstance(transcript.get("text"), str):
+            yield transcript["text"]
     if kind == "response" or (isinstance(doc.get("output"), list) and "object" in doc):  # Responses, whole
         for item in doc.get("output") or ():
             if isinstance(item, dict):
@@ -315,6 +386,78 @@ def answer_text(body: bytes, sse: bool) -> str:
     return "".join(parts)
 
 
+def _bedrock_chunk_text(doc: Any) -> Iterator[str]:
+    """A Bedrock InvokeModelWithResponseStream chunk: Claude's events, or another family's."""
+    yield from _event_text(doc)
+    if not isinstance(doc, dict):
+        return
+    for key in ("outputText", "generation", "completion"):  # Titan, Llama, Claude text completions
+        if isinstance(doc.get(key), str):
+            yield doc[key]
+    for output in doc.get("outputs") or ():  # Mistral
+        if isinstance(output, dict) and isinstance(output.get("text"), str):
+            yield output["text"]
+    nova = doc.get("contentBlockDelta")  # Amazon Nova
+    if isinstance(nova, dict):
+        yield from _converse_delta(nova.get("delta"))
+
+
+def _converse_delta(delta: Any) -> Iterator[str]:
+    """A Converse ``contentBlockDelta``'s delta: text, tool-use input JSON, or reasoning text."""
+    if not isinstance(delta, dict):
+        return
+    if isinstance(delta.get("text"), str):
+        yield delta["text"]
+    tool = delta.get("toolUse")
+    if isinstance(tool, dict) and isinstance(tool.get("input"), str):
+        yield tool["input"]
+    reasoning = delta.get("reasoningContent")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("text"), str):
+        yield reasoning["text"]
+
+
+def eventstream_text(body: bytes) -> str:
+    """The generated text in what was relayed of a Bedrock event stream (ConverseStream,
+    InvokeModelWithResponseStream); a frame cut mid-way, or a corrupt one, ends the reading."""
+    buffer = EventStreamBuffer()
+    parts: list[str] = []
+    try:
+        buffer.add_data(body)
+        for message in buffer:
+            if message.headers.get(":message-type") != "event":
+                continue
+            try:
+                doc = orjson.loads(message.payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(doc, dict):
+                continue
+            kind = message.headers.get(":event-type")
+            if kind == "contentBlockDelta":
+                parts.extend(_converse_delta(doc.get("delta")))
+            elif kind == "chunk" and isinstance(doc.get("bytes"), str):
+                try:
+                    chunk = orjson.loads(base64.b64decode(doc["bytes"], validate=True))
+                except (ValueError, orjson.JSONDecodeError):
+                    continue
+                parts.extend(_bedrock_chunk_text(chunk))
+    except ParserError:
+        pass  # the rest of the stream cannot be framed: what was read stands
+    return "".join(parts)
+
+
+def _texts(source: EstimateSource, streamed: bool) -> tuple[str, str]:
+    """The prompt and the answer text of one estimate, read as their framing says."""
+    kind = source.content_type.lower()
+    if kind == WS_MESSAGES:
+        return ws_prompt_text(source.request), answer_text(source.response, True)
+    prompt = prompt_text(source.request)
+    if kind.startswith("application/vnd.amazon.eventstream"):
+        return prompt, eventstream_text(source.response)
+    sse = "text/event-stream" in kind if kind else streamed
+    return prompt, answer_text(source.response, sse)
+
+
 class Estimator:
     """Fills `RequestRecord.estimate` for records without usage; runs on the store writer's thread."""
 
@@ -328,13 +471,11 @@ class Estimator:
         record.estimate_source = None  # the texts go no further than this call
         if source is None or record.usage is not None or record.cost_usd is not None:
             return
-        if record.status is None or not 200 <= record.status < 300:
-            return  # no answer, or an error answer: nothing generated to estimate
+        if record.status is None or not (200 <= record.status < 300 or record.status == 101):
+            return  # no answer, or an error answer: nothing generated to estimate (101: a WebSocket's)
         count = self.tokenizer.count
-        usage = Usage(
-            input_tokens=count(prompt_text(source.request)),
-            output_tokens=count(answer_text(source.response, record.streamed)),
-        )
+        prompt, answer = _texts(source, record.streamed)
+        usage = Usage(input_tokens=count(prompt), output_tokens=count(answer))
         # Priced exactly as the meter prices reported usage (same lists, aliases, dates), on a copy:
         # the record's own cost fields stay empty, so the estimate never becomes spend.
         probe = dataclasses.replace(record, usage=usage, usage_source="reported", extra={}, tags={})

@@ -232,6 +232,7 @@ class Proxy:
             fingerprint_salt=fingerprint_salt,
             connect_timeout=client.connect_timeout,
             read_timeout=client.read_timeout,
+            estimate_limit=estimate_limit,
         )
         # Per-request work that depends only on a few repeating values, memoized (bounded):
         # routes of query-less paths, the provider of an upstream path, a key's fingerprint.
@@ -700,7 +701,10 @@ class Proxy:
             )
         if captured is not None and self._estimate_limit and result.usage is None:
             # Counted (and dropped) on the writer thread: `meterproxy.estimate`.
-            record.estimate_source = EstimateSource(exchange.body, captured, tap.capture_truncated)
+            content_type = exchange.upstream.headers.get("content-type", "") if exchange.upstream else ""
+            record.estimate_source = EstimateSource(
+                exchange.body, captured, tap.capture_truncated, content_type
+            )
         record.usage = result.usage
         record.usage_source = result.usage_source
         record.model = result.model or record.requested_model

@@ -31,7 +31,16 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["COST_SOURCES", "Estimate", "EstimateSource", "RequestRecord", "Usage", "new_request_id", "utcnow"]
+__all__ = [
+    "COST_SOURCES",
+    "WS_MESSAGES",
+    "Estimate",
+    "EstimateSource",
+    "RequestRecord",
+    "Usage",
+    "new_request_id",
+    "utcnow",
+]
 
 #: Where a row's cost came from:
 #: ``computed``: reported usage x the price tables (the normal case);
@@ -134,6 +143,16 @@ class EstimateSource:
     response: bytes
     #: The answer was longer than what was kept of it.
     truncated: bool = False
+    #: How ``response`` (and ``request``) are framed: the answer's content type
+    #: (``text/event-stream``, ``application/json``, Bedrock's
+    #: ``application/vnd.amazon.eventstream``), or ``WS_MESSAGES`` for a WebSocket
+    #: session's messages. Empty: SSE when the row is ``streamed``, else JSON.
+    content_type: str = ""
+
+
+#: `EstimateSource.content_type` of a WebSocket response: both sides' JSON messages, each
+#: framed as one SSE ``data:`` event (`meterproxy.estimate.ws_frame`).
+WS_MESSAGES = "application/x-meterproxy-ws-messages"
 
 
 @dataclass(slots=True)

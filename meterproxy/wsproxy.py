@@ -34,11 +34,12 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from meterproxy.attribution import fingerprint
+from meterproxy.estimate import ws_frame
 from meterproxy.meter import Meter
 from meterproxy.providers.base import error_text, loads
 from meterproxy.providers.live import LiveParser, LiveResponse, live_kind
 from meterproxy.routing import Target
-from meterproxy.usage import RequestRecord, new_request_id, utcnow
+from meterproxy.usage import WS_MESSAGES, EstimateSource, RequestRecord, new_request_id, utcnow
 from meterproxy.websocket import (
     AiohttpClientSide,
     Handshake,
@@ -80,8 +81,12 @@ class LiveSessions:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        estimate_limit: int = 0,
     ) -> None:
         self.meter = meter
+        # estimate_usage: bytes of each side's text messages held to estimate a response
+        # that ends without usage (0: nothing held).
+        self._estimate_limit = estimate_limit
         self._salt = fingerprint_salt
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -227,12 +232,18 @@ class LiveSessions:
         extensions = answer.headers.get("sec-websocket-extensions")
         server_frames = MessageDecoder(parse_deflate_params(extensions, from_server=True))
         client_frames = MessageDecoder(parse_deflate_params(extensions, from_server=False))
+        texts = _EstimateTexts(self._estimate_limit) if self._estimate_limit and parser else None
 
         def finished(responses: list[LiveResponse]) -> None:
             nonlocal rows
             for live in responses:
                 rows += 1
-                self.meter.request_finished(self._response_record(template, live, rows))
+                record = self._response_record(template, live, rows)
+                if texts is not None and live.estimable:
+                    if record.usage is None:
+                        record.estimate_source = texts.source()
+                    texts.answer_done()
+                self.meter.request_finished(record)
 
         def on_server(data: bytes) -> None:
             if parser is None:
@@ -241,6 +252,8 @@ class LiveSessions:
                 if message.skipped:
                     notes.append("a server message larger than the tap's limit was not read")
                     continue
+                if texts is not None:
+                    texts.server(message.payload)
                 finished(parser.on_server_message(message.payload))
 
         def on_client(data: bytes) -> None:
@@ -248,6 +261,8 @@ class LiveSessions:
                 return
             for message in client_frames.feed(data):
                 if not message.skipped:
+                    if texts is not None:
+                        texts.client(message.payload)
                     parser.on_client_message(message.payload)
 
         try:
@@ -294,3 +309,49 @@ class LiveSessions:
         if result.notes:
             record.extra["notes"] = result.notes[:10]
         return record
+
+
+class _EstimateTexts:
+    """What an estimate of a session's response is counted from (``estimate_usage`` only).
+
+    The prompt is every text message the client sent in the session so far (a
+    response's input is the whole conversation: Realtime, Live and chained Responses
+    keep it server-side), the answer the server's text messages since the last
+    response ended. Audio (``input_audio_buffer.append``, Live's ``realtimeInput``
+    media, audio deltas) is never held. Each side holds at most ``limit`` bytes; the
+    messages are framed by `estimate.ws_frame`, and counted on the store writer's thread.
+    """
+
+    __slots__ = ("_answer", "_cut", "_limit", "_prompt")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._prompt = bytearray()
+        self._answer = bytearray()
+        self._cut = False
+
+    def client(self, payload: bytes) -> None:
+        head = payload[:128]
+        if b"input_audio_buffer.append" in head or (b'"realtimeInput"' in head and b'"text"' not in payload):
+            return
+        self._keep(self._prompt, payload)
+
+    def server(self, payload: bytes) -> None:
+        head = payload[:128]
+        text_delta = b'delta"' in head and b'audio.delta"' not in head
+        if text_delta or (b'"serverContent"' in head and b'"text"' in payload):
+            self._cut = not self._keep(self._answer, payload) or self._cut
+
+    def _keep(self, into: bytearray, payload: bytes) -> bool:
+        framed = ws_frame(payload)
+        if len(into) + len(framed) > self._limit:
+            return False
+        into += framed
+        return True
+
+    def source(self) -> EstimateSource:
+        return EstimateSource(bytes(self._prompt), bytes(self._answer), self._cut, WS_MESSAGES)
+
+    def answer_done(self) -> None:
+        self._answer.clear()
+        self._cut = False

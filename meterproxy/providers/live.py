@@ -60,6 +60,8 @@ class LiveResponse:
     started: float  # time.monotonic() when it began (or when the previous one ended)
     ended: float
     details: dict[str, int] = field(default_factory=dict)  # modality split, when reported
+    #: A model's response (estimate_usage may count it); False for an input transcription.
+    estimable: bool = True
 
 
 class LiveParser(Protocol):
@@ -236,7 +238,7 @@ class RealtimeParser:
                 result.usage_source = "invalid"
                 result.notes.append(str(exc))
         result.notes.append("input audio transcription")
-        return [LiveResponse(result, now, now, details)]
+        return [LiveResponse(result, now, now, details, estimable=False)]
 
     def finish(self) -> list[LiveResponse]:
         now = time.monotonic()
