@@ -37,6 +37,7 @@ from meterproxy.providers.gemini import GeminiProvider
 from meterproxy.providers.openai import OpenAIProvider
 from meterproxy.testing import FakeUpstream, Reply
 from meterproxy.usage import Usage
+from tests.helpers.sdk import SDK_TIMEOUT
 from tests.helpers.served import Served
 
 MODEL = "gpt-4o-mini"
@@ -114,7 +115,9 @@ async def test_reserve_budget_counts_every_answer_a_request_asks_for(tmp_path: P
         proxy = Served(str(db), upstream.url, tmp_path, "serve", config=config)
         try:
             await proxy.ready()
-            client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-acceptance", max_retries=0)
+            client = openai.AsyncOpenAI(
+                timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-acceptance", max_retries=0
+            )
             refused = 0
 
             async def call() -> bool:
@@ -201,6 +204,7 @@ async def test_a_request_naming_no_model_is_refused_once_the_reserve_budget_is_s
         try:
             await proxy.ready()
             client = openai.AsyncAzureOpenAI(
+                timeout=SDK_TIMEOUT,
                 azure_endpoint=f"{proxy.url}/azure",
                 api_key="azure-key",
                 api_version="2024-10-21",
@@ -408,6 +412,7 @@ async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_withou
                 try:
                     if sdk == "openai":
                         oa = openai.AsyncOpenAI(
+                            timeout=SDK_TIMEOUT,
                             base_url=f"{proxy.url}/v1",
                             api_key="sk-accept",
                             max_retries=0,
@@ -430,6 +435,7 @@ async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_withou
                             await oa.chat.completions.create(model=MODEL, messages=chat, max_tokens=limit)
                     else:
                         an = anthropic.AsyncAnthropic(
+                            timeout=SDK_TIMEOUT,
                             base_url=f"{proxy.url}/anthropic",
                             api_key="sk-ant",
                             max_retries=0,

@@ -11,13 +11,14 @@ import pytest
 from meterproxy.money import usd_text
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 KEY = "sk-live-access-log-0000000000"
 PROMPT = "the secret plan is in this prompt"
 
 
 async def _chat(url: str, n: int) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key=KEY, max_retries=0)
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{url}/openai/v1", api_key=KEY, max_retries=0)
     for _ in range(n):
         await client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": PROMPT}], user="alice"

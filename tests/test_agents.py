@@ -47,6 +47,7 @@ from tests.helpers.agents import (
 )
 from tests.helpers.budgets import wait_for
 from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.sdk import SDK_TIMEOUT
 
 STREAM = load_fixture("anthropic_messages_stream").expect
 RESPONSES = load_fixture("openai_responses_stream").expect
@@ -247,8 +248,8 @@ async def test_sdks_do_not_retry_a_budget_refusal_even_with_retries_on(
     upstream.replay(load_fixture("openai_chat_json"))
     upstream.replay(load_fixture("anthropic_messages_json"))
     proxy = await make_proxy(budgets=[{"name": "all", "limit_usd": TINY, "action": "block"}])
-    oa = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
-    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+    oa = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-x")
+    ant = anthropic.AsyncAnthropic(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
     assert oa.max_retries == 2 and ant.max_retries == 2
     await oa.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "x"}])
     await proxy.rows(1)
@@ -355,7 +356,7 @@ async def test_head_probe_and_count_tokens_are_not_usage(
     # As Claude Code sends it: fetch(ANTHROPIC_BASE_URL, {method: "HEAD"}).
     async with aiohttp.ClientSession() as client, client.head(f"{proxy.url}/anthropic") as response:
         assert response.status == 404  # what the fake answers on "/", passed through
-    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+    ant = anthropic.AsyncAnthropic(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
     counted = await ant.messages.count_tokens(
         model="claude-sonnet-4-20250514", messages=[{"role": "user", "content": "x"}]
     )
@@ -419,7 +420,9 @@ async def test_proxied_row_replaces_an_already_rolled_up_import_without_double_c
 
         assert await asyncio.wrap_future(writer.call(import_one)) == 1
 
-        ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+        ant = anthropic.AsyncAnthropic(
+            timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x"
+        )
         await ant.messages.create(
             model="claude-sonnet-4-20250514", max_tokens=8, messages=[{"role": "user", "content": "x"}]
         )
@@ -478,7 +481,7 @@ async def test_agent_attribution_and_x_meter_override(
     """Claude Code's JSON user id and session header; X-Meter-* always win."""
     upstream.replay(load_fixture("anthropic_messages_json"))
     proxy = await make_proxy()
-    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
+    ant = anthropic.AsyncAnthropic(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x")
 
     def claude_user(account: str) -> str:
         return json.dumps({"device_id": "dev-9f2c", "account_uuid": account, "session_id": "s-body"})

@@ -10,6 +10,7 @@ import openai
 
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 KEY_A = "sk-alice-0123456789abcdef"
 KEY_B = "sk-bob-fedcba9876543210"
@@ -22,7 +23,9 @@ async def test_a_key_holder_sees_only_their_own_usage(
     upstream.replay(fx)
     proxy = await make_proxy(admin_token="admin-secret")
     for key, n in ((KEY_A, 2), (KEY_B, 3)):
-        client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=key, max_retries=0)
+        client = openai.AsyncOpenAI(
+            timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key=key, max_retries=0
+        )
         for _ in range(n):
             await client.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "x"}])
     rows = await proxy.rows(5)

@@ -35,6 +35,7 @@ from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.api import get_json, get_text, submit, summary
+from tests.helpers.sdk import SDK_TIMEOUT
 
 TOKEN_FIELDS = (
     "input_tokens",
@@ -79,7 +80,7 @@ async def send_mixed_traffic(upstream: FakeUpstream, proxy: ProxyHarness) -> Non
         upstream.replay(gemini, path=f"/{version}/models/gemini-2.5-flash:generateContent")
     upstream.replay(load_fixture("vllm_chat_stream"), path="/v1/chat/completions")  # /vllm/v1/...
 
-    oai = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-1")
+    oai = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-1")
     for user in ("alice", "bob"):
         stream = await oai.chat.completions.create(
             model="gpt-4o-mini",
@@ -88,7 +89,9 @@ async def send_mixed_traffic(upstream: FakeUpstream, proxy: ProxyHarness) -> Non
             extra_headers={"X-Meter-User": user, "X-Meter-Session": "s1", "X-Meter-Tags": "team=search"},
         )
         _ = [c async for c in stream]
-    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test")
+    ant = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test"
+    )
     await ant.messages.create(
         model="claude-sonnet-4-20250514",
         max_tokens=100,
@@ -97,7 +100,7 @@ async def send_mixed_traffic(upstream: FakeUpstream, proxy: ProxyHarness) -> Non
     )
     client = genai.Client(api_key="AIzaTest", http_options=types.HttpOptions(base_url=f"{proxy.url}/gemini/"))
     await client.aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
-    local = openai.AsyncOpenAI(base_url=f"{proxy.url}/vllm/v1", api_key="none")
+    local = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/vllm/v1", api_key="none")
     stream = await local.chat.completions.create(
         model="meta-llama/Llama-3.1-8B-Instruct",
         messages=[{"role": "user", "content": "hi"}],
@@ -180,7 +183,7 @@ async def test_a_finished_request_shows_in_summary_within_the_flush(
     proxy = await make_proxy(rollup_interval=3600)
     before = await summary(proxy)
     assert before["totals"]["requests"] == 0
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-1")
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-1")
     await client.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "hi"}])
     await proxy.rows(1)  # committed: the summary must show it now, without a rollup pass
     body = await summary(proxy)

@@ -12,6 +12,7 @@ from openai import AsyncOpenAI
 
 from meterproxy.providers.batches import BatchResultsParser
 from meterproxy.testing import Reply
+from tests.helpers.sdk import SDK_TIMEOUT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "batches"
 
@@ -27,7 +28,7 @@ async def test_openai_batch_output_file_metered_once_at_batch_prices(make_proxy,
         Reply(body=body, content_type="application/octet-stream", chunk_size=1),
     )
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     for _ in range(2):  # downloaded twice
         content = await client.files.content("file-out-1")
         assert content.read() == body  # the client gets the file as it was
@@ -55,7 +56,7 @@ async def test_anthropic_batch_results_metered_once(make_proxy, upstream) -> Non
     path = "/v1/messages/batches/msgbatch_013Zva2CMHLNnXjNJJKqJ2EF/results"
     upstream.reply(path, Reply(body=body, content_type="application/binary", chunk_size=7))
     proxy = await make_proxy()
-    client = AsyncAnthropic(api_key="sk-ant-x", base_url=f"{proxy.url}/anthropic")
+    client = AsyncAnthropic(timeout=SDK_TIMEOUT, api_key="sk-ant-x", base_url=f"{proxy.url}/anthropic")
     for _ in range(2):
         got = await client.get(path, cast_to=httpx2.Response)
         assert got.content == body

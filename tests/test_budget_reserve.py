@@ -34,6 +34,7 @@ from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
 from tests.helpers.budgets import query
 from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.sdk import SDK_TIMEOUT
 from tests.helpers.served import Served
 
 MODEL = "gpt-4o-mini"
@@ -103,7 +104,9 @@ async def test_reserve_budget_never_spends_past_its_limit_under_100_concurrent_r
     proxy = await make_proxy(
         budgets=[{"name": "team", "limit_usd": str(limit), "period": "month", "action": "reserve"}]
     )
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0
+    )
     results = await asyncio.gather(*(call(client) for _ in range(100)))
     admitted = sum(results)
     rows = await proxy.rows(100)
@@ -216,7 +219,9 @@ async def test_unpriced_requests_under_a_reserve_budget_follow_its_policy(
     if policy == "reserve":
         budget["unpriced_reserve_usd"] = str(hold)
     proxy = await make_proxy(budgets=[budget])
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0
+    )
     results = await asyncio.gather(*(call_unpriced(client) for _ in range(100)))
     await proxy.rows(100)
     spent = from_pico(query(proxy.db, "SELECT COALESCE(SUM(cost_pico), 0) FROM requests")[0][0]) or Decimal(0)
@@ -259,7 +264,10 @@ async def test_reserve_budget_holds_across_three_postgresql_replicas(
     try:
         await asyncio.gather(*(r.ready() for r in replicas))
         clients = [
-            openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="sk-reserve", max_retries=0) for r in replicas
+            openai.AsyncOpenAI(
+                timeout=SDK_TIMEOUT, base_url=f"{r.url}/v1", api_key="sk-reserve", max_retries=0
+            )
+            for r in replicas
         ]
         send = call if policy == "priced" else call_unpriced
         results = await asyncio.gather(*(send(clients[i % 3]) for i in range(100)))
@@ -296,7 +304,9 @@ async def test_budgets_api_shows_a_finished_request_as_spent_not_held_at_once(
     proxy = await make_proxy(
         budgets=[{"name": "team", "limit_usd": "5", "period": "month", "action": "reserve"}]
     )
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0
+    )
     seen = []
     async with aiohttp.ClientSession() as http:
         for _ in range(10):
@@ -322,7 +332,9 @@ async def test_the_reserved_gauge_falls_back_to_zero_once_the_requests_settle(
         budgets=[{"name": "team", "limit_usd": str(limit), "period": "month", "action": "reserve"}]
     )
     registry = proxy.app[METRICS].registry
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0
+    )
     results = await asyncio.gather(*(call(client) for _ in range(20)))
     assert 7 <= sum(results) < 20
     await proxy.rows(20)

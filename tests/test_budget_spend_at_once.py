@@ -25,6 +25,7 @@ from meterproxy.money import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import query
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 async def _cost_of_one(make_proxy: ProxyFactory, tmp_path: Path) -> Decimal:
@@ -38,7 +39,9 @@ async def _cost_of_one(make_proxy: ProxyFactory, tmp_path: Path) -> Decimal:
 
 
 async def _call(proxy: ProxyHarness) -> int:
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-123456789", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-123456789", max_retries=0
+    )
     try:
         await client.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "hi"}])
         return 200

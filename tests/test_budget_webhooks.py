@@ -26,13 +26,16 @@ from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import SECRET, Receiver, api_get, insert_records, query, wait_for
+from tests.helpers.sdk import SDK_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def call(proxy: ProxyHarness, user: str = "alice") -> float:
     """One OpenAI SDK request through the proxy; returns the loop time it finished."""
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-123456789", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-123456789", max_retries=0
+    )
     await client.chat.completions.create(
         model="o4-mini",
         messages=[{"role": "user", "content": "What is the capital of the UK?"}],

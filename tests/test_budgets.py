@@ -20,12 +20,13 @@ from meterproxy.money import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import query
+from tests.helpers.sdk import SDK_TIMEOUT
 
 TINY = "0.000001"  # any priced request spends more than this
 
 
 def openai_client(proxy: ProxyHarness, key: str = "sk-test-key-123456789") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=key, max_retries=0)
+    return openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key=key, max_retries=0)
 
 
 async def openai_call(proxy: ProxyHarness, headers: dict[str, str] | None = None, **kw: Any) -> None:
@@ -100,7 +101,9 @@ async def test_anthropic_block_budget_raises_rate_limit_error(
             {"name": "claude-cap", "scope": {"upstream": "anthropic"}, "limit_usd": TINY, "action": "block"}
         ]
     )
-    client = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x", max_retries=0)
+    client = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x", max_retries=0
+    )
 
     async def call() -> None:
         await client.messages.create(
@@ -214,7 +217,9 @@ async def test_every_scope_kind_counts_exactly_its_rows(
     await openai_call(proxy, {"X-Meter-User": "carol", "X-Meter-Tags": "team=search,env=prod"})
     await openai_call(proxy, {"X-Meter-User": "carol", "X-Meter-Tags": "team=search"})
     await openai_call(proxy, {"X-Meter-User": "dave"}, key="sk-other-key-987654321")
-    claude = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x", max_retries=0)
+    claude = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x", max_retries=0
+    )
     await claude.messages.create(
         model="claude-sonnet-4-20250514",
         max_tokens=10,

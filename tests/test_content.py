@@ -11,6 +11,7 @@ import pytest
 from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.sdk import SDK_TIMEOUT
 
 MARKER = "PROMPT-MARKER-5b1e-quarterly-plan"
 EMAIL = "jane.doe@example.com"
@@ -39,7 +40,9 @@ async def test_enabled_content_is_stored_redacted_and_kept_out_of_exports(
     fx = load_fixture("openai_chat_stream_usage")
     upstream.replay(fx)
     proxy = await make_proxy(store_content=True, content_redact_patterns=[r"[\w.]+@[\w.]+\.\w+"])
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-000000000000")
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-000000000000"
+    )
     prompt = f"{MARKER} mail {EMAIL} my key is {KEY_IN_PROMPT}"
     stream = await client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=True
@@ -74,7 +77,7 @@ async def test_content_is_capped_and_follows_its_request_when_deleted(
     fx = load_fixture("openai_chat_json")
     upstream.replay(fx)
     proxy = await make_proxy(store_content=True, content_max_bytes=40)
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-x")
     await client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "x" * 200}])
     [(rid, request, response, truncated)] = await wait_content(proxy, 1)
     assert len(request.encode()) <= 40 and len(response.encode()) <= 40 and truncated == 1
@@ -87,7 +90,7 @@ async def test_content_is_capped_and_follows_its_request_when_deleted(
 
 async def test_off_by_default_nothing_is_kept(upstream: FakeUpstream, proxy: object) -> None:
     upstream.replay(load_fixture("openai_chat_json"))
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")  # type: ignore[attr-defined]
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-x")  # type: ignore[attr-defined]
     await client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": MARKER}])
     [row] = await proxy.rows(1)  # type: ignore[attr-defined]
     assert content_rows(proxy.db) == []  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from meterproxy.app_state import WRITER
 from meterproxy.store.rollups import roll_up
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 PRIVATE = "acme/private-model-9000"
 
@@ -38,13 +39,17 @@ async def test_each_row_says_where_its_cost_came_from(
     proxy = await make_proxy()
     # 1. computed: a complete answer priced from the tables.
     upstream.replay(load_fixture("openai_chat_json"))
-    oa = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-cost-source", max_retries=0)
+    oa = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-cost-source", max_retries=0
+    )
     await oa.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "hi"}])
 
     # 2. partial: Anthropic's stream cut by an error event after message_start.
     cut = load_fixture("anthropic_stream_error_event")
     upstream.replay(cut)
-    an = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x", max_retries=0)
+    an = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-x", max_retries=0
+    )
     with pytest.raises(anthropic.APIError):
         async with an.messages.stream(
             model="claude-sonnet-4-20250514", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
@@ -56,7 +61,9 @@ async def test_each_row_says_where_its_cost_came_from(
     fx = load_fixture("openrouter_chat_stream")
     body = fx.body.replace(b"anthropic/claude-4.6-sonnet-20260217", PRIVATE.encode())
     upstream.reply(str(fx.meta["path"]), Reply(body=body, content_type=fx.content_type))
-    ors = openai.AsyncOpenAI(base_url=f"{proxy.url}/openrouter/api/v1", api_key="sk-or-x", max_retries=0)
+    ors = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/openrouter/api/v1", api_key="sk-or-x", max_retries=0
+    )
     stream = await ors.chat.completions.create(
         model=PRIVATE, messages=[{"role": "user", "content": "Hello"}], stream=True
     )

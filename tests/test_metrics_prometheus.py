@@ -33,6 +33,7 @@ from meterproxy.metrics import METRIC_NAMES, TOKEN_TYPES, Metrics
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.prom import PrometheusServer, PromQLError, prometheus_binary
+from tests.helpers.sdk import SDK_TIMEOUT
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "meterproxy-dashboard.json"
 
@@ -59,10 +60,12 @@ async def send_mixed_traffic(proxy: ProxyHarness, upstream: FakeUpstream) -> Non
     from google import genai
     from google.genai import types
 
-    oai = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test")
-    groq = openai.AsyncOpenAI(base_url=f"{proxy.url}/groq/openai/v1", api_key="gsk-test")
-    vllm = openai.AsyncOpenAI(base_url=f"{proxy.url}/vllm/v1", api_key="none")
-    ant = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test")
+    oai = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test")
+    groq = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/groq/openai/v1", api_key="gsk-test")
+    vllm = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/vllm/v1", api_key="none")
+    ant = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test"
+    )
     gem = genai.Client(api_key="AIzaTest", http_options=types.HttpOptions(base_url=f"{proxy.url}/gemini/"))
     msgs: Any = [{"role": "user", "content": "hi"}]
 

@@ -26,6 +26,7 @@ from meterproxy.otel_export import as_fields, span_attributes
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 class OtlpReceiver:
@@ -132,7 +133,9 @@ async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
     fx = load_fixture("openai_chat_json")
     upstream.replay(fx)
     proxy = await make_proxy()
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-otel-test", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-otel-test", max_retries=0
+    )
     n = 5
     for _ in range(n):
         await client.chat.completions.create(

@@ -26,6 +26,7 @@ from meterproxy.reprice import reprice
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 USAGE = Usage(input_tokens=1290, cache_read_tokens=1152, output_tokens=212, reasoning_tokens=192)
 
@@ -106,7 +107,7 @@ def test_update_refuses_a_truncated_or_unreadable_file(tmp_path: Path) -> None:
 
 
 async def _ask(base_url: str, model: str) -> None:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-test-0000", max_retries=0)
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=base_url, api_key="sk-test-0000", max_retries=0)
     await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
 
 

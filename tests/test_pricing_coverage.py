@@ -28,6 +28,7 @@ from aiohttp import web
 from meterproxy.pricing import PriceBook
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 from tests.test_pricing_genai import KNOWN_DISAGREEMENTS
 
 genai_prices = pytest.importorskip("genai_prices")
@@ -108,7 +109,9 @@ async def test_client_names_are_priced_through_the_proxy_and_agree_with_genai_pr
     upstreams = {plist: upstream_for_all.url for plist in LISTS}
     proxy = await make_proxy(upstreams=upstreams)
     clients = {
-        plist: openai.AsyncOpenAI(base_url=f"{proxy.url}/{plist}/v1", api_key="sk-test-0000", max_retries=0)
+        plist: openai.AsyncOpenAI(
+            timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/{plist}/v1", api_key="sk-test-0000", max_retries=0
+        )
         for plist in LISTS
     }
     order: list[tuple[str, str]] = []
@@ -154,7 +157,9 @@ async def test_an_upstream_is_priced_only_from_the_list_the_operator_chose(
     )
     scout = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
     for route in ("together", "tgt", "local", "groq"):
-        client = openai.AsyncOpenAI(base_url=f"{proxy.url}/{route}/v1", api_key="sk-test-0000", max_retries=0)
+        client = openai.AsyncOpenAI(
+            timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/{route}/v1", api_key="sk-test-0000", max_retries=0
+        )
         await client.chat.completions.create(model=scout, messages=[{"role": "user", "content": "hi"}])
     rows = {r["upstream"]: r for r in await proxy.rows(4)}
     # /together and an upstream that chose the together list: Together's price; /local: no list, no price.

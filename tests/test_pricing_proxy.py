@@ -27,6 +27,7 @@ from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 VLLM_PRICING = """
 provider = "vllm"
@@ -48,7 +49,7 @@ note = "negotiated"
 
 
 async def _stream_chat(base_url: str, model: str) -> str:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-test-0000000000")
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=base_url, api_key="sk-test-0000000000")
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "Hello"}],

@@ -38,6 +38,7 @@ from meterproxy.store import backend
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.usage import Usage
 from tests.helpers.pg import fresh_database, pg_or_skip
+from tests.helpers.sdk import SDK_TIMEOUT
 from tests.helpers.served import Served, metric_sum
 
 pytestmark = pytest.mark.slow
@@ -129,9 +130,15 @@ async def test_three_replicas_share_one_database_exactly(
     )
     replicas = await start_replicas(3, pg_db, upstream, tmp_path, config=config)
     try:
-        oai = [openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="sk-test-123456789") for r in replicas]
+        oai = [
+            openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{r.url}/v1", api_key="sk-test-123456789")
+            for r in replicas
+        ]
         ant = [
-            anthropic.AsyncAnthropic(base_url=f"{r.url}/anthropic", api_key="sk-ant-test") for r in replicas
+            anthropic.AsyncAnthropic(
+                timeout=SDK_TIMEOUT, base_url=f"{r.url}/anthropic", api_key="sk-ant-test"
+            )
+            for r in replicas
         ]
         gate = asyncio.Semaphore(CONCURRENCY)
 
@@ -261,7 +268,9 @@ async def test_a_block_budget_holds_across_replicas_and_each_webhook_arrives_onc
         replicas = await start_replicas(3, pg_db, upstream, tmp_path, config=config)
         try:
             clients = [
-                anthropic.AsyncAnthropic(base_url=f"{r.url}/anthropic", api_key="sk-ant-x", max_retries=0)
+                anthropic.AsyncAnthropic(
+                    timeout=SDK_TIMEOUT, base_url=f"{r.url}/anthropic", api_key="sk-ant-x", max_retries=0
+                )
                 for r in replicas
             ]
 

@@ -10,12 +10,13 @@ from openai import AsyncOpenAI
 from meterproxy.store.backend import connect
 from meterproxy.store.migrations import apply_migrations
 from meterproxy.testing import Reply
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 async def test_model_listing_rows_name_their_provider(make_proxy, upstream) -> None:
     upstream.reply("/v1/models", Reply(body=b'{"object":"list","data":[{"id":"gpt-4o","object":"model"}]}'))
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     models = [m.id async for m in client.models.list()]
     assert models == ["gpt-4o"]
     [row] = await proxy.rows(1)

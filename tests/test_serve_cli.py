@@ -12,6 +12,7 @@ from pathlib import Path
 import openai
 
 from meterproxy.testing import FakeUpstream, free_port, load_fixture, wait_healthy
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 async def test_serve_records_and_flushes_on_sigterm(upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -37,7 +38,9 @@ async def test_serve_records_and_flushes_on_sigterm(upstream: FakeUpstream, tmp_
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(url, proc)
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-live-secret-000000")
+        client = openai.AsyncOpenAI(
+            timeout=SDK_TIMEOUT, base_url=f"{url}/v1", api_key="sk-live-secret-000000"
+        )
         for _ in range(5):
             await client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "x"}])
         proc.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ import aiohttp
 from openai import AsyncOpenAI
 
 from meterproxy.testing import Reply, load_fixture
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 def _spaced(stream: bytes, *, with_usage: bool) -> bytes:
@@ -54,7 +55,7 @@ async def test_spaced_usage_null_is_stripped_and_usage_still_metered(make_proxy,
     assert (row["input_tokens"], row["output_tokens"], row["usage_source"]) == (78, 9, "reported")
 
     # The official SDK reads the same stream without a usage chunk it did not ask for.
-    client = AsyncOpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-x", base_url=f"{proxy.url}/v1")
     chunks = [c async for c in await client.chat.completions.create(**request)]
     assert all(c.usage is None for c in chunks) and chunks[-1].choices
     assert len(await proxy.rows(2)) == 2

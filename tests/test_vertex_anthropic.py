@@ -9,6 +9,7 @@ from anthropic import AnthropicVertex, AsyncAnthropicVertex
 
 from meterproxy.providers.anthropic import AnthropicProvider, normalize_anthropic_usage
 from meterproxy.testing import Reply, load_fixture
+from tests.helpers.sdk import SDK_TIMEOUT
 
 PREFIX = "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models"
 
@@ -16,7 +17,11 @@ PREFIX = "/v1/projects/my-proj/locations/us-east5/publishers/anthropic/models"
 def vertex_client(proxy_url: str) -> AsyncAnthropicVertex:
     # An access token given outright: no Google credentials are looked up.
     return AsyncAnthropicVertex(
-        project_id="my-proj", region="us-east5", access_token="ya29.test", base_url=f"{proxy_url}/vertex/v1"
+        timeout=SDK_TIMEOUT,
+        project_id="my-proj",
+        region="us-east5",
+        access_token="ya29.test",
+        base_url=f"{proxy_url}/vertex/v1",
     )
 
 
@@ -86,6 +91,10 @@ def test_thinking_tokens_are_reasoning_tokens_inside_output() -> None:
 def test_sync_client_type_is_the_same_sdk() -> None:
     # AnthropicVertex (sync) takes the same arguments: what README tells users to set.
     client = AnthropicVertex(
-        project_id="p", region="us-east5", access_token="t", base_url="http://x/vertex/v1"
+        timeout=SDK_TIMEOUT,
+        project_id="p",
+        region="us-east5",
+        access_token="t",
+        base_url="http://x/vertex/v1",
     )
     assert str(client.base_url).startswith("http://x/vertex/v1")

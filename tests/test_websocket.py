@@ -26,6 +26,7 @@ from meterproxy.app import PROXY
 from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, RawUpstream
 from meterproxy.wsframes import DeflateParams, MessageDecoder, parse_deflate_params
+from tests.helpers.sdk import SDK_TIMEOUT
 
 N_SESSIONS = 500
 WS_FIXTURES = Path(__file__).parent / "fixtures" / "ws"
@@ -148,7 +149,7 @@ async def realtime_session(ws: web.WebSocketResponse, request: web.Request) -> N
 async def test_openai_realtime_sdk_through_the_proxy_one_row_per_response(make_proxy, upstream) -> None:
     seen = ws_upstream(upstream, "/v1/realtime", realtime_session)
     proxy = await make_proxy()
-    client = AsyncOpenAI(api_key="sk-test-realtime", base_url=f"{proxy.url}/v1")
+    client = AsyncOpenAI(timeout=SDK_TIMEOUT, api_key="sk-test-realtime", base_url=f"{proxy.url}/v1")
     received: list[str] = []
     async with client.realtime.connect(
         model="gpt-realtime", extra_headers={"X-Meter-User": "alice", "X-Meter-Session": "call-1"}
