@@ -36,6 +36,7 @@ __all__ = [
     "api_key",
     "bounded",
     "fingerprint",
+    "is_sigv4",
     "parse_tags",
 ]
 
@@ -72,12 +73,36 @@ def parse_tags(value: str | None) -> dict[str, str]:
     return tags
 
 
+#: The ``Authorization`` scheme of an AWS Signature Version 4 (Bedrock clients).
+SIGV4_SCHEME = "aws4-hmac-sha256"
+
+
+def is_sigv4(headers: Mapping[str, str]) -> bool:
+    """Is the request signed with AWS SigV4 (whose key id identifies, but does not prove, a client)?"""
+    scheme = (headers.get("authorization") or "").strip().partition(" ")[0]
+    return scheme.lower() == SIGV4_SCHEME
+
+
 def api_key(headers: Mapping[str, str], query_string: str = "") -> str | None:
-    """The credential a request carries, from whichever header or query its provider uses."""
+    """The credential a request carries, from whichever header or query its provider uses.
+
+    A SigV4 ``Authorization`` (Bedrock) names its access key id in ``Credential=AKID/date/...``;
+    the rest (date, signed headers, signature) changes with every request, so the key id is
+    what identifies the client.
+    """
     auth = headers.get("authorization")
     if auth:
-        scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else auth.strip()
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == SIGV4_SCHEME:
+            for part in token.split(","):
+                name, _, value = part.strip().partition("=")
+                if name == "Credential" and value.partition("/")[0]:
+                    return "aws-access-key-id:" + value.partition("/")[0]
+        if scheme.lower() != "bearer":
+            return auth.strip()
+        if token.strip():
+            return token.strip()
+        # "Bearer " alone carries no key: another header may (an SDK given an empty key).
     for name in KEY_HEADERS[1:]:
         value = headers.get(name)
         if value:

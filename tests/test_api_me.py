@@ -8,6 +8,8 @@ from decimal import Decimal
 import aiohttp
 import openai
 
+from meterproxy.app_state import FINGERPRINT_SALT
+from meterproxy.attribution import fingerprint
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory
 from tests.helpers.sdk import SDK_TIMEOUT
@@ -64,3 +66,29 @@ async def test_a_key_holder_sees_only_their_own_usage(
         # The rest of the API still needs the admin token.
         async with http.get(f"{proxy.url}/api/summary", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
             assert r.status == 401
+
+
+async def test_what_cannot_identify_a_caller_is_refused_with_what_to_send(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(admin_token="admin-secret")
+    salt = proxy.app[FINGERPRINT_SALT]
+    sigv4 = (
+        "AWS4-HMAC-SHA256 Credential=AKIDCLIENT000000/20261204/us-east-1/bedrock/aws4_request, "
+        "SignedHeaders=host;x-amz-date, Signature=" + "0" * 64
+    )
+    async with aiohttp.ClientSession() as http:
+        # A SigV4 header names an access key id (no secret) with a signature nobody here can check.
+        async with http.get(f"{proxy.url}/api/me/usage", headers={"Authorization": sigv4}) as r:
+            assert r.status == 401 and "SigV4" in (await r.json())["error"]["message"]
+        # A key in the URL (Gemini's ?key=) is not taken: headers only, and the reason is given.
+        async with http.get(f"{proxy.url}/api/me/usage?key={KEY_A}") as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+            assert error["param"] == "key" and "header" in error["message"] and KEY_A not in error["message"]
+        # Azure's api-key header is a key like any other; an empty Bearer is no key.
+        async with http.get(f"{proxy.url}/api/me/usage", headers={"api-key": KEY_B}) as r:
+            assert r.status == 200 and (await r.json())["totals"]["requests"] == 0
+        async with http.get(f"{proxy.url}/api/me/usage", headers={"Authorization": "Bearer "}) as r:
+            assert r.status == 401
+        both = {"Authorization": "Bearer ", "x-api-key": KEY_B}
+        async with http.get(f"{proxy.url}/api/me/usage", headers=both) as r:
+            assert r.status == 200 and (await r.json())["key_fingerprint"] == fingerprint(KEY_B, salt)

@@ -166,8 +166,10 @@ async def test_all_four_operations_resigned_and_metered(make_proxy, upstream, op
     for request, _ in seen:
         assert "AKIDCLIENT" not in request.headers["authorization"]
         assert request.headers["x-amz-security-token"] == OPERATOR.token
-    # The client's key is fingerprinted, never stored.
+    # The client's key is fingerprinted, never stored: its access key id, one fingerprint for
+    # all four requests (not the signature, which differs in each), so per-key views hold.
     assert all(r["key_fingerprint"] for r in rows) and "AKIDCLIENT" not in json.dumps(rows)
+    assert len({r["key_fingerprint"] for r in rows}) == 1
 
 
 async def test_without_resigning_the_client_signature_is_forwarded_and_refused(

@@ -24,7 +24,7 @@ from aiohttp import web
 from meterproxy.api import ParamError, api_error, json_response, parse_time
 from meterproxy.api.models import measures_to_api
 from meterproxy.app_state import FINGERPRINT_SALT, READERS
-from meterproxy.attribution import api_key, fingerprint
+from meterproxy.attribution import api_key, fingerprint, is_sigv4
 from meterproxy.store.queries import RequestFilter, run_read
 from meterproxy.store.summary import SummaryQuery, summarize
 
@@ -38,17 +38,17 @@ _PARAMS = ("since", "until", "group_by")
 
 
 async def my_usage_handler(request: web.Request) -> web.Response:
-    key = api_key(request.headers)
-    if not key:
-        return api_error(
-            401,
-            "unauthorized",
-            "send the API key you use with the provider (Authorization: Bearer, x-api-key, "
-            "x-goog-api-key or api-key) to see its usage",
-        )
     query = request.query
     try:
         for name in query:
+            if name == "key":
+                # The admin API's key filter (a fingerprint), or a Gemini-style ?key=: neither is
+                # taken here. A key in a URL ends up in logs; the fingerprint is the only scope.
+                raise ParamError(
+                    name,
+                    "not accepted here: send your API key in a header (Authorization: Bearer, "
+                    "x-api-key, x-goog-api-key or api-key); your own usage is the only scope",
+                )
             if name not in _PARAMS:
                 raise ParamError(name, f"unknown parameter (accepted: {', '.join(_PARAMS)})")
         now = datetime.now(UTC)
@@ -63,6 +63,23 @@ async def my_usage_handler(request: web.Request) -> web.Response:
             raise ParamError("group_by", f"{group!r}: use one of {', '.join(_GROUPS)}")
     except ParamError as exc:
         return api_error(400, "bad_parameter", str(exc), exc.param)
+    if is_sigv4(request.headers):
+        # A SigV4 header names an access key id, which is no secret, and meterproxy never
+        # holds the secret key that would check its signature: it proves nothing here.
+        return api_error(
+            401,
+            "unauthorized",
+            "an AWS SigV4 signature cannot be checked here (meterproxy never holds the secret key); "
+            "ask the operator for your Bedrock usage",
+        )
+    key = api_key(request.headers)
+    if not key:
+        return api_error(
+            401,
+            "unauthorized",
+            "send the API key you use with the provider (Authorization: Bearer, x-api-key, "
+            "x-goog-api-key or api-key) to see its usage",
+        )
 
     fp = fingerprint(key, request.app[FINGERPRINT_SALT])
     q = SummaryQuery(RequestFilter(since=since, until=until, key=fp), [group])
