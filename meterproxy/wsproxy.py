@@ -5,7 +5,10 @@ The stages, in the order they fire (the HTTP path's, where they apply):
 1. **routed**: by the proxy, exactly like any request (a path that names no
    upstream is a 404 and nothing is opened anywhere).
 2. **gated**: budgets see the session's template record (user, key, model from
-   ``?model=``) and may refuse it before anything goes upstream.
+   ``?model=``) and may refuse it before anything goes upstream. A session is
+   admitted like one request: a reserve budget's hold is settled by its first
+   response's row (which carries the session's id); later responses count as
+   spend when they finish, but an open session is never cut by a budget.
 3. **handshake** (`websocket.handshake`): the upgrade goes to the routed URL on a
    new connection. No answer: a recorded 502/504. Any answer but a 101 is
    relayed as an ordinary answer and recorded with its status.
@@ -291,7 +294,10 @@ class LiveSessions:
         result = live.result
         record = dataclasses.replace(
             template,
-            id=new_request_id(),
+            # The first response's row takes the session's id: the reservation a reserve budget
+            # made when admitting the session (under that id) settles when this row commits,
+            # instead of being held, and refreshed, for as long as the process lives.
+            id=template.id if n == 1 else new_request_id(),
             ts=utcnow(),
             tags=dict(template.tags),
             extra={"ws_session": template.id, "ws_response": n},
@@ -302,6 +308,8 @@ class LiveSessions:
             duration_ms=(live.ended - live.started) * 1000,
             ttfb_ms=None,
         )
+        if n == 1 and "reserved_usd" in template.extra:
+            record.extra["reserved_usd"] = template.extra["reserved_usd"]  # what it settles
         if result.service_tier:
             record.service_tier = result.service_tier
         if live.details:

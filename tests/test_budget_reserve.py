@@ -344,3 +344,43 @@ async def test_the_reserved_gauge_falls_back_to_zero_once_the_requests_settle(
     while (held := registry.get_sample_value("meterproxy_budget_reserved_usd", {"budget": "team"})) != 0:
         assert loop.time() < deadline, f"the gauge still shows {held} held"
         await asyncio.sleep(0.02)
+
+
+async def test_a_websocket_session_releases_its_reservation(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    # A Realtime session is admitted like one request (one worst case held under the session's
+    # id). Its rows are one per response: the first carries the session's id and settles the
+    # hold. Before, no row did, and the process kept refreshing the hold for as long as it lived.
+    import websockets
+
+    from tests.test_websocket import realtime_session, ws_upstream, ws_url
+
+    ws_upstream(upstream, "/v1/realtime", realtime_session)
+    proxy = await make_proxy(
+        budgets=[{"name": "team", "limit_usd": "100", "period": "month", "action": "reserve"}]
+    )
+    registry = proxy.app[METRICS].registry
+    url = f"{ws_url(proxy.url)}/v1/realtime?model=gpt-realtime"
+    async with websockets.connect(url, additional_headers={"Authorization": "Bearer sk-rt"}) as ws:
+        await ws.recv()  # session.created
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/api/budgets") as r:
+            [budget] = (await r.json())["budgets"]
+        assert budget["reserved_usd"] > 0  # the session's worst case, until its first response
+        for _ in range(2):
+            await ws.send(json.dumps({"type": "response.create"}))
+            async for text in ws:
+                if json.loads(text)["type"] == "response.done":
+                    break
+    first, second = await proxy.rows(2)
+    session = json.loads(first["extra"])["ws_session"]
+    assert first["id"] == session and second["id"] != session
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (held := registry.get_sample_value("meterproxy_budget_reserved_usd", {"budget": "team"})) != 0:
+        assert loop.time() < deadline, f"the gauge still shows {held} held after the session ended"
+        await asyncio.sleep(0.02)
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/api/budgets") as r:
+        [budget] = (await r.json())["budgets"]
+    assert budget["reserved_usd"] == 0
+    assert Decimal(str(budget["spend_usd"])) == Decimal(first["cost_usd"]) + Decimal(second["cost_usd"])
