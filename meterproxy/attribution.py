@@ -95,9 +95,9 @@ def api_key(headers: Mapping[str, str], query_string: str = "") -> str | None:
         scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == SIGV4_SCHEME:
             for part in token.split(","):
-                name, _, value = part.strip().partition("=")
-                if name == "Credential" and value.partition("/")[0]:
-                    return "aws-access-key-id:" + value.partition("/")[0]
+                field, _, credential = part.strip().partition("=")
+                if field == "Credential" and credential.partition("/")[0]:
+                    return "aws-access-key-id:" + credential.partition("/")[0]
         if scheme.lower() != "bearer":
             return auth.strip()
         if token.strip():
