@@ -51,7 +51,7 @@ from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.store.summary import SummaryQuery, summarize
 from meterproxy.timestamps import format_ts, parse_ts
 
-__all__ = ["PROVIDERS", "DayModel", "Reconciliation", "fetch_provider", "reconcile"]
+__all__ = ["PROVIDERS", "DayModel", "ProviderAnswerError", "Reconciliation", "fetch_provider", "reconcile"]
 
 Verdict = Literal["matched", "missing_here", "missing_there", "token_mismatch", "price_mismatch"]
 ORDER: tuple[Verdict, ...] = ("missing_here", "missing_there", "token_mismatch", "price_mismatch", "matched")
@@ -131,10 +131,22 @@ class Reconciliation:
 Fetch = Callable[[str, dict[str, str]], dict[str, Any]]
 
 
+class ProviderAnswerError(Exception):
+    """The provider's report could not be read: not JSON, not its documented shape, or paging
+    that never ends. Worded for the operator (no key in it)."""
+
+
 def http_fetch(url: str, headers: dict[str, str]) -> dict[str, Any]:
     request = urllib.request.Request(url, headers={"accept": "application/json", **headers})
     with urllib.request.urlopen(request, timeout=60) as answer:
-        data: dict[str, Any] = json.loads(answer.read())
+        raw = answer.read()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        text = raw[:120].decode("utf-8", "replace")
+        raise ProviderAnswerError(f"{url.partition('?')[0]} did not answer JSON: {text!r}") from None
+    if not isinstance(data, dict):
+        raise ProviderAnswerError(f"{url.partition('?')[0]} answered {type(data).__name__}, not an object")
     return data
 
 
@@ -142,6 +154,7 @@ def _pages(
     fetch: Fetch, base: str, path: str, params: list[tuple[str, str]], headers: dict[str, str]
 ) -> Iterator[Any]:
     page: str | None = None
+    seen: set[str] = set()
     while True:
         query = params + ([("page", page)] if page else [])
         doc = fetch(f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(query)}", headers)
@@ -149,6 +162,9 @@ def _pages(
         page = doc.get("next_page")
         if not doc.get("has_more") or not page:
             return
+        if page in seen:  # a cursor that comes back would page forever
+            raise ProviderAnswerError(f"{path}: next_page {page!r} came back; paging stopped")
+        seen.add(page)
 
 
 def _day_of_unix(seconds: int) -> str:
@@ -242,7 +258,11 @@ def fetch_provider(
     fetch: Fetch = http_fetch,
 ) -> Table:
     api = PROVIDERS[provider]
-    return api.read(fetch, base_url or api.base_url, key, since, until)
+    try:
+        return api.read(fetch, base_url or api.base_url, key, since, until)
+    except (KeyError, TypeError, AttributeError, ArithmeticError) as exc:
+        # A bucket or result without a documented field, or a figure that is not a number.
+        raise ProviderAnswerError(f"{provider}'s report is not in its documented shape ({exc!r})") from exc
 
 
 # -- our side and the comparison ------------------------------------------------------------
@@ -342,10 +362,20 @@ def reconcile(
     return Reconciliation(provider, _ts(since), _ts(until), rows, tolerance)
 
 
+def _utc_day(option: str, value: str) -> datetime:
+    """A date (YYYY-MM-DD) or an ISO 8601 datetime (an offset is honoured; none means UTC) -> the
+    UTC day it falls in, at midnight: the providers bucket by UTC day."""
+    try:
+        moment = parse_ts(value.strip())
+    except ValueError:
+        raise ValueError(f"{option} {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 datetime") from None
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def day_range(since: str, until: str | None) -> tuple[datetime, datetime]:
     """``--since``/``--until`` as whole UTC days (until inclusive; default: today)."""
-    start = datetime.fromisoformat(since[:10]).replace(tzinfo=UTC)
-    last = datetime.fromisoformat(until[:10]).replace(tzinfo=UTC) if until else datetime.now(UTC)
+    start = _utc_day("--since", since)
+    last = _utc_day("--until", until) if until else datetime.now(UTC)
     end = last.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
     if end <= start:
         raise ValueError("--until must not be before --since")

@@ -9,6 +9,7 @@ cents as a decimal string), paginated, and checks what the command sends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -332,3 +333,99 @@ def test_anthropic_reconcile_counts_cache_tokens_and_cents(
             assert headers["anthropic-version"] == "2023-06-01"
             assert query["starting_at"] == ["2026-11-02T00:00:00Z"]
             assert query["ending_at"] == ["2026-11-03T00:00:00Z"]
+
+
+def test_reconcile_reads_past_empty_pages_and_takes_dates_with_offsets(
+    openai_setup: tuple[Path, FakeAdminApi, list[RequestRecord]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A page with no buckets that still says has_more (the API pages by bucket count, and a
+    # window can start with empty days) is followed; a datetime with an offset names the UTC day
+    # it falls in: 23:00 at UTC-5 on 2 Nov is 3 Nov in UTC.
+    db, api, _ = openai_setup
+    api.pages["/v1/organization/usage/completions"].insert(0, {"object": "page", "data": []})
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin-x")
+    args = ["reconcile", "openai", "--db", str(db), "--base-url", api.url, "--json"]
+    out = CliRunner().invoke(main, [*args, "--since", "2026-11-02", "--until", "2026-11-04"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["verdicts"]["missing_here"] == 1  # the gpt-4.1 day, two pages on
+    assert [p for p, _, _ in api.seen].count("/v1/organization/usage/completions") == 3
+
+    api.seen.clear()
+    out = CliRunner().invoke(
+        main, [*args, "--since", "2026-11-02T23:00:00-05:00", "--until", "2026-11-04T12:00:00Z"]
+    )
+    assert out.exit_code == 0, out.output
+    _, query, _ = api.seen[0]
+    assert query["start_time"] == [str(int(DAY2.timestamp()))]
+    assert query["end_time"] == [str(int((DAY3 + timedelta(days=1)).timestamp()))]
+    for bad in ("garbage", "2026-11-02xyz", "2026-13-01"):
+        out = CliRunner().invoke(main, [*args, "--since", bad])
+        assert out.exit_code == 2 and f"--since {bad!r} is not a date" in out.output
+
+
+def test_reconcile_says_what_is_wrong_with_an_unreadable_answer(
+    openai_setup: tuple[Path, FakeAdminApi, list[RequestRecord]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # Each of these used to end in a Python traceback, or (the cursor) never end.
+    db, api, _ = openai_setup
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin-x")
+    args = ["reconcile", "openai", "--since", "2026-11-02", "--db", str(db), "--base-url", api.url]
+    completions = "/v1/organization/usage/completions"
+
+    api.pages[completions] = [{"object": "page", "data": [{"object": "bucket", "results": []}]}]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1 and "not in its documented shape" in out.output and "start_time" in out.output
+
+    looping = {"object": "page", "data": [], "has_more": True, "next_page": "same"}
+    with _answering(200, looping) as url:
+        out = CliRunner().invoke(main, [*args[:-1], url])
+    assert out.exit_code == 1 and "next_page 'same' came back" in out.output
+
+    api.pages[completions] = [{"object": "page", "data": []}]
+    api.pages.pop("/v1/organization/usage/embeddings")
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1 and "answered 404" in out.output
+
+    out = CliRunner().invoke(main, [*args[:4], "--db", str(tmp_path / "none.db"), *args[6:]])
+    assert out.exit_code == 2 and "no database at" in out.output
+    assert not (tmp_path / "none.db").exists()
+
+
+@contextlib.contextmanager
+def _answering(status: int, doc: dict[str, Any]) -> Iterator[str]:
+    """A server that answers every GET with ``status`` and ``doc``; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_rejected_admin_key_exits_1_with_a_hint_and_no_key(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    _store(db, [])
+    refusal = {"error": {"message": "Incorrect API key provided: sk-admin-bad.", "code": "invalid_api_key"}}
+    runner = CliRunner(env={"OPENAI_ADMIN_KEY": "sk-admin-bad", "ANTHROPIC_ADMIN_API_KEY": "sk-admin-bad"})
+    with _answering(401, refusal) as url:
+        for provider in ("openai", "anthropic"):
+            args = ["reconcile", provider, "--since", "2026-11-02", "--db", str(db), "--base-url", url]
+            out = runner.invoke(main, args)
+            assert out.exit_code == 1, out.output
+            assert "answered 401 (is" in out.output and "admin key" in out.output
+            assert "sk-admin-bad" not in out.output

@@ -10,19 +10,30 @@ from __future__ import annotations
 import os
 import urllib.error
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import click
 
 from meterproxy.commands.database import resolve_db
-from meterproxy.reconcile import PROVIDERS, day_range, reconcile, render_json, render_table
+from meterproxy.reconcile import (
+    PROVIDERS,
+    ProviderAnswerError,
+    day_range,
+    reconcile,
+    render_json,
+    render_table,
+)
+from meterproxy.store.backend import parse_db
 
 __all__ = ["command"]
 
 
 @click.command("reconcile")
 @click.argument("provider", type=click.Choice(sorted(PROVIDERS)))
-@click.option("--since", required=True, help="First UTC day (YYYY-MM-DD).")
-@click.option("--until", default=None, help="Last UTC day, inclusive (YYYY-MM-DD) [default: today].")
+@click.option(
+    "--since", required=True, help="First UTC day (YYYY-MM-DD, or an ISO datetime: the UTC day it falls in)."
+)
+@click.option("--until", default=None, help="Last UTC day, inclusive (as --since) [default: today].")
 @click.option("--db", default=None, envvar="METERPROXY_DB", help="Database [default: XDG].")
 @click.option("--upstream", default=None, help="Our upstream whose rows to compare [default: PROVIDER].")
 @click.option(
@@ -54,13 +65,24 @@ def command(
     except (ValueError, InvalidOperation) as exc:
         raise click.BadParameter(str(exc)) from exc
     url = base_url or api.base_url
+    path = resolve_db(db)
+    target = parse_db(path)
+    if not target.is_postgres and not Path(target.target).exists():
+        raise click.UsageError(f"no database at {path} (pass --db, or set METERPROXY_DB)")
     try:
-        result = reconcile(
-            provider, resolve_db(db), key, start, end, upstream=upstream, base_url=url, tolerance=tol
-        )
+        result = reconcile(provider, path, key, start, end, upstream=upstream, base_url=url, tolerance=tol)
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")[:500].replace(key, "[REDACTED]")
-        raise click.ClickException(f"{url} answered {exc.code}: {body}") from exc
+        hint = (
+            f" (is {api.key_env} an admin key of the {provider} organisation?)"
+            if exc.code in (401, 403)
+            else ""
+        )
+        raise click.ClickException(f"{url} answered {exc.code}{hint}: {body}") from exc
     except urllib.error.URLError as exc:
         raise click.ClickException(f"cannot reach {url}: {exc.reason}") from exc
+    except (TimeoutError, OSError) as exc:  # a read that timed out, a connection reset mid-answer
+        raise click.ClickException(f"reading from {url} failed: {exc}") from exc
+    except ProviderAnswerError as exc:
+        raise click.ClickException(str(exc).replace(key, "[REDACTED]")) from exc
     click.echo(render_json(result) if as_json else render_table(result))
