@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,6 +21,8 @@ import openai
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from meterproxy.app_state import WRITER
+from meterproxy.budgets.feature import BUDGETS
 from meterproxy.budgets.webhooks import sign
 from meterproxy.money import from_pico
 from meterproxy.settings import SettingsError, load_settings
@@ -358,3 +361,49 @@ async def test_clean_shutdown_mid_attempt_releases_the_claim(
         await wait_for(lambda: query(db, "SELECT state FROM webhook_outbox") == delivered, what="delivered")
         await second.server.close()
     assert query(db, "SELECT state FROM webhook_outbox") == [("delivered",)]
+
+
+async def test_an_answer_read_before_a_clean_stop_is_still_recorded(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The stop cancels an attempt whose answer is in but whose write waits in the writer's queue.
+
+    That write still runs: the answer is known and the claim no longer ours to give back, so a
+    write dropped here left the row pending under its lease (``webhook_timeout`` + 60 s before
+    a retry) and an endpoint that had answered 2xx was sent the event again (the restart tests
+    above failed so under load).
+    """
+    db = tmp_path / "meter.db"
+    insert_records(db, [make_record(user="w", cost_usd=Decimal("0.6"))])
+    entered, release = threading.Event(), threading.Event()
+    proxies: list[ProxyHarness] = []
+    receiver = Receiver()
+
+    def block_writer(conn: Any) -> None:
+        entered.set()
+        release.wait(30)
+
+    async def answer_behind_a_busy_writer(request: Any) -> Any:
+        # Busy the writer before answering, so the proxy's record of this answer queues behind it.
+        await wait_for(lambda: proxies, what="the proxy")
+        proxies[0].app[WRITER].call(block_writer)
+        assert await asyncio.to_thread(entered.wait, 30)
+        return await Receiver._handle(receiver, request)
+
+    receiver._handle = answer_behind_a_busy_writer  # type: ignore[method-assign]
+    async with receiver:
+        settings = hook_settings(
+            receiver, budgets=[{"name": "w", "limit_usd": "1", "thresholds": [50], "scope": {"user": "w"}}]
+        )
+        proxies.append(await make_proxy(**settings))
+        deliverer = proxies[0].app[BUDGETS].deliverer
+        try:
+            await wait_for(lambda: receiver.accepted, what="the delivery")
+            # The claim is dropped as the record is queued: the answer is read, its write waits.
+            await wait_for(lambda: not deliverer._claims, what="the answer's write to be queued")
+            deliverer.stop()  # what a clean shutdown does first: in-flight attempts are cancelled
+            await wait_for(lambda: not deliverer._tasks, what="the attempt to be cancelled")
+        finally:
+            release.set()
+        await proxies[0].settle()
+    assert query(db, "SELECT state, attempts, last_status FROM webhook_outbox") == [("delivered", 1, 204)]

@@ -43,6 +43,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -293,10 +294,12 @@ class Deliverer:
             self.failed_attempts += 1
             log.warning("webhook %s to %s failed (%s); attempt %d", event_id, endpoint_name, error, attempts)
         duration = (time.perf_counter() - started) * 1000
-        # Submitted to the writer here, so it runs even if this task is cancelled while waiting
-        # (and before any release of the claim queued after it): no longer ours to give back.
+        # The outcome is known: it must be recorded even if a clean stop cancels this task while
+        # the write waits in the writer's queue (the claim is no longer ours to give back). The
+        # wait is shielded: cancelling a bare `wrap_future` cancels the writer's future, and the
+        # writer skips a cancelled call, which left the row pending under its lease.
         self._claims.pop(outbox_id, None)
-        await asyncio.wrap_future(
+        await _unless_cancelled(
             self.writer.call(
                 lambda conn: record_attempt(
                     conn,
@@ -330,3 +333,19 @@ class Deliverer:
         if endpoint.secret:
             headers["webhook-signature"] = sign(endpoint.secret, event_id, timestamp, body)
         return headers
+
+
+async def _unless_cancelled(future: Future[None]) -> None:
+    """Wait for a writer call; if this task is cancelled meanwhile, the call still runs (and a
+    failure of it is logged, as nobody is left to see it)."""
+    waited = asyncio.wrap_future(future)
+    try:
+        await asyncio.shield(waited)
+    except asyncio.CancelledError:
+        waited.add_done_callback(_log_failure)
+        raise
+
+
+def _log_failure(waited: asyncio.Future[None]) -> None:
+    if not waited.cancelled() and (exc := waited.exception()) is not None:
+        log.error("recording a webhook attempt after shutdown began failed: %r", exc)
