@@ -132,6 +132,17 @@ async def settle(proxy: ProxyHarness) -> None:
         await asyncio.sleep(0)
 
 
+async def delivered(proxy: ProxyHarness, n: int) -> None:
+    """Wait until the proxy has recorded ``n`` deliveries as delivered.
+
+    The receiver lists an attempt before it answers, so its list runs ahead of the outbox:
+    a proxy stopped in between cancels the attempt, and the next one sends it again (at least
+    once, as documented). A test that restarts, or reads the delivery log, waits for this.
+    """
+    sql = "SELECT COUNT(*) FROM webhook_outbox WHERE state = 'delivered'"
+    await wait_for(lambda: query(proxy.db, sql) == [(n,)], what=f"{n} deliveries recorded")
+
+
 async def test_outbox_survives_outage_and_restart_exactly_once(
     upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -154,6 +165,7 @@ async def test_outbox_survives_outage_and_restart_exactly_once(
         receiver.accept = True
         await call(second)  # crosses 80 and 100 %
         await wait_for(lambda: len(receiver.accepted) >= 3, what="all three events")
+        await delivered(second, 3)
 
         deliveries = await api_get(second, "/api/webhooks/deliveries")
         await second.server.close()
@@ -193,6 +205,7 @@ async def test_crossing_while_down_is_raised_at_start(
         assert all(e["request"] is None for e in events)
         assert Decimal(str(events[0]["spend_usd"])) == Decimal("1.8")
         assert events[-1]["type"] == "budget.exceeded"
+        await delivered(proxy, 3)
         await proxy.server.close()
         again = await make_proxy(**settings)
         await settle(again)
