@@ -11,7 +11,8 @@ the same forwarding code serves aiohttp's server (`meterproxy.proxy.AiohttpClien
 and the lean protocol of `meterproxy.server`. Its contract:
 
 - `respond` sends one whole answer of meterproxy's own (an error, a budget refusal);
-- `start` sends the status line and headers of the upstream's answer, then
+- `start` sends the status line and headers of the upstream's answer (llhttp's
+  bytes, as the upstream sent them), then
   `write` each piece of body and `end` once. A client that is gone makes `write`
   (and `start`) raise `ConnectionResetError`. `start` and `write` may hold
   their bytes back to send them with the next ones (a whole small answer in
@@ -46,7 +47,7 @@ class ClientSide(Protocol):
 
     async def respond(self, response: web.StreamResponse) -> None: ...
 
-    async def start(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None: ...
+    async def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
 

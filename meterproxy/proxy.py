@@ -67,7 +67,7 @@ from meterproxy.body_budget import RETRY_AFTER_SECONDS, BodyBudget, OverBudget, 
 from meterproxy.credentials import carried, scrub_record
 from meterproxy.exchange import ClientSide, Exchange
 from meterproxy.http_errors import json_error
-from meterproxy.http_headers import HOP_BY_HOP
+from meterproxy.http_headers import HOP_BY_HOP, HOP_BY_HOP_BYTES, header_text
 from meterproxy.logs import redact
 from meterproxy.meter import Meter
 from meterproxy.providers.base import ParseResult, RequestInfo
@@ -96,6 +96,7 @@ _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", *ATTRIBUTION_H
 _PROBE_METHODS = frozenset({"HEAD", "OPTIONS"})
 #: Where the provider puts its own id for a request (Anthropic, then OpenAI and its copies).
 _REQUEST_ID_HEADERS = ("request-id", "x-request-id")
+_REQUEST_ID_HEADERS_BYTES = tuple(name.encode("ascii") for name in _REQUEST_ID_HEADERS)
 
 
 #: The built-in upstreams' wire family: the provider of their rows that no parser meters
@@ -158,10 +159,10 @@ class AiohttpClient:
     async def respond(self, response: web.StreamResponse) -> None:
         self.response = response  # the handler returns it; aiohttp sends it
 
-    async def start(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
-        response = self.response = web.StreamResponse(status=status, reason=reason)
+    async def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        response = self.response = web.StreamResponse(status=status, reason=header_text(reason))
         for name, value in headers:
-            response.headers.add(name, value)
+            response.headers.add(header_text(name), header_text(value))
         await response.prepare(self.request)
 
     async def write(self, data: bytes) -> None:
@@ -534,32 +535,46 @@ class Proxy:
         )
         record.streamed = record.streamed or sse
 
-    def _answer_headers(self, exchange: Exchange) -> list[tuple[str, str]]:
-        """Open the tap; the upstream's headers minus hop-by-hop ones (and a length the tap voids)."""
+    def _answer_headers(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """Open the tap; the upstream's headers minus hop-by-hop ones (and a length the tap voids).
+
+        The headers stay llhttp's bytes: only the few read here are decoded, the rest
+        are relayed as they came.
+        """
         assert exchange.upstream is not None
-        headers = exchange.upstream.header_list
-        content_type, content_encoding, connection = "", None, ""
-        request_ids: dict[str, str] = {}
+        headers = exchange.upstream.raw_headers
+        content_type, content_encoding, connection = b"", None, b""
+        request_ids: dict[bytes, bytes] = {}
+        drops = False
         for name, value in headers:
             lower = name.lower()
-            if lower == "content-type" and not content_type:
-                content_type = value
-            elif lower == "content-encoding" and content_encoding is None:
-                content_encoding = value
-            elif lower == "connection":
-                connection += "," + value
-            elif lower in _REQUEST_ID_HEADERS and value:
-                request_ids.setdefault(lower, value)
-        for name in _REQUEST_ID_HEADERS:
-            if name in request_ids:
-                exchange.record.provider_request_id = request_ids[name][:200]
+            if lower == b"content-type":
+                if not content_type:
+                    content_type = value
+            elif lower == b"content-encoding":
+                if content_encoding is None:
+                    content_encoding = header_text(value)
+            elif lower in _REQUEST_ID_HEADERS_BYTES:
+                if value:
+                    request_ids.setdefault(lower, value)
+            elif lower == b"connection":
+                connection += b"," + value
+                drops = True
+            elif lower in HOP_BY_HOP_BYTES:
+                drops = True
+        for id_name in _REQUEST_ID_HEADERS_BYTES:
+            if id_name in request_ids:
+                exchange.record.provider_request_id = header_text(request_ids[id_name])[:200]
                 break
-        self._open_tap(exchange, content_type, content_encoding)
-        drop = HOP_BY_HOP
+        self._open_tap(exchange, header_text(content_type), content_encoding)
+        drop = HOP_BY_HOP_BYTES
         if connection:
-            drop = drop | {t.strip().lower() for t in connection.split(",")}
+            drop = drop | {t.strip().lower() for t in connection.split(b",")}
         if exchange.tap is not None and exchange.tap.rewriting:
-            drop = drop | {"content-length"}
+            drop = drop | {b"content-length"}
+            drops = True
+        if not drops:
+            return headers  # nothing to take out (the usual JSON answer): relayed as it came
         return [(name, value) for name, value in headers if name.lower() not in drop]
 
     async def _relay(self, exchange: Exchange, client: ClientSide) -> None:
@@ -570,11 +585,11 @@ class Proxy:
         # Strict durability: the client must not see the end of the answer before the
         # record is committed. A chunked answer ends with `end`; one with a
         # Content-Length ends with its last byte, so that byte is held back.
-        hold = self._durable is not None and any(n.lower() == "content-length" for n, _ in headers)
+        hold = self._durable is not None and any(n.lower() == b"content-length" for n, _ in headers)
         held = b""
         try:
             try:
-                await client.start(upstream.status, upstream.reason, headers)
+                await client.start(upstream.status, upstream.raw_reason, headers)
             except ConnectionResetError:
                 exchange.client_gone = True
             record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000

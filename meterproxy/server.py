@@ -209,32 +209,45 @@ class _Answer:
         """One answer of our own (an error, a budget refusal), head and body at once."""
         body = response.body if isinstance(response, web.Response) else b""
         assert isinstance(body, bytes)
-        headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
-        headers.append(("Content-Length", str(len(body))))
-        head = self._head(response.status, response.reason, headers)
+        headers = [
+            (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+            for k, v in response.headers.items()
+            if k.lower() != "content-length"
+        ]
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        head = self._head(response.status, response.reason.encode("utf-8", "surrogateescape"), headers)
         self._conn.send(head if self._head_only else head + body)
         self._finish()
 
-    async def start(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+    async def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.start_now(status, reason, headers)
+
+    def start_now(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """`start`, which never waits: the head is only held (see the class docstring)."""
         # Never raises for a client that is gone: the first `write` does (see ClientSide).
         delimited = status < 200 or status in (204, 304) or self._head_only
         if not delimited:
-            delimited = any(n.lower() == "content-length" for n, _ in headers)
+            for n, _ in headers:
+                if n.lower() == b"content-length":
+                    delimited = True
+                    break
         if not delimited:
             if self._version == "1.1":
                 self._chunked = True
-                headers = [*headers, ("Transfer-Encoding", "chunked")]
+                headers = [*headers, (b"Transfer-Encoding", b"chunked")]
             else:
                 self._keep_alive = False  # HTTP/1.0: the close ends the body
         self._hold(self._head(status, reason, headers))
 
-    def _head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+    def _head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The status line and header lines, as bytes (the upstream's headers are never decoded)."""
         if not self._keep_alive:
-            headers = [*headers, ("Connection", "close")]
-        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        lines.extend([f"{n}: {v}\r\n" for n, v in headers])
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+            headers = [*headers, (b"Connection", b"close")]
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        for n, v in headers:
+            lines += (n, b": ", v, b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def _hold(self, data: bytes) -> None:
         self._held.append(data)

@@ -55,6 +55,8 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
+from meterproxy.http_headers import header_text
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -299,15 +301,13 @@ class _Connection(asyncio.Protocol):
             self.transport.write(body)
         return self._headers_done
 
-    def header_items(self) -> list[tuple[str, str]]:
-        return [
-            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in self._header_list
-        ]
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._header_list
 
     @property
-    def reason(self) -> str:
-        return self._reason.decode("utf-8", "surrogateescape").strip()
+    def raw_reason(self) -> bytes:
+        return self._reason.strip()
 
     def take(self) -> bytes | None:
         """Everything that has arrived since the last call; b"" at the end; None: nothing yet."""
@@ -355,16 +355,26 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """An upstream's answer: status, reason and headers now, the body by `read`."""
 
-    __slots__ = ("_conn", "_headers", "_released", "header_list", "reason", "status")
+    __slots__ = ("_conn", "_headers", "_released", "raw_headers", "raw_reason", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self._released = False
         self.status = conn.status
-        self.reason = conn.reason
-        #: The headers in order as sent (the proxy's one pass over them needs no multidict).
-        self.header_list = conn.header_items()
+        #: The reason phrase and the headers in order, as llhttp handed them over: the proxy
+        #: relays them as bytes, decoding only the few it reads (no multidict, no str copies).
+        self.raw_reason = conn.raw_reason
+        self.raw_headers = conn.raw_headers
         self._headers: CIMultiDict[str] | None = None
+
+    @property
+    def reason(self) -> str:
+        return header_text(self.raw_reason)
+
+    @property
+    def header_list(self) -> list[tuple[str, str]]:
+        """The headers in order as text (decoded on each use)."""
+        return [(header_text(n), header_text(v)) for n, v in self.raw_headers]
 
     @property
     def headers(self) -> CIMultiDict[str]:
