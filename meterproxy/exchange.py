@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from meterproxy.tap import ResponseTap
     from meterproxy.upstream import UpstreamResponse
 
-__all__ = ["ClientSide", "Exchange"]
+__all__ = ["ClientNow", "ClientSide", "Exchange"]
 
 
 class ClientSide(Protocol):
@@ -56,6 +56,27 @@ class ClientSide(Protocol):
     def flush(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+class ClientNow(ClientSide, Protocol):
+    """A `ClientSide` that can also take a whole answer without waiting (the lean server's).
+
+    `ready` is true while the client is connected and its socket takes our writes
+    (below the high-water mark); then `start_now`, `write_now` and `end_now` do
+    what `start`, `write` and `end` do, holding or sending, never waiting and
+    never raising. The proxy relays an answer that is all in memory this way,
+    from a callback (`meterproxy.proxy.Proxy.relay_soon`), and only while `ready`:
+    back-pressure is kept, because a client that stops reading is not `ready`
+    and gets the waiting path instead.
+    """
+
+    def ready(self) -> bool: ...
+
+    def start_now(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def write_now(self, data: bytes) -> None: ...
+
+    def end_now(self) -> None: ...
 
 
 @dataclass(slots=True, eq=False)

@@ -112,6 +112,8 @@ class Meter:
         self._price = price
         self._sinks: list[tuple[str, Sink]] = []
         self.request_gates: list[Gate] = []
+        #: Per gate that can tell: true while it lets every request through without a look.
+        self._gate_idle: dict[Gate, Callable[[], bool]] = {}
         self.finished = 0
 
     def set_pricer(self, price: PriceFunction) -> None:
@@ -138,6 +140,29 @@ class Meter:
                 sink(record)
             except Exception:
                 log.exception("sink %s failed for request %s", name, record.id)
+
+    def add_gate(self, gate: Gate, idle: Callable[[], bool] | None = None) -> None:
+        """Consult ``gate`` before forwarding; ``idle()`` true means it would pass anything now."""
+        self.request_gates.append(gate)
+        if idle is not None:
+            self._gate_idle[gate] = idle
+
+    def remove_gate(self, gate: Gate) -> None:
+        if gate in self.request_gates:
+            self.request_gates.remove(gate)
+        self._gate_idle.pop(gate, None)
+
+    def gates_idle(self) -> bool:
+        """No gate would look at a request right now (none, or all idle): `check_gates` can be skipped.
+
+        The lean server's callback relay forwards without a task only then; a gate
+        that is not idle (a budget exists) is awaited in a task as before.
+        """
+        for gate in self.request_gates:
+            idle = self._gate_idle.get(gate)
+            if idle is None or not idle():
+                return False
+        return True
 
     async def check_gates(self, record: RequestRecord) -> web.StreamResponse | None:
         for gate in self.request_gates:

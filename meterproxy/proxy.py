@@ -27,6 +27,10 @@ The stages of one request, in the order they fire:
 6. **finished** (`Meter.request_finished`): the record is priced and handed to
    the sinks. Too late to change anything the client saw.
 
+The lean server runs these stages without a task when nothing in them would
+wait (`Proxy.relay_soon`: a whole answer on a pooled connection, relayed from
+the callback that receives it); everything else runs them in a task (`run`).
+
 Faults: no answer from the upstream gives a JSON 502 (refused, reset) or 504
 (timeout). An upstream that dies mid-answer makes us cut the client's
 connection the same way, never end it cleanly, so the client can tell the
@@ -46,8 +50,8 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -65,7 +69,7 @@ from meterproxy.attribution import (
 from meterproxy.aws_sigv4 import AwsSigner
 from meterproxy.body_budget import RETRY_AFTER_SECONDS, BodyBudget, OverBudget, read_body
 from meterproxy.credentials import carried, scrub_record
-from meterproxy.exchange import ClientSide, Exchange
+from meterproxy.exchange import ClientNow, ClientSide, Exchange
 from meterproxy.http_errors import json_error
 from meterproxy.http_headers import HOP_BY_HOP, HOP_BY_HOP_BYTES, header_text
 from meterproxy.logs import redact
@@ -74,7 +78,7 @@ from meterproxy.providers.base import ParseResult, RequestInfo
 from meterproxy.providers.batches import result_id
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
-from meterproxy.upstream import UpstreamBroken, UpstreamClient, UpstreamError
+from meterproxy.upstream import Sent, UpstreamBroken, UpstreamClient, UpstreamError
 from meterproxy.usage import CapturedContent, EstimateSource, RequestRecord
 from meterproxy.websocket import is_upgrade
 from meterproxy.wsproxy import LiveSessions
@@ -331,8 +335,14 @@ class Proxy:
 
     async def drain(self, timeout: float) -> None:
         """Wait (bounded) for every exchange task, e.g. abandoned streams still draining."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+        # Again while any are left: an exchange waiting in a callback (`relay_soon`) may hand
+        # over to a task once its upstream answers.
+        deadline = time.monotonic() + timeout
+        while self._tasks:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.wait(list(self._tasks), timeout=left)
 
     # -- routed, request read --------------------------------------------------------
     def begin(
@@ -435,14 +445,113 @@ class Proxy:
                 pass
             return
         self._prepare_upstream_request(exchange)
+        await self._forwarding(exchange, client, None)
+
+    async def _forwarding(self, exchange: Exchange, client: ClientSide, sent: Sent | None) -> None:
+        """Forwarded (``sent``: already, by `relay_soon`), streamed back, finished."""
         self.in_flight += 1
         try:
-            await self._forward(exchange, client)
+            await self._forward(exchange, client, sent)
         finally:
             self.in_flight -= 1
             if not exchange.recorded:
-                record.duration_ms = (time.perf_counter() - exchange.started) * 1000
+                exchange.record.duration_ms = (time.perf_counter() - exchange.started) * 1000
                 self._finish(exchange)
+
+    # -- the callback relay (lean server) -----------------------------------------------
+    def relay_soon(
+        self, exchange: Exchange, client: ClientNow, done: Callable[[], None], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """`run` without a task when nothing needs one; ``done()`` once the exchange is over.
+
+        With no request gate to consult (no budget configured) and strict durability off, the
+        request goes out at once on an idle pooled connection, and the rest of the
+        exchange waits in a callback on the answer's head, not in a task. If the
+        whole answer came with its head (a JSON answer, a short stream sent at once)
+        and the client is taking our writes, it is relayed, tapped and recorded
+        right there, in that callback (`_relay_now`). Anything else (a gate, strict
+        durability, no idle connection, an answer still arriving, an upstream
+        error, a client gone or not reading) runs in a task as `run`, taking over
+        where the callback left off: the same code as before handles all of those.
+        """
+        if self._durable is not None or not client.ready() or not self.meter.gates_idle():
+            self._spawn_done(loop, self.run(exchange, client), done)
+            return
+        self._prepare_upstream_request(exchange)
+        exchange.sent_at = time.perf_counter()
+        sent = self.client.send_pooled(exchange.method, exchange.target.url, exchange.headers, exchange.body)
+        if sent is None:
+            self._spawn_done(loop, self._forwarding(exchange, client, None), done)
+            return
+        self.in_flight += 1
+        head_done = sent.head_done
+        # Tracked like a task: `drain` waits for it (and whatever task it hands over to).
+        self._tasks.add(head_done)
+        head_done.add_done_callback(self._tasks.discard)
+        head_done.add_done_callback(lambda _: self._head_in(exchange, client, sent, done, loop))
+
+    def _spawn_done(
+        self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], done: Callable[[], None]
+    ) -> None:
+        task = loop.create_task(coro)  # the loop as given: finding it costs a getpid on 3.11
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: done())
+
+    def _head_in(
+        self,
+        exchange: Exchange,
+        client: ClientNow,
+        sent: Sent,
+        done: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """The answer's head is in (or the request failed): relay it now, or hand over to a task."""
+        if not sent.ready() or sent.conn.status == 101 or not client.ready():
+            self.in_flight -= 1
+            self._spawn_done(loop, self._forwarding(exchange, client, sent), done)
+            return
+        try:
+            self._relay_now(exchange, client, sent)
+        except Exception:
+            log.exception("relaying the answer to request %s failed", exchange.record.id)
+        finally:
+            self.in_flight -= 1
+            if not exchange.recorded:
+                exchange.record.duration_ms = (time.perf_counter() - exchange.started) * 1000
+                self._finish(exchange)
+            done()
+
+    def _relay_now(self, exchange: Exchange, client: ClientNow, sent: Sent) -> None:
+        """`_relay` for an answer that is all here, the client ready: nothing waits.
+
+        The same steps in the same order as the loop of `_relay` takes for such an
+        answer (one piece of body, then its end), with `ClientNow`'s methods that
+        only hold or send; the record gets the same times and the tap's result.
+        """
+        record = exchange.record
+        upstream = exchange.upstream = sent.response()
+        try:
+            headers = self._answer_headers(exchange)
+            client.start_now(upstream.status, upstream.raw_reason, headers)
+            record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
+            chunk = upstream.take()
+            tap = exchange.tap
+            if chunk:
+                out = tap.feed(chunk) if tap is not None else chunk
+                if out:
+                    record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
+                    client.write_now(out)
+            if tap is not None:
+                tail = tap.finish()
+                if tail:
+                    client.write_now(tail)
+            client.end_now()
+        finally:
+            if exchange.tap is not None:
+                self._take_result(exchange)
+            record.upstream_ms = (time.perf_counter() - exchange.sent_at) * 1000
+            upstream.release()
 
     def _prepare_upstream_request(self, exchange: Exchange) -> None:
         """Usage injection into the body, and the headers that go upstream."""
@@ -468,13 +577,16 @@ class Proxy:
             out = signer.sign(exchange.method, exchange.target.url, out, exchange.body)
         exchange.headers = out
 
-    async def _forward(self, exchange: Exchange, client: ClientSide) -> None:
+    async def _forward(self, exchange: Exchange, client: ClientSide, sent: Sent | None) -> None:
         record = exchange.record
-        exchange.sent_at = time.perf_counter()
         try:
-            upstream = await self.client.request(
-                exchange.method, exchange.target.url, exchange.headers, exchange.body
-            )
+            if sent is None:
+                exchange.sent_at = time.perf_counter()
+                upstream = await self.client.request(
+                    exchange.method, exchange.target.url, exchange.headers, exchange.body
+                )
+            else:
+                upstream = await sent.answer()
         except TimeoutError:
             record.status, record.error = 504, "upstream timed out before answering"
             await self._respond(client, json_error(504, "upstream_timeout", record.error))

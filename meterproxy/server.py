@@ -41,6 +41,22 @@ Why this is safe:
 - **Back-pressure.** The socket's write buffer above its high-water mark makes
   the writer wait (`_Conn.pause_writing`), as aiohttp's ``drain`` did: a slow
   reader slows its upstream, not our memory.
+- **No task per request where a callback does** (`Proxy.relay_soon`). A read
+  request goes out at once on an idle pooled upstream connection, and the
+  exchange waits for the answer's head in a callback; if the whole answer came
+  with it and the client takes our writes (`_Answer.ready`: connected, below the
+  high-water mark), it is relayed, tapped and recorded in that callback, and the
+  answer leaves in one ``send``. It is safe because it is the same steps, not a
+  second forwarding path: parsing, limits and refusals happen before it, on the
+  llhttp callbacks above, exactly as before; it only runs when nothing could make
+  the coroutine wait (no gate to consult, strict durability off, the answer
+  complete without error, the client ready), so the coroutine's waits and its
+  fault handling are never skipped, only not needed; and every other case
+  (a budget, a new upstream connection, a stream still arriving, an upstream
+  error, a slow or gone client) hands the exchange, where it stands, to the same
+  coroutine in a task. Pipelining is unchanged (the answer ends through the same
+  `_Answer` before the next request starts), and shutdown waits for an exchange
+  parked in a callback as for a task (`Proxy.drain`).
 """
 
 from __future__ import annotations
@@ -273,7 +289,19 @@ class _Answer:
             await conn.writable()
         self._hold(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
+    def ready(self) -> bool:
+        conn = self._conn
+        return not conn.gone and not conn.write_paused
+
+    def write_now(self, data: bytes) -> None:
+        """`write` while `ready`: held, never waiting (the caller checked `ready`)."""
+        if not self._head_only:
+            self._hold(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
     async def end(self) -> None:
+        self.end_now()
+
+    def end_now(self) -> None:
         if self._chunked and not self._head_only:
             self._held.append(b"0\r\n\r\n")
         self.flush()
@@ -623,14 +651,13 @@ class _Conn(asyncio.Protocol):
         exchange = proxy.begin(
             request.method, target, request.str_headers(), raw_query, body, request.started
         )
-        task = proxy.spawn(exchange, answer, self._loop)
 
-        def done(_: object) -> None:
+        def done() -> None:
             self._release(request)  # the exchange kept the body until it ended
             if not answer.done:
                 self.abort()
 
-        task.add_done_callback(done)
+        proxy.relay_soon(exchange, answer, done, self._loop)
 
     def send(self, data: bytes) -> None:
         transport = self.transport

@@ -60,6 +60,7 @@ from meterproxy.http_headers import header_text
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Sent",
     "UpstreamBroken",
     "UpstreamClient",
     "UpstreamConnectError",
@@ -402,6 +403,41 @@ class UpstreamResponse:
         self._conn.release()
 
 
+class Sent:
+    """A request on its way: its connection, and a future done once the answer's head is in."""
+
+    __slots__ = ("conn", "head_done")
+
+    def __init__(self, conn: _Connection, head_done: asyncio.Future[None]) -> None:
+        self.conn = conn
+        self.head_done = head_done
+
+    def ready(self) -> bool:
+        """The head is in and the whole answer with it, read cleanly: `response` needs no wait."""
+        conn = self.conn
+        head_done = self.head_done
+        return (
+            head_done.done()
+            and not head_done.cancelled()
+            and head_done.exception() is None
+            and conn.complete
+            and conn._error is None
+        )
+
+    def response(self) -> UpstreamResponse:
+        """The answer, once `ready` (the head future done without error)."""
+        return UpstreamResponse(self.conn)
+
+    async def answer(self) -> UpstreamResponse:
+        """Wait for the answer's head (the connection is closed if that fails)."""
+        try:
+            await self.head_done
+        except BaseException:
+            self.conn.close()
+            raise
+        return UpstreamResponse(self.conn)
+
+
 class UpstreamClient:
     """Pooled HTTP/1.1 connections to the configured upstreams. Close with `close`."""
 
@@ -494,30 +530,48 @@ class UpstreamClient:
         return conn
 
     # -- requests ----------------------------------------------------------------
+    @staticmethod
+    def _origin(url: URL) -> _Origin:
+        return (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
+
+    @staticmethod
+    def _head(method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+        lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"]
+        lines.extend([f"{name}: {value}\r\n" for name, value in headers])
+        if body or method not in ("GET", "HEAD"):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def send_pooled(
+        self, method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes = b""
+    ) -> Sent | None:
+        """Send one request now on an idle pooled connection; None if there is none (then `request`).
+
+        The returned `Sent` is the connection and a future done when the answer's
+        head is in (or failed): `answer` makes the response of it. Nothing here waits,
+        so a caller can go on in a callback instead of a task.
+        """
+        if self._closed:
+            return None
+        conn = self._pool_get(self._origin(url))
+        if conn is None:
+            return None
+        head = self._head(method, url, headers, body)
+        return Sent(conn, conn.send(head, body, self.read_timeout, method == "HEAD"))
+
     async def request(
         self, method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes = b""
     ) -> UpstreamResponse:
         """Send one request and wait for the answer's head. The caller must `release` it."""
         if self._closed:
             raise UpstreamConnectError("the upstream client is closed")
-        host = url.raw_host or ""
-        port = url.port or (443 if url.scheme == "https" else 80)
-        origin = (url.scheme, host, port)
-        lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        if body or method not in ("GET", "HEAD"):
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
-
-        conn = self._pool_get(origin) or await self._connect(origin)
-        headers_done = conn.send(head, body, self.read_timeout, method == "HEAD")
-        try:
-            await headers_done
-        except BaseException:
-            conn.close()
-            raise
-        return UpstreamResponse(conn)
+        sent = self.send_pooled(method, url, headers, body)
+        if sent is None:
+            conn = await self._connect(self._origin(url))
+            head = self._head(method, url, headers, body)
+            sent = Sent(conn, conn.send(head, body, self.read_timeout, method == "HEAD"))
+        return await sent.answer()
 
     async def close(self) -> None:
         """Close every connection, idle or busy; answers in flight fail with `UpstreamBroken` now."""

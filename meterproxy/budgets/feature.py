@@ -377,7 +377,8 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     meter = app[METER]
     engine.meter = meter
-    meter.request_gates.append(engine.gate)
+    tracker = engine.tracker
+    meter.add_gate(engine.gate, idle=lambda: tracker.empty)  # the gate returns at once when empty
     meter.add_sink("reservations", engine.ledger.finished)
     # Before the store sink: a record counts as pending before it can possibly commit.
     meter.add_sink("budgets", engine.tracker.record_finished, before="store")
@@ -388,8 +389,7 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     ]
     yield
     engine.close()
-    if engine.gate in meter.request_gates:
-        meter.request_gates.remove(engine.gate)
+    meter.remove_gate(engine.gate)
     meter.remove_sink("budgets")
     engine.deliverer.stop()
     tasks[1].cancel()
