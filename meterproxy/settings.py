@@ -179,7 +179,8 @@ class Settings(BaseModel):
     budget_reserve_output_tokens: int = Field(
         32_768,
         gt=0,
-        description="Reserve budgets: output tokens reserved for a request that sets no max_tokens.",
+        description="Reserve budgets: output tokens reserved for a request that sets no max_tokens, when its "
+        "model is not in pricing/limits/output_tokens.toml (whose limits apply otherwise).",
     )
     budget_resync_interval: float = Field(
         60.0,

@@ -251,7 +251,7 @@ VARIANTS = [
 ]
 VARIANT_OF = {(sdk, stream, max_tokens): user for user, sdk, stream, max_tokens in VARIANTS}
 #: Output tokens an answer uses when the request sets no limit (the worst case then reserves
-#: budget_reserve_output_tokens, 32,768).
+#: gpt-4o-mini's own output limit, 16,384: pricing/limits/output_tokens.toml).
 UNLIMITED_OUTPUT = 3_000
 
 

@@ -384,3 +384,32 @@ async def test_a_websocket_session_releases_its_reservation(
         [budget] = (await r.json())["budgets"]
     assert budget["reserved_usd"] == 0
     assert Decimal(str(budget["spend_usd"])) == Decimal(first["cost_usd"]) + Decimal(second["cost_usd"])
+
+
+def test_a_request_without_an_output_limit_reserves_its_models_own() -> None:
+    # gpt-5 can answer with 128,000 tokens: reserving budget_reserve_output_tokens (32,768) for
+    # it held a quarter of what one answer may cost, and 'hard' limits could be passed 4x.
+    from meterproxy.output_limits import load_output_limits, output_limit
+
+    book = PriceBook.default()
+    now = datetime.now(UTC)
+
+    def output_reserved(model: str, max_tokens: int | None = None) -> Decimal:
+        record = make_record(model=model, upstream="openai", provider="openai")
+        record.requested_model, record.request_bytes, record.max_output_tokens = model, 0, max_tokens
+        pico = worst_case(record, book, 32_768, now)
+        assert pico is not None
+        one_token = book.price(model=model, usage=Usage(output_tokens=1), at=now, provider="openai")
+        assert one_token is not None
+        prompt = book.price(model=model, usage=Usage(input_tokens=1), at=now, provider="openai")
+        assert prompt is not None
+        return (from_pico(pico) - prompt.cost_usd) / one_token.cost_usd
+
+    assert output_reserved("gpt-5-2025-08-07") == 128_000  # a dated snapshot finds its model's limit
+    assert output_reserved("gpt-4o-mini") == 16_384
+    assert output_reserved("gpt-5", max_tokens=500) == 500  # what the request asks for comes first
+    assert output_reserved("gpt-3.5-turbo-instruct") == 32_768  # not in the table: the setting
+    assert output_limit(book, None, "openai") is None
+    # Every id in the table is a price table id (a typo would silently fall back to the setting).
+    for model in load_output_limits():
+        assert book.resolve(model) == model, model

@@ -11,8 +11,9 @@ with ``action = "reserve"`` admits a request only if its worst case fits:
 size in tokens (a tokenizer never makes more tokens than bytes of text), and
 its output is at most what it asked for (``max_tokens``,
 ``max_completion_tokens``, ``max_output_tokens``, ``generationConfig.
-maxOutputTokens``) or, when it asked for nothing, ``budget_reserve_output_tokens``
-(a setting: providers' own output limits range from 4k to 128k tokens), times
+maxOutputTokens``) or, when it asked for nothing, its model's own output limit
+(`meterproxy.output_limits`: from 4k to 128k tokens), for a model that table does
+not list ``budget_reserve_output_tokens`` (a setting), times
 the answers it asks for (OpenAI ``n`` or ``best_of``, Gemini ``candidateCount``:
 each answer may reach the limit and all are billed). Both
 are priced with the requested model's current prices, without cache discounts.
@@ -70,6 +71,7 @@ from meterproxy.budgets.definition import period_bounds
 from meterproxy.budgets.spend import BudgetState, in_scope
 from meterproxy.budgets.store import scope_where
 from meterproxy.money import from_pico, to_pico
+from meterproxy.output_limits import output_limit
 from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
 from meterproxy.store.db import Db, Params
@@ -87,14 +89,17 @@ _RETRIES = 50
 
 def worst_case(record: RequestRecord, book: PriceBook, default_output: int, now: datetime) -> int | None:
     """The most this request can cost, in picodollars (None when its model has no price)."""
-    output = record.max_output_tokens if record.max_output_tokens is not None else default_output
+    provider = record.upstream or record.provider or None
+    output = record.max_output_tokens
+    if output is None:  # as much as the model can generate: its own limit, else the setting's
+        output = output_limit(book, record.requested_model, provider) or default_output
     output *= max(record.output_choices, 1)  # n=4 generates (and bills) up to four answers
     usage = Usage(input_tokens=max(record.request_bytes, 1), output_tokens=output)
     result = book.price(
         model=record.requested_model,
         usage=usage,
         at=now,
-        provider=record.upstream or record.provider or None,
+        provider=provider,
         service_tier=record.service_tier,
     )
     return None if result is None else to_pico(result.cost_usd)
