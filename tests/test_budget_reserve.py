@@ -29,7 +29,7 @@ from meterproxy.money import from_pico
 from meterproxy.pricing import PriceBook
 from meterproxy.store import backend
 from meterproxy.store.writer import StoreWriter
-from meterproxy.testing import FakeUpstream, Reply, make_record
+from meterproxy.testing import FakeUpstream, Reply, free_port, load_fixture, make_record
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
 from tests.helpers.budgets import query
@@ -413,3 +413,58 @@ def test_a_request_without_an_output_limit_reserves_its_models_own() -> None:
     # Every id in the table is a price table id (a typo would silently fall back to the setting).
     for model in load_output_limits():
         assert book.resolve(model) == model, model
+
+
+async def _no_hold_left(proxy: Any, n_rows: int) -> dict[str, Any]:
+    """Once ``n_rows`` are recorded, /api/budgets (which re-reads the holds) shows none held."""
+    await proxy.rows(n_rows, timeout=20)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{proxy.url}/api/budgets") as r:
+                [budget] = (await r.json())["budgets"]
+            if budget["reserved_usd"] == 0:
+                return budget
+            assert loop.time() < deadline, f"{budget['reserved_usd']} still held"
+            await asyncio.sleep(0.05)
+
+
+async def test_every_way_a_request_can_end_releases_its_reservation(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    # A client that hangs up mid-stream (the upstream never sends usage and the drain gives up),
+    # an upstream that answers 500, one that dies mid-answer, one that cannot be reached: each
+    # request's record settles its hold (with what it cost: nothing here).
+    budget = [{"name": "team", "limit_usd": "100", "period": "month", "action": "reserve"}]
+    proxy = await make_proxy(budgets=budget, disconnect_drain_timeout=0.2)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]}
+
+    upstream.replay(load_fixture("openai_chat_stream_no_usage"), delay=0.5)
+    stream = await client.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+    async for _chunk in stream:
+        break
+    await stream.close()  # hang up after the first chunk
+    await _no_hold_left(proxy, 1)
+    [row] = await proxy.rows(1)
+    assert row["client_disconnected"] == 1 and row["usage_source"] == "missing"
+
+    upstream.reply("/v1/chat/completions", Reply(body=b'{"error": {"message": "boom"}}', status=500))
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(**ask)
+    await _no_hold_left(proxy, 2)
+
+    body = json.dumps(ANSWER).encode()
+    upstream.reply("/v1/chat/completions", Reply(body=body, chunk_size=20, cut_after=30))
+    with pytest.raises(openai.APIError):
+        await client.chat.completions.create(**ask)
+    await _no_hold_left(proxy, 3)
+
+    dead = await make_proxy(budgets=budget, upstreams={"openai": f"http://127.0.0.1:{free_port()}"})
+    unreachable = openai.AsyncOpenAI(base_url=f"{dead.url}/v1", api_key="sk-reserve", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        await unreachable.chat.completions.create(**ask)
+    assert refused.value.status_code == 502
+    spent = await _no_hold_left(dead, 1)
+    assert spent["spend_usd"] == 0
