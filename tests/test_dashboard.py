@@ -541,3 +541,31 @@ async def test_the_browser_writes_to_the_test_home_not_the_real_one(
     await page.goto("about:blank")
     crash_reports = chromium_home / ".config" / "chromium" / "Crash Reports"
     assert crash_reports.is_dir(), _chromium_traces(chromium_home)
+
+
+async def test_what_if_note_counts_estimates_even_when_none_is_priced_both_ways(
+    make_proxy: Any, browser: Any
+) -> None:
+    # As `report --as-model` prints it: estimated requests get their sentence whenever there are
+    # any (before, only when some could be priced both ways, so these two went unmentioned).
+    from meterproxy.usage import Estimate
+
+    proxy = await seeded_proxy(make_proxy)
+    for _ in range(2):
+        r = make_record(model="our-private-llm", ts=datetime.now(UTC) - timedelta(minutes=5))
+        r.usage, r.usage_source = None, "missing"
+        r.estimate = Estimate(120, 40, "heuristic:utf8_bytes/4", None, None)
+        proxy.app[METER].request_finished(r)
+    await proxy.rows(len(seed_records()) + 2)
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    await page.fill("#whatif-form [name=as_model]", "claude-haiku-4-5")
+    async with page.expect_response(lambda r: "/api/whatif" in r.url) as info:
+        await page.click("#whatif-form button[type=submit]")
+    query = dict(__import__("urllib.parse").parse.parse_qsl((await info.value).url.split("?", 1)[1]))
+    want = await api_json(proxy, "/api/whatif", **query)
+    assert want["estimated"]["requests"] == 2 and want["estimated"]["compared_requests"] == 0
+    await page.wait_for_selector("#whatif:not([hidden])")
+    note = str(await page.locator("#whatif-note").inner_text())
+    assert "Estimated (not in the totals): 2 requests without usage, none priced both ways." in note

@@ -444,9 +444,12 @@ async function runWhatIf(form) {
       + `compared ${integer(t.compared_requests)} requests${left.length ? ` (left out: ${left.join("; ")})` : ""}. `
       + `Caching saved ${money(w.cache_savings.saved_usd)} on this traffic, net of cache-write premiums.`
       // Estimates (no usage reported) never join the table's totals: a sentence of their own.
-      + (w.estimated.compared_requests
+      // As `report --as-model` prints it: every estimated request counted, priced where both ways can.
+      + (w.estimated.requests
         ? ` Estimated (not in the totals): ${integer(w.estimated.requests)} requests without usage, `
-          + `${money(w.estimated.actual_cost_usd)} as recorded, ${money(w.estimated.as_model_cost_usd)} as ${w.as_model}.`
+          + (w.estimated.compared_requests
+            ? `${money(w.estimated.actual_cost_usd)} as recorded, ${money(w.estimated.as_model_cost_usd)} as ${w.as_model}.`
+            : "none priced both ways.")
         : "");
   } catch (err) {
     if (err instanceof AuthRequired) showLogin(true);
