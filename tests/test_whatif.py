@@ -132,6 +132,13 @@ def test_as_model_unknown_target_is_a_clear_error(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["report", "--db", str(db), "--as-model", "no-such-model-xyz"])
     assert out.exit_code == 2
     assert "'no-such-model-xyz' has no price" in out.output
+    # An empty name is no model (it used to print the plain report instead), and a database
+    # that is not there is said so (it used to be a sqlite3 traceback).
+    out = CliRunner().invoke(main, ["report", "--db", str(db), "--as-model", ""])
+    assert out.exit_code == 2 and "name the model" in out.output
+    missing = tmp_path / "none.db"
+    out = CliRunner().invoke(main, ["report", "--db", str(missing), "--as-model", "gpt-4o"])
+    assert out.exit_code == 2 and "no database at" in out.output and not missing.exists()
 
 
 async def test_whatif_api_answers_what_the_report_prints(make_proxy: Any) -> None:

@@ -29,10 +29,11 @@ from meterproxy.reports import (
     render_json,
     render_table,
 )
+from meterproxy.store.backend import parse_db
 from meterproxy.store.queries import RequestFilter, read_connection
 from meterproxy.whatif import what_if, whatif_csv, whatif_json, whatif_table
 
-__all__ = ["command", "make_reader", "source_options", "zone"]
+__all__ = ["command", "existing_db", "make_reader", "source_options", "zone"]
 
 SECOND_DIMENSIONS = ("model", "provider", "upstream", "user", "source", "key")
 
@@ -49,12 +50,16 @@ def zone(name: str | None) -> ZoneInfo:
 def make_reader(db: str | None, url: str | None, token: str | None, query: Query) -> SummaryReader:
     if url:
         return ApiReader(url, query, token)
-    from meterproxy.store.backend import parse_db
+    return DbReader(existing_db(db), query)
 
+
+def existing_db(db: str | None) -> str:
+    """The database to read; a SQLite file that is not there is a usage error, not a traceback."""
     path = resolve_db(db)
-    if not parse_db(path).is_postgres and not Path(parse_db(path).target).exists():
+    target = parse_db(path)
+    if not target.is_postgres and not Path(target.target).exists():
         raise click.UsageError(f"no database at {path} (start `meterproxy serve`, or pass --db / --url)")
-    return DbReader(path, query)
+    return path
 
 
 def source_options(fn: click.decorators.FC) -> click.decorators.FC:
@@ -137,7 +142,9 @@ def command(
         first, last = parse_bound(since, zone_, end=False), parse_bound(until, zone_, end=True)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    if as_model:
+    if as_model is not None:
+        if not as_model.strip():
+            raise click.BadParameter("name the model to price the traffic as", param_hint="--as-model")
         _what_if(db, url, as_model, as_provider, prices, first, last, source, as_json, as_csv)
         return
     reader = make_reader(db, url, token, Query(first, last, zone_, source))
@@ -175,7 +182,7 @@ def _what_if(
     if book.resolve(as_model, as_provider) is None:
         where = f" in the {as_provider} price list" if as_provider else ""
         raise click.BadParameter(f"{as_model!r} has no price{where} (see `meterproxy prices list`)")
-    db = resolve_db(db)
+    db = existing_db(db)
     ensure_schema(db)  # a database last written by an older version lacks newer columns
     conn = read_connection(db)
     try:
