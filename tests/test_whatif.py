@@ -6,12 +6,14 @@ import asyncio
 import json
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from click.testing import CliRunner
 
 from meterproxy.app_state import WRITER
@@ -19,9 +21,13 @@ from meterproxy.cli import main
 from meterproxy.meter import price_record_with
 from meterproxy.pricing import PriceBook
 from meterproxy.reprice import reprice
+from meterproxy.store import backend
+from meterproxy.store.queries import RequestFilter
 from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
+from meterproxy.whatif import what_if
+from tests.helpers.pg import store_on
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 TARGET = "claude-sonnet-4-5"
@@ -243,3 +249,76 @@ async def test_cache_savings_are_one_figure_in_report_summary_whatif(make_proxy:
     }
     assert figures == dict.fromkeys(figures, expected)
     assert whatif["cache_savings"]["cache_write_tokens"] == 9000
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with store_on(request.param, tmp_path) as url:
+        yield url
+
+
+def test_as_model_equals_a_reprice_where_prices_depend_on_the_row(engine_db: str) -> None:
+    # The rows that make a reprice differ from "tokens x one rate": long prompts (Claude's and
+    # Gemini's >200k tiers), service tiers (batch, flex, priority), cache reads and 1-hour cache
+    # writes, reasoning, DeepSeek's 2025 off-peak window (dated prices), on both engines. Each
+    # target's totals equal a reprice of the same rows renamed to it, to the picodollar.
+    book = PriceBook.default()
+    price = price_record_with(book)
+    records = []
+    for i in range(24):
+        ts = datetime(2025, 6, 2, tzinfo=UTC) + timedelta(hours=7 * i + (17 if i % 2 else 3))
+        r = make_record(
+            model="gpt-4o-mini" if i % 3 else "claude-sonnet-4-5",
+            provider="openai" if i % 3 else "anthropic",
+            upstream="openai" if i % 3 else "anthropic",
+            ts=ts,
+            usage=Usage(
+                input_tokens=(250_000 if i % 4 == 0 else 3_000) + i,
+                cache_read_tokens=1_000 if i % 5 == 0 else 0,
+                cache_write_tokens=600 if i % 3 == 0 else 0,
+                cache_write_1h_tokens=200 if i % 6 == 0 else 0,
+                output_tokens=400 + 13 * i,
+                reasoning_tokens=100 if i % 3 else 0,
+            ),
+        )
+        r.service_tier = (None, "batch", "flex", "priority")[i % 4]
+        price(r)
+        assert r.cost_usd is not None, i
+        records.append(r)
+    writer = StoreWriter(engine_db)
+    writer.start()
+    for r in records:
+        assert writer.submit(r)
+    assert writer.close(timeout=30)
+
+    targets = [
+        ("claude-sonnet-4-5", "anthropic"),
+        ("gemini-2.5-pro", "gemini"),
+        ("gpt-5", "openai"),
+        ("deepseek-chat", "deepseek"),
+    ]
+    conn = backend.read_connection(engine_db)
+    try:
+        results = {t: what_if(conn, RequestFilter(), book, t[0], target_provider=t[1]) for t in targets}
+    finally:
+        conn.close()
+    for (model, provider), result in results.items():
+        totals = result.totals
+        assert totals.compared == 24 and totals.target_unpriced == 0, model
+        conn = backend.connect(engine_db)
+        try:
+            with conn.transaction():
+                conn.execute(
+                    "UPDATE requests SET model = $1, requested_model = $1, upstream = $2, provider = $2",
+                    [model, provider],
+                )
+        finally:
+            conn.close()
+        reprice(engine_db, book, since="2000-01-01T00:00:00.000000Z")
+        conn = backend.read_connection(engine_db)
+        try:
+            repriced = conn.execute("SELECT SUM(cost_pico), COUNT(cost_pico) FROM requests").fetchone()
+        finally:
+            conn.close()
+        assert int(repriced[1]) == 24, model
+        assert totals.as_target_pico == int(repriced[0]), model
