@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from meterproxy.app_state import WRITER
 from meterproxy.testing import FakeUpstream, Reply, load_fixture
@@ -60,7 +61,25 @@ async def test_sigterm_under_load_finishes_and_records_every_request(
     tmp_path: Path, upstream: FakeUpstream, served: list[Served]
 ) -> None:
     fx = load_fixture("openai_chat_stream_usage")
-    upstream.replay(fx, delay=0.1)  # ~2.5 s per answer: all of them are mid-stream at SIGTERM
+    events = [e + b"\n\n" for e in fx.body.split(b"\n\n") if e]
+    assert b"".join(events) == fx.body
+    released = asyncio.Event()
+
+    async def held_mid_stream(request: web.Request) -> web.StreamResponse:
+        # Every answer stops after its first event until SIGTERM has been sent (timed pacing
+        # alone let the first answers finish on a busy machine before the last ones started,
+        # so "n in flight" never came), then streams on (~2.5 s) while the proxy shuts down.
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(events[0])
+        await released.wait()
+        for event in events[1:]:
+            await asyncio.sleep(0.1)
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    upstream.replies["/v1/chat/completions"] = held_mid_stream
     proxy = Served(tmp_path / "m.db", upstream.url, env={"METERPROXY_INJECT_STREAM_USAGE": "false"})
     served.append(proxy)
     await proxy.ready()
@@ -68,11 +87,15 @@ async def test_sigterm_under_load_finishes_and_records_every_request(
     sessions = [uuid.uuid4().hex for _ in range(n)]
     tasks = [asyncio.create_task(_one(proxy.url, CHAT_STREAM, s)) for s in sessions]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while (await proxy.healthz())["in_flight"] < n:
-        assert loop.time() < deadline, "requests never got in flight"
-        await asyncio.sleep(0.05)
-    proxy.proc.send_signal(signal.SIGTERM)
+    deadline = loop.time() + 60
+    try:
+        while (await proxy.healthz())["in_flight"] < n:
+            assert loop.time() < deadline, "requests never got in flight"
+            assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
+            await asyncio.sleep(0.05)
+        proxy.proc.send_signal(signal.SIGTERM)
+    finally:
+        released.set()
     bodies = await asyncio.gather(*tasks)
     assert all(b == fx.body for b in bodies), "an in-flight answer was cut by the shutdown"
     assert await proxy.wait_exit() == 0
