@@ -28,6 +28,7 @@ from meterproxy.settings import load_settings
 from meterproxy.testing import FakeUpstream
 from tests.helpers.browser import browser, chromium, chromium_home  # noqa: F401 - one Chromium for the suite
 from tests.helpers.userdirs import isolate_user_dirs
+from tests.helpers.waits import WAIT_S
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -83,7 +84,7 @@ class ProxyHarness:
         """Return once every record and write queued so far is committed (the app's commit barrier)."""
         await asyncio.wrap_future(self.app[WRITER].call(lambda conn: None))
 
-    async def until(self, check: Callable[[], T], timeout: float = 10.0, what: str = "the store") -> T:
+    async def until(self, check: Callable[[], T], timeout: float = WAIT_S, what: str = "the store") -> T:
         """``check()`` once it is truthy, re-evaluated after each commit; fail after ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -101,7 +102,7 @@ class ProxyHarness:
                 assert value, f"timed out after {timeout}s waiting for {what}"
                 return value
 
-    async def rows(self, n: int | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def rows(self, n: int | None = None, timeout: float = WAIT_S) -> list[dict[str, Any]]:
         """Stored rows (oldest first), waiting until at least ``n`` have been committed."""
         if n is None:
             return read_rows(self.db)

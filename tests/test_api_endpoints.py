@@ -29,6 +29,7 @@ from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.api import get_json, get_text, submit
 from tests.helpers.processes import export_children
+from tests.helpers.waits import WAIT_S
 
 T0 = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
@@ -254,7 +255,7 @@ async def test_a_client_leaving_mid_export_stops_the_workers(proxy: ProxyHarness
         await resp.content.read(1024)  # then hang up with most of the export unread
         assert export_children(), "the export (6 MB) cannot have finished into the pipe"
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + WAIT_S
     while export_children() or any(t.name.startswith("meterproxy-export") for t in threading.enumerate()):
         assert loop.time() < deadline, "export process or threads still running after the client left"
         await asyncio.sleep(0.05)

@@ -20,6 +20,7 @@ import pytest
 from meterproxy.logs import configure_logging
 from meterproxy.testing import FakeUpstream
 from tests.helpers.served import Served
+from tests.helpers.waits import WAIT_S
 
 KEY = "3f9c1e7a0b2d4c68a1e5f7b9c0d2e4f6-shapeless"
 GKEY = "AIzaSyD-SECRETgeminikey0123456789abcdef"
@@ -65,7 +66,7 @@ async def test_bad_requests_log_no_key_once_per_client_without_traceback_and_are
                 assert answer.split(b" ", 2)[1] == b"400", answer[:80]
         total = len(BAD_REQUESTS) * rounds
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
+        deadline = loop.time() + WAIT_S
         while (counted := await _metric(proxy.url, "meterproxy_bad_requests_total")) < total:
             assert loop.time() < deadline, f"counted {counted} of {total} bad requests"
             await asyncio.sleep(0.05)

@@ -340,7 +340,7 @@ async def test_the_reserved_gauge_falls_back_to_zero_once_the_requests_settle(
     await proxy.rows(20)
     # Well before the ledger's own 30 s refresh: the commits that settled the holds re-read them.
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + 20
     while (held := registry.get_sample_value("meterproxy_budget_reserved_usd", {"budget": "team"})) != 0:
         assert loop.time() < deadline, f"the gauge still shows {held} held"
         await asyncio.sleep(0.02)
@@ -376,7 +376,7 @@ async def test_a_websocket_session_releases_its_reservation(
     session = json.loads(first["extra"])["ws_session"]
     assert first["id"] == session and second["id"] != session
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + 20  # below the ledger's 30 s refresh, which would release it anyway
     while (held := registry.get_sample_value("meterproxy_budget_reserved_usd", {"budget": "team"})) != 0:
         assert loop.time() < deadline, f"the gauge still shows {held} held after the session ended"
         await asyncio.sleep(0.02)

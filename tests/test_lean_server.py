@@ -22,6 +22,7 @@ import pytest
 from meterproxy import server as lean
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
+from tests.helpers.waits import WAIT_S
 
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 
@@ -47,21 +48,24 @@ class _Answers:
         self._headers, self._body = [], b""
 
 
-async def _exchange(proxy: ProxyHarness, data: bytes, answers: int) -> tuple[list[dict[str, Any]], bool]:
+async def _exchange(
+    proxy: ProxyHarness, data: bytes, answers: int, close_wait: float = 0.5
+) -> tuple[list[dict[str, Any]], bool]:
     """Send ``data`` at once; read until ``answers`` answers are complete. Returns them and
-    whether the proxy then closed the connection."""
+    whether the proxy then closed the connection within ``close_wait`` seconds (a test that
+    expects the close waits long, one that expects a kept connection briefly)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
     parsed = _Answers()
     try:
         writer.write(data)
         await writer.drain()
         while len(parsed.done) < answers:
-            chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=WAIT_S)
             if not chunk:
                 break
             parsed.parser.feed_data(chunk)
         try:
-            closed = await asyncio.wait_for(reader.read(1), timeout=0.5) == b""
+            closed = await asyncio.wait_for(reader.read(1), timeout=close_wait) == b""
         except TimeoutError:
             closed = False
         return parsed.done, closed
@@ -116,7 +120,7 @@ async def test_smuggling_shapes_get_400_close_and_reach_no_upstream(
     upstream: FakeUpstream, make_proxy: ProxyFactory, head: bytes
 ) -> None:
     proxy = await make_proxy()
-    answers, closed = await _exchange(proxy, head, 1)
+    answers, closed = await _exchange(proxy, head, 1, close_wait=WAIT_S)
     assert [a["status"] for a in answers] == [400]
     assert closed
     assert upstream.received == []
@@ -127,10 +131,12 @@ async def test_a_head_past_the_limit_gets_431_and_is_never_forwarded(
 ) -> None:
     proxy = await make_proxy()
     many = "".join(f"X-Pad-{i}: {'v' * 60}\r\n" for i in range(lean.MAX_HEADERS + 1))
-    answers, closed = await _exchange(proxy, _post("/v1/chat/completions", extra=many), 1)
+    answers, closed = await _exchange(proxy, _post("/v1/chat/completions", extra=many), 1, close_wait=WAIT_S)
     assert [a["status"] for a in answers] == [431] and closed
     long_value = f"X-Long: {'v' * (lean.MAX_HEAD_BYTES + 1)}\r\n"
-    answers, closed = await _exchange(proxy, _post("/v1/chat/completions", extra=long_value), 1)
+    answers, closed = await _exchange(
+        proxy, _post("/v1/chat/completions", extra=long_value), 1, close_wait=WAIT_S
+    )
     assert [a["status"] for a in answers] == [431] and closed
     assert upstream.received == []
 
@@ -144,7 +150,7 @@ async def test_http10_client_gets_the_stream_ended_by_the_close(
     request = _post("/v1/chat/completions").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
     writer.write(request)
-    raw = await asyncio.wait_for(reader.read(), timeout=10)  # to the close
+    raw = await asyncio.wait_for(reader.read(), timeout=WAIT_S)  # to the close
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
@@ -163,13 +169,13 @@ async def test_head_request_gets_headers_only_and_keeps_the_connection(
         writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\nHEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         raw = b""
         while raw.count(b"\r\n\r\n") < 2:  # two heads and not a byte of body
-            chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=WAIT_S)
             assert chunk, raw
             raw += chunk
         heads = raw.split(b"\r\n\r\n")
         assert heads[2] == b"" and all(h.startswith(b"HTTP/1.1 200") for h in heads[:2])
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # still open, still in step
-        chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+        chunk = await asyncio.wait_for(reader.read(65536), timeout=WAIT_S)
         assert chunk.startswith(b"HTTP/1.1 200")
     finally:
         writer.transport.abort()
@@ -202,7 +208,7 @@ async def test_chunked_body_over_the_limit_is_413_recorded_and_never_forwarded(
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunks = b"".join(b"%x\r\n%b\r\n" % (300, b"a" * 300) for _ in range(5)) + b"0\r\n\r\n"
-    answers, closed = await _exchange(proxy, head + chunks, 1)
+    answers, closed = await _exchange(proxy, head + chunks, 1, close_wait=WAIT_S)
     assert answers[0]["status"] == 413 and closed
     assert json.loads(answers[0]["body"])["error"]["code"] == "body_too_large"
     assert upstream.received == []
@@ -223,7 +229,7 @@ async def test_upgrade_request_goes_to_the_application(
         f"GET /v1/responses HTTP/1.1\r\nHost: x\r\n{connection}Upgrade: websocket\r\n"
         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     ).encode()
-    answers, closed = await _exchange(proxy, request, 1)
+    answers, closed = await _exchange(proxy, request, 1, close_wait=WAIT_S)
     # The application's WebSocket relay (meterproxy.websocket) takes it and hands back what
     # the upstream answered; this upstream speaks no WebSocket, so that is a plain 200,
     # never a 101 from nowhere, and the connection is not kept for another request.
@@ -245,7 +251,7 @@ async def test_idle_keepalive_connections_are_closed(
     got = b""
     try:
         while True:  # the answer, then the close (well within the deadline)
-            chunk = await asyncio.wait_for(reader.read(65536), timeout=5)
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=WAIT_S)
             if not chunk:
                 break
             got += chunk
@@ -256,7 +262,7 @@ async def test_idle_keepalive_connections_are_closed(
 
 async def _read_answers(reader: asyncio.StreamReader, parsed: _Answers, n: int) -> None:
     while len(parsed.done) < n:
-        chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+        chunk = await asyncio.wait_for(reader.read(65536), timeout=WAIT_S)
         if not chunk:
             return
         parsed.parser.feed_data(chunk)

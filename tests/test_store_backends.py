@@ -34,6 +34,7 @@ from meterproxy.testing import make_record
 from meterproxy.usage import RequestRecord, Usage
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.pg import PG_ADMIN, fresh_database, pg_or_skip
+from tests.helpers.waits import WAIT_S
 
 START = datetime(2026, 10, 1, tzinfo=UTC)
 MODELS = [("gpt-4o-mini", "openai"), ("gpt-4o", "openai"), ("claude-sonnet-4-5", "anthropic")]
@@ -278,7 +279,7 @@ async def test_each_app_owns_its_read_pool_and_closes_it_at_shutdown(make_proxy:
 
     async def until(check: Callable[[int], bool], name: str) -> int:
         # The server lists a backend until it has exited, a moment after its client hung up.
-        deadline = asyncio.get_running_loop().time() + 10
+        deadline = asyncio.get_running_loop().time() + WAIT_S
         while not check(count := readers_open(name)):
             assert asyncio.get_running_loop().time() < deadline, f"{count} read connections open"
             await asyncio.sleep(0.05)

@@ -27,6 +27,7 @@ from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, RawUpstream
 from meterproxy.wsframes import DeflateParams, MessageDecoder, parse_deflate_params
 from tests.helpers.sdk import SDK_TIMEOUT
+from tests.helpers.waits import WAIT_S
 
 N_SESSIONS = 500
 WS_FIXTURES = Path(__file__).parent / "fixtures" / "ws"
@@ -194,7 +195,7 @@ async def test_openai_realtime_sdk_through_the_proxy_one_row_per_response(make_p
 async def _no_session_left(proxy: Any) -> None:
     sessions = proxy.app[PROXY].sessions
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + WAIT_S
     while sessions.open and loop.time() < deadline:
         await asyncio.sleep(0.01)
     assert sessions.open == 0

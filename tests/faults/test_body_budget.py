@@ -24,6 +24,7 @@ from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, respond
 from tests.conftest import ProxyFactory
 from tests.helpers.faults import RawFactory, proxy_for, row_for, session_id, still_serving
+from tests.helpers.waits import WAIT_S
 
 MIB = 1024 * 1024
 BODY = b'{"model":"gpt-4o-mini","messages":[],"pad":"' + b"x" * (3 * MIB // 2) + b'"}'
@@ -61,7 +62,7 @@ async def test_bodies_over_the_global_budget_get_503_retry_after(
 
         held = [asyncio.ensure_future(send(BODY, session_id())) for _ in range(2)]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
+        deadline = loop.time() + WAIT_S
         while len(raw.requests) < 2:  # both bodies read and forwarded, held in flight
             assert loop.time() < deadline, "the two requests never reached the upstream"
             await asyncio.sleep(0.01)
@@ -84,7 +85,7 @@ async def test_bodies_over_the_global_budget_get_503_retry_after(
 
         release.set()
         assert [s for s, _, _ in await asyncio.gather(*held)] == [200, 200]
-        deadline = loop.time() + 10
+        deadline = loop.time() + WAIT_S
         while budget.held:
             assert loop.time() < deadline, f"{budget.held} bytes still held after the answers"
             await asyncio.sleep(0.01)

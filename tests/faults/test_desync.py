@@ -25,6 +25,7 @@ from meterproxy.testing_raw import RawConnection, respond
 from meterproxy.upstream import UpstreamClient
 from tests.conftest import ProxyFactory
 from tests.helpers.faults import RawFactory, post, proxy_for, row_for, session_id, still_serving
+from tests.helpers.waits import WAIT_S
 
 CHAT_PATH = "/raw/v1/chat/completions"
 FIRST = respond(200, b'{"first":true}', headers={"X-Answer": "first"})
@@ -112,7 +113,7 @@ async def test_bytes_arriving_on_an_idle_pooled_connection_close_it(raw_upstream
         assert raw.connections == 1
         send_extra.set()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
+        deadline = loop.time() + WAIT_S
         while client._idle.get(("http", "127.0.0.1", raw.port)):
             assert loop.time() < deadline, "the connection with stray bytes stayed in the pool"
             await asyncio.sleep(0.01)

@@ -5,5 +5,6 @@
 - `budgets`: a real webhook receiver, record insertion and polling for the budget tests.
 - `replicas`: several real ``meterproxy serve`` processes sharing one store.
 - `browser`: one Chromium for the session, a fresh context per test.
+- `waits`: how long a test waits for a state it expects (`WAIT_S`).
 - `userdirs`: the real user's home and XDG directories kept out of every test.
 """

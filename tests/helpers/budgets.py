@@ -20,6 +20,7 @@ from meterproxy.store.backend import apply_migrations, connect
 from meterproxy.store.schema import record_to_row
 from meterproxy.usage import RequestRecord
 from tests.conftest import ProxyHarness
+from tests.helpers.waits import WAIT_S
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -82,7 +83,7 @@ class Receiver:
         return verify(secret, delivery.headers, delivery.body)
 
 
-async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+async def wait_for(cond: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition") -> Any:
     """Poll ``cond`` (sync or async) until truthy; fail after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -18,6 +18,7 @@ import aiohttp
 from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.testing_raw import RawUpstream, Script
 from tests.conftest import ProxyFactory, ProxyHarness, read_rows
+from tests.helpers.waits import WAIT_S
 
 __all__ = ["CHAT", "CHAT_STREAM", "RawFactory", "post", "proxy_for", "row_for", "session_id", "still_serving"]
 
@@ -40,7 +41,7 @@ def session_id() -> str:
     return f"fault-{uuid.uuid4().hex[:12]}"
 
 
-async def row_for(proxy: ProxyHarness, session: str, timeout: float = 10.0) -> dict[str, Any]:
+async def row_for(proxy: ProxyHarness, session: str, timeout: float = WAIT_S) -> dict[str, Any]:
     """The stored row of the request sent with ``X-Meter-Session: session`` (waits for its commit)."""
 
     def found() -> list[dict[str, Any]]:
