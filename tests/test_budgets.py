@@ -7,6 +7,8 @@ the proxy actually stored (``SUM(cost_pico)``), never against a hard-coded cost.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import anthropic
 import openai
 import pytest
 
+from meterproxy.budgets import feature
+from meterproxy.budgets.feature import BUDGETS
 from meterproxy.money import from_pico
 from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
@@ -338,3 +342,35 @@ async def test_metrics_gauges(upstream: FakeUpstream, make_proxy: ProxyFactory) 
     assert registry.get_sample_value("meterproxy_budget_limit_usd", {"budget": "gauged"}) == 2.5
     spend = registry.get_sample_value("meterproxy_budget_spend_usd", {"budget": "gauged"})
     assert spend == pytest.approx(float(stored_spend(proxy.db))) and spend > 0
+
+
+async def test_a_budget_created_while_a_table_sync_reads_is_kept(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic sync (budgets another process added to the table) must not drop one the API
+    just created: a sync whose read of the table predated the create removed it again, and GET
+    answered 404 until the next tick (``budget_check_interval``, 10 s by default). Seen under load
+    in test_cli_against_database_and_running_proxy."""
+    proxy = await make_proxy(budget_check_interval=3600)  # no tick of its own: the test runs the sync
+    engine = proxy.app[BUDGETS]
+    read, created = threading.Event(), threading.Event()
+    real = feature.load_api_budgets
+
+    def read_before_the_create(conn: Any) -> Any:
+        specs = real(conn)
+        read.set()
+        if threading.current_thread().name != "meterproxy-writer":
+            # Read apart from the writer, the sync can be overtaken: let the create land first.
+            created.wait(30)
+        return specs
+
+    monkeypatch.setattr(feature, "load_api_budgets", read_before_the_create)
+    sync = asyncio.create_task(engine.sync_table())
+    try:
+        assert await asyncio.to_thread(read.wait, 30)
+        assert (await api(proxy, "POST", "/api/budgets", {"name": "fresh", "limit_usd": 2}))[0] == 201
+    finally:
+        created.set()
+    await sync
+    assert (await api(proxy, "GET", "/api/budgets/fresh"))[0] == 200
+    assert [s.spec.name for s in engine.tracker.states()] == ["fresh"]

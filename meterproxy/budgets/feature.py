@@ -48,7 +48,6 @@ from meterproxy.meter import Meter
 from meterproxy.pricing import PriceBook
 from meterproxy.settings import Settings
 from meterproxy.store.backend import Readers
-from meterproxy.store.queries import run_read
 from meterproxy.store.writer import StoreWriter
 from meterproxy.usage import RequestRecord, utcnow
 
@@ -190,15 +189,26 @@ class BudgetEngine:
             raise BudgetError("unknown_webhook", f"no webhook endpoint named {', '.join(unknown)}")
 
     async def sync_table(self) -> None:
-        """Follow changes another process (``meterproxy budgets add --db``) made to the table."""
-        specs = {s.name: s for s in await run_read(self.readers, load_api_budgets)}
-        for state in self.tracker.states():
-            if state.source == "api" and state.spec.name not in specs:
-                self.tracker.remove(state.spec.name)
-        for name, spec in specs.items():
-            current = self.tracker.get(name)
-            if current is None or (current.source == "api" and current.spec != spec):
-                await self.load(spec, "api")
+        """Follow changes another process (``meterproxy budgets add --db``) made to the table.
+
+        Read and applied in one call on the writer, where `create`, `update` and `delete` write
+        the table too, so the table and the budgets in memory are compared at one moment. Read
+        on a reader, a snapshot taken just before the API created a budget made the sync drop
+        it (404, not enforced, until the next tick), and one taken before a delete brought the
+        budget back.
+        """
+
+        def work(conn: Any) -> None:
+            specs = {s.name: s for s in load_api_budgets(conn)}
+            for state in self.tracker.states():
+                if state.source == "api" and state.spec.name not in specs:
+                    self.tracker.remove(state.spec.name)
+            for name, spec in specs.items():
+                current = self.tracker.get(name)
+                if current is None or (current.source == "api" and current.spec != spec):
+                    self._load_on_writer(conn, spec, "api")
+
+        await self._write(work)
 
     def _blocked(self, record: RequestRecord) -> None:
         if self.meter is not None:
