@@ -31,6 +31,7 @@ __all__ = [
     "ATTRIBUTION_HEADERS",
     "KEY_HEADERS",
     "MAX_VALUE_LEN",
+    "READ_HEADERS",
     "agent_session",
     "agent_user",
     "api_key",
@@ -50,6 +51,8 @@ MAX_VALUE_LEN = 200
 _MAX_LEN = MAX_VALUE_LEN
 #: Session headers coding agents send, in the order they are trusted.
 AGENT_SESSION_HEADERS = ("x-claude-code-session-id", "session-id", "session_id")
+#: Every header this module reads: a caller holding raw headers decodes only these.
+READ_HEADERS = frozenset({*ATTRIBUTION_HEADERS, *KEY_HEADERS, *AGENT_SESSION_HEADERS})
 
 
 def bounded(value: str | None) -> str | None:

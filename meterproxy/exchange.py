@@ -25,7 +25,7 @@ and the lean protocol of `meterproxy.server`. Its contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from meterproxy.providers.base import RequestInfo
@@ -92,6 +92,10 @@ class Exchange:
     body: bytes
     #: The headers as they go upstream (hop-by-hop and our own ``X-Meter-*`` removed).
     headers: list[tuple[str, str]]
+    #: The lean server's: the request's headers as llhttp parsed them (then ``headers`` is
+    #: empty until needed as text), and the header lines that go upstream, as bytes.
+    raw_headers: list[tuple[bytes, bytes]] | None = field(default=None, kw_only=True)
+    wire: bytes | None = field(default=None, kw_only=True)
     #: perf_counter() when the request arrived, and when it was sent upstream.
     started: float
     sent_at: float = 0.0

@@ -59,6 +59,7 @@ from aiohttp import web
 from meterproxy import providers
 from meterproxy.attribution import (
     ATTRIBUTION_HEADERS,
+    READ_HEADERS,
     agent_session,
     agent_user,
     api_key,
@@ -131,6 +132,32 @@ def _filter_accept_encoding(value: str) -> str:
     readable = decodable_encodings()
     kept = [part for part in value.split(",") if part.split(";")[0].strip().lower() in readable]
     return ", ".join(p.strip() for p in kept) or "identity"
+
+
+def _connection_tokens_raw(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """`_connection_tokens` of llhttp's bytes."""
+    values = [value for name, value in headers if name.lower() == b"connection"]
+    return {t.strip().lower() for value in values for t in value.split(b",")}
+
+
+#: The names attribution reads, as llhttp hands them over: the only request headers decoded.
+_READ_RAW = frozenset(name.encode("ascii") for name in READ_HEADERS)
+#: `_DROP_REQUEST` as bytes.
+_DROP_REQUEST_RAW = frozenset(name.encode("ascii") for name in _DROP_REQUEST)
+
+
+def _first_values_raw(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """`_first_values` of the headers attribution reads (`READ_HEADERS`), from llhttp's bytes."""
+    found: dict[str, str] = {}
+    for name, value in reversed(headers):
+        lower = name.lower()
+        if lower in _READ_RAW:
+            found[lower.decode("ascii")] = header_text(value)
+    return found
+
+
+def _text_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(header_text(name), header_text(value)) for name, value in headers]
 
 
 def _first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -366,6 +393,32 @@ class Proxy:
             )
         return Exchange(method, target, provider, info, record, body, headers, started)
 
+    def begin_raw(
+        self,
+        method: str,
+        target: Target,
+        raw_headers: list[tuple[bytes, bytes]],
+        raw_query: str,
+        body: bytes,
+        started: float,
+    ) -> Exchange:
+        """`begin` with the request's headers as llhttp parsed them (the lean server).
+
+        They stay bytes to the upstream: only the few attribution reads are decoded
+        (`READ_HEADERS`), and `_prepare_upstream_request` filters them as bytes.
+        """
+        provider = self._detect(target.path)
+        info = provider.inspect_request(target.path, body) if provider else RequestInfo()
+        record = self._new_record(method, target, provider, info, _first_values_raw(raw_headers), raw_query)
+        record.request_bytes = len(body)
+        if self._content_limit and provider is not None:
+            record.content = CapturedContent(
+                request=body[: self._content_limit], truncated=len(body) > self._content_limit
+            )
+        exchange = Exchange(method, target, provider, info, record, body, [], started)
+        exchange.raw_headers = raw_headers
+        return exchange
+
     def _new_record(
         self,
         method: str,
@@ -479,7 +532,8 @@ class Proxy:
             return
         self._prepare_upstream_request(exchange)
         exchange.sent_at = time.perf_counter()
-        sent = self.client.send_pooled(exchange.method, exchange.target.url, exchange.headers, exchange.body)
+        headers = self._upstream_headers(exchange)
+        sent = self.client.send_pooled(exchange.method, exchange.target.url, headers, exchange.body)
         if sent is None:
             self._spawn_done(loop, self._forwarding(exchange, client, None), done)
             return
@@ -562,6 +616,13 @@ class Proxy:
                 exchange.target.path, exchange.body, exchange.info
             )
         exchange.record.usage_injected = injected
+        signer = self.signers.get(exchange.target.upstream.name)
+        raw = exchange.raw_headers
+        if raw is not None:
+            if signer is None:
+                exchange.wire = self._wire_headers(raw, provider is not None, injected)
+                return
+            exchange.headers, exchange.raw_headers = _text_headers(raw), None  # signed as text
         headers = exchange.headers
         connection = _connection_tokens(headers)
         out: list[tuple[str, str]] = []
@@ -572,10 +633,30 @@ class Proxy:
             if lower == "accept-encoding" and provider is not None:
                 value = "identity" if injected else _filter_accept_encoding(value)
             out.append((name, value))
-        signer = self.signers.get(exchange.target.upstream.name)
         if signer is not None:
             out = signer.sign(exchange.method, exchange.target.url, out, exchange.body)
         exchange.headers = out
+
+    @staticmethod
+    def _wire_headers(raw: list[tuple[bytes, bytes]], metered: bool, injected: bool) -> bytes:
+        """The header lines that go upstream, from llhttp's bytes: the same filter, never decoded.
+
+        Each line is rebuilt from a name and value llhttp accepted (no CR, LF or NUL in
+        either, no space before the colon), so nothing can be smuggled into the head.
+        """
+        connection = _connection_tokens_raw(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+        out: list[bytes] = []
+        for name, value in raw:
+            lower = name.lower()
+            if lower in _DROP_REQUEST_RAW or lower in connection:
+                continue
+            if lower == b"accept-encoding" and metered:
+                value = b"identity" if injected else _filter_accept_encoding(header_text(value)).encode()
+            out += (name, b": ", value, b"\r\n")
+        return b"".join(out)
+
+    def _upstream_headers(self, exchange: Exchange) -> list[tuple[str, str]] | bytes:
+        return exchange.wire if exchange.wire is not None else exchange.headers
 
     async def _forward(self, exchange: Exchange, client: ClientSide, sent: Sent | None) -> None:
         record = exchange.record
@@ -583,7 +664,7 @@ class Proxy:
             if sent is None:
                 exchange.sent_at = time.perf_counter()
                 upstream = await self.client.request(
-                    exchange.method, exchange.target.url, exchange.headers, exchange.body
+                    exchange.method, exchange.target.url, self._upstream_headers(exchange), exchange.body
                 )
             else:
                 upstream = await sent.answer()
@@ -787,7 +868,9 @@ class Proxy:
         secrets: tuple[str, ...] = ()
         if record.error or record.extra or record.content is not None:
             # The credential headers go upstream unchanged, so they are still in the exchange.
-            secrets = carried(exchange.headers, exchange.target.url.raw_query_string)
+            raw = exchange.raw_headers
+            headers = exchange.headers if raw is None else _text_headers(raw)
+            secrets = carried(headers, exchange.target.url.raw_query_string)
         self._finish_record(record, secrets)
 
     def _finish_record(self, record: RequestRecord, secrets: tuple[str, ...] = ()) -> None:

@@ -648,9 +648,7 @@ class _Conn(asyncio.Protocol):
             return
         body = request.body[0] if len(request.body) == 1 else b"".join(request.body)
         request.body = []
-        exchange = proxy.begin(
-            request.method, target, request.str_headers(), raw_query, body, request.started
-        )
+        exchange = proxy.begin_raw(request.method, target, request.headers, raw_query, body, request.started)
 
         def done() -> None:
             self._release(request)  # the exchange kept the body until it ended

@@ -535,7 +535,11 @@ class UpstreamClient:
         return (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
 
     @staticmethod
-    def _head(method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    def _head(method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes) -> bytes:
+        if isinstance(headers, bytes):  # header lines already encoded (the lean server's, as received)
+            length = b"Content-Length: %d\r\n" % len(body) if body or method not in ("GET", "HEAD") else b""
+            start = f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"
+            return b"%b%b%b\r\n" % (start.encode("utf-8", "surrogateescape"), headers, length)
         lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"]
         lines.extend([f"{name}: {value}\r\n" for name, value in headers])
         if body or method not in ("GET", "HEAD"):
@@ -544,7 +548,7 @@ class UpstreamClient:
         return "".join(lines).encode("utf-8", "surrogateescape")
 
     def send_pooled(
-        self, method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes = b""
+        self, method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes = b""
     ) -> Sent | None:
         """Send one request now on an idle pooled connection; None if there is none (then `request`).
 
@@ -561,9 +565,13 @@ class UpstreamClient:
         return Sent(conn, conn.send(head, body, self.read_timeout, method == "HEAD"))
 
     async def request(
-        self, method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes = b""
+        self, method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes = b""
     ) -> UpstreamResponse:
-        """Send one request and wait for the answer's head. The caller must `release` it."""
+        """Send one request and wait for the answer's head. The caller must `release` it.
+
+        ``headers`` are (name, value) pairs, or header lines already encoded
+        (``b"Name: value\\r\\n"`` each), sent as they are.
+        """
         if self._closed:
             raise UpstreamConnectError("the upstream client is closed")
         sent = self.send_pooled(method, url, headers, body)
