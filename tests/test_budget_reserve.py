@@ -354,7 +354,7 @@ async def test_a_websocket_session_releases_its_reservation(
     # hold. Before, no row did, and the process kept refreshing the hold for as long as it lived.
     import websockets
 
-    from tests.test_websocket import realtime_session, ws_upstream, ws_url
+    from tests.helpers.ws import realtime_session, ws_upstream, ws_url
 
     ws_upstream(upstream, "/v1/realtime", realtime_session)
     proxy = await make_proxy(

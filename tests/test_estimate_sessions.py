@@ -23,8 +23,8 @@ from aiohttp import WSMsgType, web
 from meterproxy.estimate import HEURISTIC, eventstream_text, load_tokenizer
 from meterproxy.testing import FakeUpstream
 from tests.conftest import ProxyFactory
-from tests.test_bedrock import MODEL, OPERATOR, body, client_for, operator_env, signature_ok
-from tests.test_websocket import messages, ws_upstream, ws_url
+from tests.helpers.bedrock import MODEL, OPERATOR, body, client_for, operator_env, signature_ok
+from tests.helpers.ws import messages, ws_upstream, ws_url
 
 __all__ = ["operator_env"]  # the fixture, shared with test_bedrock
 COUNT = load_tokenizer(None).count

@@ -12,9 +12,7 @@ import base64
 import hashlib
 import json
 import zlib
-from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,22 +21,13 @@ from aiohttp import WSMsgType, web
 from openai import AsyncOpenAI
 
 from meterproxy.app import PROXY
-from meterproxy.testing import FakeUpstream
 from meterproxy.testing_raw import RawConnection, RawUpstream
 from meterproxy.wsframes import DeflateParams, MessageDecoder, parse_deflate_params
 from tests.helpers.sdk import SDK_TIMEOUT
 from tests.helpers.waits import WAIT_S
+from tests.helpers.ws import messages, realtime_session, ws_upstream, ws_url
 
 N_SESSIONS = 500
-WS_FIXTURES = Path(__file__).parent / "fixtures" / "ws"
-
-
-def messages(name: str) -> list[str]:
-    return (WS_FIXTURES / f"{name}.jsonl").read_text("utf-8").splitlines()
-
-
-def ws_url(http_url: str) -> str:
-    return "ws" + http_url.removeprefix("http")
 
 
 # ---- the frame decoder, on the RFC's own example bytes -------------------------------
@@ -114,37 +103,6 @@ def test_deflate_parameters_per_direction() -> None:
 
 
 # ---- a WebSocket upstream ---------------------------------------------------------------
-
-Handler = Callable[[web.WebSocketResponse, web.Request], Awaitable[None]]
-
-
-def ws_upstream(upstream: FakeUpstream, path: str, handler: Handler, **ws_options: Any) -> list[web.Request]:
-    """Serve WebSocket sessions on ``path`` of the fake upstream; returns the handshakes seen."""
-    seen: list[web.Request] = []
-
-    async def serve(request: web.Request) -> web.StreamResponse:
-        seen.append(request)
-        ws = web.WebSocketResponse(**ws_options)
-        await ws.prepare(request)
-        await handler(ws, request)
-        await ws.close()
-        return ws
-
-    upstream.replies[path] = serve
-    return seen
-
-
-async def realtime_session(ws: web.WebSocketResponse, request: web.Request) -> None:
-    """OpenAI Realtime: session.created at once, then each response.create replays a response."""
-    events = messages("openai_realtime")
-    await ws.send_str(events[0])
-    responses = [events[1:9], events[9:11]]
-    async for msg in ws:
-        if msg.type != WSMsgType.TEXT:
-            break
-        if json.loads(msg.data)["type"] == "response.create" and responses:
-            for event in responses.pop(0):
-                await ws.send_str(event)
 
 
 async def test_openai_realtime_sdk_through_the_proxy_one_row_per_response(make_proxy, upstream) -> None:
