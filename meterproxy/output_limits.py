@@ -10,7 +10,9 @@ model's limit the way it finds its price (`PriceBook.resolve`). A model that is
 not listed gets ``budget_reserve_output_tokens``.
 
 The table's sections (``[openai]``, ``[anthropic]``...) only group it for
-readers: ids are unique across the price tables' providers.
+readers: ids are unique across the price tables' providers. A Bedrock model id
+(``us.anthropic.claude-sonnet-4-20250514-v1:0``) finds the limit of the vendor's
+model it names.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tomllib
 from pathlib import Path
 
 from meterproxy.pricing import DEFAULT_PRICING_DIR, PriceBook
+from meterproxy.providers.bedrock import vendor_model
 
 __all__ = ["OUTPUT_LIMITS_FILE", "load_output_limits", "output_limit"]
 
@@ -47,5 +50,10 @@ def output_limit(book: PriceBook, model: str | None, provider: str | None) -> in
     if not model:
         return None
     limits = load_output_limits()
-    resolved = book.resolve(model, provider) or book.resolve(model)
-    return limits.get(resolved or model, limits.get(model))
+    for name in (model, vendor_model(model)):  # a Bedrock id names its vendor's model inside
+        # The id on the request's price list, else on the vendor's own (a router's or a cloud's
+        # list names the model its own way), else the name as sent.
+        for resolved in (book.resolve(name, provider), book.resolve(name), name):
+            if resolved is not None and resolved in limits:
+                return limits[resolved]
+    return None

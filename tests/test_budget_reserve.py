@@ -390,18 +390,19 @@ def test_a_request_without_an_output_limit_reserves_its_models_own() -> None:
     # gpt-5 can answer with 128,000 tokens: reserving budget_reserve_output_tokens (32,768) for
     # it held a quarter of what one answer may cost, and 'hard' limits could be passed 4x.
     from meterproxy.output_limits import load_output_limits, output_limit
+    from meterproxy.providers.bedrock import BedrockProvider
 
     book = PriceBook.default()
     now = datetime.now(UTC)
 
-    def output_reserved(model: str, max_tokens: int | None = None) -> Decimal:
-        record = make_record(model=model, upstream="openai", provider="openai")
+    def output_reserved(model: str, max_tokens: int | None = None, upstream: str = "openai") -> Decimal:
+        record = make_record(model=model, upstream=upstream, provider=upstream)
         record.requested_model, record.request_bytes, record.max_output_tokens = model, 0, max_tokens
         pico = worst_case(record, book, 32_768, now)
         assert pico is not None
-        one_token = book.price(model=model, usage=Usage(output_tokens=1), at=now, provider="openai")
+        one_token = book.price(model=model, usage=Usage(output_tokens=1), at=now, provider=upstream)
         assert one_token is not None
-        prompt = book.price(model=model, usage=Usage(input_tokens=1), at=now, provider="openai")
+        prompt = book.price(model=model, usage=Usage(input_tokens=1), at=now, provider=upstream)
         assert prompt is not None
         return (from_pico(pico) - prompt.cost_usd) / one_token.cost_usd
 
@@ -410,6 +411,22 @@ def test_a_request_without_an_output_limit_reserves_its_models_own() -> None:
     assert output_reserved("gpt-5", max_tokens=500) == 500  # what the request asks for comes first
     assert output_reserved("gpt-3.5-turbo-instruct") == 32_768  # not in the table: the setting
     assert output_limit(book, None, "openai") is None
+    # A Bedrock id finds its vendor's model's limit (Claude Sonnet 4: 64,000), and a Converse
+    # request's inferenceConfig.maxTokens is its output limit.
+    bedrock_id = "us.anthropic.claude-sonnet-4-20250514-v1:0"
+    assert output_reserved(bedrock_id, upstream="bedrock") == 64_000
+    converse = {"messages": [], "inferenceConfig": {"maxTokens": 300}}
+    info = BedrockProvider().inspect_request(f"/model/{bedrock_id}/converse", json.dumps(converse).encode())
+    assert info.max_output_tokens == 300
+    for invoke, limit in (
+        ({"max_tokens": 200, "anthropic_version": "bedrock-2023-05-31"}, 200),
+        ({"prompt": "x", "max_gen_len": 150}, 150),
+        ({"inputText": "x", "textGenerationConfig": {"maxTokenCount": 120}}, 120),
+        ({"messages": [], "inferenceConfig": {"max_new_tokens": 90}}, 90),
+        ({"messages": []}, None),
+    ):
+        path = f"/model/{bedrock_id}/invoke"
+        assert BedrockProvider().inspect_request(path, json.dumps(invoke).encode()).max_output_tokens == limit
     # Every id in the table is a price table id (a typo would silently fall back to the setting).
     for model in load_output_limits():
         assert book.resolve(model) == model, model

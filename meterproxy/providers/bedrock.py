@@ -42,7 +42,7 @@ from urllib.parse import unquote
 from botocore.eventstream import EventStreamBuffer, ParserError
 
 from meterproxy.providers.anthropic import normalize_anthropic_usage
-from meterproxy.providers.base import BadUsage, ParseResult, RequestInfo, count, error_text, loads
+from meterproxy.providers.base import BadUsage, ParseResult, RequestInfo, count, error_text, int_or_none, loads
 from meterproxy.sse import SSEEvent
 from meterproxy.usage import Usage
 
@@ -250,6 +250,27 @@ class BedrockParser:
         return self._result
 
 
+def _output_limit(body: Any) -> int | None:
+    """The output limit a Bedrock request sets: Converse's ``inferenceConfig.maxTokens``, or the
+    model family's own field in an InvokeModel body (Claude and Mistral ``max_tokens``, Llama
+    ``max_gen_len``, Titan ``textGenerationConfig.maxTokenCount``, Nova
+    ``inferenceConfig.max_new_tokens``)."""
+    if not isinstance(body, dict):
+        return None
+    for outer, inner in (
+        ("inferenceConfig", "maxTokens"),
+        ("inferenceConfig", "max_new_tokens"),
+        ("textGenerationConfig", "maxTokenCount"),
+    ):
+        config = body.get(outer)
+        if isinstance(config, dict) and (limit := int_or_none(config.get(inner))) is not None:
+            return limit
+    for name in ("max_tokens", "max_gen_len"):
+        if (limit := int_or_none(body.get(name))) is not None:
+            return limit
+    return None
+
+
 class BedrockProvider:
     name = "bedrock"
 
@@ -267,6 +288,7 @@ class BedrockProvider:
             model=unquote(match.group(1)) if match else None,
             stream=match is not None and match.group(2) in ("converse-stream", "invoke-with-response-stream"),
             body=obj,
+            max_output_tokens=_output_limit(obj),
         )
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
