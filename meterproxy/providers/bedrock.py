@@ -42,7 +42,15 @@ from urllib.parse import unquote
 from botocore.eventstream import EventStreamBuffer, ParserError
 
 from meterproxy.providers.anthropic import normalize_anthropic_usage
-from meterproxy.providers.base import BadUsage, ParseResult, RequestInfo, count, error_text, int_or_none, loads
+from meterproxy.providers.base import (
+    BadUsage,
+    ParseResult,
+    RequestInfo,
+    count,
+    error_text,
+    int_or_none,
+    loads,
+)
 from meterproxy.sse import SSEEvent
 from meterproxy.usage import Usage
 
