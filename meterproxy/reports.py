@@ -69,6 +69,9 @@ TOKEN_FIELDS = (
 )
 _COUNTS = ("requests", *TOKEN_FIELDS, "unpriced_requests")
 _ESTIMATES = ("estimated_requests", "estimated_cost_usd")
+#: How many of a row's priced requests are priced from something else than reported usage x the
+#: tables: a stream cut before its final usage (a lower bound), the provider's own figure.
+_KINDS = ("partial_requests", "provider_cost_requests")
 
 Summary = dict[str, Any]  # the /api/summary shape: {"totals": {...}, "groups": [{"key": {...}, ...}]}
 
@@ -111,6 +114,8 @@ def _exact(measures: Mapping[str, Any]) -> dict[str, Any]:
     # Estimates of answers without usage (estimate_usage): carried apart, never added to cost_usd.
     out["estimated_requests"] = int(measures.get("estimated_requests") or 0)
     out["estimated_cost_usd"] = Decimal(str(measures.get("estimated_cost_usd") or 0))
+    for name in _KINDS:
+        out[name] = int(measures.get(name) or 0)
     return out
 
 
@@ -264,6 +269,8 @@ def _merge_models(rows: list[dict[str, Any]], book: PriceBook) -> list[dict[str,
         into["cost_usd"] += row["cost_usd"]
         into["estimated_requests"] += row["estimated_requests"]
         into["estimated_cost_usd"] += row["estimated_cost_usd"]
+        for name in _KINDS:
+            into[name] += row[name]
         if raw and raw not in into["names"]:
             into["names"].append(raw)
     return list(merged.values())
@@ -449,6 +456,15 @@ def render_table(report: Report) -> str:
                 f"{compact(m['input_tokens'])} input / {compact(m['output_tokens'])} output tokens"
             )
         out.append(f"  To count them, {PRICING_HINT}.")
+    kinds = []
+    if t["partial_requests"]:
+        kinds.append(f"{t['partial_requests']:,} from streams cut before their final usage (lower bounds)")
+    if t["provider_cost_requests"]:
+        kinds.append(
+            f"{t['provider_cost_requests']:,} at the provider's own figure (the tables had no price)"
+        )
+    if kinds:
+        out.append("Of the priced requests: " + "; ".join(kinds) + ".")
     if t["estimated_requests"]:
         n = t["estimated_requests"]
         out.append(
@@ -466,6 +482,7 @@ def _flat(row: Mapping[str, Any], group_by: Sequence[str]) -> dict[str, Any]:
     # "Estimated" line and the JSON totals, per row.
     out["estimated_requests"] = row["estimated_requests"]
     out["estimated_cost_usd"] = usd_text(row["estimated_cost_usd"])
+    out.update({name: row[name] for name in _KINDS})
     return out
 
 
@@ -503,7 +520,7 @@ def render_csv(report: Report) -> str:
     buffer = io.StringIO()
     # CRLF (RFC 4180): csv quotes a field holding a line terminator's character, so a CR
     # in a name cannot start a new row with a formula in its first cell.
-    fields = [*report.group_by, *_COUNTS, "cost_usd", *_ESTIMATES]
+    fields = [*report.group_by, *_COUNTS, "cost_usd", *_KINDS, *_ESTIMATES]
     writer = csv.DictWriter(buffer, fields, lineterminator="\r\n")
     writer.writeheader()
     for row in report.rows:

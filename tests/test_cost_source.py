@@ -93,3 +93,27 @@ async def test_each_row_says_where_its_cost_came_from(
     after = (await summary(proxy.url))["totals"]
     for name in ("partial_requests", "provider_cost_requests", "estimated_requests", "cost_usd", "requests"):
         assert after[name] == before[name], name
+
+    # `meterproxy report` counts them too: in --json, in --csv per row, in the table's sentence
+    # (before, only /api/summary did; a report reader could not tell a lower bound from a bill).
+    import asyncio
+    import csv
+    import io
+
+    from click.testing import CliRunner
+
+    from meterproxy.cli import main
+
+    def report(*args: str) -> str:
+        out = CliRunner().invoke(main, ["report", "model", "--db", str(proxy.db), *args])
+        assert out.exit_code == 0, out.output
+        return out.output
+
+    totals = json.loads(await asyncio.to_thread(report, "--json"))["totals"]
+    assert totals["partial_requests"] == 1 and totals["provider_cost_requests"] == 1
+    rows_csv = list(csv.DictReader(io.StringIO(await asyncio.to_thread(report, "--csv"), newline="")))
+    assert sum(int(r["partial_requests"]) for r in rows_csv) == 1
+    assert sum(int(r["provider_cost_requests"]) for r in rows_csv) == 1
+    table = await asyncio.to_thread(report)
+    assert "Of the priced requests: 1 from streams cut before their final usage (lower bounds); " in table
+    assert "1 at the provider's own figure" in table

@@ -102,6 +102,8 @@ async def test_daily_json_matches_records_in_utc_and_in_a_zone(make_proxy: Any) 
             "cost_usd",
             "estimated_requests",  # apart from cost_usd: tests/test_estimate.py
             "estimated_cost_usd",
+            "partial_requests",  # where costs came from: tests/test_cost_source.py
+            "provider_cost_requests",
         ]
 
 

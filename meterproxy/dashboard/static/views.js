@@ -67,6 +67,15 @@ export function renderCards(cur, before, sessions, prevSessions, label) {
     card("cost").querySelector(".sub").textContent +=
       ` · ${money(t.estimated_cost_usd)} estimated for ${integer(t.estimated_requests)} without usage, not in this total`;
   }
+  // Where the total's costs came from, when not all from reported usage x the tables.
+  if (t.partial_requests) {
+    card("cost").querySelector(".sub").textContent +=
+      ` · ${integer(t.partial_requests)} from cut streams (lower bounds)`;
+  }
+  if (t.provider_cost_requests) {
+    card("cost").querySelector(".sub").textContent +=
+      ` · ${integer(t.provider_cost_requests)} at the provider's own figure`;
+  }
   card("cost").classList.toggle("has-unpriced", Boolean(t.unpriced_requests));
   delta(card("cost").querySelector(".delta"), Number(t.cost_usd), Number(p.cost_usd), label, p.requests);
   const tokens = t.input_tokens + t.output_tokens;
