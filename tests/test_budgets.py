@@ -18,6 +18,7 @@ import anthropic
 import openai
 import pytest
 
+from meterproxy.app_state import WRITER
 from meterproxy.budgets import feature
 from meterproxy.budgets.feature import BUDGETS
 from meterproxy.money import from_pico
@@ -25,6 +26,7 @@ from meterproxy.testing import FakeUpstream, load_fixture
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import query
 from tests.helpers.sdk import SDK_TIMEOUT
+from tests.helpers.waits import WAIT_S
 
 TINY = "0.000001"  # any priced request spends more than this
 
@@ -374,3 +376,34 @@ async def test_a_budget_created_while_a_table_sync_reads_is_kept(
     await sync
     assert (await api(proxy, "GET", "/api/budgets/fresh"))[0] == 200
     assert [s.spec.name for s in engine.tracker.states()] == ["fresh"]
+
+
+async def test_a_resync_does_not_undo_an_update_made_while_it_runs(make_proxy: ProxyFactory) -> None:
+    """The periodic resync re-reads every budget's spend, one writer call each. It took the
+    definitions when it started, so one updated through the API before its turn came was
+    loaded back with the old definition (until the next table sync, 10 s later)."""
+    proxy = await make_proxy(budget_check_interval=3600, budget_resync_interval=3600)
+    for name in ("a", "b"):
+        assert (await api(proxy, "POST", "/api/budgets", {"name": name, "limit_usd": 1}))[0] == 201
+    engine, writer = proxy.app[BUDGETS], proxy.app[WRITER]
+    entered, release = threading.Event(), threading.Event()
+
+    def busy(conn: Any) -> None:
+        entered.set()
+        release.wait(30)
+
+    writer.call(busy)
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        resync = asyncio.create_task(engine.resync())  # its load of "a" waits behind the busy call
+        update = asyncio.create_task(api(proxy, "PATCH", "/api/budgets/b", {"limit_usd": 7}))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while writer.depth < 2:  # the load of "a", then the update of "b"
+            assert loop.time() < deadline, "the resync and the update never reached the writer"
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    await resync
+    assert (await update)[0] == 200
+    assert (await budget(proxy, "b"))["limit_usd"] == 7

@@ -329,8 +329,15 @@ class BudgetEngine:
         other processes on the same database (other workers, ``meterproxy
         import``) are counted from the next resync.
         """
-        for state in self.tracker.states():
-            await self.load(state.spec, state.source)
+        for name in self.tracker.names():
+            # The definition is taken on the writer, at the load itself: one the API changed (or
+            # deleted) while earlier budgets were being re-read is not loaded back as it was.
+            def reload(conn: Any, name: str = name) -> None:
+                state = self.tracker.get(name)
+                if state is not None:
+                    self._load_on_writer(conn, state.spec, state.source)
+
+            await self._write(reload)
 
     async def tick(self) -> None:
         loop = asyncio.get_running_loop()
