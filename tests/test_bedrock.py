@@ -161,3 +161,30 @@ def test_vendor_model_names() -> None:
     assert vendor_model("anthropic.claude-3-5-sonnet-20240620-v1:0") == "claude-3-5-sonnet-20240620"
     assert vendor_model("amazon.nova-lite-v1:0") == "nova-lite"
     assert vendor_model("global.anthropic.claude-sonnet-4-5-20250929-v1:0") == "claude-sonnet-4-5-20250929"
+
+
+async def test_a_budget_refusal_reaches_boto3_as_one_clear_error(make_proxy, upstream, operator_env) -> None:
+    # AWS's error shape (x-amzn-ErrorType + "message") and Bedrock's quota status: boto3 raises
+    # ServiceQuotaExceededException naming the budget, without retrying. Before, the OpenAI-shaped
+    # 429 reached boto3 as "An error occurred (429) ...: " with no message, retried 4 times.
+    import botocore.exceptions
+
+    seen = bedrock_upstream(upstream, {"converse": (body("converse"), "application/json", {})})
+    proxy = await make_proxy(
+        upstreams={"bedrock": upstream.url},
+        aws_sigv4={"bedrock": "us-east-1"},
+        budgets=[{"name": "aws-team", "limit_usd": "0.000001", "period": "month", "action": "reserve"}],
+    )
+    client = client_for(proxy.url)
+
+    def call() -> Any:
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            client.converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+        return refused.value.response
+
+    answer = await asyncio.to_thread(call)
+    assert answer["Error"]["Code"] == "ServiceQuotaExceededException"
+    assert "budget 'aws-team' cannot cover this request" in answer["Error"]["Message"]
+    assert answer["ResponseMetadata"]["RetryAttempts"] == 0
+    [row] = await proxy.rows(1)
+    assert row["status"] == 429 and "aws-team" in row["error"] and not seen

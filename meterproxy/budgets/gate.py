@@ -68,6 +68,11 @@ def blocked_response(
         body = {"type": "error", "error": {"type": "rate_limit_error", "message": message}}
     elif provider == "gemini":
         body = {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+    elif provider == "bedrock":
+        # AWS's JSON error: the type in x-amzn-ErrorType (botocore's error code), the text in
+        # "message". Bedrock's own quota error, with its status (400): boto3 retries every 429
+        # (4 more attempts by default, each one refused and recorded again).
+        body = {"message": message}
     else:  # OpenAI and every OpenAI-compatible upstream
         body = {
             "error": {
@@ -78,9 +83,12 @@ def blocked_response(
             }
         }
     headers = {"x-should-retry": "false", "x-meterproxy-budget": state.spec.name}
+    if provider == "bedrock":
+        headers["x-amzn-errortype"] = "ServiceQuotaExceededException"
     if not state.period.rolling:
         headers["x-meterproxy-budget-resets"] = snap.period_end.isoformat()
-    return web.Response(status=429, text=json.dumps(body), content_type="application/json", headers=headers)
+    status = 400 if provider == "bedrock" else 429
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
 def make_gate(
