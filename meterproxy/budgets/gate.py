@@ -88,7 +88,8 @@ def blocked_response(
     if not state.period.rolling:
         headers["x-meterproxy-budget-resets"] = snap.period_end.isoformat()
     status = 400 if provider == "bedrock" else 429
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
+    text = json.dumps(body)
+    return web.Response(status=status, text=text, content_type="application/json", headers=headers)
 
 
 def make_gate(
