@@ -131,6 +131,11 @@ class _Connection(asyncio.Protocol):
         self.unexpected_bytes = False
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
+        # The read timer outlives an answer: armed by the first `send`, it is left running
+        # when the answer completes (an answer in flight, if any, is checked when it fires),
+        # because arming and cancelling a loop timer per request costs ~2.4 µs on uvloop.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._reset_answer()
 
     def _reset_answer(self) -> None:
@@ -150,7 +155,6 @@ class _Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._close_delimited = False
         self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------
@@ -251,8 +255,7 @@ class _Connection(asyncio.Protocol):
     def _on_message_complete(self) -> None:
         if self.complete:
             return
-        self.complete = True
-        self._cancel_timer()
+        self.complete = True  # the read timer, if still armed, finds nothing to time when it fires
         self._wake()
 
     # -- the answer ------------------------------------------------------------
@@ -276,14 +279,19 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    def _arm_timer(self, due: float) -> None:
+        self._timer_due = due
+        self._timer = self._loop.call_at(due, self._check_timeout)
+
     def _check_timeout(self) -> None:
-        # One timer per request, moved lazily: reading a chunk only stamps the time.
-        due = self._last_read + self._read_timeout
-        now = self._loop.time()
-        if now < due:
-            self._timer = self._loop.call_at(due, self._check_timeout)
-            return
+        # One timer per connection, moved lazily: reading a chunk only stamps the time.
         self._timer = None
+        if self.complete or self._headers_done is None or self._error is not None or self.closed:
+            return  # no answer in flight: the timer lapses; the next `send` arms it again
+        due = self._last_read + self._read_timeout
+        if self._loop.time() < due:
+            self._arm_timer(due)
+            return
         what = "before answering" if not self.headers_complete else "mid-answer"
         self._fail(UpstreamTimeout(f"upstream sent nothing for {self._read_timeout:g} s {what}"))
 
@@ -293,8 +301,14 @@ class _Connection(asyncio.Protocol):
         self.head = head
         self._headers_done = self._loop.create_future()
         self._read_timeout = read_timeout
-        self._last_read = self._loop.time()
-        self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_timeout)
+        self._last_read = now = self._loop.time()
+        due = now + read_timeout
+        if self._timer is None:
+            self._arm_timer(due)
+        elif self._timer_due > due:  # a shorter timeout than the running timer's: re-armed
+            self._timer.cancel()
+            self._arm_timer(due)
+        # else: the running timer fires no later than this request's due, and moves itself on
         if len(body) <= 65536:
             self.transport.write(data + body)
         else:

@@ -253,6 +253,34 @@ async def test_read_timeout_before_and_after_the_head() -> None:
     await client.close()
 
 
+async def test_read_timeout_on_a_reused_connection_counts_from_its_own_request() -> None:
+    """The read timer outlives an answer (one per connection, not per request): a later
+    request on the same connection still times out, and not before its own timeout."""
+    answered = 0
+
+    async def script(conn: RawConnection) -> None:
+        nonlocal answered
+        while conn.request is not None and answered < 2:
+            await conn.send(respond(200, b'{"ok":1}'))
+            answered += 1
+            await conn.next_request()
+        await asyncio.sleep(30)  # the fault: the third request gets no answer
+
+    client = UpstreamClient(read_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    async with RawUpstream(script) as raw:
+        assert await _get(client, raw.url + "/") == (200, b'{"ok":1}')
+        # Past most of the first request's timeout, so a timer left from it would fire early.
+        await asyncio.sleep(0.4)
+        assert await _get(client, raw.url + "/") == (200, b'{"ok":1}')
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout, match="before answering"):
+            await client.request("GET", URL(raw.url + "/"), [])
+        assert loop.time() - started >= 0.5
+        assert raw.connections == 1
+    await client.close()
+
+
 async def test_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
     blob = bytes(range(256)) * (16 * 1024)  # 4 MiB
 
