@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -186,3 +188,35 @@ async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
             assert list(dp.explicit_bounds)[:3] == [1, 4, 16]
         if m.name == "gen_ai.client.operation.duration":
             assert m.unit == "s"
+
+
+async def test_the_exporter_sends_everything_it_holds_at_end_of_input(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is due by the clock (a minute's delay and interval): the 1,200 spans (three
+    POSTs of at most 512) and the histogram points arrive because stdin closed."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "60000")
+    n = 1200
+    rows = [record_fields(make_record(usage=Usage(input_tokens=10 + i, output_tokens=i))) for i in range(n)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meterproxy.otel_export", stdin=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    for i in range(0, n, 200):
+        proc.stdin.write(orjson.dumps(rows[i : i + 200]) + b"\n")
+    await proc.stdin.drain()
+    proc.stdin.close()
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+    assert sorted(_attrs(s)["meterproxy.request_id"] for _, s in receiver.spans) == sorted(r[0] for r in rows)
+    counts = {
+        (m.name, {kv.key: kv.value.string_value for kv in dp.attributes}.get("gen_ai.token.type")): dp.count
+        for m in receiver.metrics
+        for dp in m.histogram.data_points
+    }
+    assert counts == {
+        ("gen_ai.client.operation.duration", None): n,
+        ("gen_ai.client.token.usage", "input"): n,
+        ("gen_ai.client.token.usage", "output"): n,
+    }

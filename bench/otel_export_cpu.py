@@ -1,0 +1,147 @@
+"""The OpenTelemetry exporter child's CPU per record, fed through its own stdin protocol.
+
+Starts ``python -m meterproxy.otel_export`` exactly as the proxy does (stdin pipe, the
+standard ``OTEL_EXPORTER_OTLP_ENDPOINT``), with a discarding OTLP/HTTP receiver (a thread of
+this process) as its endpoint, writes ``--records`` rows shaped like real ones in batches of
+``--batch`` (one JSON line each, as `meterproxy.otel.OtelSink` does every 100 ms), closes stdin,
+and waits for the child to flush and exit. Reports the child's user+system CPU from
+``wait4`` (the whole life of the process: start-up, imports, every export, shutdown) and
+the same for an empty run (start-up and shutdown only), so the difference divided by the
+records is the CPU per record. CPU time, not wall time: other load on the machine hardly
+moves it. Also counts the spans the receiver decoded (every record must arrive).
+
+    PYTHONPATH=<tree> python bench/otel_export_cpu.py [--records 20000] [--batch 200] \\
+        [--interval 0.1] [--repeats 3]
+
+``--profile FILE`` runs the child under cProfile instead (``python -m cProfile -o FILE``) for
+a look at where the time goes (``python -m pstats FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from meterproxy.otel import record_fields
+from meterproxy.testing import make_record
+from meterproxy.usage import Usage
+
+
+class Receiver(BaseHTTPRequestHandler):
+    spans = 0
+    posts = 0
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        n = 0
+        if self.path.endswith("/v1/traces") and not self.headers.get("content-encoding"):
+            msg = ExportTraceServiceRequest()
+            msg.ParseFromString(body)
+            n = sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans)
+        with type(self).lock:
+            type(self).posts += 1
+            type(self).spans += n
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def rows(n: int) -> list[tuple[Any, ...]]:
+    out = []
+    for i in range(n):
+        r = make_record(
+            model="gpt-4o-mini" if i % 3 else "claude-sonnet-4",
+            usage=Usage(input_tokens=1200 + i % 500, cache_read_tokens=1024, output_tokens=87 + i % 50),
+        )
+        r.cost_usd = Decimal("0.0002321") + Decimal(i) / 10**9
+        r.duration_ms, r.user, r.session = 412.5 + i % 100, "alice", f"s-{i % 7}"
+        r.key_fingerprint, r.streamed = "fp_0a1b2c3d", bool(i % 2)
+        if i % 50 == 0:
+            r.status = 429
+        out.append(record_fields(r))
+    return out
+
+
+def run(lines: list[bytes], endpoint: str, profile: str | None, interval: float) -> float:
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
+    cmd = [sys.executable]
+    if profile:
+        cmd += ["-m", "cProfile", "-o", profile]
+    cmd += ["-m", "meterproxy.otel_export"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env)
+    assert proc.stdin is not None
+    for line in lines:
+        proc.stdin.write(line)
+        proc.stdin.flush()
+        time.sleep(interval)  # batches arrive spaced, as they do from the proxy
+    proc.stdin.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"exporter exited {proc.returncode}")
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--interval", type=float, default=0.1, help="seconds between batches (the proxy's is 0.1)"
+    )
+    ap.add_argument("--profile", help="write a cProfile of one loaded run here instead")
+    args = ap.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    data = rows(args.records)
+    lines = [orjson.dumps(data[i : i + args.batch]) + b"\n" for i in range(0, len(data), args.batch)]
+    if args.profile:
+        run(lines, endpoint, args.profile, args.interval)
+        print(json.dumps({"profile": args.profile, "spans_received": Receiver.spans}))
+        return
+    empty, loaded = [], []
+    for _ in range(args.repeats):
+        empty.append(run([], endpoint, None, args.interval))
+        before = Receiver.spans
+        loaded.append(run(lines, endpoint, None, args.interval))
+        if Receiver.spans - before != args.records:
+            raise SystemExit(f"{Receiver.spans - before} spans arrived for {args.records} records")
+    server.shutdown()
+    per = [(cpu - min(empty)) * 1e6 / args.records for cpu in loaded]
+    print(
+        json.dumps(
+            {
+                "records": args.records,
+                "batch": args.batch,
+                "startup_cpu_s": round(min(empty), 3),
+                "loaded_cpu_s": [round(x, 3) for x in loaded],
+                "cpu_us_per_record_min": round(min(per), 1),
+                "cpu_us_per_record_median": round(statistics.median(per), 1),
+                "otlp_posts": Receiver.posts,
+                "load_average": os.getloadavg(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
