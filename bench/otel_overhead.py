@@ -8,7 +8,7 @@ used per proxied request (from /proc: unlike a p99, hardly moved by other load o
 Rounds alternate off/on so that drift in the machine's load hits both alike. Prints one JSON line
 per cell and a summary; writes ``bench/results/otel-latest.json``.
 
-    python bench/otel_overhead.py [--rounds 3] [--duration 5]
+    python bench/otel_overhead.py [--rounds 3] [--duration 5] [--port-base N]
 
 Bounded: rounds x 2 modes x 2 scenarios x duration seconds, then everything is stopped.
 """
@@ -122,9 +122,20 @@ def main() -> None:
         help="run the OTLP receiver at SCHED_IDLE: a collector on another host, as in production, "
         "instead of one more busy task on the two cores the benchmark already fills",
     )
+    ap.add_argument(
+        "--port-base",
+        type=int,
+        default=0,
+        help="take ports from here up (receiver, upstream, then one per proxy start) instead of "
+        "free ones the kernel picks: for a machine where each user has a port range",
+    )
     args = ap.parse_args()
+    ports = iter(range(args.port_base, args.port_base + 1000)) if args.port_base else None
 
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    def port_for() -> int:
+        return next(ports) if ports is not None else free_port()
+
+    sink = ThreadingHTTPServer(("127.0.0.1", port_for() if ports is not None else 0), Sink)
 
     def serve_sink() -> None:
         if args.receiver_idle:
@@ -137,14 +148,14 @@ def main() -> None:
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
         "OTEL_METRIC_EXPORT_INTERVAL": "5000",
     }
-    up_port = free_port()
+    up_port = port_for()
     upstream = spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], "0")
     wait_port(up_port)
     cells: list[dict[str, Any]] = []
     try:
         for round_ in range(args.rounds):
             for mode in ("off", "on"):
-                port = free_port()
+                port = port_for()
                 db = os.path.join(tempfile.mkdtemp(prefix="bench-otel-"), "bench.db")
                 cmd = [sys.executable, "-m", "meterproxy", "serve", "--port", str(port), "--db", db]
                 cmd += ["--upstream", f"bench=http://127.0.0.1:{up_port}"]

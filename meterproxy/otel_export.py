@@ -55,6 +55,7 @@ from meterproxy import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.trace.sampling import Sampler
 
     from meterproxy.otel_metrics import GenAiHistograms
     from meterproxy.otel_spans import OtlpHttpSender, SpanEncoder
@@ -216,6 +217,8 @@ _METRIC_KEYS = (
     "error.type",
 )
 _SHAPE_CACHE = 4096
+#: What every request of one shape shares: its span's cached piece, its metric attributes, its span name.
+_Shape = tuple[bytes, tuple[tuple[str, Any], ...], str]
 
 
 def span_name(attrs: dict[str, Any]) -> str:
@@ -261,8 +264,17 @@ class Exporter:
         sender: OtlpHttpSender | None,
         histograms: GenAiHistograms | None,
         metric_exporter: OTLPMetricExporter | None,
+        sampler: Sampler | None = None,
+        max_attribute_length: int | None = None,
     ) -> None:
         self._sender = sender
+        self._sampler = sampler
+        self._max_length = max_attribute_length
+        if sampler is not None:
+            from opentelemetry.sdk.trace.sampling import Decision
+            from opentelemetry.trace import SpanKind
+
+            self._client, self._sampled = SpanKind.CLIENT, Decision.RECORD_AND_SAMPLE
         self._encoder = encoder
         self._histograms = histograms
         self._metric_exporter = metric_exporter
@@ -274,7 +286,7 @@ class Exporter:
         self._pending: list[bytes] = []
         self._pending_since = 0.0
         self._next_metrics = time.monotonic() + self._interval
-        self._shapes: dict[tuple[Any, ...], tuple[bytes, tuple[tuple[str, Any], ...]]] = {}
+        self._shapes: dict[tuple[Any, ...], _Shape] = {}
         self._lock = threading.Lock()
         self._queued = 0  # spans handed to the sender thread, not yet sent
         self.dropped = 0
@@ -289,14 +301,21 @@ class Exporter:
             except Exception:
                 log.exception("OTLP export failed")
 
-    def _shape(self, row: Any, key: tuple[Any, ...]) -> tuple[bytes, tuple[tuple[str, Any], ...]]:
+    def _shape(self, row: Any, key: tuple[Any, ...]) -> _Shape:
         attrs = span_attributes(as_fields(row))
-        fixed = self._encoder.fixed_part(span_name(attrs), attrs) if self._sender is not None else b""
+        name = span_name(attrs)
         metric_attrs = tuple((k, attrs[k]) for k in _METRIC_KEYS if k in attrs)
+        limit = self._max_length
+        if limit is not None:  # the SDK's span attribute limit; metric attributes have none
+            attrs = {k: v[:limit] if isinstance(v, str) else v for k, v in attrs.items()}
+        fixed = self._encoder.fixed_part(name, attrs) if self._sender is not None else b""
         if len(self._shapes) >= _SHAPE_CACHE:
             self._shapes.clear()
-        entry = self._shapes[key] = (fixed, metric_attrs)
+        entry = self._shapes[key] = (fixed, metric_attrs, name)
         return entry
+
+    def _cut(self, value: str) -> str:
+        return value if self._max_length is None else value[: self._max_length]
 
     def add(self, rows: list[Any]) -> None:
         """One batch from the proxy."""
@@ -318,6 +337,18 @@ class Exporter:
                     histograms.record(entry[1], seconds, (tokens[0], tokens[1]) if tokens else None, now_ns)
                 if self._sender is None:
                     continue
+                sampler = self._sampler
+                if sampler is not None:
+                    trace_id = int.from_bytes(ids[i][:16], "big")
+                    result = sampler.should_sample(None, trace_id, entry[2], self._client)
+                    if result.decision is not self._sampled:  # only sampled spans are exported
+                        continue
+                if self._max_length is not None:
+                    rid, user, session = (
+                        self._cut(rid),
+                        user and self._cut(user),
+                        session and self._cut(session),
+                    )
                 parts = [entry[0]]
                 if user:
                     parts.append(encoder.value_part("user.id", user))
@@ -427,6 +458,7 @@ def main() -> None:
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         from meterproxy.otel_metrics import GenAiHistograms, histogram_temporality
@@ -470,7 +502,19 @@ def main() -> None:
         histograms = GenAiHistograms(
             resource, scope, TOKEN_BUCKETS, DURATION_BUCKETS, histogram_temporality()
         )
-    exporter = Exporter(encoder, sender, histograms, metric_exporter)
+    # The SDK's own reading of OTEL_TRACES_SAMPLER / _ARG and of the attribute length limit; the
+    # default sampler (parent-based, always on: every span, ours have no parent) is not consulted.
+    sampler = None
+    if os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() not in (
+        "",
+        "always_on",
+        "parentbased_always_on",
+    ):
+        sampler = TracerProvider(shutdown_on_exit=False).sampler
+    limits = SpanLimits()
+    exporter = Exporter(
+        encoder, sender, histograms, metric_exporter, sampler, limits.max_span_attribute_length
+    )
     try:
         read_batches(sys.stdin.fileno(), exporter)
     finally:

@@ -212,3 +212,54 @@ def _histogram_type() -> type:
     from opentelemetry.sdk.metrics import Histogram
 
     return Histogram
+
+
+def _spans_of(capture: _Capture) -> list[Any]:
+    spans = []
+    for data in capture.requests:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(data)
+        spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    return spans
+
+
+def test_a_configured_sampler_decides_which_spans_leave_but_metrics_count_every_request() -> None:
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    rows = _rows() * 20
+    histograms = GenAiHistograms(
+        RESOURCE, SCOPE, TOKEN_BUCKETS, DURATION_BUCKETS, AggregationTemporality.DELTA
+    )
+    sampler = TraceIdRatioBased(0.5)
+    capture = _Capture()
+    exporter = Exporter(SpanEncoder({}, "", "meterproxy", ""), capture, histograms, None, sampler=sampler)  # type: ignore[arg-type]
+    exporter.add(rows)
+    exporter.close()
+    spans = _spans_of(capture)
+    assert 0 < len(spans) < len(rows)
+    for span in spans:
+        trace_id = int.from_bytes(span.trace_id, "big")
+        assert sampler.should_sample(None, trace_id, span.name).decision.is_sampled()
+    points = _points(histograms.collect(1))
+    assert sum(p.count for k, p in points.items() if k[0] == "gen_ai.client.operation.duration") == len(rows)
+
+
+def test_span_attribute_values_are_cut_to_the_sdk_limit_but_metric_attributes_are_not() -> None:
+    rows = _rows()
+    histograms = GenAiHistograms(
+        RESOURCE, SCOPE, TOKEN_BUCKETS, DURATION_BUCKETS, AggregationTemporality.DELTA
+    )
+    capture = _Capture()
+    encoder = SpanEncoder({}, "", "meterproxy", "")
+    exporter = Exporter(encoder, capture, histograms, None, max_attribute_length=5)  # type: ignore[arg-type]
+    exporter.add(rows)
+    exporter.close()
+    spans = _spans_of(capture)
+    assert len(spans) == len(rows)
+    strings = [
+        kv.value.string_value for s in spans for kv in s.attributes if kv.value.HasField("string_value")
+    ]
+    assert strings and max(map(len, strings)) == 5
+    assert {s.name for s in spans} >= {"chat gpt-4o-mini"}  # the name is not an attribute
+    models = {p.attributes.get("gen_ai.request.model") for p in _points(histograms.collect(1)).values()}
+    assert "gpt-4o-mini" in models
