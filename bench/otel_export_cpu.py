@@ -29,14 +29,18 @@ import threading
 import time
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+import meterproxy
 from meterproxy.otel import record_fields
 from meterproxy.testing import make_record
 from meterproxy.usage import Usage
+
+TREE = Path(meterproxy.__file__).resolve().parents[1]
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -85,7 +89,8 @@ def run(lines: list[bytes], endpoint: str, profile: str | None, interval: float)
     if profile:
         cmd += ["-m", "cProfile", "-o", profile]
     cmd += ["-m", "meterproxy.otel_export"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env)
+    # From the tree this script imported meterproxy from: ``-m`` looks in the working directory first.
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, cwd=TREE)
     assert proc.stdin is not None
     for line in lines:
         proc.stdin.write(line)

@@ -418,6 +418,8 @@ class Exporter:
         """Send everything, wait for the sender, shut the exporters down."""
         self.flush_spans(everything=True)
         self.export_metrics()
+        if self._sender is not None:
+            self._sender.stop_retrying()
         self._jobs.put(None)
         self._thread.join()
         if self._sender is not None:

@@ -40,6 +40,7 @@ import gzip
 import logging
 import os
 import random
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -283,6 +284,7 @@ class OtlpHttpSender:
         self.headers.update({k.lower(): v for k, v in parse_env_headers(raw, liberal=True).items()})
         if compression != "none":
             self.headers.setdefault("content-encoding", compression)
+        self._stopping = threading.Event()
         self._session = requests.Session()
         certificate = _env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE", env)
         self._session.verify = certificate or True
@@ -317,6 +319,8 @@ class OtlpHttpSender:
             except requests.ConnectionError as error:
                 problem: object = error
                 retryable = True
+                if attempt == 0:
+                    continue  # most often a pooled connection the receiver closed: again at once
             except requests.RequestException as error:
                 problem, retryable = error, False
             else:
@@ -330,9 +334,18 @@ class OtlpHttpSender:
             if not retryable or backoff > deadline - time.monotonic():
                 log.error("OTLP export of %d spans failed (status %s): %s", spans, status, problem)
                 return False
-            time.sleep(backoff)
+            if self._stopping.wait(backoff):
+                log.error(
+                    "OTLP export of %d spans failed at shutdown (status %s): %s", spans, status, problem
+                )
+                return False
         log.error("OTLP export of %d spans failed after retries", spans)
         return False
+
+    def stop_retrying(self) -> None:
+        """From now on no request waits to be retried: the process is about to exit (the official
+        exporter likewise stops retrying at shutdown)."""
+        self._stopping.set()
 
     def close(self) -> None:
         self._session.close()

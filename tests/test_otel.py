@@ -38,10 +38,16 @@ class OtlpReceiver:
         self.changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.trace_headers: list[dict[str, str]] = []
+        self.refuse = 0  # answer this many trace POSTs 503 (Retry-After: 0) before accepting
 
     async def _traces(self, request: web.Request) -> web.Response:
+        self.trace_headers.append({k.lower(): v for k, v in request.headers.items()})
+        if self.refuse > 0:
+            self.refuse -= 1
+            return web.Response(status=503, headers={"Retry-After": "0"})
         msg = ExportTraceServiceRequest()
-        msg.ParseFromString(await request.read())
+        msg.ParseFromString(await request.read())  # aiohttp has undone any gzip
         async with self.changed:
             for rs in msg.resource_spans:
                 for ss in rs.scope_spans:
@@ -220,3 +226,27 @@ async def test_the_exporter_sends_everything_it_holds_at_end_of_input(
         ("gen_ai.client.token.usage", "input"): n,
         ("gen_ai.client.token.usage", "output"): n,
     }
+
+
+async def test_spans_carry_the_configured_headers_and_compression_and_are_retried(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s3cret,x-team=metering")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+    receiver.refuse = 2
+    rows = [record_fields(make_record()) for _ in range(3)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meterproxy.otel_export", stdin=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(orjson.dumps(rows) + b"\n")
+    await proc.stdin.drain()
+    await receiver.wait_for(lambda: len(receiver.spans) == 3)
+    proc.stdin.close()
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    assert len(receiver.trace_headers) == 3  # refused twice, then accepted
+    for headers in receiver.trace_headers:
+        assert headers["x-api-key"] == "s3cret"
+        assert headers["x-team"] == "metering"
+        assert headers["content-encoding"] == "gzip"
+        assert headers["content-type"] == "application/x-protobuf"

@@ -104,6 +104,9 @@ class _Capture:
         self.requests.append(data)
         return True
 
+    def stop_retrying(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
