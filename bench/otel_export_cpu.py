@@ -13,8 +13,11 @@ moves it. Also counts the spans the receiver decoded (every record must arrive).
     PYTHONPATH=<tree> python bench/otel_export_cpu.py [--records 20000] [--batch 200] \\
         [--interval 0.1] [--repeats 3]
 
-``--profile FILE`` runs the child under cProfile instead (``python -m cProfile -o FILE``) for
-a look at where the time goes (``python -m pstats FILE``).
+``--breakdown`` times each stage in this process instead, nothing sent: the SDK's way (span
+attributes, ``tracer.start_span`` + ``end``, the official ``encode_spans``, three
+``Histogram.record``) and the exporter's (`meterproxy.otel_export.Exporter.add` with spans, with
+histograms, with both). ``--profile FILE`` runs the child under cProfile instead
+(``python -m cProfile -o FILE``) for a look at where the time goes (``python -m pstats FILE``).
 """
 
 from __future__ import annotations
@@ -104,6 +107,104 @@ def run(lines: list[bytes], endpoint: str, profile: str | None, interval: float)
     return float(usage.ru_utime + usage.ru_stime)
 
 
+def _best(fn: Any, n: int, repeats: int = 3) -> float:
+    """Minimum process CPU over ``repeats`` runs of ``fn``, in µs per record."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return round(best * 1e6 / n, 2)
+
+
+def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
+    """In-process CPU per record of each stage, the SDK's way and the exporter's, nothing sent."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanKind
+
+    from meterproxy.otel_export import DURATION_BUCKETS, TOKEN_BUCKETS, Exporter, as_fields, span_attributes
+    from meterproxy.otel_metrics import GenAiHistograms
+    from meterproxy.otel_spans import SpanEncoder
+
+    n = len(data)
+    resource = Resource.create({"service.name": "meterproxy"})
+    scope = InstrumentationScope("meterproxy", "bench")
+    fields = [as_fields(r) for r in data]
+    attrs = [span_attributes(f) for f in fields]
+    finished: list[ReadableSpan] = []
+
+    class Keep(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            finished.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(Keep()))
+    tracer = tracer_provider.get_tracer("meterproxy", "bench")
+
+    def sdk_spans() -> None:
+        finished.clear()
+        for a, f in zip(attrs, fields, strict=True):
+            span = tracer.start_span("chat x", kind=SpanKind.CLIENT, attributes=a, start_time=f["start_ns"])
+            span.end(end_time=f["start_ns"] + int(f["duration_s"] * 1e9))
+
+    meter = MeterProvider(resource=resource, metric_readers=[InMemoryMetricReader()]).get_meter("m")
+    tokens = meter.create_histogram("t", explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS))
+    duration = meter.create_histogram("d", explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
+
+    def sdk_histograms() -> None:
+        for a, f in zip(attrs, fields, strict=True):
+            m = {k: a[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.response.model")}
+            duration.record(f["duration_s"], m)
+            if f["tokens"]:
+                tokens.record(f["tokens"][0], {**m, "gen_ai.token.type": "input"})
+                tokens.record(f["tokens"][1], {**m, "gen_ai.token.type": "output"})
+
+    class Discard:
+        def send(self, data: bytes, spans: int) -> bool:
+            return True
+
+        def stop_retrying(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def ours(spans: bool, metrics: bool) -> Any:
+        encoder = SpanEncoder(dict(resource.attributes), resource.schema_url, "meterproxy", "bench")
+        histograms = GenAiHistograms(
+            resource, scope, TOKEN_BUCKETS, DURATION_BUCKETS, AggregationTemporality.CUMULATIVE
+        )
+
+        def run() -> None:
+            exporter = Exporter(encoder, Discard() if spans else None, histograms if metrics else None, None)  # type: ignore[arg-type]
+            for i in range(0, n, batch):
+                exporter.add(data[i : i + batch])
+                exporter.flush_spans(everything=True)
+            exporter.close()
+
+        return run
+
+    out = {
+        "sdk_span_attributes_us": _best(lambda: [span_attributes(as_fields(r)) for r in data], n),
+        "sdk_tracer_start_end_us": _best(sdk_spans, n),
+    }
+    sdk_spans()
+    spans = list(finished)
+    out["sdk_encode_spans_us"] = _best(lambda: encode_spans(spans).SerializePartialToString(), n)
+    out["sdk_three_histogram_records_us"] = _best(sdk_histograms, n)
+    out["ours_spans_us"] = _best(ours(True, False), n)
+    out["ours_histograms_us"] = _best(ours(False, True), n)
+    out["ours_both_us"] = _best(ours(True, True), n)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=20000)
@@ -113,7 +214,15 @@ def main() -> None:
         "--interval", type=float, default=0.1, help="seconds between batches (the proxy's is 0.1)"
     )
     ap.add_argument("--profile", help="write a cProfile of one loaded run here instead")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="print the in-process CPU per record of each stage (SDK's and ours) instead",
+    )
     args = ap.parse_args()
+    if args.breakdown:
+        print(json.dumps({"records": args.records, **breakdown(rows(args.records), args.batch)}))
+        return
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"

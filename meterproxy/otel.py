@@ -13,7 +13,7 @@ attributes) and how it is encoded is described in `meterproxy.otel_export`.
 
 **Why a child process.** Building a span, recording two histograms and encoding
 protobuf costs microseconds of Python per request (140 µs with the SDK's tracer and
-instruments, about 15 µs as the exporter does it now), and a thread doing it
+instruments, 15-30 µs as the exporter does it now), and a thread doing it
 would hold the GIL the event loop needs: measured with a thread, the proxy's
 added latency at concurrency 1 grew by 2-3 ms (``bench/otel_overhead.py``), a
 GIL hand-off per request. So the export runs in its own process

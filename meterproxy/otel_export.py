@@ -26,14 +26,18 @@ What is exported follows the OpenTelemetry GenAI semantic conventions:
 messages every span is encoded with, and ``OTLPMetricExporter`` (which reads its own
 ``OTEL_EXPORTER_OTLP_[METRICS_]*`` variables) for the histograms. The per-request work is
 not the SDK's: the tracer (a live span object per request, attribute validation) and the
-official span encoder cost 92 µs a request, the histogram instruments 25 µs, and on a 2-core
+official span encoder cost 112 µs a request, the histogram instruments 24 µs, and on a 2-core
 host that CPU competes with the proxy's own (``bench/README.md``, "OpenTelemetry export").
 Instead a row becomes span bytes from cached pieces (`meterproxy.otel_spans`) and three
 histogram points in plain dicts (`meterproxy.otel_metrics`), both checked field by field
-against the SDK's output (``tests/test_otel_encoding.py``): 6 µs a request in-process, about
-15 µs for the whole child (reading the pipe and the POSTs included) against 140-165 µs before.
-Batching and queue limits follow the SDK's variables (`Exporter`); one thread does the POSTs.
-``OTEL_TRACES_EXPORTER=none`` / ``OTEL_METRICS_EXPORTER=none`` turn one signal off.
+against the SDK's output (``tests/test_otel_encoding.py``): 6 µs a request in-process, 15-30 µs
+for the whole child (reading the pipe and the POSTs included, more at lower rates) against
+140-190 µs before. Batching and queue limits follow the SDK's variables (`Exporter`), and so
+do ``OTEL_TRACES_SAMPLER`` / ``_ARG`` (the SDK's own sampler decides; the histograms still
+count every request) and the span attribute length limit; one thread does the POSTs.
+``OTEL_TRACES_EXPORTER=none`` / ``OTEL_METRICS_EXPORTER=none`` turn one signal off. Not
+supported: gRPC, exponential histograms
+(``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION``; a warning, explicit buckets).
 """
 
 from __future__ import annotations
