@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,6 +28,7 @@ from meterproxy.budgets.webhooks import RetryPolicy
 from meterproxy.cli import main
 from meterproxy.settings import SettingsError, load_settings
 from meterproxy.testing import FakeUpstream, make_record
+from meterproxy.timestamps import format_ts
 from tests.conftest import ProxyFactory, ProxyHarness
 from tests.helpers.budgets import SECRET, Receiver, api_get, insert_records, query, wait_for
 
@@ -224,6 +226,45 @@ async def test_undeliverable_webhook_is_marked_failed(
     assert all(a["status"] == 503 for a in delivery["attempt_log"])
     attempts = len(receiver.attempts)
     assert attempts == delivery["attempts"]
+
+
+async def test_a_delivery_older_than_the_window_still_gets_one_retry(
+    upstream: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """An event that waited out ``webhook_give_up_after`` in the outbox (the proxy was down) is
+    not failed on its first attempt: one retry first (``MIN_ATTEMPTS``). The test above only
+    reached this case when a busy machine made its first attempt late; here it always does."""
+    db = tmp_path / "meter.db"
+    insert_records(db, [])  # the schema
+    old = format_ts(datetime.now(UTC) - timedelta(hours=2))
+    async with Receiver(accept=False) as receiver:
+        conn = sqlite3.connect(db)
+        conn.execute(
+            "INSERT INTO budget_events (id, budget, type, period_start, threshold, created_at, payload) "
+            "VALUES ('evt_old', 'b', 'budget.threshold_crossed', ?, '50', ?, '{\"id\": \"evt_old\"}')",
+            [old, old],
+        )
+        conn.execute(
+            "INSERT INTO webhook_outbox (event_id, endpoint, url, created_at, next_attempt_at) "
+            "VALUES ('evt_old', 'down', ?, ?, ?)",
+            [receiver.url, old, old],
+        )
+        conn.commit()
+        conn.close()
+        proxy = await make_proxy(
+            webhooks={"down": {"url": receiver.url, "secret": SECRET}},
+            webhook_retry_base=0.05,
+            webhook_retry_max=0.1,
+            webhook_give_up_after=3600,
+        )
+
+        async def failed() -> Any:
+            data = await api_get(proxy, "/api/webhooks/deliveries?state=failed")
+            return data["deliveries"]
+
+        [delivery] = await wait_for(failed, what="the delivery to give up")
+    assert delivery["attempts"] == 2 == len(receiver.attempts)
+    assert [a["status"] for a in delivery["attempt_log"]] == [503, 503]
 
 
 def run_cli(*args: str) -> Any:
