@@ -539,9 +539,9 @@ class Proxy:
             return
         self.in_flight += 1
         head_done = sent.head_done
-        # Tracked like a task: `drain` waits for it (and whatever task it hands over to).
+        # Tracked like a task: `drain` waits for it (and whatever task it hands over to);
+        # `_head_in` takes it out.
         self._tasks.add(head_done)
-        head_done.add_done_callback(self._tasks.discard)
         head_done.add_done_callback(lambda _: self._head_in(exchange, client, sent, done, loop))
 
     def _spawn_done(
@@ -561,6 +561,7 @@ class Proxy:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         """The answer's head is in (or the request failed): relay it now, or hand over to a task."""
+        self._tasks.discard(sent.head_done)
         if not sent.ready() or sent.conn.status == 101 or not client.ready():
             self.in_flight -= 1
             self._spawn_done(loop, self._forwarding(exchange, client, sent), done)

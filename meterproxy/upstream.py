@@ -183,6 +183,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()  # a kept read timer must not hold a closed connection until it fires
         self._client._forget(self)
         if self._headers_done is None and not self._chunks:
             return  # idle in the pool: nothing in flight
@@ -221,13 +222,14 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self.headers_complete = True
         self.keep_alive = self._parser.should_keep_alive()
-        names = {n.lower() for n, _ in self._header_list}
-        chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self._header_list
-        )
-        self._close_delimited = (
-            not self.head and status not in (204, 304) and b"content-length" not in names and not chunked
-        )
+        delimited = self.head or status in (204, 304)
+        if not delimited:
+            for n, v in self._header_list:  # one pass: a length, or chunked framing
+                lower = n.lower()
+                if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in v.lower()):
+                    delimited = True
+                    break
+        self._close_delimited = not delimited
         if self._headers_done is not None and not self._headers_done.done():
             self._headers_done.set_result(None)
         if self.head:
