@@ -455,7 +455,9 @@ async def test_every_way_a_request_can_end_releases_its_reservation(
     # request's record settles its hold (with what it cost: nothing here).
     budget = [{"name": "team", "limit_usd": "100", "period": "month", "action": "reserve"}]
     proxy = await make_proxy(budgets=budget, disconnect_drain_timeout=0.2)
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0)
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-reserve", max_retries=0
+    )
     ask = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]}
 
     upstream.replay(load_fixture("openai_chat_stream_no_usage"), delay=0.5)
@@ -479,7 +481,9 @@ async def test_every_way_a_request_can_end_releases_its_reservation(
     await _no_hold_left(proxy, 3)
 
     dead = await make_proxy(budgets=budget, upstreams={"openai": f"http://127.0.0.1:{free_port()}"})
-    unreachable = openai.AsyncOpenAI(base_url=f"{dead.url}/v1", api_key="sk-reserve", max_retries=0)
+    unreachable = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{dead.url}/v1", api_key="sk-reserve", max_retries=0
+    )
     with pytest.raises(openai.APIStatusError) as refused:
         await unreachable.chat.completions.create(**ask)
     assert refused.value.status_code == 502

@@ -18,6 +18,7 @@ from meterproxy.testing import FakeUpstream, load_fixture
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import Usage
 from tests.conftest import ProxyFactory
+from tests.helpers.sdk import SDK_TIMEOUT
 
 
 def expected_cost(model: str, fx_expect: dict[str, int], ts: str) -> Decimal | None:
@@ -58,7 +59,9 @@ async def test_openai_sdk_streaming_without_usage_request(
     fx = load_fixture("openai_chat_stream_usage")
     upstream.replay(fx)
     proxy = await make_proxy()
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test-key-123456789")
+    client = openai.AsyncOpenAI(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-test-key-123456789"
+    )
     stream = await client.chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "What is the capital of the UK?"}],
@@ -98,7 +101,7 @@ async def test_openai_sdk_streaming_with_usage_gets_it(
     fx = load_fixture("openai_chat_stream_usage")
     upstream.replay(fx)
     proxy = await make_proxy()
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-x")
     stream = await client.chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "hi"}],
@@ -122,7 +125,7 @@ async def test_openai_sdk_non_streaming_and_responses_and_embeddings(
     upstream.replay(resp)
     upstream.replay(emb)
     proxy = await make_proxy()
-    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="sk-x")
+    client = openai.AsyncOpenAI(timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/v1", api_key="sk-x")
     completion = await client.chat.completions.create(
         model="o3-mini", messages=[{"role": "user", "content": "x"}]
     )
@@ -143,7 +146,9 @@ async def test_anthropic_sdk_streaming(upstream: FakeUpstream, make_proxy: Proxy
     fx = load_fixture(name)
     upstream.replay(fx, path="/v1/messages")
     proxy = await make_proxy()
-    client = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test")
+    client = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test"
+    )
     async with client.messages.stream(
         model="claude-sonnet-4-5",
         max_tokens=100,
@@ -168,7 +173,9 @@ async def test_anthropic_sdk_non_streaming(upstream: FakeUpstream, make_proxy: P
     fx = load_fixture("anthropic_messages_json")
     upstream.replay(fx, path="/v1/messages")
     proxy = await make_proxy()
-    client = anthropic.AsyncAnthropic(base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test")
+    client = anthropic.AsyncAnthropic(
+        timeout=SDK_TIMEOUT, base_url=f"{proxy.url}/anthropic", api_key="sk-ant-test"
+    )
     message = await client.messages.create(
         model="claude-sonnet-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
     )
