@@ -36,6 +36,7 @@ from tests.helpers.budgets import query
 from tests.helpers.pg import fresh_database, pg_or_skip
 from tests.helpers.sdk import SDK_TIMEOUT
 from tests.helpers.served import Served
+from tests.helpers.waits import WAIT_S
 
 MODEL = "gpt-4o-mini"
 PROMPT = "Summarise the causes of the French Revolution in two sentences. " * 3
@@ -434,9 +435,9 @@ def test_a_request_without_an_output_limit_reserves_its_models_own() -> None:
 
 async def _no_hold_left(proxy: Any, n_rows: int) -> dict[str, Any]:
     """Once ``n_rows`` are recorded, /api/budgets (which re-reads the holds) shows none held."""
-    await proxy.rows(n_rows, timeout=20)
+    await proxy.rows(n_rows)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + WAIT_S
     async with aiohttp.ClientSession() as http:
         while True:
             async with http.get(f"{proxy.url}/api/budgets") as r:
