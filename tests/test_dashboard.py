@@ -569,3 +569,24 @@ async def test_what_if_note_counts_estimates_even_when_none_is_priced_both_ways(
     await page.wait_for_selector("#whatif:not([hidden])")
     note = str(await page.locator("#whatif-note").inner_text())
     assert "Estimated (not in the totals): 2 requests without usage, none priced both ways." in note
+
+
+async def test_cost_card_says_how_many_costs_are_lower_bounds_or_the_providers_own(
+    make_proxy: Any, browser: Any
+) -> None:
+    # The counts /api/summary gives (partial_requests, provider_cost_requests), beside the total.
+    proxy = await make_proxy()
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    cut = make_record(model="gpt-4o-mini", ts=now, usage=Usage(input_tokens=900, output_tokens=40))
+    cut.usage_source = "partial"  # a stream cut before its final usage: priced as a lower bound
+    routed = make_record(model="acme/private-9000", upstream="openrouter", provider="openai", ts=now)
+    routed.provider_cost_usd = Decimal("0.0042")  # OpenRouter's usage.cost, for a model no table prices
+    for r in (cut, routed):
+        proxy.app[METER].request_finished(r)
+    rows = await proxy.rows(2)
+    assert sorted(r["cost_source"] for r in rows) == ["partial", "provider"]
+    page = await new_page(browser)
+    await page.goto(proxy.url + "/")
+    await ready(page)
+    sub = str(await page.locator("#card-cost .sub").inner_text())
+    assert "1 from cut streams (lower bounds)" in sub and "1 at the provider's own figure" in sub
