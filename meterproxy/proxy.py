@@ -603,10 +603,10 @@ class Proxy:
                     client.write_now(tail)
             client.end_now()
         finally:
+            record.upstream_ms = (time.perf_counter() - exchange.sent_at) * 1000
+            upstream.release()  # read to its end already: pooled (first, whatever the tap says)
             if exchange.tap is not None:
                 self._take_result(exchange)
-            record.upstream_ms = (time.perf_counter() - exchange.sent_at) * 1000
-            upstream.release()
 
     def _prepare_upstream_request(self, exchange: Exchange) -> None:
         """Usage injection into the body, and the headers that go upstream."""
