@@ -30,6 +30,7 @@ from meterproxy.testing import make_record
 from meterproxy.timestamps import parse_ts
 from meterproxy.usage import RequestRecord, Usage
 from tests.helpers.pg import store_on
+from tests.helpers.waits import WAIT_S
 
 LOGS = Path(__file__).parent / "fixtures" / "agent_logs"
 WEBAPP = "5b2c1f0e-8d3a-4c61-9e2f-0a7d4b1c9e33"
@@ -296,7 +297,7 @@ def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
     cmd += ["--follow", "--interval", "0.05", "--db", str(db)]
 
     def wait_rows(n: int, proc: subprocess.Popen[str]) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if db.exists() and len(rows(db)) >= n:
@@ -314,7 +315,7 @@ def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
         wait_rows(2, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err
     assert "2 new" in out
     with open(log, "ab") as fh:
@@ -324,7 +325,7 @@ def test_follow_command_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
         wait_rows(4, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0 and "2 new" in out, (out, err)
     assert len(rows(db)) == 4
 
