@@ -155,6 +155,11 @@ async def test_every_proxied_request_becomes_a_span_and_token_histogram_points(
     # The exporter never preempts the proxy (it set this before reading its first batch).
     assert os.sched_getscheduler(proxy.app[OTEL].pid) == os.SCHED_BATCH
     assert os.getpriority(os.PRIO_PROCESS, proxy.app[OTEL].pid) == 19
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    sched = f"/proc/{proxy.app[OTEL].pid}/sched"
+    if release >= (6, 12) and os.uname().machine in ("x86_64", "aarch64") and os.path.exists(sched):
+        with open(sched) as f:  # the custom slice (Linux 6.12+), see meterproxy.otel_export.short_slice
+            assert [line.split()[-1] for line in f if line.startswith("se.slice")] == ["100000"]
     by_id = {_attrs(s)["meterproxy.request_id"]: (res, s) for res, s in receiver.spans}
     assert set(by_id) == {r["id"] for r in rows}
     for row in rows:
