@@ -382,16 +382,7 @@ class Proxy:
         started: float,
     ) -> Exchange:
         """The request is routed and read whole: inspect it and open its record."""
-        provider = self._detect(target.path)
-        info = provider.inspect_request(target.path, body) if provider else RequestInfo()
-        record = self._new_record(method, target, provider, info, _first_values(headers), raw_query)
-        record.request_bytes = len(body)
-        if self._content_limit and provider is not None:
-            # The client's own body, before any injection: what the operator asked to keep.
-            record.content = CapturedContent(
-                request=body[: self._content_limit], truncated=len(body) > self._content_limit
-            )
-        return Exchange(method, target, provider, info, record, body, headers, started)
+        return self._open(method, target, _first_values(headers), headers, raw_query, body, started)
 
     def begin_raw(
         self,
@@ -407,17 +398,30 @@ class Proxy:
         They stay bytes to the upstream: only the few attribution reads are decoded
         (`READ_HEADERS`), and `_prepare_upstream_request` filters them as bytes.
         """
+        exchange = self._open(method, target, _first_values_raw(raw_headers), [], raw_query, body, started)
+        exchange.raw_headers = raw_headers
+        return exchange
+
+    def _open(
+        self,
+        method: str,
+        target: Target,
+        first_values: dict[str, str],
+        headers: list[tuple[str, str]],
+        raw_query: str,
+        body: bytes,
+        started: float,
+    ) -> Exchange:
         provider = self._detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
-        record = self._new_record(method, target, provider, info, _first_values_raw(raw_headers), raw_query)
+        record = self._new_record(method, target, provider, info, first_values, raw_query)
         record.request_bytes = len(body)
         if self._content_limit and provider is not None:
+            # The client's own body, before any injection: what the operator asked to keep.
             record.content = CapturedContent(
                 request=body[: self._content_limit], truncated=len(body) > self._content_limit
             )
-        exchange = Exchange(method, target, provider, info, record, body, [], started)
-        exchange.raw_headers = raw_headers
-        return exchange
+        return Exchange(method, target, provider, info, record, body, headers, started)
 
     def _new_record(
         self,

@@ -35,7 +35,7 @@ from meterproxy.store.summary import SummaryQuery, summarize
 from meterproxy.store.writer import StoreWriter
 from meterproxy.testing import make_record
 from meterproxy.usage import EstimateSource, RequestRecord, Usage
-from meterproxy.whatif import what_if, whatif_table
+from meterproxy.whatif import WhatIf, what_if, whatif_table
 from tests.helpers.pg import store_on
 from tests.helpers.stores import WRONG
 
@@ -179,8 +179,8 @@ def test_reprice_moves_estimates_in_their_own_columns_and_the_rollups_follow(db:
     assert _summary(db)[0] == totals
 
 
-def test_as_model_prices_estimates_apart_equal_to_a_reprice_of_renamed_rows(db: str) -> None:
-    target = "gpt-4.1-nano"
+def _stored_what_if(db: str, target: str) -> WhatIf:
+    """Store the 24 mixed records of `_records` in ``db`` and price them as ``target`` (OpenAI)."""
     writer = StoreWriter(db)
     writer.start()
     try:
@@ -190,9 +190,14 @@ def test_as_model_prices_estimates_apart_equal_to_a_reprice_of_renamed_rows(db: 
         assert writer.close(timeout=30)
     conn = backend.read_connection(db)
     try:
-        result = what_if(conn, RequestFilter(), PriceBook.default(), target, target_provider="openai")
+        return what_if(conn, RequestFilter(), PriceBook.default(), target, target_provider="openai")
     finally:
         conn.close()
+
+
+def test_as_model_prices_estimates_apart_equal_to_a_reprice_of_renamed_rows(db: str) -> None:
+    target = "gpt-4.1-nano"
+    result = _stored_what_if(db, target)
     doc = result.as_dict()
     # Estimates are a line of their own, never in the totals (which are reported spend only).
     assert doc["totals"]["requests"] == 6
@@ -232,18 +237,7 @@ def test_every_output_of_report_carries_the_estimates_apart(tmp_path: Path) -> N
     from meterproxy.cli import main
 
     db = str(tmp_path / "m.db")
-    writer = StoreWriter(db)
-    writer.start()
-    try:
-        for record in _records(PriceBook.default(), 24, T0):
-            assert writer.submit(record)
-    finally:
-        assert writer.close(timeout=30)
-    conn = backend.read_connection(db)
-    try:
-        result = what_if(conn, RequestFilter(), PriceBook.default(), "gpt-4.1-nano", target_provider="openai")
-    finally:
-        conn.close()
+    result = _stored_what_if(db, "gpt-4.1-nano")
     estimated = result.as_dict()["estimated"]
 
     def cli(*args: str) -> str:
