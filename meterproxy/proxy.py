@@ -510,10 +510,14 @@ class Proxy:
         try:
             await self._forward(exchange, client, sent)
         finally:
-            self.in_flight -= 1
-            if not exchange.recorded:
-                exchange.record.duration_ms = (time.perf_counter() - exchange.started) * 1000
-                self._finish(exchange)
+            self._ended(exchange)
+
+    def _ended(self, exchange: Exchange) -> None:
+        """An exchange is over, however it went: out of the in-flight count, recorded once."""
+        self.in_flight -= 1
+        if not exchange.recorded:
+            exchange.record.duration_ms = (time.perf_counter() - exchange.started) * 1000
+            self._finish(exchange)
 
     # -- the callback relay (lean server) -----------------------------------------------
     def relay_soon(
@@ -575,10 +579,7 @@ class Proxy:
         except Exception:
             log.exception("relaying the answer to request %s failed", exchange.record.id)
         finally:
-            self.in_flight -= 1
-            if not exchange.recorded:
-                exchange.record.duration_ms = (time.perf_counter() - exchange.started) * 1000
-                self._finish(exchange)
+            self._ended(exchange)
             done()
 
     def _relay_now(self, exchange: Exchange, client: ClientNow, sent: Sent) -> None:
