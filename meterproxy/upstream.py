@@ -552,16 +552,12 @@ class UpstreamClient:
 
     @staticmethod
     def _head(method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes) -> bytes:
-        if isinstance(headers, bytes):  # header lines already encoded (the lean server's, as received)
-            length = b"Content-Length: %d\r\n" % len(body) if body or method not in ("GET", "HEAD") else b""
-            start = f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"
-            return b"%b%b%b\r\n" % (start.encode("utf-8", "surrogateescape"), headers, length)
-        lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"]
-        lines.extend([f"{name}: {value}\r\n" for name, value in headers])
-        if body or method not in ("GET", "HEAD"):
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+        if not isinstance(headers, bytes):  # bytes: lines already encoded (the lean server's, as received)
+            text = "".join([f"{name}: {value}\r\n" for name, value in headers])
+            headers = text.encode("utf-8", "surrogateescape")
+        length = b"Content-Length: %d\r\n" % len(body) if body or method not in ("GET", "HEAD") else b""
+        start = f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"
+        return b"%b%b%b\r\n" % (start.encode("utf-8", "surrogateescape"), headers, length)
 
     def send_pooled(
         self, method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes = b""
