@@ -407,17 +407,36 @@ async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_withou
         try:
             await proxy.ready()
 
+            # One client per variant, built before any request: 600 clients built inside the calls
+            # (an SSL context each) held the loop for over 100 s on a busy machine before the first
+            # request left. The SDKs' pools take 1,000 connections, so 100 calls go at once.
+            oa_clients = {
+                user: openai.AsyncOpenAI(
+                    timeout=SDK_TIMEOUT,
+                    base_url=f"{proxy.url}/v1",
+                    api_key="sk-accept",
+                    max_retries=0,
+                    default_headers={"X-Meter-User": user},
+                )
+                for user, sdk, *_ in VARIANTS
+                if sdk == "openai"
+            }
+            an_clients = {
+                user: anthropic.AsyncAnthropic(
+                    timeout=SDK_TIMEOUT,
+                    base_url=f"{proxy.url}/anthropic",
+                    api_key="sk-ant",
+                    max_retries=0,
+                    default_headers={"X-Meter-User": user},
+                )
+                for user, sdk, *_ in VARIANTS
+                if sdk == "anthropic"
+            }
+
             async def call(user: str, sdk: str, stream: bool, max_tokens: int | None) -> None:
-                headers = {"X-Meter-User": user}
                 try:
                     if sdk == "openai":
-                        oa = openai.AsyncOpenAI(
-                            timeout=SDK_TIMEOUT,
-                            base_url=f"{proxy.url}/v1",
-                            api_key="sk-accept",
-                            max_retries=0,
-                            default_headers=headers,
-                        )
+                        oa = oa_clients[user]
                         limit = openai.omit if max_tokens is None else max_tokens
                         chat: list[openai.types.chat.ChatCompletionMessageParam] = [
                             {"role": "user", "content": PROMPT}
@@ -434,13 +453,7 @@ async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_withou
                         else:
                             await oa.chat.completions.create(model=MODEL, messages=chat, max_tokens=limit)
                     else:
-                        an = anthropic.AsyncAnthropic(
-                            timeout=SDK_TIMEOUT,
-                            base_url=f"{proxy.url}/anthropic",
-                            api_key="sk-ant",
-                            max_retries=0,
-                            default_headers=headers,
-                        )
+                        an = an_clients[user]
                         assert max_tokens is not None
                         said: list[anthropic.types.MessageParam] = [{"role": "user", "content": PROMPT}]
                         if stream:
@@ -480,6 +493,8 @@ async def test_reserve_budgets_hold_for_both_sdks_streamed_or_not_with_or_withou
             release.set()
             await asyncio.gather(*calls)
             views = await settled(proxy, len(calls))
+            for client in [*oa_clients.values(), *an_clients.values()]:
+                await client.close()
         finally:
             release.set()
             proxy.stop()

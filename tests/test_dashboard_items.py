@@ -9,6 +9,7 @@ both widths go to the artifacts directory (see ``tests.helpers.dashboard.ARTIFAC
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -455,4 +456,24 @@ async def test_10_url_dates_caveat_export_and_refresh(demo_proxy: Any, browser: 
     if before["totals"]["requests"] < 20:
         assert "only" in await shown(page, "#card-cost .delta") or before["totals"]["requests"] == 0
     assert json.loads(await page.evaluate("document.body.dataset.filters")) == {}
+    assert page.js_errors == []
+
+
+async def test_10_a_refresh_slower_than_its_interval_still_completes(demo_proxy: Any, browser: Any) -> None:
+    # Every auto-refresh tick used to start a new load that dropped the one in flight: with
+    # answers slower than the interval (a busy server, ?refresh=1) the page stayed "loading" for
+    # good. Now a tick waits for the load in flight; summaries here take 2.5 s, the interval 1 s.
+    page = await open_page(browser, demo_proxy, 390, "?range=7d&refresh=1")
+    before = await shown(page, "#updated")
+
+    async def slow(route: Any) -> None:
+        await asyncio.sleep(2.5)
+        await route.continue_()
+
+    await page.route("**/api/summary*", slow)
+    await page.wait_for_function("document.body.dataset.state === 'loading'")
+    await ready(page)
+    await page.wait_for_function("document.body.dataset.state === 'loading'")  # the next tick came
+    await ready(page)  # and finished too
+    assert await shown(page, "#updated") != before
     assert page.js_errors == []

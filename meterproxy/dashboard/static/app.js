@@ -35,6 +35,11 @@ const state = {
 };
 let loadSeq = 0;
 let loadedOnce = false;
+// The load whose answers are still awaited, if any. The periodic refresh never starts a load while
+// one is in flight: a new load supersedes the old one (its answers are dropped), so on a server
+// slower than the refresh interval each tick would cancel the last and the page would never show
+// anything again. A load the user asks for (range, filters) still supersedes at once.
+let inFlight = 0;
 let lastBurn = null;
 
 // ---- time ranges -----------------------------------------------------------------------------
@@ -171,6 +176,7 @@ function mergeGroups(groups, dim, priced) {
 
 async function load({ quiet = false } = {}) {
   const seq = ++loadSeq;
+  inFlight = seq;
   if (!quiet) setStatus("loading");
   document.body.dataset.state = "loading";
   syncUrl();
@@ -218,6 +224,8 @@ async function load({ quiet = false } = {}) {
     } else {
       setStatus("error", err.message);
     }
+  } finally {
+    if (inFlight === seq) inFlight = 0;
   }
 }
 
@@ -608,7 +616,7 @@ window.addEventListener("resize", () => {
 
 setInterval(() => {
   const busy = $("#detail").open || $("#login").open || document.hidden;
-  if (loadedOnce && $("#autorefresh").checked && !busy) load({ quiet: true });
+  if (loadedOnce && !inFlight && $("#autorefresh").checked && !busy) load({ quiet: true });
 }, REFRESH_S * 1000);
 
 if (state.range === "custom" && state.from && state.to) {
