@@ -31,8 +31,16 @@ fi
 (cd "$SRC" && PYTHONPATH=$SRC METERPROXY_LOG_LEVEL=warning PYTHONMALLOC=malloc exec valgrind --tool=callgrind \
     --separate-threads=yes --instr-atstart=no --callgrind-out-file="$OUT/cg.out" "${CMD[@]}" \
     >"$OUT/proxy.log" 2>&1) & PXID=$!
-trap 'kill $PXID $UPID 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do (echo > "/dev/tcp/127.0.0.1/$PX_PORT") 2>/dev/null && break; sleep 0.5; done
+# Wait for the proxy to exit: a run started right after this one would otherwise find this proxy
+# still shutting down on its port (under valgrind that takes a while) and measure the wrong one.
+trap 'kill $PXID $UPID 2>/dev/null || true; wait $PXID 2>/dev/null || true' EXIT
+UP_OK=""
+# Wait for an HTTP answer, not an open port: serve binds its socket before the app is built, and
+# under valgrind on a loaded machine the start-up takes minutes (it was counted in the requests').
+for _ in $(seq 1 1800); do
+    curl -s -o /dev/null --max-time 10 "http://127.0.0.1:$PX_PORT/healthz" && UP_OK=1 && break; sleep 0.5
+done
+[ -n "$UP_OK" ] || { echo "the proxy never opened port $PX_PORT (log: $OUT/proxy.log)" >&2; exit 1; }
 LOAD=("$PY" "$BENCH/loadgen.py" --port "$PX_PORT" --path /bench/v1/chat/completions --concurrency 8 --warmup 0)
 taskset -c 0 "${LOAD[@]}" --duration 2 "$@" >/dev/null
 sleep 6  # every warm-up request answered before counting starts
@@ -42,6 +50,9 @@ callgrind_control -i off "$PXID" >/dev/null 2>&1
 callgrind_control -d "$PXID" >/dev/null 2>&1
 sleep 1
 REQ=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['requests'])" "$OUT/load.json")
+ERR=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['errors'])" "$OUT/load.json")
+[ "$ERR" = 0 ] || echo "warning: $ERR errors while counting ($OUT/load.json)" >&2
+echo "callgrind files: $OUT" >&2
 for f in "$OUT"/cg.out.1-*; do
     T=$(callgrind_annotate "$f" 2>/dev/null | grep -m1 "PROGRAM TOTALS" | awk '{gsub(",","",$1); print $1}' || true)
     if [ -n "$T" ] && [ "$T" != "." ] && [ "$T" -gt $((REQ * 1000)) ]; then
