@@ -44,7 +44,7 @@ Why this is safe:
 - **No task per request where a callback does** (`Proxy.relay_soon`). A read
   request goes out at once on an idle pooled upstream connection, and the
   exchange waits for the answer's head in a callback; if the whole answer came
-  with it and the client takes our writes (`_Answer.ready`: connected, below the
+  with it and the client takes our writes (`_Request.ready`: connected, below the
   high-water mark), it is relayed, tapped and recorded in that callback, and the
   answer leaves in one ``send``. It is safe because it is the same steps, not a
   second forwarding path: parsing, limits and refusals happen before it, on the
@@ -55,7 +55,7 @@ Why this is safe:
   (a budget, a new upstream connection, a stream still arriving, an upstream
   error, a slow or gone client) hands the exchange, where it stands, to the same
   coroutine in a task. Pipelining is unchanged (the answer ends through the same
-  `_Answer` before the next request starts), and shutdown waits for an exchange
+  `_Request` before the next request starts), and shutdown waits for an exchange
   parked in a callback as for a task (`Proxy.drain`).
 """
 
@@ -94,8 +94,13 @@ KEEPALIVE_TIMEOUT = 75.0
 SWEEP_INTERVAL = 5.0
 #: Seconds a refused request's remaining bytes are read and dropped before the close.
 LINGER = 2.0
-#: Bytes of an answer held back at most before they are sent (see `_Answer`).
+#: Bytes of an answer held back at most before they are sent (see `_Request`).
 _HOLD_MAX = 64 * 1024
+#: Lengths of the request header names `_Conn.on_headers_complete` reads: content-length,
+#: transfer-encoding, upgrade, expect (any other name is not lowercased and compared).
+_FIELD_LENGTHS = frozenset({14, 17, 7, 6})
+#: Method names as text, without a decode per request.
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 _REASONS = {
     200: b"OK",
@@ -137,7 +142,15 @@ def app_path_matcher(app: web.Application) -> Callable[[str], bool]:
 
 
 class _Request:
-    """One request as llhttp parses it, until it is answered."""
+    """One request as llhttp parses it, and its answer: the `ClientSide` the proxy writes to.
+
+    One object per request serves both (no second one per answer): the fields
+    below ``conn`` are the answer's. The head and body pieces of the answer are
+    held back (``out``) until the proxy has nothing more to give right now
+    (`flush`, called before it waits on the upstream) or the answer ends: a JSON
+    answer that arrived in one read leaves in one ``write`` system call, head,
+    body and end together, instead of two or three.
+    """
 
     __slots__ = (
         "announced",
@@ -145,45 +158,65 @@ class _Request:
         "body_size",
         "chunked",
         "complete",
+        "conn",
         "continued",
+        "done",
         "expect",
         "for_app",
+        "framed",
         "head_done",
-        "head_size",
+        "head_only",
         "headers",
         "held",
         "keep_alive",
         "method",
+        "out",
+        "out_size",
+        "path",
+        "query",
         "refusal",
         "started",
         "url",
         "version",
     )
 
-    def __init__(self) -> None:
-        self.url = b""
+    # Set once the head is complete (`_Conn.on_headers_complete`):
+    method: str
+    version: str
+    keep_alive: bool
+    head_only: bool
+    path: str  # raw (still percent-encoded) path and query
+    query: str
+    for_app: bool
+    chunked: bool
+    announced: bool
+
+    def __init__(self, conn: _Conn, url: bytes) -> None:
+        # Only what can be read before the head is complete is set here; the rest is
+        # set by `_Conn.on_headers_complete` (method, version, path, framing, ...).
+        self.conn = conn
+        self.url = url
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
         self.head_done = False
         self.body: list[bytes] = []
         self.body_size = 0
-        self.method = ""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.chunked = False
         self.complete = False
         #: ``Expect: 100-continue``: the client waits for our ``100 Continue`` before its body;
         #: ``continued`` once we sent it.
         self.expect = False
         self.continued = False
-        self.for_app = False
         #: Our own answer (413, 408), recorded already; sent when it is this request's turn.
         self.refusal: web.Response | None = None
         #: Bytes reserved for this body in the proxy's `BodyBudget` (given back exactly once),
         #: and whether they were reserved whole from Content-Length (else chunk by chunk).
         self.held = 0
-        self.announced = False
         self.started = time.perf_counter()
+        #: The answer: ended (``done``), its pieces held back (``out``, ``out_size`` bytes of
+        #: body), chunk-framed by us (``framed``).
+        self.done = False
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.framed = False
 
     def str_headers(self) -> list[tuple[str, str]]:
         return [
@@ -193,31 +226,9 @@ class _Request:
 
     def raw_target(self) -> tuple[str, str]:
         """The raw (still percent-encoded) path and query."""
-        path, _, query = self.url.decode("utf-8", "surrogateescape").partition("?")
-        return path, query
+        return self.path, self.query
 
-
-class _Answer:
-    """`ClientSide` of one proxied request: writes the answer to the client's socket.
-
-    The head and body pieces are held back (`_held`) until the proxy has nothing
-    more to give right now (`flush`, called before it waits on the upstream) or
-    the answer ends: a JSON answer that arrived in one read leaves in one ``write``
-    system call, head, body and end together, instead of two or three.
-    """
-
-    __slots__ = ("_chunked", "_conn", "_head_only", "_held", "_held_size", "_keep_alive", "_version", "done")
-
-    def __init__(self, conn: _Conn, request: _Request) -> None:
-        self._conn = conn
-        self._head_only = request.method == "HEAD"
-        self._keep_alive = request.keep_alive
-        self._version = request.version
-        self._chunked = False
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self.done = False
-
+    # -- the answer (ClientSide) ----------------------------------------------------------
     async def respond(self, response: web.StreamResponse) -> None:
         self.send_whole(response)
 
@@ -231,91 +242,98 @@ class _Answer:
             if k.lower() != "content-length"
         ]
         headers.append((b"Content-Length", b"%d" % len(body)))
-        head = self._head(response.status, response.reason.encode("utf-8", "surrogateescape"), headers)
-        self._conn.send(head if self._head_only else head + body)
+        out = [b"HTTP/1.1 %d %b\r\n" % (response.status, response.reason.encode("utf-8", "surrogateescape"))]
+        for n, v in headers:
+            out += (n, b": ", v, b"\r\n")
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        if not self.head_only:
+            out.append(body)
+        self.conn.send(b"".join(out))
         self._finish()
 
     async def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.start_now(status, reason, headers)
 
     def start_now(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """`start`, which never waits: the head is only held (see the class docstring)."""
+        """`start`, which never waits: the head is only held (see the class docstring).
+
+        The upstream's headers are never decoded: each line is its name and value as
+        llhttp accepted them (no CR, LF or NUL in either).
+        """
         # Never raises for a client that is gone: the first `write` does (see ClientSide).
-        delimited = status < 200 or status in (204, 304) or self._head_only
-        if not delimited:
-            for n, _ in headers:
-                if n.lower() == b"content-length":
-                    delimited = True
-                    break
-        if not delimited:
-            if self._version == "1.1":
-                self._chunked = True
-                headers = [*headers, (b"Transfer-Encoding", b"chunked")]
-            else:
-                self._keep_alive = False  # HTTP/1.0: the close ends the body
-        self._hold(self._head(status, reason, headers))
-
-    def _head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-        """The status line and header lines, as bytes (the upstream's headers are never decoded)."""
-        if not self._keep_alive:
-            headers = [*headers, (b"Connection", b"close")]
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        out = self.out
+        out.append(b"HTTP/1.1 %d %b\r\n" % (status, reason))
+        delimited = status < 200 or status in (204, 304) or self.head_only
         for n, v in headers:
-            lines += (n, b": ", v, b"\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
-
-    def _hold(self, data: bytes) -> None:
-        self._held.append(data)
-        self._held_size += len(data)
-        if self._held_size >= _HOLD_MAX:
-            self.flush()
+            out += (n, b": ", v, b"\r\n")
+            if not delimited and len(n) == 14 and n.lower() == b"content-length":
+                delimited = True
+        if not delimited:
+            if self.version == "1.1":
+                self.framed = True
+                out.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False  # HTTP/1.0: the close ends the body
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
 
     def flush(self) -> None:
-        held = self._held
-        if held:
-            self._conn.send(held[0] if len(held) == 1 else b"".join(held))
-            held.clear()
-            self._held_size = 0
+        out = self.out
+        if out:
+            self.conn.send(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            self.out_size = 0
 
     async def write(self, data: bytes) -> None:
-        conn = self._conn
+        conn = self.conn
         if conn.gone:
             raise ConnectionResetError("the client hung up")
-        if self._head_only:
+        if self.head_only:
             return
         if conn.write_paused:
             self.flush()
             await conn.writable()
-        self._hold(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        self.write_now(data)
 
     def ready(self) -> bool:
-        conn = self._conn
+        conn = self.conn
         return not conn.gone and not conn.write_paused
 
     def write_now(self, data: bytes) -> None:
         """`write` while `ready`: held, never waiting (the caller checked `ready`)."""
-        if not self._head_only:
-            self._hold(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        if not self.head_only:
+            self.out.append(b"%x\r\n%b\r\n" % (len(data), data) if self.framed else data)
+            self.out_size += len(data)
+            if self.out_size >= _HOLD_MAX:
+                self.flush()
 
     async def end(self) -> None:
         self.end_now()
 
     def end_now(self) -> None:
-        if self._chunked and not self._head_only:
-            self._held.append(b"0\r\n\r\n")
+        if self.framed and not self.head_only:
+            self.out.append(b"0\r\n\r\n")
         self.flush()
         self._finish()
 
     def abort(self) -> None:
         self.done = True
         self.flush()  # what was relayed so far goes out before the cut, as it did unheld
-        self._conn.abort()
+        self.conn.abort()
+
+    def exchange_over(self) -> None:
+        """The proxy's exchange for this request has ended (its ``done`` callback)."""
+        self.conn._release(self)  # the exchange kept the body until it ended
+        if not self.done:
+            self.conn.abort()
 
     def _finish(self) -> None:
         if not self.done:
             self.done = True
-            self._conn.answered(self._keep_alive)
+            self.conn.answered(self.keep_alive)
 
 
 class _AppTransport(asyncio.Transport):
@@ -432,6 +450,7 @@ class _Conn(asyncio.Protocol):
         self._write_waiter: asyncio.Future[None] | None = None
         self.read_pauses: set[str] = set()
         self._parsing: _Request | None = None
+        self._header_list: list[tuple[bytes, bytes]] = []  # the headers of ``_parsing``
         self._queue: collections.deque[_Request] = collections.deque()
         self.active: _Request | None = None  # the request being answered
         self._closing = False  # no more requests: close once the active answer ends
@@ -474,8 +493,11 @@ class _Conn(asyncio.Protocol):
             self._bad_request(400, "bad_request", f"malformed HTTP request: {exc}")
             return
         request = self._parsing
-        if request is not None and request.head_done and not request.for_app:
-            self._arm_body_timer(request)
+        if request is not None:
+            if not request.head_done:
+                self._head_check(request)
+            elif not request.for_app:
+                self._arm_body_timer(request)
 
     def _arm_body_timer(self, request: _Request) -> None:
         """The head is in, the body is not: it has ``request_body_timeout`` to arrive (else 408)."""
@@ -517,53 +539,66 @@ class _Conn(asyncio.Protocol):
             self._app.resume_writing()
 
     # -- llhttp callbacks ------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._parsing = _Request()
-
     def on_url(self, url: bytes) -> None:
+        # The first callback of a request (no on_message_begin: one callback fewer per
+        # request); a URL split over reads comes in pieces.
         request = self._parsing
-        assert request is not None
-        request.url += url
-        request.head_size += len(url)
-        if request.head_size > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
+        if request is None:
+            self._parsing = request = _Request(self, url)
+            self._header_list = request.headers
+        else:
+            request.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        request = self._parsing
-        assert request is not None
-        request.headers.append((name, value))
-        request.head_size += len(name) + len(value) + 4
-        if request.head_size > MAX_HEAD_BYTES or len(request.headers) > MAX_HEADERS:
-            raise _HeadTooLarge
+        # Sizes are checked once the head is complete (`on_headers_complete`), or at the end
+        # of each read that leaves it incomplete (`data_received`): the same limits, the same
+        # answers, checked once per read instead of once per header.
+        self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
         parser = self._parser
-        request.head_done = True
-        request.method = parser.get_method().decode("ascii", "replace")
-        request.version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive()
-        path = request.url.partition(b"?")[0].decode("utf-8", "surrogateescape")
+        # One pass over the headers: the head's size and count (431), and the four fields
+        # read here (looked at only when the name has the length of one of them).
+        headers = request.headers
+        size = len(request.url)
         length = -1
         upgrade = parser.should_upgrade()
+        chunked = False
         expect: bytes | None = None
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower == b"content-length" and value.strip().isdigit():
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                request.chunked = b"chunked" in value.lower()
-            elif lower == b"upgrade":
-                upgrade = True  # with or without "Connection: upgrade": the application decides
-            elif lower == b"expect":
-                expect = value.strip().lower()
-        request.for_app = upgrade or self._server.is_app_path(path)
+        for name, value in headers:
+            n = len(name)
+            size += n + len(value) + 4
+            if n in _FIELD_LENGTHS:
+                lower = name.lower()
+                if lower == b"content-length" and value.strip().isdigit():
+                    length = int(value)
+                elif lower == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+                elif lower == b"upgrade":
+                    upgrade = True  # with or without "Connection: upgrade": the application decides
+                elif lower == b"expect":
+                    expect = value.strip().lower()
+        if size > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
+            raise _HeadTooLarge
+        request.head_done = True
+        raw_method = parser.get_method()
+        request.method = method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
+        request.head_only = method == "HEAD"
+        request.version = version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        request.chunked = chunked
+        request.announced = False
+        target = request.url.decode("utf-8", "surrogateescape")
+        path, _, request.query = target.partition("?")
+        request.path = path
+        request.for_app = for_app = upgrade or self._server.is_app_path(path)
         if upgrade:
             request.keep_alive = False  # unless the application answers 101 (then it is a tunnel)
-        if request.for_app:
+        if for_app:
             pass  # the application answers Expect itself (aiohttp sends its own 100 Continue)
-        elif expect is not None and request.version != "1.0" and expect != b"100-continue":
+        elif expect is not None and version != "1.0" and expect != b"100-continue":
             # RFC 9110 10.1.1: an expectation we cannot meet (there is no other) gets 417.
             message = "the only expectation this server meets is 100-continue"
             self._refuse(request, 417, "expectation_failed", message)
@@ -573,11 +608,23 @@ class _Conn(asyncio.Protocol):
             # Reserved whole before a byte of it is read: a body that cannot fit is never read.
             request.announced = True
             self._take(request, length)
-        # HTTP/1.0 clients never wait for a 100 (RFC 9110 10.1.1); the application sends its own.
-        request.expect = expect == b"100-continue" and request.version != "1.0" and not request.for_app
-        self._queue.append(request)
-        if self.active is None:
-            self._next()
+        if expect is not None:
+            # HTTP/1.0 clients never wait for a 100 (RFC 9110 10.1.1); the application sends its own.
+            request.expect = expect == b"100-continue" and version != "1.0" and not for_app
+        if self.active is None and not self._queue and not self.gone:
+            self.active = request  # its turn at once: `_next` without the queue
+            self._dispatch(request)
+        else:
+            self._queue.append(request)
+            if self.active is None:
+                self._next()
+
+    def _head_check(self, request: _Request) -> None:
+        """A head still incomplete at the end of a read: past the limits already (431)?"""
+        headers = request.headers
+        size = len(request.url) + sum([len(n) + len(v) + 4 for n, v in headers])
+        if size > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
+            self._bad_request(431, "request_head_too_large", "the request head is too large")
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -604,7 +651,8 @@ class _Conn(asyncio.Protocol):
         assert request is not None
         request.complete = True
         self._parsing = None
-        self._cancel_body_timer()
+        if self._body_timer is not None:
+            self._cancel_body_timer()
         if self._closing and self.active is None:
             self.close()  # the rest of a refused body is in: the answer went out before it
             return
@@ -624,8 +672,12 @@ class _Conn(asyncio.Protocol):
         if not self._queue or self.gone:
             return
         request = self.active = self._queue.popleft()
+        self._dispatch(request)
+
+    def _dispatch(self, request: _Request) -> None:
+        """Its turn has come: answer ``request`` as far as it can be now."""
         if request.refusal is not None:
-            _Answer(self, request).send_whole(request.refusal)
+            request.send_whole(request.refusal)
         elif request.for_app:
             self._start_app(request)
         elif request.complete:
@@ -638,24 +690,19 @@ class _Conn(asyncio.Protocol):
 
     def _start_exchange(self, request: _Request) -> None:
         proxy = self._proxy
-        raw_path, raw_query = request.raw_target()
-        answer = _Answer(self, request)
         try:
-            target = proxy.route(raw_path, raw_query)
+            target = proxy.route(request.path, request.query)
         except RouteError as exc:
             self._release(request)
-            answer.send_whole(json_error(404, "no_route", str(exc)))
+            request.send_whole(json_error(404, "no_route", str(exc)))
             return
-        body = request.body[0] if len(request.body) == 1 else b"".join(request.body)
+        pieces = request.body
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         request.body = []
-        exchange = proxy.begin_raw(request.method, target, request.headers, raw_query, body, request.started)
-
-        def done() -> None:
-            self._release(request)  # the exchange kept the body until it ended
-            if not answer.done:
-                self.abort()
-
-        proxy.relay_soon(exchange, answer, done, self._loop)
+        exchange = proxy.begin_raw(
+            request.method, target, request.headers, request.query, body, request.started
+        )
+        proxy.relay_soon(exchange, request, request.exchange_over, self._loop)
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -677,8 +724,9 @@ class _Conn(asyncio.Protocol):
         if not keep_alive or self._closing:
             self._close_soon()
             return
-        self._next()
-        if not self._queue:
+        if self._queue:
+            self._next()
+        if not self._queue and self.read_pauses:
             self.resume_reading("pipelined")
 
     def _close_soon(self) -> None:
@@ -777,7 +825,7 @@ class _Conn(asyncio.Protocol):
 
     def _next_refusal(self, request: _Request) -> None:
         assert request.refusal is not None
-        _Answer(self, request).send_whole(request.refusal)
+        request.send_whole(request.refusal)
 
     def _bad_request(self, status: int, code: str, message: str) -> None:
         """The input cannot be parsed: answer it (unless an earlier answer is still going) and close.

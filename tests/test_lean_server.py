@@ -141,6 +141,40 @@ async def test_a_head_past_the_limit_gets_431_and_is_never_forwarded(
     assert upstream.received == []
 
 
+async def test_a_head_sent_slowly_gets_431_once_it_passes_the_limit(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    """The limits hold for a head that never completes: checked at the end of each read.
+
+    The head is counted as its URL plus each header's name, value and 4; a header is
+    known once the next one starts. 65 lines of 1009 pass 64 KiB only with the last
+    one, known when the "X" after it arrives: every byte sent has been read when the
+    limit is passed, so the answer cannot be lost to a reset.
+    """
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    parsed = _Answers()
+    try:
+        start = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        line = f"X-Pad: {'v' * 1000}\r\n".encode()
+        counted = len(b"/v1/chat/completions") + len(b"Host") + len(b"x") + 4
+        assert counted + 64 * 1009 <= lean.MAX_HEAD_BYTES < counted + 65 * 1009
+        writer.write(start)
+        for _ in range(13):
+            writer.write(line * 5)  # in pieces: the head is never complete at the end of a read
+            await writer.drain()
+        writer.write(b"X")
+        while not parsed.done:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=WAIT_S)
+            assert chunk, "closed without an answer"
+            parsed.parser.feed_data(chunk)
+        assert [a["status"] for a in parsed.done] == [431]
+        assert await asyncio.wait_for(reader.read(1), timeout=WAIT_S) == b""
+    finally:
+        writer.transport.abort()
+    assert upstream.received == []
+
+
 async def test_http10_client_gets_the_stream_ended_by_the_close(
     upstream: FakeUpstream, make_proxy: ProxyFactory
 ) -> None:
