@@ -35,8 +35,8 @@ the first of them (`_Connection.on_message_begin`), so they never touch the
 answer being relayed, and the connection is closed rather than pooled. The
 same holds for bytes that arrive while the connection idles in the pool (they
 are parsed as they arrive and close it there) and for bytes already waiting in
-the socket when the pool hands the connection out (`_has_pending_bytes` peeks
-before reuse). Bytes sent only after the next request went out cannot be told
+the socket when the pool hands the connection out (`UpstreamClient._pool_get`
+peeks before reuse). Bytes sent only after the next request went out cannot be told
 apart from its answer; HTTP/1.1 itself gives no way to.
 """
 
@@ -103,17 +103,6 @@ def _poller(transport: asyncio.BaseTransport) -> select.poll | None:
     return poller
 
 
-def _has_pending_bytes(poller: select.poll | None) -> bool:
-    """True if an idle connection has unread bytes (or its FIN) waiting in the kernel.
-
-    An idle keep-alive connection must have nothing to read; anything there is
-    left over from the previous answer and would be taken for the next one. A
-    zero-timeout ``poll`` (not ``select``: file descriptors go past 1024) on the
-    connection's own poller, made once, costs one system call per reuse.
-    """
-    return poller is not None and bool(poller.poll(0))
-
-
 _Origin = tuple[str, str, int]
 
 
@@ -136,9 +125,14 @@ class _Connection(asyncio.Protocol):
         # because arming and cancelling a loop timer per request costs ~2.4 µs on uvloop.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._last_read = 0.0
+        self._read_timeout = 0.0
         self._reset_answer()
 
     def _reset_answer(self) -> None:
+        # The fields an answer sets, back to "none yet". The body deque is kept (an answer
+        # leaves it empty when it is pooled), the read timeout is set by `send`.
         self._headers_done: asyncio.Future[None] | None = None
         self._reason = b""
         self._header_list: list[tuple[bytes, bytes]] = []
@@ -148,14 +142,11 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.head = False
-        self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._error: UpstreamError | None = None
         self._close_delimited = False
-        self._last_read = 0.0
-        self._read_timeout = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -225,10 +216,13 @@ class _Connection(asyncio.Protocol):
         delimited = self.head or status in (204, 304)
         if not delimited:
             for n, v in self._header_list:  # one pass: a length, or chunked framing
-                lower = n.lower()
-                if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in v.lower()):
-                    delimited = True
-                    break
+                if len(n) in (14, 17):  # the lengths of the two names: no other is lowercased
+                    lower = n.lower()
+                    if lower == b"content-length" or (
+                        lower == b"transfer-encoding" and b"chunked" in v.lower()
+                    ):
+                        delimited = True
+                        break
         self._close_delimited = not delimited
         if self._headers_done is not None and not self._headers_done.done():
             self._headers_done.set_result(None)
@@ -246,13 +240,18 @@ class _Connection(asyncio.Protocol):
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
-            return
-        self._on_message_complete()
+        elif not self.complete:
+            self.complete = True  # the read timer, if still armed, finds nothing to time when it fires
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _on_message_complete(self) -> None:
         if self.complete:
@@ -298,6 +297,7 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamTimeout(f"upstream sent nothing for {self._read_timeout:g} s {what}"))
 
     def send(self, data: bytes, body: bytes, read_timeout: float, head: bool) -> asyncio.Future[None]:
+        """Send a request (``data``, then ``body`` if any: a large body is not copied into it)."""
         assert self.transport is not None
         self._reset_answer()
         self.head = head
@@ -311,10 +311,8 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._arm_timer(due)
         # else: the running timer fires no later than this request's due, and moves itself on
-        if len(body) <= 65536:
-            self.transport.write(data + body)
-        else:
-            self.transport.write(data)
+        self.transport.write(data)
+        if body:
             self.transport.write(body)
         return self._headers_done
 
@@ -473,6 +471,11 @@ class UpstreamClient:
         self._open: set[_Connection] = set()
         self._closed = False
         self._sweep: asyncio.TimerHandle | None = None
+        #: Per URL object (the proxy's routes are memoized: the same object for the same path):
+        #: the URL itself (so its id is not reused while kept), method, origin and the
+        #: encoded request line with the Host line. Query-less URLs only (a query may carry
+        #: a key: never kept); bounded.
+        self._targets: dict[int, tuple[URL, str, _Origin, bytes]] = {}
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -487,7 +490,10 @@ class UpstreamClient:
             conn.close()
             return
         conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        idle = self._idle.get(conn.origin)
+        if idle is None:
+            idle = self._idle[conn.origin] = []
+        idle.append(conn)
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self.keepalive_timeout, self._sweep_idle)
 
@@ -512,7 +518,12 @@ class UpstreamClient:
             transport = conn.transport
             if conn.closed or transport is None or transport.is_closing():
                 continue
-            if now - conn.idle_since > self.keepalive_timeout or _has_pending_bytes(conn.poller):
+            # An idle keep-alive connection must have nothing to read: anything there (bytes, or
+            # the peer's FIN) is left over from the previous answer and would be taken for the
+            # next one's. A zero-timeout ``poll`` (not ``select``: file descriptors go past 1024)
+            # on the connection's own poller, made once: one system call per reuse.
+            poller = conn.poller
+            if now - conn.idle_since > self.keepalive_timeout or (poller is not None and poller.poll(0)):
                 conn.close()
                 continue
             return conn
@@ -550,14 +561,33 @@ class UpstreamClient:
     def _origin(url: URL) -> _Origin:
         return (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
 
+    def _target(self, method: str, url: URL) -> tuple[_Origin, bytes]:
+        """The origin to connect to and the request's first two lines, encoded (memoized)."""
+        known = self._targets.get(id(url))
+        if known is not None and known[0] is url and known[1] == method:
+            return known[2], known[3]
+        origin = self._origin(url)
+        start = f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"
+        prefix = start.encode("utf-8", "surrogateescape")
+        if not url.raw_query_string:
+            if len(self._targets) >= 256:
+                self._targets.clear()
+            self._targets[id(url)] = (url, method, origin, prefix)
+        return origin, prefix
+
     @staticmethod
-    def _head(method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes) -> bytes:
+    def _head(
+        prefix: bytes, method: str, headers: Iterable[tuple[str, str]] | bytes, body: bytes
+    ) -> tuple[bytes, bytes]:
+        """The request as written: its head (with a body up to 64 KiB), and a larger body apart."""
         if not isinstance(headers, bytes):  # bytes: lines already encoded (the lean server's, as received)
             text = "".join([f"{name}: {value}\r\n" for name, value in headers])
             headers = text.encode("utf-8", "surrogateescape")
-        length = b"Content-Length: %d\r\n" % len(body) if body or method not in ("GET", "HEAD") else b""
-        start = f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {url.raw_authority}\r\n"
-        return b"%b%b%b\r\n" % (start.encode("utf-8", "surrogateescape"), headers, length)
+        with_length = body or method not in ("GET", "HEAD")
+        end = b"Content-Length: %d\r\n\r\n" % len(body) if with_length else b"\r\n"
+        if len(body) <= 65536:
+            return b"".join((prefix, headers, end, body)), b""
+        return b"".join((prefix, headers, end)), body
 
     def send_pooled(
         self, method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes = b""
@@ -570,11 +600,12 @@ class UpstreamClient:
         """
         if self._closed:
             return None
-        conn = self._pool_get(self._origin(url))
+        origin, prefix = self._target(method, url)
+        conn = self._pool_get(origin)
         if conn is None:
             return None
-        head = self._head(method, url, headers, body)
-        return Sent(conn, conn.send(head, body, self.read_timeout, method == "HEAD"))
+        data, rest = self._head(prefix, method, headers, body)
+        return Sent(conn, conn.send(data, rest, self.read_timeout, method == "HEAD"))
 
     async def request(
         self, method: str, url: URL, headers: Iterable[tuple[str, str]] | bytes, body: bytes = b""
@@ -588,9 +619,10 @@ class UpstreamClient:
             raise UpstreamConnectError("the upstream client is closed")
         sent = self.send_pooled(method, url, headers, body)
         if sent is None:
-            conn = await self._connect(self._origin(url))
-            head = self._head(method, url, headers, body)
-            sent = Sent(conn, conn.send(head, body, self.read_timeout, method == "HEAD"))
+            origin, prefix = self._target(method, url)
+            conn = await self._connect(origin)
+            data, rest = self._head(prefix, method, headers, body)
+            sent = Sent(conn, conn.send(data, rest, self.read_timeout, method == "HEAD"))
         return await sent.answer()
 
     async def close(self) -> None:
