@@ -16,6 +16,8 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,17 @@ from meterproxy.store.dialect import SQLITE, Dialect
 __all__ = ["SqliteDb", "connect_sqlite"]
 
 _NAMES = tuple(str(i) for i in range(1, 1001))
+
+# NULL parameters bound at the cost of any other value. The standard module passes every
+# value that is not exactly an int, float, str or bytearray through its adapter protocol, and
+# for ``None`` that means looking ``__adapt__`` up on its protocol type and ``__conform__`` on
+# ``None``, two failing lookups that each format an AttributeError message: ~3,700
+# instructions per NULL (Python 3.11; a stored proxy row binds 10-16 NULLs, a quarter of its
+# insert, bench/README.md "step 5"). A registered adapter is found first, in one dict lookup;
+# this one gives ``None`` back (``{}.get(None)``, a C call), which binds NULL as before. It
+# only applies to ``None`` (registering it for a base type would slow every value down).
+_NO_VALUES: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NO_VALUES.get)
 
 
 def _bind(params: Sequence[Any] | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -48,6 +61,7 @@ class SqliteDb:
         conn.row_factory = sqlite3.Row
         self.raw = conn
         self.url = url
+        self._max_variables = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         try:
@@ -96,11 +110,23 @@ class SqliteDb:
     def insert_many(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str | None = None
     ) -> int:
-        names = ", ".join(f'"{c}"' for c in columns)
-        values = ", ".join("?" for _ in columns)  # positional: the cheapest bind sqlite3 has
-        conflict = f"ON CONFLICT ({key}) DO NOTHING" if key else "ON CONFLICT DO NOTHING"
-        sql = f"INSERT INTO {table} ({names}) VALUES ({values}) {conflict}"
-        return max(self.raw.executemany(sql, rows).rowcount, 0)
+        """Rows in multi-row ``INSERT ... VALUES (...), (...)`` statements of up to `_ROWS_PER_INSERT`.
+
+        One statement per slice, not one per row: the standard module releases and retakes the GIL
+        around every ``sqlite3_step`` (a hand-off to a waiting event loop each time), and SQLite
+        runs and resets its program once (bench/README.md, issue 21 "step 5").
+        """
+        width = len(columns)
+        per = max(1, min(_ROWS_PER_INSERT, self._max_variables // max(width, 1)))
+        names = tuple(columns)
+        inserted = 0
+        for start in range(0, len(rows), per):
+            part = rows[start : start + per]
+            values = tuple(chain.from_iterable(part))
+            if len(values) != width * len(part):
+                raise sqlite3.ProgrammingError(f"rows for {table} must have {width} values each")
+            inserted += self.raw.execute(_insert_sql(table, names, key, len(part)), values).rowcount
+        return inserted
 
     def bulk_read(self, compose: Callable[[Params], str]) -> Iterator[bytes]:
         """An ordinary query here (the SQLite export runs in its own process: ``export_child.py``)."""
@@ -128,6 +154,20 @@ class SqliteDb:
 
     def close(self) -> None:
         self.raw.close()
+
+
+#: Rows per INSERT statement in `SqliteDb.insert_many` (at most; fewer if SQLite's limit on
+#: parameters says so). The writer inserts 8 at a time; a bulk load goes by this many.
+_ROWS_PER_INSERT = 64
+
+
+@lru_cache(maxsize=256)
+def _insert_sql(table: str, columns: tuple[str, ...], key: str | None, rows: int) -> str:
+    """The INSERT of ``rows`` rows for `SqliteDb.insert_many`, made once (the writer's every 8 rows)."""
+    names = ", ".join(f'"{c}"' for c in columns)
+    row = f"({', '.join('?' for _ in columns)})"  # positional: the cheapest bind sqlite3 has
+    conflict = f"ON CONFLICT ({key}) DO NOTHING" if key else "ON CONFLICT DO NOTHING"
+    return f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * rows)} {conflict}"
 
 
 def connect_sqlite(path: str | Path, *, readonly: bool = False) -> SqliteDb:
