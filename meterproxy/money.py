@@ -46,9 +46,19 @@ def pico_to_usd(pico: int) -> Decimal:
     return usd_value(from_pico(pico))
 
 
+_EXACT_DIGITS = 10**28
+
+
 def stored_cost_text(pico: int | None) -> str | None:
     """The ``cost_usd`` column's text: ``0.000123000000``, ``0.000000000000`` (never ``0E-12``)."""
-    return None if pico is None else format(Decimal(pico).scaleb(-12), "f")
+    if pico is None:
+        return None
+    if not -_EXACT_DIGITS < pico < _EXACT_DIGITS:  # past the decimal context's 28 digits: its rounding
+        return format(Decimal(pico).scaleb(-12), "f")
+    # format(Decimal(pico).scaleb(-12), "f") in integer arithmetic: the same text at a tenth of
+    # the cost (the writer makes one per stored row).
+    units, fraction = divmod(-pico if pico < 0 else pico, 1_000_000_000_000)
+    return f"{'-' if pico < 0 else ''}{units}.{fraction:012d}"
 
 
 def usd_value(value: Decimal) -> Decimal:

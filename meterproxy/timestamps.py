@@ -27,8 +27,36 @@ def parse_ts(text: str, naive: tzinfo = UTC) -> datetime:
     return moment.astimezone(UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The last second `format_ts` wrote for a UTC time: (days, seconds since the epoch, its text up to
+#: the microseconds' dot). One tuple, replaced whole, so a thread never pairs one second's key
+#: with another's text.
+_last_second: tuple[int, int, str] = (0, -1, "")
+
+
 def format_ts(moment: datetime) -> str:
     """The stored form: ``2026-01-31T23:59:59.000123Z`` (naive means UTC)."""
+    if moment.tzinfo is UTC:
+        # Every stored request row formats one: `isoformat` spends most of its time writing the
+        # "+00:00" cut off here (~18,000 instructions a call, Python 3.11). Times from the same
+        # second share their text up to the microseconds, so that is made once a second, and
+        # the difference from the epoch (two times in one tzinfo: plain arithmetic) says which
+        # second and which microsecond.
+        since = moment - _EPOCH
+        days, seconds, last = since.days, since.seconds, _last_second
+        if seconds != last[1] or days != last[0]:
+            last = _last_second_text(moment, days, seconds)
+        return f"{last[2]}{since.microseconds:06d}Z"
+    return _format_ts(moment)
+
+
+def _last_second_text(moment: datetime, days: int, seconds: int) -> tuple[int, int, str]:
+    global _last_second
+    _last_second = (days, seconds, _format_ts(moment)[:-7])  # without "123456Z"
+    return _last_second
+
+
+def _format_ts(moment: datetime) -> str:
     if moment.tzinfo is not None:
         if moment.tzinfo is not UTC:
             moment = moment.astimezone(UTC)

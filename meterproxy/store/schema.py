@@ -245,6 +245,11 @@ COLUMNS = [
 ]
 
 
+#: `json.dumps` with these options, made once: with any option it builds an encoder per call.
+_tags_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_extra_json = json.JSONEncoder(default=str).encode
+
+
 def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
     u = record.tokens
     cost = record.cost_usd
@@ -286,12 +291,12 @@ def record_to_row(record: RequestRecord) -> tuple[Any, ...]:
         record.upstream_ms,
         record.user,
         record.session,
-        json.dumps(record.tags, sort_keys=True, separators=(",", ":")) if record.tags else "{}",
+        _tags_json(record.tags) if record.tags else "{}",
         record.key_fingerprint,
         record.error,
         int(record.client_disconnected),
         int(record.usage_injected),
-        json.dumps(extra, default=str) if extra else None,
+        _extra_json(extra) if extra else None,
         record.provider_request_id,
         source,
         u.audio_input_tokens,
