@@ -240,6 +240,50 @@ def _upsert_sql(table: str, width: int) -> str:
 
 _UPSERTS = [_upsert_sql(table, width) for table, width in TABLES.items()]
 
+#: SQLite: the rows to fold in are grouped by hour once, into this temporary table, and both
+#: upserts read its few rows. SQLite groups by sorting every row, and sorting them once per table
+#: was half the roll-up's cost, on the writer thread beside the event loop (~40,000 instructions
+#: per row -> ~22,000, bench/README.md, issue 21 "step 5"). PostgreSQL groups by hashing, in its own
+#: process: it keeps `_UPSERTS`, one statement per table.
+_BATCH = "rollup_batch"
+
+
+def _batch_sql() -> tuple[str, str, list[str], str]:
+    """(create the temporary table, fill it with the rows' hours, the upserts from it, empty it)."""
+    dims = list(DIMENSIONS)
+    names = ", ".join(map(_q, dims))
+    measures = ", ".join(MEASURES)
+    width = max(TABLES.values())
+    keys = ", ".join(str(i + 1) for i in range(len(dims) + 1))
+    create = (
+        f"CREATE TEMP TABLE IF NOT EXISTS {_BATCH} (bucket TEXT NOT NULL, "
+        f"{', '.join(f'{_q(d)} TEXT NOT NULL' for d in dims)}, "
+        f"{', '.join(f'{m} INTEGER NOT NULL' for m in MEASURES)})"
+    )
+    select = [
+        f"substr(ts, 1, {width})",
+        *(f"COALESCE({DIMENSION_SQL[d]}, '')" for d in dims),
+        *MEASURES.values(),
+    ]
+    fill = (
+        f"INSERT INTO {_BATCH} (bucket, {names}, {measures}) SELECT {', '.join(select)} "
+        f"FROM requests WHERE rowid > $1 AND rowid <= $2 GROUP BY {keys}"
+    )
+    upserts = []
+    for table, table_width in TABLES.items():
+        bucket = "bucket" if table_width == width else f"substr(bucket, 1, {table_width})"
+        updates = ", ".join(f"{m} = {table}.{m} + excluded.{m}" for m in MEASURES)
+        upserts.append(
+            f"INSERT INTO {table} (bucket, {names}, {measures}) "
+            f"SELECT {bucket}, {names}, {', '.join(f'sum({m})' for m in MEASURES)} FROM {_BATCH} "
+            # "WHERE": SQLite's parser needs one before an upsert clause after a SELECT.
+            f"WHERE 1 = 1 GROUP BY {keys} ON CONFLICT (bucket, {names}) DO UPDATE SET {updates}"
+        )
+    return create, fill, upserts, f"DELETE FROM {_BATCH}"
+
+
+_BATCH_CREATE, _BATCH_FILL, _BATCH_UPSERTS, _BATCH_EMPTY = _batch_sql()
+
 
 def roll_up(conn: Db, batch: int = 50_000) -> int:
     """Fold up to ``batch`` rows above the watermark into the rollups; returns how many.
@@ -255,8 +299,15 @@ def roll_up(conn: Db, batch: int = 50_000) -> int:
     count, high = int(row[0]), row[1]
     if not count:
         return 0
-    for sql in _UPSERTS:
-        conn.execute(sql, [low, high])
+    if conn.dialect.in_process:
+        conn.execute(_BATCH_CREATE)
+        conn.execute(_BATCH_FILL, [low, high])
+        for sql in _BATCH_UPSERTS:
+            conn.execute(sql)
+        conn.execute(_BATCH_EMPTY)
+    else:
+        for sql in _UPSERTS:
+            conn.execute(sql, [low, high])
     conn.execute("UPDATE rollup_state SET watermark = $1 WHERE id = 1", [high])
     return count
 
