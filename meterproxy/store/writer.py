@@ -115,6 +115,12 @@ class StoreWriter:
         """Open the database and apply migrations (raising on a broken file), then start."""
         conn = connect(self.path)
         apply_migrations(conn)
+        if conn.dialect.in_process:
+            # SQLite keeps a statement journal for each multi-row INSERT (`SqliteDb.insert_many`),
+            # and spills it to a temporary file past 64 KiB: ~1.3 extra pwrite per row, three times
+            # the writer's system time (bench/README.md, issue 21 "step 5"). In memory it stays
+            # small (one 8-row slice's pages), as do the roll-up's sort and temporary table here.
+            conn.execute("PRAGMA temp_store=MEMORY")
         self._conn = conn
         self._thread = threading.Thread(target=self._run, name="meterproxy-writer", daemon=True)
         self._thread.start()
