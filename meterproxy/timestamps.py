@@ -10,7 +10,8 @@ module replaced each rewrote it to ``+00:00`` by hand, and differed on naive inp
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
+from functools import lru_cache
 
 __all__ = ["format_ts", "parse_ts"]
 
@@ -28,10 +29,6 @@ def parse_ts(text: str, naive: tzinfo = UTC) -> datetime:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: The last second `format_ts` wrote for a UTC time: (days, seconds since the epoch, its text up to
-#: the microseconds' dot). One tuple, replaced whole, so a thread never pairs one second's key
-#: with another's text.
-_last_second: tuple[int, int, str] = (0, -1, "")
 
 
 def format_ts(moment: datetime) -> str:
@@ -43,17 +40,14 @@ def format_ts(moment: datetime) -> str:
         # the difference from the epoch (two times in one tzinfo: plain arithmetic) says which
         # second and which microsecond.
         since = moment - _EPOCH
-        days, seconds, last = since.days, since.seconds, _last_second
-        if seconds != last[1] or days != last[0]:
-            last = _last_second_text(moment, days, seconds)
-        return f"{last[2]}{since.microseconds:06d}Z"
+        return f"{_second_text(since.days, since.seconds)}{since.microseconds:06d}Z"
     return _format_ts(moment)
 
 
-def _last_second_text(moment: datetime, days: int, seconds: int) -> tuple[int, int, str]:
-    global _last_second
-    _last_second = (days, seconds, _format_ts(moment)[:-7])  # without "123456Z"
-    return _last_second
+@lru_cache(maxsize=4)
+def _second_text(days: int, seconds: int) -> str:
+    """The stored form of that second since the epoch, up to and with the microseconds' dot."""
+    return _format_ts(_EPOCH + timedelta(days=days, seconds=seconds))[:-7]  # without "123456Z"
 
 
 def _format_ts(moment: datetime) -> str:
