@@ -253,6 +253,8 @@ class SpendTracker:
         addition, so alerts see the spend exactly as this record left it.
         """
         with self._lock:
+            if not self._budgets and not self._pending:
+                return  # no budget (the default): no record's cost needs converting
             for record in records:
                 for state, pending in self._pending.pop(record.id, ()):
                     state.pending_pico -= pending
