@@ -23,6 +23,7 @@ import pytest
 
 from meterproxy.app_state import METRICS
 from meterproxy.budgets.definition import BudgetSpec
+from meterproxy.budgets.feature import BUDGETS
 from meterproxy.budgets.reserve import ReservationLedger, worst_case
 from meterproxy.budgets.spend import SpendTracker
 from meterproxy.money import from_pico
@@ -345,6 +346,40 @@ async def test_the_reserved_gauge_falls_back_to_zero_once_the_requests_settle(
     while (held := registry.get_sample_value("meterproxy_budget_reserved_usd", {"budget": "team"})) != 0:
         assert loop.time() < deadline, f"the gauge still shows {held} held"
         await asyncio.sleep(0.02)
+
+
+async def test_holds_settled_during_a_reread_get_a_reread_of_their_own(
+    upstream: FakeUpstream, make_proxy: ProxyFactory
+) -> None:
+    # The gauge's re-read after commits that settle holds ran one at a time and dropped the
+    # commits that came while it read: those holds stayed on the gauge until the 30 s refresh.
+    proxy = await make_proxy(
+        budgets=[{"name": "team", "limit_usd": "1", "period": "month", "action": "reserve"}]
+    )
+    engine = proxy.app[BUDGETS]
+    reads: list[list[str]] = []
+    first_read_may_end = asyncio.Event()
+    original = engine.ledger.refresh_held
+
+    async def slow_first(names: list[str]) -> None:
+        reads.append(list(names))
+        if len(reads) == 1:
+            await first_read_may_end.wait()
+        await original(names)
+
+    engine.ledger.refresh_held = slow_first  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    engine._holds_settled()  # a commit settled holds (the writer thread's call)
+    while not reads:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    engine._holds_settled()  # another, while the first re-read is reading
+    first_read_may_end.set()
+    while len(reads) < 2:
+        assert loop.time() < deadline, "the second commit got no re-read"
+        await asyncio.sleep(0.01)
+    assert reads == [["team"], ["team"]]
 
 
 async def test_a_websocket_session_releases_its_reservation(

@@ -99,6 +99,8 @@ class BudgetEngine:
         self._closed = False
         #: The re-read of held sums after commits that settled this process's reservations.
         self._holds_reread: asyncio.Future[None] | None = None
+        #: Commits settled holds while that re-read was in flight: it runs once more.
+        self._holds_again = False
         self.events_raised = 0
         #: Set when attached to an app; blocked requests are recorded through it.
         self.meter: Meter | None = None
@@ -230,31 +232,44 @@ class BudgetEngine:
 
         Between the ledger's refreshes (every 30 s) its held sums are those read at the
         last admission, which still count requests that have settled since: after a
-        run the gauge kept showing them held. One re-read at a time, coalesced, on the
-        ledger's thread (writer thread here: hand it to the loop).
+        run the gauge kept showing them held. One re-read at a time, on the loop (this
+        runs on the writer thread); commits that come while one is reading get one more
+        after it, which may have read before them.
         """
         loop = self._loop
-        if loop is None or self._closed or self._holds_reread is not None:
+        if loop is None or self._closed:
             return
         try:
-            loop.call_soon_threadsafe(self._start_holds_reread)
+            loop.call_soon_threadsafe(self._holds_changed)
         except RuntimeError:  # the loop is closing
             pass
 
-    def _start_holds_reread(self) -> None:
-        if self._holds_reread is None and not self._closed:
-            self._holds_reread = asyncio.ensure_future(self._reread_holds())
+    def _holds_changed(self) -> None:
+        if self._closed:
+            return
+        if self._holds_reread is not None:
+            # Coalesced, not dropped: a re-read in flight may have read before this commit, and
+            # without another one the gauge showed holds that had settled until the 30 s refresh
+            # (seen at load 12, where a run's records commit in several batches).
+            self._holds_again = True
+            return
+        self._holds_reread = asyncio.ensure_future(self._reread_holds())
 
     async def _reread_holds(self) -> None:
-        names = [s.spec.name for s in self.tracker.states() if s.spec.action == "reserve"]
         try:
-            await self.ledger.refresh_held(names)
-        except Exception:  # a side effect: never fails anything; the 30 s refresh catches up
-            log.exception("re-reading budget reservations failed")
+            again = True
+            while again and not self._closed:
+                self._holds_again = False
+                names = [s.spec.name for s in self.tracker.states() if s.spec.action == "reserve"]
+                try:
+                    await self.ledger.refresh_held(names)
+                except Exception:  # a side effect: never fails anything; the 30 s refresh catches up
+                    log.exception("re-reading budget reservations failed")
+                for name in names:
+                    self._publish_reserved(name, self.ledger.reserved_usd(name))
+                again = self._holds_again
         finally:
             self._holds_reread = None
-        for name in names:
-            self._publish_reserved(name, self.ledger.reserved_usd(name))
 
     def publish_all(self) -> None:
         """Copy every budget's spend and limit to the metrics gauges (if metrics are on)."""
