@@ -1,17 +1,21 @@
 """The OpenTelemetry exporter child's CPU per record, fed through its own stdin protocol.
 
 Starts ``python -m meterproxy.otel_export`` exactly as the proxy does (stdin pipe, the
-standard ``OTEL_EXPORTER_OTLP_ENDPOINT``), with a discarding OTLP/HTTP receiver (a thread of
-this process) as its endpoint, writes ``--records`` rows shaped like real ones in batches of
-``--batch`` (one JSON line each, as `meterproxy.otel.OtelSink` does every 100 ms), closes stdin,
-and waits for the child to flush and exit. Reports the child's user+system CPU from
-``wait4`` (the whole life of the process: start-up, imports, every export, shutdown) and
-the same for an empty run (start-up and shutdown only), so the difference divided by the
-records is the CPU per record. CPU time, not wall time: other load on the machine hardly
-moves it. Also counts the spans the receiver decoded (every record must arrive).
+standard ``OTEL_EXPORTER_OTLP_ENDPOINT``), with a discarding OTLP/HTTP receiver
+(``otlp_receiver.py``, a thread of this process) as its endpoint, writes ``--records`` rows
+shaped like real ones in batches of ``--batch`` (one line each, as `meterproxy.otel.OtelSink`
+does every 0.5 s), closes stdin, and waits for the child to flush and exit. Reports the child's
+user+system CPU from ``wait4`` (the whole life of the process: start-up, imports, every export,
+shutdown) and the same for a run of one record (start-up, the first POST of each signal and the
+lazy imports it brings, shutdown), so the difference divided by the other records is the CPU per
+record. CPU time, not wall time: other load on the machine hardly moves it (but ±20 %). Also
+counts the spans the receiver decoded (every record must arrive).
 
-    PYTHONPATH=<tree> python bench/otel_export_cpu.py [--records 20000] [--batch 200] \\
-        [--interval 0.1] [--repeats 3]
+    PYTHONPATH=<tree> python bench/otel_export_cpu.py [--records 30000] [--batch 1500] \\
+        [--interval 0.5] [--repeats 3] [--callgrind] [--port P]
+
+``--callgrind`` counts the child's user-space instructions (all threads) under valgrind instead
+of its CPU seconds: the A/B measure that does not move with the machine's load.
 
 ``--breakdown`` times each stage in this process instead, nothing sent: the SDK's way (span
 attributes, ``tracer.start_span`` + ``end``, the official ``encode_spans``, three
@@ -28,15 +32,14 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import orjson
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from otlp_receiver import OtlpReceiver
 
 import meterproxy
 from meterproxy.otel import record_fields
@@ -44,30 +47,6 @@ from meterproxy.testing import make_record
 from meterproxy.usage import Usage
 
 TREE = Path(meterproxy.__file__).resolve().parents[1]
-
-
-class Receiver(BaseHTTPRequestHandler):
-    spans = 0
-    posts = 0
-    lock = threading.Lock()
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        n = 0
-        if self.path.endswith("/v1/traces") and not self.headers.get("content-encoding"):
-            msg = ExportTraceServiceRequest()
-            msg.ParseFromString(body)
-            n = sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans)
-        with type(self).lock:
-            type(self).posts += 1
-            type(self).spans += n
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def rows(n: int) -> list[tuple[Any, ...]]:
@@ -86,9 +65,26 @@ def rows(n: int) -> list[tuple[Any, ...]]:
     return out
 
 
-def run(lines: list[bytes], endpoint: str, profile: str | None, interval: float) -> float:
+def run(
+    lines: list[bytes], endpoint: str, profile: str | None, interval: float, callgrind: str | None = None
+) -> float:
+    """The child's CPU seconds (user + system) over its whole life; with ``callgrind`` (an output
+    file), its user-space instructions instead, all threads, counted by valgrind's callgrind."""
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
     cmd = [sys.executable]
+    if callgrind:
+        # ~50x slower under valgrind, the sender thread falls behind: queue every span, drop none;
+        # and the histograms are sent once, at the end (as in both runs), not every 5 s of a run
+        # that valgrind makes ten times longer than it is.
+        env["OTEL_BSP_MAX_QUEUE_SIZE"] = "1000000"
+        env["OTEL_METRIC_EXPORT_INTERVAL"] = "3600000"
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={callgrind}",
+            f"--log-file={callgrind}.log",
+            *cmd,
+        ]
     if profile:
         cmd += ["-m", "cProfile", "-o", profile]
     cmd += ["-m", "meterproxy.otel_export"]
@@ -104,6 +100,9 @@ def run(lines: list[bytes], endpoint: str, profile: str | None, interval: float)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"exporter exited {proc.returncode}")
+    if callgrind:
+        with open(callgrind) as f:
+            return float(next(int(line.split()[1]) for line in f if line.startswith(("totals:", "summary:"))))
     return float(usage.ru_utime + usage.ru_stime)
 
 
@@ -128,11 +127,22 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanKind
 
-    from meterproxy.otel_export import DURATION_BUCKETS, TOKEN_BUCKETS, Exporter, as_fields, span_attributes
+    from meterproxy.otel_export import (
+        DURATION_BUCKETS,
+        TOKEN_BUCKETS,
+        Exporter,
+        as_fields,
+        span_attributes,
+        start_ns_of,
+    )
     from meterproxy.otel_metrics import GenAiHistograms
     from meterproxy.otel_spans import SpanEncoder
 
+    data = orjson.loads(orjson.dumps(data))  # as the exporter gets rows: a datetime as its text
     n = len(data)
+    # Every span is encoded: without this, spans beyond the default queue (2048) that the sender
+    # thread has not yet taken would be dropped before they are encoded.
+    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(2 * n)
     resource = Resource.create({"service.name": "meterproxy"})
     scope = InstrumentationScope("meterproxy", "bench")
     fields = [as_fields(r) for r in data]
@@ -151,8 +161,9 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
     def sdk_spans() -> None:
         finished.clear()
         for a, f in zip(attrs, fields, strict=True):
-            span = tracer.start_span("chat x", kind=SpanKind.CLIENT, attributes=a, start_time=f["start_ns"])
-            span.end(end_time=f["start_ns"] + int(f["duration_s"] * 1e9))
+            start = start_ns_of(f["ts"])
+            span = tracer.start_span("chat x", kind=SpanKind.CLIENT, attributes=a, start_time=start)
+            span.end(end_time=start + int(f["duration_ms"] / 1000.0 * 1e9))
 
     meter = MeterProvider(resource=resource, metric_readers=[InMemoryMetricReader()]).get_meter("m")
     tokens = meter.create_histogram("t", explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS))
@@ -161,7 +172,7 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
     def sdk_histograms() -> None:
         for a, f in zip(attrs, fields, strict=True):
             m = {k: a[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.response.model")}
-            duration.record(f["duration_s"], m)
+            duration.record(f["duration_ms"] / 1000.0, m)
             if f["tokens"]:
                 tokens.record(f["tokens"][0], {**m, "gen_ai.token.type": "input"})
                 tokens.record(f["tokens"][1], {**m, "gen_ai.token.type": "output"})
@@ -207,13 +218,22 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=20000)
-    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--records", type=int, default=30000)
+    ap.add_argument(
+        "--batch", type=int, default=1500, help="records per batch (0.5 s at 3,000 requests/s, c=1 JSON)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
-        "--interval", type=float, default=0.1, help="seconds between batches (the proxy's is 0.1)"
+        "--interval", type=float, default=0.5, help="seconds between batches (the proxy's is 0.5)"
     )
     ap.add_argument("--profile", help="write a cProfile of one loaded run here instead")
+    ap.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count the child's instructions under valgrind's callgrind instead of its CPU seconds "
+        "(repeatable under load; ~50x slower, so use fewer --records)",
+    )
+    ap.add_argument("--port", type=int, default=0, help="the OTLP receiver's port (0: any free one)")
     ap.add_argument(
         "--breakdown",
         action="store_true",
@@ -223,38 +243,39 @@ def main() -> None:
     if args.breakdown:
         print(json.dumps({"records": args.records, **breakdown(rows(args.records), args.batch)}))
         return
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    receiver = OtlpReceiver(args.port, decode=True)
     data = rows(args.records)
     lines = [orjson.dumps(data[i : i + args.batch]) + b"\n" for i in range(0, len(data), args.batch)]
     if args.profile:
-        run(lines, endpoint, args.profile, args.interval)
-        print(json.dumps({"profile": args.profile, "spans_received": Receiver.spans}))
+        run(lines, receiver.endpoint, args.profile, args.interval)
+        print(json.dumps({"profile": args.profile, "spans_received": receiver.spans}))
         return
-    empty, loaded = [], []
-    for _ in range(args.repeats):
-        empty.append(run([], endpoint, None, args.interval))
-        before = Receiver.spans
-        loaded.append(run(lines, endpoint, None, args.interval))
-        if Receiver.spans - before != args.records:
-            raise SystemExit(f"{Receiver.spans - before} spans arrived for {args.records} records")
-    server.shutdown()
-    per = [(cpu - min(empty)) * 1e6 / args.records for cpu in loaded]
-    print(
-        json.dumps(
-            {
-                "records": args.records,
-                "batch": args.batch,
-                "startup_cpu_s": round(min(empty), 3),
-                "loaded_cpu_s": [round(x, 3) for x in loaded],
-                "cpu_us_per_record_min": round(min(per), 1),
-                "cpu_us_per_record_median": round(statistics.median(per), 1),
-                "otlp_posts": Receiver.posts,
-                "load_average": os.getloadavg(),
-            }
-        )
-    )
+    one, loaded = [], []
+    out_dir = tempfile.mkdtemp(prefix="otel-export-cg-") if args.callgrind else None
+    for i in range(args.repeats):
+        cg = os.path.join(out_dir, f"one-{i}.out") if out_dir else None
+        one.append(run([orjson.dumps(data[:1]) + b"\n"], receiver.endpoint, None, 0, cg))
+        before = receiver.spans
+        cg = os.path.join(out_dir, f"loaded-{i}.out") if out_dir else None
+        loaded.append(run(lines, receiver.endpoint, None, args.interval, cg))
+        if receiver.spans - before != args.records:  # (the one-record run's span came before)
+            raise SystemExit(f"{receiver.spans - before} spans arrived for {args.records} records")
+    receiver.stop()
+    out: dict[str, Any] = {"records": args.records, "batch": args.batch, "interval_s": args.interval}
+    if out_dir:
+        per = [(n - min(one)) / (args.records - 1) for n in loaded]
+        out["one_record_run_instructions"] = int(min(one))
+        out["instructions_per_record"] = [round(x) for x in per]
+        out["callgrind_files"] = out_dir
+    else:
+        per = [(cpu - min(one)) * 1e6 / (args.records - 1) for cpu in loaded]
+        out["one_record_run_cpu_s"] = round(min(one), 3)
+        out["loaded_cpu_s"] = [round(x, 3) for x in loaded]
+        out["cpu_us_per_record_min"] = round(min(per), 1)
+        out["cpu_us_per_record_median"] = round(statistics.median(per), 1)
+    out["otlp_posts"] = receiver.posts
+    out["load_average"] = os.getloadavg()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Does OpenTelemetry export slow the proxy? Added latency with export off and on, side by side.
 
-Starts the bench upstream (core 0), a discarding OTLP/HTTP receiver (core 0, a thread of this
-process), and ``meterproxy serve`` (core 1) alternately without and with
+Starts the bench upstream (core 0), a discarding OTLP/HTTP receiver (`otlp_receiver.py`, a
+thread of this process), and ``meterproxy serve`` (core 1) alternately without and with
 ``OTEL_EXPORTER_OTLP_ENDPOINT``; each round measures direct and proxied latency at concurrency 1
 (JSON, then 20-event SSE) with ``bench/loadgen.py``, and the CPU the proxy and its exporter child
 used per proxied request (from /proc: unlike a p99, hardly moved by other load on the machine).
@@ -24,11 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from otlp_receiver import OtlpReceiver
 
 BENCH = Path(__file__).resolve().parent
 
@@ -47,21 +47,6 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"port {port} never opened")
-
-
-class Sink(BaseHTTPRequestHandler):
-    received = 0
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        type(self).received += 1
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def spawn(cmd: list[str], cores: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -135,17 +120,10 @@ def main() -> None:
     def port_for() -> int:
         return next(ports) if ports is not None else free_port()
 
-    sink = ThreadingHTTPServer(("127.0.0.1", port_for() if ports is not None else 0), Sink)
-
-    def serve_sink() -> None:
-        if args.receiver_idle:
-            # Linux: pid 0 is the calling thread; the handler threads it starts inherit the policy.
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        sink.serve_forever()
-
-    threading.Thread(target=serve_sink, daemon=True).start()
+    # Not decoding: the receiver shares core 0 with the load generator and the upstream.
+    receiver = OtlpReceiver(port_for() if ports is not None else 0, idle=args.receiver_idle)
     otel_env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_METRIC_EXPORT_INTERVAL": "5000",
     }
     up_port = port_for()
@@ -192,10 +170,10 @@ def main() -> None:
                     stop(proxy)
     finally:
         stop(upstream)
-        sink.shutdown()
+        receiver.stop()
 
     summary: dict[str, Any] = {
-        "otlp_posts_received": Sink.received,
+        "otlp_posts_received": receiver.posts,
         "receiver_idle": args.receiver_idle,
         "load_average": os.getloadavg(),
     }
