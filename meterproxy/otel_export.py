@@ -43,7 +43,6 @@ supported: gRPC, exponential histograms
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import os
 import queue
@@ -53,7 +52,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -67,15 +65,7 @@ if TYPE_CHECKING:
     from meterproxy.otel_metrics import GenAiHistograms
     from meterproxy.otel_spans import OtlpHttpSender, SpanEncoder
 
-__all__ = [
-    "DURATION_BUCKETS",
-    "FIELDS",
-    "TOKEN_BUCKETS",
-    "as_fields",
-    "main",
-    "span_attributes",
-    "start_ns_of",
-]
+__all__ = ["DURATION_BUCKETS", "FIELDS", "TOKEN_BUCKETS", "as_fields", "main", "span_attributes"]
 
 log = logging.getLogger("meterproxy.otel_export")
 
@@ -84,8 +74,8 @@ log = logging.getLogger("meterproxy.otel_export")
 #: or decoded per request; names are put back here, in the exporter's process.
 FIELDS = (
     "id",
-    "ts",
-    "duration_ms",
+    "start_ns",
+    "duration_s",
     "endpoint",
     "upstream",
     "provider",
@@ -147,14 +137,6 @@ def _provider_name(f: dict[str, Any]) -> str:
 def as_fields(row: Any) -> dict[str, Any]:
     """A batch row (values in `FIELDS` order) as a dict by name."""
     return dict(zip(FIELDS, row, strict=True))
-
-
-def start_ns_of(ts: str) -> int:
-    """A row's ``ts`` (the record's time, RFC 3339 as orjson writes a datetime) in nanoseconds
-    since the epoch: ``int(ts.timestamp() * 1e9)`` of the record's own datetime. The proxy sends
-    the datetime as is (orjson writes it in C): ``timestamp()`` on the event loop cost a quarter
-    of the loop's export work per request (bench/README.md, "OpenTelemetry export")."""
-    return int(datetime.fromisoformat(ts).timestamp() * 1e9)
 
 
 def span_attributes(f: dict[str, Any]) -> dict[str, Any]:
@@ -269,13 +251,8 @@ _METRIC_KEYS = (
     "error.type",
 )
 _SHAPE_CACHE = 4096
-_MetricAttributes = tuple[tuple[str, Any], ...]
-#: A batch's histogram values of one metric attribute set, in arrival order: durations, input
-#: and output tokens (recorded in bulk at the end of the batch, `GenAiHistograms.record_batch`).
-_Points = tuple[list[float], list[int], list[int]]
-#: What every request of one shape shares: its span's cached piece, its metric attributes, its
-#: span name, and its metric attribute set's `_Points`.
-_Shape = tuple[bytes, _MetricAttributes, str, _Points]
+#: What every request of one shape shares: its span's cached piece, its metric attributes, its span name.
+_Shape = tuple[bytes, tuple[tuple[str, Any], ...], str]
 
 
 def span_name(attrs: dict[str, Any]) -> str:
@@ -344,7 +321,6 @@ class Exporter:
         self._pending_since = 0.0
         self._next_metrics = time.monotonic() + self._interval
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
-        self._points: dict[_MetricAttributes, _Points] = {}
         self._lock = threading.Lock()
         self._queued = 0  # spans handed to the sender thread, not yet sent
         self.dropped = 0
@@ -368,76 +344,58 @@ class Exporter:
         if limit is not None:  # the SDK's span attribute limit; metric attributes have none
             attrs = {k: v[:limit] if isinstance(v, str) else v for k, v in attrs.items()}
         fixed = self._encoder.fixed_part(name, attrs) if self._sender is not None else b""
-        if len(self._shapes) >= _SHAPE_CACHE or len(self._points) >= _SHAPE_CACHE:
-            self._record_points()  # what the entries' lists hold, before they are let go
+        if len(self._shapes) >= _SHAPE_CACHE:
             self._shapes.clear()
-            self._points.clear()
-        points = self._points.get(metric_attrs)
-        if points is None:
-            points = self._points[metric_attrs] = ([], [], [])
-        entry = self._shapes[key] = (fixed, metric_attrs, name, points)
+        entry = self._shapes[key] = (fixed, metric_attrs, name)
         return entry
-
-    def _record_points(self) -> None:
-        """The histogram values gathered since the last call, recorded in bulk."""
-        histograms = self._histograms
-        if histograms is None:
-            return
-        now_ns = time.time_ns()
-        for attributes, (durations, inputs, outputs) in self._points.items():
-            if durations:
-                histograms.record_batch(attributes, durations, inputs, outputs, now_ns)
-                durations.clear()
-                inputs.clear()
-                outputs.clear()
 
     def _cut(self, value: str) -> str:
         return value if self._max_length is None else value[: self._max_length]
 
     def add(self, rows: list[Any]) -> None:
-        """One batch from the proxy: a span per row (its shape's piece cached, the rest written
-        per row) and its histogram values, recorded in bulk per attribute set at the end."""
-        encoder, shapes = self._encoder, self._shapes
-        sending = self._sender is not None
-        ids = encoder.new_ids(len(rows)) if sending else []
-        sampler, cut = self._sampler, self._max_length is not None
-        varying, people = encoder.varying_part, encoder.people_part
+        """One batch from the proxy."""
+        now_ns = time.time_ns()
+        encoder, histograms = self._encoder, self._histograms
+        ids = encoder.new_ids(len(rows)) if self._sender is not None else []
         spans: list[bytes] = []
         for i, row in enumerate(rows):
             try:
-                (rid, ts, duration_ms, endpoint, upstream, provider, requested_model, model, status,
+                (rid, start_ns, seconds, endpoint, upstream, provider, requested_model, model, status,
                  usage_source, streamed, tokens, cost, theirs, user, session, fingerprint, error,
                  disconnected) = row  # fmt: skip
-                # Everything the span's cached piece and the metric attributes depend on.
                 key = (endpoint, upstream, provider, requested_model, model, status, usage_source,
-                       streamed, cost is None, theirs is None, fingerprint, error, disconnected)  # fmt: skip
-                entry = shapes.get(key) or self._shape(row, key)
-                seconds = (duration_ms or 0.0) / 1000.0
-                points = entry[3]
-                points[0].append(seconds)
-                if tokens:
-                    points[1].append(tokens[0])
-                    points[2].append(tokens[1])
-                if not sending:
+                       bool(streamed), not tokens, cost is None, theirs is None, fingerprint,
+                       bool(error), bool(disconnected))  # fmt: skip
+                entry = self._shapes.get(key) or self._shape(row, key)
+                seconds = float(seconds or 0.0)
+                if histograms is not None:
+                    histograms.record(entry[1], seconds, (tokens[0], tokens[1]) if tokens else None, now_ns)
+                if self._sender is None:
                     continue
+                sampler = self._sampler
                 if sampler is not None:
                     trace_id = int.from_bytes(ids[i][:16], "big")
                     result = sampler.should_sample(None, trace_id, entry[2], self._client)
                     if result.decision is not self._sampled:  # only sampled spans are exported
                         continue
-                if cut:
+                if self._max_length is not None:
                     rid, user, session = (
                         self._cut(rid),
                         user and self._cut(user),
                         session and self._cut(session),
                     )
+                parts = [entry[0]]
+                if user:
+                    parts.append(encoder.value_part("user.id", user))
+                if session:
+                    parts.append(encoder.value_part("session.id", session))
                 amount = float(theirs) if theirs is not None else None if cost is None else float(cost)
-                start_ns = start_ns_of(ts)
-                end = varying(ids[i], start_ns, start_ns + int(seconds * 1e9), rid, tokens or None, amount)
-                spans.append(entry[0] + people(user, session) + end if user or session else entry[0] + end)
+                start_ns = int(start_ns)
+                end_ns = start_ns + int(seconds * 1e9)
+                parts.append(encoder.varying_part(ids[i], start_ns, end_ns, rid, tokens or None, amount))
+                spans.append(b"".join(parts))
             except Exception:  # one bad record must not stop telemetry
                 log.exception("OpenTelemetry export of request %s failed", row[0] if row else None)
-        self._record_points()
         if not spans:
             return
         with self._lock:
@@ -472,7 +430,6 @@ class Exporter:
 
     def export_metrics(self) -> None:
         self._next_metrics = time.monotonic() + self._interval
-        gc.collect()  # the only collection (`main` turns the automatic ones off)
         exporter = self._metric_exporter
         if self._histograms is None or exporter is None:
             return
@@ -509,12 +466,8 @@ class Exporter:
 
 
 def read_batches(fd: int, exporter: Exporter) -> None:
-    """Feed each stdin line (one JSON batch) to ``exporter``; export when due; return at end of input.
-
-    A batch (~330 kB at 3,000 requests/s) arrives in several reads: they are kept apart until
-    the one holding the line's end, then joined once (adding each read to the rest and splitting
-    the whole again cost more than the batch's JSON decoding)."""
-    held: list[bytes] = []
+    """Feed each stdin line (one JSON batch) to ``exporter``; export when due; return at end of input."""
+    tail = b""
     while True:
         readable, _, _ = select.select([fd], [], [], exporter.due())
         if not readable:
@@ -522,16 +475,7 @@ def read_batches(fd: int, exporter: Exporter) -> None:
         chunk = os.read(fd, 1 << 20)
         if not chunk:
             return
-        if b"\n" not in chunk:
-            held.append(chunk)
-            continue
-        if held:
-            held.append(chunk)
-            chunk = b"".join(held)
-            held = []
-        *lines, tail = chunk.split(b"\n")
-        if tail:
-            held.append(tail)
+        *lines, tail = (tail + chunk).split(b"\n")
         for line in lines:
             try:
                 batch = orjson.loads(line)
@@ -539,18 +483,6 @@ def read_batches(fd: int, exporter: Exporter) -> None:
                 log.error("unreadable batch from the proxy (%d bytes) skipped", len(line))
                 continue
             exporter.add(batch)
-
-
-def _widen_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe (Linux; the default is 64 kiB): a batch then goes in with one write
-    of the proxy's and comes out in one read here, instead of the proxy's event loop writing
-    the rest of it as the pipe drains. No-op where unsupported or refused."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (ImportError, AttributeError, OSError):
-        pass
 
 
 def _enabled(signal: str) -> bool:
@@ -620,13 +552,6 @@ def main() -> None:
     exporter = Exporter(
         encoder, sender, histograms, metric_exporter, sampler, limits.max_span_attribute_length
     )
-    # Everything from start-up stays: out of the collector's sight. Then no automatic collections:
-    # each batch allocates thousands of lists, so the collector ran several times a batch and
-    # walked every row still in use (~2 % of the child's instructions); nothing here makes
-    # cycles per row, and `Exporter.export_metrics` collects once an interval.
-    gc.freeze()
-    gc.disable()
-    _widen_pipe(sys.stdin.fileno())
     try:
         read_batches(sys.stdin.fileno(), exporter)
     finally:

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from functools import partial, reduce
-from operator import add
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -89,26 +86,6 @@ class _Histogram:
         if value > point.max:
             point.max = value
 
-    def record_many(self, attributes: tuple[tuple[str, Any], ...], values: list[Any], now_ns: int) -> None:
-        """`record` of each of ``values`` in turn, with the same result (the sum is the same
-        left-to-right addition), in a few C calls instead of a Python loop."""
-        point = self.points.get(attributes)
-        if point is None:
-            if len(self.points) >= CARDINALITY_LIMIT:
-                attributes = _OVERFLOW
-                point = self.points.get(attributes)
-            if point is None:
-                point = self.points[attributes] = _Point(len(self.boundaries) + 1, now_ns)
-        counts = point.counts
-        for index, n in Counter(map(partial(bisect_left, self.boundaries), values)).items():
-            counts[index] += n
-        point.sum = reduce(add, values, point.sum)
-        low, high = min(values), max(values)
-        if low < point.min:
-            point.min = low
-        if high > point.max:
-            point.max = high
-
     def collect(self, temporality: AggregationTemporality, now_ns: int) -> Metric | None:
         delta = temporality is AggregationTemporality.DELTA
         data_points = [
@@ -171,21 +148,6 @@ class GenAiHistograms:
         if tokens is not None:
             self._tokens.record((*attributes, ("gen_ai.token.type", "input")), tokens[0], now_ns)
             self._tokens.record((*attributes, ("gen_ai.token.type", "output")), tokens[1], now_ns)
-
-    def record_batch(
-        self,
-        attributes: tuple[tuple[str, Any], ...],
-        durations: list[float],
-        inputs: list[int],
-        outputs: list[int],
-        now_ns: int,
-    ) -> None:
-        """Many requests of one attribute set, in arrival order: what `record` of each would do."""
-        if durations:
-            self._duration.record_many(attributes, durations, now_ns)
-        if inputs:
-            self._tokens.record_many((*attributes, ("gen_ai.token.type", "input")), inputs, now_ns)
-            self._tokens.record_many((*attributes, ("gen_ai.token.type", "output")), outputs, now_ns)
 
     def collect(self, now_ns: int) -> MetricsData | None:
         """Everything to export now, as the SDK's reader would hand it to an exporter; None if empty."""

@@ -20,8 +20,8 @@ pieces joined together:
   caller;
 - ``user.id`` and ``session.id``: one cached ``Span(attributes=[...])`` piece per value;
 - what differs per request (trace and span id, start and end time, request id, token counts,
-  cost amount): written as wire bytes, the constant tags and keys (from the messages'
-  descriptors, once) joined with the values (`SpanEncoder.varying_part`).
+  cost amount): one small ``Span`` message per combination of attributes present, its fields
+  overwritten and serialized per request (1.6 µs; a new message each time is 6 µs).
 
 A batch of spans becomes one ``ExportTraceServiceRequest``: the resource and instrumentation
 scope are serialized once, and each span is added as a length-delimited field (`_field`: the
@@ -45,7 +45,6 @@ import gzip
 import logging
 import os
 import random
-import struct
 import threading
 import time
 import zlib
@@ -140,65 +139,6 @@ def _field(message: Any, name: str, payload: bytes) -> bytes:
     return _tag(message, name) + _varint(len(payload)) + payload
 
 
-def _varint64(n: int) -> bytes:
-    """``n`` as a protobuf varint; a negative ``int64`` as its 10-byte two's complement, as protobuf does."""
-    return _varint(n + (1 << 64) if n < 0 else n)
-
-
-#: Varints of 0 .. 16383 (one or two bytes), looked up instead of computed: token counts, lengths.
-_SMALL = 1 << 14
-_VARINTS = [_varint(n) for n in range(_SMALL)]
-
-
-def _number(message: Any, name: str) -> int:
-    return int(message.DESCRIPTOR.fields_by_name[name].number)
-
-
-def _key(number: int, wire_type: int) -> bytes:
-    return _varint(number << 3 | wire_type)
-
-
-#: The tags before trace_id (16 bytes), span_id (8), start and end time (fixed64), with the lengths of
-#: the two ids: one ``struct.pack`` writes the four fields (`_HEAD`).
-_TRACE_ID = _key(_number(Span, "trace_id"), 2) + b"\x10"
-_SPAN_ID = _key(_number(Span, "span_id"), 2) + b"\x08"
-_START = _key(_number(Span, "start_time_unix_nano"), 1)
-_END = _key(_number(Span, "end_time_unix_nano"), 1)
-_HEAD = struct.Struct(f"<{len(_TRACE_ID)}s16s{len(_SPAN_ID)}s8s{len(_START)}sQ{len(_END)}sQ")
-
-
-def _attribute(key: str, value: bytes) -> bytes:
-    """``Span.attributes`` holding ``KeyValue(key, value)``, ``value`` a serialized ``AnyValue``."""
-    kv = _field(KeyValue, "key", key.encode()) + _field(KeyValue, "value", value)
-    return _key(_number(Span, "attributes"), 2) + _varint(len(kv)) + kv
-
-
-def _prefix(key: str, value_tag: bytes, value_length: int) -> bytes:
-    """An attribute's bytes up to its value's own bytes, for a value of ``value_length`` bytes."""
-    whole = _attribute(key, value_tag + b"\0" * value_length)
-    return whole[: len(whole) - value_length]
-
-
-_STRING = _key(_number(AnyValue, "string_value"), 2)
-_INT = _key(_number(AnyValue, "int_value"), 0)
-_DOUBLE = _key(_number(AnyValue, "double_value"), 1)
-#: Per token attribute, the bytes before its value's varint, by the varint's length (1-10).
-_TOKEN_PREFIXES = [[b""] + [_prefix(key, _INT, n) for n in range(1, 11)] for key in TOKEN_KEYS]
-_COST = struct.Struct(f"<{len(_prefix(COST, _DOUBLE, 8))}sd")
-_COST_PREFIX = _prefix(COST, _DOUBLE, 8)
-_RID_PREFIXES: dict[int, bytes] = {}
-
-
-def _rid_prefix(length: int) -> bytes:
-    """The request id attribute's bytes before the id's own, for an id of ``length`` bytes."""
-    prefix = _RID_PREFIXES.get(length)
-    if prefix is None:
-        prefix = _prefix(REQUEST_ID, _STRING + _varint(length), length)
-        if len(_RID_PREFIXES) < 256:
-            _RID_PREFIXES[length] = prefix
-    return prefix
-
-
 class SpanEncoder:
     """Rows' spans as serialized OTLP ``Span`` messages, then a batch as one export request."""
 
@@ -216,7 +156,7 @@ class SpanEncoder:
         scope = InstrumentationScope(name=scope_name, version=scope_version)
         self._scope_head = ScopeSpans(scope=scope).SerializeToString()
         self._values: dict[tuple[str, Any], bytes] = {}
-        self._people: dict[tuple[str | None, str | None], bytes] = {}
+        self._varying: dict[tuple[bool, bool], tuple[Span, list[AnyValue]]] = {}
         self._span_tag = _tag(ScopeSpans, "spans")
 
     @staticmethod
@@ -247,18 +187,6 @@ class SpanEncoder:
             self._values[(key, value)] = part
         return part
 
-    def people_part(self, user: str | None, session: str | None) -> bytes:
-        """The cached piece holding ``user.id`` and ``session.id`` (either may be absent)."""
-        part = self._people.get((user, session))
-        if part is None:
-            if len(self._people) >= _VALUE_CACHE:
-                self._people.clear()
-            part = (self.value_part("user.id", user) if user else b"") + (
-                self.value_part("session.id", session) if session else b""
-            )
-            self._people[(user, session)] = part
-        return part
-
     def varying_part(
         self,
         ids: bytes,
@@ -269,34 +197,40 @@ class SpanEncoder:
         cost: float | None,
     ) -> bytes:
         """The piece built per request: ``ids`` (16 bytes of trace id, 8 of span id), times, and
-        the `VARYING` attributes, written straight as protobuf wire bytes: the constant tag and
-        key pieces (built once from the messages' descriptors) joined with the values (one
-        ``struct.pack`` for ids and times, varints from a table). 2026-12-04: a reused ``Span``
-        message, its fields set and serialized per request, cost about twice as much."""
-        rid = request_id.encode()
-        parts = [
-            _HEAD.pack(_TRACE_ID, ids, _SPAN_ID, ids[16:24], _START, start_ns, _END, end_ns),
-            _RID_PREFIXES.get(len(rid)) or _rid_prefix(len(rid)),
-            rid,
-        ]
+        the `VARYING` attributes. One ``Span`` message per combination of attributes present
+        is kept and overwritten in place (1.6 µs, against 6 µs for a new message per request)."""
+        layout = (tokens is not None, cost is not None)
+        template = self._varying.get(layout)
+        if template is None:
+            span = Span(attributes=[KeyValue(key=REQUEST_ID, value=AnyValue(string_value=""))])
+            if tokens is not None:
+                span.attributes.extend(KeyValue(key=k, value=AnyValue(int_value=0)) for k in TOKEN_KEYS)
+            if cost is not None:
+                span.attributes.append(KeyValue(key=COST, value=AnyValue(double_value=0.0)))
+            values = [kv.value for kv in span.attributes]
+            template = self._varying[layout] = (span, values)
+        span, values = template
+        span.trace_id = ids[:16]
+        span.span_id = ids[16:24]
+        span.start_time_unix_nano = start_ns
+        span.end_time_unix_nano = end_ns
+        values[0].string_value = request_id
         if tokens is not None:
-            for table, n in zip(_TOKEN_PREFIXES, tokens, strict=True):
-                value = _VARINTS[n] if 0 <= n < _SMALL else _varint64(n)
-                parts += (table[len(value)], value)
+            for value, n in zip(values[1:6], tokens, strict=True):
+                value.int_value = n
         if cost is not None:
-            parts.append(_COST.pack(_COST_PREFIX, cost))
-        return b"".join(parts)
+            values[-1].double_value = cost
+        return bytes(span.SerializeToString())
 
     @staticmethod
     def new_ids(n: int) -> list[bytes]:
         """``n`` random (trace id, span id) pairs, 24 bytes each, none of them all zeros (invalid)."""
         raw = os.urandom(24 * n)
         out = [raw[i : i + 24] for i in range(0, 24 * n, 24)]
-        if b"\0" * 8 in raw:  # eight zero bytes in a row somewhere: check each id (about never)
-            for i, ids in enumerate(out):
-                while not any(ids[:16]) or not any(ids[16:]):
-                    ids = os.urandom(24)
-                out[i] = ids
+        for i, ids in enumerate(out):
+            while not any(ids[:16]) or not any(ids[16:]):
+                ids = os.urandom(24)
+            out[i] = ids
         return out
 
     def request(self, spans: Iterable[bytes]) -> bytes:
@@ -304,8 +238,7 @@ class SpanEncoder:
         tag = self._span_tag
         parts = [self._scope_head]
         for span in spans:
-            n = len(span)
-            parts += (tag, _VARINTS[n] if n < _SMALL else _varint64(n), span)
+            parts += (tag, _varint(len(span)), span)
         scope_spans = b"".join(parts)
         resource_spans = self._resource_head + _field(ResourceSpans, "scope_spans", scope_spans)
         return _field(ExportTraceServiceRequest, "resource_spans", resource_spans)
