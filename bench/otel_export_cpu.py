@@ -133,7 +133,6 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
         Exporter,
         as_fields,
         span_attributes,
-        start_ns_of,
     )
     from meterproxy.otel_metrics import GenAiHistograms
     from meterproxy.otel_spans import SpanEncoder
@@ -161,9 +160,8 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
     def sdk_spans() -> None:
         finished.clear()
         for a, f in zip(attrs, fields, strict=True):
-            start = start_ns_of(f["ts"])
-            span = tracer.start_span("chat x", kind=SpanKind.CLIENT, attributes=a, start_time=start)
-            span.end(end_time=start + int(f["duration_ms"] / 1000.0 * 1e9))
+            span = tracer.start_span("chat x", kind=SpanKind.CLIENT, attributes=a, start_time=f["start_ns"])
+            span.end(end_time=f["start_ns"] + int(f["duration_s"] * 1e9))
 
     meter = MeterProvider(resource=resource, metric_readers=[InMemoryMetricReader()]).get_meter("m")
     tokens = meter.create_histogram("t", explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS))
@@ -172,7 +170,7 @@ def breakdown(data: list[tuple[Any, ...]], batch: int) -> dict[str, float]:
     def sdk_histograms() -> None:
         for a, f in zip(attrs, fields, strict=True):
             m = {k: a[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.response.model")}
-            duration.record(f["duration_ms"] / 1000.0, m)
+            duration.record(f["duration_s"], m)
             if f["tokens"]:
                 tokens.record(f["tokens"][0], {**m, "gen_ai.token.type": "input"})
                 tokens.record(f["tokens"][1], {**m, "gen_ai.token.type": "output"})
