@@ -467,7 +467,10 @@ class Exporter:
 
 def read_batches(fd: int, exporter: Exporter) -> None:
     """Feed each stdin line (one JSON batch) to ``exporter``; export when due; return at end of input."""
-    tail = b""
+    # Reads of a line not yet ended are kept apart and joined once its end comes: a batch spans
+    # many pipe reads (~600 KB at 3,000 requests/s), and joining each read onto the text so far,
+    # then splitting it all again, copied and scanned a batch a dozen times over.
+    pending: list[bytes] = []
     while True:
         readable, _, _ = select.select([fd], [], [], exporter.due())
         if not readable:
@@ -475,7 +478,11 @@ def read_batches(fd: int, exporter: Exporter) -> None:
         chunk = os.read(fd, 1 << 20)
         if not chunk:
             return
-        *lines, tail = (tail + chunk).split(b"\n")
+        pending.append(chunk)
+        if b"\n" not in chunk:
+            continue
+        *lines, tail = b"".join(pending).split(b"\n")
+        pending = [tail] if tail else []
         for line in lines:
             try:
                 batch = orjson.loads(line)
