@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from meterproxy.providers.base import (
+    MAX_TOKENS,
     BadUsage,
     ParseResult,
     RequestInfo,
@@ -115,29 +116,117 @@ def _strip_usage_null(raw: bytes) -> bytes:
     return _USAGE_NULL_RE.sub(b"", raw, count=1)
 
 
+#: (key in a details object, its name in ``extra.usage_details`` for input, for output).
+_MODALITIES = tuple(
+    (f"{m}_tokens", f"input_{m}_tokens", f"output_{m}_tokens") for m in ("text", "audio", "image")
+)
+_MODALITY_KEYS = frozenset(m[0] for m in _MODALITIES)
+
+
 def modality_details(usage: Any) -> dict[str, int]:
     """The text/audio/image split of an images, audio or realtime ``usage`` (empty if none)."""
     details: dict[str, int] = {}
     if not isinstance(usage, dict):
         return details
+    get = usage.get
     sides = (
-        ("input", usage.get("input_tokens_details") or usage.get("input_token_details")),
-        ("input", usage.get("prompt_tokens_details")),
-        ("output", usage.get("output_tokens_details") or usage.get("output_token_details")),
-        ("output", usage.get("completion_tokens_details")),
+        (1, get("input_tokens_details") or get("input_token_details")),
+        (1, get("prompt_tokens_details")),
+        (2, get("output_tokens_details") or get("output_token_details")),
+        (2, get("completion_tokens_details")),
     )
     for side, split in sides:
-        if not isinstance(split, dict):
+        # Most details objects name no modality (``cached_tokens``, ``reasoning_tokens``).
+        if not split or not isinstance(split, dict) or not _MODALITY_KEYS.intersection(split):
             continue
-        for modality in ("text", "audio", "image"):
-            value = split.get(f"{modality}_tokens")
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                details[f"{side}_{modality}_tokens"] = value
+        for modality in _MODALITIES:
+            value = split.get(modality[0])
+            if value is not None and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                details[modality[side]] = value
     return details
 
 
 def normalize_openai_usage(usage: Any) -> Usage:
     """Chat/Completions/Embeddings (``prompt_tokens``) or Responses (``input_tokens``) usage."""
+    if type(usage) is dict:
+        plain = _normalize_plain(usage)
+        if plain is not None:
+            return plain
+    return _normalize_checked(usage)
+
+
+def _normalize_plain(usage: dict[str, Any]) -> Usage | None:
+    """`_normalize_checked` of the usual shape, without a call per count; None for any other.
+
+    The usual shape: every count a plain ``int`` in range or absent, the details objects
+    objects or absent, no DeepSeek cache field. Anything else (a float, a bool, a negative,
+    a count past its total) returns None and is checked the long way, which raises the
+    same `BadUsage` it always did.
+    """
+    get = usage.get
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        inp, out = get("prompt_tokens"), get("completion_tokens")
+        in_d, out_d = get("prompt_tokens_details"), get("completion_tokens_details")
+    elif "input_tokens" in usage or "output_tokens" in usage:
+        inp, out = get("input_tokens"), get("output_tokens")
+        in_d, out_d = get("input_tokens_details"), get("output_tokens_details")
+    else:
+        return None
+    if in_d is None:
+        in_d = get("input_token_details")
+    if "prompt_cache_hit_tokens" in usage:
+        return None
+    cached = in_audio = in_image = cached_audio = reasoning = out_audio = out_image = None
+    if in_d is not None:
+        if type(in_d) is not dict:
+            return None
+        cached, in_audio, in_image = (
+            in_d.get("cached_tokens"),
+            in_d.get("audio_tokens"),
+            in_d.get("image_tokens"),
+        )
+        cached_d = in_d.get("cached_tokens_details")
+        if cached_d is not None:
+            if type(cached_d) is not dict:
+                return None
+            cached_audio = cached_d.get("audio_tokens")
+    if out_d is not None:
+        if type(out_d) is not dict:
+            return None
+        reasoning, out_audio, out_image = (
+            out_d.get("reasoning_tokens"),
+            out_d.get("audio_tokens"),
+            out_d.get("image_tokens"),
+        )
+    for value in (inp, out, cached, reasoning, in_audio, cached_audio, in_image, out_audio, out_image):
+        if value is not None and (type(value) is not int or value < 0 or value > MAX_TOKENS):
+            return None
+    inp, out, cached, reasoning = inp or 0, out or 0, cached or 0, reasoning or 0
+    if cached > inp or reasoning > out:
+        return None
+    in_audio, cached_audio, in_image = in_audio or 0, cached_audio or 0, in_image or 0
+    out_audio, out_image = out_audio or 0, out_image or 0
+    # Usage's fields in order: input, cache read, cache write, 1h cache write, output,
+    # reasoning, web searches, audio input, audio cache read, image input, audio output,
+    # image output (each modality capped at its total, as `_normalize_checked` does).
+    return Usage(
+        inp,
+        cached,
+        0,
+        0,
+        out,
+        reasoning,
+        0,
+        in_audio if in_audio < inp else inp,
+        cached_audio if cached_audio < cached else cached,
+        in_image if in_image < inp else inp,
+        out_audio if out_audio < out else out,
+        out_image if out_image < out else out,
+    )
+
+
+def _normalize_checked(usage: Any) -> Usage:
+    """`normalize_openai_usage` of any shape, each count checked on its own (`count`)."""
     if not isinstance(usage, dict):
         raise BadUsage("usage is not an object")
     if "prompt_tokens" in usage or "completion_tokens" in usage:
