@@ -35,6 +35,7 @@ __all__ = [
     "agent_session",
     "agent_user",
     "api_key",
+    "authorization_key",
     "bounded",
     "fingerprint",
     "is_sigv4",
@@ -95,16 +96,9 @@ def api_key(headers: Mapping[str, str], query_string: str = "") -> str | None:
     """
     auth = headers.get("authorization")
     if auth:
-        scheme, _, token = auth.strip().partition(" ")
-        if scheme.lower() == SIGV4_SCHEME:
-            for part in token.split(","):
-                field, _, credential = part.strip().partition("=")
-                if field == "Credential" and credential.partition("/")[0]:
-                    return "aws-access-key-id:" + credential.partition("/")[0]
-        if scheme.lower() != "bearer":
-            return auth.strip()
-        if token.strip():
-            return token.strip()
+        key = authorization_key(auth)
+        if key is not None:
+            return key
         # "Bearer " alone carries no key: another header may (an SDK given an empty key).
     for name in KEY_HEADERS[1:]:
         value = headers.get(name)
@@ -115,6 +109,19 @@ def api_key(headers: Mapping[str, str], query_string: str = "") -> str | None:
             if name == "key" and value:
                 return value
     return None
+
+
+def authorization_key(auth: str) -> str | None:
+    """The credential an ``Authorization`` value carries (`api_key`); None for ``Bearer`` alone."""
+    scheme, _, token = auth.strip().partition(" ")
+    if scheme.lower() == SIGV4_SCHEME:
+        for part in token.split(","):
+            field, _, credential = part.strip().partition("=")
+            if field == "Credential" and credential.partition("/")[0]:
+                return "aws-access-key-id:" + credential.partition("/")[0]
+    if scheme.lower() != "bearer":
+        return auth.strip()
+    return token.strip() or None
 
 
 def fingerprint(key: str | None, salt: bytes) -> str | None:

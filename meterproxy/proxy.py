@@ -58,11 +58,13 @@ from aiohttp import web
 
 from meterproxy import providers
 from meterproxy.attribution import (
+    AGENT_SESSION_HEADERS,
     ATTRIBUTION_HEADERS,
     READ_HEADERS,
     agent_session,
     agent_user,
     api_key,
+    authorization_key,
     bounded,
     fingerprint,
     parse_tags,
@@ -142,6 +144,7 @@ def _connection_tokens_raw(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 
 #: The names attribution reads, as llhttp hands them over: the only request headers decoded.
 _READ_RAW = frozenset(name.encode("ascii") for name in READ_HEADERS)
+_AGENT_SESSION_HEADERS = frozenset(AGENT_SESSION_HEADERS)
 #: `_DROP_REQUEST` as bytes.
 _DROP_REQUEST_RAW = frozenset(name.encode("ascii") for name in _DROP_REQUEST)
 
@@ -269,8 +272,9 @@ class Proxy:
         # Per-request work that depends only on a few repeating values, memoized (bounded):
         # routes of query-less paths, the provider of an upstream path, a key's fingerprint.
         self._routes: dict[str, Target] = {}
-        self._providers: dict[str, providers.Provider | None] = {}
+        self._providers: dict[str, tuple[providers.Provider | None, str]] = {}
         self._fingerprints: dict[str, str | None] = {}
+        self._auth_fingerprints: dict[str, str | None] = {}
 
     def route(self, raw_path: str, raw_query: str) -> Target:
         """`routing.route` for this proxy's upstreams (raises `RouteError`), memoized by path."""
@@ -282,13 +286,15 @@ class Proxy:
             _remember(self._routes, raw_path, target)
         return target
 
-    def _detect(self, path: str) -> providers.Provider | None:
+    def _detect(self, path: str) -> tuple[providers.Provider | None, str]:
+        """The provider of an upstream path and the endpoint it names (memoized)."""
         try:
             return self._providers[path]
         except KeyError:
             provider = self.providers.detect(path)
-            _remember(self._providers, path, provider)
-            return provider
+            endpoint = provider.endpoint(path) if provider else _unmetered_endpoint(path)
+            _remember(self._providers, path, (provider, endpoint))
+            return provider, endpoint
 
     def _fingerprint(self, key: str | None) -> str | None:
         if key is None:
@@ -299,6 +305,20 @@ class Proxy:
             value = fingerprint(key, self._salt)
             _remember(self._fingerprints, key, value)
             return value
+
+    def _key_fingerprint(self, headers: dict[str, str], raw_query: str) -> str | None:
+        """`fingerprint` of `api_key`; memoized by ``Authorization`` value when that names the key."""
+        auth = headers.get("authorization")
+        if auth:
+            try:
+                return self._auth_fingerprints[auth]
+            except KeyError:
+                key = authorization_key(auth)
+                if key is not None:  # the key is the header's own: nothing else is read
+                    value = self._fingerprint(key)
+                    _remember(self._auth_fingerprints, auth, value)
+                    return value
+        return self._fingerprint(api_key(headers, raw_query))
 
     # -- aiohttp's server ----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -412,9 +432,9 @@ class Proxy:
         body: bytes,
         started: float,
     ) -> Exchange:
-        provider = self._detect(target.path)
+        provider, endpoint = self._detect(target.path)
         info = provider.inspect_request(target.path, body) if provider else RequestInfo()
-        record = self._new_record(method, target, provider, info, first_values, raw_query)
+        record = self._new_record(method, target, provider, info, first_values, raw_query, endpoint)
         record.request_bytes = len(body)
         if self._content_limit and provider is not None:
             # The client's own body, before any injection: what the operator asked to keep.
@@ -431,24 +451,43 @@ class Proxy:
         info: RequestInfo,
         headers: dict[str, str],
         raw_query: str,
+        endpoint: str | None = None,
     ) -> RequestRecord:
-        user, body_session = agent_user(info.user)
-        return RequestRecord(
-            upstream=target.upstream.name,
-            provider=provider.name if provider else _UPSTREAM_FAMILY.get(target.upstream.name, ""),
-            endpoint=provider.endpoint(target.path) if provider else _unmetered_endpoint(target.path),
-            method=method,
-            requested_model=info.model,
-            streamed=info.stream,
-            user=bounded(headers.get("x-meter-user") or user),
-            session=bounded(headers.get("x-meter-session") or agent_session(headers) or body_session),
-            tags=parse_tags(headers.get("x-meter-tags")),
-            key_fingerprint=self._fingerprint(api_key(headers, raw_query)),
-            service_tier=info.service_tier,
-            usage_source="missing" if provider else "none",
-            max_output_tokens=info.max_output_tokens,
-            output_choices=info.choices,
-        )
+        """The record of a request as far as it is known before forwarding.
+
+        ``headers``: the first value of each header attribution reads. Built with the
+        record's defaults and then only what this request sets, attribute by attribute
+        (a keyword per field through the 40-field constructor costs twice as much).
+        """
+        user = body_session = None
+        if info.user:
+            user, body_session = agent_user(info.user)
+        get = headers.get
+        session = get("x-meter-session")
+        if not session and not _AGENT_SESSION_HEADERS.isdisjoint(headers):
+            session = agent_session(headers)
+        record = RequestRecord()
+        record.upstream = name = target.upstream.name
+        record.method = method
+        if provider is not None:
+            record.provider = provider.name
+            record.endpoint = endpoint or provider.endpoint(target.path)
+        else:
+            record.provider = _UPSTREAM_FAMILY.get(name, "")
+            record.endpoint = endpoint or _unmetered_endpoint(target.path)
+            record.usage_source = "none"
+        record.requested_model = info.model
+        record.streamed = info.stream
+        record.user = bounded(get("x-meter-user") or user)
+        record.session = bounded(session or body_session)
+        tags = get("x-meter-tags")
+        if tags:
+            record.tags = parse_tags(tags)
+        record.key_fingerprint = self._key_fingerprint(headers, raw_query)
+        record.service_tier = info.service_tier
+        record.max_output_tokens = info.max_output_tokens
+        record.output_choices = info.choices
+        return record
 
     def refuse(
         self,
@@ -462,8 +501,10 @@ class Proxy:
         gone: bool = False,
     ) -> web.Response:
         """A request we answer ourselves before forwarding (413, 408): recorded, never sent on."""
-        provider = self._detect(target.path)
-        record = self._new_record(method, target, provider, RequestInfo(), _first_values(headers), raw_query)
+        provider, endpoint = self._detect(target.path)
+        record = self._new_record(
+            method, target, provider, RequestInfo(), _first_values(headers), raw_query, endpoint
+        )
         record.status, record.error, record.usage_source = (None if gone else status), message, "none"
         record.client_disconnected = gone
         self.meter.request_finished(record)
