@@ -19,7 +19,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from meterproxy.plausibility import flag_implausible
+from meterproxy.plausibility import MAX_REQUEST_TOKENS, flag_implausible
 from meterproxy.pricing import PriceBook
 from meterproxy.usage import RequestRecord
 
@@ -72,23 +72,46 @@ def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None
     than a price from some other provider's list.
     """
     lists = dict(upstream_prices or {})
+    # Whether the book has the price list a name names (the book does not change): a list it
+    # lacks prices no model, so those records skip the model lookups.
+    listed: dict[str, bool] = {}
 
     def price(record: RequestRecord) -> None:
         record.cost_usd = None
         record.priced_model = None
         record.cost_source = None
         # "partial": a stream cut before its final usage; priced as the lower bound it is.
-        if record.usage is None or record.usage_source not in ("reported", "partial"):
+        usage = record.usage
+        if usage is None or record.usage_source not in ("reported", "partial"):
             return
-        if flag_implausible(record):
+        if (
+            usage.input_tokens + usage.output_tokens > MAX_REQUEST_TOKENS
+            or usage.cache_read_tokens > MAX_REQUEST_TOKENS
+            or usage.cache_write_tokens > MAX_REQUEST_TOKENS
+            or usage.reasoning_tokens > MAX_REQUEST_TOKENS
+        ) and flag_implausible(record):  # only a count past the bound can be implausible
             return
         plist = price_list_of(record, lists)
-        for model in dict.fromkeys(m for m in (record.model, record.requested_model) if m):
-            if plist is None:
+        if plist is not None:
+            known = listed.get(plist)
+            if known is None:
+                if len(listed) >= 1024:
+                    listed.clear()
+                known = listed[plist] = book.price_list(plist) is not None
+            if not known:
+                plist = None
+        # The answered model first, then the requested one (if another).
+        model, requested = record.model, record.requested_model
+        if not model:
+            model, requested = requested, None
+        elif requested == model:
+            requested = None
+        for name in (model, requested):
+            if plist is None or not name:
                 break
             result = book.price(
-                model=model,
-                usage=record.usage,
+                model=name,
+                usage=usage,
                 at=record.ts,
                 provider=plist,
                 service_tier=record.service_tier,

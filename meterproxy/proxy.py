@@ -101,9 +101,17 @@ _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", *ATTRIBUTION_H
 #: Methods that only probe a server (Claude Code sends ``HEAD`` to its base URL at start-up):
 #: on a path no provider meters they are forwarded but not recorded, being no LLM usage.
 _PROBE_METHODS = frozenset({"HEAD", "OPTIONS"})
-#: Where the provider puts its own id for a request (Anthropic, then OpenAI and its copies).
-_REQUEST_ID_HEADERS = ("request-id", "x-request-id")
-_REQUEST_ID_HEADERS_BYTES = tuple(name.encode("ascii") for name in _REQUEST_ID_HEADERS)
+#: The answer headers `Proxy._answer_headers` reads or drops, by kind (one lookup per header).
+_CONTENT_TYPE, _CONTENT_ENCODING, _REQUEST_ID, _X_REQUEST_ID, _CONNECTION, _HOP_BY_HOP = range(6)
+_ANSWER_HEADER_KINDS = {
+    **dict.fromkeys(HOP_BY_HOP_BYTES, _HOP_BY_HOP),
+    b"content-type": _CONTENT_TYPE,
+    b"content-encoding": _CONTENT_ENCODING,
+    # Where the provider puts its own id for a request (Anthropic, then OpenAI and its copies).
+    b"request-id": _REQUEST_ID,
+    b"x-request-id": _X_REQUEST_ID,
+    b"connection": _CONNECTION,
+}
 
 
 #: The built-in upstreams' wire family: the provider of their rows that no parser meters
@@ -635,14 +643,13 @@ class Proxy:
         try:
             headers = self._answer_headers(exchange)
             client.start_now(upstream.status, upstream.raw_reason, headers)
-            record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
             chunk = upstream.take()
             tap = exchange.tap
-            if chunk:
-                out = tap.feed(chunk) if tap is not None else chunk
-                if out:
-                    record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
-                    client.write_now(out)
+            out = tap.feed(chunk) if chunk and tap is not None else chunk
+            # As `_relay`: the first byte of body, else the head, is the first byte.
+            record.ttfb_ms = (time.perf_counter() - exchange.started) * 1000
+            if out:
+                client.write_now(out)
             if tap is not None:
                 tail = tap.finish()
                 if tail:
@@ -754,26 +761,30 @@ class Proxy:
         except ConnectionResetError:
             pass
 
-    def _open_tap(self, exchange: Exchange, content_type: str, content_encoding: str | None) -> None:
+    def _open_tap(self, exchange: Exchange, content_type: bytes, content_encoding: str | None) -> None:
         """Answer headers are in: a tap to read usage from the body, if a provider speaks here."""
         upstream, record, provider = exchange.upstream, exchange.record, exchange.provider
         assert upstream is not None
         record.status = upstream.status
         if provider is None:
             return
-        sse = "text/event-stream" in content_type.lower()
+        sse = b"text/event-stream" in content_type.lower()
         parser = provider.new_parser(exchange.target.url.path or "", exchange.info, record.usage_injected)
         on_headers = getattr(parser, "on_headers", None)
         if on_headers is not None:  # usage in the answer's head (Bedrock's token-count headers)
             on_headers(upstream.headers)
+        capture_limit = self._estimate_limit
+        if record.content is not None and self._content_limit > capture_limit:
+            capture_limit = self._content_limit
         exchange.tap = ResponseTap(
             parser,
             sse=sse,
             rewrite=record.usage_injected,
             content_encoding=content_encoding,
-            capture_limit=max(self._content_limit if record.content is not None else 0, self._estimate_limit),
+            capture_limit=capture_limit,
         )
-        record.streamed = record.streamed or sse
+        if sse:
+            record.streamed = True
 
     def _answer_headers(self, exchange: Exchange) -> list[tuple[bytes, bytes]]:
         """Open the tap; the upstream's headers minus hop-by-hop ones (and a length the tap voids).
@@ -784,29 +795,33 @@ class Proxy:
         assert exchange.upstream is not None
         headers = exchange.upstream.raw_headers
         content_type, content_encoding, connection = b"", None, b""
-        request_ids: dict[bytes, bytes] = {}
+        request_id = x_request_id = b""  # the provider's own id: Anthropic's, else OpenAI's
         drops = False
+        kinds = _ANSWER_HEADER_KINDS
         for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-type":
+            kind = kinds.get(name.lower())
+            if kind is None:  # most headers: relayed, nothing to read
+                continue
+            if kind == _CONTENT_TYPE:
                 if not content_type:
                     content_type = value
-            elif lower == b"content-encoding":
+            elif kind == _CONTENT_ENCODING:
                 if content_encoding is None:
                     content_encoding = header_text(value)
-            elif lower in _REQUEST_ID_HEADERS_BYTES:
-                if value:
-                    request_ids.setdefault(lower, value)
-            elif lower == b"connection":
+            elif kind == _REQUEST_ID:
+                if not request_id:
+                    request_id = value
+            elif kind == _X_REQUEST_ID:
+                if not x_request_id:
+                    x_request_id = value
+            elif kind == _CONNECTION:
                 connection += b"," + value
                 drops = True
-            elif lower in HOP_BY_HOP_BYTES:
+            else:  # another hop-by-hop header
                 drops = True
-        for id_name in _REQUEST_ID_HEADERS_BYTES:
-            if id_name in request_ids:
-                exchange.record.provider_request_id = header_text(request_ids[id_name])[:200]
-                break
-        self._open_tap(exchange, header_text(content_type), content_encoding)
+        if request_id or x_request_id:
+            exchange.record.provider_request_id = header_text(request_id or x_request_id)[:200]
+        self._open_tap(exchange, content_type, content_encoding)
         drop = HOP_BY_HOP_BYTES
         if connection:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
@@ -912,13 +927,14 @@ class Proxy:
 
     def _finish(self, exchange: Exchange) -> None:
         record = exchange.record
-        secrets: tuple[str, ...] = ()
         if record.error or record.extra or record.content is not None:
             # The credential headers go upstream unchanged, so they are still in the exchange.
             raw = exchange.raw_headers
             headers = exchange.headers if raw is None else _text_headers(raw)
-            secrets = carried(headers, exchange.target.url.raw_query_string)
-        self._finish_record(record, secrets)
+            self._finish_record(record, carried(headers, exchange.target.url.raw_query_string))
+        elif record.method not in _PROBE_METHODS or record.endpoint not in _UNMETERED_ENDPOINTS:
+            # `_finish_record` with nothing to scrub (no error, no notes, no content).
+            self.meter.request_finished(record)
 
     def _finish_record(self, record: RequestRecord, secrets: tuple[str, ...] = ()) -> None:
         if record.method in _PROBE_METHODS and record.endpoint in _UNMETERED_ENDPOINTS:
@@ -950,7 +966,7 @@ class Proxy:
         assert tap is not None
         exchange.tap = None
         result = tap.result()
-        captured = tap.captured
+        captured = tap.captured if self._content_limit or self._estimate_limit else None
         if captured is not None and record.content is not None:
             record.content.response = captured[: self._content_limit]
             record.content.truncated = (

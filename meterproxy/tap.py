@@ -135,10 +135,12 @@ class ResponseTap:
         "_capture_limit",
         "_decoder",
         "_decomp",
+        "_first",
         "_head",
         "_notes",
         "_on_chunk",
         "_parser",
+        "_plain",
         "_quiet",
         "_rewrite",
         "_size",
@@ -185,6 +187,12 @@ class ResponseTap:
         self._body = bytearray()
         self._head = b""
         self._size = 0
+        #: A JSON answer's first piece, kept as it came while it is the only one (most
+        #: answers are): parsed at the end without a copy into ``_body`` and out again.
+        self._first = b""
+        #: A JSON answer read only at its end: `feed` just keeps its bytes.
+        self._plain = not sse and self._decomp is None and not self._broken and self._capture is None
+        self._plain = self._plain and self._on_chunk is None
 
     @property
     def rewriting(self) -> bool:
@@ -195,6 +203,9 @@ class ResponseTap:
         self._notes.append(why)
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._plain:  # nothing here can raise: no try needed
+            self._collect(chunk)
+            return chunk
         if self._rewrite:
             return self._feed_rewrite(chunk)
         if not self._broken:
@@ -278,6 +289,13 @@ class ResponseTap:
             out.append(self._decoder.dropped_raw)
 
     def _collect(self, data: bytes) -> None:
+        if not self._size and len(data) <= MAX_JSON_BYTES:
+            self._first = data
+            self._size = len(data)
+            return
+        if self._first:
+            self._body += self._first
+            self._first = b""
         self._size += len(data)
         self._body += data
         if self._size > MAX_JSON_BYTES:
@@ -323,7 +341,12 @@ class ResponseTap:
         elif not self._broken:
             try:
                 truncated = self._size > MAX_JSON_BYTES
-                body = self._head + b"\n" + bytes(self._body) if truncated else bytes(self._body)
+                if self._first:
+                    body = self._first
+                elif truncated:
+                    body = self._head + b"\n" + bytes(self._body)
+                else:
+                    body = bytes(self._body)
                 self._parser.on_body(body, truncated)
             except Exception as exc:
                 self._fail(f"tap error: {exc}")
@@ -331,7 +354,8 @@ class ResponseTap:
 
     def result(self) -> ParseResult:
         result = self._parser.result()
-        result.notes.extend(self._notes)
+        if self._notes:
+            result.notes.extend(self._notes)
         if self._bomb:
             # Whatever was read before the bound came from an answer we refused to inflate.
             result.usage, result.usage_source = None, "invalid"

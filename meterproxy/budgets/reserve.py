@@ -310,6 +310,8 @@ class ReservationLedger:
 
     def finished(self, record: RequestRecord) -> None:
         """The meter's sink: the request is over; its reservation lasts until its record commits."""
+        if not self._in_flight:  # none held (no reserve budget): reservations are made on this thread
+            return
         with self._lock:
             self._in_flight.pop(record.id, None)
 

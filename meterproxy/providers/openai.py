@@ -47,7 +47,6 @@ from meterproxy.providers.base import (
     count,
     error_text,
     find_json_value,
-    int_or_none,
     loads,
     to_decimal,
 )
@@ -74,6 +73,8 @@ _FINAL_EVENTS = (
     b'"image_generation.completed"',
     b'"image_edit.completed"',
 )
+#: `OpenAIProvider.endpoint` of each path seen (bounded).
+_ENDPOINTS: dict[str, str] = {}
 _FORM_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*;\s*name="([^"]*)"')
 _FORM_FIELDS = (b"model", b"stream", b"user")
 
@@ -465,13 +466,47 @@ class OpenAIProvider:
         return any(path.endswith(suffix) for suffix in _SUFFIXES)
 
     def endpoint(self, path: str) -> str:
-        for suffix, name in _SUFFIXES.items():
+        try:
+            return _ENDPOINTS[path]
+        except KeyError:
+            pass
+        name = "other"
+        for suffix, endpoint in _SUFFIXES.items():
             if path.endswith(suffix):
-                return name
-        return "other"
+                name = endpoint
+                break
+        if len(_ENDPOINTS) >= 1024:  # paths in use are few: bounded all the same
+            _ENDPOINTS.clear()
+        _ENDPOINTS[path] = name
+        return name
 
     def inspect_request(self, path: str, body: bytes) -> RequestInfo:
-        obj = loads(body) if body else None
+        try:
+            obj = orjson.loads(body) if body else None
+        except (orjson.JSONDecodeError, TypeError):
+            obj = None
+        if type(obj) is dict:
+            # Each read as `_str` / `int_or_none` would (JSON gives exact str, int, bool).
+            get = obj.get
+            model, user, tier = get("model"), get("user"), get("service_tier")
+            if type(user) is not str or not user:
+                user = get("safety_identifier")
+            limit = None
+            for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+                value = get(name)
+                if type(value) is int and value >= 0:
+                    limit = value
+                    break
+            n, best_of = get("n"), get("best_of")
+            return RequestInfo(
+                model if type(model) is str else None,
+                get("stream") is True,
+                user if type(user) is str else None,
+                tier if type(tier) is str else None,
+                obj,
+                limit,
+                1 if n is None and best_of is None else choices_asked(n, best_of),
+            )
         info = RequestInfo(body=obj)
         if obj is None and body.startswith(b"--"):
             # multipart/form-data (image edits, transcriptions): model and stream are fields.
@@ -479,17 +514,6 @@ class OpenAIProvider:
             info.model = fields.get(b"model", b"").decode("utf-8", "replace") or None
             info.stream = fields.get(b"stream", b"").strip().lower() == b"true"
             info.user = fields.get(b"user", b"").decode("utf-8", "replace") or None
-            return info
-        if isinstance(obj, dict):
-            info.model = _str(obj.get("model"))
-            info.stream = obj.get("stream") is True
-            info.user = _str(obj.get("user")) or _str(obj.get("safety_identifier"))
-            info.service_tier = _str(obj.get("service_tier"))
-            for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-                if (limit := int_or_none(obj.get(name))) is not None:
-                    info.max_output_tokens = limit
-                    break
-            info.choices = choices_asked(obj.get("n"), obj.get("best_of"))
         return info
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
