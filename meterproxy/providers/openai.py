@@ -73,8 +73,6 @@ _FINAL_EVENTS = (
     b'"image_generation.completed"',
     b'"image_edit.completed"',
 )
-#: `OpenAIProvider.endpoint` of each path seen (bounded).
-_ENDPOINTS: dict[str, str] = {}
 _FORM_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*;\s*name="([^"]*)"')
 _FORM_FIELDS = (b"model", b"stream", b"user")
 
@@ -466,19 +464,10 @@ class OpenAIProvider:
         return any(path.endswith(suffix) for suffix in _SUFFIXES)
 
     def endpoint(self, path: str) -> str:
-        try:
-            return _ENDPOINTS[path]
-        except KeyError:
-            pass
-        name = "other"
-        for suffix, endpoint in _SUFFIXES.items():
+        for suffix, name in _SUFFIXES.items():
             if path.endswith(suffix):
-                name = endpoint
-                break
-        if len(_ENDPOINTS) >= 1024:  # paths in use are few: bounded all the same
-            _ENDPOINTS.clear()
-        _ENDPOINTS[path] = name
-        return name
+                return name
+        return "other"
 
     def inspect_request(self, path: str, body: bytes) -> RequestInfo:
         try:
