@@ -19,7 +19,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from meterproxy.plausibility import MAX_REQUEST_TOKENS, flag_implausible
+from meterproxy.plausibility import flag_implausible, past_bound
 from meterproxy.pricing import PriceBook
 from meterproxy.usage import RequestRecord
 
@@ -84,12 +84,7 @@ def price_record_with(book: PriceBook, upstream_prices: Mapping[str, str] | None
         usage = record.usage
         if usage is None or record.usage_source not in ("reported", "partial"):
             return
-        if (
-            usage.input_tokens + usage.output_tokens > MAX_REQUEST_TOKENS
-            or usage.cache_read_tokens > MAX_REQUEST_TOKENS
-            or usage.cache_write_tokens > MAX_REQUEST_TOKENS
-            or usage.reasoning_tokens > MAX_REQUEST_TOKENS
-        ) and flag_implausible(record):  # only a count past the bound can be implausible
+        if past_bound(usage) and flag_implausible(record):  # its rule, without the calls first
             return
         plist = price_list_of(record, lists)
         if plist is not None:

@@ -20,17 +20,28 @@ from __future__ import annotations
 
 from meterproxy.usage import RequestRecord, Usage
 
-__all__ = ["MAX_REQUEST_TOKENS", "flag_implausible", "implausible"]
+__all__ = ["MAX_REQUEST_TOKENS", "flag_implausible", "implausible", "past_bound"]
 
 #: Most tokens (input plus output) one request can use: twice the largest context window offered.
 MAX_REQUEST_TOKENS = 20_000_000
 
 
+def past_bound(usage: Usage) -> bool:
+    """True if a count of ``usage`` is past what one request can use (`implausible` says why).
+
+    Plain comparisons: the meter asks this of every priced request before anything else here.
+    """
+    return (
+        usage.input_tokens + usage.output_tokens > MAX_REQUEST_TOKENS
+        or usage.cache_read_tokens > MAX_REQUEST_TOKENS
+        or usage.cache_write_tokens > MAX_REQUEST_TOKENS
+        or usage.reasoning_tokens > MAX_REQUEST_TOKENS
+    )
+
+
 def implausible(usage: Usage) -> str | None:
     """Why ``usage`` cannot be one request's, or None if it can."""
-    total = usage.input_tokens + usage.output_tokens
-    parts = (usage.cache_read_tokens, usage.cache_write_tokens, usage.reasoning_tokens)
-    if total > MAX_REQUEST_TOKENS or max(parts) > MAX_REQUEST_TOKENS:
+    if past_bound(usage):
         return (
             f"implausible usage: {usage.input_tokens} input + {usage.output_tokens} output tokens "
             f"exceed any model's context window (bound {MAX_REQUEST_TOKENS}); not counted or priced"

@@ -191,8 +191,13 @@ class ResponseTap:
         #: answers are): parsed at the end without a copy into ``_body`` and out again.
         self._first = b""
         #: A JSON answer read only at its end: `feed` just keeps its bytes.
-        self._plain = not sse and self._decomp is None and not self._broken and self._capture is None
-        self._plain = self._plain and self._on_chunk is None
+        self._plain = (
+            not sse
+            and self._decomp is None
+            and not self._broken
+            and self._capture is None
+            and self._on_chunk is None
+        )
 
     @property
     def rewriting(self) -> bool:
