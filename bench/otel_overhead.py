@@ -5,8 +5,16 @@ thread of this process), and ``meterproxy serve`` (core 1) alternately without a
 ``OTEL_EXPORTER_OTLP_ENDPOINT``; each round measures direct and proxied latency at concurrency 1
 (JSON, then 20-event SSE) with ``bench/loadgen.py``, and the CPU the proxy and its exporter child
 used per proxied request (from /proc: unlike a p99, hardly moved by other load on the machine).
-Rounds alternate off/on so that drift in the machine's load hits both alike. Prints one JSON line
-per cell and a summary; writes ``bench/results/otel-latest.json``.
+Rounds alternate off/on, and the order within a round alternates too (off-on, on-off), so that
+drift in the machine's load hits both alike. Prints one JSON line per cell and a summary; writes
+``bench/results/otel-latest.json``.
+
+The verdict is the pooled figure: every round's latency samples together (``loadgen.py
+--samples``), added latency = proxied percentile minus direct percentile, and its growth with
+export on, with a 90% bootstrap interval over rounds. A median of per-round p99s rests on ~1% of
+one 5 s cell each, and on this shared VM single cells' p99s moved several times the 5% asked;
+the pooled p99 of ten rounds rests on hundreds of tail samples per mode, and the interval says
+how much of it a few noisy rounds could make.
 
     python bench/otel_overhead.py [--rounds 3] [--duration 5] [--port-base N]
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -25,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +96,9 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def load(port: int, path: str, stream: bool, duration: float) -> dict[str, Any]:
+def load(port: int, path: str, stream: bool, duration: float, samples: str) -> dict[str, Any]:
     cmd = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port), "--path", path]
-    cmd += ["--concurrency", "1", "--duration", str(duration)]
+    cmd += ["--concurrency", "1", "--duration", str(duration), "--samples", samples]
     if stream:
         cmd += ["--stream", "--chunks", "20"]
     out = subprocess.run(
@@ -97,10 +107,45 @@ def load(port: int, path: str, stream: bool, duration: float) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
+def read_samples(path: str) -> array[float]:
+    values = array("d")
+    with open(path, "rb") as f:
+        values.frombytes(f.read())
+    return values
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of values already sorted."""
+    return sorted_values[min(len(sorted_values) - 1, int(q / 100 * len(sorted_values)))]
+
+
+def pooled_growth(rounds: list[dict[str, array[float]]], q: float) -> tuple[float, float, float]:
+    """Added latency at percentile q, export off and on, from every round's samples pooled.
+
+    Added = proxied percentile - direct percentile, with direct pooled over both modes (it does
+    not depend on them). Pooling 5 s rounds gives a p99 that rests on hundreds of tail samples
+    instead of the median of five p99s that rest on ~30 each.
+    """
+    direct = sorted(x for r in rounds for key in ("direct_off", "direct_on") for x in r[key])
+    d = pct(direct, q)
+    off = pct(sorted(x for r in rounds for x in r["off"]), q) - d
+    on = pct(sorted(x for r in rounds for x in r["on"]), q) - d
+    return off, on, (on - off) / off if off else float("nan")
+
+
+def bootstrap(rounds: list[dict[str, array[float]]], q: float, draws: int, seed: int) -> tuple[float, float]:
+    """5th and 95th percentile of the growth when the rounds are resampled with replacement:
+    how much of the pooled figure is which rounds happened to be noisy."""
+    rng = random.Random(seed)
+    growths = sorted(pooled_growth([rng.choice(rounds) for _ in rounds], q)[2] for _ in range(draws))
+    return growths[int(0.05 * draws)], growths[int(0.95 * draws) - 1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--bootstrap", type=int, default=200, help="resamples for the growth's interval")
     ap.add_argument(
         "--receiver-idle",
         action="store_true",
@@ -130,9 +175,16 @@ def main() -> None:
     upstream = spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], "0")
     wait_port(up_port)
     cells: list[dict[str, Any]] = []
+    sample_dir = tempfile.mkdtemp(prefix="bench-otel-samples-")
+    # raw[scenario][round] = {"off": ..., "on": ..., "direct_off": ..., "direct_on": ...}
+    raw: dict[str, list[dict[str, array[float]]]] = {"json": [], "sse20": []}
     try:
         for round_ in range(args.rounds):
-            for mode in ("off", "on"):
+            for scenario in raw:
+                raw[scenario].append({})
+            # Off first in even rounds, on first in odd ones: a drift in the machine's load
+            # within a round then favours neither mode.
+            for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                 port = port_for()
                 db = os.path.join(tempfile.mkdtemp(prefix="bench-otel-"), "bench.db")
                 cmd = [sys.executable, "-m", "meterproxy", "serve", "--port", str(port), "--db", db]
@@ -142,11 +194,18 @@ def main() -> None:
                 try:
                     wait_port(port)
                     for scenario, stream in (("json", False), ("sse20", True)):
-                        direct = load(up_port, "/v1/chat/completions", stream, args.duration)
+                        base = os.path.join(sample_dir, f"{round_}-{mode}-{scenario}")
+                        direct = load(
+                            up_port, "/v1/chat/completions", stream, args.duration, base + "-direct"
+                        )
                         # CPU per request: unlike latency percentiles, barely moved by other load.
                         helpers = children(proxy.pid)
                         before = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
-                        through = load(port, "/bench/v1/chat/completions", stream, args.duration)
+                        through = load(
+                            port, "/bench/v1/chat/completions", stream, args.duration, base + "-through"
+                        )
+                        raw[scenario][round_][mode] = read_samples(base + "-through")
+                        raw[scenario][round_][f"direct_{mode}"] = read_samples(base + "-direct")
                         after = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
                         n = max(through["requests"], 1)
                         cell = {
@@ -186,6 +245,19 @@ def main() -> None:
                 summary[f"{scenario}_{mode}_{what}_cpu_us_per_request"] = statistics.median(
                     c[f"{what}_cpu_us_per_request"] for c in picked
                 )
+    # The verdict's figures: every round's samples pooled, with a bootstrap interval over rounds.
+    for scenario, rounds in raw.items():
+        for q in (50, 99):
+            off, on, growth = pooled_growth(rounds, q)
+            low, high = bootstrap(rounds, q, args.bootstrap, seed=q)
+            summary[f"{scenario}_pooled_added_p{q}_ms"] = {
+                "off": round(off, 4),
+                "on": round(on, 4),
+                "growth": round(growth, 4),
+                "growth_90pct_interval": [round(low, 4), round(high, 4)],
+                "samples_off": sum(len(r["off"]) for r in rounds),
+                "samples_on": sum(len(r["on"]) for r in rounds),
+            }
     print(json.dumps(summary, indent=2))
     out = BENCH / "results" / "otel-latest.json"
     out.write_text(json.dumps({"cells": cells, "summary": summary}, indent=2) + "\n")
