@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from array import array
+from bisect import bisect_right
 from pathlib import Path
 from typing import Any
 
@@ -107,38 +108,98 @@ def load(port: int, path: str, stream: bool, duration: float, samples: str) -> d
     return dict(json.loads(out.stdout))
 
 
-def read_samples(path: str) -> array[float]:
+def read_samples(path: str) -> list[float]:
     values = array("d")
     with open(path, "rb") as f:
         values.frombytes(f.read())
-    return values
+    return sorted(values)
 
 
-def pct(sorted_values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of values already sorted."""
-    return sorted_values[min(len(sorted_values) - 1, int(q / 100 * len(sorted_values)))]
+def pooled_pct(runs: list[list[float]], q: float) -> float:
+    """The q-th percentile (nearest rank) of several sorted sample lists taken together.
+
+    Found by bisecting on the value (a count of samples at or below it is one `bisect_right`
+    per list), so that a bootstrap's thousands of pools never sort or copy a sample.
+    """
+    n = sum(map(len, runs))
+    need = min(n - 1, int(q / 100 * n)) + 1
+    lo, hi = min(r[0] for r in runs), max(r[-1] for r in runs)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(bisect_right(r, mid) for r in runs) >= need:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
-def pooled_growth(rounds: list[dict[str, array[float]]], q: float) -> tuple[float, float, float]:
+Round = dict[str, list[float]]
+
+
+def pooled_growth(rounds: list[Round], q: float) -> tuple[float, float, float]:
     """Added latency at percentile q, export off and on, from every round's samples pooled.
 
     Added = proxied percentile - direct percentile, with direct pooled over both modes (it does
     not depend on them). Pooling 5 s rounds gives a p99 that rests on hundreds of tail samples
     instead of the median of five p99s that rest on ~30 each.
     """
-    direct = sorted(x for r in rounds for key in ("direct_off", "direct_on") for x in r[key])
-    d = pct(direct, q)
-    off = pct(sorted(x for r in rounds for x in r["off"]), q) - d
-    on = pct(sorted(x for r in rounds for x in r["on"]), q) - d
+    d = pooled_pct([r[k] for r in rounds for k in ("direct_off", "direct_on")], q)
+    off = pooled_pct([r["off"] for r in rounds], q) - d
+    on = pooled_pct([r["on"] for r in rounds], q) - d
     return off, on, (on - off) / off if off else float("nan")
 
 
-def bootstrap(rounds: list[dict[str, array[float]]], q: float, draws: int, seed: int) -> tuple[float, float]:
+def bootstrap(rounds: list[Round], q: float, draws: int, seed: int) -> tuple[float, float]:
     """5th and 95th percentile of the growth when the rounds are resampled with replacement:
     how much of the pooled figure is which rounds happened to be noisy."""
     rng = random.Random(seed)
     growths = sorted(pooled_growth([rng.choice(rounds) for _ in rounds], q)[2] for _ in range(draws))
     return growths[int(0.05 * draws)], growths[int(0.95 * draws) - 1]
+
+
+def load_rounds(sample_dir: str) -> dict[str, list[Round]]:
+    """raw[scenario][round] = sorted samples of {"off", "on", "direct_off", "direct_on"}."""
+    raw: dict[str, list[Round]] = {}
+    for name in sorted(os.listdir(sample_dir)):
+        parts = name.split("-")
+        if len(parts) != 4:
+            continue
+        round_, mode, scenario, target = int(parts[0]), parts[1], parts[2], parts[3]
+        rounds = raw.setdefault(scenario, [])
+        while len(rounds) <= round_:
+            rounds.append({})
+        key = mode if target == "through" else f"direct_{mode}"
+        rounds[round_][key] = read_samples(os.path.join(sample_dir, name))
+    return raw
+
+
+def summarize(cells: list[dict[str, Any]], raw: dict[str, list[Round]], draws: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for scenario in ("json", "sse20"):
+        for mode in ("off", "on"):
+            picked = [c for c in cells if c["scenario"] == scenario and c["otel"] == mode]
+            if not picked:
+                continue
+            summary[f"{scenario}_{mode}_added_p50_ms"] = statistics.median(c["added_p50_ms"] for c in picked)
+            summary[f"{scenario}_{mode}_added_p99_ms"] = statistics.median(c["added_p99_ms"] for c in picked)
+            for what in ("proxy", "exporter"):
+                summary[f"{scenario}_{mode}_{what}_cpu_us_per_request"] = statistics.median(
+                    c[f"{what}_cpu_us_per_request"] for c in picked
+                )
+    # The verdict's figures: every round's samples pooled, with a bootstrap interval over rounds.
+    for scenario, rounds in raw.items():
+        for q in (50, 99):
+            off, on, growth = pooled_growth(rounds, q)
+            low, high = bootstrap(rounds, q, draws, seed=q)
+            summary[f"{scenario}_pooled_added_p{q}_ms"] = {
+                "off": round(off, 4),
+                "on": round(on, 4),
+                "growth": round(growth, 4),
+                "growth_90pct_interval": [round(low, 4), round(high, 4)],
+                "samples_off": sum(len(r["off"]) for r in rounds),
+                "samples_on": sum(len(r["on"]) for r in rounds),
+            }
+    return summary
 
 
 def main() -> None:
@@ -159,7 +220,26 @@ def main() -> None:
         help="take ports from here up (receiver, upstream, then one per proxy start) instead of "
         "free ones the kernel picks: for a machine where each user has a port range",
     )
+    ap.add_argument(
+        "--on-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="more environment for the proxy with export on, to take the exporter apart "
+        "(OTEL_TRACES_EXPORTER=none and OTEL_METRICS_EXPORTER=none leave the proxy's side and a "
+        "child that only reads the pipe)",
+    )
+    ap.add_argument(
+        "--analyse",
+        metavar="DIR",
+        help="no run: the summary again from a finished run's sample directory (its cells.jsonl)",
+    )
     args = ap.parse_args()
+    if args.analyse:
+        with open(os.path.join(args.analyse, "cells.jsonl")) as f:
+            old_cells = [json.loads(line) for line in f]
+        print(json.dumps(summarize(old_cells, load_rounds(args.analyse), args.bootstrap), indent=2))
+        return
     ports = iter(range(args.port_base, args.port_base + 1000)) if args.port_base else None
 
     def port_for() -> int:
@@ -170,18 +250,16 @@ def main() -> None:
     otel_env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+        **dict(item.split("=", 1) for item in args.on_env),
     }
     up_port = port_for()
     upstream = spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], "0")
     wait_port(up_port)
     cells: list[dict[str, Any]] = []
+    # Kept after the run (its path is printed): `--analyse DIR` summarizes it again.
     sample_dir = tempfile.mkdtemp(prefix="bench-otel-samples-")
-    # raw[scenario][round] = {"off": ..., "on": ..., "direct_off": ..., "direct_on": ...}
-    raw: dict[str, list[dict[str, array[float]]]] = {"json": [], "sse20": []}
     try:
         for round_ in range(args.rounds):
-            for scenario in raw:
-                raw[scenario].append({})
             # Off first in even rounds, on first in odd ones: a drift in the machine's load
             # within a round then favours neither mode.
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
@@ -204,8 +282,6 @@ def main() -> None:
                         through = load(
                             port, "/bench/v1/chat/completions", stream, args.duration, base + "-through"
                         )
-                        raw[scenario][round_][mode] = read_samples(base + "-through")
-                        raw[scenario][round_][f"direct_{mode}"] = read_samples(base + "-direct")
                         after = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
                         n = max(through["requests"], 1)
                         cell = {
@@ -225,6 +301,8 @@ def main() -> None:
                         }
                         print(json.dumps(cell), flush=True)
                         cells.append(cell)
+                        with open(os.path.join(sample_dir, "cells.jsonl"), "a") as f:
+                            f.write(json.dumps(cell) + "\n")
                 finally:
                     stop(proxy)
     finally:
@@ -235,29 +313,9 @@ def main() -> None:
         "otlp_posts_received": receiver.posts,
         "receiver_idle": args.receiver_idle,
         "load_average": os.getloadavg(),
+        "samples": sample_dir,
+        **summarize(cells, load_rounds(sample_dir), args.bootstrap),
     }
-    for scenario in ("json", "sse20"):
-        for mode in ("off", "on"):
-            picked = [c for c in cells if c["scenario"] == scenario and c["otel"] == mode]
-            summary[f"{scenario}_{mode}_added_p50_ms"] = statistics.median(c["added_p50_ms"] for c in picked)
-            summary[f"{scenario}_{mode}_added_p99_ms"] = statistics.median(c["added_p99_ms"] for c in picked)
-            for what in ("proxy", "exporter"):
-                summary[f"{scenario}_{mode}_{what}_cpu_us_per_request"] = statistics.median(
-                    c[f"{what}_cpu_us_per_request"] for c in picked
-                )
-    # The verdict's figures: every round's samples pooled, with a bootstrap interval over rounds.
-    for scenario, rounds in raw.items():
-        for q in (50, 99):
-            off, on, growth = pooled_growth(rounds, q)
-            low, high = bootstrap(rounds, q, args.bootstrap, seed=q)
-            summary[f"{scenario}_pooled_added_p{q}_ms"] = {
-                "off": round(off, 4),
-                "on": round(on, 4),
-                "growth": round(growth, 4),
-                "growth_90pct_interval": [round(low, 4), round(high, 4)],
-                "samples_off": sum(len(r["off"]) for r in rounds),
-                "samples_on": sum(len(r["on"]) for r in rounds),
-            }
     print(json.dumps(summary, indent=2))
     out = BENCH / "results" / "otel-latest.json"
     out.write_text(json.dumps({"cells": cells, "summary": summary}, indent=2) + "\n")

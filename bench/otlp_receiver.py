@@ -31,6 +31,10 @@ class OtlpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as collectors answer: HTTP/1.0 closed every connection, so every POST
+            # paid a connect and a handler thread on both sides, work no real receiver asks for.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 n = 0
