@@ -82,7 +82,7 @@ from meterproxy.providers.batches import result_id
 from meterproxy.routing import RouteError, Target, Upstream, route
 from meterproxy.tap import ResponseTap, decodable_encodings
 from meterproxy.upstream import Sent, UpstreamBroken, UpstreamClient, UpstreamError
-from meterproxy.usage import CapturedContent, EstimateSource, RequestRecord
+from meterproxy.usage import CapturedContent, EstimateSource, RequestIds, RequestRecord
 from meterproxy.websocket import is_upgrade
 from meterproxy.wsproxy import LiveSessions
 
@@ -283,6 +283,8 @@ class Proxy:
         self._providers: dict[str, tuple[providers.Provider | None, str]] = {}
         self._fingerprints: dict[str, str | None] = {}
         self._auth_fingerprints: dict[str, str | None] = {}
+        #: The records' ids: a third of `new_request_id`'s instructions (`RequestIds`).
+        self._ids = RequestIds()
 
     def route(self, raw_path: str, raw_query: str) -> Target:
         """`routing.route` for this proxy's upstreams (raises `RouteError`), memoized by path."""
@@ -474,7 +476,7 @@ class Proxy:
         session = get("x-meter-session")
         if not session and not _AGENT_SESSION_HEADERS.isdisjoint(headers):
             session = agent_session(headers)
-        record = RequestRecord()
+        record = RequestRecord(id=self._ids())  # an id given: the default factory is not called
         record.upstream = name = target.upstream.name
         record.method = method
         if provider is not None:
