@@ -144,12 +144,6 @@ def _filter_accept_encoding(value: str) -> str:
     return ", ".join(p.strip() for p in kept) or "identity"
 
 
-def _connection_tokens_raw(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    """`_connection_tokens` of llhttp's bytes."""
-    values = [value for name, value in headers if name.lower() == b"connection"]
-    return {t.strip().lower() for value in values for t in value.split(b",")}
-
-
 #: The names attribution reads, as llhttp hands them over: the only request headers decoded.
 _READ_RAW = frozenset(name.encode("ascii") for name in READ_HEADERS)
 _AGENT_SESSION_HEADERS = frozenset(AGENT_SESSION_HEADERS)
@@ -700,15 +694,32 @@ class Proxy:
         Each line is rebuilt from a name and value llhttp accepted (no CR, LF or NUL in
         either, no space before the colon), so nothing can be smuggled into the head.
         """
-        connection = _connection_tokens_raw(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+        return Proxy._filter_wire(raw, metered, injected, frozenset())
+
+    @staticmethod
+    def _filter_wire(
+        raw: list[tuple[bytes, bytes]], metered: bool, injected: bool, connection: frozenset[bytes]
+    ) -> bytes:
+        """`_wire_headers` minus the names in ``connection`` too.
+
+        One pass over the headers, not a look for ``Connection`` first and the filter
+        after: the names a ``Connection`` header lists are known only once it is read,
+        so when it lists a name not dropped anyway (``keep-alive``, ``close`` are) the
+        pass is made again with them.
+        """
         out: list[bytes] = []
+        listed: set[bytes] | None = None
         for name, value in raw:
             lower = name.lower()
             if lower in _DROP_REQUEST_RAW or lower in connection:
+                if lower == b"connection" and not connection:
+                    listed = {t.strip().lower() for t in value.split(b",")} | (listed or set())
                 continue
             if lower == b"accept-encoding" and metered:
                 value = b"identity" if injected else _filter_accept_encoding(header_text(value)).encode()
             out += (name, b": ", value, b"\r\n")
+        if listed is not None and not listed.issubset(_DROP_REQUEST_RAW):
+            return Proxy._filter_wire(raw, metered, injected, frozenset(listed))
         return b"".join(out)
 
     def _upstream_headers(self, exchange: Exchange) -> list[tuple[str, str]] | bytes:
