@@ -136,7 +136,7 @@ def modality_details(usage: Any) -> dict[str, int]:
     )
     for side, split in sides:
         # Most details objects name no modality (``cached_tokens``, ``reasoning_tokens``).
-        if not split or not isinstance(split, dict) or not _MODALITY_KEYS.intersection(split):
+        if not split or not isinstance(split, dict) or _MODALITY_KEYS.isdisjoint(split):
             continue
         for modality in _MODALITIES:
             value = split.get(modality[0])
@@ -298,9 +298,11 @@ class OpenAIParser:
             return
         if isinstance(usage, dict):
             self._result.details = modality_details(usage)
-            cost = to_decimal(usage.get("cost"))  # OpenRouter
+            cost = usage.get("cost")  # OpenRouter's; none elsewhere: no call
             if cost is not None:
-                self._result.provider_cost_usd = cost
+                cost = to_decimal(cost)
+                if cost is not None:
+                    self._result.provider_cost_usd = cost
         if isinstance(container, dict) and isinstance(container.get("service_tier"), str):
             self._result.service_tier = container["service_tier"]
 
@@ -429,7 +431,12 @@ class OpenAIParser:
                 self._result.error = error_text(response["error"])
 
     def on_body(self, body: bytes, truncated: bool) -> None:
-        obj = loads(body) if not truncated else None
+        obj = None
+        if not truncated:
+            try:  # `loads` inline: a call fewer per answer
+                obj = orjson.loads(body)
+            except (orjson.JSONDecodeError, TypeError):
+                pass
         if isinstance(obj, dict):
             self._take_model(obj)
             if obj.get("error"):
