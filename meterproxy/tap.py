@@ -164,15 +164,16 @@ class ResponseTap:
         self.capture_truncated = False
         self._sse = sse
         self._notes: list[str] = []
-        coding = (content_encoding or "identity").strip().lower()
         self._decomp: _Decompressor | None = None
         self._broken = False
         self._bomb = False
-        if coding != "identity":
-            try:
-                self._decomp = _Decompressor(coding)
-            except ValueError as exc:
-                self._fail(str(exc))
+        if content_encoding is not None:  # most answers have none: no strip and lower then
+            coding = content_encoding.strip().lower()
+            if coding != "identity":
+                try:
+                    self._decomp = _Decompressor(coding)
+                except ValueError as exc:
+                    self._fail(str(exc))
         # Rewriting needs plain text; the proxy never injects into a compressed stream.
         self._rewrite = rewrite and sse and self._decomp is None and not self._broken
         self._decoder = SSEDecoder() if sse else None
@@ -183,7 +184,10 @@ class ResponseTap:
         # leading bytes it took, and what its on_event would have returned for them); those
         # skip the decoder, so a content delta costs a few byte searches per read, not an
         # event object.
-        self._quiet: Callable[[bytes], tuple[int, bytes]] | None = getattr(parser, "quiet", None)
+        # SSE only (`_events`): no look for it on a JSON answer's parser.
+        self._quiet: Callable[[bytes], tuple[int, bytes]] | None = (
+            getattr(parser, "quiet", None) if sse else None
+        )
         self._body = bytearray()
         self._head = b""
         self._size = 0
