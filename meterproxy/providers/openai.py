@@ -467,6 +467,11 @@ def _str(value: Any) -> str | None:
 class OpenAIProvider:
     name = "openai"
 
+    def __init__(self) -> None:
+        #: `endpoint` of each path a parser was made for (bounded: the paths in use are few),
+        #: so a parser per answer costs a lookup, not the walk over the suffixes.
+        self._endpoints: dict[str, str] = {}
+
     def matches(self, path: str) -> bool:
         return any(path.endswith(suffix) for suffix in _SUFFIXES)
 
@@ -513,7 +518,9 @@ class OpenAIProvider:
         return info
 
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
-        if not info.stream or self.endpoint(path) not in ("chat", "completions"):
+        if not info.stream:
+            return body, False
+        if (self._endpoints.get(path) or self.endpoint(path)) not in ("chat", "completions"):
             return body, False
         obj = info.body
         if not isinstance(obj, dict):
@@ -531,5 +538,10 @@ class OpenAIProvider:
         return body, False
 
     def new_parser(self, path: str, info: RequestInfo, injected: bool) -> OpenAIParser:
-        endpoint = self.endpoint(path)
+        endpoint = self._endpoints.get(path)
+        if endpoint is None:
+            endpoint = self.endpoint(path)
+            if len(self._endpoints) >= 1024:
+                self._endpoints.clear()
+            self._endpoints[path] = endpoint
         return OpenAIParser(injected, responses=endpoint == "responses", endpoint=endpoint)
