@@ -27,6 +27,7 @@ import asyncio
 import cProfile
 import gc
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,6 +110,7 @@ async def main(n: int) -> None:
     written = app[PROXY].meter.finished
     print(f"{elapsed / max(n, 1) * 1e6:.2f} µs per request (wall), {written} finished", file=sys.stderr)
     await server._runner.cleanup()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
