@@ -89,6 +89,24 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_delay_s(pid: int) -> float:
+    """Seconds the process's threads have waited on a run queue, runnable but not running
+    (Linux schedstat): what another task on their core, such as the exporter child, costs them,
+    read directly instead of through a latency percentile. 0 if it is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
 def children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -186,6 +204,10 @@ def summarize(cells: list[dict[str, Any]], raw: dict[str, list[Round]], draws: i
                 summary[f"{scenario}_{mode}_{what}_cpu_us_per_request"] = statistics.median(
                     c[f"{what}_cpu_us_per_request"] for c in picked
                 )
+            for what in ("proxy", "upstream"):
+                key = f"{what}_run_delay_us_per_request"
+                if all(key in c for c in picked):
+                    summary[f"{scenario}_{mode}_{key}"] = statistics.median(c[key] for c in picked)
     # The verdict's figures: every round's samples pooled, with a bootstrap interval over rounds.
     for scenario, rounds in raw.items():
         for q in (50, 99):
@@ -279,10 +301,15 @@ def main() -> None:
                         # CPU per request: unlike latency percentiles, barely moved by other load.
                         helpers = children(proxy.pid)
                         before = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
+                        waited = run_delay_s(proxy.pid), run_delay_s(upstream.pid)
                         through = load(
                             port, "/bench/v1/chat/completions", stream, args.duration, base + "-through"
                         )
                         after = cpu_s(proxy.pid), sum(cpu_s(c) for c in helpers)
+                        waited = (
+                            run_delay_s(proxy.pid) - waited[0],
+                            run_delay_s(upstream.pid) - waited[1],
+                        )
                         n = max(through["requests"], 1)
                         cell = {
                             "round": round_,
@@ -296,6 +323,8 @@ def main() -> None:
                             ),
                             "proxy_cpu_us_per_request": round((after[0] - before[0]) * 1e6 / n, 1),
                             "exporter_cpu_us_per_request": round((after[1] - before[1]) * 1e6 / n, 1),
+                            "proxy_run_delay_us_per_request": round(waited[0] * 1e6 / n, 2),
+                            "upstream_run_delay_us_per_request": round(waited[1] * 1e6 / n, 2),
                             "errors": through["errors"],
                             "requests": through["requests"],
                         }
