@@ -37,12 +37,16 @@ class _Conn(asyncio.Protocol):
         self.chunked = False
         self.first_byte: float | None = None
         self.closed = False
+        # A chunked body under way, its first byte stamped: each read then only appends and
+        # looks for the terminating chunk (a paced stream is one read per event).
+        self.in_chunked_body = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.in_chunked_body = False
         if self.done is not None and not self.done.done():
             self.done.set_exception(ConnectionError(f"connection lost: {exc}"))
 
@@ -53,6 +57,7 @@ class _Conn(asyncio.Protocol):
         self.length = None
         self.chunked = False
         self.first_byte = None
+        self.in_chunked_body = False
         self.done = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self.done
@@ -60,6 +65,11 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf
         buf += data
+        if self.in_chunked_body:
+            if buf.endswith(b"0\r\n\r\n"):
+                self.in_chunked_body = False
+                self._complete()
+            return
         if self.head_end < 0:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
@@ -77,11 +87,19 @@ class _Conn(asyncio.Protocol):
             return
         if self.length is not None:
             if len(buf) - self.head_end >= self.length:
-                self.done.set_result(bytes(buf))
-        elif (self.chunked and buf.endswith(b"0\r\n\r\n")) or (
-            self.length is None and not self.chunked and buf.startswith(b"HTTP/1.1 204")
-        ):
-            self.done.set_result(bytes(buf))
+                self._complete()
+        elif self.chunked:
+            if buf.endswith(b"0\r\n\r\n"):
+                self._complete()
+            elif self.first_byte is not None:
+                self.in_chunked_body = True
+        elif buf.startswith(b"HTTP/1.1 204"):
+            self._complete()
+
+    def _complete(self) -> None:
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(bytes(self.buf))
 
 
 def _dechunk(body: bytes) -> bytes | None:
@@ -152,6 +170,7 @@ async def run_load(
     max_requests: int,
     auth: str = "sk-bench-not-a-key",
     samples: str | None = None,
+    ramp: float = 0.0,
 ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     model = f"bench-s{chunks}-d{delay_ms}"
@@ -180,9 +199,13 @@ async def run_load(
     def error(why: str) -> None:
         errors[why] = errors.get(why, 0) + 1
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
         nonlocal counted, completed
         conn: _Conn | None = None
+        if ramp > 0:
+            # Staggered starts: worker i sends its first request at i/C of the ramp, so
+            # equally long streams keep arriving evenly instead of in one wave per stream.
+            await asyncio.sleep(ramp * i / concurrency)
         while time.perf_counter() < deadline and counted < max_requests:
             if conn is None or conn.closed:
                 try:
@@ -219,7 +242,7 @@ async def run_load(
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     elapsed = min(time.perf_counter(), deadline) - measure_from
     if samples is not None:
         # Every counted latency, as native doubles: for pooling rounds (percentiles of
@@ -252,6 +275,9 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=10**9)
     ap.add_argument("--auth", default="sk-bench-not-a-key", help="Bearer token to send.")
     ap.add_argument("--samples", help="also write every counted latency (ms, float64) to this file")
+    ap.add_argument(
+        "--ramp", type=float, default=0.0, help="spread the first requests over this many seconds"
+    )
     args = ap.parse_args()
     import uvloop
 
@@ -269,6 +295,7 @@ def main() -> None:
             max_requests=args.max_requests,
             auth=args.auth,
             samples=args.samples,
+            ramp=args.ramp,
         )
     )
     print(json.dumps(result))

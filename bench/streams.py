@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -34,12 +35,20 @@ from run import BENCH, RESULTS, Direct, MeterProxy, cpu_seconds, free_port, rss_
 __all__ = ["main"]
 
 
-def _load(port: int, path: str, args: argparse.Namespace, cores: str) -> dict[str, Any]:
+def _load(port: int, path: str, args: argparse.Namespace, cores: str, upstream: list[int]) -> dict[str, Any]:
+    """One load generator run; with the CPU seconds it and the fake upstream used."""
     cmd = ["taskset", "-c", cores, sys.executable, str(BENCH / "loadgen.py"), "--port", str(port)]
     cmd += ["--path", path, "--stream", "--chunks", str(args.events), "--delay-ms", str(args.delay_ms)]
-    cmd += ["--concurrency", str(args.streams), "--duration", str(args.duration), "--warmup", "1"]
-    out = subprocess.run(cmd, capture_output=True, timeout=args.duration + 300, check=True)
+    cmd += ["--concurrency", str(args.streams), "--duration", str(args.duration)]
+    cmd += ["--warmup", str(args.warmup), "--ramp", str(args.ramp)]
+    ru0, up0 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(upstream)
+    timeout, t0 = args.warmup + args.duration + 300, time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, timeout=timeout, check=True)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, Any] = json.loads(out.stdout)
+    result["wall_s"] = round(time.monotonic() - t0, 2)
+    result["loadgen_cpu_s"] = round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2)
+    result["upstream_cpu_s"] = round(cpu_seconds(upstream) - up0, 2)
     return result
 
 
@@ -55,28 +64,64 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--delay-ms", type=int, default=20)
     ap.add_argument("--duration", type=float, default=12.0)
+    ap.add_argument(
+        "--ramp",
+        type=float,
+        default=None,
+        help="spread the streams' first requests over this many seconds (default: one stream's length)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before answers count (default: ramp + one stream, so every counted stream "
+        "started with all the others under way)",
+    )
     ap.add_argument("--proxy-cores", default="1")
-    ap.add_argument("--load-cores", default="0")
+    ap.add_argument("--load-cores", default="0", help="taskset cores for the load generator")
+    ap.add_argument(
+        "--upstream-cores", default=None, help="cores for the fake upstream (default: --load-cores)"
+    )
+    ap.add_argument("--upstream-procs", type=int, default=1, help="fake upstream processes (SO_REUSEPORT)")
+    ap.add_argument("--direct-only", action="store_true", help="only the load against the fake upstream")
     ap.add_argument(
         "--baseline", default=None, metavar="DIR", help="run the meterproxy of checkout DIR instead"
     )
     args = ap.parse_args()
+    # One stream: the first event with the head, then events + 2 more (the finish chunk,
+    # [DONE]; through the proxy also the usage chunk) delay_ms apart.
+    stream_s = (args.events + 2) * args.delay_ms / 1000
+    args.ramp = stream_s if args.ramp is None else args.ramp
+    args.warmup = args.ramp + stream_s + 0.5 if args.warmup is None else args.warmup
+    up_cores = args.upstream_cores or args.load_cores
 
     up_port = free_port()
     upstream = Direct(up_port)
-    upstream._spawn([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], args.load_cores)
+    up_cmd = [sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)]
+    upstream._spawn([*up_cmd, "--procs", str(args.upstream_procs)], up_cores)
     src = str(Path(args.baseline).resolve()) if args.baseline else None
     proxy = MeterProxy(free_port(), up_port, args.proxy_cores, 1, src, "baseline" if src else "meterproxy")
-    result: dict[str, Any] = {"command": "python bench/streams.py " + " ".join(sys.argv[1:])}
+    result: dict[str, Any] = {
+        "command": "python bench/streams.py " + " ".join(sys.argv[1:]),
+        "pinning": {"proxy": args.proxy_cores, "loadgen": args.load_cores, "upstream": up_cores},
+        "upstream_procs": args.upstream_procs,
+        "ramp_s": args.ramp,
+        "warmup_s": args.warmup,
+        "loadavg_before": os.getloadavg(),
+    }
+    up_pids = upstream.pids()
     try:
-        proxy.start()
-        result["direct"] = _load(up_port, "/v1/chat/completions", args, args.load_cores)
+        result["direct"] = _load(up_port, "/v1/chat/completions", args, args.load_cores, up_pids)
         result["loadavg_after_direct"] = os.getloadavg()[0]
+        if args.direct_only:
+            print(json.dumps(result, indent=1))
+            return
+        proxy.start()
         pids = proxy.pids()
         cpu0, peak, stop = cpu_seconds(pids), [0.0], threading.Event()
         sampler = threading.Thread(target=_peak_rss, args=(pids, stop, peak), daemon=True)
         sampler.start()
-        result["meterproxy"] = _load(proxy.port, proxy.path, args, args.load_cores)
+        result["meterproxy"] = _load(proxy.port, proxy.path, args, args.load_cores, up_pids)
         stop.set()
         sampler.join()
         result["proxy_cpu_s"] = round(cpu_seconds(pids) - cpu0, 2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import multiprocessing
 import os
 import re
@@ -84,11 +85,71 @@ def _frames(n: int, include_usage: bool) -> list[bytes]:
     return _CACHE[key]
 
 
+class _Pacer:
+    """One per event loop: writes every paced stream's next frame when its time comes.
+
+    No task, coroutine or timer per stream: the streams wait in buckets keyed by the
+    millisecond their next frame is due, and one timer (armed for the earliest bucket)
+    writes every due stream's frame in one callback. Each stream keeps its own phase:
+    frame k of a stream whose head went out at t0 is due at t0 + k * delay, so events
+    never drift later and 2,000 streams started at different moments do not bunch into
+    one burst per tick. (The former ``_slow`` coroutine, one task and one
+    ``asyncio.sleep`` per event, could not pace 100,000 events/s on a shared core.)
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, list[_Http]] = {}
+        self.ticks: list[int] = []  # heap of the buckets' keys
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed = 0
+        self.firing = False  # _fire arms the timer once, when it is done
+
+    def now_ms(self) -> int:
+        return round(self.loop.time() * 1000)
+
+    def add(self, stream: _Http, due_ms: int) -> None:
+        bucket = self.buckets.get(due_ms)
+        if bucket is None:
+            self.buckets[due_ms] = [stream]
+            heapq.heappush(self.ticks, due_ms)
+            if not self.firing and (self.timer is None or due_ms < self.armed):
+                self._arm(due_ms)
+        else:
+            bucket.append(stream)
+
+    def _arm(self, due_ms: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.armed = due_ms
+        self.timer = self.loop.call_at(due_ms / 1000, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = self.now_ms()
+        ticks, buckets = self.ticks, self.buckets
+        self.firing = True
+        try:
+            while ticks and ticks[0] <= now:
+                for stream in buckets.pop(heapq.heappop(ticks)):
+                    stream.paced_frame(self)
+        finally:
+            self.firing = False
+        if ticks:
+            self._arm(ticks[0])
+
+
 class _Http(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, pacer: _Pacer) -> None:
+        self.pacer = pacer
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy = False
+        # the paced stream in flight: its frames, the next one's index, its head's time, the gap
+        self.frames: list[bytes] = []
+        self.sent = 0
+        self.t0_ms = 0
+        self.delay_ms = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -132,23 +193,28 @@ class _Http(asyncio.Protocol):
         if delay_ms == 0:
             self.transport.write(_SSE_HEAD + b"".join(frames) + b"0\r\n\r\n")
             return
+        # Paced: the head and the first frame at once, frame k at t0 + k * delay.
         self.busy = True
-        asyncio.get_running_loop().create_task(self._slow(frames, delay_ms / 1000))
+        pacer = self.pacer
+        self.frames, self.sent, self.delay_ms = frames, 1, delay_ms
+        self.t0_ms = pacer.now_ms()
+        self.transport.write(_SSE_HEAD + frames[0])
+        pacer.add(self, self.t0_ms + delay_ms)
 
-    async def _slow(self, frames: list[bytes], delay: float) -> None:
-        try:
-            t = self.transport
-            if t is None:
-                return
-            t.write(_SSE_HEAD + frames[0])
-            for frame in frames[1:]:
-                await asyncio.sleep(delay)
-                if self.transport is None:
-                    return
-                self.transport.write(frame)
-            self.transport.write(b"0\r\n\r\n")
-        finally:
-            self.busy = False
+    def paced_frame(self, pacer: _Pacer) -> None:
+        t = self.transport
+        if t is None:
+            return  # the client left: drop the stream
+        frames, k = self.frames, self.sent
+        t.write(frames[k])
+        k += 1
+        if k < len(frames):
+            self.sent = k
+            pacer.add(self, self.t0_ms + k * self.delay_ms)
+            return
+        t.write(b"0\r\n\r\n")
+        self.frames = []
+        self.busy = False
         self._next()
 
 
@@ -161,7 +227,8 @@ def serve(port: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(("127.0.0.1", port))
-        server = await loop.create_server(_Http, sock=sock, backlog=4096)
+        pacer = _Pacer(loop)
+        server = await loop.create_server(lambda: _Http(pacer), sock=sock, backlog=4096)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
