@@ -21,14 +21,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import time
 from array import array
 
 __all__ = ["main", "run_load"]
 
 
+class _Lowat:
+    """A cheap client for paced streams (``--read-lowat BYTES``): wake up every few events.
+
+    After a stream's first body byte its socket gets ``SO_RCVLOWAT`` = BYTES, so the
+    kernel neither wakes the client nor reports the socket readable until that much has
+    queued: one read then takes several events. The sender's side is unchanged (each
+    event is still its own write, queued as it comes, a few hundred bytes, far from any
+    buffer limit). Before the stream's nominal end (``ms`` before it) the mark goes back
+    to 1 byte, so the last events, and so the stream's end and its latency, are seen
+    when they come; the first byte always is (the mark is 1 while a request is sent).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nbytes: int, stream_s: float, ms: float) -> None:
+        self.loop, self.nbytes = loop, nbytes
+        self.until = stream_s - ms / 1000  # seconds after the first byte
+
+
 class _Conn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, lowat: _Lowat | None = None) -> None:
+        self.lowat = lowat
+        self.lowat_off: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.done: asyncio.Future[bytes] | None = None
@@ -46,6 +66,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.lowat_off is not None:
+            self.lowat_off.cancel()
+            self.lowat_off = None
         self.in_chunked_body = False
         if self.done is not None and not self.done.done():
             self.done.set_exception(ConnectionError(f"connection lost: {exc}"))
@@ -93,10 +116,24 @@ class _Conn(asyncio.Protocol):
                 self._complete()
             elif self.first_byte is not None:
                 self.in_chunked_body = True
+                if self.lowat is not None:
+                    self._mark(self.lowat.nbytes)
+                    self.lowat_off = self.lowat.loop.call_later(self.lowat.until, self._mark, 1)
         elif buf.startswith(b"HTTP/1.1 204"):
             self._complete()
 
+    def _mark(self, nbytes: int) -> None:
+        """SO_RCVLOWAT: the bytes that must queue before the socket wakes the client."""
+        if nbytes == 1:
+            self.lowat_off = None
+        if self.transport is not None and not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+
     def _complete(self) -> None:
+        if self.lowat_off is not None:  # ended before its nominal length
+            self.lowat_off.cancel()
+            self._mark(1)
         done = self.done
         if done is not None and not done.done():
             done.set_result(bytes(self.buf))
@@ -171,8 +208,12 @@ async def run_load(
     auth: str = "sk-bench-not-a-key",
     samples: str | None = None,
     ramp: float = 0.0,
+    read_lowat: int = 0,
 ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
+    lowat = None
+    if stream and delay_ms and read_lowat > 1:
+        lowat = _Lowat(loop, read_lowat, (chunks + 2) * delay_ms / 1000, 5 * delay_ms)
     model = f"bench-s{chunks}-d{delay_ms}"
     body = json.dumps(
         {
@@ -209,7 +250,7 @@ async def run_load(
         while time.perf_counter() < deadline and counted < max_requests:
             if conn is None or conn.closed:
                 try:
-                    _, conn = await loop.create_connection(_Conn, host, port)
+                    _, conn = await loop.create_connection(lambda: _Conn(lowat), host, port)
                 except OSError as exc:
                     error(f"connect: {exc.strerror}")
                     await asyncio.sleep(0.05)
@@ -278,6 +319,12 @@ def main() -> None:
     ap.add_argument(
         "--ramp", type=float, default=0.0, help="spread the first requests over this many seconds"
     )
+    ap.add_argument(
+        "--read-lowat",
+        type=int,
+        default=0,
+        help="paced streams: SO_RCVLOWAT after the first byte, to read several events at once (see _Lowat)",
+    )
     args = ap.parse_args()
     import uvloop
 
@@ -296,6 +343,7 @@ def main() -> None:
             auth=args.auth,
             samples=args.samples,
             ramp=args.ramp,
+            read_lowat=args.read_lowat,
         )
     )
     print(json.dumps(result))

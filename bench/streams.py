@@ -1,17 +1,28 @@
 """Realistic load: thousands of concurrent slow streams through one meterproxy worker.
 
 ``python bench/streams.py`` (defaults: 2,000 concurrent streams of 200 events
-20 ms apart, i.e. ~4 s each, for 12 s after a 1 s warm-up). The same load
-generator runs against the fake upstream directly, then through ``meterproxy
-serve`` (one worker, pinned like `run.py`), and reports:
+20 ms apart, i.e. ~4 s each, 100,000 events/s in all). The same load generator
+runs against the fake upstream directly, then through ``meterproxy serve`` (one
+worker, pinned like `run.py`), and reports:
 
 - time to first byte (TTFB) and whole-stream latency percentiles, direct and
   through the proxy, and what the proxy adds at p50 and p99;
-- the proxy's peak RSS (sampled every 0.2 s from ``/proc``) and its CPU;
+- the proxy's peak RSS (sampled every 0.2 s from ``/proc``) and its CPU, and the
+  CPU the load generator and the fake upstream used (is core 0 keeping up?);
 - whether every usage is exact: every stream the load generator completed has
   a stored row with ``usage_source = 'reported'``, the 200 output tokens and
   12 input tokens the fake upstream reported, and the stream itself (checked by
   the load generator) carried every content event and ``[DONE]``.
+
+Steady state, not one wave: the streams' first requests are spread over one
+stream's length (``--ramp``), and only streams that end after ``--warmup`` (ramp
++ one stream + 0.5 s) count, so every counted stream started with all the others
+under way; then ``--duration`` seconds (12). The load generator reads a stream's
+events a few at a time after its first byte (``--read-lowat``, SO_RCVLOWAT; see
+loadgen.py) so that it and the fake upstream fit on core 0 at 100,000 events/s.
+Pinning: proxy on ``--proxy-cores`` (1), load generator on ``--load-cores`` (0),
+fake upstream on ``--upstream-cores`` (default: the load generator's) with
+``--upstream-procs`` processes. ``--direct-only`` runs the direct half alone.
 
 Results go to ``results/streams-<stamp>.json``.
 """
@@ -41,6 +52,7 @@ def _load(port: int, path: str, args: argparse.Namespace, cores: str, upstream: 
     cmd += ["--path", path, "--stream", "--chunks", str(args.events), "--delay-ms", str(args.delay_ms)]
     cmd += ["--concurrency", str(args.streams), "--duration", str(args.duration)]
     cmd += ["--warmup", str(args.warmup), "--ramp", str(args.ramp)]
+    cmd += ["--read-lowat", str(args.read_lowat)]
     ru0, up0 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(upstream)
     timeout, t0 = args.warmup + args.duration + 300, time.monotonic()
     out = subprocess.run(cmd, capture_output=True, timeout=timeout, check=True)
@@ -77,6 +89,12 @@ def main() -> None:
         help="seconds before answers count (default: ramp + one stream, so every counted stream "
         "started with all the others under way)",
     )
+    ap.add_argument(
+        "--read-lowat",
+        type=int,
+        default=8192,
+        help="the load generator's SO_RCVLOWAT after a stream's first byte (loadgen.py's _Lowat; 0: off)",
+    )
     ap.add_argument("--proxy-cores", default="1")
     ap.add_argument("--load-cores", default="0", help="taskset cores for the load generator")
     ap.add_argument(
@@ -107,16 +125,20 @@ def main() -> None:
         "upstream_procs": args.upstream_procs,
         "ramp_s": args.ramp,
         "warmup_s": args.warmup,
+        "read_lowat": args.read_lowat,
         "loadavg_before": os.getloadavg(),
     }
     up_pids = upstream.pids()
     try:
+        # Started first and left idle during the direct run: `serve` answers on a first listener
+        # while it builds the app, then binds the port again (connections in that gap are refused).
+        if not args.direct_only:
+            proxy.start()
         result["direct"] = _load(up_port, "/v1/chat/completions", args, args.load_cores, up_pids)
         result["loadavg_after_direct"] = os.getloadavg()[0]
         if args.direct_only:
             print(json.dumps(result, indent=1))
             return
-        proxy.start()
         pids = proxy.pids()
         cpu0, peak, stop = cpu_seconds(pids), [0.0], threading.Event()
         sampler = threading.Thread(target=_peak_rss, args=(pids, stop, peak), daemon=True)
