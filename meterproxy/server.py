@@ -65,6 +65,7 @@ import asyncio
 import collections
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -958,13 +959,24 @@ class LeanServer:
         assert server is not None
         return server()
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
+        """Set the app up, then accept on ``sock`` (already listening) or on a new ``host:port``.
+
+        ``serve`` hands over the socket it bound before building the app: connections made
+        meanwhile wait in its backlog and are answered now. Binding again instead left a gap
+        in which connections were refused, and reset the ones already queued.
+        """
         await self._runner.setup()
         self._proxy = self.app[PROXY]
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Conn(self), host, port, reuse_port=reuse_port or None, backlog=1024
-        )
+        if sock is not None:
+            self._server = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=1024)
+        else:
+            self._server = await loop.create_server(
+                lambda: _Conn(self), host, port, reuse_port=reuse_port or None, backlog=1024
+            )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweep = loop.call_later(SWEEP_INTERVAL, self._close_idle)
 
@@ -996,13 +1008,20 @@ class LeanServer:
 
 
 def run(
-    app: web.Application, *, host: str, port: int, shutdown_timeout: float, reuse_port: bool = False
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    reuse_port: bool = False,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM (``meterproxy serve``)."""
+    """Serve ``app`` on ``host:port`` (or the listening ``sock``) until SIGINT or SIGTERM
+    (``meterproxy serve``)."""
 
     async def serve() -> None:
         server = LeanServer(app, shutdown_timeout=shutdown_timeout)
-        await server.start(host, port, reuse_port=reuse_port)
+        await server.start(host, port, reuse_port=reuse_port, sock=sock)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

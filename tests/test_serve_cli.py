@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -69,3 +71,48 @@ def test_public_bind_without_token_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert b"admin token" in result.stderr
+
+
+def test_connections_made_while_the_app_is_built_are_answered(tmp_path: Path) -> None:
+    """`serve` binds its port before it builds the app (so a port in use is said at once); a
+    client that connects in that time (a health check, a client started with the proxy) must be
+    answered once the app is up, not reset. It was: the first socket was closed and the port
+    bound again, resetting what had queued and refusing connections in between."""
+    port = free_port()
+    env = {**os.environ, "METERPROXY_DB": str(tmp_path / "meter.db"), "XDG_DATA_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meterproxy", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # The first connection the port accepts: made while the app is still being built
+        # (imports, prices, the store), which takes far longer than this loop's steps.
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the port never opened"
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.005)  # polling for the port to open, not waiting for a state
+        with sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        # And every connection after it is answered too: no moment in which the port is closed.
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as again:
+                again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert again.makefile("rb").read(12) == b"HTTP/1.1 200"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

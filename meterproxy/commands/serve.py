@@ -151,9 +151,10 @@ def command(
     )
     with serving_file(settings):  # lets `report`, `status` & co. warn when they use another database
         if settings.http_server == "lean":
-            sock.close()  # the lean server binds it again (it was free a moment ago)
+            # The socket bound before the app was built, not a new one: connections made
+            # while the app was being built wait in its backlog instead of being reset.
             timeout = settings.shutdown_timeout
-            serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout)
+            serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout, sock=sock)
         else:
             web.run_app(
                 app,
