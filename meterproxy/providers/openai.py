@@ -98,6 +98,8 @@ def form_fields(body: bytes, limit: int = 1 << 20) -> dict[bytes, bytes]:
 
 
 _USAGE_NULL = b',"usage":null'
+#: What stops `OpenAIParser.quiet`'s run: an event that may be more than a content delta.
+_QUIET_STOPS = (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]", *_FINAL_EVENTS)
 # The same member written with any JSON whitespace (some compatible servers pretty-print or
 # write ``", "usage": null``), or as the first member. A string value cannot hold an
 # unescaped quote, so ``"usage"`` preceded by a comma and blanks is always the key.
@@ -326,7 +328,7 @@ class OpenAIParser:
         if not self._seen_model or self._responses:
             return 0, b""
         cut = len(events)
-        for marker in (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]", *_FINAL_EVENTS):
+        for marker in _QUIET_STOPS:
             i = events.find(marker, 0, cut)
             if i >= 0:
                 cut = i
@@ -343,6 +345,10 @@ class OpenAIParser:
             self._final = True
         if not usage or not self._injected:
             return cut, taken
+        if taken.find(b"\n\n") == len(taken) - 2 and taken[:5] == b"data:":
+            # One event, as a paced stream's reads mostly bring: the split, check and join
+            # below for a single block.
+            return cut, taken.replace(_USAGE_NULL, b"", 1)
         blocks = taken.split(b"\n\n")
         if any(block[:5] != b"data:" for block in blocks[:-1]):
             return 0, b""  # comments or blank lines would join a neighbour's raw bytes
