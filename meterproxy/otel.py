@@ -48,12 +48,15 @@ __all__ = ["OTEL", "OtelSink", "otel_configured", "record_fields", "setup"]
 
 log = logging.getLogger(__name__)
 
-# Half a second, not 0.1 s: every batch wakes the exporter child, and at concurrency 1 the
-# requests that meet a wake-up make the p99. Idle machine, bench/otel_overhead.py --rounds 5,
-# added p99 growth with export on (JSON): 0.02 s +54 %, 0.1 s +23 % and +25 %, 0.5 s +3 % and
-# -1 %; the exporter's CPU per request is the same (bench/README). Spans still leave within
-# OTEL_BSP_SCHEDULE_DELAY of this, and a stop sends the last batch.
-_FLUSH_S = 0.5
+# Two seconds: every batch wakes the exporter child, and at concurrency 1 the requests that
+# meet a wake-up make the p99. Idle machine, bench/otel_overhead.py, added p99 growth with export
+# on (JSON): 0.02 s +54 %, 0.1 s +23 % and +25 %, 0.5 s +3 % and -1 % (medians of 5 rounds);
+# then, with every round's samples pooled (10 rounds, 2026-12-04): 0.5 s +9.2 % (JSON) and +9.1 %
+# (SSE-20), 2 s +0.4 % and +0.6 %; the exporter's CPU per request is the same (bench/README).
+# Spans still leave within OTEL_BSP_SCHEDULE_DELAY (5 s by default) of this, and a stop sends the
+# last batch. The price: one orjson.dumps of two seconds of tuples on the loop (~0.13 µs a
+# tuple: ~2 ms every 2 s at 7,000 requests/s).
+_FLUSH_S = 2.0
 _MAX_BUFFERED = 8 << 20
 
 
