@@ -474,18 +474,24 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self) -> None:
-        #: `endpoint` of each path a parser was made for (bounded: the paths in use are few),
-        #: so a parser per answer costs a lookup, not the walk over the suffixes.
+        #: `endpoint` of each path asked about (bounded: the paths in use are few), so the
+        #: proxy's record, the injection check and the parser cost a lookup, not a walk over the
+        #: suffixes.
         self._endpoints: dict[str, str] = {}
 
     def matches(self, path: str) -> bool:
         return any(path.endswith(suffix) for suffix in _SUFFIXES)
 
     def endpoint(self, path: str) -> str:
-        for suffix, name in _SUFFIXES.items():
-            if path.endswith(suffix):
-                return name
-        return "other"
+        try:
+            return self._endpoints[path]
+        except KeyError:
+            pass
+        name = next((name for suffix, name in _SUFFIXES.items() if path.endswith(suffix)), "other")
+        if len(self._endpoints) >= 1024:
+            self._endpoints.clear()
+        self._endpoints[path] = name
+        return name
 
     def inspect_request(self, path: str, body: bytes) -> RequestInfo:
         try:
@@ -526,7 +532,7 @@ class OpenAIProvider:
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
         if not info.stream:
             return body, False
-        if (self._endpoints.get(path) or self.endpoint(path)) not in ("chat", "completions"):
+        if self.endpoint(path) not in ("chat", "completions"):
             return body, False
         obj = info.body
         if not isinstance(obj, dict):
@@ -544,10 +550,5 @@ class OpenAIProvider:
         return body, False
 
     def new_parser(self, path: str, info: RequestInfo, injected: bool) -> OpenAIParser:
-        endpoint = self._endpoints.get(path)
-        if endpoint is None:
-            endpoint = self.endpoint(path)
-            if len(self._endpoints) >= 1024:
-                self._endpoints.clear()
-            self._endpoints[path] = endpoint
+        endpoint = self.endpoint(path)
         return OpenAIParser(injected, responses=endpoint == "responses", endpoint=endpoint)
