@@ -113,7 +113,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WRITER] = writer
     app[READERS] = store_backend.Readers(settings.db)
     yield
-    queued = writer.depth
+    queued = writer.pending
     if writer.close(timeout=max(settings.shutdown_timeout, 5.0)):
         # The one line a stop leaves at info: what was still queued went to the store.
         log.info(

@@ -57,3 +57,38 @@ def test_a_small_batch_written_in_gil_slices_is_still_one_transaction(tmp_path: 
     ids = [row[0] for row in conn.execute("SELECT id FROM requests ORDER BY rowid")]
     conn.close()
     assert ids == [r.id for r in records]
+
+
+def test_queue_depth_counts_the_batch_in_hand_until_it_is_committed(tmp_path: Path) -> None:
+    """health().queue_depth == 0 means every accepted record is in the database.
+
+    The thread takes a batch off the queue before it commits it; a depth of the queue alone read 0
+    while that batch was still unwritten (CI saw /healthz say ok with 20 rows not yet committed).
+    """
+    import threading
+
+    writer = StoreWriter(tmp_path / "w.db", linger=0.0)
+    taken = threading.Event()
+    release = threading.Event()
+
+    def hold(record: RequestRecord) -> None:  # runs on the writer thread, batch already dequeued
+        taken.set()
+        assert release.wait(30)
+
+    writer.prepare = hold
+    writer.start()
+    try:
+        assert writer.submit(make_record())
+        assert taken.wait(30)
+        assert writer.depth == 0  # off the queue...
+        assert writer.health().queue_depth == 1  # ...but not durable
+        assert writer.submit(make_record())
+        assert writer.health().queue_depth == 2
+    finally:
+        release.set()
+    assert writer.call(lambda conn: None).result(timeout=10) is None
+    assert writer.health().queue_depth == 0
+    conn = sqlite3.connect(tmp_path / "w.db")
+    assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 2
+    conn.close()
+    assert writer.close(timeout=10)

@@ -65,6 +65,7 @@ class _Call:
 @dataclass(slots=True)
 class WriterHealth:
     ok: bool
+    #: Records not yet durable: queued, or in the batch being written or retried.
     queue_depth: int
     written: int
     dropped: int
@@ -98,6 +99,11 @@ class StoreWriter:
         self._conn: Db | None = None
         self.written = 0
         self.dropped = 0
+        # Records accepted by `submit` (counted on the submitting thread) and records settled,
+        # committed or given up (counted on the writer thread): one writer per counter, so no lock.
+        # Their difference is what is not durable yet, the batch in hand included.
+        self._accepted = 0
+        self._settled = 0
         self.last_error: str | None = None
         self._last_commit: float | None = None
         self._listeners: list[Callable[[list[RequestRecord]], None]] = []
@@ -166,6 +172,7 @@ class StoreWriter:
         if not records:
             return
         self.dropped += len(records)
+        self._settled += len(records)
         path = write_spill(self.path, (record_to_row(r) for r in records))
         if path is not None:
             self.spilled += len(records)
@@ -182,6 +189,7 @@ class StoreWriter:
             self.dropped += 1
             log.error("writer queue full (%d): record %s dropped", self._queue_max, record.id)
             return False
+        self._accepted += 1
         self._queue.put_nowait(record)
         return True
 
@@ -194,13 +202,23 @@ class StoreWriter:
 
     @property
     def depth(self) -> int:
+        """Items on the queue (records and calls), not counting the batch the thread holds."""
         return self._queue.qsize()
+
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet committed nor given up: queued or in the batch being written.
+
+        This, not `depth`, is what "nothing left to write" means: the thread takes a batch off the
+        queue before it commits it (and holds it while it retries a failing database).
+        """
+        return max(self._accepted - self._settled, 0)
 
     def health(self) -> WriterHealth:
         age = None if self._last_commit is None else time.monotonic() - self._last_commit
         return WriterHealth(
             ok=self.last_error is None,
-            queue_depth=self.depth,
+            queue_depth=self.pending,
             written=self.written,
             dropped=self.dropped,
             last_error=self.last_error,
@@ -272,6 +290,7 @@ class StoreWriter:
                 delay = min(delay * 2, self._retry_max_s * 1.01)
                 self._reopen_if_broken()
         self.written += len(rows)
+        self._settled += len(rows)
         self.last_error = None
         self._last_commit = time.monotonic()
         for listener in self._listeners:
