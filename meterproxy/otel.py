@@ -20,7 +20,8 @@ GIL hand-off per request. So the export runs in its own process
 (``python -m meterproxy.otel_export``, started with the app, inheriting the
 environment). On the event loop a finished record costs one tuple
 (`record_fields`, in `meterproxy.otel_export.FIELDS` order: no per-request dict, no
-pickling); every ``_FLUSH_S`` the batch is written to the child's stdin as one
+pickling); every ``_FLUSH_S`` (or the shorter schedule the operator set:
+`handoff_interval`) the batch is written to the child's stdin as one
 JSON line (orjson, in C), one write per batch. The child runs at ``SCHED_BATCH``, nice 19
 (see `meterproxy.otel_export`). If the child cannot keep up, batches beyond
 ``_MAX_BUFFERED`` bytes in the pipe are dropped from *telemetry only* (the
@@ -42,6 +43,7 @@ import orjson
 from aiohttp import web
 
 from meterproxy.app_state import METER
+from meterproxy.otel_export import env_seconds
 from meterproxy.usage import RequestRecord
 
 __all__ = ["OTEL", "OtelSink", "otel_configured", "record_fields", "setup"]
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 # last batch. The price: one orjson.dumps of two seconds of tuples on the loop (~0.13 µs a
 # tuple: ~2 ms every 2 s at 7,000 requests/s).
 _FLUSH_S = 2.0
+#: The shortest hand-off, whatever the schedule delay asks (a batch per 50 ms at most).
+_FLUSH_MIN_S = 0.05
 _MAX_BUFFERED = 8 << 20
 
 
@@ -105,11 +109,22 @@ def record_fields(record: RequestRecord) -> tuple[Any, ...]:
     )
 
 
+def handoff_interval() -> float:
+    """Seconds between two batches to the child: `_FLUSH_S`, or less when the operator asks for
+    spans or metrics sooner (``OTEL_BSP_SCHEDULE_DELAY`` / ``OTEL_METRIC_EXPORT_INTERVAL`` below
+    2 s): an export interval they set is kept, at the latency cost measured above."""
+    wanted = min(
+        env_seconds("OTEL_BSP_SCHEDULE_DELAY", 5000), env_seconds("OTEL_METRIC_EXPORT_INTERVAL", 60000)
+    )
+    return max(min(_FLUSH_S, wanted), _FLUSH_MIN_S)
+
+
 class OtelSink:
     """Batches finished records to the exporter child process; never blocks the event loop."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
+        self._flush_s = handoff_interval()
         self._batch: list[tuple[Any, ...]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -123,13 +138,13 @@ class OtelSink:
         return int(self._proc.pid)
 
     def submit(self, record: RequestRecord) -> None:
-        """The meter's sink: a small dict on the loop; the batch leaves every `_FLUSH_S`."""
+        """The meter's sink: a tuple on the loop; the batch leaves every `handoff_interval`."""
         if self._broken:
             self.dropped += 1
             return
         self._batch.append(record_fields(record))
         if self._timer is None:
-            self._timer = self._loop.call_later(_FLUSH_S, self.flush)
+            self._timer = self._loop.call_later(self._flush_s, self.flush)
 
     def flush(self) -> None:
         self._timer = None

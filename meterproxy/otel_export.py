@@ -261,7 +261,7 @@ def span_name(attrs: dict[str, Any]) -> str:
     return f"{attrs['gen_ai.operation.name']} {model}".strip()
 
 
-def _ms(name: str, default: int) -> float:
+def env_seconds(name: str, default: int) -> float:
     """A duration variable in milliseconds (the SDK's ``OTEL_BSP_*`` / ``OTEL_METRIC_*``), as seconds."""
     raw = os.environ.get(name, "").strip()
     try:
@@ -312,11 +312,11 @@ class Exporter:
         self._encoder = encoder
         self._histograms = histograms
         self._metric_exporter = metric_exporter
-        self._delay = _ms("OTEL_BSP_SCHEDULE_DELAY", 5000)
+        self._delay = env_seconds("OTEL_BSP_SCHEDULE_DELAY", 5000)
         self._batch_size = _count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self._max_queue = max(_count("OTEL_BSP_MAX_QUEUE_SIZE", 2048), self._batch_size)
-        self._interval = _ms("OTEL_METRIC_EXPORT_INTERVAL", 60000)
-        self._metric_timeout_ms = _ms("OTEL_METRIC_EXPORT_TIMEOUT", 30000) * 1000
+        self._interval = env_seconds("OTEL_METRIC_EXPORT_INTERVAL", 60000)
+        self._metric_timeout_ms = env_seconds("OTEL_METRIC_EXPORT_TIMEOUT", 30000) * 1000
         self._pending: list[bytes] = []
         self._pending_since = 0.0
         self._next_metrics = time.monotonic() + self._interval

@@ -23,7 +23,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from meterproxy.otel import OTEL, otel_configured, record_fields
+from meterproxy.otel import OTEL, handoff_interval, otel_configured, record_fields
 from meterproxy.otel_export import as_fields, span_attributes
 from meterproxy.testing import FakeUpstream, load_fixture, make_record
 from meterproxy.usage import Usage
@@ -109,6 +109,26 @@ def test_configured_only_by_the_standard_variables() -> None:
     assert otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
     assert otel_configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"})
     assert not otel_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"})
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds"),
+    [
+        ({}, 2.0),  # the SDK's defaults (5 s, 60 s) are longer: every 2 s
+        ({"OTEL_BSP_SCHEDULE_DELAY": "100"}, 0.1),  # spans wanted sooner: batches as often
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_BSP_SCHEDULE_DELAY": "800"}, 0.5),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "0"}, 0.05),  # never a batch per request
+        ({"OTEL_BSP_SCHEDULE_DELAY": "soon"}, 2.0),  # unreadable: the SDK's default, logged
+    ],
+)
+def test_batches_reach_the_exporter_as_often_as_its_schedule_asks(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], seconds: float
+) -> None:
+    for name in ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_METRIC_EXPORT_INTERVAL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert handoff_interval() == pytest.approx(seconds)
 
 
 def test_span_attributes_follow_the_genai_conventions() -> None:
