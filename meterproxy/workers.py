@@ -13,9 +13,14 @@ moments, in order:
 2. **workers started**: N processes (``spawn``: nothing of the supervisor's
    state is shared) each build the app from the same `Settings` and listen on
    the same address with ``SO_REUSEPORT``; the kernel spreads connections
-   over them. Each worker owns its own store writer thread; SQLite's WAL and
-   ``busy_timeout`` serialize the writers' short transactions, so every
-   request is recorded exactly once in the one database.
+   over them. The first worker is handed the socket `serve` bound before
+   anything else (a duplicate of its descriptor): the port never closes
+   between that bind and the workers', so a client that connects during
+   startup waits in that socket's backlog and is answered, never refused or
+   reset. The others bind their own sockets in the same group. Each worker
+   owns its own store writer thread; SQLite's WAL and ``busy_timeout``
+   serialize the writers' short transactions, so every request is recorded
+   exactly once in the one database.
 3. **stopping**: SIGTERM or SIGINT to the supervisor is passed to every
    worker, which drains in-flight requests and flushes its writer like a
    single-process server does. A worker that dies on its own stops the
@@ -30,6 +35,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import tempfile
 from multiprocessing.connection import wait
 from types import FrameType
@@ -63,8 +69,9 @@ def _metrics_dir(settings: Settings) -> str:
     return directory
 
 
-def worker_main(settings: Settings) -> None:
-    """One worker: the whole app on the shared port (runs in a child process)."""
+def worker_main(settings: Settings, sock: socket.socket | None = None) -> None:
+    """One worker: the whole app on the shared port (runs in a child process), on ``sock``
+    when the supervisor hands it the listening socket it bound first."""
     from aiohttp import web
 
     from meterproxy.app import create_app
@@ -82,6 +89,17 @@ def worker_main(settings: Settings) -> None:
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout,
             reuse_port=True,
+            sock=sock,
+        )
+        return
+    if sock is not None:
+        web.run_app(
+            app,
+            sock=sock,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=None,
+            print=None,
+            handle_signals=True,
         )
         return
     web.run_app(
@@ -96,14 +114,21 @@ def worker_main(settings: Settings) -> None:
     )
 
 
-def run_workers(settings: Settings, workers: int) -> int:
-    """Supervise ``workers`` processes until they stop; returns the exit code."""
+def run_workers(settings: Settings, workers: int, sock: socket.socket | None = None) -> int:
+    """Supervise ``workers`` processes until they stop; returns the exit code.
+
+    ``sock``, the listening socket bound with ``SO_REUSEPORT`` before this call, goes to the first
+    worker (the supervisor closes its own copy once that worker has it).
+    """
     prepare_database(settings.db)
     directory = _metrics_dir(settings)
     use_metrics_dir(directory)  # inherited by every spawned worker, read when it imports the library
     settings = settings.model_copy(update={"metrics_multiproc_dir": directory})
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, args=(settings,), name=f"worker-{i}") for i in range(workers)]
+    procs = [
+        ctx.Process(target=worker_main, args=(settings, sock if i == 0 else None), name=f"worker-{i}")
+        for i in range(workers)
+    ]
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -117,6 +142,8 @@ def run_workers(settings: Settings, workers: int) -> int:
     signal.signal(signal.SIGINT, stop)
     for p in procs:
         p.start()
+    if sock is not None:
+        sock.close()  # the first worker holds its own duplicate now
     log.info("meterproxy: %d workers on http://%s:%d", workers, settings.host, settings.port)
     failed = False
     running = list(procs)

@@ -116,3 +116,41 @@ def test_connections_made_while_the_app_is_built_are_answered(tmp_path: Path) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+def test_with_workers_the_port_stays_open_while_they_start(tmp_path: Path) -> None:
+    """`serve --workers 2`: the supervisor logs that it started its workers right after spawning
+    them, long before they have imported and built their apps. A client connecting then waits in
+    the backlog of the socket the supervisor bound (handed to the first worker) and is answered.
+    It was refused: the supervisor closed that socket and the workers had not bound theirs yet."""
+    port = free_port()
+    env = {**os.environ, "METERPROXY_DB": str(tmp_path / "meter.db"), "XDG_DATA_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meterproxy", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        seen = []
+        for line in proc.stderr:  # the supervisor's line, written once both workers are spawned
+            seen.append(line)
+            if b"2 workers on" in line:
+                break
+        else:
+            raise AssertionError(b"".join(seen).decode())
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert sock.makefile("rb").read(12) == b"HTTP/1.1 200"
+        for _ in range(20):  # both workers' sockets, once bound, answer too
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as again:
+                again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert again.makefile("rb").read(12) == b"HTTP/1.1 200"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

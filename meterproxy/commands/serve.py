@@ -118,7 +118,7 @@ def command(
             raise click.ClickException(str(exc)) from None
     try:
         check_database(settings.db)
-        # Workers bind the port themselves (SO_REUSEPORT): this one only proves it is free.
+        # With workers, this socket (SO_REUSEPORT) goes to the first of them; the others bind theirs.
         sock = bind_listener(settings.host, settings.port, reuse_port=settings.workers > 1)
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
@@ -127,11 +127,10 @@ def command(
         # again below all name that one (tests start servers this way, free of port races).
         settings = settings.model_copy(update={"port": sock.getsockname()[1]})
     if settings.workers > 1:
-        sock.close()
         from meterproxy.workers import run_workers
 
         with serving_file(settings):
-            sys.exit(run_workers(settings, settings.workers))
+            sys.exit(run_workers(settings, settings.workers, sock))
 
     from meterproxy.runtime import freeze_after_startup, install_uvloop, use_metrics_dir
 
