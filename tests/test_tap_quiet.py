@@ -53,14 +53,52 @@ def _chunkings(body: bytes) -> list[list[bytes]]:
     return [[body], [body[i : i + 1] for i in range(len(body))], events, *splits, *cut_short]
 
 
+def _head(model: bytes = b"m") -> bytes:
+    return b'data: {"model":"%s","choices":[{"delta":{"role":"assistant"}}],"usage":null}\n\n' % model
+
+
+def _delta(text: bytes, usage: bytes = b',"usage":null') -> bytes:
+    return b'data: {"model":"m","choices":[{"delta":{"content":"%s"}}]%s}\n\n' % (text, usage)
+
+
+_USAGE = b'data: {"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+#: Shapes beside the fixtures' (what compatible servers write): the null not last in its chunk,
+#: two nulls in one chunk, comments, event names, stray blank lines, spaced JSON, quotes in content.
+SHAPES = {
+    "openai": _head() + b"".join(_delta(b"t%d" % i) for i in range(40)) + _USAGE + b"data: [DONE]\n\n",
+    "null-first": _head()
+    + b'data: {"usage":null,"model":"m","choices":[{"delta":{"content":"a"}}]}\n\n' * 3
+    + _USAGE,
+    "null-middle": _head()
+    + b'data: {"model":"m","usage":null,"choices":[{"delta":{"content":"a"}}],"x":1}\n\n' * 3
+    + _USAGE,
+    "two-nulls": _head()
+    + b'data: {"model":"m","x":{"a":1,"usage":null},"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+    * 3
+    + _USAGE,
+    "comments": _head() + (b": keep-alive\n\n" + _delta(b"c")) * 5 + _USAGE,
+    "event-names": _head() + (b"event: chunk\n" + _delta(b"e")) * 5 + _USAGE,
+    "blank-lines": _head() + (_delta(b"b") + b"\n") * 5 + _USAGE,
+    "spaced": _head() + _delta(b"s", b', "usage": null') * 3 + _delta(b"s") * 3 + _USAGE,
+    "quoted-content": _head()
+    + _delta(b'say \\"usage\\":null and \\"error\\"') * 3
+    + _delta(b"x", b"") * 2
+    + b"data: [DONE]\n\n",
+    "no-nulls": _head() + b"".join(_delta(b"n", b"") for _ in range(5)) + _USAGE,
+}
+
+
+@pytest.mark.parametrize("endpoint", ["", "chat"])
 @pytest.mark.parametrize("injected", [False, True], ids=["pass-through", "rewrite"])
-@pytest.mark.parametrize("name", STREAMS)
-def test_skipping_quiet_events_changes_no_byte_and_no_result(name: str, injected: bool) -> None:
-    body = load_fixture(name).body
+@pytest.mark.parametrize("name", STREAMS + sorted(SHAPES))
+def test_skipping_quiet_events_changes_no_byte_and_no_result(
+    name: str, injected: bool, endpoint: str
+) -> None:
+    body = SHAPES[name] if name in SHAPES else load_fixture(name).body
     assert STREAMS
     for chunks in _chunkings(body):
-        out, result = _run(OpenAIParser(injected, responses=False), chunks, injected)
-        loud_out, loud = _run(_Loud(injected, responses=False), chunks, injected)
+        out, result = _run(OpenAIParser(injected, responses=False, endpoint=endpoint), chunks, injected)
+        loud_out, loud = _run(_Loud(injected, responses=False, endpoint=endpoint), chunks, injected)
         assert out == loud_out
         assert result == loud
 
@@ -75,7 +113,12 @@ def test_quiet_takes_content_deltas_once_the_model_is_known() -> None:
     assert parser.quiet(delta * 3) == (len(delta) * 3, stripped * 3)
     usage = b'data: {"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
     assert parser.quiet(delta * 2 + usage + delta) == (len(delta) * 2, stripped * 2)  # up to the usage
-    assert parser.quiet(b": ping\n\n" + delta) == (0, b"")
+    # A comment before it: taken too (no usage in it), its bytes as they came.
+    assert parser.quiet(b": ping\n\n" + delta) == (len(delta) + 8, b": ping\n\n" + stripped)
+    # Anything the one replace cannot strip exactly (here a null not closing its chunk, after a
+    # comment) is left to the events one by one.
+    mid = b'data: {"model":"m","usage":null,"choices":[]}\n\n'
+    assert parser.quiet(b": ping\n\n" + mid) == (0, b"")
     assert tap.feed(delta * 3 + usage + b"data: [DONE]\n\n") == stripped * 3 + b"data: [DONE]\n\n"
     tap.finish()
     result = tap.result()
