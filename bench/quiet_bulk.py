@@ -1,4 +1,5 @@
-"""Microseconds of `OpenAIParser.quiet` on an instant stream's whole run and on one paced event.
+"""Microseconds of `OpenAIParser.quiet` on an instant stream's whole run and on one paced event,
+and of the tap on a 200-delta Anthropic stream (in one read; one event per read).
 
 An instant stream (an answer the upstream had ready) reaches the tap in one or two reads, so
 `quiet` sees the whole run of content deltas at once: its cost is a few scans of ~48 KB for 200
@@ -14,7 +15,10 @@ import timeit
 
 from upstream import _stream_events  # the bench upstream's own bytes (bench/ is the script's dir)
 
+from meterproxy.providers.anthropic import AnthropicParser
 from meterproxy.providers.openai import OpenAIParser
+from meterproxy.tap import ResponseTap
+from meterproxy.testing import load_fixture
 
 
 def main() -> None:
@@ -29,6 +33,35 @@ def main() -> None:
     bulk = min(timeit.repeat(lambda: parser.quiet(run), number=n, repeat=5)) / n * 1e6
     single = min(timeit.repeat(lambda: parser.quiet(one), number=n * 20, repeat=5)) / n / 20 * 1e6
     print(f"quiet: 200-event run ({len(run)} bytes) {bulk:.1f} us; one event {single:.2f} us")
+    anthropic()
+
+
+def anthropic() -> None:
+    """The recorded Anthropic stream with its content deltas made 200, through a whole tap."""
+    body = load_fixture("anthropic_messages_stream").body
+    head, _, rest = body.partition(b"event: content_block_delta")
+    tail = b"event: content_block_stop" + rest.split(b"event: content_block_stop", 1)[1]
+    delta = (
+        b"event: content_block_delta\ndata: "
+        b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" token"}}\n\n'
+    )
+
+    def tap(pieces: list[bytes]) -> None:
+        t = ResponseTap(AnthropicParser(), sse=True)
+        for piece in pieces:
+            t.feed(piece)
+        t.finish()
+        assert t.result().usage is not None
+
+    n = 300
+    whole = [head + delta * 200 + tail]
+    apart = [head] + [delta] * 200 + [tail]
+    one_read = min(timeit.repeat(lambda: tap(whole), number=n, repeat=5)) / n * 1e6
+    per_read = min(timeit.repeat(lambda: tap(apart), number=n, repeat=5)) / n * 1e6
+    print(
+        f"anthropic tap, 200 deltas: in one read {one_read:.0f} us ({one_read / 200:.2f} us an event); "
+        f"one event per read {per_read:.0f} us ({per_read / 200:.2f} us an event)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,16 +13,26 @@ import random
 
 import pytest
 
+from meterproxy.providers.anthropic import AnthropicParser
 from meterproxy.providers.base import ParseResult
 from meterproxy.providers.openai import OpenAIParser
 from meterproxy.tap import ResponseTap
 from meterproxy.testing import FIXTURES_DIR, load_fixture
 
-STREAMS = sorted(
-    p.stem
-    for p in FIXTURES_DIR.glob("openai*.toml")
-    if "event-stream" in load_fixture(p.stem).content_type and "responses" not in p.stem
-)
+
+def _streams(provider: str) -> list[str]:
+    """Every SSE fixture of ``provider`` (OpenAI's: every compatible server's chat stream)."""
+    return sorted(
+        p.stem
+        for p in FIXTURES_DIR.glob("*.toml")
+        if load_fixture(p.stem).meta.get("provider") == provider
+        and "event-stream" in load_fixture(p.stem).content_type
+        and "responses" not in p.stem
+    )
+
+
+STREAMS = _streams("openai")
+ANTHROPIC_STREAMS = _streams("anthropic")
 
 
 class _Loud(OpenAIParser):
@@ -36,7 +46,18 @@ class _Loud(OpenAIParser):
         return super().__getattribute__(name)
 
 
-def _run(parser: OpenAIParser, chunks: list[bytes], injected: bool) -> tuple[bytes, ParseResult]:
+class _LoudAnthropic(AnthropicParser):
+    __slots__ = ()
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "quiet":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def _run(
+    parser: OpenAIParser | AnthropicParser, chunks: list[bytes], injected: bool
+) -> tuple[bytes, ParseResult]:
     tap = ResponseTap(parser, sse=True, rewrite=injected)
     out = b"".join(tap.feed(c) for c in chunks) + tap.finish()
     return out, tap.result()
@@ -123,3 +144,56 @@ def test_quiet_takes_content_deltas_once_the_model_is_known() -> None:
     tap.finish()
     result = tap.result()
     assert result.usage is not None and result.usage.output_tokens == 2
+
+
+def _event(name: bytes | None, data: bytes) -> bytes:
+    return (b"event: " + name + b"\n" if name else b"") + b"data: " + data + b"\n\n"
+
+
+_START = _event(
+    b"message_start",
+    b'{"type":"message_start","message":{"model":"claude-x","usage":{"input_tokens":5,"output_tokens":1}}}',
+)
+_TEXT = _event(b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":{"text":"hi"}}')
+_DELTA = _event(b"message_delta", b'{"type":"message_delta","delta":{},"usage":{"output_tokens":7}}')
+_STOP = _event(b"message_stop", b'{"type":"message_stop"}')
+#: Anthropic shapes beside the fixtures': names without the space, nameless events (with and
+#: without usage), an error mid-stream, the stop words inside text, comments and blank lines.
+ANTHROPIC_SHAPES = {
+    "plain": _START + _TEXT * 30 + _DELTA + _STOP,
+    "no-space": _START.replace(b"event: ", b"event:")
+    + _TEXT * 5
+    + _DELTA.replace(b"event: ", b"event:")
+    + _STOP,
+    "nameless": _event(None, _START.split(b"data: ")[1][:-2])
+    + _event(None, b'{"type":"content_block_delta","delta":{"text":"a"}}') * 5
+    + _event(None, b'{"type":"message_delta","usage":{"output_tokens":3}}'),
+    "error-mid-stream": _START
+    + _TEXT * 3
+    + _event(b"error", b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}')
+    + _TEXT,
+    "error-no-space": _START + _TEXT + b'event:error\ndata: {"type":"error","error":{"message":"x"}}\n\n',
+    "words-in-text": _START
+    + _event(b"content_block_delta", b'{"delta":{"text":"message_delta usage event: error"}}') * 3
+    + _DELTA,
+    "comments-blank-lines": _START + (b": ping\n\n" + _TEXT + b"\n") * 4 + _DELTA + _STOP,
+    "usage-twice": _START + _TEXT * 2 + _DELTA + _TEXT + _DELTA.replace(b"7", b"9") + _STOP,
+}
+
+
+@pytest.mark.parametrize("name", ANTHROPIC_STREAMS + sorted(ANTHROPIC_SHAPES))
+def test_anthropic_quiet_events_change_no_byte_and_no_result(name: str) -> None:
+    body = ANTHROPIC_SHAPES[name] if name in ANTHROPIC_SHAPES else load_fixture(name).body
+    assert ANTHROPIC_STREAMS
+    for chunks in _chunkings(body):
+        out, result = _run(AnthropicParser(), chunks, False)
+        loud_out, loud = _run(_LoudAnthropic(), chunks, False)
+        assert out == loud_out == b"".join(chunks)
+        assert result == loud
+
+
+def test_anthropic_quiet_takes_content_and_stops_at_what_on_event_reads() -> None:
+    parser = AnthropicParser()
+    assert parser.quiet(_TEXT * 3 + _STOP) == (len(_TEXT * 3 + _STOP), _TEXT * 3 + _STOP)
+    assert parser.quiet(_TEXT * 2 + _DELTA + _TEXT) == (len(_TEXT) * 2, _TEXT * 2)
+    assert parser.quiet(_START + _TEXT) == (0, b"")

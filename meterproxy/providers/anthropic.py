@@ -51,6 +51,10 @@ from meterproxy.usage import Usage
 __all__ = ["AnthropicParser", "AnthropicProvider", "normalize_anthropic_usage"]
 
 _VERTEX = re.compile(r"/publishers/anthropic/models/([^/:]+):(raw|streamRaw)Predict$")
+#: What stops `AnthropicParser.quiet`'s run: the events `on_event` reads (by name, with or without
+#: the space after ``event:``; a name in text only makes the run stop early), and a nameless event
+#: with usage.
+_QUIET_STOPS = (b"message_start", b"message_delta", b"event: error", b"event:error", b'"usage"')
 _FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
 
 
@@ -119,6 +123,28 @@ class AnthropicParser:
         self._result.usage = None
         self._result.usage_source = "invalid"
         self._result.notes.append(why)
+
+    def quiet(self, events: bytes) -> tuple[int, bytes]:
+        """Whole events: how many leading bytes of them `on_event` would only pass on, and those bytes.
+
+        Content deltas, block starts and stops, pings and ``message_stop`` carry nothing read here,
+        and most of a stream is made of them: the tap takes such runs with a few byte searches
+        instead of an event object each (bench/README.md, "An Anthropic stream's quiet events").
+        The run stops before the first event that may matter (`_QUIET_STOPS`); that one and the
+        rest go through `on_event`. Nothing is ever rewritten in an Anthropic stream.
+        """
+        cut = len(events)
+        for marker in _QUIET_STOPS:
+            i = events.find(marker, 0, cut)
+            if i >= 0:
+                cut = i
+        if cut < len(events):
+            cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
+            if cut < 2:
+                return 0, b""
+            events = events[:cut]
+        self._streamed = True
+        return cut, events
 
     def on_event(self, event: SSEEvent) -> bytes | None:
         self._streamed = True
