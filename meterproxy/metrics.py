@@ -335,7 +335,7 @@ class Metrics:
         )
         self.writer_depth = Gauge(
             "meterproxy_writer_queue_depth",
-            "Records waiting for the database writer.",
+            "Records not yet committed: queued for the database writer or in the batch it is writing.",
             registry=r,
             multiprocess_mode="livesum",
         )
