@@ -1,5 +1,6 @@
 """Microseconds of `OpenAIParser.quiet` on an instant stream's whole run and on one paced event,
-and of the tap on a 200-delta Anthropic stream (in one read; one event per read).
+and of the tap on a 200-delta Anthropic stream and a 200-delta Responses stream (each in one
+read, and one event per read).
 
 An instant stream (an answer the upstream had ready) reaches the tap in one or two reads, so
 `quiet` sees the whole run of content deltas at once: its cost is a few scans of ~48 KB for 200
@@ -34,6 +35,7 @@ def main() -> None:
     single = min(timeit.repeat(lambda: parser.quiet(one), number=n * 20, repeat=5)) / n / 20 * 1e6
     print(f"quiet: 200-event run ({len(run)} bytes) {bulk:.1f} us; one event {single:.2f} us")
     anthropic()
+    responses()
 
 
 def anthropic() -> None:
@@ -60,6 +62,31 @@ def anthropic() -> None:
     per_read = min(timeit.repeat(lambda: tap(apart), number=n, repeat=5)) / n * 1e6
     print(
         f"anthropic tap, 200 deltas: in one read {one_read:.0f} us ({one_read / 200:.2f} us an event); "
+        f"one event per read {per_read:.0f} us ({per_read / 200:.2f} us an event)"
+    )
+
+
+def responses() -> None:
+    """The recorded Responses stream (Codex CLI's API) with its text deltas made 200, through a tap."""
+    body = load_fixture("openai_responses_stream").body
+    start = body.index(b"event: response.output_text.delta")
+    end = body.index(b"\n\n", start) + 2
+    delta = body[start:end]
+
+    def tap(pieces: list[bytes]) -> None:
+        t = ResponseTap(OpenAIParser(False, responses=True, endpoint="responses"), sse=True)
+        for piece in pieces:
+            t.feed(piece)
+        t.finish()
+        assert t.result().usage is not None
+
+    n = 300
+    whole = [body[:start] + delta * 200 + body[end:]]
+    apart = [body[:start]] + [delta] * 200 + [body[end:]]
+    one_read = min(timeit.repeat(lambda: tap(whole), number=n, repeat=5)) / n * 1e6
+    per_read = min(timeit.repeat(lambda: tap(apart), number=n, repeat=5)) / n * 1e6
+    print(
+        f"responses tap, 200 deltas: in one read {one_read:.0f} us ({one_read / 200:.2f} us an event); "
         f"one event per read {per_read:.0f} us ({per_read / 200:.2f} us an event)"
     )
 

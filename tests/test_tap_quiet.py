@@ -32,6 +32,11 @@ def _streams(provider: str) -> list[str]:
 
 
 STREAMS = _streams("openai")
+RESPONSES_STREAMS = sorted(
+    p.stem
+    for p in FIXTURES_DIR.glob("openai_responses*.toml")
+    if "event-stream" in load_fixture(p.stem).content_type
+)
 ANTHROPIC_STREAMS = _streams("anthropic")
 
 
@@ -197,3 +202,58 @@ def test_anthropic_quiet_takes_content_and_stops_at_what_on_event_reads() -> Non
     assert parser.quiet(_TEXT * 3 + _STOP) == (len(_TEXT * 3 + _STOP), _TEXT * 3 + _STOP)
     assert parser.quiet(_TEXT * 2 + _DELTA + _TEXT) == (len(_TEXT) * 2, _TEXT * 2)
     assert parser.quiet(_START + _TEXT) == (0, b"")
+
+
+def _named(name: bytes, payload: bytes) -> bytes:
+    return b"event: " + name + b"\ndata: " + payload + b"\n\n"
+
+
+_R_CREATED = _named(
+    b"response.created",
+    b'{"type":"response.created","response":{"model":"o3","status":"in_progress","error":null,"usage":null}}',
+)
+_R_DELTA = _named(b"response.output_text.delta", b'{"type":"response.output_text.delta","delta":"hi"}')
+_R_DONE = _named(
+    b"response.completed",
+    b'{"type":"response.completed","response":{"model":"o3","usage":{"input_tokens":3,"output_tokens":4}}}',
+)
+#: Responses shapes beside the recorded ones: nameless events (one malformed: noted), named errors
+#: with and without the space, the stop names inside text, comments and blank lines, ids first.
+RESPONSES_SHAPES = {
+    "plain": _R_CREATED + _R_DELTA * 30 + _R_DONE,
+    "nameless": _R_CREATED
+    + _R_DELTA * 2
+    + b'data: {"type":"response.output_text.delta","delta":"x"}\n\n'
+    + b"data: {not json\n\n"
+    + _R_DELTA
+    + _R_DONE,
+    "error": _R_CREATED + _R_DELTA * 2 + _named(b"error", b'{"type":"error","message":"boom"}') + _R_DELTA,
+    "error-no-space": _R_CREATED + _R_DELTA + b'event:error\ndata: {"type":"error","message":"x"}\n\n',
+    "names-in-text": _R_CREATED
+    + _named(b"response.output_text.delta", b'{"delta":"response.completed event: error"}') * 3
+    + _R_DONE,
+    "comments-blank-lines": _R_CREATED + (b": ping\n\n" + _R_DELTA + b"\n") * 3 + _R_DONE,
+    "ids-first": _R_CREATED + (b"id: 7\n" + _R_DELTA) * 3 + _R_DONE,
+    "no-space-names": _R_CREATED + _R_DELTA.replace(b"event: ", b"event:") * 3 + _R_DONE,
+    "failed": _R_CREATED
+    + _R_DELTA
+    + _named(b"response.failed", b'{"type":"response.failed","response":{"error":{"message":"e"}}}'),
+}
+
+
+@pytest.mark.parametrize("name", RESPONSES_STREAMS + sorted(RESPONSES_SHAPES))
+def test_responses_quiet_events_change_no_byte_and_no_result(name: str) -> None:
+    body = RESPONSES_SHAPES[name] if name in RESPONSES_SHAPES else load_fixture(name).body
+    assert RESPONSES_STREAMS
+    for chunks in _chunkings(body):
+        out, result = _run(OpenAIParser(False, responses=True, endpoint="responses"), chunks, False)
+        loud_out, loud = _run(_Loud(False, responses=True, endpoint="responses"), chunks, False)
+        assert out == loud_out == b"".join(chunks)
+        assert result == loud
+
+
+def test_responses_quiet_takes_deltas_and_stops_at_what_is_read() -> None:
+    parser = OpenAIParser(False, responses=True, endpoint="responses")
+    assert parser.quiet(_R_DELTA * 3) == (len(_R_DELTA) * 3, _R_DELTA * 3)
+    assert parser.quiet(_R_DELTA * 2 + _R_DONE + _R_DELTA) == (len(_R_DELTA) * 2, _R_DELTA * 2)
+    assert parser.quiet(b'data: {"type":"x"}\n\n' + _R_DELTA) == (0, b"")  # nameless: decoded

@@ -107,6 +107,15 @@ _QUIET_STOPS = (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]",
 #: left out is one scan less of every read (bench/README.md, "quiet on an instant stream").
 _CHAT_QUIET_STOPS = _QUIET_STOPS[: -len(_FINAL_EVENTS)]
 _CHAT_ENDPOINTS = frozenset(("chat", "completions"))
+#: What stops a Responses stream's quiet run: the events `_on_responses_event` reads, by name
+#: (``event:error`` without the space fails `_quiet_responses`' check of every event's first line).
+_RESPONSES_QUIET_STOPS = (
+    b"response.created",
+    b"response.completed",
+    b"response.incomplete",
+    b"response.failed",
+    b"event: error",
+)
 # The same member written with any JSON whitespace (some compatible servers pretty-print or
 # write ``", "usage": null``), or as the first member. A string value cannot hold an
 # unescaped quote, so ``"usage"`` preceded by a comma and blanks is always the key.
@@ -271,6 +280,32 @@ def _normalize_checked(usage: Any) -> Usage:
     )
 
 
+def _quiet_responses(events: bytes) -> tuple[int, bytes]:
+    """`OpenAIParser.quiet` for a Responses stream (Codex CLI's): its deltas and item events.
+
+    `_on_responses_event` reads only the events `_RESPONSES_QUIET_STOPS` names, and a nameless
+    event's payload (for its ``type``; a malformed one is noted). So the run stops before the first
+    of those names, and is taken only if every event in it opens with ``event: response.``: a
+    nameless event, a comment or a stray blank line leaves the whole run to the decoder.
+    """
+    cut = len(events)
+    for marker in _RESPONSES_QUIET_STOPS:
+        i = events.find(marker, 0, cut)
+        if i >= 0:
+            cut = i
+    if cut < len(events):
+        cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
+        if cut < 2:
+            return 0, b""
+        events = events[:cut]
+    blocks = events.split(b"\n\n")
+    blocks.pop()  # what follows the last blank line: b"" (the run is whole events)
+    for block in blocks:
+        if block[:16] != b"event: response.":
+            return 0, b""
+    return cut, events
+
+
 class OpenAIParser:
     __slots__ = ("_endpoint", "_final", "_injected", "_responses", "_result", "_seen_model", "_streamed")
 
@@ -332,7 +367,9 @@ class OpenAIParser:
         an error, Groq's ``x_groq``, ``[DONE]``, a final event of audio or images); that one
         goes through `on_event`.
         """
-        if not self._seen_model or self._responses:
+        if self._responses:
+            return _quiet_responses(events)
+        if not self._seen_model:
             return 0, b""
         cut = len(events)
         for marker in _CHAT_QUIET_STOPS if self._endpoint in _CHAT_ENDPOINTS else _QUIET_STOPS:
