@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-__all__ = ["METRICS_DIR_ENV", "freeze_after_startup", "install_uvloop", "use_metrics_dir"]
+if TYPE_CHECKING:
+    from meterproxy.settings import Settings
+
+__all__ = ["METRICS_DIR_ENV", "freeze_after_startup", "install_uvloop", "serve_on", "use_metrics_dir"]
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -61,3 +66,23 @@ def freeze_after_startup(app: web.Application) -> web.Application:
     """Freeze the heap after every startup hook (and cleanup context) has run."""
     app.on_startup.append(_freeze)
     return app
+
+
+def serve_on(app: web.Application, settings: Settings, sock: socket.socket) -> None:
+    """Serve ``app`` on the listening ``sock`` until SIGINT or SIGTERM, with the configured server
+    (``http_server``: the lean one, or aiohttp's). The socket is bound by the caller: before the
+    app is built (`meterproxy serve`), so early connections wait in its backlog."""
+    if settings.http_server == "lean":
+        from meterproxy.server import run as serve_lean
+
+        timeout = settings.shutdown_timeout
+        serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout, sock=sock)
+        return
+    web.run_app(
+        app,
+        sock=sock,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )

@@ -71,47 +71,18 @@ def _metrics_dir(settings: Settings) -> str:
 
 def worker_main(settings: Settings, sock: socket.socket | None = None) -> None:
     """One worker: the whole app on the shared port (runs in a child process), on ``sock``
-    when the supervisor hands it the listening socket it bound first."""
-    from aiohttp import web
-
+    when the supervisor hands it the listening socket it bound first, else on its own."""
     from meterproxy.app import create_app
     from meterproxy.logs import configure_logging
-    from meterproxy.runtime import freeze_after_startup, install_uvloop
-    from meterproxy.server import run as serve_lean
+    from meterproxy.runtime import freeze_after_startup, install_uvloop, serve_on
+    from meterproxy.startup import bind_listener
 
     configure_logging(settings.log_level)
     install_uvloop()
     app = freeze_after_startup(create_app(settings))
-    if settings.http_server == "lean":
-        serve_lean(
-            app,
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout,
-            reuse_port=True,
-            sock=sock,
-        )
-        return
-    if sock is not None:
-        web.run_app(
-            app,
-            sock=sock,
-            shutdown_timeout=settings.shutdown_timeout,
-            access_log=None,
-            print=None,
-            handle_signals=True,
-        )
-        return
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=True,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    if sock is None:
+        sock = bind_listener(settings.host, settings.port, reuse_port=True)
+    serve_on(app, settings, sock)
 
 
 def run_workers(settings: Settings, workers: int, sock: socket.socket | None = None) -> int:

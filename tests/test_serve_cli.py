@@ -106,16 +106,9 @@ def test_connections_made_while_the_app_is_built_are_answered(tmp_path: Path) ->
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         # And every connection after it is answered too: no moment in which the port is closed.
         for _ in range(20):
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as again:
-                again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                assert again.makefile("rb").read(12) == b"HTTP/1.1 200"
+            assert _healthz_status_line(port) == b"HTTP/1.1 200"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
 
 
 def test_with_workers_the_port_stays_open_while_they_start(tmp_path: Path) -> None:
@@ -140,17 +133,24 @@ def test_with_workers_the_port_stays_open_while_they_start(tmp_path: Path) -> No
                 break
         else:
             raise AssertionError(b"".join(seen).decode())
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert sock.makefile("rb").read(12) == b"HTTP/1.1 200"
+        assert _healthz_status_line(port) == b"HTTP/1.1 200"
         for _ in range(20):  # both workers' sockets, once bound, answer too
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as again:
-                again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                assert again.makefile("rb").read(12) == b"HTTP/1.1 200"
+            assert _healthz_status_line(port) == b"HTTP/1.1 200"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
+
+
+def _healthz_status_line(port: int) -> bytes:
+    """The status line's first 12 bytes of a GET /healthz on a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return sock.makefile("rb").read(12)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()

@@ -40,8 +40,8 @@ RESPONSES_STREAMS = sorted(
 ANTHROPIC_STREAMS = _streams("anthropic")
 
 
-class _Loud(OpenAIParser):
-    """The same parser without `quiet`: every event reaches `on_event`."""
+class _NoQuiet:
+    """Mixed in before a parser: the same parser without `quiet`, every event reaches `on_event`."""
 
     __slots__ = ()
 
@@ -51,13 +51,12 @@ class _Loud(OpenAIParser):
         return super().__getattribute__(name)
 
 
-class _LoudAnthropic(AnthropicParser):
+class _Loud(_NoQuiet, OpenAIParser):
     __slots__ = ()
 
-    def __getattribute__(self, name: str) -> object:
-        if name == "quiet":
-            raise AttributeError(name)
-        return super().__getattribute__(name)
+
+class _LoudAnthropic(_NoQuiet, AnthropicParser):
+    __slots__ = ()
 
 
 def _run(

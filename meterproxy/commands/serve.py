@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import click
-from aiohttp import web
 
 from meterproxy.estimate import check_tokenizer_file
 from meterproxy.logs import configure_logging
@@ -132,12 +131,11 @@ def command(
         with serving_file(settings):
             sys.exit(run_workers(settings, settings.workers, sock))
 
-    from meterproxy.runtime import freeze_after_startup, install_uvloop, use_metrics_dir
+    from meterproxy.runtime import freeze_after_startup, install_uvloop, serve_on, use_metrics_dir
 
     if settings.metrics_multiproc_dir:  # several single-worker servers sharing one metrics directory
         use_metrics_dir(settings.metrics_multiproc_dir)
     from meterproxy.app import create_app
-    from meterproxy.server import run as serve_lean
 
     install_uvloop()
     app = freeze_after_startup(create_app(settings))
@@ -149,20 +147,9 @@ def command(
         ", ".join(f"{k}={v}" for k, v in settings.upstreams.items()),
     )
     with serving_file(settings):  # lets `report`, `status` & co. warn when they use another database
-        if settings.http_server == "lean":
-            # The socket bound before the app was built, not a new one: connections made
-            # while the app was being built wait in its backlog instead of being reset.
-            timeout = settings.shutdown_timeout
-            serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout, sock=sock)
-        else:
-            web.run_app(
-                app,
-                sock=sock,
-                shutdown_timeout=settings.shutdown_timeout,
-                access_log=None,
-                print=None,
-                handle_signals=True,
-            )
+        # The socket bound before the app was built, not a new one: connections made
+        # while the app was being built wait in its backlog instead of being reset.
+        serve_on(app, settings, sock)
     sys.exit(0)
 
 

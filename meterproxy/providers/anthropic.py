@@ -44,6 +44,7 @@ from meterproxy.providers.base import (
     find_json_value,
     int_or_none,
     loads,
+    quiet_run_end,
 )
 from meterproxy.sse import SSEEvent
 from meterproxy.usage import Usage
@@ -133,18 +134,11 @@ class AnthropicParser:
         The run stops before the first event that may matter (`_QUIET_STOPS`); that one and the
         rest go through `on_event`. Nothing is ever rewritten in an Anthropic stream.
         """
-        cut = len(events)
-        for marker in _QUIET_STOPS:
-            i = events.find(marker, 0, cut)
-            if i >= 0:
-                cut = i
-        if cut < len(events):
-            cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
-            if cut < 2:
-                return 0, b""
-            events = events[:cut]
+        cut = quiet_run_end(events, _QUIET_STOPS)
+        if not cut:
+            return 0, b""
         self._streamed = True
-        return cut, events
+        return cut, events[:cut] if cut < len(events) else events
 
     def on_event(self, event: SSEEvent) -> bytes | None:
         self._streamed = True

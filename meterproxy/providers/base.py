@@ -37,6 +37,7 @@ __all__ = [
     "error_text",
     "find_json_value",
     "loads",
+    "quiet_run_end",
     "to_decimal",
 ]
 
@@ -187,3 +188,22 @@ class Provider(Protocol):
         """Return the body to send upstream and whether usage reporting was injected."""
 
     def new_parser(self, path: str, info: RequestInfo, injected: bool) -> UsageParser: ...
+
+
+def quiet_run_end(events: bytes, stops: tuple[bytes, ...]) -> int:
+    """Where a parser's quiet run ends in ``events`` (whole SSE events): before the first event that
+    holds any of ``stops``. ``len(events)`` when none does, 0 when the first one does.
+
+    A marker found anywhere inside an event stops the run at that event's start (the blank line
+    before it): a marker in text only stops it early, which costs a decoded event, never a byte.
+    """
+    cut = len(events)
+    for marker in stops:
+        i = events.find(marker, 0, cut)
+        if i >= 0:
+            cut = i
+    if cut < len(events):
+        cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
+        if cut < 2:
+            return 0
+    return cut

@@ -48,6 +48,7 @@ from meterproxy.providers.base import (
     error_text,
     find_json_value,
     loads,
+    quiet_run_end,
     to_decimal,
 )
 from meterproxy.sse import SSEEvent
@@ -288,15 +289,10 @@ def _quiet_responses(events: bytes) -> tuple[int, bytes]:
     of those names, and is taken only if every event in it opens with ``event: response.``: a
     nameless event, a comment or a stray blank line leaves the whole run to the decoder.
     """
-    cut = len(events)
-    for marker in _RESPONSES_QUIET_STOPS:
-        i = events.find(marker, 0, cut)
-        if i >= 0:
-            cut = i
+    cut = quiet_run_end(events, _RESPONSES_QUIET_STOPS)
+    if not cut:
+        return 0, b""
     if cut < len(events):
-        cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
-        if cut < 2:
-            return 0, b""
         events = events[:cut]
     blocks = events.split(b"\n\n")
     blocks.pop()  # what follows the last blank line: b"" (the run is whole events)
@@ -371,15 +367,9 @@ class OpenAIParser:
             return _quiet_responses(events)
         if not self._seen_model:
             return 0, b""
-        cut = len(events)
-        for marker in _CHAT_QUIET_STOPS if self._endpoint in _CHAT_ENDPOINTS else _QUIET_STOPS:
-            i = events.find(marker, 0, cut)
-            if i >= 0:
-                cut = i
-        if cut < len(events):
-            cut = events.rfind(b"\n\n", 0, cut) + 2  # back to the start of that event
-            if cut < 2:
-                return 0, b""
+        cut = quiet_run_end(events, _CHAT_QUIET_STOPS if self._endpoint in _CHAT_ENDPOINTS else _QUIET_STOPS)
+        if not cut:
+            return 0, b""
         usage = events.count(b'"usage"', 0, cut)
         # OpenAI's shape: every "usage" in the run is a null closing its event. An event ends at
         # its first blank line, so each holds at most one: one replace strips exactly one per event.
