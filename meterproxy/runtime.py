@@ -75,8 +75,7 @@ def serve_on(app: web.Application, settings: Settings, sock: socket.socket) -> N
     if settings.http_server == "lean":
         from meterproxy.server import run as serve_lean
 
-        timeout = settings.shutdown_timeout
-        serve_lean(app, host=settings.host, port=settings.port, shutdown_timeout=timeout, sock=sock)
+        serve_lean(app, sock=sock, shutdown_timeout=settings.shutdown_timeout)
         return
     web.run_app(
         app,

@@ -959,9 +959,7 @@ class LeanServer:
         assert server is not None
         return server()
 
-    async def start(
-        self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None
-    ) -> None:
+    async def start(self, host: str = "", port: int = 0, *, sock: socket.socket | None = None) -> None:
         """Set the app up, then accept on ``sock`` (already listening) or on a new ``host:port``.
 
         ``serve`` hands over the socket it bound before building the app: connections made
@@ -974,9 +972,7 @@ class LeanServer:
         if sock is not None:
             self._server = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=1024)
         else:
-            self._server = await loop.create_server(
-                lambda: _Conn(self), host, port, reuse_port=reuse_port or None, backlog=1024
-            )
+            self._server = await loop.create_server(lambda: _Conn(self), host, port, backlog=1024)
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweep = loop.call_later(SWEEP_INTERVAL, self._close_idle)
 
@@ -1007,21 +1003,13 @@ class LeanServer:
             conn.abort()
 
 
-def run(
-    app: web.Application,
-    *,
-    host: str,
-    port: int,
-    shutdown_timeout: float,
-    reuse_port: bool = False,
-    sock: socket.socket | None = None,
-) -> None:
-    """Serve ``app`` on ``host:port`` (or the listening ``sock``) until SIGINT or SIGTERM
-    (``meterproxy serve``)."""
+def run(app: web.Application, *, sock: socket.socket, shutdown_timeout: float) -> None:
+    """Serve ``app`` on the listening ``sock`` until SIGINT or SIGTERM (``meterproxy serve``,
+    each of its workers: `meterproxy.runtime.serve_on`)."""
 
     async def serve() -> None:
         server = LeanServer(app, shutdown_timeout=shutdown_timeout)
-        await server.start(host, port, reuse_port=reuse_port, sock=sock)
+        await server.start(sock=sock)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

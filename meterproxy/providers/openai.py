@@ -107,6 +107,7 @@ _QUIET_STOPS = (b'"usage":{', b'"usage": {', b'"error"', b'"x_groq"', b"[DONE]",
 #: final events (a quoted name inside content is escaped, so cannot match either): each marker
 #: left out is one scan less of every read (bench/README.md, "quiet on an instant stream").
 _CHAT_QUIET_STOPS = _QUIET_STOPS[: -len(_FINAL_EVENTS)]
+#: The endpoints whose streams are chat-style chunks: the ones usage is injected into, too.
 _CHAT_ENDPOINTS = frozenset(("chat", "completions"))
 #: What stops a Responses stream's quiet run: the events `_on_responses_event` reads, by name
 #: (``event:error`` without the space fails `_quiet_responses`' check of every event's first line).
@@ -571,7 +572,7 @@ class OpenAIProvider:
     def prepare_request(self, path: str, body: bytes, info: RequestInfo) -> tuple[bytes, bool]:
         if not info.stream:
             return body, False
-        if self.endpoint(path) not in ("chat", "completions"):
+        if self.endpoint(path) not in _CHAT_ENDPOINTS:
             return body, False
         obj = info.body
         if not isinstance(obj, dict):
